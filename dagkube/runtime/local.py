@@ -1,0 +1,233 @@
+"""LocalRuntime: Redis (embedded by default), the scaler and warm worker processes, kept alive
+across runs. ``wf.run()`` without a runtime opens one for that run and closes it after."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dagkube.dag import DagSpec
+from dagkube.errors import DagkubeError
+from dagkube.planning.model import Plan
+from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB
+from dagkube.runtime import launcher, scripts
+from dagkube.runtime.connection import connect
+from dagkube.runtime.embedded import EmbeddedRedis, dagkube_home
+from dagkube.runtime.keys import PoolKeys, worker_proc
+from dagkube.runtime.local_backend import LocalBackend
+from dagkube.runtime.scaler import Scaler
+
+log = logging.getLogger("dagkube.runtime")
+T = TypeVar("T")
+
+
+class LocalRuntime:
+    """Runs workflows on worker processes of this machine.
+
+    ``redis_url``: a Redis to use; default ``$DAGKUBE_REDIS_URL``, else the embedded server
+    under ``$DAGKUBE_HOME``. ``max_workers``: cap on concurrent worker processes.
+    ``idle_timeout_s``: an idle worker exits after this long (its next start is cold).
+    ``startup_delay_s``: extra start-up per worker, to make local cold starts behave like Pods.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        home: str | Path | None = None,
+        max_workers: int | None = None,
+        idle_timeout_s: float = 30.0,
+        startup_delay_s: float = 0.0,
+        history_cap: int = launcher.DEFAULT_HISTORY_CAP,
+        run_ttl_s: int = launcher.DEFAULT_RUN_TTL_S,
+        memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB,
+        max_cpu: float = DEFAULT_MAX_CPU,
+    ) -> None:
+        if max_workers is not None and max_workers < 1:
+            raise DagkubeError(f"max_workers={max_workers} must be >= 1")
+        if idle_timeout_s <= 0:
+            raise DagkubeError(f"idle_timeout_s={idle_timeout_s} must be > 0")
+        if history_cap < 1:
+            raise DagkubeError(f"history_cap={history_cap} must be >= 1")
+        self.redis_url = redis_url or os.environ.get("DAGKUBE_REDIS_URL") or None
+        self.home = Path(home).expanduser() if home else dagkube_home()
+        self.max_workers = max_workers
+        self.idle_timeout_s = idle_timeout_s
+        self.startup_delay_s = startup_delay_s
+        self.history_cap = history_cap
+        self.run_ttl_s = run_ttl_s
+        self.memory_per_cpu_mib = memory_per_cpu_mib
+        self.max_cpu = max_cpu
+        self.pool = f"local-{os.getpid()}-{secrets.token_hex(3)}"
+        self._embedded: EmbeddedRedis | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._scaler_task: asyncio.Future | None = None
+        self.redis: Any = None
+        self.backend: LocalBackend | None = None
+        self.scaler: Scaler | None = None
+        self._active_runs: set[str] = set()
+
+    # ----------------------------------------------------------------- lifecycle
+    def __enter__(self) -> LocalRuntime:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def started(self) -> bool:
+        return self._loop is not None
+
+    def start(self) -> None:
+        if self.started:
+            return
+        self.home.mkdir(parents=True, exist_ok=True)
+        url = self.redis_url
+        if url is None:
+            self._embedded = EmbeddedRedis(self.home)
+            url = self._embedded.acquire()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="dagkube-runtime", daemon=True
+        )
+        self._thread.start()
+        try:
+            self.redis = self.call(connect(url))
+        except BaseException:
+            self.close()
+            raise
+        self.url = url
+        self.backend = LocalBackend(
+            url,
+            self.pool,
+            self.home / "logs",
+            max_workers=self.max_workers,
+            idle_timeout_s=self.idle_timeout_s,
+            memory_per_cpu_mib=self.memory_per_cpu_mib,
+            max_cpu=self.max_cpu,
+            startup_delay_s=self.startup_delay_s,
+        )
+        self.scaler = Scaler(self.redis, self.pool, self.backend)
+        self._scaler_task = asyncio.run_coroutine_threadsafe(self.scaler.run(), self._loop)
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Cancel runs still going, stop workers and the scaler, release Redis."""
+        loop = self._loop
+        if loop is not None:
+            try:
+                for run_id in list(self._active_runs):
+                    with contextlib.suppress(Exception):
+                        self.call(launcher.cancel(self.redis, run_id, "the runtime was closed"))
+                if self.scaler is not None:
+                    self.scaler.stop()
+                if self._scaler_task is not None:
+                    self._scaler_task.cancel()
+                if self.backend is not None:
+                    self.call(self.backend.stop_all())
+                if self.redis is not None and self._active_runs:
+                    with contextlib.suppress(Exception):
+                        self.call(self._force_end(list(self._active_runs)))
+                if self.redis is not None:
+                    with contextlib.suppress(Exception):
+                        self.call(self._forget_pool())
+                    self.call(self.redis.aclose())
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                if self._thread is not None:
+                    self._thread.join(timeout=5)
+                loop.close()
+                self._loop = None
+        if self._embedded is not None:
+            self._embedded.release()
+            self._embedded = None
+        atexit.unregister(self.close)
+
+    async def _force_end(self, run_ids: list[str]) -> None:
+        script = self.redis.register_script(scripts.FORCE_END)
+        for run_id in run_ids:
+            await script(args=[run_id, time.time()])
+
+    async def _forget_pool(self) -> None:
+        keys = PoolKeys(self.pool)
+        classes = [int(c) for c in await self.redis.smembers(keys.classes)]
+        names = [keys.classes, keys.workers, keys.wake]
+        if self.backend is not None:
+            names += [worker_proc(wid) for wid in self.backend.spawned_ids]
+        for memory in classes:
+            names += [keys.queue(memory), keys.idle(memory)]
+        await self.redis.delete(*names)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run a coroutine on the runtime's loop from this thread; Ctrl-C stays responsive."""
+        if self._loop is None:
+            raise DagkubeError("The runtime is not started: use it as a context manager")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            while True:
+                try:
+                    return future.result(timeout=0.1 if timeout_s is None else timeout_s)
+                except TimeoutError:
+                    if timeout_s is not None:
+                        raise
+        except BaseException:
+            future.cancel()
+            raise
+
+    # ----------------------------------------------------------------- runs
+    def run(
+        self,
+        dag: DagSpec,
+        plan: Plan,
+        *,
+        timeout_s: float | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+        on_launch: Callable[[str], None] | None = None,
+    ) -> launcher.RunResult:
+        """Launch a planned DAG and wait for it; returns outputs and the run's record."""
+        self.start()
+        run_id = self.call(
+            launcher.launch(
+                self.redis,
+                dag,
+                plan,
+                self.pool,
+                ttl_s=self.run_ttl_s,
+                history_cap=self.history_cap,
+                startup_delay_s=self.startup_delay_s,
+            )
+        )
+        self._active_runs.add(run_id)
+        if on_launch:
+            on_launch(run_id)
+        try:
+            status = self.call(
+                launcher.wait_for_end(
+                    self.redis, run_id, timeout_s=timeout_s, on_progress=on_progress
+                )
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.call(launcher.cancel(self.redis, run_id, "the waiting client stopped"))
+            raise
+        self._active_runs.discard(run_id)
+        record = self.call(launcher.fetch_run_record(self.redis, run_id))
+        outputs = None
+        if status == "succeeded":
+            outputs = self.call(launcher.fetch_outputs(self.redis, dag, run_id))
+        return launcher.RunResult(run_id=run_id, status=status, record=record, outputs=outputs)
+
+    def worker_pids(self) -> dict[str, int]:
+        """Worker processes alive now (tests kill one to check recovery)."""
+        return self.backend.pids() if self.backend else {}

@@ -1,0 +1,176 @@
+"""The scaler: turns queued invocations into workers through a Backend, never over-creating.
+
+Demand per class = queued invocations - idle workers - workers still starting. The same scaler
+runs inside ``dagkube run`` (LocalBackend) and inside the operator (KubernetesBackend). It also
+re-queues the held work of workers that died (process exit seen by the backend, or heartbeat
+expired) and, at the worker cap, retires an idle worker of another class to make room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from dagkube.runtime import scripts
+from dagkube.runtime.invocation import Invocation
+from dagkube.runtime.keys import PoolKeys, worker_heartbeat, worker_proc
+
+log = logging.getLogger("dagkube.scaler")
+
+
+@dataclass
+class WorkerHandle:
+    """What a backend knows of a worker it created."""
+
+    worker_id: str
+    memory_mib: int
+    spawned_at: float
+
+
+class Backend(Protocol):
+    """Creates and watches workers: processes (LocalBackend) or Pods (KubernetesBackend)."""
+
+    max_workers: int
+
+    async def start_worker(self, memory_mib: int) -> WorkerHandle: ...
+
+    def alive(self) -> list[WorkerHandle]:
+        """Workers created and not known to have exited."""
+        ...
+
+    async def reap(self) -> list[tuple[WorkerHandle, int | None]]:
+        """Workers that exited since the last call, with their exit codes."""
+        ...
+
+    async def stop_all(self) -> None: ...
+
+
+class Scaler:
+    def __init__(
+        self,
+        redis: Any,
+        pool: str,
+        backend: Backend,
+        *,
+        heartbeat_check_s: float = 2.0,
+        tick_s: float = 0.5,
+    ) -> None:
+        self.redis = redis
+        self.keys = PoolKeys(pool)
+        self.backend = backend
+        self.heartbeat_check_s = heartbeat_check_s
+        self.tick_s = tick_s
+        self._requeue = redis.register_script(scripts.REQUEUE)
+        self._last_heartbeat_check = 0.0
+        self._stopped = asyncio.Event()
+        self.workers_started = 0
+        self.workers_lost = 0
+
+    async def run(self) -> None:
+        """Reconcile whenever something is queued or a worker leaves (blocking on the wake
+        list), and at least every ``tick_s`` to notice exits and expired heartbeats."""
+        while not self._stopped.is_set():
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scaler: reconcile failed; retrying")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await self.redis.blpop(self.keys.wake, timeout=self.tick_s)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def reconcile(self) -> None:
+        for handle, code in await self.backend.reap():
+            await self._on_exit(handle, code)
+        now = time.monotonic()
+        if now - self._last_heartbeat_check >= self.heartbeat_check_s:
+            self._last_heartbeat_check = now
+            await self._check_heartbeats()
+        await self._scale()
+
+    async def _on_exit(self, handle: WorkerHandle, code: int | None) -> None:
+        held = await self._requeue(
+            args=[
+                self.keys.prefix,
+                worker_proc(handle.worker_id),
+                handle.worker_id,
+                time.time(),
+                handle.memory_mib,
+                handle.spawned_at,
+            ]
+        )
+        if held:
+            self.workers_lost += 1
+            log.warning(
+                "worker %s exited (code %s) holding %d invocation(s): re-queued",
+                handle.worker_id, code, held,
+            )
+
+    async def _check_heartbeats(self) -> None:
+        """Workers registered in Redis but silent: lost (e.g. a Pod that vanished)."""
+        registered = await self.redis.hgetall(self.keys.workers)
+        if not registered:
+            return
+        ids = list(registered)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id in ids:
+                pipe.exists(worker_heartbeat(worker_id.decode()))
+            beats = await pipe.execute()
+        known = {h.worker_id: h for h in self.backend.alive()}
+        for worker_id, beat, memory in zip(ids, beats, registered.values(), strict=True):
+            wid = worker_id.decode()
+            if beat:
+                continue
+            handle = known.get(wid) or WorkerHandle(wid, int(memory), time.time())
+            log.warning("worker %s: heartbeat expired", wid)
+            await self._on_exit(handle, None)
+
+    async def _scale(self) -> None:
+        classes = sorted(int(c) for c in await self.redis.smembers(self.keys.classes))
+        if not classes:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for memory in classes:
+                pipe.llen(self.keys.queue(memory))
+                pipe.scard(self.keys.idle(memory))
+            counts = await pipe.execute()
+        alive = self.backend.alive()
+        registered = {w.decode() for w in await self.redis.hkeys(self.keys.workers)}
+        total = len(alive)
+        for index, memory in enumerate(classes):
+            queued, idle = counts[2 * index], counts[2 * index + 1]
+            starting = sum(
+                1 for h in alive if h.memory_mib == memory and h.worker_id not in registered
+            )
+            demand = queued - idle - starting
+            if demand <= 0:
+                continue
+            room = self.backend.max_workers - total
+            if room < demand:
+                await self._make_room(memory, demand - max(room, 0), classes, counts)
+            for _ in range(max(0, min(demand, room))):
+                await self.backend.start_worker(memory)
+                self.workers_started += 1
+                total += 1
+
+    async def _make_room(
+        self, memory: int, wanted: int, classes: list[int], counts: list[int]
+    ) -> None:
+        """At the cap: ask idle workers of classes with nothing queued to exit."""
+        for index, other in enumerate(classes):
+            if other == memory or wanted <= 0:
+                continue
+            queued, idle = counts[2 * index], counts[2 * index + 1]
+            spare = min(idle - queued, wanted)
+            for _ in range(max(0, spare)):
+                await self.redis.lpush(
+                    self.keys.queue(other), Invocation(run="", mem=other, retire=True).to_json()
+                )
+                wanted -= 1

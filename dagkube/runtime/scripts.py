@@ -1,0 +1,273 @@
+"""Lua scripts: each state transition of a run is one atomic step in Redis.
+
+A worker that dies between two scripts leaves a consistent state: its unfinished work is still
+in its ``proc`` list (re-queued by the scaler), completed tasks are in the run's ``done`` set,
+and dependency counting is guarded per (upstream, downstream) edge, so re-running a task
+cannot over-count. Key names are derived inside the scripts from the run id and must match
+:mod:`dagkube.runtime.keys` (standalone Redis; see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+# Shared Lua helpers: key builders mirroring keys.py.
+_PRELUDE = r"""
+local function runkey(run, part) return 'dk:run:' .. run .. ':' .. part end
+local function histkey(run, part) return 'dk:hist:r:' .. run .. ':' .. part end
+local function wake(pool)
+  redis.call('LPUSH', pool .. ':wake', '1')
+  redis.call('LTRIM', pool .. ':wake', 0, 0)
+end
+local function queue_invocation(pool, inv)
+  redis.call('RPUSH', pool .. ':q:' .. inv.mem, cjson.encode(inv))
+  redis.call('SADD', pool .. ':classes', inv.mem)
+end
+local function stop_inboxes(run)
+  for _, key in ipairs(redis.call('SMEMBERS', runkey(run, 'keys'))) do
+    if string.find(key, ':inbox:', 1, true) then redis.call('RPUSH', key, '') end
+  end
+end
+"""
+
+# ARGV: run, pool prefix, task id, store flag, output, record json, proc key, my worker id
+#       ("" = flexible), now, n amendments, [task id, record json]*n, [down id, ndeps, worker, mem]*
+# Returns {status, continuation or "", duplicate 0/1, local-ready ids...}
+COMPLETE = (
+    _PRELUDE
+    + r"""
+local run, pool, tid = ARGV[1], ARGV[2], ARGV[3]
+local me, now = ARGV[8], tonumber(ARGV[9])
+local meta = runkey(run, 'meta')
+local n_amend = tonumber(ARGV[10])
+local i = 11
+for _ = 1, n_amend do
+  redis.call('HSET', histkey(run, 'tasks'), ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+redis.call('HSET', histkey(run, 'tasks'), tid, ARGV[6])
+local status = redis.call('HGET', meta, 'status') or 'missing'
+if status ~= 'running' then return {status, '', 0} end
+if redis.call('SADD', runkey(run, 'done'), tid) == 0 then return {status, '', 1} end
+if ARGV[4] == '1' then redis.call('HSET', runkey(run, 'out'), tid, ARGV[5]) end
+redis.call('HINCRBY', meta, 'tasks_done', 1)
+local continuation, continuation_mem = '', 0
+local local_ready = {}
+local queued = 0
+while i <= #ARGV do
+  local down, ndeps, worker, mem = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
+  i = i + 4
+  local ready = false
+  if ndeps == 1 then
+    ready = redis.call('SADD', runkey(run, 'edges'), tid .. '>' .. down) == 1
+  elseif redis.call('SADD', runkey(run, 'edges'), tid .. '>' .. down) == 1 then
+    ready = redis.call('HINCRBY', runkey(run, 'depcount'), down, 1) == ndeps
+  end
+  if ready then
+    if worker == '' then
+      if me == '' and continuation == '' then
+        continuation, continuation_mem = down, mem
+      else
+        queue_invocation(pool, {run = run, mem = mem, roots = {down}, queued_at = now})
+        queued = queued + 1
+      end
+    elseif worker == me then
+      table.insert(local_ready, down)
+    else
+      local inbox = runkey(run, 'inbox:' .. worker)
+      redis.call('RPUSH', inbox, down)
+      redis.call('SADD', runkey(run, 'keys'), inbox)
+      local claim = runkey(run, 'claim:' .. worker)
+      if redis.call('SET', claim, '1', 'NX') then
+        redis.call('SADD', runkey(run, 'keys'), claim)
+        queue_invocation(pool, {run = run, mem = mem, worker = worker, roots = {}, queued_at = now})
+        queued = queued + 1
+      end
+    end
+  end
+end
+if queued > 0 then
+  redis.call('HINCRBY', meta, 'active', queued)
+  wake(pool)
+end
+if continuation ~= '' then
+  redis.call('DEL', ARGV[7])
+  redis.call('RPUSH', ARGV[7], cjson.encode({run = run, mem = continuation_mem,
+                                              roots = {continuation}, queued_at = now}))
+end
+local reply = {status, continuation, 0}
+for _, id in ipairs(local_ready) do table.insert(reply, id) end
+return reply
+"""
+)
+
+# ARGV: run, task id, record json, error json
+FAIL = (
+    _PRELUDE
+    + r"""
+local run, tid = ARGV[1], ARGV[2]
+local meta = runkey(run, 'meta')
+redis.call('HSET', histkey(run, 'tasks'), tid, ARGV[3])
+redis.call('HINCRBY', meta, 'tasks_failed', 1)
+local status = redis.call('HGET', meta, 'status')
+if status == 'running' then
+  redis.call('HSET', meta, 'status', 'failed', 'error', ARGV[4], 'failed_task', tid)
+  stop_inboxes(run)
+end
+return status or 'missing'
+"""
+)
+
+# ARGV: run, reason
+CANCEL = (
+    _PRELUDE
+    + r"""
+local run = ARGV[1]
+local meta = runkey(run, 'meta')
+local status = redis.call('HGET', meta, 'status')
+if status == 'running' then
+  redis.call('HSET', meta, 'status', 'cancelling', 'error', ARGV[2])
+  stop_inboxes(run)
+  return 1
+end
+return 0
+"""
+)
+
+_FINALIZE = r"""
+local function finalize(run, now, ttl, cap)
+  local meta = runkey(run, 'meta')
+  local status = redis.call('HGET', meta, 'status')
+  if status == 'running' then
+    local done = tonumber(redis.call('HGET', meta, 'tasks_done') or '0')
+    if done >= tonumber(redis.call('HGET', meta, 'tasks_total')) then
+      status = 'succeeded'
+    else
+      status = 'failed'
+      redis.call('HSET', meta, 'error', cjson.encode({message = 'the run ended with unfinished tasks'}))
+    end
+  elseif status == 'cancelling' then
+    status = 'cancelled'
+  end
+  local submitted = tonumber(redis.call('HGET', meta, 'submitted_at'))
+  redis.call('HSET', meta, 'status', status, 'finished_at', now, 'makespan_s', now - submitted)
+  redis.call('HSET', histkey(run, 'meta'), unpack(redis.call('HGETALL', meta)))
+  local structure = redis.call('HGET', meta, 'structure_hash')
+  local name = redis.call('HGET', meta, 'workflow')
+  redis.call('HSET', 'dk:hist:structures', structure, name)
+  local runs = 'dk:hist:s:' .. structure .. ':runs'
+  redis.call('LPUSH', runs, run)
+  while redis.call('LLEN', runs) > cap do
+    local old = redis.call('RPOP', runs)
+    redis.call('DEL', histkey(old, 'meta'), histkey(old, 'tasks'), histkey(old, 'workers'),
+               histkey(old, 'plan'))
+  end
+  redis.call('LPUSH', 'dk:hist:wf:' .. name .. ':runs', run)
+  redis.call('LTRIM', 'dk:hist:wf:' .. name .. ':runs', 0, 10 * cap - 1)
+  redis.call('LPUSH', 'dk:hist:all', run)
+  redis.call('LTRIM', 'dk:hist:all', 0, 9999)
+  for _, part in ipairs({'meta', 'dag', 'plan', 'out', 'const', 'done', 'edges', 'depcount'}) do
+    redis.call('EXPIRE', runkey(run, part), ttl)
+  end
+  for _, key in ipairs(redis.call('SMEMBERS', runkey(run, 'keys'))) do
+    redis.call('EXPIRE', key, ttl)
+  end
+  redis.call('EXPIRE', runkey(run, 'keys'), ttl)
+  redis.call('RPUSH', runkey(run, 'result'), status)
+  redis.call('EXPIRE', runkey(run, 'result'), ttl)
+  return status
+end
+"""
+
+# ARGV: run, pool prefix, proc key, worker field, worker json, gb_s, cpu_alloc_s, cpu_used_s,
+#       cold 0/1, now, ttl, history cap, next queue ("" = do not take more work), n amendments,
+#       [task id, record json]*n
+# Returns {finalized 0/1, status of this run, next invocation or "", status of its run}
+FINISH = (
+    _PRELUDE
+    + _FINALIZE
+    + r"""
+local run, pool, proc = ARGV[1], ARGV[2], ARGV[3]
+local now, ttl, cap = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local meta = runkey(run, 'meta')
+redis.call('HSET', histkey(run, 'workers'), ARGV[4], ARGV[5])
+local i = 15
+for _ = 1, tonumber(ARGV[14]) do
+  redis.call('HSET', histkey(run, 'tasks'), ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+redis.call('DEL', proc)
+local finalized, status = 0, redis.call('HGET', meta, 'status')
+if status then
+  redis.call('HINCRBYFLOAT', meta, 'gb_s', ARGV[6])
+  redis.call('HINCRBYFLOAT', meta, 'cpu_s_allocated', ARGV[7])
+  redis.call('HINCRBYFLOAT', meta, 'cpu_s_used', ARGV[8])
+  if ARGV[9] == '1' then
+    redis.call('HINCRBY', meta, 'workers_cold', 1)
+  else
+    redis.call('HINCRBY', meta, 'workers_warm', 1)
+  end
+  local active = redis.call('HINCRBY', meta, 'active', -1)
+  if active <= 0 and redis.call('EXISTS', runkey(run, 'result')) == 0 then
+    status = finalize(run, now, ttl, cap)
+    finalized = 1
+  end
+end
+local nxt, nxt_status = '', ''
+if ARGV[13] ~= '' then
+  nxt = redis.call('LMOVE', ARGV[13], proc, 'LEFT', 'RIGHT') or ''
+  if nxt ~= '' then
+    nxt_status = redis.call('HGET', runkey(cjson.decode(nxt).run, 'meta'), 'status') or 'missing'
+  end
+end
+return {finalized, status or 'missing', nxt, nxt_status}
+"""
+)
+
+# ARGV: pool prefix, proc key, worker id, now, memory mib, spawned_at
+# Re-queues a dead worker's held work at the head of its class queue and records the loss.
+REQUEUE = (
+    _PRELUDE
+    + r"""
+local pool, proc, wid, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local mem, spawned = tonumber(ARGV[5]), tonumber(ARGV[6])
+local items = redis.call('LRANGE', proc, 0, -1)
+for _, item in ipairs(items) do
+  local inv = cjson.decode(item)
+  inv.resume = true
+  inv.requeued_from = wid
+  redis.call('LPUSH', pool .. ':q:' .. inv.mem, cjson.encode(inv))
+  local held_since = math.max(spawned, tonumber(inv.queued_at) or spawned)
+  redis.call('HSET', histkey(inv.run, 'workers'), wid .. ':lost', cjson.encode({
+    worker_id = wid, run_id = inv.run, memory_mib = mem, outcome = 'lost',
+    spawned_at = spawned, finished_at = now, cold = true}))
+  if redis.call('EXISTS', runkey(inv.run, 'meta')) == 1 then
+    redis.call('HINCRBYFLOAT', runkey(inv.run, 'meta'), 'gb_s', (now - held_since) * mem / 1024)
+    redis.call('HINCRBY', runkey(inv.run, 'meta'), 'workers_lost', 1)
+  end
+end
+redis.call('DEL', proc, 'dk:w:' .. wid .. ':hb')
+redis.call('HDEL', pool .. ':workers', wid)
+redis.call('SREM', pool .. ':idle:' .. mem, wid)
+if #items > 0 then wake(pool) end
+return #items
+"""
+)
+
+# ARGV: run, now. Ends a run whose workers were stopped (runtime closed mid-run): status
+# cancelled, history written, keys expiring. A run that already ended is left as it is.
+FORCE_END = (
+    _PRELUDE
+    + _FINALIZE
+    + r"""
+local run, now = ARGV[1], tonumber(ARGV[2])
+local meta = runkey(run, 'meta')
+if redis.call('EXISTS', runkey(run, 'result')) == 1 or redis.call('EXISTS', meta) == 0 then
+  return ''
+end
+if redis.call('HGET', meta, 'status') == 'running' then
+  redis.call('HSET', meta, 'status', 'cancelling')
+end
+local ttl = tonumber(redis.call('HGET', meta, 'ttl_s') or '3600')
+local cap = tonumber(redis.call('HGET', meta, 'history_cap') or '100')
+return finalize(run, now, ttl, cap)
+"""
+)

@@ -1,0 +1,644 @@
+"""The worker agent: takes invocations of its class and executes DAG branches, decentrally.
+
+A worker registers as idle, takes an invocation (blocking move into its ``proc`` list, so a
+lost worker's work can be re-queued), loads the run's DAG and plan (cached per run) and runs
+tasks: gather inputs (local cache first, then Redis, re-running an upstream whose output was
+lost), run the function in a thread (so heartbeats and I/O go on), and complete the task in
+one Lua step that counts dependencies and queues or continues with ready downstream tasks.
+An idle worker exits after ``idle_timeout_s``: the next start of its class is cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from dagkube.dag import DagSpec, TaskSpec, resolve
+from dagkube.metrics.records import TaskError, TaskRecord, WorkerRecord
+from dagkube.planning.model import Plan
+from dagkube.runtime import scripts
+from dagkube.runtime.connection import connect
+from dagkube.runtime.invocation import Invocation
+from dagkube.runtime.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc
+
+log = logging.getLogger("dagkube.worker")
+
+RUN_CACHE_SIZE = 4
+
+
+@dataclass
+class WorkerConfig:
+    redis_url: str
+    pool: str
+    memory_mib: int
+    worker_id: str
+    cpu: float = 1.0
+    idle_timeout_s: float = 30.0
+    heartbeat_s: float = 1.0
+    heartbeat_ttl_s: float = 10.0
+    spawned_at: float | None = None
+
+
+def serialize(value: Any) -> bytes:
+    """Fast path with pickle; cloudpickle for lambdas, local classes and the like."""
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+@dataclass
+class RunState:
+    """What a worker keeps of one run: DAG, plan, loaded code and the values it holds."""
+
+    run_id: str
+    dag: DagSpec
+    plan: Plan
+    ttl_s: int
+    history_cap: int
+    task_index: dict[str, int]
+    values: dict[str, Any] = field(default_factory=dict)
+    constants: dict[str, Any] = field(default_factory=dict)
+    functions: dict[str, Any] = field(default_factory=dict)
+    _downstream_args: dict[str, list[str | int]] = field(default_factory=dict)
+    _store: dict[tuple[str, str], bool] = field(default_factory=dict)
+    _worker_tasks: dict[str, list[str]] | None = None
+
+    def function(self, fn_key: str) -> Any:
+        fn = self.functions.get(fn_key)
+        if fn is None:
+            fn = self.functions[fn_key] = pickle.loads(self.dag.functions[fn_key])
+        return fn
+
+    def downstream_args(self, task_id: str) -> list[str | int]:
+        """The COMPLETE script's per-downstream arguments: id, deps, worker, class."""
+        args = self._downstream_args.get(task_id)
+        if args is None:
+            args = []
+            for down in self.dag.tasks[task_id].downstream:
+                down_plan = self.plan.tasks[down]
+                args += [down, len(self.dag.tasks[down].deps), down_plan.worker_id or "",
+                         down_plan.memory_mib]
+            self._downstream_args[task_id] = args
+        return args
+
+    def must_store(self, task_id: str, me: str | None) -> bool:
+        """Upload an output only if a consumer may run elsewhere or it is a run output."""
+        key = (task_id, me or "")
+        decided = self._store.get(key)
+        if decided is None:
+            spec = self.dag.tasks[task_id]
+            if task_id in self.dag.output_ids or not spec.downstream:
+                decided = True
+            elif me is None:  # flexible: only a lone single-input consumer surely runs here
+                down = self.dag.tasks[spec.downstream[0]]
+                decided = not (
+                    len(spec.downstream) == 1
+                    and len(down.deps) == 1
+                    and self.plan.tasks[down.id].worker_id is None
+                )
+            else:
+                decided = any(self.plan.tasks[d].worker_id != me for d in spec.downstream)
+            self._store[key] = decided
+        return decided
+
+    def worker_tasks(self, logical_worker: str) -> list[str]:
+        if self._worker_tasks is None:
+            self._worker_tasks = self.plan.worker_tasks()
+        return self._worker_tasks.get(logical_worker, [])
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    record: TaskRecord
+    output: bytes | None = None
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.pool = PoolKeys(config.pool)
+        self.proc_key = worker_proc(config.worker_id)
+        self.runs: OrderedDict[str, RunState] = OrderedDict()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagkube-task")
+        self.redis: Any = None
+        self.stopping = False
+        self._scripts: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- lifecycle
+    async def main(self) -> None:
+        self.redis = await connect(self.config.redis_url)
+        for name in ("COMPLETE", "FAIL", "FINISH"):
+            self._scripts[name] = self.redis.register_script(getattr(scripts, name))
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self.redis.hset(self.pool.workers, self.config.worker_id, self.config.memory_mib)
+            cold = True
+            while not self.stopping:
+                invocation = await self._take()
+                status = ""
+                while invocation is not None:
+                    invocation, status = await self._serve(invocation, cold, status)
+                    cold = False
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(Exception):
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.hdel(self.pool.workers, self.config.worker_id)
+                    pipe.srem(self.pool.idle(self.config.memory_mib), self.config.worker_id)
+                    pipe.delete(worker_heartbeat(self.config.worker_id))
+                    pipe.lpush(self.pool.wake, "1")
+                    pipe.ltrim(self.pool.wake, 0, 0)
+                    await pipe.execute()
+            await self.redis.aclose()
+            self.executor.shutdown(wait=False)
+
+    async def _heartbeat(self) -> None:
+        key = worker_heartbeat(self.config.worker_id)
+        ttl_ms = int(self.config.heartbeat_ttl_s * 1000)
+        while True:
+            await self.redis.set(key, "1", px=ttl_ms)
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    async def _take(self) -> Invocation | None:
+        """Wait idle for an invocation of this class; None after the idle timeout."""
+        idle = self.pool.idle(self.config.memory_mib)
+        await self.redis.sadd(idle, self.config.worker_id)
+        try:
+            raw = await self.redis.blmove(
+                self.pool.queue(self.config.memory_mib),
+                self.proc_key,
+                self.config.idle_timeout_s,
+                "LEFT",
+                "RIGHT",
+            )
+        finally:
+            await self.redis.srem(idle, self.config.worker_id)
+        if raw is None:
+            log.info("worker %s: idle for %.1fs, exiting", self.config.worker_id,
+                     self.config.idle_timeout_s)
+            self.stopping = True
+            return None
+        invocation = Invocation.from_json(raw)
+        if invocation.retire:
+            await self.redis.delete(self.proc_key)
+            self.stopping = True
+            return None
+        return invocation
+
+    # ----------------------------------------------------------------- runs
+    async def _load_run(self, run_id: str) -> RunState | None:
+        state = self.runs.get(run_id)
+        if state is not None:
+            self.runs.move_to_end(run_id)
+            return state
+        keys = RunKeys(run_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.dag)
+            pipe.get(keys.plan)
+            pipe.hmget(keys.meta, "ttl_s", "history_cap")
+            dag_blob, plan_json, (ttl_s, cap) = await pipe.execute()
+        if dag_blob is None or plan_json is None:
+            log.warning("run %s: DAG or plan missing (expired?), dropping its invocation", run_id)
+            return None
+        loop = asyncio.get_running_loop()
+        dag, plan = await loop.run_in_executor(
+            self.executor, lambda: (DagSpec.from_bytes(dag_blob), Plan.model_validate_json(plan_json))
+        )
+        state = RunState(
+            run_id=run_id,
+            dag=dag,
+            plan=plan,
+            ttl_s=int(ttl_s or 3600),
+            history_cap=int(cap or 100),
+            task_index={task_id: i for i, task_id in enumerate(dag.tasks)},
+        )
+        self.runs[run_id] = state
+        while len(self.runs) > RUN_CACHE_SIZE:
+            self.runs.popitem(last=False)
+        return state
+
+    async def _serve(
+        self, invocation: Invocation, cold: bool, status: str
+    ) -> tuple[Invocation | None, str]:
+        """Run one invocation to its end, then finish it; returns the next queued invocation
+        of this class (taken in the same step, so it is served warm without an idle wait)."""
+        ready_at = time.time()
+        cpu_before = 0.0 if cold else _process_cpu_s()
+        state = await self._load_run(invocation.run)
+        served = 0
+        first_task_at: float | None = None
+        amendments: list[str] = []
+        if state is not None and status in ("", "running"):
+            if invocation.worker is None:
+                served, first_task_at = await self._serve_flexible(state, invocation, amendments)
+            else:
+                served, first_task_at = await self._serve_bound(state, invocation, amendments)
+        finished_at = time.time()
+        held_from = (self.config.spawned_at or ready_at) if cold else ready_at
+        record = WorkerRecord(
+            run_id=invocation.run,
+            worker_id=self.config.worker_id,
+            logical_worker=invocation.worker,
+            memory_mib=self.config.memory_mib,
+            cpu=self.config.cpu,
+            cold=cold,
+            queued_at=invocation.queued_at or None,
+            spawned_at=self.config.spawned_at if cold else None,
+            ready_at=ready_at,
+            first_task_at=first_task_at,
+            finished_at=finished_at,
+            tasks_served=served,
+            startup_s=(first_task_at - invocation.queued_at)
+            if first_task_at and invocation.queued_at
+            else None,
+            cpu_s_used=_process_cpu_s() - cpu_before,
+            resumed=invocation.resume,
+        )
+        held_s = max(0.0, finished_at - held_from)
+        next_queue = "" if self.stopping else self.pool.queue(self.config.memory_mib)
+        ttl_s = state.ttl_s if state else 3600
+        cap = state.history_cap if state else 100
+        finalized, _status, nxt, nxt_status = await self._scripts["FINISH"](
+            args=[
+                invocation.run,
+                self.pool.prefix,
+                self.proc_key,
+                f"{self.config.worker_id}:{ready_at:.6f}",
+                record.model_dump_json(),
+                held_s * self.config.memory_mib / 1024,
+                held_s * self.config.cpu,
+                record.cpu_s_used,
+                1 if cold else 0,
+                finished_at,
+                ttl_s,
+                cap,
+                next_queue,
+                len(amendments) // 2,
+                *amendments,
+            ]
+        )
+        if not nxt:
+            return None, ""
+        invocation = Invocation.from_json(nxt)
+        if invocation.retire:
+            await self.redis.delete(self.proc_key)
+            self.stopping = True
+            return None, ""
+        return invocation, nxt_status.decode()
+
+    async def _serve_flexible(
+        self, state: RunState, invocation: Invocation, amendments: list[str]
+    ) -> tuple[int, float | None]:
+        served = 0
+        first: float | None = None
+        current: str | None = invocation.roots[0] if invocation.roots else None
+        while current is not None:
+            outcome = await self._execute(state, current, None)
+            first = first or outcome.record.started_at
+            served += 1
+            if not outcome.ok:
+                await self._fail(state, outcome)
+                break
+            reply = await self._complete(state, outcome, None, amendments)
+            if reply[0] != b"running":
+                break
+            current = reply[1].decode() or None
+        return served, first
+
+    async def _serve_bound(
+        self, state: RunState, invocation: Invocation, amendments: list[str]
+    ) -> tuple[int, float | None]:
+        me = invocation.worker
+        assert me is not None
+        keys = RunKeys(state.run_id)
+        assigned = state.worker_tasks(me)
+        done = {m.decode() for m in await self.redis.smembers(keys.done)} if invocation.resume else set()
+        remaining = {t for t in assigned if t not in done}
+        ready: deque[str] = deque(invocation.roots)
+        if invocation.resume:
+            ready.extend(
+                t for t in assigned
+                if t in remaining and all(d in done for d in state.dag.tasks[t].deps)
+            )
+        served = 0
+        first: float | None = None
+        while remaining:
+            if not ready:
+                item = await self.redis.blpop(keys.inbox(me), timeout=self.config.heartbeat_ttl_s)
+                if item is None:
+                    status = await self.redis.hget(keys.meta, "status")
+                    if status != b"running":
+                        break
+                    continue
+                task_id = item[1].decode()
+                if not task_id:  # stop token: the run failed or was cancelled
+                    break
+                ready.append(task_id)
+                continue
+            current = ready.popleft()
+            if current not in remaining:
+                continue
+            outcome = await self._execute(state, current, me)
+            first = first or outcome.record.started_at
+            served += 1
+            if not outcome.ok:
+                await self._fail(state, outcome)
+                break
+            reply = await self._complete(state, outcome, me, amendments)
+            remaining.discard(current)
+            if reply[0] != b"running":
+                break
+            ready.extend(r.decode() for r in reply[3:])
+        return served, first
+
+    # ----------------------------------------------------------------- tasks
+    async def _gather(self, state: RunState, spec: TaskSpec) -> tuple[dict[str, bytes], list[str], float, int]:
+        """Fetch inputs not held locally; returns raw bytes by task, re-run lost upstreams."""
+        keys = RunKeys(state.run_id)
+        missing = [d for d in spec.deps if d not in state.values]
+        wanted_consts = [k for k in spec.const_keys if k not in state.constants]
+        raw: dict[str, bytes] = {}
+        download_s = 0.0
+        nbytes = 0
+        if missing or wanted_consts:
+            started = time.perf_counter()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if missing:
+                    pipe.hmget(keys.outputs, missing)
+                if wanted_consts:
+                    pipe.hmget(keys.constants, wanted_consts)
+                replies = await pipe.execute()
+            download_s = time.perf_counter() - started
+            if missing:
+                for dep, blob in zip(missing, replies[0], strict=True):
+                    if blob is not None:
+                        raw[dep] = blob
+                        nbytes += len(blob)
+            if wanted_consts:
+                consts = replies[-1]
+                for key, blob in zip(wanted_consts, consts, strict=True):
+                    if blob is None:
+                        raise RuntimeError(f"run {state.run_id}: constant {key} is missing")
+                    raw["const:" + key] = blob
+                    nbytes += len(blob)
+        lost = [d for d in missing if d not in raw]
+        recomputed = await self._recompute(state, lost) if lost else []
+        return raw, recomputed, download_s, nbytes
+
+    async def _recompute(self, state: RunState, lost: list[str]) -> list[str]:
+        """Re-run upstream tasks whose outputs are gone (their worker died before a consumer
+        elsewhere needed them). Walks lineage breadth-first, then runs in topological order."""
+        keys = RunKeys(state.run_id)
+        needed: set[str] = set()
+        frontier = list(lost)
+        fetched: dict[str, bytes] = {}
+        while frontier:
+            needed.update(frontier)
+            parents = sorted(
+                {d for t in frontier for d in state.dag.tasks[t].deps}
+                - needed
+                - set(state.values)
+                - set(fetched)
+            )
+            frontier = []
+            if parents:
+                blobs = await self.redis.hmget(keys.outputs, parents)
+                for parent, blob in zip(parents, blobs, strict=True):
+                    if blob is None:
+                        frontier.append(parent)
+                    else:
+                        fetched[parent] = blob
+        order = sorted(needed, key=state.task_index.__getitem__)
+        log.warning("run %s: re-running %d task(s) whose outputs were lost: %s",
+                    state.run_id, len(order), ", ".join(order[:5]))
+        loop = asyncio.get_running_loop()
+
+        def rerun() -> None:
+            for dep, blob in fetched.items():
+                state.values[dep] = pickle.loads(blob)
+            for task_id in order:
+                spec = state.dag.tasks[task_id]
+                args, kwargs = resolve(pickle.loads(spec.args_blob), state.values, state.constants)
+                state.values[task_id] = state.function(spec.fn_key)(*args, **kwargs)
+
+        await loop.run_in_executor(self.executor, rerun)
+        return order
+
+    async def _execute(self, state: RunState, task_id: str, me: str | None) -> Outcome:
+        spec = state.dag.tasks[task_id]
+        ready_at = time.time()
+        raw, recomputed, download_s, download_bytes = await self._gather(state, spec)
+        store = state.must_store(task_id, me)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.executor, _run_in_thread, state, spec, raw, store)
+        value_bytes, input_bytes, inputs_ready_at, started_at, ended_at, cpu_s, attempts, error = result
+        record = TaskRecord(
+            run_id=state.run_id,
+            task_id=task_id,
+            function=spec.function,
+            worker_id=self.config.worker_id,
+            logical_worker=me,
+            memory_mib=self.config.memory_mib,
+            ready_at=ready_at,
+            inputs_ready_at=inputs_ready_at,
+            started_at=started_at,
+            ended_at=ended_at,
+            input_bytes=input_bytes,
+            input_wait_s=inputs_ready_at - ready_at,
+            download_s=download_s,
+            download_bytes=download_bytes,
+            output_bytes=len(value_bytes) if value_bytes is not None else 0,
+            output_stored=store and error is None,
+            cpu_s=cpu_s,
+            retries=attempts - 1,
+            recomputed=recomputed,
+            error=error,
+        )
+        return Outcome(ok=error is None, record=record, output=value_bytes)
+
+    async def _complete(
+        self, state: RunState, outcome: Outcome, me: str | None, amendments: list[str]
+    ) -> list[bytes]:
+        record = outcome.record
+        store = outcome.output is not None and record.output_stored
+        started = time.perf_counter()
+        reply = await self._scripts["COMPLETE"](
+            args=[
+                state.run_id,
+                self.pool.prefix,
+                record.task_id,
+                "1" if store else "0",
+                outcome.output if store else b"",
+                record.model_dump_json(),
+                self.proc_key,
+                me or "",
+                record.ended_at,
+                len(amendments) // 2,
+                *amendments,
+                *state.downstream_args(record.task_id),
+            ]
+        )
+        amendments.clear()
+        if store:
+            # The upload rode on this call: amend the record in the next call with its time.
+            record.upload_s = time.perf_counter() - started
+            amendments += [record.task_id, record.model_dump_json()]
+        return reply
+
+    async def _fail(self, state: RunState, outcome: Outcome) -> None:
+        record = outcome.record
+        assert record.error is not None
+        error = {
+            "task_id": record.task_id,
+            "function": record.function,
+            "exc_type": record.error.exc_type,
+            "message": record.error.message,
+            "traceback": record.error.traceback,
+            "worker_id": self.config.worker_id,
+        }
+        await self._scripts["FAIL"](
+            args=[state.run_id, record.task_id, record.model_dump_json(), json.dumps(error)]
+        )
+        log.error("run %s: task %s failed: %s: %s", state.run_id, record.task_id,
+                  record.error.exc_type, record.error.message)
+
+
+def _process_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _run_in_thread(
+    state: RunState, spec: TaskSpec, raw: dict[str, bytes], store: bool
+) -> tuple[bytes | None, int, float, float, float, float, int, TaskError | None]:
+    """Deserialize inputs, run the function (with retries), serialize the output.
+
+    Runs on the task thread so the event loop keeps heartbeating and downloading.
+    """
+    input_bytes = sum(len(b) for b in raw.values())
+    for key, blob in raw.items():
+        if key.startswith("const:"):
+            state.constants[key[6:]] = pickle.loads(blob)
+        else:
+            state.values[key] = pickle.loads(blob)
+    inputs_ready_at = time.time()
+    attempts = 0
+    error: TaskError | None = None
+    value: Any = None
+    cpu_start = time.thread_time()
+    started_at = time.time()
+    while True:
+        attempts += 1
+        try:
+            args, kwargs = resolve(pickle.loads(spec.args_blob), state.values, state.constants)
+            value = state.function(spec.fn_key)(*args, **kwargs)
+            error = None
+            break
+        except Exception as exc:  # the user's exception is data here: it is reported
+            error = TaskError(
+                exc_type=type(exc).__qualname__,
+                message=str(exc),
+                traceback="".join(traceback.format_exception(exc)),
+            )
+            if attempts > spec.retries:
+                break
+    ended_at = time.time()
+    cpu_s = time.thread_time() - cpu_start
+    if error is not None:
+        return None, input_bytes, inputs_ready_at, started_at, ended_at, cpu_s, attempts, error
+    state.values[spec.id] = value
+    value_bytes: bytes | None = None
+    if store:
+        try:
+            value_bytes = serialize(value)
+        except Exception as exc:
+            error = TaskError(
+                exc_type=type(exc).__qualname__,
+                message=f"the output of {spec.id} cannot be serialized: {exc}",
+                traceback="".join(traceback.format_exception(exc)),
+            )
+    return value_bytes, input_bytes, inputs_ready_at, started_at, ended_at, cpu_s, attempts, error
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: get SIGTERM when the process that spawned us dies (no orphan workers)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def parse_args(argv: Iterable[str] | None = None) -> WorkerConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m dagkube.worker",
+        description="dagkube worker agent: serves invocations of one resource class. The Redis "
+        "URL comes from DAGKUBE_REDIS_URL (never from the command line: it may hold a password).",
+    )
+    parser.add_argument("--pool", required=True, help="worker pool (scaler) this worker serves")
+    parser.add_argument("--memory-mib", type=int, required=True, help="resource class in MiB")
+    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--cpu", type=float, default=1.0, help="vCPUs allocated (for accounting)")
+    parser.add_argument("--idle-timeout", type=float, default=30.0, help="seconds idle before exit")
+    parser.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    url = os.environ.get("DAGKUBE_REDIS_URL")
+    if not url:
+        parser.error("DAGKUBE_REDIS_URL is not set")
+    spawned = os.environ.get("DAGKUBE_SPAWNED_AT")
+    return WorkerConfig(
+        redis_url=url,
+        pool=args.pool,
+        memory_mib=args.memory_mib,
+        worker_id=args.worker_id,
+        cpu=args.cpu,
+        idle_timeout_s=args.idle_timeout,
+        heartbeat_s=args.heartbeat,
+        heartbeat_ttl_s=max(5.0, args.heartbeat * 5),
+        spawned_at=float(spawned) if spawned else None,
+    )
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("DAGKUBE_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s %(levelname)s worker {config.worker_id}: %(message)s",
+    )
+    parent = os.environ.get("DAGKUBE_PARENT_PID")
+    if parent:
+        _die_with_parent(int(parent))
+    worker = Worker(config)
+
+    def stop(*_: object) -> None:
+        worker.stopping = True
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        asyncio.run(worker.main())
+    except KeyboardInterrupt:
+        return 130
+    return 0

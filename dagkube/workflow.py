@@ -1,0 +1,114 @@
+"""``dagkube.Workflow``: a DAG built from output nodes, planned and run (locally for now)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dagkube.dag import DEFAULT_INLINE_BUDGET_BYTES, DagSpec, build_dag
+from dagkube.errors import TaskFailed
+from dagkube.planning import Plan, plan
+from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_classes
+
+
+class Workflow:
+    """A workflow: every task reachable from ``outputs`` (a node, a list or a dict of nodes).
+
+    Building validates the graph (argument shapes, serializability, call signatures), gives
+    every task a stable id (``function#n``) and computes the structure hash that groups runs
+    of the same workflow for predictions.
+    """
+
+    def __init__(
+        self,
+        outputs: Any,
+        name: str | None = None,
+        *,
+        inline_budget_bytes: int = DEFAULT_INLINE_BUDGET_BYTES,
+    ) -> None:
+        self.name = name or _default_name(outputs)
+        self.dag: DagSpec = build_dag(outputs, self.name, inline_budget_bytes)
+        self.last_run: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Workflow {self.name!r}: {len(self.dag.tasks)} tasks, {self.dag.structure_hash}>"
+
+    @property
+    def structure_hash(self) -> str:
+        return self.dag.structure_hash
+
+    @property
+    def task_ids(self) -> list[str]:
+        return list(self.dag.tasks)
+
+    def plan(
+        self,
+        planner: str = "wukong",
+        sla: str = "avg",
+        classes: Any = None,
+        *,
+        memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB,
+        max_cpu: float = DEFAULT_MAX_CPU,
+    ) -> Plan:
+        """The Plan the named planner makes for this workflow, without running it."""
+        return plan(
+            self.dag,
+            planner=planner,
+            sla=sla,
+            classes_mib=parse_classes(classes),
+            memory_per_cpu_mib=memory_per_cpu_mib,
+            max_cpu=max_cpu,
+        )
+
+    def run(
+        self,
+        planner: str = "wukong",
+        sla: str = "avg",
+        classes: Any = None,
+        *,
+        runtime: Any = None,
+        timeout_s: float | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> Any:
+        """Plan and run; returns the outputs in the shape given, or raises :class:`TaskFailed`.
+
+        ``runtime``: a started :class:`dagkube.LocalRuntime` to reuse (warm workers, one Redis);
+        without one, a LocalRuntime is opened for this run and closed after it.
+        """
+        from dagkube.runtime.local import LocalRuntime
+
+        owned = runtime is None
+        rt = LocalRuntime() if owned else runtime
+        chosen = self.plan(
+            planner,
+            sla,
+            classes,
+            memory_per_cpu_mib=rt.memory_per_cpu_mib,
+            max_cpu=rt.max_cpu,
+        )
+        try:
+            result = rt.run(self.dag, chosen, timeout_s=timeout_s, on_progress=on_progress)
+        finally:
+            if owned:
+                rt.close()
+        self.last_run = result
+        if result.status != "succeeded":
+            from dagkube.runtime.launcher import task_failed_from
+
+            error = task_failed_from(result.record)
+            assert isinstance(error, TaskFailed)
+            raise error
+        return result.outputs
+
+
+def _default_name(outputs: Any) -> str:
+    from dagkube.sdk import TaskNode
+
+    first = outputs
+    if isinstance(outputs, dict) and outputs:
+        first = next(iter(outputs.values()))
+    elif isinstance(outputs, (list, tuple)) and outputs:
+        first = outputs[0]
+    if isinstance(first, TaskNode):
+        return first.function.options.name
+    return "workflow"
