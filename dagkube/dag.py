@@ -88,17 +88,32 @@ class DagSpec:
         return [t.id for t in self.tasks.values() if not t.deps]
 
 
-def map_structure(value: Any, leaf: Callable[[Any], Any]) -> Any:
-    """Rebuild lists, tuples (named ones too) and dicts, applying ``leaf`` to everything else."""
+def _rebuild(value: Any, item: Callable[[Any], Any]) -> Any:
+    """A list, tuple (named ones too) or dict of the same kind with ``item`` applied inside;
+    any other value goes to ``item`` itself."""
     kind = type(value)
     if kind is list:
-        return [map_structure(v, leaf) for v in value]
+        return [item(v) for v in value]
     if kind is dict:
-        return {k: map_structure(v, leaf) for k, v in value.items()}
+        return {k: item(v) for k, v in value.items()}
     if kind is tuple:
-        return tuple(map_structure(v, leaf) for v in value)
+        return tuple(item(v) for v in value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return kind(*(map_structure(v, leaf) for v in value))
+        return kind(*(item(v) for v in value))
+    return item(value)
+
+
+def _is_container(value: Any) -> bool:
+    kind = type(value)
+    return kind is list or kind is dict or kind is tuple or (
+        isinstance(value, tuple) and hasattr(value, "_fields")
+    )
+
+
+def map_structure(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """Rebuild lists, tuples (named ones too) and dicts, applying ``leaf`` to everything else."""
+    if _is_container(value):
+        return _rebuild(value, lambda v: map_structure(v, leaf))
     return leaf(value)
 
 
@@ -225,18 +240,23 @@ def _serialize_arguments(
         return blob, ()
     keys: list[str] = []
 
-    def externalize(leaf: Any) -> Any:
-        if isinstance(leaf, Ref):
-            return leaf
-        data = _dumps(leaf)
+    def externalize(value: Any) -> Any:
+        # The unit stored apart is the largest sub-structure holding no task reference.
+        if isinstance(value, Ref):
+            return value
+        if _is_container(value) and any(isinstance(leaf, Ref) for leaf in iter_leaves(value)):
+            return _rebuild(value, externalize)
+        data = _dumps(value)
         if len(data) <= budget:
-            return leaf
+            return value
         key = hashlib.sha256(data).hexdigest()[:32]
         constants[key] = data
         keys.append(key)
         return ConstRef(key)
 
-    return _dumps(map_structure(template, externalize)), tuple(dict.fromkeys(keys))
+    args, kwargs = template
+    split = (tuple(externalize(a) for a in args), {k: externalize(v) for k, v in kwargs.items()})
+    return _dumps(split), tuple(dict.fromkeys(keys))
 
 
 def _raise_unserializable(task_id: str, fn: Callable[..., Any], template: tuple) -> None:

@@ -21,6 +21,10 @@ async def connect(url: str, *, timeout_s: float = 5.0) -> aioredis.Redis:
         client = aioredis.Redis.from_url(
             url,
             socket_connect_timeout=timeout_s,
+            # Blocking pops wait longer than any fixed read timeout (redis-py 8 defaults to
+            # 5 s); dead peers are found by TCP keepalive and health checks instead.
+            socket_timeout=None,
+            socket_keepalive=True,
             health_check_interval=30,
             decode_responses=False,
         )

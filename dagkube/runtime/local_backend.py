@@ -112,6 +112,12 @@ class LocalBackend:
                                 self.log_dir / f"{worker_id}.log")
         return exited
 
+    async def discard(self, worker_id: str) -> None:
+        entry = self._procs.get(worker_id)
+        if entry is not None and entry[0].poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                entry[0].kill()
+
     def pids(self) -> dict[str, int]:
         return {wid: proc.pid for wid, (proc, _) in self._procs.items() if proc.poll() is None}
 

@@ -46,6 +46,10 @@ class Backend(Protocol):
         """Workers that exited since the last call, with their exit codes."""
         ...
 
+    async def discard(self, worker_id: str) -> None:
+        """Terminate a worker that is no longer trusted (its heartbeat expired)."""
+        ...
+
     async def stop_all(self) -> None: ...
 
 
@@ -131,6 +135,8 @@ class Scaler:
             handle = known.get(wid) or WorkerHandle(wid, int(memory), time.time())
             log.warning("worker %s: heartbeat expired", wid)
             await self._on_exit(handle, None)
+            # Its work is re-queued: it must not finish anything later nor hold a slot.
+            await self.backend.discard(wid)
 
     async def _scale(self) -> None:
         classes = sorted(int(c) for c in await self.redis.smembers(self.keys.classes))

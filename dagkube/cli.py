@@ -1,0 +1,355 @@
+"""The ``dagkube`` command line.
+
+Exit codes: 0 success; 1 the run failed (a task raised, or the workflow's own ``verify``
+rejected the result); 2 bad input (file, option, workflow); 3 Redis unreachable or refused us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import cloudpickle
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dagkube.errors import DagkubeError, InvalidOption, InvalidWorkflow, RedisUnavailable
+from dagkube.planning import PLANNERS, check_planner
+from dagkube.planning.sla import ACCEPTED_SLAS, parse_sla
+from dagkube.resources import ACCEPTED_FORMS, format_memory, parse_classes
+from dagkube.workflow import Workflow
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REDIS = 1, 2, 3
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+FILE_CONVENTION = """\
+FILE is a Python file that defines the workflow in one of two ways:
+
+\b
+  workflow = dagkube.Workflow(...)      a module-level Workflow, or
+  def build(): return dagkube.Workflow(...)   (or the output task nodes)
+
+It may also define verify(result), called with the outputs after a successful run: raise
+(e.g. assert) to reject them. Its directory is importable, so helper modules next to it work.
+"""
+
+
+class LoadedWorkflow:
+    def __init__(self, workflow: Workflow, verify: Any) -> None:
+        self.workflow = workflow
+        self.verify = verify
+
+
+def load_workflow_file(path: str) -> LoadedWorkflow:
+    """Import a workflow file (functions in it are pickled by value for the workers)."""
+    file = Path(path)
+    if not file.is_file():
+        raise InvalidWorkflow(f"Workflow file {path!r} does not exist")
+    if file.suffix != ".py":
+        raise InvalidWorkflow(f"Workflow file {path!r} is not a Python file (.py)")
+    module_name = f"dagkube_user_{file.stem.replace('-', '_')}"
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    if spec is None or spec.loader is None:
+        raise InvalidWorkflow(f"Cannot import {path!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    directory = str(file.resolve().parent)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    try:
+        spec.loader.exec_module(module)
+    except DagkubeError:
+        raise
+    except Exception as exc:
+        raise InvalidWorkflow(
+            f"Importing {path!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    cloudpickle.register_pickle_by_value(module)
+    candidate = getattr(module, "workflow", None)
+    if candidate is None and callable(getattr(module, "build", None)):
+        candidate = module.build()
+    if candidate is None:
+        raise InvalidWorkflow(
+            f"{path!r} defines neither a module-level 'workflow' nor a 'build()' function"
+        )
+    if not isinstance(candidate, Workflow):
+        candidate = Workflow(candidate, name=file.stem)
+    return LoadedWorkflow(candidate, getattr(module, "verify", None))
+
+
+def describe_value(value: Any, limit: int = 120) -> str:
+    """A short description of an output: its repr when small, else its type and size."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    shape = getattr(value, "shape", None)
+    size = len(value) if hasattr(value, "__len__") else None
+    details = f"shape {tuple(shape)}" if shape is not None else (
+        f"{size} items" if size is not None else f"{len(text)} chars as text"
+    )
+    return f"<{type(value).__name__}, {details}>"
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Turn dagkube errors into one clear line and an exit code, never a traceback."""
+    try:
+        yield
+    except RedisUnavailable as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(EXIT_REDIS)
+    except (InvalidOption, InvalidWorkflow) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(EXIT_BAD_INPUT)
+    except DagkubeError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(EXIT_FAILED)
+
+
+def _planner_option(value: str) -> str:
+    try:
+        return check_planner(value)
+    except InvalidOption as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _sla_option(value: str) -> str:
+    try:
+        return parse_sla(value)
+    except InvalidOption as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _classes_option(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_classes(value)
+    except InvalidOption as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dagkube")
+def main() -> None:
+    """dagkube: run planned Python DAG workflows on serverless-style workers.
+
+    Locally, a private Redis is started under $DAGKUBE_HOME (default ~/.dagkube) unless
+    DAGKUBE_REDIS_URL or --redis points at one; it keeps the run history that planners
+    learn from.
+    """
+
+
+@main.command(epilog=FILE_CONVENTION)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--planner", default="wukong", show_default=True,
+              callback=lambda _c, _p, v: _planner_option(v),
+              help=f"Planner: {', '.join(PLANNERS)}.")
+@click.option("--sla", default="avg", show_default=True,
+              callback=lambda _c, _p, v: _sla_option(v), help=f"SLA: {ACCEPTED_SLAS}.")
+@click.option("--classes", default=None, callback=lambda _c, _p, v: _classes_option(v),
+              help=f"Resource classes, comma-separated: {ACCEPTED_FORMS}. "
+                   "[default: 512Mi,1Gi,2Gi]")
+@click.option("--redis", "redis_url", envvar="DAGKUBE_REDIS_URL", default=None,
+              help="Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). "
+                   "[default: the embedded server; env: DAGKUBE_REDIS_URL]")
+@click.option("--max-workers", type=click.IntRange(min=1), default=None,
+              help="Cap on concurrent local worker processes. [default: number of cores, >= 2]")
+@click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds an idle worker waits before it exits (the next start is cold).")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=None,
+              help="Give up (and cancel the run) after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def run(
+    file: str,
+    planner: str,
+    sla: str,
+    classes: list[int] | None,
+    redis_url: str | None,
+    max_workers: int | None,
+    idle_timeout: float,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Run the workflow defined in FILE and print its result and a summary."""
+    from dagkube.runtime.launcher import task_failed_from
+    from dagkube.runtime.local import LocalRuntime
+
+    with _errors():
+        loaded = load_workflow_file(file)
+        wf = loaded.workflow
+        chosen = wf.plan(planner, sla, classes)
+        show_progress = not as_json and err.is_terminal
+        with LocalRuntime(redis_url, max_workers=max_workers, idle_timeout_s=idle_timeout) as rt:
+            with _progress(show_progress, len(wf.dag.tasks), wf.name) as on_progress:
+                result = rt.run(wf.dag, chosen, timeout_s=timeout, on_progress=on_progress)
+        record = result.record
+        verified: bool | None = None
+        verify_error = ""
+        if result.status == "succeeded" and loaded.verify is not None:
+            try:
+                loaded.verify(result.outputs)
+                verified = True
+            except Exception as exc:
+                verified = False
+                verify_error = f"{type(exc).__name__}: {exc}"
+        summary = {
+            "run_id": result.run_id,
+            "workflow": wf.name,
+            "status": result.status,
+            "planner": record.planner,
+            "sla": record.sla,
+            "classes": [format_memory(c) for c in chosen.classes_used()],
+            "tasks": record.tasks_total,
+            "tasks_done": record.tasks_done,
+            "makespan_s": record.makespan_s,
+            "workers_cold": record.workers_cold,
+            "workers_warm": record.workers_warm,
+            "workers_lost": record.workers_lost,
+            "gb_s": record.gb_s,
+            "cpu_s_allocated": record.cpu_s_allocated,
+            "cpu_s_used": record.cpu_s_used,
+            "verified": verified,
+        }
+        failure = task_failed_from(record) if result.status != "succeeded" else None
+        if as_json:
+            summary["outputs"] = describe_value(result.outputs) if failure is None else None
+            if failure is not None:
+                summary["error"] = {
+                    "task_id": failure.task_id,
+                    "function": failure.function,
+                    "exc_type": failure.exc_type,
+                    "message": failure.message,
+                    "traceback": failure.remote_traceback,
+                }
+            if verify_error:
+                summary["verify_error"] = verify_error
+            out.print_json(json.dumps(summary))
+        else:
+            _print_summary(summary, result.outputs, failure, verify_error)
+        if failure is not None or verified is False:
+            sys.exit(EXIT_FAILED)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, name: str) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tasks"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        bar = progress.add_task(name, total=total)
+        yield lambda done, _total: progress.update(bar, completed=done)
+
+
+def _print_summary(summary: dict, outputs: Any, failure: Any, verify_error: str) -> None:
+    if failure is not None:
+        err.print(
+            f"[red bold]Run {summary['run_id']} {summary['status']}[/]: task "
+            f"[bold]{failure.task_id}[/] (function {failure.function}) raised "
+            f"{failure.exc_type}: {failure.message}"
+        )
+        if failure.remote_traceback:
+            err.print("Remote traceback (from the worker):", style="bold")
+            err.print(failure.remote_traceback.rstrip(), markup=False, highlight=False)
+    else:
+        out.print(f"[bold]Result:[/] {describe_value(outputs, limit=400)}")
+        if summary["verified"] is True:
+            out.print("[green]Verified:[/] the workflow's verify() accepted the result")
+        elif summary["verified"] is False:
+            err.print(f"[red]Verification failed:[/] {verify_error}")
+    table = Table(title=f"Run {summary['run_id']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    makespan = summary["makespan_s"]
+    table.add_row("status", summary["status"])
+    table.add_row("planner / SLA", f"{summary['planner']} / {summary['sla']}")
+    table.add_row("classes", ", ".join(summary["classes"]))
+    table.add_row("tasks", f"{summary['tasks_done']} done of {summary['tasks']}")
+    table.add_row("makespan", f"{makespan:.3f} s" if makespan is not None else "-")
+    lost = f", {summary['workers_lost']} lost" if summary["workers_lost"] else ""
+    table.add_row("workers", f"{summary['workers_cold']} cold, {summary['workers_warm']} warm{lost}")
+    table.add_row("GB-seconds", f"{summary['gb_s']:.3f}")
+    table.add_row("CPU-seconds", f"{summary['cpu_s_used']:.3f} used of "
+                                 f"{summary['cpu_s_allocated']:.3f} allocated")
+    out.print(table)
+
+
+@main.command()
+@click.option("--workflow", "workflow_name", default=None, help="Only runs of this workflow.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--redis", "redis_url", envvar="DAGKUBE_REDIS_URL", default=None,
+              help="Redis URL. [default: the embedded server; env: DAGKUBE_REDIS_URL]")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON on stdout.")
+def history(workflow_name: str | None, limit: int, redis_url: str | None, as_json: bool) -> None:
+    """List past runs (most recent first) from the run history."""
+    from dagkube.metrics.history import list_runs
+
+    with _errors():
+        runs = _with_redis(redis_url, lambda r: list_runs(r, workflow=workflow_name, limit=limit))
+        if as_json:
+            out.print_json(json.dumps([r.model_dump() for r in runs]))
+            return
+        if not runs:
+            which = f" of workflow {workflow_name!r}" if workflow_name else ""
+            out.print(f"No runs{which} in the history yet.")
+            return
+        table = Table(title="Run history (most recent first)")
+        for column in ("run", "workflow", "planner", "SLA", "status", "tasks", "makespan",
+                       "cold/warm", "GB-s", "submitted"):
+            table.add_column(column, justify="right" if column in {"tasks", "GB-s"} else "left")
+        for r in runs:
+            style = {"succeeded": "green", "failed": "red"}.get(r.status, "yellow")
+            table.add_row(
+                r.run_id,
+                r.workflow,
+                r.planner,
+                r.sla,
+                f"[{style}]{r.status}[/]",
+                f"{r.tasks_done}/{r.tasks_total}",
+                f"{r.makespan_s:.3f}s" if r.makespan_s is not None else "-",
+                f"{r.workers_cold}/{r.workers_warm}",
+                f"{r.gb_s:.3f}",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.submitted_at)),
+            )
+        out.print(table)
+
+
+def _with_redis(redis_url: str | None, action: Any) -> Any:
+    """Run ``action(redis)`` against the configured Redis (the embedded one by default)."""
+    from dagkube.runtime.connection import connect
+    from dagkube.runtime.embedded import EmbeddedRedis
+
+    async def go(url: str) -> Any:
+        client = await connect(url)
+        try:
+            return await action(client)
+        finally:
+            await client.aclose()
+
+    if redis_url:
+        return asyncio.run(go(redis_url))
+    with EmbeddedRedis() as url:
+        return asyncio.run(go(url))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Reading the run history from Redis, through its index lists (never scanning the keyspace)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dagkube.metrics.records import RunRecord, TaskRecord, WorkerRecord
+from dagkube.runtime.keys import (
+    HIST_ALL_RUNS,
+    HIST_STRUCTURES,
+    hist_run,
+    hist_structure_runs,
+    hist_workflow_runs,
+)
+
+
+@dataclass
+class RunHistory:
+    """Everything one run left behind."""
+
+    run: RunRecord
+    tasks: list[TaskRecord] = field(default_factory=list)
+    workers: list[WorkerRecord] = field(default_factory=list)
+    plan_json: str | None = None
+
+
+def _decode(fields: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in fields.items()}
+
+
+async def run_ids(
+    redis: Any,
+    *,
+    workflow: str | None = None,
+    structure_hash: str | None = None,
+    limit: int = 50,
+) -> list[str]:
+    """Most recent first."""
+    if structure_hash:
+        key = hist_structure_runs(structure_hash)
+    elif workflow:
+        key = hist_workflow_runs(workflow)
+    else:
+        key = HIST_ALL_RUNS
+    return [r.decode() for r in await redis.lrange(key, 0, max(0, limit - 1))]
+
+
+async def list_runs(
+    redis: Any,
+    *,
+    workflow: str | None = None,
+    structure_hash: str | None = None,
+    limit: int = 50,
+) -> list[RunRecord]:
+    """Run records, most recent first; runs trimmed from the history are skipped."""
+    ids = await run_ids(redis, workflow=workflow, structure_hash=structure_hash, limit=limit)
+    async with redis.pipeline(transaction=False) as pipe:
+        for run_id in ids:
+            pipe.hgetall(hist_run(run_id, "meta"))
+        metas = await pipe.execute()
+    return [RunRecord.from_hash(_decode(meta)) for meta in metas if meta]
+
+
+async def read_run(redis: Any, run_id: str) -> RunHistory | None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(hist_run(run_id, "meta"))
+        pipe.hvals(hist_run(run_id, "tasks"))
+        pipe.hvals(hist_run(run_id, "workers"))
+        pipe.get(hist_run(run_id, "plan"))
+        meta, tasks, workers, plan = await pipe.execute()
+    if not meta:
+        return None
+    return RunHistory(
+        run=RunRecord.from_hash(_decode(meta)),
+        tasks=sorted(
+            (TaskRecord.model_validate_json(t) for t in tasks), key=lambda t: t.started_at
+        ),
+        workers=sorted(
+            (WorkerRecord.model_validate_json(w) for w in workers),
+            key=lambda w: w.ready_at or w.spawned_at or w.finished_at,
+        ),
+        plan_json=plan.decode() if plan else None,
+    )
+
+
+async def structures(redis: Any) -> dict[str, str]:
+    """Structure hash -> workflow name, for every structure with history."""
+    return _decode(await redis.hgetall(HIST_STRUCTURES))

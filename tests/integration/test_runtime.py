@@ -1,0 +1,252 @@
+"""End-to-end runs on a real Redis with real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dagkube
+from dagkube.runtime.keys import RunKeys
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@dagkube.task
+def add(a, b):
+    return a + b
+
+
+@dagkube.task
+def total(values):
+    return sum(values)
+
+
+@dagkube.task
+def boom(x):
+    raise ValueError(f"bad input {x}")
+
+
+@dagkube.task
+def describe(mapping):
+    return {k: type(v).__name__ for k, v in mapping.items()}
+
+
+@dagkube.task
+def matrix_sum(m):
+    return float(m.sum())
+
+
+@dagkube.task(retries=2)
+def flaky(counter_file: str, fail_times: int):
+    path = Path(counter_file)
+    attempts = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(attempts + 1))
+    if attempts < fail_times:
+        raise RuntimeError(f"attempt {attempts + 1} fails")
+    return attempts + 1
+
+
+@dagkube.task
+def slow_step(x: int, marker_dir: str, seconds: float = 0.4):
+    Path(marker_dir, f"step-{x}.pid").write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return x + 1
+
+
+@dagkube.task
+def lambda_output(x):
+    return lambda: x
+
+
+@dagkube.task
+def lock_output(x):
+    return threading.Lock()
+
+
+def tree(values):
+    level = list(values)
+    while len(level) > 1:
+        level = [add(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    return level[0]
+
+
+def test_tree_reduction_result_and_record(runtime):
+    wf = dagkube.Workflow(tree(range(64)), name="it-tree")
+    assert wf.run(runtime=runtime) == sum(range(64))
+    record = wf.last_run.record
+    assert record.status == "succeeded"
+    assert record.tasks_total == record.tasks_done == 63
+    assert record.makespan_s > 0 and record.gb_s > 0 and record.cpu_s_allocated > 0
+    assert record.workers_cold + record.workers_warm >= 32  # wukong: one per source
+
+
+def test_outputs_keep_their_shape_and_nested_arguments_flow(runtime):
+    a, b = add(1, 2), add(3, 4)
+    wf = dagkube.Workflow(
+        {"sum": total([a, b, 10]), "kinds": describe({"a": a, "t": (b, "x")}), "a": a},
+        name="it-shapes",
+    )
+    assert wf.run(runtime=runtime) == {"sum": 20, "kinds": {"a": "int", "t": "tuple"}, "a": 3}
+    assert dagkube.Workflow([a, b], name="it-list").run(runtime=runtime) == [3, 7]
+
+
+def test_large_constants_travel_once(runtime, redis_client):
+    matrix = np.arange(200_000, dtype=np.float64).reshape(400, 500)
+    wf = dagkube.Workflow(
+        [matrix_sum(matrix), matrix_sum(matrix)], name="it-const", inline_budget_bytes=4096
+    )
+    assert wf.run(runtime=runtime) == [float(matrix.sum())] * 2
+    keys = RunKeys(wf.last_run.run_id)
+    assert redis_client.hlen(keys.constants) == 1
+
+
+def test_warm_workers_are_reused_then_idle_ones_exit(make_runtime):
+    rt = make_runtime(max_workers=2, idle_timeout_s=1.0)
+    wf = dagkube.Workflow(add(add(1, 2), 3), name="it-warm")
+    assert wf.run(runtime=rt) == 6
+    first = wf.last_run.record
+    assert (first.workers_cold, first.workers_warm) == (1, 0)
+    assert wf.run(runtime=rt) == 6
+    second = wf.last_run.record
+    assert (second.workers_cold, second.workers_warm) == (0, 1)
+    wait_until(lambda: not rt.worker_pids(), 15, "idle workers to exit")
+    assert wf.run(runtime=rt) == 6
+    assert wf.last_run.record.workers_cold == 1
+
+
+def test_failing_task_raises_task_failed_with_remote_traceback(runtime):
+    wf = dagkube.Workflow(total([boom(add(1, 2)), add(5, 5)]), name="it-fail")
+    with pytest.raises(dagkube.TaskFailed) as info:
+        wf.run(runtime=runtime)
+    error = info.value
+    assert error.task_id == "boom#0"
+    assert error.function == "boom"
+    assert error.exc_type == "ValueError"
+    assert error.message == "bad input 3"
+    assert 'raise ValueError(f"bad input {x}")' in error.remote_traceback
+    assert wf.last_run.status == "failed"
+    assert wf.last_run.record.failed_task == "boom#0"
+
+
+def test_retries_rerun_a_failing_task(runtime, tmp_path, redis_client):
+    counter = tmp_path / "attempts"
+    wf = dagkube.Workflow(flaky(str(counter), 2), name="it-retry")
+    assert wf.run(runtime=runtime) == 3
+    from dagkube.metrics.records import TaskRecord
+    from dagkube.runtime.keys import hist_run
+
+    raw = redis_client.hget(hist_run(wf.last_run.run_id, "tasks"), "flaky#0")
+    assert TaskRecord.model_validate_json(raw).retries == 2
+    counter.unlink()
+    with pytest.raises(dagkube.TaskFailed, match="attempt 3 fails"):
+        dagkube.Workflow(flaky(str(counter), 5), name="it-retry").run(runtime=runtime)
+    assert counter.read_text() == "3"  # first attempt + 2 retries
+
+
+def test_unserializable_output_fails_clearly(runtime):
+    with pytest.raises(dagkube.TaskFailed) as info:
+        dagkube.Workflow(lock_output(1), name="it-badout").run(runtime=runtime)
+    assert "cannot be serialized" in info.value.message
+    # cloudpickle handles what plain pickle cannot
+    fn = dagkube.Workflow(lambda_output(5), name="it-lambda").run(runtime=runtime)
+    assert fn() == 5
+
+
+def _run_in_thread(rt, wf):
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = wf.run(runtime=rt)
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, box
+
+
+def test_killed_worker_mid_chain_recomputes_lost_outputs(make_runtime, tmp_path):
+    rt = make_runtime(max_workers=2, idle_timeout_s=20)
+    node = 0
+    for _ in range(5):
+        node = slow_step(node, str(tmp_path))
+    wf = dagkube.Workflow(node, name="it-kill-chain")
+    thread, box = _run_in_thread(rt, wf)
+    pid_file = wait_until(
+        lambda: (tmp_path / "step-2.pid").exists() and tmp_path / "step-2.pid", 30, "step 2"
+    )
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    thread.join(60)
+    assert not thread.is_alive()
+    assert box.get("value") == 5, box
+    record = wf.last_run.record
+    assert record.workers_lost == 1
+    assert record.status == "succeeded"
+
+
+def test_killed_worker_in_fanout_is_requeued(make_runtime, tmp_path):
+    rt = make_runtime(max_workers=3, idle_timeout_s=20)
+    source = add(0, 0)
+    wf = dagkube.Workflow(
+        total([slow_step(add(source, i), str(tmp_path), 0.3) for i in range(6)]),
+        name="it-kill-fan",
+    )
+    thread, box = _run_in_thread(rt, wf)
+    pid_file = wait_until(
+        lambda: next(iter(tmp_path.glob("step-*.pid")), None), 30, "a slow step to start"
+    )
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    thread.join(60)
+    assert box.get("value") == sum(i + 1 for i in range(6)), box
+    assert wf.last_run.record.workers_lost == 1
+
+
+def test_stalled_worker_is_detected_by_heartbeat_and_its_work_requeued(make_runtime, tmp_path):
+    rt = make_runtime(max_workers=3, idle_timeout_s=20)
+    wf = dagkube.Workflow(slow_step(slow_step(0, str(tmp_path), 2.0), str(tmp_path)),
+                          name="it-stall")
+    thread, box = _run_in_thread(rt, wf)
+    pid = int(wait_until(lambda: (tmp_path / "step-0.pid").exists(), 30, "step 0")
+              and (tmp_path / "step-0.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)  # alive to the OS, silent to Redis
+    thread.join(60)
+    assert box.get("value") == 2, box
+    assert wf.last_run.record.workers_lost == 1
+    wait_until(lambda: pid not in rt.worker_pids().values(), 10, "the stalled worker to go")
+
+
+def test_finished_run_keys_expire_and_closing_mid_run_cancels(make_runtime, redis_client, tmp_path):
+    rt = make_runtime(max_workers=2, run_ttl_s=120)
+    wf = dagkube.Workflow(tree(range(8)), name="it-ttl")
+    wf.run(runtime=rt)
+    prefix = RunKeys(wf.last_run.run_id).prefix
+    run_keys = list(redis_client.scan_iter(f"{prefix}:*"))  # test-only scan
+    assert run_keys
+    assert all(0 < redis_client.ttl(k) <= 120 for k in run_keys), [
+        (k, redis_client.ttl(k)) for k in run_keys
+    ]
+
+    slow = dagkube.Workflow(slow_step(slow_step(0, str(tmp_path), 5.0), str(tmp_path)),
+                            name="it-cancel")
+    thread, box = _run_in_thread(rt, slow)
+    wait_until(lambda: (tmp_path / "step-0.pid").exists(), 30, "slow step to start")
+    run_id = wait_until(lambda: next(iter(rt._active_runs), None), 5, "the run id")
+    rt.close()
+    thread.join(30)
+    assert not thread.is_alive()
+    from dagkube.metrics.records import RunRecord
+    from dagkube.runtime.keys import hist_run
+
+    meta = redis_client.hgetall(hist_run(run_id, "meta"))
+    record = RunRecord.from_hash({k.decode(): v.decode() for k, v in meta.items()})
+    assert record.status == "cancelled"
+    leftover = list(redis_client.scan_iter(f"{RunKeys(run_id).prefix}:*"))
+    assert all(redis_client.ttl(k) > 0 for k in leftover)
