@@ -1,13 +1,13 @@
 """dagkube: planned, decentralized Python DAG workflows on serverless-style workers.
 
-    import dagkube
+import dagkube
 
-    @dagkube.task
-    def add(a, b):
-        return a + b
+@dagkube.task
+def add(a, b):
+    return a + b
 
-    wf = dagkube.Workflow(add(add(1, 2), 3), name="sum")
-    assert wf.run() == 6
+wf = dagkube.Workflow(add(add(1, 2), 3), name="sum")
+assert wf.run() == 6
 """
 
 from dagkube.errors import (

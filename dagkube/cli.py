@@ -1,7 +1,8 @@
 """The ``dagkube`` command line.
 
 Exit codes: 0 success; 1 the run failed (a task raised, or the workflow's own ``verify``
-rejected the result); 2 bad input (file, option, workflow); 3 Redis unreachable or refused us.
+rejected the result); 2 bad input (file, option, workflow); 3 Redis unreachable or refused us;
+130 interrupted (Ctrl-C): the run is cancelled and every worker and server it started stops.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dagkube.planning.sla import ACCEPTED_SLAS, parse_sla
 from dagkube.resources import ACCEPTED_FORMS, format_memory, parse_classes
 from dagkube.workflow import Workflow
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REDIS = 1, 2, 3
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REDIS, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -72,9 +73,7 @@ def load_workflow_file(path: str) -> LoadedWorkflow:
     except DagkubeError:
         raise
     except Exception as exc:
-        raise InvalidWorkflow(
-            f"Importing {path!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise InvalidWorkflow(f"Importing {path!r} failed: {type(exc).__name__}: {exc}") from exc
     cloudpickle.register_pickle_by_value(module)
     candidate = getattr(module, "workflow", None)
     if candidate is None and callable(getattr(module, "build", None)):
@@ -95,8 +94,10 @@ def describe_value(value: Any, limit: int = 120) -> str:
         return text
     shape = getattr(value, "shape", None)
     size = len(value) if hasattr(value, "__len__") else None
-    details = f"shape {tuple(shape)}" if shape is not None else (
-        f"{size} items" if size is not None else f"{len(text)} chars as text"
+    details = (
+        f"shape {tuple(shape)}"
+        if shape is not None
+        else (f"{size} items" if size is not None else f"{len(text)} chars as text")
     )
     return f"<{type(value).__name__}, {details}>"
 
@@ -115,6 +116,9 @@ def _errors() -> Iterator[None]:
     except DagkubeError as exc:
         err.print(f"[red]error:[/] {exc}")
         sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted:[/] the run was cancelled and its workers stopped")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _planner_option(value: str) -> str:
@@ -153,23 +157,53 @@ def main() -> None:
 
 @main.command(epilog=FILE_CONVENTION)
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--planner", default="wukong", show_default=True,
-              callback=lambda _c, _p, v: _planner_option(v),
-              help=f"Planner: {', '.join(PLANNERS)}.")
-@click.option("--sla", default="avg", show_default=True,
-              callback=lambda _c, _p, v: _sla_option(v), help=f"SLA: {ACCEPTED_SLAS}.")
-@click.option("--classes", default=None, callback=lambda _c, _p, v: _classes_option(v),
-              help=f"Resource classes, comma-separated: {ACCEPTED_FORMS}. "
-                   "[default: 512Mi,1Gi,2Gi]")
-@click.option("--redis", "redis_url", envvar="DAGKUBE_REDIS_URL", default=None,
-              help="Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). "
-                   "[default: the embedded server; env: DAGKUBE_REDIS_URL]")
-@click.option("--max-workers", type=click.IntRange(min=1), default=None,
-              help="Cap on concurrent local worker processes. [default: number of cores, >= 2]")
-@click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-              help="Seconds an idle worker waits before it exits (the next start is cold).")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=None,
-              help="Give up (and cancel the run) after this many seconds.")
+@click.option(
+    "--planner",
+    default="wukong",
+    show_default=True,
+    callback=lambda _c, _p, v: _planner_option(v),
+    help=f"Planner: {', '.join(PLANNERS)}.",
+)
+@click.option(
+    "--sla",
+    default="avg",
+    show_default=True,
+    callback=lambda _c, _p, v: _sla_option(v),
+    help=f"SLA: {ACCEPTED_SLAS}.",
+)
+@click.option(
+    "--classes",
+    default=None,
+    callback=lambda _c, _p, v: _classes_option(v),
+    help=f"Resource classes, comma-separated: {ACCEPTED_FORMS}. [default: 512Mi,1Gi,2Gi]",
+)
+@click.option(
+    "--redis",
+    "redis_url",
+    envvar="DAGKUBE_REDIS_URL",
+    default=None,
+    help="Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). "
+    "[default: the embedded server; env: DAGKUBE_REDIS_URL]",
+)
+@click.option(
+    "--max-workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cap on concurrent local worker processes. [default: number of cores, >= 2]",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds an idle worker waits before it exits (the next start is cold).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Give up (and cancel the run) after this many seconds.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def run(
     file: str,
@@ -191,9 +225,11 @@ def run(
         wf = loaded.workflow
         chosen = wf.plan(planner, sla, classes)
         show_progress = not as_json and err.is_terminal
-        with LocalRuntime(redis_url, max_workers=max_workers, idle_timeout_s=idle_timeout) as rt:
-            with _progress(show_progress, len(wf.dag.tasks), wf.name) as on_progress:
-                result = rt.run(wf.dag, chosen, timeout_s=timeout, on_progress=on_progress)
+        with (
+            LocalRuntime(redis_url, max_workers=max_workers, idle_timeout_s=idle_timeout) as rt,
+            _progress(show_progress, len(wf.dag.tasks), wf.name) as on_progress,
+        ):
+            result = rt.run(wf.dag, chosen, timeout_s=timeout, on_progress=on_progress)
         record = result.record
         verified: bool | None = None
         verify_error = ""
@@ -286,18 +322,27 @@ def _print_summary(summary: dict, outputs: Any, failure: Any, verify_error: str)
     table.add_row("tasks", f"{summary['tasks_done']} done of {summary['tasks']}")
     table.add_row("makespan", f"{makespan:.3f} s" if makespan is not None else "-")
     lost = f", {summary['workers_lost']} lost" if summary["workers_lost"] else ""
-    table.add_row("workers", f"{summary['workers_cold']} cold, {summary['workers_warm']} warm{lost}")
+    table.add_row(
+        "workers", f"{summary['workers_cold']} cold, {summary['workers_warm']} warm{lost}"
+    )
     table.add_row("GB-seconds", f"{summary['gb_s']:.3f}")
-    table.add_row("CPU-seconds", f"{summary['cpu_s_used']:.3f} used of "
-                                 f"{summary['cpu_s_allocated']:.3f} allocated")
+    table.add_row(
+        "CPU-seconds",
+        f"{summary['cpu_s_used']:.3f} used of {summary['cpu_s_allocated']:.3f} allocated",
+    )
     out.print(table)
 
 
 @main.command()
 @click.option("--workflow", "workflow_name", default=None, help="Only runs of this workflow.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--redis", "redis_url", envvar="DAGKUBE_REDIS_URL", default=None,
-              help="Redis URL. [default: the embedded server; env: DAGKUBE_REDIS_URL]")
+@click.option(
+    "--redis",
+    "redis_url",
+    envvar="DAGKUBE_REDIS_URL",
+    default=None,
+    help="Redis URL. [default: the embedded server; env: DAGKUBE_REDIS_URL]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON on stdout.")
 def history(workflow_name: str | None, limit: int, redis_url: str | None, as_json: bool) -> None:
     """List past runs (most recent first) from the run history."""
@@ -313,8 +358,18 @@ def history(workflow_name: str | None, limit: int, redis_url: str | None, as_jso
             out.print(f"No runs{which} in the history yet.")
             return
         table = Table(title="Run history (most recent first)")
-        for column in ("run", "workflow", "planner", "SLA", "status", "tasks", "makespan",
-                       "cold/warm", "GB-s", "submitted"):
+        for column in (
+            "run",
+            "workflow",
+            "planner",
+            "SLA",
+            "status",
+            "tasks",
+            "makespan",
+            "cold/warm",
+            "GB-s",
+            "submitted",
+        ):
             table.add_column(column, justify="right" if column in {"tasks", "GB-s"} else "left")
         for r in runs:
             style = {"succeeded": "green", "failed": "red"}.get(r.status, "yellow")
@@ -352,4 +407,4 @@ def _with_redis(redis_url: str | None, action: Any) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="dagkube")

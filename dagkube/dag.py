@@ -105,8 +105,11 @@ def _rebuild(value: Any, item: Callable[[Any], Any]) -> Any:
 
 def _is_container(value: Any) -> bool:
     kind = type(value)
-    return kind is list or kind is dict or kind is tuple or (
-        isinstance(value, tuple) and hasattr(value, "_fields")
+    return (
+        kind is list
+        or kind is dict
+        or kind is tuple
+        or (isinstance(value, tuple) and hasattr(value, "_fields"))
     )
 
 
@@ -163,8 +166,7 @@ def _collect_outputs(outputs: Any) -> list[TaskNode]:
     for item in items:
         if not isinstance(item, TaskNode):
             raise InvalidWorkflow(
-                f"Workflow output {item!r} is not a task node: call a @task function "
-                "to get one"
+                f"Workflow output {item!r} is not a task node: call a @task function to get one"
             )
     return items
 

