@@ -656,6 +656,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     parent = os.environ.get("DAGKUBE_PARENT_PID")
     if parent:
         _die_with_parent(int(parent))
+    delay_s = float(os.environ.get("DAGKUBE_STARTUP_DELAY_S") or 0)
+    if delay_s > 0:  # emulate a Pod's start-up so local cold starts cost what they would there
+        time.sleep(delay_s)
     worker = Worker(config)
 
     def stop(*_: object) -> None:
