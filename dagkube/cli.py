@@ -31,8 +31,9 @@ from dagkube.workflow import Workflow
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REDIS, EXIT_INTERRUPTED = 1, 2, 3, 130
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Piped output is read by tools and tests: never wrap messages, and give tables room.
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 FILE_CONVENTION = """\
 FILE is a Python file that defines the workflow in one of two ways:
@@ -89,10 +90,14 @@ def load_workflow_file(path: str) -> LoadedWorkflow:
 
 def describe_value(value: Any, limit: int = 120) -> str:
     """A short description of an output: its repr when small, else its type and size."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and getattr(value, "size", 0) > 16:  # arrays: never a wall of digits
+        return (
+            f"<{type(value).__name__}, shape {tuple(shape)}, dtype {getattr(value, 'dtype', '?')}>"
+        )
     text = repr(value)
     if len(text) <= limit:
         return text
-    shape = getattr(value, "shape", None)
     size = len(value) if hasattr(value, "__len__") else None
     details = (
         f"shape {tuple(shape)}"

@@ -355,6 +355,8 @@ def build_dag(
         output_template: Any = Ref(ids[id(outputs)])
     elif isinstance(outputs, dict):
         output_template = {k: output_ref(v) for k, v in outputs.items()}
+    elif isinstance(outputs, tuple):
+        output_template = tuple(output_ref(v) for v in outputs)
     else:
         output_template = [output_ref(v) for v in outputs]
     output_ids = list(dict.fromkeys(ids[id(n)] for n in output_nodes))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from itertools import pairwise
 from typing import Any
 
 import dagkube
@@ -55,8 +56,8 @@ def make_text(word_count: int, seed: int) -> str:
 def split_sentences(text: str, parts: int) -> list[str]:
     """Cut the text into `parts` chunks at sentence boundaries, so no word or sentence is split."""
     sentences = re.split(r"(?<=[.!?]) ", text)
-    size = -(-len(sentences) // parts)  # ceiling division
-    return [" ".join(sentences[i : i + size]) for i in range(0, len(sentences), size)]
+    bounds = [len(sentences) * i // parts for i in range(parts + 1)]
+    return [" ".join(sentences[start:end]) for start, end in pairwise(bounds)]
 
 
 def text_stats(text: str) -> dict[str, Any]:

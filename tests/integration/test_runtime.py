@@ -95,6 +95,7 @@ def test_outputs_keep_their_shape_and_nested_arguments_flow(runtime):
     )
     assert wf.run(runtime=runtime) == {"sum": 20, "kinds": {"a": "int", "t": "tuple"}, "a": 3}
     assert dagkube.Workflow([a, b], name="it-list").run(runtime=runtime) == [3, 7]
+    assert dagkube.Workflow((a, b), name="it-tuple").run(runtime=runtime) == (3, 7)
 
 
 def test_large_constants_travel_once(runtime, redis_client):

@@ -90,6 +90,7 @@ def test_output_shapes():
     assert dagkube.Workflow(a).dag.output_template == Ref("add#0")
     assert dagkube.Workflow([a, b]).dag.output_template == [Ref("add#0"), Ref("add#1")]
     assert dagkube.Workflow({"k": b}).dag.output_template == {"k": Ref("add#0")}
+    assert dagkube.Workflow((a, b)).dag.output_template == (Ref("add#0"), Ref("add#1"))
 
 
 def test_function_code_is_stored_once_per_function():
