@@ -20,6 +20,7 @@ from dagkube.errors import RunTimeout, TaskFailed
 from dagkube.metrics.records import RunRecord
 from dagkube.planning.model import Plan
 from dagkube.runtime import scripts
+from dagkube.runtime.connection import BulkReader
 from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run
 
@@ -144,9 +145,9 @@ async def cancel(redis: Any, run_id: str, reason: str = "cancelled by the user")
     return bool(await script(args=[run_id, json.dumps({"message": reason})]))
 
 
-async def fetch_outputs(redis: Any, dag: DagSpec, run_id: str) -> Any:
+async def fetch_outputs(reader: BulkReader, dag: DagSpec, run_id: str) -> Any:
     """The run's outputs, in the shape the workflow's outputs were given."""
-    blobs = await redis.hmget(RunKeys(run_id).outputs, dag.output_ids)
+    (blobs,) = await reader.hmget_many([(RunKeys(run_id).outputs, dag.output_ids)])
     values = {}
     for task_id, blob in zip(dag.output_ids, blobs, strict=True):
         if blob is None:

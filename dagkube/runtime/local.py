@@ -21,7 +21,7 @@ from dagkube.errors import DagkubeError
 from dagkube.planning.model import Plan
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB
 from dagkube.runtime import launcher, scripts
-from dagkube.runtime.connection import connect
+from dagkube.runtime.connection import BulkReader, connect
 from dagkube.runtime.embedded import EmbeddedRedis, dagkube_home
 from dagkube.runtime.keys import PoolKeys, worker_proc
 from dagkube.runtime.local_backend import LocalBackend
@@ -74,6 +74,7 @@ class LocalRuntime:
         self._thread: threading.Thread | None = None
         self._scaler_task: concurrent.futures.Future | None = None
         self.redis: Any = None
+        self.reader: BulkReader | None = None
         self.backend: LocalBackend | None = None
         self.scaler: Scaler | None = None
         self._active_runs: set[str] = set()
@@ -109,6 +110,7 @@ class LocalRuntime:
             self.close()
             raise
         self.url = url
+        self.reader = BulkReader(url)
         self.backend = LocalBackend(
             url,
             self.pool,
@@ -144,6 +146,9 @@ class LocalRuntime:
                     with contextlib.suppress(Exception):
                         self.call(self._forget_pool())
                     self.call(self.redis.aclose())
+                if self.reader is not None:
+                    self.reader.close()
+                    self.reader = None
             finally:
                 loop.call_soon_threadsafe(loop.stop)
                 if self._thread is not None:
@@ -226,7 +231,8 @@ class LocalRuntime:
         record = self.call(launcher.fetch_run_record(self.redis, run_id))
         outputs = None
         if status == "succeeded":
-            outputs = self.call(launcher.fetch_outputs(self.redis, dag, run_id))
+            assert self.reader is not None
+            outputs = self.call(launcher.fetch_outputs(self.reader, dag, run_id))
         return launcher.RunResult(run_id=run_id, status=status, record=record, outputs=outputs)
 
     def worker_pids(self) -> dict[str, int]:

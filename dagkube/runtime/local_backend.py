@@ -82,6 +82,13 @@ class LocalBackend:
             "--idle-timeout",
             str(self.idle_timeout_s),
         ]
+        # Size native thread pools (BLAS, OpenMP) to the worker's CPU allocation, as a Pod's
+        # CPU limit would, unless the user chose otherwise.
+        threads = str(
+            max(1, int(cpu_for_memory(memory_mib, self.memory_per_cpu_mib, self.max_cpu)))
+        )
+        for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(variable, threads)
         if self.startup_delay_s > 0:
             env["DAGKUBE_STARTUP_DELAY_S"] = str(self.startup_delay_s)
         log_file = open(self.log_dir / f"{worker_id}.log", "ab")  # noqa: SIM115 (child owns it)

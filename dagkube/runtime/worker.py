@@ -33,7 +33,7 @@ from dagkube.dag import DagSpec, TaskSpec, resolve
 from dagkube.metrics.records import TaskError, TaskRecord, WorkerRecord
 from dagkube.planning.model import Plan
 from dagkube.runtime import scripts
-from dagkube.runtime.connection import connect
+from dagkube.runtime.connection import BulkReader, connect
 from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc
 
@@ -143,12 +143,14 @@ class Worker:
         self.runs: OrderedDict[str, RunState] = OrderedDict()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagkube-task")
         self.redis: Any = None
+        self.reader: Any = None
         self.stopping = False
         self._scripts: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- lifecycle
     async def main(self) -> None:
         self.redis = await connect(self.config.redis_url)
+        self.reader = BulkReader(self.config.redis_url)
         for name in ("COMPLETE", "FAIL", "FINISH"):
             self._scripts[name] = self.redis.register_script(getattr(scripts, name))
         heartbeat = asyncio.create_task(self._heartbeat())
@@ -172,6 +174,7 @@ class Worker:
                     pipe.ltrim(self.pool.wake, 0, 0)
                     await pipe.execute()
             await self.redis.aclose()
+            self.reader.close()
             self.executor.shutdown(wait=False)
 
     async def _heartbeat(self) -> None:
@@ -395,12 +398,12 @@ class Worker:
         nbytes = 0
         if missing or wanted_consts:
             started = time.perf_counter()
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if missing:
-                    pipe.hmget(keys.outputs, missing)
-                if wanted_consts:
-                    pipe.hmget(keys.constants, wanted_consts)
-                replies = await pipe.execute()
+            requests = []
+            if missing:
+                requests.append((keys.outputs, missing))
+            if wanted_consts:
+                requests.append((keys.constants, wanted_consts))
+            replies = await self.reader.hmget_many(requests)
             download_s = time.perf_counter() - started
             if missing:
                 for dep, blob in zip(missing, replies[0], strict=True):
@@ -435,7 +438,7 @@ class Worker:
             )
             frontier = []
             if parents:
-                blobs = await self.redis.hmget(keys.outputs, parents)
+                (blobs,) = await self.reader.hmget_many([(keys.outputs, parents)])
                 for parent, blob in zip(parents, blobs, strict=True):
                     if blob is None:
                         frontier.append(parent)
