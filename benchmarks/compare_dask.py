@@ -141,17 +141,6 @@ class Workload:
     work_s: float = 0.0
 
 
-def pairwise(leaves: Sequence[Any], combine: Callable[[Any, Any], Any]) -> Any:
-    """Combine neighbours level by level (an odd one out moves up): n - 1 combine calls."""
-    level = list(leaves)
-    while len(level) > 1:
-        paired = [combine(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            paired.append(level[-1])
-        level = paired
-    return level[0]
-
-
 def expect_equal(expected: Any) -> Callable[[Any], None]:
     def check(result: Any) -> None:
         assert result == expected, f"wrong result: got {result!r}, expected {expected!r}"
@@ -194,10 +183,10 @@ def tree_workload(leaves: int) -> Workload:
     values = [rng.randint(1, 1_000) for _ in range(leaves)]
 
     def build_dagkube() -> dagkube.Workflow:
-        return dagkube.Workflow(pairwise(values, dagkube.task(add)), "tree")
+        return dagkube.Workflow(dagkube.reduce_tree(values, dagkube.task(add)), "tree")
 
     def build_dask() -> Delayed:
-        return pairwise(values, delayed(add))
+        return dagkube.reduce_tree(values, delayed(add))
 
     return Workload(
         name=f"tree-{leaves}",

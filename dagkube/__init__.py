@@ -18,7 +18,7 @@ from dagkube.errors import (
     RunTimeout,
     TaskFailed,
 )
-from dagkube.sdk import TaskNode, task
+from dagkube.sdk import TaskNode, reduce_tree, task
 from dagkube.workflow import Workflow
 
 __version__ = "0.1.0"
@@ -33,6 +33,7 @@ __all__ = [
     "TaskFailed",
     "TaskNode",
     "Workflow",
+    "reduce_tree",
     "task",
 ]
 

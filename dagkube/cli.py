@@ -126,27 +126,18 @@ def _errors() -> Iterator[None]:
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _planner_option(value: str) -> str:
-    try:
-        return check_planner(value)
-    except InvalidOption as exc:
-        raise click.BadParameter(str(exc)) from None
+def _validated(parse: Any) -> Any:
+    """A click callback that parses a value, turning InvalidOption into a usage error."""
 
+    def callback(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except InvalidOption as exc:
+            raise click.BadParameter(str(exc)) from None
 
-def _sla_option(value: str) -> str:
-    try:
-        return parse_sla(value)
-    except InvalidOption as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _classes_option(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return parse_classes(value)
-    except InvalidOption as exc:
-        raise click.BadParameter(str(exc)) from None
+    return callback
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -166,20 +157,20 @@ def main() -> None:
     "--planner",
     default="wukong",
     show_default=True,
-    callback=lambda _c, _p, v: _planner_option(v),
+    callback=_validated(check_planner),
     help=f"Planner: {', '.join(PLANNERS)}.",
 )
 @click.option(
     "--sla",
     default="avg",
     show_default=True,
-    callback=lambda _c, _p, v: _sla_option(v),
+    callback=_validated(parse_sla),
     help=f"SLA: {ACCEPTED_SLAS}.",
 )
 @click.option(
     "--classes",
     default=None,
-    callback=lambda _c, _p, v: _classes_option(v),
+    callback=_validated(parse_classes),
     help=f"Resource classes, comma-separated: {ACCEPTED_FORMS}. [default: 512Mi,1Gi,2Gi]",
 )
 @click.option(

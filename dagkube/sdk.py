@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -112,3 +112,21 @@ def task(
         return TaskFunction(function, TaskOptions(display, retries, min_memory_mib))
 
     return wrap(fn) if fn is not None else wrap
+
+
+def reduce_tree(items: Sequence[Any], combine: Callable[[Any, Any], Any]) -> Any:
+    """Combine neighbours level by level until one item is left; returns it.
+
+    ``items`` may be plain values or task nodes and ``combine`` a task (or any two-argument
+    callable): with a task this builds a tree-shaped reduction DAG. An odd item out is carried
+    up a level unchanged, so n items take exactly n - 1 combines in ceil(log2 n) levels.
+    """
+    level = list(items)
+    if not level:
+        raise InvalidWorkflow("reduce_tree() needs at least one item")
+    while len(level) > 1:
+        paired = [combine(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            paired.append(level[-1])
+        level = paired
+    return level[0]

@@ -322,14 +322,10 @@ class Worker:
         first: float | None = None
         current: str | None = invocation.roots[0] if invocation.roots else None
         while current is not None:
-            outcome = await self._execute(state, current, None)
-            first = first or outcome.record.started_at
+            reply, started_at = await self._step(state, current, None, amendments)
+            first = first or started_at
             served += 1
-            if not outcome.ok:
-                await self._fail(state, outcome)
-                break
-            reply = await self._complete(state, outcome, None, amendments)
-            if reply[0] != b"running":
+            if reply is None:
                 break
             current = reply[1].decode() or None
         return served, first
@@ -372,20 +368,29 @@ class Worker:
             current = ready.popleft()
             if current not in remaining:
                 continue
-            outcome = await self._execute(state, current, me)
-            first = first or outcome.record.started_at
+            reply, started_at = await self._step(state, current, me, amendments)
+            first = first or started_at
             served += 1
-            if not outcome.ok:
-                await self._fail(state, outcome)
-                break
-            reply = await self._complete(state, outcome, me, amendments)
             remaining.discard(current)
-            if reply[0] != b"running":
+            if reply is None:
                 break
             ready.extend(r.decode() for r in reply[3:])
         return served, first
 
     # ----------------------------------------------------------------- tasks
+    async def _step(
+        self, state: RunState, task_id: str, me: str | None, amendments: list[str]
+    ) -> tuple[list[bytes] | None, float]:
+        """Execute one task, then fail the run or complete the task. Returns the COMPLETE
+        reply, or None when this invocation must stop (the task failed or the run ended),
+        and the task's start time."""
+        outcome = await self._execute(state, task_id, me)
+        if not outcome.ok:
+            await self._fail(state, outcome)
+            return None, outcome.record.started_at
+        reply = await self._complete(state, outcome, me, amendments)
+        return (reply if reply[0] == b"running" else None), outcome.record.started_at
+
     async def _gather(
         self, state: RunState, spec: TaskSpec
     ) -> tuple[dict[str, bytes], list[str], float, int]:

@@ -71,10 +71,7 @@ def lock_output(x):
 
 
 def tree(values):
-    level = list(values)
-    while len(level) > 1:
-        level = [add(level[i], level[i + 1]) for i in range(0, len(level), 2)]
-    return level[0]
+    return dagkube.reduce_tree(list(values), add)
 
 
 def test_tree_reduction_result_and_record(runtime):

@@ -29,10 +29,16 @@ def pick(mapping, key="x"):
 
 
 def tree(n: int):
-    level = [add(i, 1) for i in range(n)]
-    while len(level) > 1:
-        level = [add(level[i], level[i + 1]) for i in range(0, len(level), 2)]
-    return level[0]
+    return dagkube.reduce_tree([add(i, 1) for i in range(n)], add)
+
+
+def test_reduce_tree_takes_n_minus_one_combines_in_log_levels():
+    assert dagkube.reduce_tree([1, 2, 3, 4, 5], lambda a, b: a + b) == 15
+    assert dagkube.reduce_tree(["x"], lambda a, b: a + b) == "x"
+    wf = dagkube.Workflow(dagkube.reduce_tree(list(range(7)), add), name="odd")
+    assert len(wf.dag.tasks) == 6
+    with pytest.raises(InvalidWorkflow, match="at least one item"):
+        dagkube.reduce_tree([], add)
 
 
 def test_ids_are_stable_and_topological():
