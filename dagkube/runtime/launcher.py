@@ -156,6 +156,13 @@ async def fetch_outputs(reader: BulkReader, dag: DagSpec, run_id: str) -> Any:
     return resolve(dag.output_template, values, {})
 
 
+async def drop_data(redis: Any, run_id: str) -> None:
+    """Free a finished run's intermediate data (outputs, constants) once its only consumer has
+    its outputs; the history is kept. UNLINK frees memory off Redis' main thread."""
+    keys = RunKeys(run_id)
+    await redis.unlink(keys.outputs, keys.constants, keys.dag)
+
+
 async def fetch_run_record(redis: Any, run_id: str) -> RunRecord:
     fields = await redis.hgetall(hist_run(run_id, "meta"))
     if not fields:

@@ -233,6 +233,8 @@ class LocalRuntime:
         if status == "succeeded":
             assert self.reader is not None
             outputs = self.call(launcher.fetch_outputs(self.reader, dag, run_id))
+        # This caller is the run's only consumer: its data need not wait for the TTL.
+        self.call(launcher.drop_data(self.redis, run_id))
         return launcher.RunResult(run_id=run_id, status=status, record=record, outputs=outputs)
 
     def worker_pids(self) -> dict[str, int]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dagkube
-from dagkube.runtime.keys import RunKeys
+from dagkube.runtime.keys import RunKeys, hist_run
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
@@ -95,14 +95,18 @@ def test_outputs_keep_their_shape_and_nested_arguments_flow(runtime):
     assert dagkube.Workflow((a, b), name="it-tuple").run(runtime=runtime) == (3, 7)
 
 
-def test_large_constants_travel_once(runtime, redis_client):
+def test_large_constants_travel_once_and_run_data_is_freed(runtime, redis_client):
     matrix = np.arange(200_000, dtype=np.float64).reshape(400, 500)
     wf = dagkube.Workflow(
         [matrix_sum(matrix), matrix_sum(matrix)], name="it-const", inline_budget_bytes=4096
     )
+    assert len(wf.dag.constants) == 1
     assert wf.run(runtime=runtime) == [float(matrix.sum())] * 2
-    keys = RunKeys(wf.last_run.run_id)
-    assert redis_client.hlen(keys.constants) == 1
+    run_id = wf.last_run.run_id
+    keys = RunKeys(run_id)
+    # The caller has its outputs: intermediate data is freed at once, the history stays.
+    assert not redis_client.exists(keys.constants, keys.outputs, keys.dag)
+    assert redis_client.exists(hist_run(run_id, "meta"), hist_run(run_id, "tasks"))
 
 
 def test_warm_workers_are_reused_then_idle_ones_exit(make_runtime):
@@ -138,7 +142,6 @@ def test_retries_rerun_a_failing_task(runtime, tmp_path, redis_client):
     wf = dagkube.Workflow(flaky(str(counter), 2), name="it-retry")
     assert wf.run(runtime=runtime) == 3
     from dagkube.metrics.records import TaskRecord
-    from dagkube.runtime.keys import hist_run
 
     raw = redis_client.hget(hist_run(wf.last_run.run_id, "tasks"), "flaky#0")
     assert TaskRecord.model_validate_json(raw).retries == 2
@@ -245,7 +248,6 @@ def test_finished_run_keys_expire_and_closing_mid_run_cancels(make_runtime, redi
     thread.join(30)
     assert not thread.is_alive()
     from dagkube.metrics.records import RunRecord
-    from dagkube.runtime.keys import hist_run
 
     meta = redis_client.hgetall(hist_run(run_id, "meta"))
     record = RunRecord.from_hash({k.decode(): v.decode() for k, v in meta.items()})
