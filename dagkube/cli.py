@@ -219,12 +219,12 @@ def run(
     with _errors():
         loaded = load_workflow_file(file)
         wf = loaded.workflow
-        chosen = wf.plan(planner, sla, classes)
         show_progress = not as_json and err.is_terminal
         with (
             LocalRuntime(redis_url, max_workers=max_workers, idle_timeout_s=idle_timeout) as rt,
             _progress(show_progress, len(wf.dag.tasks), wf.name) as on_progress,
         ):
+            chosen = rt.plan(wf.dag, planner, sla, classes)
             result = rt.run(wf.dag, chosen, timeout_s=timeout, on_progress=on_progress)
         record = result.record
         verified: bool | None = None

@@ -7,8 +7,8 @@ from typing import Any
 
 from dagkube.dag import DEFAULT_INLINE_BUDGET_BYTES, DagSpec, build_dag
 from dagkube.errors import TaskFailed
-from dagkube.planning import Plan, plan
-from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_classes
+from dagkube.planning import Plan, PlanningOptions, plan
+from dagkube.resources import parse_classes
 
 
 class Workflow:
@@ -47,18 +47,16 @@ class Workflow:
         sla: str = "avg",
         classes: Any = None,
         *,
-        memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB,
-        max_cpu: float = DEFAULT_MAX_CPU,
+        runtime: Any = None,
     ) -> Plan:
-        """The Plan the named planner makes for this workflow, without running it."""
-        return plan(
-            self.dag,
-            planner=planner,
-            sla=sla,
-            classes_mib=parse_classes(classes),
-            memory_per_cpu_mib=memory_per_cpu_mib,
-            max_cpu=max_cpu,
-        )
+        """The Plan the named planner makes for this workflow, without running it.
+
+        With a ``runtime``, the planner learns from that runtime's run history and sees its
+        warm workers; without one, it plans from documented defaults (no history).
+        """
+        if runtime is not None:
+            return runtime.plan(self.dag, planner, sla, classes)
+        return plan(self.dag, planner, PlanningOptions(classes_mib=parse_classes(classes), sla=sla))
 
     def run(
         self,
@@ -70,7 +68,8 @@ class Workflow:
         timeout_s: float | None = None,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> Any:
-        """Plan and run; returns the outputs in the shape given, or raises :class:`TaskFailed`.
+        """Plan (from the runtime's history) and run; returns the outputs in the shape given,
+        or raises :class:`TaskFailed`.
 
         ``runtime``: a started :class:`dagkube.LocalRuntime` to reuse (warm workers, one Redis);
         without one, a LocalRuntime is opened for this run and closed after it.
@@ -79,14 +78,8 @@ class Workflow:
 
         owned = runtime is None
         rt = LocalRuntime() if owned else runtime
-        chosen = self.plan(
-            planner,
-            sla,
-            classes,
-            memory_per_cpu_mib=rt.memory_per_cpu_mib,
-            max_cpu=rt.max_cpu,
-        )
         try:
+            chosen = rt.plan(self.dag, planner, sla, classes)
             result = rt.run(self.dag, chosen, timeout_s=timeout_s, on_progress=on_progress)
         finally:
             if owned:

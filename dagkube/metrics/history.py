@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dagkube.metrics.records import RunRecord, TaskRecord, WorkerRecord
+from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
 from dagkube.runtime.keys import (
     HIST_ALL_RUNS,
     HIST_STRUCTURES,
@@ -87,3 +88,48 @@ async def read_run(redis: Any, run_id: str) -> RunHistory | None:
 async def structures(redis: Any) -> dict[str, str]:
     """Structure hash -> workflow name, for every structure with history."""
     return _decode(await redis.hgetall(HIST_STRUCTURES))
+
+
+SNAPSHOT_RUNS = 20
+
+
+async def load_snapshot(
+    redis: Any, structure_hash: str, *, runs: int = SNAPSHOT_RUNS
+) -> HistorySnapshot:
+    """The samples planners learn from: task and worker records of the last ``runs``
+    successful runs of this structure (failed runs' timings would mislead predictions)."""
+    ids = await run_ids(redis, structure_hash=structure_hash, limit=runs * 2)
+    async with redis.pipeline(transaction=False) as pipe:
+        for run_id in ids:
+            pipe.hget(hist_run(run_id, "meta"), "status")
+            pipe.hvals(hist_run(run_id, "tasks"))
+            pipe.hvals(hist_run(run_id, "workers"))
+        replies = await pipe.execute()
+    snapshot = HistorySnapshot(structure_hash=structure_hash)
+    for index in range(len(ids)):
+        status, tasks, workers = replies[3 * index : 3 * index + 3]
+        if status != b"succeeded" or snapshot.runs >= runs:
+            continue
+        snapshot.runs += 1
+        for raw in tasks:
+            task = TaskRecord.model_validate_json(raw)
+            snapshot.tasks.append(
+                TaskSample(
+                    function=task.function,
+                    memory_mib=task.memory_mib,
+                    input_bytes=task.input_bytes,
+                    output_bytes=task.output_bytes,
+                    exec_s=task.ended_at - task.started_at,
+                    download_bytes=task.download_bytes,
+                    download_s=task.download_s,
+                    upload_bytes=task.output_bytes if task.output_stored else 0,
+                    upload_s=task.upload_s,
+                )
+            )
+        for raw in workers:
+            worker = WorkerRecord.model_validate_json(raw)
+            if worker.outcome == "finished" and worker.startup_s is not None and not worker.resumed:
+                snapshot.startups.append(
+                    StartupSample(worker.memory_mib, worker.cold, worker.startup_s)
+                )
+    return snapshot

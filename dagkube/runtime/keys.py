@@ -92,6 +92,10 @@ class PoolKeys:
         return f"{self.prefix}:workers"
 
     @property
+    def waiting(self) -> str:  # set of bound workers blocked on their inbox (no CPU used)
+        return f"{self.prefix}:waiting"
+
+    @property
     def wake(self) -> str:  # list the scaler blocks on
         return f"{self.prefix}:wake"
 

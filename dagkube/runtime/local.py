@@ -16,10 +16,14 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dagkube import planning
 from dagkube.dag import DagSpec
 from dagkube.errors import DagkubeError
+from dagkube.metrics.history import load_snapshot
+from dagkube.planning import PlanningOptions
 from dagkube.planning.model import Plan
-from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB
+from dagkube.planning.planners import DEFAULT_CLUSTER_SIZE
+from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_classes
 from dagkube.runtime import launcher, scripts
 from dagkube.runtime.connection import BulkReader, connect
 from dagkube.runtime.embedded import EmbeddedRedis, dagkube_home
@@ -168,7 +172,7 @@ class LocalRuntime:
     async def _forget_pool(self) -> None:
         keys = PoolKeys(self.pool)
         classes = [int(c) for c in await self.redis.smembers(keys.classes)]
-        names = [keys.classes, keys.workers, keys.wake]
+        names = [keys.classes, keys.workers, keys.wake, keys.waiting]
         if self.backend is not None:
             names += [worker_proc(wid) for wid in self.backend.spawned_ids]
         for memory in classes:
@@ -236,6 +240,40 @@ class LocalRuntime:
         # This caller is the run's only consumer: its data need not wait for the TTL.
         self.call(launcher.drop_data(self.redis, run_id))
         return launcher.RunResult(run_id=run_id, status=status, record=record, outputs=outputs)
+
+    def plan(
+        self,
+        dag: DagSpec,
+        planner: str = "wukong",
+        sla: str = "avg",
+        classes: Any = None,
+        *,
+        cluster_size: int = DEFAULT_CLUSTER_SIZE,
+    ) -> Plan:
+        """Plan with this runtime's history, its warm workers, worker cap and timeouts."""
+        self.start()
+        options = PlanningOptions(
+            classes_mib=parse_classes(classes),
+            sla=sla,
+            history=self.call(load_snapshot(self.redis, dag.structure_hash)),
+            memory_per_cpu_mib=self.memory_per_cpu_mib,
+            max_cpu=self.max_cpu,
+            max_workers=self.backend.max_workers if self.backend else self.max_workers,
+            idle_timeout_s=self.idle_timeout_s,
+            warm_pool=self.call(self._idle_workers()),
+            startup_delay_s=self.startup_delay_s,
+            cluster_size=cluster_size,
+        )
+        return planning.plan(dag, planner, options)
+
+    async def _idle_workers(self) -> dict[int, int]:
+        keys = PoolKeys(self.pool)
+        classes = sorted(int(c) for c in await self.redis.smembers(keys.classes))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for memory in classes:
+                pipe.scard(keys.idle(memory))
+            counts = await pipe.execute()
+        return {m: n for m, n in zip(classes, counts, strict=True) if n}
 
     def worker_pids(self) -> dict[str, int]:
         """Worker processes alive now (tests kill one to check recovery)."""

@@ -1,6 +1,7 @@
 """The scaler: turns queued invocations into workers through a Backend, never over-creating.
 
-Demand per class = queued invocations - idle workers - workers still starting. The same scaler
+Demand per class = queued invocations - idle workers - workers still starting; the cap counts
+workers that are not blocked waiting for inputs. The same scaler
 runs inside ``dagkube run`` (LocalBackend) and inside the operator (KubernetesBackend). It also
 re-queues the held work of workers that died (process exit seen by the backend, or heartbeat
 expired) and, at the worker cap, retires an idle worker of another class to make room.
@@ -151,7 +152,12 @@ class Scaler:
             counts = await pipe.execute()
         alive = self.backend.alive()
         registered = {w.decode() for w in await self.redis.hkeys(self.keys.workers)}
-        total = len(alive)
+        # Bound workers blocked on their inbox use no CPU: they do not count against the cap.
+        waiting = len(
+            {w.decode() for w in await self.redis.smembers(self.keys.waiting)}
+            & {h.worker_id for h in alive}
+        )
+        total = len(alive) - waiting
         for index, memory in enumerate(classes):
             queued, idle = counts[2 * index], counts[2 * index + 1]
             starting = sum(

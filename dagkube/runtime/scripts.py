@@ -249,6 +249,7 @@ end
 redis.call('DEL', proc, 'dk:w:' .. wid .. ':hb')
 redis.call('HDEL', pool .. ':workers', wid)
 redis.call('SREM', pool .. ':idle:' .. mem, wid)
+redis.call('SREM', pool .. ':waiting', wid)
 if #items > 0 then wake(pool) end
 return #items
 """

@@ -74,6 +74,7 @@ class RunState:
     history_cap: int
     task_index: dict[str, int]
     values: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # serialized sizes of held values
     constants: dict[str, Any] = field(default_factory=dict)
     functions: dict[str, Any] = field(default_factory=dict)
     _downstream_args: dict[str, list[str | int]] = field(default_factory=dict)
@@ -169,6 +170,7 @@ class Worker:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.hdel(self.pool.workers, self.config.worker_id)
                     pipe.srem(self.pool.idle(self.config.memory_mib), self.config.worker_id)
+                    pipe.srem(self.pool.waiting, self.config.worker_id)
                     pipe.delete(worker_heartbeat(self.config.worker_id))
                     pipe.lpush(self.pool.wake, "1")
                     pipe.ltrim(self.pool.wake, 0, 0)
@@ -354,7 +356,7 @@ class Worker:
         first: float | None = None
         while remaining:
             if not ready:
-                item = await self.redis.blpop(keys.inbox(me), timeout=self.config.heartbeat_ttl_s)
+                item = await self._wait_inbox(keys.inbox(me))
                 if item is None:
                     status = await self.redis.hget(keys.meta, "status")
                     if status != b"running":
@@ -376,6 +378,23 @@ class Worker:
                 break
             ready.extend(r.decode() for r in reply[3:])
         return served, first
+
+    async def _wait_inbox(self, inbox: str) -> Any:
+        """Block on a bound worker's inbox. While blocked it uses no CPU, so it is listed as
+        waiting: the scaler does not count it against the worker cap (else bound workers
+        waiting for each other's inputs could hold every slot)."""
+        item = await self.redis.lpop(inbox)
+        if item is not None:
+            return (inbox, item)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sadd(self.pool.waiting, self.config.worker_id)
+            pipe.lpush(self.pool.wake, "1")
+            pipe.ltrim(self.pool.wake, 0, 0)
+            await pipe.execute()
+        try:
+            return await self.redis.blpop(inbox, timeout=self.config.heartbeat_ttl_s)
+        finally:
+            await self.redis.srem(self.pool.waiting, self.config.worker_id)
 
     # ----------------------------------------------------------------- tasks
     async def _step(
@@ -465,6 +484,7 @@ class Worker:
                 spec = state.dag.tasks[task_id]
                 args, kwargs = resolve(pickle.loads(spec.args_blob), state.values, state.constants)
                 state.values[task_id] = state.function(spec.fn_key)(*args, **kwargs)
+                state.sizes[task_id] = len(serialize(state.values[task_id]))
 
         await loop.run_in_executor(self.executor, rerun)
         return order
@@ -475,10 +495,7 @@ class Worker:
         raw, recomputed, download_s, download_bytes = await self._gather(state, spec)
         store = state.must_store(task_id, me)
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.executor, _run_in_thread, state, spec, raw, store)
-        value_bytes, input_bytes, inputs_ready_at, started_at, ended_at, cpu_s, attempts, error = (
-            result
-        )
+        done = await loop.run_in_executor(self.executor, _run_in_thread, state, spec, raw, store)
         record = TaskRecord(
             run_id=state.run_id,
             task_id=task_id,
@@ -487,21 +504,21 @@ class Worker:
             logical_worker=me,
             memory_mib=self.config.memory_mib,
             ready_at=ready_at,
-            inputs_ready_at=inputs_ready_at,
-            started_at=started_at,
-            ended_at=ended_at,
-            input_bytes=input_bytes,
-            input_wait_s=inputs_ready_at - ready_at,
+            inputs_ready_at=done.inputs_ready_at,
+            started_at=done.started_at,
+            ended_at=done.ended_at,
+            input_bytes=done.input_bytes,
+            input_wait_s=done.inputs_ready_at - ready_at,
             download_s=download_s,
             download_bytes=download_bytes,
-            output_bytes=len(value_bytes) if value_bytes is not None else 0,
-            output_stored=store and error is None,
-            cpu_s=cpu_s,
-            retries=attempts - 1,
+            output_bytes=done.output_bytes,
+            output_stored=store and done.error is None,
+            cpu_s=done.cpu_s,
+            retries=done.attempts - 1,
             recomputed=recomputed,
-            error=error,
+            error=done.error,
         )
-        return Outcome(ok=error is None, record=record, output=value_bytes)
+        return Outcome(ok=done.error is None, record=record, output=done.output)
 
     async def _complete(
         self, state: RunState, outcome: Outcome, me: str | None, amendments: list[str]
@@ -560,19 +577,42 @@ def _process_cpu_s() -> float:
     return times.user + times.system
 
 
+@dataclass
+class _Execution:
+    """What the task thread hands back to the event loop."""
+
+    output: bytes | None  # serialized output, when it must be uploaded
+    output_bytes: int
+    input_bytes: int
+    inputs_ready_at: float
+    started_at: float
+    ended_at: float
+    cpu_s: float
+    attempts: int
+    error: TaskError | None
+
+
 def _run_in_thread(
     state: RunState, spec: TaskSpec, raw: dict[str, bytes], store: bool
-) -> tuple[bytes | None, int, float, float, float, float, int, TaskError | None]:
+) -> _Execution:
     """Deserialize inputs, run the function (with retries), serialize the output.
 
-    Runs on the task thread so the event loop keeps heartbeating and downloading.
+    Runs on the task thread so the event loop keeps heartbeating and downloading. The output
+    is always serialized, so its size is known (the planner's input-size feature), and
+    returned for upload only when ``store``.
     """
-    input_bytes = sum(len(b) for b in raw.values())
     for key, blob in raw.items():
         if key.startswith("const:"):
             state.constants[key[6:]] = pickle.loads(blob)
+            state.sizes[key] = len(blob)
         else:
             state.values[key] = pickle.loads(blob)
+            state.sizes[key] = len(blob)
+    input_bytes = (
+        len(spec.args_blob)
+        + sum(state.sizes.get(d, 0) for d in spec.deps)
+        + sum(state.sizes.get("const:" + k, 0) for k in spec.const_keys)
+    )
     inputs_ready_at = time.time()
     attempts = 0
     error: TaskError | None = None
@@ -596,20 +636,29 @@ def _run_in_thread(
                 break
     ended_at = time.time()
     cpu_s = time.thread_time() - cpu_start
-    if error is not None:
-        return None, input_bytes, inputs_ready_at, started_at, ended_at, cpu_s, attempts, error
-    state.values[spec.id] = value
-    value_bytes: bytes | None = None
-    if store:
+    serialized: bytes | None = None
+    if error is None:
+        state.values[spec.id] = value
         try:
-            value_bytes = serialize(value)
+            serialized = serialize(value)
+            state.sizes[spec.id] = len(serialized)
         except Exception as exc:
             error = TaskError(
                 exc_type=type(exc).__qualname__,
                 message=f"the output of {spec.id} cannot be serialized: {exc}",
                 traceback="".join(traceback.format_exception(exc)),
             )
-    return value_bytes, input_bytes, inputs_ready_at, started_at, ended_at, cpu_s, attempts, error
+    return _Execution(
+        output=serialized if store else None,
+        output_bytes=len(serialized) if serialized is not None else 0,
+        input_bytes=input_bytes,
+        inputs_ready_at=inputs_ready_at,
+        started_at=started_at,
+        ended_at=ended_at,
+        cpu_s=cpu_s,
+        attempts=attempts,
+        error=error,
+    )
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -71,7 +71,7 @@ def test_failing_task_exits_non_zero_with_remote_traceback(redis_server):
     [
         (["--classes", "512MB"], "Resource class '512MB' is not a memory size"),
         (["--classes", "-1Gi"], "Resource class '-1Gi' is not a memory size"),
-        (["--planner", "fastest"], "Planner 'fastest' is unknown: choose one of wukong"),
+        (["--planner", "fastest"], "Planner 'fastest' is unknown: choose one of wukong, uniform"),
         (["--sla", "p100"], "SLA 'p100' is not valid: use 'avg', or a percentile"),
         (["--frobnicate"], "No such option"),
     ],

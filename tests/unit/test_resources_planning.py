@@ -6,7 +6,7 @@ import pytest
 
 import dagkube
 from dagkube.errors import InvalidOption
-from dagkube.planning import plan
+from dagkube.planning import PlanningOptions, plan
 from dagkube.planning.sla import parse_sla, sla_percentile
 from dagkube.resources import cpu_millicores, format_memory, parse_classes, parse_memory
 
@@ -82,21 +82,22 @@ def heavy(x):
 
 def test_wukong_plan_is_flexible_single_class():
     wf = dagkube.Workflow(inc(inc(1)), name="w")
-    p = plan(wf.dag, "wukong", "p95", [512, 1024, 2048, 4096])
+    p = plan(wf.dag, "wukong", PlanningOptions([512, 1024, 2048, 4096], sla="p95"))
     assert p.planner == "wukong" and p.sla == "p95"
     assert {t.memory_mib for t in p.tasks.values()} == {1024}
     assert all(t.worker_id is None for t in p.tasks.values())
     assert p.notes and "flexible" in p.notes[0]
-    assert p.predicted_makespan_s is None and p.history_samples == 0
+    assert p.history_samples == 0
+    assert any("no history" in note for note in p.notes)
 
 
 def test_min_memory_hint_raises_the_class():
     wf = dagkube.Workflow(heavy(inc(1)), name="w")
-    p = plan(wf.dag, "wukong", "avg", [512, 1024, 2048])
+    p = plan(wf.dag, "wukong", PlanningOptions([512, 1024, 2048]))
     assert p.classes_used() == [2048]
 
 
 def test_unknown_planner_lists_the_accepted_ones():
     wf = dagkube.Workflow(inc(1))
-    with pytest.raises(InvalidOption, match="Planner 'magic' is unknown: choose one of wukong"):
+    with pytest.raises(InvalidOption, match="Planner 'magic' is unknown: choose one of wukong, uniform, non-uniform"):
         wf.plan("magic")

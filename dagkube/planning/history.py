@@ -1,0 +1,47 @@
+"""What planners learn from: a plain-data snapshot of earlier runs of one workflow structure.
+
+Planners never read Redis; :func:`dagkube.metrics.history.load_snapshot` builds this from the
+run history and the planner receives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSample:
+    """One task execution as it was measured."""
+
+    function: str
+    memory_mib: int
+    input_bytes: int
+    output_bytes: int
+    exec_s: float
+    download_bytes: int = 0
+    download_s: float = 0.0
+    upload_bytes: int = 0
+    upload_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StartupSample:
+    """One worker start: queued -> first task started."""
+
+    memory_mib: int
+    cold: bool
+    startup_s: float
+
+
+@dataclass
+class HistorySnapshot:
+    """Samples from the last runs of one structure hash (most recent runs first)."""
+
+    structure_hash: str = ""
+    runs: int = 0
+    tasks: list[TaskSample] = field(default_factory=list)
+    startups: list[StartupSample] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.tasks

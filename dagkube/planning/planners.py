@@ -1,0 +1,320 @@
+"""The planners: ``wukong``, ``uniform`` and ``non-uniform`` (DESIGN "Planners").
+
+Every planner returns a validated :class:`Plan` carrying the timing model's predictions
+(start/end per task, critical path, makespan, GB-seconds) and how much history backed them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from dataclasses import dataclass, field
+
+from dagkube.dag import DagSpec
+from dagkube.errors import InvalidOption
+from dagkube.planning.history import HistorySnapshot
+from dagkube.planning.model import Plan, TaskPlan
+from dagkube.planning.predictions import Predictor
+from dagkube.planning.timing import Timing, estimate, simulate
+from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB
+
+DEFAULT_CLUSTER_SIZE = 4
+MAKESPAN_TOLERANCE = 0.005  # non-uniform: a downgrade may not grow the makespan beyond this
+
+
+@dataclass
+class PlanningOptions:
+    """Everything a planner may use besides the DAG."""
+
+    classes_mib: list[int]
+    sla: str = "avg"
+    history: HistorySnapshot = field(default_factory=HistorySnapshot)
+    memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB
+    max_cpu: float = DEFAULT_MAX_CPU
+    max_workers: int | None = None  # local worker cap; None on Kubernetes
+    idle_timeout_s: float = 30.0
+    warm_pool: dict[int, int] = field(default_factory=dict)  # idle workers per class now
+    startup_delay_s: float = 0.0
+    cluster_size: int = DEFAULT_CLUSTER_SIZE
+
+    def predictor(self) -> Predictor:
+        return Predictor(
+            self.history,
+            self.sla,
+            self.memory_per_cpu_mib,
+            self.max_cpu,
+            startup_delay_s=self.startup_delay_s,
+        )
+
+
+def default_class(classes_mib: list[int]) -> int:
+    """The class a single-class planner uses: the middle one (the lower middle for even counts)."""
+    ordered = sorted(classes_mib)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _fit_hints(dag: DagSpec, classes: list[int], memory: int) -> tuple[int, str | None]:
+    hinted = [t.min_memory_mib for t in dag.tasks.values() if t.min_memory_mib]
+    if hinted and max(hinted) > memory:
+        fitting = [c for c in classes if c >= max(hinted)]
+        raised = min(fitting) if fitting else max(classes)
+        return raised, f"min_memory hints raised the class to {raised} MiB"
+    return memory, None
+
+
+def _timing(
+    dag: DagSpec,
+    memory: dict[str, int],
+    worker_of: dict[str, str | None],
+    predictor: Predictor,
+    options: PlanningOptions,
+) -> Timing:
+    return simulate(
+        dag,
+        memory,
+        worker_of,
+        predictor,
+        max_workers=options.max_workers,
+        idle_timeout_s=options.idle_timeout_s,
+        warm_pool=options.warm_pool,
+    )
+
+
+def _build(
+    dag: DagSpec,
+    planner: str,
+    options: PlanningOptions,
+    memory: dict[str, int],
+    worker_of: dict[str, str | None],
+    predictor: Predictor,
+    timing: Timing,
+    notes: list[str],
+) -> Plan:
+    critical = set(timing.critical_path)
+    if options.history.empty:
+        notes.append("no history for this workflow: predictions use documented defaults")
+    elif predictor.used_defaults:
+        notes.append("defaults used for: " + ", ".join(sorted(predictor.used_defaults)))
+    tasks = {
+        task_id: TaskPlan(
+            memory_mib=memory[task_id],
+            worker_id=worker_of[task_id],
+            predicted_start_s=round(timing.tasks[task_id].start_s, 6),
+            predicted_end_s=round(timing.tasks[task_id].complete_s, 6),
+            critical_path=task_id in critical,
+        )
+        for task_id in dag.tasks
+    }
+    return Plan(
+        planner=planner,
+        sla=options.sla,
+        classes_mib=sorted(options.classes_mib),
+        memory_per_cpu_mib=options.memory_per_cpu_mib,
+        max_cpu=options.max_cpu,
+        tasks=tasks,
+        predicted_makespan_s=round(timing.makespan_s, 6),
+        predicted_gb_s=round(timing.gb_s, 6),
+        history_runs=options.history.runs,
+        history_samples=predictor.sample_count,
+        notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------- wukong
+def plan_wukong(dag: DagSpec, options: PlanningOptions) -> Plan:
+    """One class (the middle one), every task on a flexible worker."""
+    memory, hint_note = _fit_hints(dag, options.classes_mib, default_class(options.classes_mib))
+    notes = [f"wukong: every task on a flexible worker of class {memory} MiB"]
+    if hint_note:
+        notes.append(hint_note)
+    predictor = options.predictor()
+    per_task = dict.fromkeys(dag.tasks, memory)
+    flexible: dict[str, str | None] = dict.fromkeys(dag.tasks)
+    timing = _timing(dag, per_task, flexible, predictor, options)
+    return _build(dag, "wukong", options, per_task, flexible, predictor, timing, notes)
+
+
+# ---------------------------------------------------------------------- uniform
+def assign_workers(
+    dag: DagSpec, exec_s: dict[str, float], out_bytes: dict[str, int], cluster_size: int
+) -> dict[str, str | None]:
+    """Logical worker per task from predicted times and sizes (DESIGN "uniform").
+
+    1->1 edges stay on the upstream's worker. In a fan-out (and among source tasks), short
+    children (<= the median predicted time, largest outputs first) share the upstream's
+    worker up to ``cluster_size`` tasks, further short ones are grouped in clusters of that
+    size, long ones get workers of their own. A fan-in goes to the worker holding the most
+    input bytes; within 10% of that, the worker of its critical-path upstream (the one
+    predicted to finish last) wins, so the longest chain never waits for a transfer.
+    """
+    counter = itertools.count()
+    worker_of: dict[str, str | None] = {}
+    finish: dict[str, float] = {}
+
+    def new_worker() -> str:
+        return f"w{next(counter)}"
+
+    def place_group(children: list[str], parent_worker: str | None) -> None:
+        if len(children) == 1:
+            worker_of[children[0]] = parent_worker or new_worker()
+            return
+        median = statistics.median(exec_s[c] for c in children)
+        short = sorted((c for c in children if exec_s[c] <= median), key=lambda c: -out_bytes[c])
+        long = [c for c in children if exec_s[c] > median]
+        home = group = parent_worker or new_worker()
+        for index, child in enumerate(short):
+            if index < cluster_size:
+                worker_of[child] = home
+            else:
+                if (index - cluster_size) % cluster_size == 0:
+                    group = new_worker()
+                worker_of[child] = group
+        for child in long:
+            worker_of[child] = new_worker()
+
+    place_group(dag.sources, None)
+    for task_id, spec in dag.tasks.items():
+        if task_id not in worker_of:  # a fan-in: placed when all its inputs are placed
+            placed: dict[str | None, int] = {}
+            for dep in spec.deps:
+                owner = worker_of[dep]
+                placed[owner] = placed.get(owner, 0) + out_bytes[dep]
+            best = max(placed, key=lambda w: placed[w])
+            on_path = worker_of[max(spec.deps, key=lambda d: finish[d])]
+            worker_of[task_id] = on_path if placed[on_path] >= 0.9 * placed[best] else best
+        finish[task_id] = max((finish[d] for d in spec.deps), default=0.0) + exec_s[task_id]
+        single_input = [d for d in spec.downstream if len(dag.tasks[d].deps) == 1]
+        if single_input:
+            place_group(single_input, worker_of[task_id])
+    return worker_of
+
+
+def _uniform_assignment(
+    dag: DagSpec, options: PlanningOptions, predictor: Predictor, memory_mib: int
+):
+    memory = dict.fromkeys(dag.tasks, memory_mib)
+    sizes = estimate(dag, predictor, memory)
+    worker_of = assign_workers(dag, sizes.exec_s, sizes.out_bytes, options.cluster_size)
+    return memory, worker_of, sizes.input_bytes
+
+
+def plan_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
+    """One class (the largest given), logical workers assigned from predictions."""
+    memory_mib, hint_note = _fit_hints(dag, options.classes_mib, max(options.classes_mib))
+    predictor = options.predictor()
+    memory, worker_of, _ = _uniform_assignment(dag, options, predictor, memory_mib)
+    timing = _timing(dag, memory, worker_of, predictor, options)
+    workers = len(set(worker_of.values()))
+    notes = [f"uniform: {workers} logical workers of class {memory_mib} MiB"]
+    if hint_note:
+        notes.append(hint_note)
+    return _build(dag, "uniform", options, memory, worker_of, predictor, timing, notes)
+
+
+# ---------------------------------------------------------------------- non-uniform
+def plan_non_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
+    """Start every worker on the largest class, then downgrade workers off the critical path
+    one class at a time while the predicted makespan does not grow.
+
+    Candidates are chosen from the slack of their tasks (latest minus earliest finish in the
+    predicted schedule), largest GB-seconds first, so one full simulation checks a whole
+    round of downgrades; a round that grows the makespan is halved until it does not.
+    """
+    classes = sorted(options.classes_mib)
+    floor = {t.id: t.min_memory_mib or 0 for t in dag.tasks.values()}
+    predictor = options.predictor()
+    memory, worker_of, input_bytes = _uniform_assignment(dag, options, predictor, classes[-1])
+    timing = _timing(dag, memory, worker_of, predictor, options)
+    baseline = timing.makespan_s
+    limit = baseline * (1 + MAKESPAN_TOLERANCE)
+    tasks_of: dict[str, list[str]] = {}
+    for task_id, logical in worker_of.items():
+        tasks_of.setdefault(str(logical), []).append(task_id)
+    downgraded = 0
+    while True:
+        critical = set(timing.critical_path)
+        slack = _slack(dag, timing)
+        candidates = []
+        for logical, tasks in tasks_of.items():
+            current = memory[tasks[0]]
+            smaller = [c for c in classes if c < current and c >= max(floor[t] for t in tasks)]
+            if not smaller or critical.intersection(tasks):
+                continue
+            target = smaller[-1]
+            added = sum(
+                predictor.exec_s(dag.tasks[t].function, input_bytes[t], target)
+                - predictor.exec_s(dag.tasks[t].function, input_bytes[t], current)
+                for t in tasks
+            )
+            if added <= min(slack[t] for t in tasks):
+                weight = sum(timing.tasks[t].complete_s - timing.tasks[t].start_s for t in tasks)
+                candidates.append((weight * current, logical, target))
+        if not candidates:
+            break
+        candidates.sort(reverse=True)
+        accepted = False
+        while candidates:
+            trial = dict(memory)
+            for _, logical, target in candidates:
+                for task_id in tasks_of[logical]:
+                    trial[task_id] = target
+            trial_timing = _timing(dag, trial, worker_of, predictor, options)
+            if trial_timing.makespan_s <= limit:
+                memory, timing = trial, trial_timing
+                downgraded += len(candidates)
+                accepted = True
+                break
+            candidates = candidates[: len(candidates) // 2]
+        if not accepted:
+            break
+    notes = [
+        f"non-uniform: {len(tasks_of)} logical workers; {downgraded} downgrade(s) from "
+        f"{classes[-1]} MiB kept the predicted makespan within {MAKESPAN_TOLERANCE:.1%} "
+        f"of {baseline:.3f}s"
+    ]
+    return _build(dag, "non-uniform", options, memory, worker_of, predictor, timing, notes)
+
+
+def _slack(dag: DagSpec, timing: Timing) -> dict[str, float]:
+    """Per task: how much later it could complete without delaying the run (DAG edges only)."""
+    latest: dict[str, float] = {}
+    for task_id in reversed(list(dag.tasks)):
+        spec = dag.tasks[task_id]
+        if spec.downstream:
+            latest[task_id] = min(
+                latest[d] - (timing.tasks[d].complete_s - timing.tasks[d].start_s)
+                for d in spec.downstream
+            )
+        else:
+            latest[task_id] = timing.makespan_s
+    return {t: max(0.0, latest[t] - timing.tasks[t].complete_s) for t in dag.tasks}
+
+
+# ---------------------------------------------------------------------- validation
+def validate_plan(dag: DagSpec, plan: Plan) -> None:
+    """Reject a plan the runtime could not execute, naming the task and the problem."""
+    classes = set(plan.classes_mib)
+    missing = [t for t in dag.tasks if t not in plan.tasks]
+    if missing:
+        raise InvalidOption(f"Plan has no entry for task {missing[0]!r} ({len(missing)} missing)")
+    worker_class: dict[str, tuple[int, str]] = {}
+    for task_id, task in plan.tasks.items():
+        if task_id not in dag.tasks:
+            raise InvalidOption(f"Plan names task {task_id!r}, which the workflow does not have")
+        if task.memory_mib not in classes:
+            raise InvalidOption(
+                f"Task {task_id!r}: class {task.memory_mib} MiB is not one of the configured "
+                f"classes {sorted(classes)}"
+            )
+        hint = dag.tasks[task_id].min_memory_mib
+        if hint and task.memory_mib < hint:
+            raise InvalidOption(
+                f"Task {task_id!r}: class {task.memory_mib} MiB is below its min_memory {hint} MiB"
+            )
+        if task.worker_id is not None:
+            seen = worker_class.setdefault(task.worker_id, (task.memory_mib, task_id))
+            if seen[0] != task.memory_mib:
+                raise InvalidOption(
+                    f"Worker {task.worker_id!r} has two classes: {seen[0]} MiB (task "
+                    f"{seen[1]!r}) and {task.memory_mib} MiB (task {task_id!r})"
+                )

@@ -1,0 +1,245 @@
+"""Predictions from the history of one workflow structure, at an SLA (mean or percentile).
+
+* Execution time of a function at an input size and memory class: the SLA statistic over the
+  samples nearest in input size (log scale), each scaled to the queried size by the
+  function's fitted log-log slope ``beta``. ``beta`` is fitted only when the inputs seen vary
+  (max/min > 1.5); otherwise it is 0, so constant-time tasks and tasks that ignore their input
+  size are predicted as such (a bytes-per-second ratio alone fails there).
+* Memory classes without samples: scaled from the nearest sampled class by
+  ``(cpu_sampled / cpu_wanted) ** alpha``. ``alpha`` is fitted from the function's per-class
+  medians when two or more classes have samples (clamped to [0, 1]); with one class it is 1
+  (CPU-bound: twice the CPU, half the time), the conservative rule for proportional CPU.
+* Output size: the same nearest-sample rule over (input bytes -> output bytes), any class.
+* Transfers: a fixed latency (SLA statistic of small transfers) plus bytes over a bandwidth
+  (for percentiles, the matching low percentile of measured bandwidths).
+* Worker start-up, cold or warm, per class: SLA statistic of the recorded start-ups; a class
+  without samples borrows from the others; none at all: the configured defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from dagkube.planning.history import HistorySnapshot, TaskSample
+from dagkube.planning.sla import sla_percentile
+from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, cpu_for_memory
+
+SMALL_TRANSFER_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a planner assumes without history (documented in the Plan's notes when used)."""
+
+    exec_s: float = 0.05
+    output_bytes: int = 1024
+    latency_s: float = 0.0005
+    bandwidth_bytes_s: float = 300e6
+    cold_start_s: float = 0.5
+    warm_start_s: float = 0.005
+
+
+def statistic(values: list[float], percentile: float | None) -> float:
+    """The mean, or the given percentile with linear interpolation."""
+    if not values:
+        raise ValueError("statistic of no values")
+    if percentile is None:
+        return sum(values) / len(values)
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * percentile / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y on x."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var = sum((x - mean_x) ** 2 for x, _ in points)
+    if var == 0:
+        return 0.0
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / var
+
+
+@dataclass
+class _FunctionModel:
+    by_class: dict[int, list[TaskSample]]
+    beta_exec: float
+    beta_output: float
+    alpha: float
+    samples: list[TaskSample]
+
+
+@dataclass
+class Predictor:
+    """Answers the planner's questions from a history snapshot, at one SLA."""
+
+    history: HistorySnapshot
+    sla: str = "avg"
+    memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB
+    max_cpu: float = DEFAULT_MAX_CPU
+    defaults: Defaults = field(default_factory=Defaults)
+    startup_delay_s: float = 0.0  # added to default cold starts (LocalBackend's emulation)
+    used_defaults: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.percentile = sla_percentile(self.sla)
+        grouped: dict[str, list[TaskSample]] = defaultdict(list)
+        for sample in self.history.tasks:
+            grouped[sample.function].append(sample)
+        self._models = {name: self._fit(samples) for name, samples in grouped.items()}
+        self._exec_cache: dict[tuple[str, int, int], float] = {}
+        self._output_cache: dict[tuple[str, int], int] = {}
+        self._startup_cache: dict[tuple[int, bool], float] = {}
+        self._fit_transfers()
+
+    # ------------------------------------------------------------------ fitting
+    def _fit(self, samples: list[TaskSample]) -> _FunctionModel:
+        by_class: dict[int, list[TaskSample]] = defaultdict(list)
+        for sample in samples:
+            by_class[sample.memory_mib].append(sample)
+        inputs = [max(s.input_bytes, 1) for s in samples]
+        varied = len(samples) >= 3 and max(inputs) / min(inputs) > 1.5
+        beta_exec = beta_output = 0.0
+        if varied:
+            beta_exec = _slope(
+                [(math.log(max(s.input_bytes, 1)), math.log(max(s.exec_s, 1e-6))) for s in samples]
+            )
+            beta_output = _slope(
+                [
+                    (math.log(max(s.input_bytes, 1)), math.log(max(s.output_bytes, 1)))
+                    for s in samples
+                ]
+            )
+        alpha = 1.0
+        if len(by_class) >= 2:
+            points = [
+                (
+                    math.log(self._cpu(memory)),
+                    math.log(max(statistic([s.exec_s for s in group], 50), 1e-6)),
+                )
+                for memory, group in by_class.items()
+            ]
+            alpha = -_slope(points)
+        return _FunctionModel(
+            by_class=dict(by_class),
+            beta_exec=min(max(beta_exec, 0.0), 2.0),
+            beta_output=min(max(beta_output, 0.0), 2.0),
+            alpha=min(max(alpha, 0.0), 1.0),
+            samples=samples,
+        )
+
+    def _fit_transfers(self) -> None:
+        pairs = [(s.download_bytes, s.download_s) for s in self.history.tasks if s.download_bytes]
+        pairs += [(s.upload_bytes, s.upload_s) for s in self.history.tasks if s.upload_bytes]
+        small = [t for b, t in pairs if b < SMALL_TRANSFER_BYTES]
+        large = [b / t for b, t in pairs if b >= SMALL_TRANSFER_BYTES and t > 0]
+        low = None if self.percentile is None else 100 - self.percentile
+        if small:
+            self.latency_s = statistic(small, self.percentile)
+        else:
+            self.latency_s = self.defaults.latency_s
+        if large:
+            self.bandwidth_bytes_s = statistic(large, low)
+        else:
+            self.bandwidth_bytes_s = self.defaults.bandwidth_bytes_s
+        self.transfer_samples = len(pairs)
+
+    def _cpu(self, memory_mib: int) -> float:
+        return cpu_for_memory(memory_mib, self.memory_per_cpu_mib, self.max_cpu)
+
+    def _nearest(self, samples: list[TaskSample], input_bytes: int) -> list[TaskSample]:
+        k = max(5, len(samples) // 5)
+        if len(samples) <= k:
+            return samples
+        target = math.log(max(input_bytes, 1))
+        return sorted(samples, key=lambda s: abs(math.log(max(s.input_bytes, 1)) - target))[:k]
+
+    # ------------------------------------------------------------------ questions
+    def has_history(self, function: str) -> bool:
+        return function in self._models
+
+    def exec_s(self, function: str, input_bytes: int, memory_mib: int) -> float:
+        key = (function, _bucket(input_bytes), memory_mib)
+        cached = self._exec_cache.get(key)
+        if cached is not None:
+            return cached
+        model = self._models.get(function)
+        if model is None:
+            self.used_defaults.add("execution time")
+            value = self.defaults.exec_s
+        else:
+            source = memory_mib
+            if source not in model.by_class:
+                source = min(model.by_class, key=lambda m: abs(math.log(m / memory_mib)))
+            near = self._nearest(model.by_class[source], input_bytes)
+            scaled = [
+                s.exec_s * (max(input_bytes, 1) / max(s.input_bytes, 1)) ** model.beta_exec
+                for s in near
+            ]
+            value = statistic(scaled, self.percentile)
+            if source != memory_mib:
+                value *= (self._cpu(source) / self._cpu(memory_mib)) ** model.alpha
+        self._exec_cache[key] = value
+        return value
+
+    def output_bytes(self, function: str, input_bytes: int) -> int:
+        key = (function, _bucket(input_bytes))
+        cached = self._output_cache.get(key)
+        if cached is not None:
+            return cached
+        model = self._models.get(function)
+        if model is None:
+            self.used_defaults.add("output size")
+            value = self.defaults.output_bytes
+        else:
+            near = self._nearest(model.samples, input_bytes)
+            scaled = [
+                s.output_bytes * (max(input_bytes, 1) / max(s.input_bytes, 1)) ** model.beta_output
+                for s in near
+            ]
+            value = int(statistic(scaled, self.percentile))
+        self._output_cache[key] = value
+        return value
+
+    def transfer_s(self, nbytes: int) -> float:
+        """Seconds to move ``nbytes`` to or from Redis (0 bytes: nothing to move)."""
+        if nbytes <= 0:
+            return 0.0
+        return self.latency_s + nbytes / self.bandwidth_bytes_s
+
+    def startup_s(self, memory_mib: int, cold: bool) -> float:
+        key = (memory_mib, cold)
+        cached = self._startup_cache.get(key)
+        if cached is not None:
+            return cached
+        same = [s.startup_s for s in self.history.startups if s.cold == cold]
+        exact = [
+            s.startup_s
+            for s in self.history.startups
+            if s.cold == cold and s.memory_mib == memory_mib
+        ]
+        if exact or same:
+            value = statistic(exact or same, self.percentile)
+        else:
+            self.used_defaults.add("cold start-up" if cold else "warm start-up")
+            value = (
+                self.defaults.cold_start_s + self.startup_delay_s
+                if cold
+                else self.defaults.warm_start_s
+            )
+        self._startup_cache[key] = value
+        return value
+
+    @property
+    def sample_count(self) -> int:
+        return len(self.history.tasks) + len(self.history.startups)
+
+
+def _bucket(nbytes: int) -> int:
+    """Input sizes within ~3% predict alike: bucket them for caching."""
+    return 0 if nbytes <= 0 else round(math.log(nbytes) * 32)

@@ -1,0 +1,417 @@
+"""The timing model: predicted start/end of every task, worker activity, makespan, GB-seconds.
+
+It is a discrete-event simulation of the runtime's own rules, so it predicts what the runtime
+will do rather than an idealized schedule:
+
+* an invocation is queued per class; an idle worker of the class takes it (warm start-up),
+  or a new worker is spawned (cold start-up) while under the worker cap, else it waits;
+* a flexible worker continues with the first ready downstream task and queues the others;
+  a bound (logical) worker runs the ready tasks assigned to it in arrival order, waits for
+  the rest (still allocated, but not counted against the worker cap: it uses no CPU), and
+  finishes when all of them are done;
+* a worker that finishes an invocation takes the next queued one of its class at once,
+  otherwise it is idle until ``idle_timeout_s``, then exits;
+* inputs produced on the same worker are local; others are downloaded; an output is uploaded
+  when a consumer may run elsewhere or it is a run output (the runtime's rule).
+
+Start-up is part of a worker's active period. The seed notes' "circular" computation (warm or
+cold needs the active periods, active periods need the start-ups) does not arise here: events
+are processed in time order, and whether a start is warm depends only on workers that became
+idle earlier, which the simulation already knows. No fixed-point iteration is needed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from dagkube.dag import DagSpec
+from dagkube.errors import InvalidOption
+from dagkube.planning.predictions import Predictor
+from dagkube.resources import cpu_for_memory
+
+TASK_OVERHEAD_S = 0.0005  # per task: one Redis round trip and bookkeeping (measured ~0.5 ms)
+
+
+@dataclass
+class TaskTiming:
+    start_s: float = 0.0  # the worker began the task (inputs not yet local)
+    exec_start_s: float = 0.0
+    end_s: float = 0.0  # execution ended
+    complete_s: float = 0.0  # output uploaded (if needed) and dependencies counted
+    worker: int = -1  # simulated physical worker
+    trigger: str | None = None  # the task whose completion let this one start (critical path)
+
+
+@dataclass
+class WorkerActivity:
+    """One simulated worker activation: spawn (cold) or take (warm) until it finished."""
+
+    worker: int
+    logical_id: str | None
+    memory_mib: int
+    cold: bool
+    start_s: float
+    end_s: float = 0.0
+    tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Timing:
+    tasks: dict[str, TaskTiming]
+    activities: list[WorkerActivity]
+    makespan_s: float
+    gb_s: float
+    cpu_s: float
+    critical_path: list[str]
+
+
+@dataclass
+class _Worker:
+    number: int
+    memory_mib: int
+    logical: str | None = None
+    activity: WorkerActivity | None = None
+    ready: deque = field(default_factory=deque)
+    remaining: set = field(default_factory=set)
+    running: bool = False
+    waiting: bool = False
+    idle_since: float | None = None
+
+
+@dataclass
+class Estimates:
+    """Per task, in topological order: predicted input bytes, output bytes, execution time."""
+
+    input_bytes: dict[str, int]
+    out_bytes: dict[str, int]
+    exec_s: dict[str, float]
+
+    def __iter__(self):
+        return iter((self.input_bytes, self.out_bytes, self.exec_s))
+
+
+def estimate(dag: DagSpec, predictor: Predictor, memory: dict[str, int]) -> Estimates:
+    """A task's input is its upstream outputs, its large constants and its inline arguments
+    (the same sum the worker records as ``input_bytes``)."""
+    input_bytes: dict[str, int] = {}
+    out_bytes: dict[str, int] = {}
+    exec_s: dict[str, float] = {}
+    const_bytes = {k: len(v) for k, v in dag.constants.items()}
+    for task_id, spec in dag.tasks.items():
+        size = (
+            len(spec.args_blob)
+            + sum(out_bytes[d] for d in spec.deps)
+            + sum(const_bytes.get(k, 0) for k in spec.const_keys)
+        )
+        input_bytes[task_id] = size
+        out_bytes[task_id] = predictor.output_bytes(spec.function, size)
+        exec_s[task_id] = predictor.exec_s(spec.function, size, memory[task_id])
+    return Estimates(input_bytes, out_bytes, exec_s)
+
+
+class DeadlockError(InvalidOption):
+    """The plan cannot finish (e.g. bound workers waiting hold every worker slot)."""
+
+
+class _Simulation:
+    def __init__(
+        self,
+        dag: DagSpec,
+        memory: dict[str, int],
+        worker_of: dict[str, str | None],
+        predictor: Predictor,
+        *,
+        max_workers: int | None,
+        idle_timeout_s: float,
+        warm_pool: dict[int, int] | None,
+        memory_per_cpu_mib: int,
+        max_cpu: float,
+    ) -> None:
+        self.dag = dag
+        self.memory = memory
+        self.worker_of = worker_of
+        self.p = predictor
+        self.max_workers = max_workers
+        self.idle_timeout_s = idle_timeout_s
+        self.memory_per_cpu_mib = memory_per_cpu_mib
+        self.max_cpu = max_cpu
+        self.events: list = []
+        self.seq = itertools.count()
+        self.queues: dict[int, deque] = {}
+        self.idle: dict[int, list[_Worker]] = {}
+        self.alive = 0
+        self.waiting = 0
+        self.numbers = itertools.count()
+        self.activities: list[WorkerActivity] = []
+        self.timing = {t: TaskTiming() for t in dag.tasks}
+        self.remaining_deps = {t: len(spec.deps) for t, spec in dag.tasks.items()}
+        self.producer: dict[str, _Worker] = {}
+        self.logical_worker: dict[str, _Worker | None] = {}  # claimed logical ids
+        self.logical_tasks: dict[str, set[str]] = {}
+        for task_id, logical in worker_of.items():
+            if logical is not None:
+                self.logical_tasks.setdefault(logical, set()).add(task_id)
+        self.inbox: dict[str, list[str]] = {}
+        self.done = 0
+        self.last_finish = 0.0
+        self._sizes()
+        for memory_mib, count in (warm_pool or {}).items():
+            for _ in range(count):
+                worker = _Worker(next(self.numbers), memory_mib, idle_since=0.0)
+                self.idle.setdefault(memory_mib, []).append(worker)
+                self.alive += 1
+
+    def _sizes(self) -> None:
+        self.input_bytes, self.out_bytes, self.exec_s = estimate(self.dag, self.p, self.memory)
+
+    def must_store(self, task_id: str) -> bool:
+        spec = self.dag.tasks[task_id]
+        if not spec.downstream or task_id in self.dag.output_ids:
+            return True
+        me = self.worker_of[task_id]
+        if me is None:
+            down = self.dag.tasks[spec.downstream[0]]
+            return not (
+                len(spec.downstream) == 1
+                and len(down.deps) == 1
+                and self.worker_of[down.id] is None
+            )
+        return any(self.worker_of[d] != me for d in spec.downstream)
+
+    # ------------------------------------------------------------------ events
+    def push(self, time_s: float, kind: str, *payload: object) -> None:
+        heapq.heappush(self.events, (time_s, next(self.seq), kind, payload))
+
+    def run(self) -> None:
+        claimed: dict[str, list[str]] = {}
+        for task_id in self.dag.sources:
+            logical = self.worker_of[task_id]
+            if logical is None:
+                self.push(0.0, "queue", self.memory[task_id], None, [task_id], None)
+            else:
+                claimed.setdefault(logical, []).append(task_id)
+        for logical, roots in claimed.items():
+            self.logical_worker[logical] = None
+            self.inbox[logical] = list(roots)
+            self.push(0.0, "queue", self.memory[roots[0]], logical, [], None)
+        while self.events:
+            time_s, _, kind, payload = heapq.heappop(self.events)
+            getattr(self, f"_on_{kind}")(time_s, *payload)
+        if self.done < len(self.dag.tasks):
+            stuck = [
+                t for t, n in self.remaining_deps.items() if n == 0 and self.timing[t].worker < 0
+            ]
+            raise DeadlockError(
+                f"The plan cannot finish: {len(self.dag.tasks) - self.done} task(s) never run "
+                f"(e.g. {', '.join(stuck[:3]) or 'waiting on them'}); with a cap of "
+                f"{self.max_workers} workers, bound workers waiting for inputs hold every slot"
+            )
+
+    def _on_queue(
+        self,
+        time_s: float,
+        memory_mib: int,
+        logical: str | None,
+        roots: list[str],
+        trigger: str | None,
+    ) -> None:
+        self.queues.setdefault(memory_mib, deque()).append((logical, roots, trigger))
+        self._dispatch(memory_mib, time_s)
+
+    def _dispatch(self, memory_mib: int, time_s: float) -> None:
+        queue = self.queues.get(memory_mib)
+        while queue:
+            idle = self.idle.get(memory_mib)
+            if idle:
+                worker = idle.pop()
+                cold = False
+            elif self.max_workers is None or self.alive - self.waiting < self.max_workers:
+                worker = _Worker(next(self.numbers), memory_mib)
+                self.alive += 1
+                cold = True
+            elif self._retire_other(memory_mib):
+                continue
+            else:
+                return
+            logical, roots, trigger = queue.popleft()
+            startup = self.p.startup_s(memory_mib, cold)
+            self._begin(worker, logical, roots, cold, time_s, time_s + startup, trigger)
+
+    def _retire_other(self, memory_mib: int) -> bool:
+        """At the cap, an idle worker of another class with nothing queued makes room."""
+        for other, workers in self.idle.items():
+            if other != memory_mib and workers and not self.queues.get(other):
+                workers.pop()
+                self.alive -= 1
+                return True
+        return False
+
+    def _begin(
+        self,
+        worker: _Worker,
+        logical: str | None,
+        roots: list[str],
+        cold: bool,
+        taken_s: float,
+        ready_s: float,
+        trigger: str | None,
+    ) -> None:
+        worker.idle_since = None
+        worker.logical = logical
+        worker.activity = WorkerActivity(worker.number, logical, worker.memory_mib, cold, taken_s)
+        self.activities.append(worker.activity)
+        if logical is None:
+            self._start_task(worker, roots[0], ready_s, trigger)
+            return
+        self.logical_worker[logical] = worker
+        worker.remaining = set(self.logical_tasks[logical])
+        worker.ready.extend(self.inbox.pop(logical, []))
+        self._next_bound(worker, ready_s, trigger)
+
+    def _next_bound(self, worker: _Worker, time_s: float, trigger: str | None) -> None:
+        if worker.waiting and (worker.ready or not worker.remaining):
+            worker.waiting = False
+            self.waiting -= 1
+        if worker.ready:
+            self._start_task(worker, worker.ready.popleft(), time_s, trigger)
+        elif not worker.remaining:
+            self._finish(worker, time_s)
+        elif not worker.waiting:  # wait (allocated) for a task pushed to its inbox
+            worker.waiting = True
+            self.waiting += 1
+            self._dispatch_all(time_s)
+
+    def _start_task(
+        self, worker: _Worker, task_id: str, time_s: float, trigger: str | None
+    ) -> None:
+        spec = self.dag.tasks[task_id]
+        remote = sum(self.out_bytes[d] for d in spec.deps if self.producer.get(d) is not worker)
+        timing = self.timing[task_id]
+        timing.worker = worker.number
+        timing.start_s = time_s
+        timing.trigger = trigger
+        timing.exec_start_s = time_s + TASK_OVERHEAD_S + self.p.transfer_s(remote)
+        timing.end_s = timing.exec_start_s + self.exec_s[task_id]
+        upload = self.p.transfer_s(self.out_bytes[task_id]) if self.must_store(task_id) else 0.0
+        timing.complete_s = timing.end_s + upload
+        worker.running = True
+        assert worker.activity is not None
+        worker.activity.tasks.append(task_id)
+        self.producer[task_id] = worker
+        self.push(timing.complete_s, "complete", worker, task_id)
+
+    def _on_complete(self, time_s: float, worker: _Worker, task_id: str) -> None:
+        self.done += 1
+        worker.running = False
+        worker.remaining.discard(task_id)
+        continuation = None
+        for down in self.dag.tasks[task_id].downstream:
+            self.remaining_deps[down] -= 1
+            if self.remaining_deps[down]:
+                continue
+            logical = self.worker_of[down]
+            if logical is None:
+                if worker.logical is None and continuation is None:
+                    continuation = down
+                else:
+                    self.push(time_s, "queue", self.memory[down], None, [down], task_id)
+            elif logical == worker.logical:
+                worker.ready.append(down)
+            elif logical in self.logical_worker:
+                owner = self.logical_worker[logical]
+                if owner is None:  # queued, not started yet
+                    self.inbox.setdefault(logical, []).append(down)
+                else:
+                    owner.ready.append(down)
+                    if not owner.running:
+                        self._next_bound(owner, time_s, task_id)
+            else:
+                self.logical_worker[logical] = None
+                self.inbox[logical] = [down]
+                self.push(time_s, "queue", self.memory[down], logical, [], task_id)
+        if continuation is not None:
+            self._start_task(worker, continuation, time_s, task_id)
+        elif worker.logical is not None:
+            self._next_bound(worker, time_s, task_id)
+        else:
+            self._finish(worker, time_s)
+
+    def _finish(self, worker: _Worker, time_s: float) -> None:
+        assert worker.activity is not None
+        worker.activity.end_s = time_s
+        self.last_finish = max(self.last_finish, time_s)
+        worker.logical = None
+        worker.activity = None
+        queue = self.queues.get(worker.memory_mib)
+        if queue:  # the runtime's FINISH takes the next queued invocation at once
+            logical, roots, trigger = queue.popleft()
+            self._begin(worker, logical, roots, False, time_s, time_s, trigger)
+            return
+        worker.idle_since = time_s
+        self.idle.setdefault(worker.memory_mib, []).append(worker)
+        self.push(time_s + self.idle_timeout_s, "expire", worker, time_s)
+        self._dispatch_all(time_s)  # its slot may serve another class
+
+    def _dispatch_all(self, time_s: float) -> None:
+        for memory_mib, queue in self.queues.items():
+            if queue:
+                self._dispatch(memory_mib, time_s)
+
+    def _on_expire(self, time_s: float, worker: _Worker, idle_since: float) -> None:
+        if worker.idle_since == idle_since and worker in self.idle.get(worker.memory_mib, []):
+            self.idle[worker.memory_mib].remove(worker)
+            self.alive -= 1
+            self._dispatch_all(time_s)
+
+    # ------------------------------------------------------------------ results
+    def result(self) -> Timing:
+        gb_s = cpu_s = 0.0
+        for activity in self.activities:
+            seconds = activity.end_s - activity.start_s
+            gb_s += seconds * activity.memory_mib / 1024
+            cpu_s += seconds * cpu_for_memory(
+                activity.memory_mib, self.memory_per_cpu_mib, self.max_cpu
+            )
+        last = max(self.dag.tasks, key=lambda t: self.timing[t].complete_s)
+        path = []
+        current: str | None = last
+        while current is not None:
+            path.append(current)
+            current = self.timing[current].trigger
+        return Timing(
+            tasks=self.timing,
+            activities=self.activities,
+            makespan_s=self.last_finish,
+            gb_s=gb_s,
+            cpu_s=cpu_s,
+            critical_path=list(reversed(path)),
+        )
+
+
+def simulate(
+    dag: DagSpec,
+    memory: dict[str, int],
+    worker_of: dict[str, str | None],
+    predictor: Predictor,
+    *,
+    max_workers: int | None = None,
+    idle_timeout_s: float = 30.0,
+    warm_pool: dict[int, int] | None = None,
+) -> Timing:
+    """Predict the run of ``dag`` with this class and worker per task."""
+    simulation = _Simulation(
+        dag,
+        memory,
+        worker_of,
+        predictor,
+        max_workers=max_workers,
+        idle_timeout_s=idle_timeout_s,
+        warm_pool=warm_pool,
+        memory_per_cpu_mib=predictor.memory_per_cpu_mib,
+        max_cpu=predictor.max_cpu,
+    )
+    simulation.run()
+    return simulation.result()
