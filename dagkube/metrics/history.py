@@ -115,6 +115,7 @@ async def load_snapshot(
             task = TaskRecord.model_validate_json(raw)
             snapshot.tasks.append(
                 TaskSample(
+                    task_id=task.task_id,
                     function=task.function,
                     memory_mib=task.memory_mib,
                     input_bytes=task.input_bytes,
@@ -128,8 +129,11 @@ async def load_snapshot(
             )
         for raw in workers:
             worker = WorkerRecord.model_validate_json(raw)
-            if worker.outcome == "finished" and worker.startup_s is not None and not worker.resumed:
+            if worker.outcome != "finished" or worker.resumed or worker.first_task_at is None:
+                continue
+            began = worker.spawned_at if worker.cold else worker.ready_at
+            if began is not None:
                 snapshot.startups.append(
-                    StartupSample(worker.memory_mib, worker.cold, worker.startup_s)
+                    StartupSample(worker.memory_mib, worker.cold, worker.first_task_at - began)
                 )
     return snapshot

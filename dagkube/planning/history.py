@@ -18,6 +18,7 @@ class TaskSample:
     input_bytes: int
     output_bytes: int
     exec_s: float
+    task_id: str = ""  # stable within a structure: argument-dependent durations show here
     download_bytes: int = 0
     download_s: float = 0.0
     upload_bytes: int = 0
@@ -26,7 +27,8 @@ class TaskSample:
 
 @dataclass(frozen=True, slots=True)
 class StartupSample:
-    """One worker start: queued -> first task started."""
+    """One worker start, queueing excluded: spawn -> first task (cold) or taking the
+    invocation -> first task (warm). Waiting for a free worker is the timing model's part."""
 
     memory_mib: int
     cold: bool

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dagkube.dag import DagSpec
@@ -136,16 +137,21 @@ def plan_wukong(dag: DagSpec, options: PlanningOptions) -> Plan:
 
 # ---------------------------------------------------------------------- uniform
 def assign_workers(
-    dag: DagSpec, exec_s: dict[str, float], out_bytes: dict[str, int], cluster_size: int
+    dag: DagSpec,
+    exec_s: dict[str, float],
+    out_bytes: dict[str, int],
+    cluster_size: int,
+    transfer_s: Callable[[int], float],
 ) -> dict[str, str | None]:
     """Logical worker per task from predicted times and sizes (DESIGN "uniform").
 
     1->1 edges stay on the upstream's worker. In a fan-out (and among source tasks), short
     children (<= the median predicted time, largest outputs first) share the upstream's
     worker up to ``cluster_size`` tasks, further short ones are grouped in clusters of that
-    size, long ones get workers of their own. A fan-in goes to the worker holding the most
-    input bytes; within 10% of that, the worker of its critical-path upstream (the one
-    predicted to finish last) wins, so the longest chain never waits for a transfer.
+    size, long ones get workers of their own. A fan-in goes to the worker of its
+    critical-path upstream (the one predicted to finish last: it starts the fan-in without
+    waiting, and no other worker idles allocated until then), unless another worker holds
+    inputs whose transfer would cost more than max(10 ms, 10% of the fan-in's time) extra.
     """
     counter = itertools.count()
     worker_of: dict[str, str | None] = {}
@@ -179,9 +185,12 @@ def assign_workers(
             for dep in spec.deps:
                 owner = worker_of[dep]
                 placed[owner] = placed.get(owner, 0) + out_bytes[dep]
+            total = sum(placed.values())
             best = max(placed, key=lambda w: placed[w])
             on_path = worker_of[max(spec.deps, key=lambda d: finish[d])]
-            worker_of[task_id] = on_path if placed[on_path] >= 0.9 * placed[best] else best
+            extra = transfer_s(total - placed[on_path]) - transfer_s(total - placed[best])
+            keep_path = extra <= max(0.01, 0.1 * exec_s[task_id])
+            worker_of[task_id] = on_path if keep_path else best
         finish[task_id] = max((finish[d] for d in spec.deps), default=0.0) + exec_s[task_id]
         single_input = [d for d in spec.downstream if len(dag.tasks[d].deps) == 1]
         if single_input:
@@ -194,7 +203,9 @@ def _uniform_assignment(
 ):
     memory = dict.fromkeys(dag.tasks, memory_mib)
     sizes = estimate(dag, predictor, memory)
-    worker_of = assign_workers(dag, sizes.exec_s, sizes.out_bytes, options.cluster_size)
+    worker_of = assign_workers(
+        dag, sizes.exec_s, sizes.out_bytes, options.cluster_size, predictor.transfer_s
+    )
     return memory, worker_of, sizes.input_bytes
 
 
@@ -242,8 +253,8 @@ def plan_non_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
                 continue
             target = smaller[-1]
             added = sum(
-                predictor.exec_s(dag.tasks[t].function, input_bytes[t], target)
-                - predictor.exec_s(dag.tasks[t].function, input_bytes[t], current)
+                predictor.exec_s(dag.tasks[t].function, input_bytes[t], target, t)
+                - predictor.exec_s(dag.tasks[t].function, input_bytes[t], current, t)
                 for t in tasks
             )
             if added <= min(slack[t] for t in tasks):

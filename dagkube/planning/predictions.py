@@ -1,5 +1,8 @@
 """Predictions from the history of one workflow structure, at an SLA (mean or percentile).
 
+* Execution time of a task: task ids are stable within a structure, so a task with at least
+  ``TASK_SAMPLES`` samples of its own is predicted from them (this sees durations that depend
+  on argument values, which sizes cannot show); otherwise from its function's model.
 * Execution time of a function at an input size and memory class: the SLA statistic over the
   samples nearest in input size (log scale), each scaled to the queried size by the
   function's fitted log-log slope ``beta``. ``beta`` is fitted only when the inputs seen vary
@@ -27,6 +30,7 @@ from dagkube.planning.sla import sla_percentile
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, cpu_for_memory
 
 SMALL_TRANSFER_BYTES = 64 * 1024
+TASK_SAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,15 @@ class Predictor:
         for sample in self.history.tasks:
             grouped[sample.function].append(sample)
         self._models = {name: self._fit(samples) for name, samples in grouped.items()}
+        by_task: dict[str, list[TaskSample]] = defaultdict(list)
+        for sample in self.history.tasks:
+            if sample.task_id:
+                by_task[sample.task_id].append(sample)
+        self._task_models = {
+            task_id: self._fit(samples)
+            for task_id, samples in by_task.items()
+            if len(samples) >= TASK_SAMPLES
+        }
         self._exec_cache: dict[tuple[str, int, int], float] = {}
         self._output_cache: dict[tuple[str, int], int] = {}
         self._startup_cache: dict[tuple[int, bool], float] = {}
@@ -163,12 +176,14 @@ class Predictor:
     def has_history(self, function: str) -> bool:
         return function in self._models
 
-    def exec_s(self, function: str, input_bytes: int, memory_mib: int) -> float:
-        key = (function, _bucket(input_bytes), memory_mib)
+    def exec_s(self, function: str, input_bytes: int, memory_mib: int, task_id: str = "") -> float:
+        model = self._task_models.get(task_id)
+        key = (task_id if model else function, _bucket(input_bytes), memory_mib)
         cached = self._exec_cache.get(key)
         if cached is not None:
             return cached
-        model = self._models.get(function)
+        if model is None:
+            model = self._models.get(function)
         if model is None:
             self.used_defaults.add("execution time")
             value = self.defaults.exec_s

@@ -108,7 +108,7 @@ def estimate(dag: DagSpec, predictor: Predictor, memory: dict[str, int]) -> Esti
         )
         input_bytes[task_id] = size
         out_bytes[task_id] = predictor.output_bytes(spec.function, size)
-        exec_s[task_id] = predictor.exec_s(spec.function, size, memory[task_id])
+        exec_s[task_id] = predictor.exec_s(spec.function, size, memory[task_id], task_id)
     return Estimates(input_bytes, out_bytes, exec_s)
 
 

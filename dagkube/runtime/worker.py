@@ -254,6 +254,11 @@ class Worker:
         """Run one invocation to its end, then finish it; returns the next queued invocation
         of this class (taken in the same step, so it is served warm without an idle wait)."""
         ready_at = time.time()
+        spawned = self.config.spawned_at
+        # A first invocation is a cold start only if the worker was spawned for this demand;
+        # one that sat idle since an earlier spawn was ready before the invocation was queued.
+        if cold and spawned is not None and invocation.queued_at and spawned < invocation.queued_at:
+            cold = False
         cpu_before = 0.0 if cold else _process_cpu_s()
         state = await self._load_run(invocation.run)
         served = 0
@@ -265,7 +270,7 @@ class Worker:
             else:
                 served, first_task_at = await self._serve_bound(state, invocation, amendments)
         finished_at = time.time()
-        held_from = (self.config.spawned_at or ready_at) if cold else ready_at
+        held_from = (spawned or ready_at) if cold else ready_at
         record = WorkerRecord(
             run_id=invocation.run,
             worker_id=self.config.worker_id,

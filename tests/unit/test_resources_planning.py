@@ -99,5 +99,8 @@ def test_min_memory_hint_raises_the_class():
 
 def test_unknown_planner_lists_the_accepted_ones():
     wf = dagkube.Workflow(inc(1))
-    with pytest.raises(InvalidOption, match="Planner 'magic' is unknown: choose one of wukong, uniform, non-uniform"):
+    with pytest.raises(
+        InvalidOption,
+        match="Planner 'magic' is unknown: choose one of wukong, uniform, non-uniform",
+    ):
         wf.plan("magic")

@@ -1,0 +1,253 @@
+"""Predictions, the timing model and the planners, on synthetic histories with known numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+import dagkube
+from dagkube.errors import InvalidOption
+from dagkube.planning import PlanningOptions, plan
+from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
+from dagkube.planning.model import Plan
+from dagkube.planning.planners import assign_workers, validate_plan
+from dagkube.planning.predictions import Predictor, statistic
+from dagkube.planning.timing import TASK_OVERHEAD_S, simulate
+
+COLD, WARM = 0.3, 0.01
+
+
+def history(
+    durations: dict[str, float | list[float]], memory: int = 2048, output: int = 100, runs: int = 5
+) -> HistorySnapshot:
+    """Samples of each function at one class, and fixed cold/warm start-ups."""
+    tasks = []
+    for function, value in durations.items():
+        values = value if isinstance(value, list) else [value] * runs
+        tasks += [TaskSample(function, memory, 100, output, v) for v in values]
+    startups = [StartupSample(memory, True, COLD)] * 3 + [StartupSample(memory, False, WARM)] * 3
+    return HistorySnapshot("h", runs, tasks, startups)
+
+
+@dagkube.task
+def prep():
+    return 1
+
+
+@dagkube.task
+def work(x, i):
+    return x
+
+
+@dagkube.task
+def long_work(x):
+    return x
+
+
+@dagkube.task
+def join(values):
+    return values
+
+
+@dagkube.task
+def step(x):
+    return x
+
+
+def fan(width: int = 4):
+    source = prep()
+    return dagkube.Workflow(join([work(source, i) for i in range(width)]), name="fan")
+
+
+# ---------------------------------------------------------------------- predictions
+def test_statistic_mean_and_percentiles():
+    values = [1.0, 2.0, 3.0, 4.0, 10.0]
+    assert statistic(values, None) == 4.0
+    assert statistic(values, 50) == 3.0
+    assert statistic(values, 90) == pytest.approx(7.6)
+
+
+def test_sla_percentile_is_more_conservative_than_the_mean():
+    snapshot = history({"work": [1.0, 1.0, 1.1, 1.2, 3.0]})
+    avg = Predictor(snapshot, "avg").exec_s("work", 100, 2048)
+    p90 = Predictor(snapshot, "p90").exec_s("work", 100, 2048)
+    p99 = Predictor(snapshot, "p99").exec_s("work", 100, 2048)
+    assert avg == pytest.approx(1.46)
+    assert avg < p90 < p99 <= 3.0
+
+
+def test_constant_time_tasks_do_not_scale_with_input():
+    tasks = [TaskSample("sleepy", 1024, size, 10, 0.5) for size in (10, 1_000, 100_000, 10**7)]
+    predictor = Predictor(HistorySnapshot("h", 4, tasks))
+    assert predictor.exec_s("sleepy", 10**9, 1024) == pytest.approx(0.5)
+
+
+def test_input_proportional_tasks_scale():
+    tasks = [TaskSample("scan", 1024, size, size, size / 1e8) for size in (10**5, 10**6, 10**7)]
+    predictor = Predictor(HistorySnapshot("h", 3, tasks))
+    assert predictor.exec_s("scan", 10**8, 1024) == pytest.approx(1.0, rel=0.05)
+    assert predictor.output_bytes("scan", 10**8) == pytest.approx(10**8, rel=0.05)
+
+
+def test_unsampled_class_is_scaled_by_cpu():
+    snapshot = history({"work": 1.0}, memory=2048)
+    predictor = Predictor(snapshot)
+    assert predictor.exec_s("work", 100, 1024) == pytest.approx(2.0)  # half the CPU
+    # Two sampled classes with no slowdown: alpha is fitted to 0, no scaling.
+    flat = HistorySnapshot("h", 2, [TaskSample("work", m, 100, 1, 1.0) for m in (1024, 2048)] * 3)
+    assert Predictor(flat).exec_s("work", 100, 512) == pytest.approx(1.0)
+
+
+def test_defaults_without_history_are_recorded():
+    predictor = Predictor(HistorySnapshot())
+    assert predictor.exec_s("anything", 10, 1024) == predictor.defaults.exec_s
+    assert predictor.startup_s(1024, True) == predictor.defaults.cold_start_s
+    assert {"execution time", "cold start-up"} <= predictor.used_defaults
+
+
+# ---------------------------------------------------------------------- timing model
+def test_chain_on_a_flexible_worker():
+    a = step(step(step(1)))
+    wf = dagkube.Workflow(a, name="chain")
+    predictor = Predictor(history({"step": 1.0}))
+    timing = simulate(
+        wf.dag, dict.fromkeys(wf.dag.tasks, 2048), dict.fromkeys(wf.dag.tasks), predictor
+    )
+    assert timing.makespan_s == pytest.approx(COLD + 3 * (1.0 + TASK_OVERHEAD_S), abs=1e-3)
+    assert timing.critical_path == ["step#0", "step#1", "step#2"]
+    assert len(timing.activities) == 1 and timing.activities[0].cold
+    assert timing.gb_s == pytest.approx(timing.makespan_s * 2, rel=1e-6)
+
+
+def test_worker_cap_queues_invocations_and_later_starts_are_warm():
+    wf = fan(4)
+    predictor = Predictor(history({"prep": 0.1, "work": 1.0, "join": 0.1}))
+    memory = dict.fromkeys(wf.dag.tasks, 2048)
+    flexible = dict.fromkeys(wf.dag.tasks)
+    capped = simulate(wf.dag, memory, flexible, predictor, max_workers=2)
+    unbounded = simulate(wf.dag, memory, flexible, predictor)
+    # Two rounds of work on two workers (the second taken at once by a finishing worker),
+    # against one round with a worker each.
+    assert capped.makespan_s == pytest.approx(unbounded.makespan_s + 1.0, abs=0.01)
+    assert sum(a.cold for a in capped.activities) == 2
+    assert sum(a.cold for a in unbounded.activities) == 4
+    warm = simulate(wf.dag, memory, flexible, predictor, max_workers=2, warm_pool={2048: 2})
+    assert sum(a.cold for a in warm.activities) == 0
+    # Both cold starts were on the critical path (the first worker's, then the second's).
+    assert warm.makespan_s == pytest.approx(capped.makespan_s - 2 * (COLD - WARM), abs=0.01)
+
+
+def test_idle_timeout_makes_the_next_start_cold():
+    wf = dagkube.Workflow(join([long_work(prep()), step(prep())]), name="idle")
+    predictor = Predictor(history({"prep": 0.1, "long_work": 5.0, "step": 0.1, "join": 0.1}))
+    memory = dict.fromkeys(wf.dag.tasks, 2048)
+    flexible = dict.fromkeys(wf.dag.tasks)
+    kept = simulate(wf.dag, memory, flexible, predictor, idle_timeout_s=30)
+    expired = simulate(wf.dag, memory, flexible, predictor, idle_timeout_s=1)
+    assert sum(a.cold for a in kept.activities) == 2
+    assert sum(a.cold for a in expired.activities) == 2  # no idle worker was needed later
+    assert expired.gb_s < kept.gb_s + 1e-9
+
+
+def test_bound_worker_waits_allocated_and_cap_ignores_waiting_workers():
+    wf = fan(2)
+    predictor = Predictor(history({"prep": 0.1, "work": 1.0, "join": 0.1}))
+    memory = dict.fromkeys(wf.dag.tasks, 2048)
+    worker_of = {"prep#0": "a", "work#0": "a", "work#1": "b", "join#0": "a"}
+    timing = simulate(wf.dag, memory, worker_of, predictor, max_workers=2)
+    assert {a.logical_id for a in timing.activities} == {"a", "b"}
+    assert timing.tasks["join#0"].start_s >= timing.tasks["work#1"].complete_s
+    # With a cap of one, "a" waits for "b"'s output without holding the only slot.
+    single = simulate(wf.dag, memory, worker_of, predictor, max_workers=1)
+    assert single.makespan_s > timing.makespan_s
+
+
+# ---------------------------------------------------------------------- planners
+def test_uniform_assignment_clusters_short_children_and_isolates_long_ones():
+    source = prep()
+    children = [work(source, i) for i in range(6)] + [long_work(source) for _ in range(2)]
+    wf = dagkube.Workflow(join(children), name="mixed")
+    exec_s = {t: 0.1 for t in wf.dag.tasks}
+    exec_s.update({"long_work#0": 5.0, "long_work#1": 5.0})
+    out = dict.fromkeys(wf.dag.tasks, 10)
+    worker_of = assign_workers(wf.dag, exec_s, out, 4, lambda n: n / 1e8)
+    home = worker_of["prep#0"]
+    shorts = [worker_of[f"work#{i}"] for i in range(6)]
+    assert shorts.count(home) == 4
+    assert len(set(shorts) - {home}) == 1  # the other two share one cluster
+    longs = {worker_of["long_work#0"], worker_of["long_work#1"]}
+    assert len(longs) == 2 and home not in longs
+    # The fan-in follows its critical-path upstream (a long task finishing last).
+    assert worker_of["join#0"] in longs
+
+
+def test_fan_in_goes_to_the_worker_holding_most_input_bytes():
+    source = prep()
+    a, b = work(source, 0), long_work(source)
+    wf = dagkube.Workflow(join([a, b]), name="bytes")
+    exec_s = {"prep#0": 0.1, "work#0": 0.1, "long_work#0": 0.2, "join#0": 0.1}
+    out = {"prep#0": 1, "work#0": 10**8, "long_work#0": 10, "join#0": 1}
+    worker_of = assign_workers(wf.dag, exec_s, out, 1, lambda n: n / 1e8)
+    assert worker_of["join#0"] == worker_of["work#0"] != worker_of["long_work#0"]
+
+
+def unequal_branches():
+    source = prep()
+    critical = long_work(long_work(source))
+    shorts = [step(source) for _ in range(4)]
+    return dagkube.Workflow(join([critical, *shorts]), name="unequal")
+
+
+def test_non_uniform_downgrades_off_the_critical_path_without_growing_makespan():
+    wf = unequal_branches()
+    options = PlanningOptions(
+        [512, 1024, 2048],
+        history=history({"prep": 0.1, "long_work": 3.0, "step": 0.2, "join": 0.1}),
+        cluster_size=1,
+    )
+    uniform = plan(wf.dag, "uniform", options)
+    non_uniform = plan(wf.dag, "non-uniform", options)
+    assert uniform.classes_used() == [2048]
+    assert min(non_uniform.classes_used()) < 2048
+    for task_id, task in non_uniform.tasks.items():
+        if task.critical_path:
+            assert task.memory_mib == 2048, task_id
+    assert non_uniform.predicted_makespan_s <= uniform.predicted_makespan_s * 1.005
+    assert non_uniform.predicted_gb_s < uniform.predicted_gb_s
+
+
+def test_plans_carry_predictions_and_provenance():
+    wf = fan(3)
+    options = PlanningOptions(
+        [1024], sla="p95", history=history({"prep": 0.1, "work": 1.0, "join": 0.1}, memory=1024)
+    )
+    result = plan(wf.dag, "uniform", options)
+    assert result.sla == "p95" and result.history_runs == 5
+    assert result.history_samples > 0
+    assert result.predicted_makespan_s > 1.0 and result.predicted_gb_s > 0
+    assert any(t.critical_path for t in result.tasks.values())
+    for task in result.tasks.values():
+        assert task.predicted_start_s is not None
+        assert task.predicted_end_s >= task.predicted_start_s
+
+
+def test_validation_rejects_plans_the_runtime_cannot_run():
+    wf = fan(2)
+    good = plan(wf.dag, "uniform", PlanningOptions([512, 1024]))
+    broken = Plan.model_validate(good.model_dump())
+    broken.tasks["work#0"].memory_mib = 768
+    with pytest.raises(InvalidOption, match="class 768 MiB is not one of the configured"):
+        validate_plan(wf.dag, broken)
+    split = Plan.model_validate(good.model_dump())
+    split.tasks["work#0"].worker_id = split.tasks["prep#0"].worker_id = "w9"
+    split.tasks["work#0"].memory_mib = 512
+    split.tasks["prep#0"].memory_mib = 1024
+    with pytest.raises(InvalidOption, match="Worker 'w9' has two classes"):
+        validate_plan(wf.dag, split)
+
+
+def test_every_planner_produces_a_valid_plan_without_history():
+    wf = unequal_branches()
+    for name in ("wukong", "uniform", "non-uniform"):
+        result = plan(wf.dag, name, PlanningOptions([512, 2048]))
+        validate_plan(wf.dag, result)
+        assert any("no history" in note for note in result.notes)
