@@ -35,12 +35,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -52,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import benchlib
 import psutil
 from rich.console import Console
 from rich.table import Table
@@ -445,44 +443,18 @@ def measure(engines: Engines, workloads: list[Workload], repeat: int) -> list[Re
 # --------------------------------------------------------------------------- machine
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def machine_info() -> dict[str, Any]:
     import dask
     import distributed
     import numpy
 
     return {
-        "cpu": cpu_model(),
-        "cores_logical": os.cpu_count(),
-        "cores_physical": psutil.cpu_count(logical=False),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "dagkube": dagkube.__version__,
+        **benchlib.machine_info(),
         "dask": dask.__version__,
         "distributed": distributed.__version__,
         "numpy": numpy.__version__,
         "blas_threads": {v: os.environ.get(v) for v in BLAS_THREAD_VARIABLES},
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-
-
-def command_line(argv: Sequence[str]) -> str:
-    """The command that ran this benchmark (the interpreter relative to the working directory)."""
-    executable = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        executable = executable.relative_to(Path.cwd())
-    script = Path(__file__)
-    with contextlib.suppress(ValueError):
-        script = script.relative_to(Path.cwd())
-    return shlex.join([str(executable), str(script), *argv])
 
 
 # --------------------------------------------------------------------------- reporting
@@ -645,13 +617,13 @@ def markdown_report(
 ) -> str:
     verdict_lines = sorted(verdict(results), key=lambda line: "slower" not in line)
     sections = [
-        "# Benchmarks: dagkube vs Dask distributed",
+        "## dagkube vs Dask distributed",
         markdown_intro(args),
         markdown_table(MAIN_MARKDOWN_HEADERS, [result_cells(r) for r in results], right_from=2),
         "\n".join(f"- {line}" for line in verdict_lines),
-        "## How it is measured",
+        "### How it is measured",
         markdown_method(machine, args),
-        "## Spread, and where dagkube's time goes",
+        "### Spread, and where dagkube's time goes",
         (
             "Medians over the timed runs. *In Redis* is the run's own makespan (submitted -> "
             "finished, as recorded in Redis); *driver-side* is the driver's timing of the same "
@@ -661,9 +633,9 @@ def markdown_report(
             "timed run was warm)."
         ),
         markdown_table(DETAIL_HEADERS, [detail_cells(r) for r in results]),
-        "## Machine",
+        "### Machine",
         machine_markdown(machine),
-        "## Command",
+        "### Command",
         f"```\n{args.command}\n```",
     ]
     return "\n\n".join(sections) + "\n"
@@ -793,7 +765,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     arguments = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(arguments)
-    args.command = command_line(arguments)
+    args.command = benchlib.command_line(__file__, arguments)
     if args.repeat is None:
         args.repeat = 2 if args.quick else 5
     return args
@@ -838,8 +810,7 @@ def write_outputs(results: list[Result], machine: dict[str, Any], args: argparse
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         console.print(f"wrote {args.json}")
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown_report(results, machine, args))
+        benchlib.write_section(args.markdown, "dask", markdown_report(results, machine, args))
         console.print(f"wrote {args.markdown}")
 
 

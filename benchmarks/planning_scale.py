@@ -1,0 +1,151 @@
+"""How long planning takes on large DAGs, per planner (issue: 10,000 tasks well under 1 s,
+100,000 in seconds).
+
+The DAG: N/3 independent two-task chains (``leaf -> mid``) reduced by a pairwise tree, so it
+has wide fan-in, chains and depth. Planning runs without a worker cap (as on Kubernetes) and
+with a history snapshot that has samples for every function, so the predictor, the timing
+model and (for non-uniform) the downgrade rounds all do their full work. Building the
+Workflow (SDK) is timed separately from planning.
+
+Usage: python benchmarks/planning_scale.py [--sizes 10000,100000] [--repeat N] [--markdown F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import benchlib
+from rich.console import Console
+from rich.table import Table
+
+import dagkube
+from dagkube.planning import PLANNERS, PlanningOptions, plan
+from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
+
+CLASSES = [512, 1024, 2048]
+
+
+@dagkube.task
+def leaf(i: int) -> int:
+    return i
+
+
+@dagkube.task
+def mid(x: int) -> int:
+    return x
+
+
+@dagkube.task
+def combine(a: int, b: int) -> int:
+    return a + b
+
+
+def build(size: int) -> dagkube.Workflow:
+    chains = [mid(leaf(i)) for i in range(size // 3)]
+    return dagkube.Workflow(dagkube.reduce_tree(chains, combine), name=f"scale-{size}")
+
+
+def snapshot() -> HistorySnapshot:
+    samples = [
+        TaskSample(function, memory, 100, 100, seconds)
+        for function, seconds in (("leaf", 0.01), ("mid", 0.05), ("combine", 0.02))
+        for memory in (1024, 2048)
+        for _ in range(5)
+    ]
+    startups = [
+        StartupSample(m, cold, 2.0 if cold else 0.01) for m in CLASSES for cold in (True, False)
+    ]
+    return HistorySnapshot("bench", 5, samples, startups)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000", help="task counts, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="timed plans per size and planner")
+    parser.add_argument("--markdown", type=Path, help="write the results into this page")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    history = snapshot()
+    rows = []
+    for size in sizes:
+        started = time.perf_counter()
+        wf = build(size)
+        build_s = time.perf_counter() - started
+        for planner in PLANNERS:
+            times, result = [], None
+            for _ in range(args.repeat):
+                options = PlanningOptions(CLASSES, history=history)
+                started = time.perf_counter()
+                result = plan(wf.dag, planner, options)
+                times.append(time.perf_counter() - started)
+            assert result is not None
+            workers = len({t.worker_id for t in result.tasks.values()})
+            rows.append(
+                (
+                    len(wf.dag.tasks),
+                    planner,
+                    statistics.median(times),
+                    max(times),
+                    build_s,
+                    workers,
+                    result.classes_used(),
+                )
+            )
+    table = Table(title="Planning time (median of repeats)")
+    for column in (
+        "tasks",
+        "planner",
+        "plan median (s)",
+        "plan max (s)",
+        "build (s)",
+        "logical workers",
+        "classes used (MiB)",
+    ):
+        table.add_column(column)
+    for tasks, planner, median, worst, build_s, workers, classes in rows:
+        table.add_row(
+            f"{tasks:,}",
+            planner,
+            f"{median:.3f}",
+            f"{worst:.3f}",
+            f"{build_s:.2f}",
+            f"{workers:,}",
+            ", ".join(map(str, classes)),
+        )
+    Console().print(table)
+    if args.markdown:
+        machine = benchlib.machine_info()
+        lines = [
+            "## Planning time on large DAGs",
+            "",
+            "N/3 two-task chains reduced by a pairwise tree; history samples for every "
+            "function; no worker cap. *build* is `Workflow(...)` (the SDK), timed apart from "
+            f"planning. Median of {args.repeat} plans.",
+            "",
+            "| tasks | planner | plan median (s) | plan max (s) | build (s) | logical workers "
+            "| classes used (MiB) |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
+        ]
+        lines += [
+            f"| {tasks:,} | {planner} | {median:.3f} | {worst:.3f} | {build_s:.2f} | "
+            f"{workers:,} | {', '.join(map(str, classes))} |"
+            for tasks, planner, median, worst, build_s, workers, classes in rows
+        ]
+        lines += [
+            "",
+            f"Machine: {machine['cpu']}, {machine['cores_logical']} cores, "
+            f"{machine['ram_gib']} GiB, Python {machine['python']}, dagkube "
+            f"{machine['dagkube']}, {machine['date']}.",
+            "",
+            f"Command: `{benchlib.command_line(__file__, sys.argv[1:] if argv is None else argv)}`",
+        ]
+        benchlib.write_section(args.markdown, "planning", "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
