@@ -151,49 +151,59 @@ def main() -> None:
     """
 
 
+def _shared_options(function: Any) -> Any:
+    """The options ``run`` and ``plan`` share: what to plan with, and where."""
+    options = [
+        click.argument("file", type=click.Path(dir_okay=False)),
+        click.option(
+            "--planner",
+            default="wukong",
+            show_default=True,
+            callback=_validated(check_planner),
+            help=f"Planner: {', '.join(PLANNERS)}.",
+        ),
+        click.option(
+            "--sla",
+            default="avg",
+            show_default=True,
+            callback=_validated(parse_sla),
+            help=f"SLA: {ACCEPTED_SLAS}.",
+        ),
+        click.option(
+            "--classes",
+            default=None,
+            callback=_validated(parse_classes),
+            help=f"Resource classes, comma-separated: {ACCEPTED_FORMS}. [default: 512Mi,1Gi,2Gi]",
+        ),
+        click.option(
+            "--redis",
+            "redis_url",
+            envvar="DAGKUBE_REDIS_URL",
+            default=None,
+            help="Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). "
+            "[default: the embedded server; env: DAGKUBE_REDIS_URL]",
+        ),
+        click.option(
+            "--max-workers",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Cap on concurrent local worker processes. [default: number of cores, >= 2]",
+        ),
+        click.option(
+            "--idle-timeout",
+            type=click.FloatRange(min=0.1),
+            default=30.0,
+            show_default=True,
+            help="Seconds an idle worker waits before it exits (the next start is cold).",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 @main.command(epilog=FILE_CONVENTION)
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option(
-    "--planner",
-    default="wukong",
-    show_default=True,
-    callback=_validated(check_planner),
-    help=f"Planner: {', '.join(PLANNERS)}.",
-)
-@click.option(
-    "--sla",
-    default="avg",
-    show_default=True,
-    callback=_validated(parse_sla),
-    help=f"SLA: {ACCEPTED_SLAS}.",
-)
-@click.option(
-    "--classes",
-    default=None,
-    callback=_validated(parse_classes),
-    help=f"Resource classes, comma-separated: {ACCEPTED_FORMS}. [default: 512Mi,1Gi,2Gi]",
-)
-@click.option(
-    "--redis",
-    "redis_url",
-    envvar="DAGKUBE_REDIS_URL",
-    default=None,
-    help="Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). "
-    "[default: the embedded server; env: DAGKUBE_REDIS_URL]",
-)
-@click.option(
-    "--max-workers",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Cap on concurrent local worker processes. [default: number of cores, >= 2]",
-)
-@click.option(
-    "--idle-timeout",
-    type=click.FloatRange(min=0.1),
-    default=30.0,
-    show_default=True,
-    help="Seconds an idle worker waits before it exits (the next start is cold).",
-)
+@_shared_options
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0.1),
@@ -327,6 +337,69 @@ def _print_summary(summary: dict, outputs: Any, failure: Any, verify_error: str)
         f"{summary['cpu_s_used']:.3f} used of {summary['cpu_s_allocated']:.3f} allocated",
     )
     out.print(table)
+
+
+@main.command(epilog=FILE_CONVENTION)
+@_shared_options
+@click.option("--json", "as_json", is_flag=True, help="Print the whole Plan as JSON on stdout.")
+def plan(
+    file: str,
+    planner: str,
+    sla: str,
+    classes: list[int] | None,
+    redis_url: str | None,
+    max_workers: int | None,
+    idle_timeout: float,
+    as_json: bool,
+) -> None:
+    """Plan the workflow in FILE from its run history, without running it: a table per
+    worker (class, CPU, tasks, predicted busy period, cold or warm) and the run totals."""
+    from dagkube import planning
+    from dagkube.metrics.history import load_snapshot
+    from dagkube.resources import cpu_for_memory
+    from dagkube.runtime.local_backend import default_max_workers
+
+    with _errors():
+        wf = load_workflow_file(file).workflow
+        history = _with_redis(redis_url, lambda r: load_snapshot(r, wf.structure_hash))
+        options = planning.PlanningOptions(
+            classes_mib=classes or parse_classes(None),
+            sla=sla,
+            history=history,
+            max_workers=max_workers or default_max_workers(),
+            idle_timeout_s=idle_timeout,
+        )
+        result = planning.plan(wf.dag, planner, options)
+        if as_json:
+            out.print_json(result.model_dump_json())
+            return
+        table = Table(title=f"Plan of {wf.name!r}: {planner}, SLA {result.sla}")
+        for column in ("worker", "class", "CPU", "tasks", "busy from", "busy to", "start"):
+            table.add_column(column, justify="left" if column == "worker" else "right")
+        for number, worker in enumerate(result.workers):
+            cpu = cpu_for_memory(worker.memory_mib, result.memory_per_cpu_mib, result.max_cpu)
+            table.add_row(
+                worker.logical_id or f"flexible #{number}",
+                format_memory(worker.memory_mib),
+                f"{cpu:.2f}",
+                str(worker.tasks),
+                f"{worker.predicted_start_s:.3f}s",
+                f"{worker.predicted_end_s:.3f}s",
+                "cold" if worker.cold else "warm",
+            )
+        out.print(table)
+        critical = [t for t, p in result.tasks.items() if p.critical_path]
+        out.print(
+            f"[bold]predicted makespan[/] {result.predicted_makespan_s:.3f}s  "
+            f"[bold]GB-seconds[/] {result.predicted_gb_s:.3f}  "
+            f"[bold]history[/] {result.history_runs} runs, {result.history_samples} samples"
+        )
+        out.print(
+            f"[bold]critical path[/] ({len(critical)} tasks): {' -> '.join(critical[:12])}"
+            + (" ..." if len(critical) > 12 else "")
+        )
+        for note in result.notes:
+            out.print(f"[dim]note:[/] {note}")
 
 
 @main.command()

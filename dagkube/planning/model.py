@@ -25,6 +25,17 @@ class TaskPlan(BaseModel):
     critical_path: bool = False
 
 
+class WorkerPlan(BaseModel):
+    """One predicted worker activation (a flexible worker may serve several invocations)."""
+
+    logical_id: str | None
+    memory_mib: int
+    cold: bool
+    predicted_start_s: float
+    predicted_end_s: float
+    tasks: int
+
+
 class Plan(BaseModel):
     """Per task: class, worker, optimizations, predictions; per run: totals and provenance."""
 
@@ -34,6 +45,7 @@ class Plan(BaseModel):
     memory_per_cpu_mib: int
     max_cpu: float
     tasks: dict[str, TaskPlan]
+    workers: list[WorkerPlan] = Field(default_factory=list)
     predicted_makespan_s: float | None = None
     predicted_gb_s: float | None = None
     history_runs: int = 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
 from dagkube.planning.history import HistorySnapshot
-from dagkube.planning.model import Plan, TaskPlan
+from dagkube.planning.model import Plan, TaskPlan, WorkerPlan
 from dagkube.planning.predictions import Predictor
 from dagkube.planning.timing import Timing, estimate, simulate
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB
@@ -113,6 +113,17 @@ def _build(
         memory_per_cpu_mib=options.memory_per_cpu_mib,
         max_cpu=options.max_cpu,
         tasks=tasks,
+        workers=[
+            WorkerPlan(
+                logical_id=a.logical_id,
+                memory_mib=a.memory_mib,
+                cold=a.cold,
+                predicted_start_s=round(a.start_s, 6),
+                predicted_end_s=round(a.end_s, 6),
+                tasks=len(a.tasks),
+            )
+            for a in timing.activities
+        ],
         predicted_makespan_s=round(timing.makespan_s, 6),
         predicted_gb_s=round(timing.gb_s, 6),
         history_runs=options.history.runs,

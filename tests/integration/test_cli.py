@@ -165,3 +165,17 @@ def test_ctrl_c_cancels_and_leaves_no_server_or_worker(tmp_path):
     wait_until(lambda: _gone(worker_pid), 10, "the worker to exit")
     wait_until(lambda: _gone(server_pid), 10, "the embedded server to stop")
     assert not (home / "server.json").exists()
+
+
+def test_plan_prints_workers_and_totals_without_running(redis_server):
+    env = {"DAGKUBE_REDIS_URL": redis_server.url}
+    example = str(ROOT / "examples" / "fanout_sleep.py")
+    table = run_cli("plan", example, "--planner", "non-uniform", "--sla", "p95", env=env)
+    assert table.returncode == 0, table.stderr
+    assert "Plan of 'fanout-sleep': non-uniform, SLA p95" in table.stdout
+    assert "predicted makespan" in table.stdout and "critical path" in table.stdout
+    plan = json.loads(run_cli("plan", example, "--planner", "uniform", "--json", env=env).stdout)
+    assert plan["planner"] == "uniform" and len(plan["tasks"]) == 10
+    assert plan["workers"] and plan["predicted_makespan_s"] > 0
+    bad = run_cli("plan", example, "--sla", "p100", env=env)
+    assert bad.returncode == 2 and "SLA 'p100' is not valid" in bad.stderr
