@@ -368,6 +368,7 @@ def plan(
             history=history,
             max_workers=max_workers or default_max_workers(),
             idle_timeout_s=idle_timeout,
+            cpu_enforced=False,  # planned for the local runtime
         )
         result = planning.plan(wf.dag, planner, options)
         if as_json:
@@ -400,6 +401,135 @@ def plan(
         )
         for note in result.notes:
             out.print(f"[dim]note:[/] {note}")
+
+
+@main.command(epilog=FILE_CONVENTION)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--planners",
+    default="wukong,uniform,non-uniform",
+    show_default=True,
+    help=f"Planners to compare, comma-separated: {', '.join(PLANNERS)}.",
+)
+@click.option(
+    "--slas",
+    default="avg,p90,p95,p99",
+    show_default=True,
+    help=f"SLAs to plan for, comma-separated: {ACCEPTED_SLAS}.",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Runs per (planner, SLA); the matrix is interleaved across repeats.",
+)
+@click.option(
+    "--classes",
+    default=None,
+    callback=_validated(parse_classes),
+    help=f"Resource classes, comma-separated: {ACCEPTED_FORMS}.",
+)
+@click.option("--cold", is_flag=True, help="Stop every idle worker before each run.")
+@click.option(
+    "--redis",
+    "redis_url",
+    envvar="DAGKUBE_REDIS_URL",
+    default=None,
+    help="Redis URL. [default: the embedded server; env: DAGKUBE_REDIS_URL]",
+)
+@click.option(
+    "--max-workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cap on concurrent local worker processes. [default: number of cores, >= 2]",
+)
+@click.option(
+    "--startup-delay",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Extra seconds per worker start, so local cold starts cost what Pods do.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print every sample and summary as JSON.")
+def experiment(
+    file: str,
+    planners: str,
+    slas: str,
+    repeat: int,
+    classes: list[int] | None,
+    cold: bool,
+    redis_url: str | None,
+    max_workers: int | None,
+    startup_delay: float,
+    as_json: bool,
+) -> None:
+    """Run FILE over a matrix of planners and SLAs and compare them: median makespan,
+    GB-seconds, warm/cold starts, prediction error and SLA attainment (the share of runs
+    that finished within their predicted makespan). Every run is kept in the history."""
+    from dagkube.experiments import check_matrix, run_experiment
+    from dagkube.runtime.local import LocalRuntime
+
+    with _errors():
+        chosen, levels = check_matrix(_split(planners), _split(slas))
+        wf = load_workflow_file(file).workflow  # a bad file fails before anything starts
+        total = len(chosen) * len(levels) * repeat
+        done = [0]
+        with (
+            LocalRuntime(redis_url, max_workers=max_workers, startup_delay_s=startup_delay) as rt,
+            _progress(not as_json and err.is_terminal, total, "experiment") as progress,
+        ):
+
+            def on_sample(_sample: Any) -> None:
+                done[0] += 1
+                if progress:
+                    progress(done[0], total)
+
+            result = run_experiment(
+                lambda: wf,
+                rt,
+                chosen,
+                levels,
+                repeat,
+                classes=classes,
+                cold=cold,
+                on_sample=on_sample,
+            )
+        if as_json:
+            out.print_json(json.dumps(result.to_dict()))
+            return
+        table = Table(title=f"Experiment: {total} runs of {Path(file).name}")
+        for column in (
+            "planner",
+            "SLA",
+            "runs",
+            "median makespan",
+            "median GB-s",
+            "cold/warm",
+            "median pred. error",
+            "within prediction",
+        ):
+            table.add_column(column, justify="left" if column in ("planner", "SLA") else "right")
+        for s in result.summaries():
+            table.add_row(
+                s.planner,
+                s.sla,
+                f"{s.runs}" + (f" ({s.failed} failed)" if s.failed else ""),
+                _fmt(s.median_makespan_s, "{:.3f}s"),
+                _fmt(s.median_gb_s, "{:.3f}"),
+                f"{s.workers_cold}/{s.workers_warm}",
+                _fmt(s.median_prediction_error, "{:.1%}"),
+                _fmt(s.sla_attainment, "{:.0%}"),
+            )
+        out.print(table)
+
+
+def _split(values: str) -> list[str]:
+    return [v.strip() for v in values.split(",") if v.strip()]
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
 
 
 @main.command()

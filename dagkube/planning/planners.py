@@ -37,6 +37,7 @@ class PlanningOptions:
     warm_pool: dict[int, int] = field(default_factory=dict)  # idle workers per class now
     startup_delay_s: float = 0.0
     cluster_size: int = DEFAULT_CLUSTER_SIZE
+    cpu_enforced: bool = True  # False for local workers, which share the machine's cores
 
     def predictor(self) -> Predictor:
         return Predictor(
@@ -45,6 +46,7 @@ class PlanningOptions:
             self.memory_per_cpu_mib,
             self.max_cpu,
             startup_delay_s=self.startup_delay_s,
+            cpu_enforced=self.cpu_enforced,
         )
 
 
@@ -156,10 +158,13 @@ def assign_workers(
 ) -> dict[str, str | None]:
     """Logical worker per task from predicted times and sizes (DESIGN "uniform").
 
-    1->1 edges stay on the upstream's worker. In a fan-out (and among source tasks), short
-    children (<= the median predicted time, largest outputs first) share the upstream's
-    worker up to ``cluster_size`` tasks, further short ones are grouped in clusters of that
-    size, long ones get workers of their own. A fan-in goes to the worker of its
+    1->1 edges stay on the upstream's worker. In a fan-out (and among source tasks) the child
+    leading the longest remaining path (largest bottom level) continues on the upstream's
+    worker: the seed notes list "first upstream worker" as a flaw, since a critical task must
+    not queue behind short ones, and the upstream's worker then carries the critical path
+    alone (so non-uniform can downgrade the others). Of the other children, short ones
+    (<= the median predicted time, largest outputs first) are grouped ``cluster_size`` to a
+    new worker, long ones get workers of their own. A fan-in goes to the worker of its
     critical-path upstream (the one predicted to finish last: it starts the fan-in without
     waiting, and no other worker idles allocated until then), unless another worker holds
     inputs whose transfer would cost more than max(10 ms, 10% of the fan-in's time) extra.
@@ -171,23 +176,27 @@ def assign_workers(
     def new_worker() -> str:
         return f"w{next(counter)}"
 
+    bottom: dict[str, float] = {}  # longest predicted path from a task to the end
+    for task_id in reversed(list(dag.tasks)):
+        after = [bottom[d] for d in dag.tasks[task_id].downstream]
+        bottom[task_id] = exec_s[task_id] + max(after, default=0.0)
+
     def place_group(children: list[str], parent_worker: str | None) -> None:
-        if len(children) == 1:
-            worker_of[children[0]] = parent_worker or new_worker()
+        leader = max(children, key=lambda c: bottom[c])
+        worker_of[leader] = parent_worker or new_worker()
+        others = [c for c in children if c != leader]
+        if not others:
             return
-        median = statistics.median(exec_s[c] for c in children)
-        short = sorted((c for c in children if exec_s[c] <= median), key=lambda c: -out_bytes[c])
-        long = [c for c in children if exec_s[c] > median]
-        home = group = parent_worker or new_worker()
+        median = statistics.median(exec_s[c] for c in others)
+        short = sorted((c for c in others if exec_s[c] <= median), key=lambda c: -out_bytes[c])
+        group = ""
         for index, child in enumerate(short):
-            if index < cluster_size:
-                worker_of[child] = home
-            else:
-                if (index - cluster_size) % cluster_size == 0:
-                    group = new_worker()
-                worker_of[child] = group
-        for child in long:
-            worker_of[child] = new_worker()
+            if index % cluster_size == 0:
+                group = new_worker()
+            worker_of[child] = group
+        for child in others:
+            if exec_s[child] > median:
+                worker_of[child] = new_worker()
 
     place_group(dag.sources, None)
     for task_id, spec in dag.tasks.items():

@@ -11,7 +11,8 @@
 * Memory classes without samples: scaled from the nearest sampled class by
   ``(cpu_sampled / cpu_wanted) ** alpha``. ``alpha`` is fitted from the function's per-class
   medians when two or more classes have samples (clamped to [0, 1]); with one class it is 1
-  (CPU-bound: twice the CPU, half the time), the conservative rule for proportional CPU.
+  where the backend enforces CPU limits (Pods: twice the CPU, half the time), and 0 where it
+  does not (local worker processes all share the machine's cores).
 * Output size: the same nearest-sample rule over (input bytes -> output bytes), any class.
 * Transfers: a fixed latency (SLA statistic of small transfers) plus bytes over a bandwidth
   (for percentiles, the matching low percentile of measured bandwidths).
@@ -88,6 +89,7 @@ class Predictor:
     max_cpu: float = DEFAULT_MAX_CPU
     defaults: Defaults = field(default_factory=Defaults)
     startup_delay_s: float = 0.0  # added to default cold starts (LocalBackend's emulation)
+    cpu_enforced: bool = True  # do workers get only their class's CPU? (Pods: yes; local: no)
     used_defaults: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -128,7 +130,7 @@ class Predictor:
                     for s in samples
                 ]
             )
-        alpha = 1.0
+        alpha = 1.0 if self.cpu_enforced else 0.0
         if len(by_class) >= 2:
             points = [
                 (

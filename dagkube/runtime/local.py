@@ -263,6 +263,7 @@ class LocalRuntime:
             warm_pool=self.call(self._idle_workers()),
             startup_delay_s=self.startup_delay_s,
             cluster_size=cluster_size,
+            cpu_enforced=False,  # local worker processes are not CPU-limited
         )
         return planning.plan(dag, planner, options)
 
@@ -274,6 +275,12 @@ class LocalRuntime:
                 pipe.scard(keys.idle(memory))
             counts = await pipe.execute()
         return {m: n for m, n in zip(classes, counts, strict=True) if n}
+
+    def cool_down(self) -> None:
+        """Stop every worker (between runs they are idle), so the next run starts cold."""
+        self.start()
+        assert self.backend is not None
+        self.call(self.backend.stop_all())
 
     def worker_pids(self) -> dict[str, int]:
         """Worker processes alive now (tests kill one to check recovery)."""

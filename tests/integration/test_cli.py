@@ -179,3 +179,44 @@ def test_plan_prints_workers_and_totals_without_running(redis_server):
     assert plan["workers"] and plan["predicted_makespan_s"] > 0
     bad = run_cli("plan", example, "--sla", "p100", env=env)
     assert bad.returncode == 2 and "SLA 'p100' is not valid" in bad.stderr
+
+
+def test_experiment_compares_planners(redis_server):
+    env = {"DAGKUBE_REDIS_URL": redis_server.url}
+    example = str(ROOT / "examples" / "tree_reduction.py")
+    result = run_cli(
+        "experiment",
+        example,
+        "--planners",
+        "wukong,uniform",
+        "--slas",
+        "avg,p90",
+        "--repeat",
+        "2",
+        "--json",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert len(data["samples"]) == 8
+    cells = {(s["planner"], s["sla"]) for s in data["summaries"]}
+    assert cells == {("wukong", "avg"), ("wukong", "p90"), ("uniform", "avg"), ("uniform", "p90")}
+    for summary in data["summaries"]:
+        assert summary["runs"] == 2 and summary["failed"] == 0
+        assert summary["median_makespan_s"] > 0 and summary["median_gb_s"] > 0
+    table = run_cli(
+        "experiment",
+        example,
+        "--planners",
+        "wukong",
+        "--slas",
+        "avg",
+        "--repeat",
+        "1",
+        "--cold",
+        env=env,
+    )
+    assert table.returncode == 0 and "within prediction" in table.stdout
+    assert " 1/0 " in table.stdout  # --cold: the single worker of the run started cold
+    bad = run_cli("experiment", example, "--planners", "uniform-opt", env=env)
+    assert bad.returncode == 2 and "not available yet" in bad.stderr
