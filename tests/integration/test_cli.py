@@ -213,10 +213,22 @@ def test_experiment_compares_planners(redis_server):
         "avg",
         "--repeat",
         "1",
-        "--cold",
         env=env,
     )
     assert table.returncode == 0 and "within prediction" in table.stdout
-    assert " 1/0 " in table.stdout  # --cold: the single worker of the run started cold
+    cold = run_cli(
+        "experiment",
+        example,
+        "--planners",
+        "wukong",
+        "--slas",
+        "avg",
+        "--repeat",
+        "2",
+        "--cold",
+        "--json",
+        env=env,
+    )
+    assert all(s["workers_cold"] >= 1 for s in json.loads(cold.stdout)["samples"])
     bad = run_cli("experiment", example, "--planners", "uniform-opt", env=env)
     assert bad.returncode == 2 and "not available yet" in bad.stderr
