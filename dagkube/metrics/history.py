@@ -7,6 +7,7 @@ from typing import Any
 
 from dagkube.metrics.records import RunRecord, TaskRecord, WorkerRecord
 from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
+from dagkube.planning.planners import CALIBRATION_RUNS
 from dagkube.runtime.keys import (
     HIST_ALL_RUNS,
     HIST_STRUCTURES,
@@ -101,16 +102,24 @@ async def load_snapshot(
     ids = await run_ids(redis, structure_hash=structure_hash, limit=runs * 2)
     async with redis.pipeline(transaction=False) as pipe:
         for run_id in ids:
-            pipe.hget(hist_run(run_id, "meta"), "status")
+            pipe.hgetall(hist_run(run_id, "meta"))
             pipe.hvals(hist_run(run_id, "tasks"))
             pipe.hvals(hist_run(run_id, "workers"))
         replies = await pipe.execute()
+    metas = [replies[3 * i] for i in range(len(ids))]
     snapshot = HistorySnapshot(structure_hash=structure_hash)
     for index in range(len(ids)):
-        status, tasks, workers = replies[3 * index : 3 * index + 3]
+        meta, tasks, workers = replies[3 * index : 3 * index + 3]
+        status = meta.get(b"status")
         if status != b"succeeded" or snapshot.runs >= runs:
             continue
         snapshot.runs += 1
+        record = RunRecord.from_hash(_decode(metas[index]))
+        # Only an informed plan's error says something about the model: the first runs of a
+        # workflow are planned from defaults and miss by whole seconds.
+        informed = record.plan_history_runs >= CALIBRATION_RUNS
+        if informed and record.model_makespan_s and record.makespan_s:
+            snapshot.residuals.append((record.planner, record.makespan_s - record.model_makespan_s))
         for raw in tasks:
             task = TaskRecord.model_validate_json(raw)
             snapshot.tasks.append(

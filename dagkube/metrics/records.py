@@ -94,6 +94,8 @@ class RunRecord(BaseModel):
     cpu_s_allocated: float = 0.0
     cpu_s_used: float = 0.0
     predicted_makespan_s: float | None = None
+    model_makespan_s: float | None = None
+    plan_history_runs: int = 0  # how many earlier runs the plan was made from
     startup_delay_s: float = 0.0
     failed_task: str | None = None
     error: dict[str, Any] | None = None
@@ -105,7 +107,13 @@ class RunRecord(BaseModel):
             data["error"] = json.loads(data["error"])
         else:
             data.pop("error", None)
-        for key in ("predicted_makespan_s", "failed_task", "finished_at", "makespan_s"):
+        for key in (
+            "predicted_makespan_s",
+            "model_makespan_s",
+            "failed_task",
+            "finished_at",
+            "makespan_s",
+        ):
             if data.get(key) == "":
                 data.pop(key)
         return cls.model_validate(data)

@@ -43,6 +43,8 @@ class HistorySnapshot:
     runs: int = 0
     tasks: list[TaskSample] = field(default_factory=list)
     startups: list[StartupSample] = field(default_factory=list)
+    # (planner, actual makespan - the timing model's prediction) of earlier runs
+    residuals: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:

@@ -46,7 +46,8 @@ class Plan(BaseModel):
     max_cpu: float
     tasks: dict[str, TaskPlan]
     workers: list[WorkerPlan] = Field(default_factory=list)
-    predicted_makespan_s: float | None = None
+    predicted_makespan_s: float | None = None  # the timing model's, calibrated (see planners)
+    model_makespan_s: float | None = None  # the timing model's own, before calibration
     predicted_gb_s: float | None = None
     history_runs: int = 0
     history_samples: int = 0

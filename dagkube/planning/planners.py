@@ -15,7 +15,7 @@ from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
 from dagkube.planning.history import HistorySnapshot
 from dagkube.planning.model import Plan, TaskPlan, WorkerPlan
-from dagkube.planning.predictions import Predictor
+from dagkube.planning.predictions import Predictor, statistic
 from dagkube.planning.timing import Timing, estimate, simulate
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB
 
@@ -94,6 +94,12 @@ def _build(
     notes: list[str],
 ) -> Plan:
     critical = set(timing.critical_path)
+    calibration = _calibration(planner, options, predictor)
+    if calibration:
+        notes.append(
+            f"makespan calibrated by {calibration:+.3f}s from this planner's earlier runs "
+            f"(SLA {options.sla} of actual minus model)"
+        )
     if options.history.empty:
         notes.append("no history for this workflow: predictions use documented defaults")
     elif predictor.used_defaults:
@@ -126,12 +132,27 @@ def _build(
             )
             for a in timing.activities
         ],
-        predicted_makespan_s=round(timing.makespan_s, 6),
+        predicted_makespan_s=round(max(timing.makespan_s + calibration, 0.0), 6),
+        model_makespan_s=round(timing.makespan_s, 6),
         predicted_gb_s=round(timing.gb_s, 6),
         history_runs=options.history.runs,
         history_samples=predictor.sample_count,
         notes=notes,
     )
+
+
+CALIBRATION_RUNS = 3
+
+
+def _calibration(planner: str, options: PlanningOptions, predictor: Predictor) -> float:
+    """What the timing model cannot see (per-run scheduling costs, jitter) shows up as the
+    difference between earlier actual and modelled makespans of this planner: add its SLA
+    statistic (mean for avg, the percentile for pNN). Residuals are measured against the
+    model's own prediction, so calibration never feeds back on itself."""
+    residuals = [r for name, r in options.history.residuals if name == planner]
+    if len(residuals) < CALIBRATION_RUNS:
+        return 0.0
+    return statistic(residuals, predictor.percentile)
 
 
 # ---------------------------------------------------------------------- wukong

@@ -89,6 +89,8 @@ async def launch(
         "history_cap": history_cap,
         "startup_delay_s": startup_delay_s,
         "predicted_makespan_s": plan.predicted_makespan_s if plan.predicted_makespan_s else "",
+        "model_makespan_s": plan.model_makespan_s if plan.model_makespan_s else "",
+        "plan_history_runs": plan.history_runs,
     }
     async with redis.pipeline(transaction=True) as pipe:
         pipe.set(keys.dag, dag.to_bytes())

@@ -254,3 +254,20 @@ def test_every_planner_produces_a_valid_plan_without_history():
         result = plan(wf.dag, name, PlanningOptions([512, 2048]))
         validate_plan(wf.dag, result)
         assert any("no history" in note for note in result.notes)
+
+
+def test_makespan_is_calibrated_by_this_planners_residuals():
+    wf = fan(2)
+    snapshot = history({"prep": 0.1, "work": 1.0, "join": 0.1})
+    raw = plan(wf.dag, "wukong", PlanningOptions([2048], history=snapshot))
+    assert raw.predicted_makespan_s == raw.model_makespan_s  # no residuals yet
+    snapshot.residuals = [("wukong", r) for r in (0.01, 0.02, 0.03, 0.10)]
+    snapshot.residuals += [("uniform", 5.0)] * 3  # another planner's: ignored
+    avg = plan(wf.dag, "wukong", PlanningOptions([2048], history=snapshot))
+    p90 = plan(wf.dag, "wukong", PlanningOptions([2048], sla="p90", history=snapshot))
+    assert avg.model_makespan_s == raw.model_makespan_s
+    assert avg.predicted_makespan_s == pytest.approx(raw.model_makespan_s + 0.04)
+    assert p90.predicted_makespan_s == pytest.approx(
+        p90.model_makespan_s + statistic([0.01, 0.02, 0.03, 0.10], 90)
+    )
+    assert any("calibrated" in note for note in avg.notes)
