@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 
-.PHONY: run test lint typecheck unit integration bench clean
+.PHONY: run test lint typecheck unit integration bench clean system-deps
 
 # A fresh virtualenv with dagkube and the examples' dependencies.
 $(BIN)/.run-deps: pyproject.toml
@@ -22,8 +22,15 @@ $(BIN)/.test-deps: pyproject.toml $(BIN)/.run-deps
 run: $(BIN)/.run-deps
 	$(BIN)/dagkube run examples/tree_reduction.py
 
+# System tools the tests use, from Debian's packages when missing: Graphviz draws plans.
+system-deps:
+	@command -v dot >/dev/null || { \
+		echo "installing graphviz (apt-get)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq graphviz >/dev/null; }
+
 ## test: lint, type check and the whole test suite (unit, integration with real Redis).
-test: $(BIN)/.test-deps lint typecheck
+test: $(BIN)/.test-deps system-deps lint typecheck
 	$(BIN)/python -m pytest -q -ra --durations=10
 
 lint: $(BIN)/.test-deps

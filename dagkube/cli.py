@@ -151,6 +151,28 @@ def main() -> None:
     """
 
 
+CLASSES_OPTION = click.option(
+    "--classes",
+    default=None,
+    callback=_validated(parse_classes),
+    help=f"Resource classes, comma-separated: {ACCEPTED_FORMS}. [default: 512Mi,1Gi,2Gi]",
+)
+REDIS_OPTION = click.option(
+    "--redis",
+    "redis_url",
+    envvar="DAGKUBE_REDIS_URL",
+    default=None,
+    help="Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). "
+    "[default: the embedded server; env: DAGKUBE_REDIS_URL]",
+)
+MAX_WORKERS_OPTION = click.option(
+    "--max-workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cap on concurrent local worker processes. [default: number of cores, >= 2]",
+)
+
+
 def _shared_options(function: Any) -> Any:
     """The options ``run`` and ``plan`` share: what to plan with, and where."""
     options = [
@@ -169,26 +191,9 @@ def _shared_options(function: Any) -> Any:
             callback=_validated(parse_sla),
             help=f"SLA: {ACCEPTED_SLAS}.",
         ),
-        click.option(
-            "--classes",
-            default=None,
-            callback=_validated(parse_classes),
-            help=f"Resource classes, comma-separated: {ACCEPTED_FORMS}. [default: 512Mi,1Gi,2Gi]",
-        ),
-        click.option(
-            "--redis",
-            "redis_url",
-            envvar="DAGKUBE_REDIS_URL",
-            default=None,
-            help="Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). "
-            "[default: the embedded server; env: DAGKUBE_REDIS_URL]",
-        ),
-        click.option(
-            "--max-workers",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Cap on concurrent local worker processes. [default: number of cores, >= 2]",
-        ),
+        CLASSES_OPTION,
+        REDIS_OPTION,
+        MAX_WORKERS_OPTION,
         click.option(
             "--idle-timeout",
             type=click.FloatRange(min=0.1),
@@ -342,6 +347,13 @@ def _print_summary(summary: dict, outputs: Any, failure: Any, verify_error: str)
 @main.command(epilog=FILE_CONVENTION)
 @_shared_options
 @click.option("--json", "as_json", is_flag=True, help="Print the whole Plan as JSON on stdout.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also draw the plan (Graphviz): .svg, .png or .pdf, or .dot for the DOT text.",
+)
 def plan(
     file: str,
     planner: str,
@@ -351,6 +363,7 @@ def plan(
     max_workers: int | None,
     idle_timeout: float,
     as_json: bool,
+    output: str | None,
 ) -> None:
     """Plan the workflow in FILE from its run history, without running it: a table per
     worker (class, CPU, tasks, predicted busy period, cold or warm) and the run totals."""
@@ -371,6 +384,8 @@ def plan(
             cpu_enforced=False,  # planned for the local runtime
         )
         result = planning.plan(wf.dag, planner, options)
+        if output:
+            _draw(wf.dag, result, Path(output))
         if as_json:
             out.print_json(result.model_dump_json())
             return
@@ -424,26 +439,10 @@ def plan(
     show_default=True,
     help="Runs per (planner, SLA); the matrix is interleaved across repeats.",
 )
-@click.option(
-    "--classes",
-    default=None,
-    callback=_validated(parse_classes),
-    help=f"Resource classes, comma-separated: {ACCEPTED_FORMS}.",
-)
+@CLASSES_OPTION
 @click.option("--cold", is_flag=True, help="Stop every idle worker before each run.")
-@click.option(
-    "--redis",
-    "redis_url",
-    envvar="DAGKUBE_REDIS_URL",
-    default=None,
-    help="Redis URL. [default: the embedded server; env: DAGKUBE_REDIS_URL]",
-)
-@click.option(
-    "--max-workers",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Cap on concurrent local worker processes. [default: number of cores, >= 2]",
-)
+@REDIS_OPTION
+@MAX_WORKERS_OPTION
 @click.option(
     "--startup-delay",
     type=click.FloatRange(min=0),
@@ -524,6 +523,34 @@ def experiment(
         out.print(table)
 
 
+def _draw(dag: Any, result: Any, path: Path) -> None:
+    """Write the plan's picture; formats other than .dot need Graphviz's ``dot``."""
+    import shutil
+    import subprocess
+
+    from dagkube.planning.dot import plan_to_dot
+
+    text = plan_to_dot(dag, result)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt == "dot":
+        path.write_text(text)
+        return
+    if fmt not in ("svg", "png", "pdf"):
+        raise InvalidOption(f"Cannot draw {str(path)!r}: use a .svg, .png, .pdf or .dot file")
+    dot = shutil.which("dot")
+    if dot is None:
+        raise InvalidOption(
+            "Drawing needs Graphviz's 'dot' (Debian: apt-get install graphviz); "
+            f"or write the DOT text with -o {path.with_suffix('.dot')}"
+        )
+    done = subprocess.run(
+        [dot, f"-T{fmt}", "-o", str(path)], input=text, text=True, capture_output=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise InvalidOption(f"Graphviz failed to draw {str(path)!r}: {done.stderr.strip()}")
+    err.print(f"wrote {path}")
+
+
 def _split(values: str) -> list[str]:
     return [v.strip() for v in values.split(",") if v.strip()]
 
@@ -535,13 +562,7 @@ def _fmt(value: float | None, pattern: str) -> str:
 @main.command()
 @click.option("--workflow", "workflow_name", default=None, help="Only runs of this workflow.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option(
-    "--redis",
-    "redis_url",
-    envvar="DAGKUBE_REDIS_URL",
-    default=None,
-    help="Redis URL. [default: the embedded server; env: DAGKUBE_REDIS_URL]",
-)
+@REDIS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON on stdout.")
 def history(workflow_name: str | None, limit: int, redis_url: str | None, as_json: bool) -> None:
     """List past runs (most recent first) from the run history."""

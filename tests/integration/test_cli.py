@@ -177,6 +177,13 @@ def test_plan_prints_workers_and_totals_without_running(redis_server):
     plan = json.loads(run_cli("plan", example, "--planner", "uniform", "--json", env=env).stdout)
     assert plan["planner"] == "uniform" and len(plan["tasks"]) == 10
     assert plan["workers"] and plan["predicted_makespan_s"] > 0
+    svg = ROOT / "build" / "plan-test.svg"
+    svg.parent.mkdir(exist_ok=True)
+    drawn = run_cli("plan", example, "--planner", "non-uniform", "-o", str(svg), env=env)
+    assert drawn.returncode == 0, drawn.stderr
+    assert "<svg" in svg.read_text() and "work#0" in svg.read_text()
+    wrong = run_cli("plan", example, "-o", str(svg.with_suffix(".gif")), env=env)
+    assert wrong.returncode == 2 and ".svg, .png, .pdf or .dot" in wrong.stderr
     bad = run_cli("plan", example, "--sla", "p100", env=env)
     assert bad.returncode == 2 and "SLA 'p100' is not valid" in bad.stderr
 

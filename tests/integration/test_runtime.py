@@ -254,3 +254,18 @@ def test_finished_run_keys_expire_and_closing_mid_run_cancels(make_runtime, redi
     assert record.status == "cancelled"
     leftover = list(redis_client.scan_iter(f"{RunKeys(run_id).prefix}:*"))
     assert all(redis_client.ttl(k) > 0 for k in leftover)
+
+
+def test_startup_delay_makes_local_cold_starts_cost_what_pods_do(make_runtime, redis_client):
+    rt = make_runtime(max_workers=2, startup_delay_s=1.0)
+    wf = dagkube.Workflow(add(1, 2), name="it-delay")
+    assert wf.run(runtime=rt) == 3
+    record = wf.last_run.record
+    assert record.startup_delay_s == 1.0 and record.workers_cold == 1
+    from dagkube.metrics.records import WorkerRecord
+
+    (raw,) = redis_client.hvals(hist_run(wf.last_run.run_id, "workers"))
+    worker = WorkerRecord.model_validate_json(raw)
+    assert worker.cold and worker.first_task_at - worker.spawned_at >= 1.0
+    assert wf.run(runtime=rt) == 3  # warm: no delay
+    assert wf.last_run.record.workers_warm == 1 and wf.last_run.record.makespan_s < 1.0

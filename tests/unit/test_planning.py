@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 import dagkube
@@ -271,3 +273,23 @@ def test_makespan_is_calibrated_by_this_planners_residuals():
         p90.model_makespan_s + statistic([0.01, 0.02, 0.03, 0.10], 90)
     )
     assert any("calibrated" in note for note in avg.notes)
+
+
+def test_plan_picture_groups_workers_colors_classes_and_marks_the_critical_path():
+    from dagkube.planning.dot import plan_to_dot
+
+    wf = unequal_branches()
+    options = PlanningOptions(
+        [512, 2048],
+        history=history({"prep": 0.1, "long_work": 3.0, "step": 0.2, "join": 0.1}),
+        cluster_size=1,
+    )
+    result = plan(wf.dag, "non-uniform", options)
+    text = plan_to_dot(wf.dag, result)
+    assert text.startswith("digraph plan {") and text.rstrip().endswith("}")
+    workers = {t.worker_id for t in result.tasks.values()}
+    assert text.count("subgraph cluster_") == len(workers)
+    critical = [t for t, p in result.tasks.items() if p.critical_path]
+    for upstream, downstream in itertools.pairwise(critical):
+        assert f'"{upstream}" -> "{downstream}" [color="#cb181d"' in text
+    assert "512Mi" in text and "2Gi" in text
