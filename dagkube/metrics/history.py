@@ -92,57 +92,99 @@ async def structures(redis: Any) -> dict[str, str]:
 
 
 SNAPSHOT_RUNS = 20
+SNAPSHOT_MAX_TASK_SAMPLES = 10_000  # bigger workflows learn from fewer (but >= 3) runs
+MIN_SNAPSHOT_RUNS = 3
+
+
+@dataclass
+class _RunSamples:
+    """One finished run's contribution to a snapshot (history never changes once written)."""
+
+    succeeded: bool
+    tasks: list[TaskSample] = field(default_factory=list)
+    startups: list[StartupSample] = field(default_factory=list)
+    residual: tuple[str, float] | None = None
+
+
+def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes]) -> _RunSamples:
+    record = RunRecord.from_hash(_decode(meta))
+    if record.status != "succeeded":
+        return _RunSamples(succeeded=False)
+    found = _RunSamples(succeeded=True)
+    # Only an informed plan's error says something about the model: the first runs of a
+    # workflow are planned from defaults and miss by whole seconds.
+    informed = record.plan_history_runs >= CALIBRATION_RUNS
+    if informed and record.model_makespan_s and record.makespan_s:
+        found.residual = (record.planner, record.makespan_s - record.model_makespan_s)
+    for raw in tasks:
+        task = TaskRecord.model_validate_json(raw)
+        found.tasks.append(
+            TaskSample(
+                task_id=task.task_id,
+                function=task.function,
+                memory_mib=task.memory_mib,
+                input_bytes=task.input_bytes,
+                output_bytes=task.output_bytes,
+                exec_s=task.ended_at - task.started_at,
+                download_bytes=task.download_bytes,
+                download_s=task.download_s,
+                upload_bytes=task.output_bytes if task.output_stored else 0,
+                upload_s=task.upload_s,
+            )
+        )
+    for raw in workers:
+        worker = WorkerRecord.model_validate_json(raw)
+        if worker.outcome != "finished" or worker.resumed or worker.first_task_at is None:
+            continue
+        began = worker.spawned_at if worker.cold else worker.ready_at
+        if began is not None:
+            found.startups.append(
+                StartupSample(worker.memory_mib, worker.cold, worker.first_task_at - began)
+            )
+    return found
 
 
 async def load_snapshot(
-    redis: Any, structure_hash: str, *, runs: int = SNAPSHOT_RUNS
+    redis: Any,
+    structure_hash: str,
+    *,
+    runs: int = SNAPSHOT_RUNS,
+    cache: dict[str, _RunSamples] | None = None,
 ) -> HistorySnapshot:
     """The samples planners learn from: task and worker records of the last ``runs``
-    successful runs of this structure (failed runs' timings would mislead predictions)."""
+    successful runs of this structure (failed runs' timings would mislead predictions), at
+    most about SNAPSHOT_MAX_TASK_SAMPLES task samples (but at least 3 runs).
+
+    ``cache`` (run id -> parsed samples) lets a long-lived caller read each run only once.
+    """
+    cache = {} if cache is None else cache
     ids = await run_ids(redis, structure_hash=structure_hash, limit=runs * 2)
-    async with redis.pipeline(transaction=False) as pipe:
-        for run_id in ids:
-            pipe.hgetall(hist_run(run_id, "meta"))
-            pipe.hvals(hist_run(run_id, "tasks"))
-            pipe.hvals(hist_run(run_id, "workers"))
-        replies = await pipe.execute()
-    metas = [replies[3 * i] for i in range(len(ids))]
+    unseen = [run_id for run_id in ids if run_id not in cache]
+    if unseen:
+        async with redis.pipeline(transaction=False) as pipe:
+            for run_id in unseen:
+                pipe.hgetall(hist_run(run_id, "meta"))
+                pipe.hvals(hist_run(run_id, "tasks"))
+                pipe.hvals(hist_run(run_id, "workers"))
+            replies = await pipe.execute()
+        for index, run_id in enumerate(unseen):
+            meta, tasks, workers = replies[3 * index : 3 * index + 3]
+            if meta:
+                cache[run_id] = _samples(meta, tasks, workers)
     snapshot = HistorySnapshot(structure_hash=structure_hash)
-    for index in range(len(ids)):
-        meta, tasks, workers = replies[3 * index : 3 * index + 3]
-        status = meta.get(b"status")
-        if status != b"succeeded" or snapshot.runs >= runs:
+    for run_id in ids:
+        found = cache.get(run_id)
+        if found is None or not found.succeeded:
             continue
+        full = snapshot.runs >= runs or (
+            snapshot.runs >= MIN_SNAPSHOT_RUNS
+            and len(snapshot.tasks) + len(found.tasks) > SNAPSHOT_MAX_TASK_SAMPLES
+        )
+        if full:
+            break
         snapshot.runs += 1
-        record = RunRecord.from_hash(_decode(metas[index]))
-        # Only an informed plan's error says something about the model: the first runs of a
-        # workflow are planned from defaults and miss by whole seconds.
-        informed = record.plan_history_runs >= CALIBRATION_RUNS
-        if informed and record.model_makespan_s and record.makespan_s:
-            snapshot.residuals.append((record.planner, record.makespan_s - record.model_makespan_s))
-        for raw in tasks:
-            task = TaskRecord.model_validate_json(raw)
-            snapshot.tasks.append(
-                TaskSample(
-                    task_id=task.task_id,
-                    function=task.function,
-                    memory_mib=task.memory_mib,
-                    input_bytes=task.input_bytes,
-                    output_bytes=task.output_bytes,
-                    exec_s=task.ended_at - task.started_at,
-                    download_bytes=task.download_bytes,
-                    download_s=task.download_s,
-                    upload_bytes=task.output_bytes if task.output_stored else 0,
-                    upload_s=task.upload_s,
-                )
-            )
-        for raw in workers:
-            worker = WorkerRecord.model_validate_json(raw)
-            if worker.outcome != "finished" or worker.resumed or worker.first_task_at is None:
-                continue
-            began = worker.spawned_at if worker.cold else worker.ready_at
-            if began is not None:
-                snapshot.startups.append(
-                    StartupSample(worker.memory_mib, worker.cold, worker.first_task_at - began)
-                )
+        snapshot.tasks += found.tasks
+        snapshot.startups += found.startups
+        if found.residual:
+            snapshot.residuals.append(found.residual)
     return snapshot

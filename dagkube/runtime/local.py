@@ -82,6 +82,7 @@ class LocalRuntime:
         self.backend: LocalBackend | None = None
         self.scaler: Scaler | None = None
         self._active_runs: set[str] = set()
+        self._history_cache: dict = {}  # run id -> parsed history samples (immutable)
 
     # ----------------------------------------------------------------- lifecycle
     def __enter__(self) -> LocalRuntime:
@@ -255,7 +256,9 @@ class LocalRuntime:
         options = PlanningOptions(
             classes_mib=parse_classes(classes),
             sla=sla,
-            history=self.call(load_snapshot(self.redis, dag.structure_hash)),
+            history=self.call(
+                load_snapshot(self.redis, dag.structure_hash, cache=self._history_cache)
+            ),
             memory_per_cpu_mib=self.memory_per_cpu_mib,
             max_cpu=self.max_cpu,
             max_workers=self.backend.max_workers if self.backend else self.max_workers,
