@@ -15,7 +15,7 @@ from dagkube.metrics.history import list_runs
 from dagkube.runtime.connection import connect
 from dagkube.runtime.embedded import EmbeddedRedis, _alive, _ping
 from tests.conftest import ROOT
-from tests.integration.test_runtime import add
+from tests.tasks import add
 
 pytestmark = pytest.mark.integration
 

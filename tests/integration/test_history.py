@@ -13,7 +13,8 @@ from dagkube.metrics.history import list_runs, read_run
 from dagkube.runtime.connection import connect
 from dagkube.runtime.keys import hist_run, hist_structure_runs
 from tests.conftest import wait_until
-from tests.integration.test_runtime import _run_in_thread, add, boom, slow_step, total
+from tests.integration.test_runtime import _run_in_thread, boom, slow_step
+from tests.tasks import add, total
 
 pytestmark = pytest.mark.integration
 

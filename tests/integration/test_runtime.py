@@ -14,18 +14,9 @@ import pytest
 import dagkube
 from dagkube.runtime.keys import RunKeys, hist_run
 from tests.conftest import wait_until
+from tests.tasks import add, total
 
 pytestmark = pytest.mark.integration
-
-
-@dagkube.task
-def add(a, b):
-    return a + b
-
-
-@dagkube.task
-def total(values):
-    return sum(values)
 
 
 @dagkube.task

@@ -11,16 +11,7 @@ import pytest
 import dagkube
 from dagkube.dag import ConstRef, Ref, build_dag, resolve
 from dagkube.errors import InvalidWorkflow
-
-
-@dagkube.task
-def add(a, b):
-    return a + b
-
-
-@dagkube.task
-def total(values):
-    return sum(values)
+from tests.tasks import add, total
 
 
 @dagkube.task
