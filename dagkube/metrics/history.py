@@ -10,7 +10,6 @@ from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
 from dagkube.planning.planners import CALIBRATION_RUNS
 from dagkube.runtime.keys import (
     HIST_ALL_RUNS,
-    HIST_STRUCTURES,
     hist_run,
     hist_structure_runs,
     hist_workflow_runs,
@@ -84,11 +83,6 @@ async def read_run(redis: Any, run_id: str) -> RunHistory | None:
         ),
         plan_json=plan.decode() if plan else None,
     )
-
-
-async def structures(redis: Any) -> dict[str, str]:
-    """Structure hash -> workflow name, for every structure with history."""
-    return _decode(await redis.hgetall(HIST_STRUCTURES))
 
 
 SNAPSHOT_RUNS = 20

@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+from dagkube.dag import DagSpec
+
+
+def output_must_be_stored(
+    dag: DagSpec, task_id: str, worker_of: Callable[[str], str | None]
+) -> bool:
+    """The runtime's upload rule, shared with the timing model: store an output in Redis only
+    if it is a run output or a consumer may run on another worker. A flexible task's output
+    stays local only when its one consumer has no other input and is flexible too (it is the
+    worker's continuation); a bound task's when every consumer is on the same logical worker.
+    """
+    spec = dag.tasks[task_id]
+    if not spec.downstream or task_id in dag.output_ids:
+        return True
+    me = worker_of(task_id)
+    if me is None:
+        down = dag.tasks[spec.downstream[0]]
+        return not (
+            len(spec.downstream) == 1 and len(down.deps) == 1 and worker_of(down.id) is None
+        )
+    return any(worker_of(d) != me for d in spec.downstream)
 
 
 class Optimization(BaseModel):

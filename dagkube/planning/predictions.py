@@ -162,7 +162,6 @@ class Predictor:
             self.bandwidth_bytes_s = statistic(large, low)
         else:
             self.bandwidth_bytes_s = self.defaults.bandwidth_bytes_s
-        self.transfer_samples = len(pairs)
 
     def _cpu(self, memory_mib: int) -> float:
         return cpu_for_memory(memory_mib, self.memory_per_cpu_mib, self.max_cpu)
@@ -175,9 +174,6 @@ class Predictor:
         return sorted(samples, key=lambda s: abs(math.log(max(s.input_bytes, 1)) - target))[:k]
 
     # ------------------------------------------------------------------ questions
-    def has_history(self, function: str) -> bool:
-        return function in self._models
-
     def exec_s(self, function: str, input_bytes: int, memory_mib: int, task_id: str = "") -> float:
         model = self._task_models.get(task_id)
         key = (task_id if model else function, _bucket(input_bytes), memory_mib)

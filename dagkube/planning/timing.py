@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
+from dagkube.planning.model import output_must_be_stored
 from dagkube.planning.predictions import Predictor
 from dagkube.resources import cpu_for_memory
 
@@ -88,9 +89,6 @@ class Estimates:
     input_bytes: dict[str, int]
     out_bytes: dict[str, int]
     exec_s: dict[str, float]
-
-    def __iter__(self):
-        return iter((self.input_bytes, self.out_bytes, self.exec_s))
 
 
 def estimate(dag: DagSpec, predictor: Predictor, memory: dict[str, int]) -> Estimates:
@@ -165,21 +163,8 @@ class _Simulation:
                 self.alive += 1
 
     def _sizes(self) -> None:
-        self.input_bytes, self.out_bytes, self.exec_s = estimate(self.dag, self.p, self.memory)
-
-    def must_store(self, task_id: str) -> bool:
-        spec = self.dag.tasks[task_id]
-        if not spec.downstream or task_id in self.dag.output_ids:
-            return True
-        me = self.worker_of[task_id]
-        if me is None:
-            down = self.dag.tasks[spec.downstream[0]]
-            return not (
-                len(spec.downstream) == 1
-                and len(down.deps) == 1
-                and self.worker_of[down.id] is None
-            )
-        return any(self.worker_of[d] != me for d in spec.downstream)
+        sizes = estimate(self.dag, self.p, self.memory)
+        self.out_bytes, self.exec_s = sizes.out_bytes, sizes.exec_s
 
     # ------------------------------------------------------------------ events
     def push(self, time_s: float, kind: str, *payload: object) -> None:
@@ -295,7 +280,8 @@ class _Simulation:
         timing.trigger = trigger
         timing.exec_start_s = time_s + TASK_OVERHEAD_S + self.p.transfer_s(remote)
         timing.end_s = timing.exec_start_s + self.exec_s[task_id]
-        upload = self.p.transfer_s(self.out_bytes[task_id]) if self.must_store(task_id) else 0.0
+        stored = output_must_be_stored(self.dag, task_id, self.worker_of.__getitem__)
+        upload = self.p.transfer_s(self.out_bytes[task_id]) if stored else 0.0
         timing.complete_s = timing.end_s + upload
         worker.running = True
         assert worker.activity is not None

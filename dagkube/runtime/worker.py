@@ -31,7 +31,7 @@ import cloudpickle
 
 from dagkube.dag import DagSpec, TaskSpec, resolve
 from dagkube.metrics.records import TaskError, TaskRecord, WorkerRecord
-from dagkube.planning.model import Plan
+from dagkube.planning.model import Plan, output_must_be_stored
 from dagkube.runtime import scripts
 from dagkube.runtime.connection import BulkReader, connect
 from dagkube.runtime.invocation import Invocation
@@ -78,7 +78,7 @@ class RunState:
     constants: dict[str, Any] = field(default_factory=dict)
     functions: dict[str, Any] = field(default_factory=dict)
     _downstream_args: dict[str, list[str | int]] = field(default_factory=dict)
-    _store: dict[tuple[str, str], bool] = field(default_factory=dict)
+    _store: dict[str, bool] = field(default_factory=dict)
     _worker_tasks: dict[str, list[str]] | None = None
 
     def function(self, fn_key: str) -> Any:
@@ -103,24 +103,13 @@ class RunState:
             self._downstream_args[task_id] = args
         return args
 
-    def must_store(self, task_id: str, me: str | None) -> bool:
+    def must_store(self, task_id: str) -> bool:
         """Upload an output only if a consumer may run elsewhere or it is a run output."""
-        key = (task_id, me or "")
-        decided = self._store.get(key)
+        decided = self._store.get(task_id)
         if decided is None:
-            spec = self.dag.tasks[task_id]
-            if task_id in self.dag.output_ids or not spec.downstream:
-                decided = True
-            elif me is None:  # flexible: only a lone single-input consumer surely runs here
-                down = self.dag.tasks[spec.downstream[0]]
-                decided = not (
-                    len(spec.downstream) == 1
-                    and len(down.deps) == 1
-                    and self.plan.tasks[down.id].worker_id is None
-                )
-            else:
-                decided = any(self.plan.tasks[d].worker_id != me for d in spec.downstream)
-            self._store[key] = decided
+            decided = self._store[task_id] = output_must_be_stored(
+                self.dag, task_id, lambda t: self.plan.tasks[t].worker_id
+            )
         return decided
 
     def worker_tasks(self, logical_worker: str) -> list[str]:
@@ -498,7 +487,7 @@ class Worker:
         spec = state.dag.tasks[task_id]
         ready_at = time.time()
         raw, recomputed, download_s, download_bytes = await self._gather(state, spec)
-        store = state.must_store(task_id, me)
+        store = state.must_store(task_id)
         loop = asyncio.get_running_loop()
         done = await loop.run_in_executor(self.executor, _run_in_thread, state, spec, raw, store)
         record = TaskRecord(
