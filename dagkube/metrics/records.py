@@ -43,6 +43,15 @@ class TaskRecord(BaseModel):
     retries: int = 0  # attempts beyond the first
     recomputed: list[str] = Field(default_factory=list)  # lost upstream outputs re-run here
     error: TaskError | None = None
+    # What optimizations did for this task (see docs/architecture.md, "Optimizations"):
+    blocked_s: float = 0.0  # a bound worker waited for this task's inputs before taking it
+    preloaded: list[str] = Field(default_factory=list)  # inputs fetched in the background
+    preload_s: float = 0.0  # background fetch + deserialize time of those (input-wait saved)
+    duplicate: bool = False  # this execution re-ran a late upstream (taskdup)
+    duplicated: list[str] = Field(default_factory=list)  # upstreams re-run here before it
+    delayed_io: Literal["kept", "uploaded"] | None = None  # delayed-io: upload skipped or not
+    prewarm_at: float | None = None  # the pre-warm request this task triggered was due
+    prewarm_targets: list[str] = Field(default_factory=list)
 
     @property
     def duration_s(self) -> float:
@@ -69,6 +78,8 @@ class WorkerRecord(BaseModel):
     startup_s: float | None = None  # queued -> first task started
     cpu_s_used: float = 0.0
     resumed: bool = False  # this invocation was re-queued from a lost worker
+    prewarmed: bool = False  # created ahead of demand by this run's pre-warm request
+    registered_at: float | None = None  # the worker was up and waiting for work
 
 
 class RunRecord(BaseModel):
@@ -97,6 +108,12 @@ class RunRecord(BaseModel):
     model_makespan_s: float | None = None
     plan_history_runs: int = 0  # how many earlier runs the plan was made from
     startup_delay_s: float = 0.0
+    optimizations: list[str] = Field(default_factory=list)  # switched on in the plan
+    workers_prewarmed: int = 0  # invocations served by a worker pre-warmed for this run
+    prewarm_requested: int = 0  # workers asked for by pre-warm requests
+    prewarm_started: int = 0  # of those, created by the scaler (within the worker cap)
+    tasks_duplicated: int = 0  # duplicates started (taskdup)
+    duplicates_won: int = 0  # duplicates that completed before the original
     failed_task: str | None = None
     error: dict[str, Any] | None = None
 
@@ -107,6 +124,7 @@ class RunRecord(BaseModel):
             data["error"] = json.loads(data["error"])
         else:
             data.pop("error", None)
+        data["optimizations"] = [o for o in str(data.get("optimizations") or "").split(",") if o]
         for key in (
             "predicted_makespan_s",
             "model_makespan_s",

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
 from dagkube.planning.history import HistorySnapshot
-from dagkube.planning.model import Optimization, Plan, TaskPlan
+from dagkube.planning.model import OPT_VARIANTS, OPTIMIZATIONS, Optimization, Plan, TaskPlan
+from dagkube.planning.optimizations import check_optimizations, split_planner
 from dagkube.planning.planners import (
     PlanningOptions,
     plan_non_uniform,
@@ -25,31 +26,43 @@ PLANNER_FUNCTIONS: dict[str, Callable[[DagSpec, PlanningOptions], Plan]] = {
     "non-uniform": plan_non_uniform,
 }
 PLANNERS = tuple(PLANNER_FUNCTIONS)
+PLANNER_NAMES = PLANNERS + tuple(f"{name}-opt" for name in OPT_VARIANTS)
 
 __all__ = [
+    "OPTIMIZATIONS",
     "PLANNERS",
+    "PLANNER_NAMES",
     "HistorySnapshot",
     "Optimization",
     "Plan",
     "PlanningOptions",
     "TaskPlan",
+    "check_optimizations",
     "check_planner",
     "plan",
 ]
 
 
 def check_planner(name: str) -> str:
-    """Normalize a planner name, or raise listing the accepted ones."""
+    """Normalize a planner name (``-opt`` variants included), or raise listing the accepted."""
     normalized = str(name).strip().lower()
-    if normalized not in PLANNER_FUNCTIONS:
-        raise InvalidOption(f"Planner {name!r} is unknown: choose one of {', '.join(PLANNERS)}")
+    if normalized not in PLANNER_NAMES:
+        raise InvalidOption(
+            f"Planner {name!r} is unknown: choose one of {', '.join(PLANNER_NAMES)}"
+        )
     return normalized
 
 
 def plan(dag: DagSpec, planner: str = "wukong", options: PlanningOptions | None = None) -> Plan:
-    """Plan a DAG with the named planner; validates the options and the resulting plan."""
-    planner = check_planner(planner)
+    """Plan a DAG with the named planner; validates the options and the resulting plan.
+
+    A ``-opt`` variant (e.g. ``uniform-opt``) is its planner with the optimizations of
+    :data:`OPT_VARIANTS` switched on, besides any in ``options.optimizations``."""
+    label = check_planner(planner)
+    planner, implied = split_planner(label)
     options = options or PlanningOptions(classes_mib=parse_classes(None))
+    options.optimizations = check_optimizations([*options.optimizations, *implied])
+    options.label = label
     options.sla = parse_sla(options.sla)
     options.classes_mib = parse_classes(options.classes_mib)
     if options.memory_per_cpu_mib <= 0:

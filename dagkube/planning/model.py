@@ -9,29 +9,55 @@ from pydantic import BaseModel, Field
 
 from dagkube.dag import DagSpec
 
+OPTIMIZATIONS = ("clustering", "delayed-io", "preload", "taskdup", "prewarm")
+"""Every optimization, in the order their planning rules are applied and their runtime hooks
+decide (docs/architecture.md, "Optimizations")."""
+
+OPT_VARIANTS: dict[str, tuple[str, ...]] = {
+    "wukong": ("clustering", "delayed-io", "prewarm"),
+    "uniform": ("preload", "taskdup", "prewarm"),
+    "non-uniform": ("preload", "taskdup", "prewarm"),
+}
+"""What a planner's ``-opt`` variant switches on."""
+
 
 def output_must_be_stored(
-    dag: DagSpec, task_id: str, worker_of: Callable[[str], str | None]
+    dag: DagSpec,
+    task_id: str,
+    worker_of: Callable[[str], str | None],
+    clustered: bool = False,
 ) -> bool:
     """The runtime's upload rule, shared with the timing model: store an output in Redis only
     if it is a run output or a consumer may run on another worker. A flexible task's output
-    stays local only when its one consumer has no other input and is flexible too (it is the
-    worker's continuation); a bound task's when every consumer is on the same logical worker.
+    stays local only when its consumers have no other input, are flexible too and all run on
+    this worker: one consumer (the worker's continuation), or several under ``clustering``;
+    a bound task's when every consumer is on the same logical worker.
     """
     spec = dag.tasks[task_id]
     if not spec.downstream or task_id in dag.output_ids:
         return True
     me = worker_of(task_id)
     if me is None:
-        down = dag.tasks[spec.downstream[0]]
-        return not (
-            len(spec.downstream) == 1 and len(down.deps) == 1 and worker_of(down.id) is None
-        )
+        local = all(
+            len(dag.tasks[d].deps) == 1 and worker_of(d) is None for d in spec.downstream
+        ) and (len(spec.downstream) == 1 or clustered)
+        return not local
     return any(worker_of(d) != me for d in spec.downstream)
 
 
 class Optimization(BaseModel):
-    """An optimization switched on for one task, with its parameters (e.g. a pre-warm time)."""
+    """An optimization switched on for one task, with its parameters (e.g. a pre-warm time).
+
+    * ``preload`` on a fan-in: ``inputs`` fetched in the background by ``host`` (a logical
+      worker id, or ``@<task>`` for the flexible worker that runs that task);
+    * ``prewarm`` on the task whose start triggers it: ``memory_mib``, ``count``, ``delay_s``
+      after the task's start, and the ``target`` task the warm worker is meant for;
+    * ``taskdup`` on a consumer: ``upstream`` it may re-run itself, with the predictions the
+      worker decides from (``exec_s`` here, ``original_end_s``, ``original_exec_s``);
+    * ``clustering`` on a fan-out: its ``children`` run on its own worker;
+    * ``delayed-io`` on a fan-in input: wait up to ``wait_s`` for the other inputs of
+      ``fan_in`` and run it here instead of uploading.
+    """
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -54,6 +80,7 @@ class WorkerPlan(BaseModel):
     logical_id: str | None
     memory_mib: int
     cold: bool
+    prewarmed: bool = False  # created ahead of demand by a pre-warm request
     predicted_start_s: float
     predicted_end_s: float
     tasks: int
@@ -74,6 +101,7 @@ class Plan(BaseModel):
     predicted_gb_s: float | None = None
     history_runs: int = 0
     history_samples: int = 0
+    optimizations: list[str] = Field(default_factory=list)  # switched on for this plan
     notes: list[str] = Field(default_factory=list)
 
     def worker_tasks(self) -> dict[str, list[str]]:
@@ -83,6 +111,16 @@ class Plan(BaseModel):
             if task.worker_id is not None:
                 workers.setdefault(task.worker_id, []).append(task_id)
         return workers
+
+    def task_optimizations(self, task_id: str, name: str) -> list[Optimization]:
+        return [o for o in self.tasks[task_id].optimizations if o.name == name]
+
+    def optimization_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.optimizations, 0)
+        for task in self.tasks.values():
+            for optimization in task.optimizations:
+                counts[optimization.name] = counts.get(optimization.name, 0) + 1
+        return counts
 
     def classes_used(self) -> list[int]:
         return sorted({t.memory_mib for t in self.tasks.values()})

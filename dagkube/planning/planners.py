@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
 from dagkube.planning.history import HistorySnapshot
-from dagkube.planning.model import Plan, TaskPlan, WorkerPlan
+from dagkube.planning.model import (
+    OPTIMIZATIONS,
+    Optimization,
+    Plan,
+    TaskPlan,
+    WorkerPlan,
+    output_must_be_stored,
+)
+from dagkube.planning.optimizations import RuleInput, check_conflicts, mark, mark_prewarm
 from dagkube.planning.predictions import Predictor, statistic
 from dagkube.planning.timing import Timing, estimate, simulate
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB
@@ -38,6 +46,8 @@ class PlanningOptions:
     startup_delay_s: float = 0.0
     cluster_size: int = DEFAULT_CLUSTER_SIZE
     cpu_enforced: bool = True  # False for local workers, which share the machine's cores
+    optimizations: list[str] = field(default_factory=list)  # in OPTIMIZATIONS order
+    label: str | None = None  # the planner's name as asked for, e.g. "uniform-opt"
 
     def predictor(self) -> Predictor:
         return Predictor(
@@ -71,6 +81,7 @@ def _timing(
     worker_of: dict[str, str | None],
     predictor: Predictor,
     options: PlanningOptions,
+    marks: dict[str, list[Optimization]] | None = None,
 ) -> Timing:
     return simulate(
         dag,
@@ -80,7 +91,51 @@ def _timing(
         max_workers=options.max_workers,
         idle_timeout_s=options.idle_timeout_s,
         warm_pool=options.warm_pool,
+        optimizations=marks,
     )
+
+
+def _optimize(
+    dag: DagSpec,
+    options: PlanningOptions,
+    memory: dict[str, int],
+    worker_of: dict[str, str | None],
+    predictor: Predictor,
+    timing: Timing,
+    notes: list[str],
+) -> tuple[dict[str, list[Optimization]], Timing]:
+    """Apply the switched-on optimization rules (docs/architecture.md) and re-predict."""
+    names = list(options.optimizations)
+    if not names:
+        return {}, timing
+    if "taskdup" in names and options.history.empty:
+        names.remove("taskdup")  # lateness is judged against predictions: defaults would guess
+        notes.append("taskdup: off until the workflow has history to predict lateness from")
+    given = RuleInput(dag, memory, worker_of, predictor, estimate(dag, predictor, memory), timing)
+    marks = mark(names, given)
+    if marks:
+        timing = given.timing = _timing(dag, memory, worker_of, predictor, options, marks)
+    if "prewarm" in names:
+        trial = {t: list(entries) for t, entries in marks.items()}
+        requested = mark_prewarm(given, trial)
+        if not requested:
+            notes.append("prewarm: no cold start is predicted after the run begins")
+        else:
+            trial_timing = _timing(dag, memory, worker_of, predictor, options, trial)
+            if trial_timing.makespan_s <= timing.makespan_s * (1 + MAKESPAN_TOLERANCE):
+                marks, timing = trial, trial_timing
+                notes.append(f"prewarm: {requested} worker(s) requested ahead of cold starts")
+            else:
+                notes.append("prewarm: requests would lengthen the predicted makespan; none made")
+    counts = {name: 0 for name in names}
+    for entries in marks.values():
+        for entry in entries:
+            counts[entry.name] += 1
+    notes.append(
+        "optimizations: "
+        + ", ".join(f"{name} on {count} task(s)" for name, count in counts.items())
+    )
+    return marks, timing
 
 
 def _build(
@@ -93,6 +148,8 @@ def _build(
     timing: Timing,
     notes: list[str],
 ) -> Plan:
+    planner = options.label or planner
+    marks, timing = _optimize(dag, options, memory, worker_of, predictor, timing, notes)
     critical = set(timing.critical_path)
     calibration = _calibration(planner, options, predictor)
     if calibration:
@@ -111,6 +168,7 @@ def _build(
             predicted_start_s=round(timing.tasks[task_id].start_s, 6),
             predicted_end_s=round(timing.tasks[task_id].complete_s, 6),
             critical_path=task_id in critical,
+            optimizations=marks.get(task_id, []),
         )
         for task_id in dag.tasks
     }
@@ -126,6 +184,7 @@ def _build(
                 logical_id=a.logical_id,
                 memory_mib=a.memory_mib,
                 cold=a.cold,
+                prewarmed=a.prewarmed,
                 predicted_start_s=round(a.start_s, 6),
                 predicted_end_s=round(a.end_s, 6),
                 tasks=len(a.tasks),
@@ -137,6 +196,7 @@ def _build(
         predicted_gb_s=round(timing.gb_s, 6),
         history_runs=options.history.runs,
         history_samples=predictor.sample_count,
+        optimizations=list(options.optimizations),
         notes=notes,
     )
 
@@ -370,3 +430,40 @@ def validate_plan(dag: DagSpec, plan: Plan) -> None:
                     f"Worker {task.worker_id!r} has two classes: {seen[0]} MiB (task "
                     f"{seen[1]!r}) and {task.memory_mib} MiB (task {task_id!r})"
                 )
+    _validate_optimizations(dag, plan)
+
+
+def _validate_optimizations(dag: DagSpec, plan: Plan) -> None:
+    """Every mark names a known, switched-on optimization and real tasks; no two conflict."""
+    marks = {t: task.optimizations for t, task in plan.tasks.items() if task.optimizations}
+    for task_id, entries in marks.items():
+        for entry in entries:
+            if entry.name not in OPTIMIZATIONS:
+                raise InvalidOption(
+                    f"Task {task_id!r}: optimization {entry.name!r} is unknown: choose from "
+                    f"{', '.join(OPTIMIZATIONS)}"
+                )
+            if entry.name not in plan.optimizations:
+                raise InvalidOption(
+                    f"Task {task_id!r}: optimization {entry.name!r} is not switched on for "
+                    f"this plan ({', '.join(plan.optimizations) or 'none are'})"
+                )
+            named = [entry.params.get(k) for k in ("upstream", "fan_in")]
+            named += list(entry.params.get("inputs", [])) + list(entry.params.get("children", []))
+            for other in named:
+                if other is not None and other not in dag.tasks:
+                    raise InvalidOption(
+                        f"Task {task_id!r}: {entry.name} names task {other!r}, which the "
+                        "workflow does not have"
+                    )
+            if entry.name == "prewarm" and entry.params.get("memory_mib") not in plan.classes_mib:
+                raise InvalidOption(
+                    f"Task {task_id!r}: prewarm asks for class {entry.params.get('memory_mib')} "
+                    f"MiB, not one of the configured classes {plan.classes_mib}"
+                )
+
+    def stored(task_id: str) -> bool:
+        clustered = any(o.name == "clustering" for o in marks.get(task_id, ()))
+        return output_must_be_stored(dag, task_id, lambda t: plan.tasks[t].worker_id, clustered)
+
+    check_conflicts(dag, marks, stored)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
-from dagkube.planning.model import output_must_be_stored
+from dagkube.planning.model import Optimization, output_must_be_stored
 from dagkube.planning.predictions import Predictor
 from dagkube.resources import cpu_for_memory
 
@@ -57,6 +57,7 @@ class WorkerActivity:
     start_s: float
     end_s: float = 0.0
     tasks: list[str] = field(default_factory=list)
+    prewarmed: bool = False  # spawned ahead of demand by a pre-warm request
 
 
 @dataclass
@@ -80,6 +81,8 @@ class _Worker:
     running: bool = False
     waiting: bool = False
     idle_since: float | None = None
+    ready_at: float = 0.0  # a pre-warmed worker finishes starting
+    prewarmed_from: float | None = None  # spawned by a pre-warm, not used yet
 
 
 @dataclass
@@ -127,6 +130,7 @@ class _Simulation:
         warm_pool: dict[int, int] | None,
         memory_per_cpu_mib: int,
         max_cpu: float,
+        optimizations: dict[str, list[Optimization]] | None = None,
     ) -> None:
         self.dag = dag
         self.memory = memory
@@ -156,11 +160,35 @@ class _Simulation:
         self.done = 0
         self.last_finish = 0.0
         self._sizes()
+        self._optimizations(optimizations or {})
         for memory_mib, count in (warm_pool or {}).items():
             for _ in range(count):
                 worker = _Worker(next(self.numbers), memory_mib, idle_since=0.0)
                 self.idle.setdefault(memory_mib, []).append(worker)
                 self.alive += 1
+
+    def _optimizations(self, optimizations: dict[str, list[Optimization]]) -> None:
+        """What the optimizations change in the model (taskdup is not modelled: a duplicate
+        runs only when an upstream is later than predicted, which the model cannot be)."""
+        self.clustered: set[str] = set()
+        self.delayed: dict[str, tuple[str, float]] = {}  # input -> (fan-in, max wait)
+        self.preload: dict[str, tuple[str, set[str]]] = {}  # fan-in -> (host, inputs)
+        self.prewarm: dict[str, list[tuple[int, int, float]]] = {}  # trigger -> requests
+        for task_id, entries in optimizations.items():
+            for entry in entries:
+                params = entry.params
+                if entry.name == "clustering":
+                    self.clustered.add(task_id)
+                elif entry.name == "delayed-io":
+                    self.delayed[task_id] = (params["fan_in"], float(params["wait_s"]))
+                elif entry.name == "preload":
+                    self.preload[task_id] = (params["host"], set(params["inputs"]))
+                elif entry.name == "prewarm":
+                    self.prewarm.setdefault(task_id, []).append(
+                        (int(params["memory_mib"]), int(params["count"]), params["delay_s"])
+                    )
+        self.prewarming: dict[int, list[_Worker]] = {}  # spawned ahead of demand, starting
+        self.delay_waiting: dict[str, tuple[_Worker, str]] = {}  # fan-in -> delayed input
 
     def _sizes(self) -> None:
         sizes = estimate(self.dag, self.p, self.memory)
@@ -210,10 +238,16 @@ class _Simulation:
         queue = self.queues.get(memory_mib)
         while queue:
             idle = self.idle.get(memory_mib)
+            starting = self.prewarming.get(memory_mib)
+            ready_s = time_s
             if idle:
                 worker = idle.pop()
                 cold = False
-            elif self.max_workers is None or self.alive - self.waiting < self.max_workers:
+            elif starting:  # a pre-warmed worker still starting takes it when ready
+                worker = starting.pop(0)
+                cold = False
+                ready_s = max(time_s, worker.ready_at)
+            elif self._room():
                 worker = _Worker(next(self.numbers), memory_mib)
                 self.alive += 1
                 cold = True
@@ -223,7 +257,31 @@ class _Simulation:
                 return
             logical, roots, trigger = queue.popleft()
             startup = self.p.startup_s(memory_mib, cold)
-            self._begin(worker, logical, roots, cold, time_s, time_s + startup, trigger)
+            self._begin(worker, logical, roots, cold, time_s, ready_s + startup, trigger)
+
+    def _room(self) -> bool:
+        return self.max_workers is None or self.alive - self.waiting < self.max_workers
+
+    def _on_prewarm(self, time_s: float, memory_mib: int, count: int) -> None:
+        """The scaler creates workers of the class ahead of demand (within the cap)."""
+        for _ in range(count):
+            if not self._room():
+                return
+            ready_at = time_s + self.p.startup_s(memory_mib, True)
+            worker = _Worker(
+                next(self.numbers), memory_mib, ready_at=ready_at, prewarmed_from=time_s
+            )
+            self.alive += 1
+            self.prewarming.setdefault(memory_mib, []).append(worker)
+            self.push(ready_at, "prewarmed", worker)
+
+    def _on_prewarmed(self, time_s: float, worker: _Worker) -> None:
+        starting = self.prewarming.get(worker.memory_mib, [])
+        if worker in starting:  # not taken while starting: idle until used or expired
+            starting.remove(worker)
+            worker.idle_since = time_s
+            self.idle.setdefault(worker.memory_mib, []).append(worker)
+            self.push(time_s + self.idle_timeout_s, "expire", worker, time_s)
 
     def _retire_other(self, memory_mib: int) -> bool:
         """At the cap, an idle worker of another class with nothing queued makes room."""
@@ -246,7 +304,12 @@ class _Simulation:
     ) -> None:
         worker.idle_since = None
         worker.logical = logical
-        worker.activity = WorkerActivity(worker.number, logical, worker.memory_mib, cold, taken_s)
+        prewarmed = worker.prewarmed_from is not None
+        if worker.prewarmed_from is not None:  # since the pre-warm request: the run's time
+            taken_s, worker.prewarmed_from = worker.prewarmed_from, None
+        worker.activity = WorkerActivity(
+            worker.number, logical, worker.memory_mib, cold, taken_s, prewarmed=prewarmed
+        )
         self.activities.append(worker.activity)
         if logical is None:
             self._start_task(worker, roots[0], ready_s, trigger)
@@ -273,35 +336,83 @@ class _Simulation:
         self, worker: _Worker, task_id: str, time_s: float, trigger: str | None
     ) -> None:
         spec = self.dag.tasks[task_id]
-        remote = sum(self.out_bytes[d] for d in spec.deps if self.producer.get(d) is not worker)
+        remote = [d for d in spec.deps if self.producer.get(d) is not worker]
+        preloaded = self._preloaded(task_id, worker).intersection(remote)
         timing = self.timing[task_id]
         timing.worker = worker.number
         timing.start_s = time_s
         timing.trigger = trigger
-        timing.exec_start_s = time_s + TASK_OVERHEAD_S + self.p.transfer_s(remote)
+        fetched = sum(self.out_bytes[d] for d in remote if d not in preloaded)
+        timing.exec_start_s = time_s + TASK_OVERHEAD_S + self.p.transfer_s(fetched)
+        available = 0.0  # pre-loads run one after another as their inputs complete
+        for dep in sorted(preloaded, key=lambda d: self.timing[d].complete_s):
+            available = max(available, self.timing[dep].complete_s)
+            available += self.p.transfer_s(self.out_bytes[dep])
+        timing.exec_start_s = max(timing.exec_start_s, available)
         timing.end_s = timing.exec_start_s + self.exec_s[task_id]
-        stored = output_must_be_stored(self.dag, task_id, self.worker_of.__getitem__)
-        upload = self.p.transfer_s(self.out_bytes[task_id]) if stored else 0.0
-        timing.complete_s = timing.end_s + upload
         worker.running = True
         assert worker.activity is not None
         worker.activity.tasks.append(task_id)
         self.producer[task_id] = worker
-        self.push(timing.complete_s, "complete", worker, task_id)
+        for memory_mib, count, delay_s in self.prewarm.get(task_id, ()):
+            self.push(time_s + delay_s, "prewarm", memory_mib, count)
+        if task_id in self.delayed:
+            self.push(timing.end_s, "ended", worker, task_id)
+            return
+        stored = output_must_be_stored(
+            self.dag, task_id, self.worker_of.__getitem__, task_id in self.clustered
+        )
+        upload = self.p.transfer_s(self.out_bytes[task_id]) if stored else 0.0
+        self._complete_at(timing.end_s + upload, worker, task_id)
+
+    def _complete_at(self, time_s: float, worker: _Worker, task_id: str) -> None:
+        self.timing[task_id].complete_s = time_s
+        self.push(time_s, "complete", worker, task_id)
+
+    def _preloaded(self, task_id: str, worker: _Worker) -> set[str]:
+        """Inputs pre-loaded for this task, if it runs where its pre-load host is."""
+        entry = self.preload.get(task_id)
+        if entry is None:
+            return set()
+        host, inputs = entry
+        if host.startswith("@"):
+            return inputs if self.producer.get(host[1:]) is worker else set()
+        return inputs if host == worker.logical else set()
+
+    def _on_ended(self, time_s: float, worker: _Worker, task_id: str) -> None:
+        """delayed-io: complete without uploading once the fan-in's other inputs are done
+        (this worker then runs the fan-in), or upload after the planned wait."""
+        fan_in, wait_s = self.delayed[task_id]
+        if self.remaining_deps[fan_in] == 1:
+            self._complete_at(time_s, worker, task_id)
+        else:
+            self.delay_waiting[fan_in] = (worker, task_id)
+            self.push(time_s + wait_s, "delay_timeout", worker, task_id, fan_in)
+
+    def _on_delay_timeout(self, time_s: float, worker: _Worker, task_id: str, fan_in: str) -> None:
+        if self.delay_waiting.get(fan_in) == (worker, task_id):
+            del self.delay_waiting[fan_in]
+            self._complete_at(time_s + self.p.transfer_s(self.out_bytes[task_id]), worker, task_id)
 
     def _on_complete(self, time_s: float, worker: _Worker, task_id: str) -> None:
         self.done += 1
         worker.running = False
         worker.remaining.discard(task_id)
         continuation = None
+        clustered: list[str] = []
         for down in self.dag.tasks[task_id].downstream:
             self.remaining_deps[down] -= 1
+            if self.remaining_deps[down] == 1 and down in self.delay_waiting:
+                waiting_worker, delayed = self.delay_waiting.pop(down)
+                self._complete_at(time_s, waiting_worker, delayed)
             if self.remaining_deps[down]:
                 continue
             logical = self.worker_of[down]
             if logical is None:
                 if worker.logical is None and continuation is None:
                     continuation = down
+                elif worker.logical is None and task_id in self.clustered:
+                    clustered.append(down)
                 else:
                     self.push(time_s, "queue", self.memory[down], None, [down], task_id)
             elif logical == worker.logical:
@@ -319,9 +430,12 @@ class _Simulation:
                 self.inbox[logical] = [down]
                 self.push(time_s, "queue", self.memory[down], logical, [], task_id)
         if continuation is not None:
+            worker.ready.extendleft(reversed(clustered))  # the runtime's order: see worker.py
             self._start_task(worker, continuation, time_s, task_id)
         elif worker.logical is not None:
             self._next_bound(worker, time_s, task_id)
+        elif worker.ready:  # clustered siblings still to run here
+            self._start_task(worker, worker.ready.popleft(), time_s, task_id)
         else:
             self._finish(worker, time_s)
 
@@ -386,8 +500,9 @@ def simulate(
     max_workers: int | None = None,
     idle_timeout_s: float = 30.0,
     warm_pool: dict[int, int] | None = None,
+    optimizations: dict[str, list[Optimization]] | None = None,
 ) -> Timing:
-    """Predict the run of ``dag`` with this class and worker per task."""
+    """Predict the run of ``dag`` with this class, worker and optimizations per task."""
     simulation = _Simulation(
         dag,
         memory,
@@ -398,6 +513,7 @@ def simulate(
         warm_pool=warm_pool,
         memory_per_cpu_mib=predictor.memory_per_cpu_mib,
         max_cpu=predictor.max_cpu,
+        optimizations=optimizations,
     )
     simulation.run()
     return simulation.result()

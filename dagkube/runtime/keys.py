@@ -62,6 +62,16 @@ class RunKeys:
     def claim(self, worker_id: str) -> str:
         return f"{self.prefix}:claim:{worker_id}"
 
+    def preload(self, host: str) -> str:  # list: inputs stored for a pre-loading host
+        return f"{self.prefix}:preload:{host}"
+
+    def duplicate(self, task_id: str) -> str:  # taskdup claim: one duplicate per task
+        return f"{self.prefix}:dup:{task_id}"
+
+    @property
+    def started(self) -> str:  # hash task id -> start time, for tasks a consumer may duplicate
+        return f"{self.prefix}:started"
+
     @property
     def keyset(self) -> str:  # set of the dynamic keys above, for expiry without scanning
         return f"{self.prefix}:keys"
@@ -94,6 +104,10 @@ class PoolKeys:
     @property
     def waiting(self) -> str:  # set of bound workers blocked on their inbox (no CPU used)
         return f"{self.prefix}:waiting"
+
+    @property
+    def prewarm(self) -> str:  # sorted set: pre-warm requests scored by when they are due
+        return f"{self.prefix}:prewarm"
 
     @property
     def wake(self) -> str:  # list the scaler blocks on

@@ -91,6 +91,7 @@ async def launch(
         "predicted_makespan_s": plan.predicted_makespan_s if plan.predicted_makespan_s else "",
         "model_makespan_s": plan.model_makespan_s if plan.model_makespan_s else "",
         "plan_history_runs": plan.history_runs,
+        "optimizations": ",".join(plan.optimizations),
     }
     async with redis.pipeline(transaction=True) as pipe:
         pipe.set(keys.dag, dag.to_bytes())

@@ -55,7 +55,7 @@ class LocalBackend:
         self.spawned_ids: list[str] = []
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    async def start_worker(self, memory_mib: int) -> WorkerHandle:
+    async def start_worker(self, memory_mib: int, prewarm_for: str | None = None) -> WorkerHandle:
         worker_id = f"{self.pool}-{memory_mib}-{self._tag}{next(self._counter)}"
         spawned_at = time.time()
         env = dict(os.environ)
@@ -91,6 +91,8 @@ class LocalBackend:
             env.setdefault(variable, threads)
         if self.startup_delay_s > 0:
             env["DAGKUBE_STARTUP_DELAY_S"] = str(self.startup_delay_s)
+        if prewarm_for:
+            env["DAGKUBE_PREWARM_RUN"] = prewarm_for
         log_file = open(self.log_dir / f"{worker_id}.log", "ab")  # noqa: SIM115 (child owns it)
         try:
             proc = subprocess.Popen(

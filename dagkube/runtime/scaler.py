@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 
 from dagkube.runtime import scripts
 from dagkube.runtime.invocation import Invocation
-from dagkube.runtime.keys import PoolKeys, worker_heartbeat, worker_proc
+from dagkube.runtime.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc
 
 log = logging.getLogger("dagkube.scaler")
 
@@ -37,7 +38,10 @@ class Backend(Protocol):
 
     max_workers: int
 
-    async def start_worker(self, memory_mib: int) -> WorkerHandle: ...
+    async def start_worker(self, memory_mib: int, prewarm_for: str | None = None) -> WorkerHandle:
+        """Create a worker of the class; ``prewarm_for`` names the run whose pre-warm request
+        asked for it ahead of demand (the worker charges its wait to that run)."""
+        ...
 
     def alive(self) -> list[WorkerHandle]:
         """Workers created and not known to have exited."""
@@ -86,7 +90,7 @@ class Scaler:
             except Exception:
                 log.exception("scaler: reconcile failed; retrying")
             with contextlib.suppress(asyncio.TimeoutError):
-                await self.redis.blpop(self.keys.wake, timeout=self.tick_s)
+                await self.redis.blpop(self.keys.wake, timeout=await self._next_wait_s())
 
     def stop(self) -> None:
         self._stopped.set()
@@ -98,7 +102,51 @@ class Scaler:
         if now - self._last_heartbeat_check >= self.heartbeat_check_s:
             self._last_heartbeat_check = now
             await self._check_heartbeats()
+        await self._prewarm()
         await self._scale()
+
+    async def _next_wait_s(self) -> float:
+        """Until the next reconcile: the tick, or sooner if a pre-warm request falls due."""
+        head = await self.redis.zrange(self.keys.prewarm, 0, 0, withscores=True)
+        if not head:
+            return self.tick_s
+        return min(self.tick_s, max(0.01, head[0][1] - time.time()))
+
+    async def _prewarm(self) -> None:
+        """Pre-scale: create the workers that due pre-warm requests ask for (within the cap),
+        ahead of the demand they anticipate; counted in the requesting run's metrics."""
+        due = await self.redis.zrangebyscore(self.keys.prewarm, "-inf", time.time())
+        if not due:
+            return
+        await self.redis.zrem(self.keys.prewarm, *due)
+        room = self.backend.max_workers - await self._active()
+        for raw in due:
+            request = json.loads(raw)
+            started = 0
+            for _ in range(min(int(request["count"]), max(0, room))):
+                await self.backend.start_worker(int(request["mem"]), prewarm_for=request["run"])
+                self.workers_started += 1
+                started += 1
+            room -= started
+            meta = RunKeys(request["run"]).meta
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(meta, "prewarm_requested", int(request["count"]))
+                pipe.hincrby(meta, "prewarm_started", started)
+                await pipe.execute()
+            log.info(
+                "pre-warm for run %s (trigger %s): %d of %d worker(s) of %d MiB started",
+                request["run"],
+                request["trigger"],
+                started,
+                request["count"],
+                request["mem"],
+            )
+
+    async def _active(self) -> int:
+        """Workers that count against the cap: alive and not blocked waiting for inputs."""
+        alive = {h.worker_id for h in self.backend.alive()}
+        waiting = {w.decode() for w in await self.redis.smembers(self.keys.waiting)}
+        return len(alive) - len(waiting & alive)
 
     async def _on_exit(self, handle: WorkerHandle, code: int | None) -> None:
         held = await self._requeue(
@@ -153,11 +201,7 @@ class Scaler:
         alive = self.backend.alive()
         registered = {w.decode() for w in await self.redis.hkeys(self.keys.workers)}
         # Bound workers blocked on their inbox use no CPU: they do not count against the cap.
-        waiting = len(
-            {w.decode() for w in await self.redis.smembers(self.keys.waiting)}
-            & {h.worker_id for h in alive}
-        )
-        total = len(alive) - waiting
+        total = await self._active()
         for index, memory in enumerate(classes):
             queued, idle = counts[2 * index], counts[2 * index + 1]
             starting = sum(

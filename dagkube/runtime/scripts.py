@@ -28,34 +28,51 @@ local function stop_inboxes(run)
 end
 """
 
-# ARGV: run, pool prefix, task id, store flag, output, record json, proc key, my worker id
-#       ("" = flexible), now, n amendments, [task id, record json]*n, [down id, ndeps, worker, mem]*
-# Returns {status, continuation or "", duplicate 0/1, local-ready ids...}
+# ARGV: run, pool prefix, task id, store flag, output, record json, record field (the task id,
+#       or "<id>@dup" for a duplicate's), proc key, my worker id ("" = flexible), my class, now,
+#       n amendments, [task id, record json]*n, n pending, [pending root id]*n,
+#       [down id, ndeps, worker ("@" = clustered: runs here), mem, preload host]*
+# Returns {status, continuation or "", duplicate 0/1, local-ready ids...}. A flexible worker's
+# proc list is rewritten to hold what it still has to run (continuation, clustered children,
+# pending roots), so a lost worker's remaining work is re-queued.
 COMPLETE = (
     _PRELUDE
     + r"""
 local run, pool, tid = ARGV[1], ARGV[2], ARGV[3]
-local me, now = ARGV[8], tonumber(ARGV[9])
+local me, my_mem, now = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
 local meta = runkey(run, 'meta')
-local n_amend = tonumber(ARGV[10])
-local i = 11
-for _ = 1, n_amend do
+local i = 13
+for _ = 1, tonumber(ARGV[12]) do
   redis.call('HSET', histkey(run, 'tasks'), ARGV[i], ARGV[i + 1])
   i = i + 2
 end
-redis.call('HSET', histkey(run, 'tasks'), tid, ARGV[6])
+local pending = {}
+local n_pending = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, n_pending do
+  table.insert(pending, ARGV[i])
+  i = i + 1
+end
+redis.call('HSET', histkey(run, 'tasks'), ARGV[7], ARGV[6])
 local status = redis.call('HGET', meta, 'status') or 'missing'
 if status ~= 'running' then return {status, '', 0} end
 if redis.call('SADD', runkey(run, 'done'), tid) == 0 then return {status, '', 1} end
-if ARGV[4] == '1' then redis.call('HSET', runkey(run, 'out'), tid, ARGV[5]) end
+if ARGV[7] ~= tid then redis.call('HINCRBY', meta, 'duplicates_won', 1) end
+local stored = ARGV[4] == '1'
+if stored then redis.call('HSET', runkey(run, 'out'), tid, ARGV[5]) end
 redis.call('HINCRBY', meta, 'tasks_done', 1)
-local continuation, continuation_mem = '', 0
+local continuation = ''
 local local_ready = {}
 local queued = 0
 while i <= #ARGV do
   local down, ndeps = ARGV[i], tonumber(ARGV[i + 1])
-  local worker, mem = ARGV[i + 2], tonumber(ARGV[i + 3])
-  i = i + 4
+  local worker, mem, host = ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
+  i = i + 5
+  if stored and host ~= '' and host ~= me then
+    local preload = runkey(run, 'preload:' .. host)
+    redis.call('RPUSH', preload, tid)
+    redis.call('SADD', runkey(run, 'keys'), preload)
+  end
   local ready = false
   if ndeps == 1 then
     ready = redis.call('SADD', runkey(run, 'edges'), tid .. '>' .. down) == 1
@@ -63,9 +80,11 @@ while i <= #ARGV do
     ready = redis.call('HINCRBY', runkey(run, 'depcount'), down, 1) == ndeps
   end
   if ready then
-    if worker == '' then
+    if worker == '' or worker == '@' then
       if me == '' and continuation == '' then
-        continuation, continuation_mem = down, mem
+        continuation = down
+      elseif me == '' and worker == '@' then
+        table.insert(local_ready, down)
       else
         queue_invocation(pool, {run = run, mem = mem, roots = {down}, queued_at = now})
         queued = queued + 1
@@ -89,10 +108,16 @@ if queued > 0 then
   redis.call('HINCRBY', meta, 'active', queued)
   wake(pool)
 end
-if continuation ~= '' then
-  redis.call('DEL', ARGV[7])
-  redis.call('RPUSH', ARGV[7], cjson.encode({run = run, mem = continuation_mem,
-                                              roots = {continuation}, queued_at = now}))
+if me == '' then
+  local roots = {}
+  if continuation ~= '' then table.insert(roots, continuation) end
+  for _, id in ipairs(local_ready) do table.insert(roots, id) end
+  for _, id in ipairs(pending) do table.insert(roots, id) end
+  if #roots > 0 then
+    redis.call('DEL', ARGV[8])
+    redis.call('RPUSH', ARGV[8], cjson.encode({run = run, mem = my_mem, roots = roots,
+                                                queued_at = now}))
+  end
 end
 local reply = {status, continuation, 0}
 for _, id in ipairs(local_ready) do table.insert(reply, id) end
@@ -166,7 +191,8 @@ local function finalize(run, now, ttl, cap)
   redis.call('LTRIM', 'dk:hist:wf:' .. name .. ':runs', 0, 10 * cap - 1)
   redis.call('LPUSH', 'dk:hist:all', run)
   redis.call('LTRIM', 'dk:hist:all', 0, 9999)
-  for _, part in ipairs({'meta', 'dag', 'plan', 'out', 'const', 'done', 'edges', 'depcount'}) do
+  for _, part in ipairs({'meta', 'dag', 'plan', 'out', 'const', 'done', 'edges', 'depcount',
+                        'started'}) do
     redis.call('EXPIRE', runkey(run, part), ttl)
   end
   for _, key in ipairs(redis.call('SMEMBERS', runkey(run, 'keys'))) do
@@ -180,8 +206,8 @@ end
 """
 
 # ARGV: run, pool prefix, proc key, worker field, worker json, gb_s, cpu_alloc_s, cpu_used_s,
-#       cold 0/1, now, ttl, history cap, next queue ("" = do not take more work), n amendments,
-#       [task id, record json]*n
+#       cold 0/1, now, ttl, history cap, next queue ("" = do not take more work), pre-warmed 0/1,
+#       n amendments, [task id, record json]*n
 # Returns {finalized 0/1, status of this run, next invocation or "", status of its run}
 FINISH = (
     _PRELUDE
@@ -191,8 +217,8 @@ local run, pool, proc = ARGV[1], ARGV[2], ARGV[3]
 local now, ttl, cap = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 local meta = runkey(run, 'meta')
 redis.call('HSET', histkey(run, 'workers'), ARGV[4], ARGV[5])
-local i = 15
-for _ = 1, tonumber(ARGV[14]) do
+local i = 16
+for _ = 1, tonumber(ARGV[15]) do
   redis.call('HSET', histkey(run, 'tasks'), ARGV[i], ARGV[i + 1])
   i = i + 2
 end
@@ -207,6 +233,7 @@ if status then
   else
     redis.call('HINCRBY', meta, 'workers_warm', 1)
   end
+  if ARGV[14] == '1' then redis.call('HINCRBY', meta, 'workers_prewarmed', 1) end
   local active = redis.call('HINCRBY', meta, 'active', -1)
   if active <= 0 and redis.call('EXISTS', runkey(run, 'result')) == 0 then
     status = finalize(run, now, ttl, cap)

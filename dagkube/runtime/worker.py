@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
+from redis import exceptions as redis_exceptions
 
 from dagkube.dag import DagSpec, TaskSpec, resolve
 from dagkube.metrics.records import TaskError, TaskRecord, WorkerRecord
@@ -35,11 +36,15 @@ from dagkube.planning.model import Plan, output_must_be_stored
 from dagkube.runtime import scripts
 from dagkube.runtime.connection import BulkReader, connect
 from dagkube.runtime.invocation import Invocation
-from dagkube.runtime.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc
+from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run, worker_heartbeat, worker_proc
 
 log = logging.getLogger("dagkube.worker")
 
 RUN_CACHE_SIZE = 4
+DUP_POLL_S = 0.05  # a bound worker with taskdup candidates re-checks its upstreams this often
+LATE_FACTOR = 1.5  # an upstream running this many times its predicted time is a straggler
+LATE_GRACE_S = 0.05
+DELAY_POLL_S = 0.005  # delayed-io: how often the other inputs of the fan-in are checked
 
 
 @dataclass
@@ -53,6 +58,7 @@ class WorkerConfig:
     heartbeat_s: float = 1.0
     heartbeat_ttl_s: float = 10.0
     spawned_at: float | None = None
+    prewarm_run: str | None = None  # created by this run's pre-warm request
 
 
 def serialize(value: Any) -> bytes:
@@ -61,6 +67,40 @@ def serialize(value: Any) -> bytes:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+@dataclass
+class RunOptimizations:
+    """A plan's optimization marks, indexed the way the worker's hooks look them up."""
+
+    clustered: set[str] = field(default_factory=set)
+    delayed: dict[str, tuple[str, float]] = field(default_factory=dict)  # input -> fan-in, wait
+    preload_host: dict[tuple[str, str], str] = field(default_factory=dict)  # (input, fan-in)
+    hosts: set[str] = field(default_factory=set)
+    dups: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # consumer -> params
+    dup_targets: set[str] = field(default_factory=set)
+    prewarm: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> RunOptimizations:
+        found = cls()
+        for task_id, task in plan.tasks.items():
+            for entry in task.optimizations:
+                params = entry.params
+                if entry.name == "clustering":
+                    found.clustered.add(task_id)
+                elif entry.name == "delayed-io":
+                    found.delayed[task_id] = (params["fan_in"], float(params["wait_s"]))
+                elif entry.name == "preload":
+                    found.hosts.add(params["host"])
+                    for dep in params["inputs"]:
+                        found.preload_host[(dep, task_id)] = params["host"]
+                elif entry.name == "taskdup":
+                    found.dups.setdefault(task_id, []).append(params)
+                    found.dup_targets.add(params["upstream"])
+                elif entry.name == "prewarm":
+                    found.prewarm.setdefault(task_id, []).append(params)
+        return found
 
 
 @dataclass
@@ -73,10 +113,15 @@ class RunState:
     ttl_s: int
     history_cap: int
     task_index: dict[str, int]
+    submitted_at: float = 0.0
+    opts: RunOptimizations = field(default_factory=RunOptimizations)
     values: dict[str, Any] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # serialized sizes of held values
     constants: dict[str, Any] = field(default_factory=dict)
     functions: dict[str, Any] = field(default_factory=dict)
+    loading: dict[str, asyncio.Future] = field(default_factory=dict)  # pre-loads in flight
+    preloaded: dict[str, float] = field(default_factory=dict)  # input -> background seconds
+    duplicated: dict[str, list[str]] = field(default_factory=dict)  # consumer -> re-run inputs
     _downstream_args: dict[str, list[str | int]] = field(default_factory=dict)
     _store: dict[str, bool] = field(default_factory=dict)
     _worker_tasks: dict[str, list[str]] | None = None
@@ -88,17 +133,20 @@ class RunState:
         return fn
 
     def downstream_args(self, task_id: str) -> list[str | int]:
-        """The COMPLETE script's per-downstream arguments: id, deps, worker, class."""
+        """The COMPLETE script's per-downstream arguments: id, deps, worker ("@" for a
+        clustered child), class, pre-load host of this input."""
         args = self._downstream_args.get(task_id)
         if args is None:
             args = []
+            clustered = task_id in self.opts.clustered
             for down in self.dag.tasks[task_id].downstream:
                 down_plan = self.plan.tasks[down]
                 args += [
                     down,
                     len(self.dag.tasks[down].deps),
-                    down_plan.worker_id or "",
+                    "@" if clustered else (down_plan.worker_id or ""),
                     down_plan.memory_mib,
+                    self.opts.preload_host.get((task_id, down), ""),
                 ]
             self._downstream_args[task_id] = args
         return args
@@ -108,7 +156,10 @@ class RunState:
         decided = self._store.get(task_id)
         if decided is None:
             decided = self._store[task_id] = output_must_be_stored(
-                self.dag, task_id, lambda t: self.plan.tasks[t].worker_id
+                self.dag,
+                task_id,
+                lambda t: self.plan.tasks[t].worker_id,
+                task_id in self.opts.clustered,
             )
         return decided
 
@@ -132,7 +183,14 @@ class Worker:
         self.proc_key = worker_proc(config.worker_id)
         self.runs: OrderedDict[str, RunState] = OrderedDict()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagkube-task")
+        # Pre-loaded inputs are deserialized here, never on the thread that runs tasks.
+        self.preload_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="dagkube-preload"
+        )
         self.redis: Any = None
+        self.registered_at: float | None = None
+        self.served_any = False
+        self._waiting = False
         self.reader: Any = None
         self.stopping = False
         self._scripts: dict[str, Any] = {}
@@ -146,6 +204,7 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             await self.redis.hset(self.pool.workers, self.config.worker_id, self.config.memory_mib)
+            self.registered_at = time.time()
             cold = True
             while not self.stopping:
                 invocation = await self._take()
@@ -153,6 +212,7 @@ class Worker:
                 while invocation is not None:
                     invocation, status = await self._serve(invocation, cold, status)
                     cold = False
+            await self._report_unused_prewarm()
         finally:
             heartbeat.cancel()
             with contextlib.suppress(Exception):
@@ -167,6 +227,21 @@ class Worker:
             await self.redis.aclose()
             self.reader.close()
             self.executor.shutdown(wait=False)
+            self.preload_executor.shutdown(wait=False)
+
+    async def _report_unused_prewarm(self) -> None:
+        """A worker pre-warmed for a run that never served it: charge its life to that run."""
+        run = self.config.prewarm_run
+        if not run or self.served_any or self.config.spawned_at is None:
+            return
+        gb_s = (time.time() - self.config.spawned_at) * self.config.memory_mib / 1024
+        keys = RunKeys(run)
+        meta = keys.meta if await self.redis.exists(keys.meta) else hist_run(run, "meta")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(meta, "prewarm_wasted", 1)
+            pipe.hincrbyfloat(meta, "prewarm_wasted_gb_s", gb_s)
+            await pipe.execute()
+        log.info("run %s: pre-warmed worker was not used (%.2f GB-s)", run, gb_s)
 
     async def _heartbeat(self) -> None:
         key = worker_heartbeat(self.config.worker_id)
@@ -214,8 +289,8 @@ class Worker:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(keys.dag)
             pipe.get(keys.plan)
-            pipe.hmget(keys.meta, "ttl_s", "history_cap")
-            dag_blob, plan_json, (ttl_s, cap) = await pipe.execute()
+            pipe.hmget(keys.meta, "ttl_s", "history_cap", "submitted_at")
+            dag_blob, plan_json, (ttl_s, cap, submitted) = await pipe.execute()
         if dag_blob is None or plan_json is None:
             log.warning("run %s: DAG or plan missing (expired?), dropping its invocation", run_id)
             return None
@@ -231,6 +306,8 @@ class Worker:
             ttl_s=int(ttl_s or 3600),
             history_cap=int(cap or 100),
             task_index={task_id: i for i, task_id in enumerate(dag.tasks)},
+            submitted_at=float(submitted or time.time()),
+            opts=RunOptimizations.from_plan(plan),
         )
         self.runs[run_id] = state
         while len(self.runs) > RUN_CACHE_SIZE:
@@ -248,6 +325,8 @@ class Worker:
         # one that sat idle since an earlier spawn was ready before the invocation was queued.
         if cold and spawned is not None and invocation.queued_at and spawned < invocation.queued_at:
             cold = False
+        prewarmed = not self.served_any and self.config.prewarm_run == invocation.run
+        self.served_any = True
         cpu_before = 0.0 if cold else _process_cpu_s()
         state = await self._load_run(invocation.run)
         served = 0
@@ -259,7 +338,8 @@ class Worker:
             else:
                 served, first_task_at = await self._serve_bound(state, invocation, amendments)
         finished_at = time.time()
-        held_from = (spawned or ready_at) if cold else ready_at
+        # A pre-warmed worker's wait for this run's demand is the run's cost too.
+        held_from = (spawned or ready_at) if cold or prewarmed else ready_at
         record = WorkerRecord(
             run_id=invocation.run,
             worker_id=self.config.worker_id,
@@ -268,7 +348,7 @@ class Worker:
             cpu=self.config.cpu,
             cold=cold,
             queued_at=invocation.queued_at or None,
-            spawned_at=self.config.spawned_at if cold else None,
+            spawned_at=self.config.spawned_at if cold or prewarmed else None,
             ready_at=ready_at,
             first_task_at=first_task_at,
             finished_at=finished_at,
@@ -278,6 +358,8 @@ class Worker:
             else None,
             cpu_s_used=_process_cpu_s() - cpu_before,
             resumed=invocation.resume,
+            prewarmed=prewarmed,
+            registered_at=self.registered_at,
         )
         held_s = max(0.0, finished_at - held_from)
         next_queue = "" if self.stopping else self.pool.queue(self.config.memory_mib)
@@ -298,6 +380,7 @@ class Worker:
                 ttl_s,
                 cap,
                 next_queue,
+                1 if prewarmed else 0,
                 len(amendments) // 2,
                 *amendments,
             ]
@@ -314,16 +397,33 @@ class Worker:
     async def _serve_flexible(
         self, state: RunState, invocation: Invocation, amendments: list[str]
     ) -> tuple[int, float | None]:
+        """Run the roots, each with its continuation and clustered children, depth first. The
+        roots still to run travel with every COMPLETE, which keeps them in the proc list."""
         served = 0
         first: float | None = None
-        current: str | None = invocation.roots[0] if invocation.roots else None
-        while current is not None:
-            reply, started_at = await self._step(state, current, None, amendments)
-            first = first or started_at
-            served += 1
-            if reply is None:
-                break
-            current = reply[1].decode() or None
+        pending: deque[str] = deque(invocation.roots)
+        preloaders: list[Preloader] = []
+        done = RunKeys(state.run_id).done
+        try:
+            while pending:
+                current = pending.popleft()
+                if invocation.resume and await self.redis.sismember(done, current):
+                    continue  # re-queued from a lost worker that had completed it
+                if "@" + current in state.opts.hosts:
+                    preloaders.append(Preloader(self, state, "@" + current))
+                reply, started_at = await self._step(
+                    state, current, None, amendments, pending=list(pending)
+                )
+                first = first or started_at
+                served += 1
+                if reply is None:
+                    break
+                pending.extendleft(reversed([r.decode() for r in reply[3:]]))
+                if reply[1]:
+                    pending.appendleft(reply[1].decode())
+        finally:
+            for preloader in preloaders:
+                await preloader.stop()
         return served, first
 
     async def _serve_bound(
@@ -346,69 +446,188 @@ class Worker:
                 for t in assigned
                 if t in remaining and all(d in done for d in state.dag.tasks[t].deps)
             )
+        preloader = Preloader(self, state, me) if me in state.opts.hosts else None
+        may_duplicate = bool(remaining.intersection(state.opts.dups))
         served = 0
         first: float | None = None
-        while remaining:
-            if not ready:
-                item = await self._wait_inbox(keys.inbox(me))
-                if item is None:
-                    status = await self.redis.hget(keys.meta, "status")
-                    if status != b"running":
+        blocked_since: float | None = None
+        try:
+            while remaining:
+                if not ready:
+                    blocked_since = blocked_since or time.time()
+                    timeout = DUP_POLL_S if may_duplicate else self.config.heartbeat_ttl_s
+                    item = await self._wait_inbox(keys.inbox(me), timeout)
+                    if item is None:
+                        if may_duplicate:
+                            served += await self._duplicate_late_upstream(
+                                state, me, remaining, ready, amendments
+                            )
+                        status = await self.redis.hget(keys.meta, "status")
+                        if status != b"running":
+                            break
+                        continue
+                    task_id = item[1].decode()
+                    if not task_id:  # stop token: the run failed or was cancelled
                         break
+                    ready.append(task_id)
                     continue
-                task_id = item[1].decode()
-                if not task_id:  # stop token: the run failed or was cancelled
+                current = ready.popleft()
+                if current not in remaining:
+                    continue
+                await self._stop_waiting()
+                if current in state.opts.dup_targets and await self._duplicated_elsewhere(
+                    state, current
+                ):
+                    remaining.discard(current)  # a consumer's duplicate already completed it
+                    continue
+                blocked = time.time() - blocked_since if blocked_since else 0.0
+                blocked_since = None
+                reply, started_at = await self._step(
+                    state, current, me, amendments, blocked_s=blocked
+                )
+                first = first or started_at
+                served += 1
+                remaining.discard(current)
+                if reply is None:
                     break
-                ready.append(task_id)
-                continue
-            current = ready.popleft()
-            if current not in remaining:
-                continue
-            reply, started_at = await self._step(state, current, me, amendments)
-            first = first or started_at
-            served += 1
-            remaining.discard(current)
-            if reply is None:
-                break
-            ready.extend(r.decode() for r in reply[3:])
+                ready.extend(r.decode() for r in reply[3:])
+        finally:
+            await self._stop_waiting()
+            if preloader is not None:
+                await preloader.stop()
         return served, first
 
-    async def _wait_inbox(self, inbox: str) -> Any:
+    async def _wait_inbox(self, inbox: str, timeout: float) -> Any:
         """Block on a bound worker's inbox. While blocked it uses no CPU, so it is listed as
         waiting: the scaler does not count it against the worker cap (else bound workers
-        waiting for each other's inputs could hold every slot)."""
+        waiting for each other's inputs could hold every slot). It stays listed across
+        timeouts until it takes a task (:meth:`_stop_waiting`)."""
         item = await self.redis.lpop(inbox)
         if item is not None:
             return (inbox, item)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.sadd(self.pool.waiting, self.config.worker_id)
-            pipe.lpush(self.pool.wake, "1")
-            pipe.ltrim(self.pool.wake, 0, 0)
-            await pipe.execute()
-        try:
-            return await self.redis.blpop(inbox, timeout=self.config.heartbeat_ttl_s)
-        finally:
+        if not self._waiting:
+            self._waiting = True
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.sadd(self.pool.waiting, self.config.worker_id)
+                pipe.lpush(self.pool.wake, "1")
+                pipe.ltrim(self.pool.wake, 0, 0)
+                await pipe.execute()
+        return await self.redis.blpop(inbox, timeout=timeout)
+
+    async def _stop_waiting(self) -> None:
+        if self._waiting:
+            self._waiting = False
             await self.redis.srem(self.pool.waiting, self.config.worker_id)
+
+    # ----------------------------------------------------------------- taskdup
+    async def _duplicated_elsewhere(self, state: RunState, task_id: str) -> bool:
+        """Before a task a consumer may duplicate: note its start (the consumer's lateness
+        test) and skip it if a duplicate already completed it."""
+        keys = RunKeys(state.run_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(keys.started, task_id, time.time())
+            pipe.sismember(keys.done, task_id)
+            _, done = await pipe.execute()
+        return bool(done)
+
+    async def _duplicate_late_upstream(
+        self,
+        state: RunState,
+        me: str,
+        remaining: set[str],
+        ready: deque[str],
+        amendments: list[str],
+    ) -> int:
+        """taskdup: with nothing to run, re-run an upstream of a waiting task here when it is
+        late (a straggler: running ``LATE_FACTOR`` times its prediction, or not started past
+        its predicted end) or when the prediction says a local re-run ends sooner. One claim
+        per task makes sure only one duplicate runs. Returns the tasks executed (0 or 1)."""
+        candidates = [(t, p) for t in sorted(remaining) for p in state.opts.dups.get(t, ())]
+        upstreams = sorted({p["upstream"] for _, p in candidates})
+        keys = RunKeys(state.run_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smismember(keys.done, upstreams)
+            pipe.hmget(keys.started, upstreams)
+            done_flags, starts = await pipe.execute()
+        done = {u for u, flag in zip(upstreams, done_flags, strict=True) if flag}
+        started = {u: float(v) for u, v in zip(upstreams, starts, strict=True) if v is not None}
+        now = time.time() - state.submitted_at
+        for consumer, params in candidates:
+            upstream = params["upstream"]
+            if upstream in done or not _late(params, started.get(upstream), state, now):
+                continue
+            claim = keys.duplicate(upstream)
+            if not await self.redis.set(claim, self.config.worker_id, nx=True, ex=state.ttl_s):
+                continue
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.sadd(keys.keyset, claim)
+                pipe.hincrby(keys.meta, "tasks_duplicated", 1)
+                await pipe.execute()
+            log.info("run %s: %s is late; running a duplicate for %s", state.run_id, upstream, me)
+            await self._stop_waiting()
+            state.duplicated.setdefault(consumer, []).append(upstream)
+            reply, _ = await self._step(state, upstream, me, amendments, duplicate=True)
+            if reply is not None:
+                ready.extend(r.decode() for r in reply[3:])
+            return 1
+        return 0
 
     # ----------------------------------------------------------------- tasks
     async def _step(
-        self, state: RunState, task_id: str, me: str | None, amendments: list[str]
+        self,
+        state: RunState,
+        task_id: str,
+        me: str | None,
+        amendments: list[str],
+        *,
+        pending: list[str] | None = None,
+        blocked_s: float = 0.0,
+        duplicate: bool = False,
     ) -> tuple[list[bytes] | None, float]:
         """Execute one task, then fail the run or complete the task. Returns the COMPLETE
         reply, or None when this invocation must stop (the task failed or the run ended),
         and the task's start time."""
-        outcome = await self._execute(state, task_id, me)
+        outcome = await self._execute(state, task_id, me, blocked_s, duplicate)
         if not outcome.ok:
             await self._fail(state, outcome)
             return None, outcome.record.started_at
-        reply = await self._complete(state, outcome, me, amendments)
+        keep_for = None
+        if me is None and task_id in state.opts.delayed:
+            keep_for = await self._delay_upload(state, outcome)
+        reply = await self._complete(state, outcome, me, amendments, pending or [])
+        if keep_for is not None and reply[0] == b"running" and reply[1].decode() != keep_for:
+            # Not this worker's fan-in after all (cannot happen unless a duplicate raced):
+            # store the output so whoever runs it can read it.
+            await self.redis.hset(RunKeys(state.run_id).outputs, task_id, outcome.output)
         return (reply if reply[0] == b"running" else None), outcome.record.started_at
+
+    async def _delay_upload(self, state: RunState, outcome: Outcome) -> str | None:
+        """delayed-io: wait (up to the planned time) for the fan-in's other inputs; when they
+        are all done, this worker runs the fan-in next, so the output need not be uploaded.
+        Returns the fan-in when the upload is skipped."""
+        record = outcome.record
+        fan_in, wait_s = state.opts.delayed[record.task_id]
+        others = [d for d in state.dag.tasks[fan_in].deps if d != record.task_id]
+        done_key = RunKeys(state.run_id).done
+        deadline = time.monotonic() + wait_s
+        while True:
+            if all(await self.redis.smismember(done_key, others)):
+                record.delayed_io = "kept"
+                record.output_stored = False
+                return fan_in
+            if time.monotonic() >= deadline:
+                record.delayed_io = "uploaded"
+                return None
+            await asyncio.sleep(DELAY_POLL_S)
 
     async def _gather(
         self, state: RunState, spec: TaskSpec
     ) -> tuple[dict[str, bytes], list[str], float, int]:
         """Fetch inputs not held locally; returns raw bytes by task, re-run lost upstreams."""
         keys = RunKeys(state.run_id)
+        loading = {state.loading[d] for d in spec.deps if d in state.loading}
+        if loading:  # pre-loads of these inputs are in flight: they finish sooner than a fetch
+            await asyncio.gather(*loading)
         missing = [d for d in spec.deps if d not in state.values]
         wanted_consts = [k for k in spec.const_keys if k not in state.constants]
         raw: dict[str, bytes] = {}
@@ -483,10 +702,20 @@ class Worker:
         await loop.run_in_executor(self.executor, rerun)
         return order
 
-    async def _execute(self, state: RunState, task_id: str, me: str | None) -> Outcome:
+    async def _execute(
+        self,
+        state: RunState,
+        task_id: str,
+        me: str | None,
+        blocked_s: float = 0.0,
+        duplicate: bool = False,
+    ) -> Outcome:
         spec = state.dag.tasks[task_id]
         ready_at = time.time()
+        prewarms = state.opts.prewarm.get(task_id, ())
+        prewarm_at = await self._request_prewarm(state, task_id, prewarms) if prewarms else None
         raw, recomputed, download_s, download_bytes = await self._gather(state, spec)
+        preloaded = [d for d in spec.deps if d in state.preloaded]
         store = state.must_store(task_id)
         loop = asyncio.get_running_loop()
         done = await loop.run_in_executor(self.executor, _run_in_thread, state, spec, raw, store)
@@ -511,14 +740,49 @@ class Worker:
             retries=done.attempts - 1,
             recomputed=recomputed,
             error=done.error,
+            blocked_s=blocked_s,
+            preloaded=preloaded,
+            preload_s=sum(state.preloaded[d] for d in preloaded),
+            duplicate=duplicate,
+            duplicated=state.duplicated.get(task_id, []),
+            prewarm_at=prewarm_at,
+            prewarm_targets=[t for p in prewarms for t in p.get("targets", [])],
         )
         return Outcome(ok=done.error is None, record=record, output=done.output)
 
+    async def _request_prewarm(
+        self, state: RunState, task_id: str, requests: Iterable[dict[str, Any]]
+    ) -> float:
+        """prewarm: ask the scaler for workers of a class, due ``delay_s`` after this start
+        (a sorted set scored by due time; the scaler creates them when due)."""
+        now = time.time()
+        due = now
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for params in requests:
+                due = now + float(params["delay_s"])
+                request = {
+                    "run": state.run_id,
+                    "mem": int(params["memory_mib"]),
+                    "count": int(params["count"]),
+                    "trigger": task_id,
+                }
+                pipe.zadd(self.pool.prewarm, {json.dumps(request, sort_keys=True): due})
+            pipe.lpush(self.pool.wake, "1")
+            pipe.ltrim(self.pool.wake, 0, 0)
+            await pipe.execute()
+        return due
+
     async def _complete(
-        self, state: RunState, outcome: Outcome, me: str | None, amendments: list[str]
+        self,
+        state: RunState,
+        outcome: Outcome,
+        me: str | None,
+        amendments: list[str],
+        pending: list[str],
     ) -> list[bytes]:
         record = outcome.record
         store = outcome.output is not None and record.output_stored
+        field_name = record.task_id + ("@dup" if record.duplicate else "")
         started = time.perf_counter()
         reply = await self._scripts["COMPLETE"](
             args=[
@@ -528,11 +792,15 @@ class Worker:
                 "1" if store else "0",
                 outcome.output if store else b"",
                 record.model_dump_json(),
+                field_name,
                 self.proc_key,
                 me or "",
+                self.config.memory_mib,
                 record.ended_at,
                 len(amendments) // 2,
                 *amendments,
+                len(pending),
+                *pending,
                 *state.downstream_args(record.task_id),
             ]
         )
@@ -540,7 +808,7 @@ class Worker:
         if store:
             # The upload rode on this call: amend the record in the next call with its time.
             record.upload_s = time.perf_counter() - started
-            amendments += [record.task_id, record.model_dump_json()]
+            amendments += [field_name, record.model_dump_json()]
         return reply
 
     async def _fail(self, state: RunState, outcome: Outcome) -> None:
@@ -564,6 +832,84 @@ class Worker:
             record.error.exc_type,
             record.error.message,
         )
+
+
+class Preloader:
+    """preload: fetches a host's fan-in inputs as their producers store them (the COMPLETE
+    script lists them for the host), downloading on the I/O thread and deserializing on the
+    preload thread, so the task thread keeps running. A task that needs an input still in
+    flight awaits it instead of fetching it again."""
+
+    def __init__(self, worker: Worker, state: RunState, host: str) -> None:
+        self.worker = worker
+        self.state = state
+        self.key = RunKeys(state.run_id).preload(host)
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _loop(self) -> None:
+        redis = self.worker.redis
+        while True:
+            first = await redis.blpop(self.key, timeout=1.0)
+            if first is None:
+                continue
+            ids = [first[1].decode()]
+            more = await redis.lpop(self.key, 100)
+            ids += [m.decode() for m in more or ()]
+            try:
+                await self._load(ids)
+            except (redis_exceptions.RedisError, pickle.UnpicklingError, OSError) as exc:
+                # The task fetches the input itself, as without pre-loading.
+                log.warning("run %s: pre-load of %s failed: %s", self.state.run_id, ids, exc)
+
+    async def _load(self, ids: list[str]) -> None:
+        state = self.state
+        ids = [i for i in dict.fromkeys(ids) if i not in state.values and i not in state.loading]
+        if not ids:
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        for input_id in ids:
+            state.loading[input_id] = future
+        started = time.perf_counter()
+        try:
+            (blobs,) = await self.worker.reader.hmget_many([(RunKeys(state.run_id).outputs, ids)])
+
+            def deserialize() -> None:
+                for input_id, blob in zip(ids, blobs, strict=True):
+                    if blob is not None:
+                        state.values[input_id] = pickle.loads(blob)
+                        state.sizes[input_id] = len(blob)
+
+            await loop.run_in_executor(self.worker.preload_executor, deserialize)
+            share = (time.perf_counter() - started) / len(ids)
+            for input_id in ids:
+                if input_id in state.values:
+                    state.preloaded[input_id] = share
+        finally:
+            for input_id in ids:
+                state.loading.pop(input_id, None)
+            future.set_result(None)
+
+
+def _late(params: dict[str, Any], started_at: float | None, state: RunState, now: float) -> bool:
+    """taskdup's test, on times relative to the run's submission: is the upstream a
+    straggler, or does the prediction say a re-run here ends before the original?"""
+    original_exec = float(params["original_exec_s"])
+    original_end = float(params["original_end_s"])
+    here = now + float(params["exec_s"])
+    if started_at is not None:
+        started = started_at - state.submitted_at
+        if now - started > LATE_FACTOR * original_exec + LATE_GRACE_S:
+            return True
+        return here < started + original_exec - LATE_GRACE_S
+    if now > original_end + LATE_GRACE_S:
+        return True  # not even started when it was predicted to have ended
+    return here < max(original_end, now + original_exec) - LATE_GRACE_S
 
 
 def _process_cpu_s() -> float:
@@ -685,6 +1031,7 @@ def parse_args(argv: Iterable[str] | None = None) -> WorkerConfig:
     if not url:
         parser.error("DAGKUBE_REDIS_URL is not set")
     spawned = os.environ.get("DAGKUBE_SPAWNED_AT")
+    prewarm_run = os.environ.get("DAGKUBE_PREWARM_RUN") or None
     return WorkerConfig(
         redis_url=url,
         pool=args.pool,
@@ -695,6 +1042,7 @@ def parse_args(argv: Iterable[str] | None = None) -> WorkerConfig:
         heartbeat_s=args.heartbeat,
         heartbeat_ttl_s=max(5.0, args.heartbeat * 5),
         spawned_at=float(spawned) if spawned else None,
+        prewarm_run=prewarm_run,
     )
 
 

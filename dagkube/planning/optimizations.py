@@ -1,0 +1,257 @@
+"""Planning rules of the optimizations, and the check that rejects conflicting ones.
+
+Rules run in :data:`~dagkube.planning.model.OPTIMIZATIONS` order on a plan's predicted
+schedule: ``clustering`` and ``delayed-io`` (flexible workers: keep large outputs local),
+``preload`` (fetch fan-in inputs in the background), ``taskdup`` (a waiting consumer may re-run
+a late upstream), then ``prewarm``, which needs the schedule the others produce (it re-runs the
+timing model with their effect). Each rule only marks tasks where it can help; the runtime hooks
+read the marks (docs/architecture.md, "Optimizations").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from dagkube.dag import DagSpec
+from dagkube.errors import InvalidOption
+from dagkube.planning.model import OPT_VARIANTS, OPTIMIZATIONS, Optimization, output_must_be_stored
+from dagkube.planning.predictions import Predictor
+from dagkube.planning.timing import Estimates, Timing
+
+PREWARM_LEAD_S = 0.25  # a pre-warmed worker should be ready this long before it is needed
+DELAY_MARGIN_S = 0.05  # delayed-io waits this much beyond the predicted arrival of the others
+
+Marks = dict[str, list[Optimization]]
+
+
+def check_optimizations(names: Iterable[str] | str | None) -> list[str]:
+    """Normalize a list (or comma-separated string) of optimizations, in composition order."""
+    if names is None:
+        return []
+    items = names.split(",") if isinstance(names, str) else list(names)
+    chosen = {str(n).strip().lower() for n in items if str(n).strip()}
+    unknown = sorted(chosen - set(OPTIMIZATIONS))
+    if unknown:
+        raise InvalidOption(
+            f"Optimization {unknown[0]!r} is unknown: choose from {', '.join(OPTIMIZATIONS)}"
+        )
+    return [n for n in OPTIMIZATIONS if n in chosen]
+
+
+def split_planner(name: str) -> tuple[str, list[str]]:
+    """``uniform-opt`` -> (``uniform``, its optimizations); other names pass through."""
+    base = name.strip().lower()
+    if base.endswith("-opt") and base[:-4] in OPT_VARIANTS:
+        return base[:-4], list(OPT_VARIANTS[base[:-4]])
+    return base, []
+
+
+@dataclass
+class RuleInput:
+    dag: DagSpec
+    memory: dict[str, int]
+    worker_of: dict[str, str | None]
+    predictor: Predictor
+    sizes: Estimates
+    timing: Timing
+
+
+def mark(names: list[str], given: RuleInput) -> Marks:
+    """Marks of every rule but ``prewarm`` (see :func:`mark_prewarm`)."""
+    marks: Marks = {}
+    rules: dict[str, Callable[[RuleInput, Marks], None]] = {
+        "clustering": _clustering,
+        "delayed-io": _delayed_io,
+        "preload": _preload,
+        "taskdup": _taskdup,
+    }
+    for name in names:
+        if name in rules:
+            rules[name](given, marks)
+    return marks
+
+
+def _add(marks: Marks, task_id: str, name: str, **params: object) -> None:
+    marks.setdefault(task_id, []).append(Optimization(name=name, params=params))
+
+
+def _clustering(given: RuleInput, marks: Marks) -> None:
+    """A flexible fan-out runs all its children itself when shipping its output to other
+    workers (upload, start-up, download) would take longer than running them one by one."""
+    dag, p, sizes = given.dag, given.predictor, given.sizes
+    for task_id, spec in dag.tasks.items():
+        children = spec.downstream
+        if given.worker_of[task_id] is not None or len(children) < 2:
+            continue
+        if any(len(dag.tasks[c].deps) != 1 or given.worker_of[c] is not None for c in children):
+            continue
+        transfer = p.transfer_s(sizes.out_bytes[task_id])
+        remote = 2 * transfer + p.startup_s(given.memory[children[0]], False)
+        serial = sum(sizes.exec_s[c] for c in children) - max(sizes.exec_s[c] for c in children)
+        if serial <= remote:
+            _add(marks, task_id, "clustering", children=list(children))
+
+
+def _delayed_io(given: RuleInput, marks: Marks) -> None:
+    """Per flexible fan-in, the input whose upload and download cost most relative to how long
+    its worker would wait for the other inputs: that worker waits and runs the fan-in itself."""
+    dag, p, sizes, timing = given.dag, given.predictor, given.sizes, given.timing
+    for task_id, spec in dag.tasks.items():
+        if given.worker_of[task_id] is not None or len(spec.deps) < 2:
+            continue
+        best: tuple[float, str, float] | None = None
+        for dep in spec.deps:
+            if given.worker_of[dep] is not None or dag.tasks[dep].downstream != [task_id]:
+                continue
+            if dep in dag.output_ids:
+                continue
+            others = max(timing.tasks[d].complete_s for d in spec.deps if d != dep)
+            wait = max(0.0, others - timing.tasks[dep].end_s)
+            saved = 2 * p.transfer_s(sizes.out_bytes[dep]) - wait
+            if saved > 0 and (best is None or saved > best[0]):
+                best = (saved, dep, wait)
+        if best is not None:
+            _, dep, wait = best
+            _add(marks, dep, "delayed-io", fan_in=task_id, wait_s=round(wait + DELAY_MARGIN_S, 6))
+
+
+def _preload(given: RuleInput, marks: Marks) -> None:
+    """A fan-in's inputs from other workers are fetched by the worker that will run it while
+    it still works on something else: its logical worker, or (flexible) the worker of the
+    input predicted to finish last."""
+    dag, timing = given.dag, given.timing
+    for task_id, spec in dag.tasks.items():
+        if len(spec.deps) < 2:
+            continue
+        me = given.worker_of[task_id]
+        if me is not None:
+            host = me
+            inputs = [d for d in spec.deps if given.worker_of[d] != me]
+        else:
+            last = max(spec.deps, key=lambda d: timing.tasks[d].complete_s)
+            host = "@" + last
+            inputs = [d for d in spec.deps if d != last]
+        if inputs:
+            _add(marks, task_id, "preload", host=host, inputs=inputs)
+
+
+def _taskdup(given: RuleInput, marks: Marks) -> None:
+    """A bound consumer may re-run an upstream of another worker whose inputs are stored in
+    Redis; the parameters are what the worker decides from when the upstream is late."""
+    dag, p, sizes, timing = given.dag, given.predictor, given.sizes, given.timing
+    for task_id, spec in dag.tasks.items():
+        me = given.worker_of[task_id]
+        if me is None:
+            continue
+        for dep in spec.deps:
+            owner = given.worker_of[dep]
+            if owner is None or owner == me:
+                continue
+            upstream = dag.tasks[dep]
+            if not all(_stored(given, marks, d) for d in upstream.deps):
+                continue
+            fetched = sum(sizes.out_bytes[d] for d in upstream.deps if given.worker_of[d] != me)
+            _add(
+                marks,
+                task_id,
+                "taskdup",
+                upstream=dep,
+                exec_s=round(
+                    p.exec_s(upstream.function, sizes.input_bytes[dep], given.memory[task_id], dep)
+                    + p.transfer_s(fetched),
+                    6,
+                ),
+                original_end_s=round(timing.tasks[dep].end_s, 6),
+                original_exec_s=round(sizes.exec_s[dep], 6),
+            )
+
+
+def _stored(given: RuleInput, marks: Marks, task_id: str) -> bool:
+    clustered = any(o.name == "clustering" for o in marks.get(task_id, ()))
+    return output_must_be_stored(given.dag, task_id, given.worker_of.__getitem__, clustered)
+
+
+def mark_prewarm(given: RuleInput, marks: Marks) -> int:
+    """Every predicted cold start after the run began gets a pre-warm request on the task
+    predicted to be running (or last started) ``start-up + lead`` seconds before it, so the
+    scaler creates the worker in time. Returns how many workers are requested."""
+    timing, p = given.timing, given.predictor
+    starts = sorted(given.dag.tasks, key=lambda t: timing.tasks[t].start_s)
+    requests: dict[tuple[str, int], list[tuple[float, str]]] = {}
+    for activity in timing.activities:
+        if not activity.cold or activity.start_s <= 0 or not activity.tasks:
+            continue
+        fire_at = activity.start_s - p.startup_s(activity.memory_mib, True) - PREWARM_LEAD_S
+        trigger = None
+        for task_id in starts:
+            if timing.tasks[task_id].start_s > max(fire_at, 0.0):
+                break
+            trigger = task_id
+        if trigger is None or trigger in activity.tasks:
+            continue
+        requests.setdefault((trigger, activity.memory_mib), []).append((fire_at, activity.tasks[0]))
+    for (trigger, memory_mib), wanted in requests.items():
+        fire_at = min(f for f, _ in wanted)
+        _add(
+            marks,
+            trigger,
+            "prewarm",
+            memory_mib=memory_mib,
+            count=len(wanted),
+            delay_s=round(max(0.0, fire_at - timing.tasks[trigger].start_s), 6),
+            targets=sorted(t for _, t in wanted),
+        )
+    return sum(len(w) for w in requests.values())
+
+
+def check_conflicts(dag: DagSpec, tasks: dict[str, list[Optimization]], stored: Callable) -> None:
+    """Reject a plan where two optimizations decide the same thing differently, naming both
+    and the task. ``stored(task_id)`` is the plan's upload rule."""
+    delayed_by_fan_in: dict[str, str] = {}
+    for task_id, entries in tasks.items():
+        names = [e.name for e in entries]
+        if "clustering" in names and "delayed-io" in names:
+            raise InvalidOption(
+                f"Task {task_id!r}: optimizations 'clustering' and 'delayed-io' conflict: "
+                "clustering runs its children on its worker, delayed-io has the worker wait "
+                "to run a fan-in instead"
+            )
+        for entry in entries:
+            if entry.name == "delayed-io":
+                fan_in = str(entry.params["fan_in"])
+                other = delayed_by_fan_in.setdefault(fan_in, task_id)
+                if other != task_id:
+                    raise InvalidOption(
+                        f"Task {fan_in!r}: 'delayed-io' on its inputs {other!r} and {task_id!r} "
+                        "conflict: both workers would wait to run it (each waiting for the other)"
+                    )
+    delayed = {
+        e.params["fan_in"]: t for t, es in tasks.items() for e in es if e.name == "delayed-io"
+    }
+    for task_id, entries in tasks.items():
+        for entry in entries:
+            if entry.name == "preload":
+                held = delayed.get(task_id)
+                if held is not None and held in entry.params["inputs"]:
+                    raise InvalidOption(
+                        f"Task {task_id!r}: optimizations 'preload' and 'delayed-io' conflict: "
+                        f"preload fetches its input {held!r} as soon as it is stored, while "
+                        f"delayed-io holds {held!r} back to run {task_id!r} on its own worker"
+                    )
+            elif entry.name == "taskdup":
+                upstream = str(entry.params["upstream"])
+                for dep in dag.tasks[upstream].deps:
+                    if stored(dep):
+                        continue
+                    why = [e.name for e in tasks.get(dep, ()) if e.name in ("clustering",)]
+                    if why:
+                        raise InvalidOption(
+                            f"Task {task_id!r}: optimizations 'taskdup' and 'clustering' "
+                            f"conflict: taskdup would re-run {upstream!r}, whose input {dep!r} "
+                            f"clustering keeps on its own worker (never stored)"
+                        )
+                    raise InvalidOption(
+                        f"Task {task_id!r}: 'taskdup' cannot re-run {upstream!r}: its input "
+                        f"{dep!r} is not stored in Redis"
+                    )
