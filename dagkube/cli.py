@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dagkube.errors import DagkubeError, InvalidOption, InvalidWorkflow, RedisUnavailable
-from dagkube.planning import PLANNERS, check_planner
+from dagkube.planning import OPTIMIZATIONS, PLANNER_NAMES, check_optimizations, check_planner
 from dagkube.planning.sla import ACCEPTED_SLAS, parse_sla
 from dagkube.resources import ACCEPTED_FORMS, format_memory, parse_classes
 from dagkube.workflow import Workflow
@@ -182,7 +182,14 @@ def _shared_options(function: Any) -> Any:
             default="wukong",
             show_default=True,
             callback=_validated(check_planner),
-            help=f"Planner: {', '.join(PLANNERS)}.",
+            help=f"Planner: {', '.join(PLANNER_NAMES)} (-opt: with its optimizations).",
+        ),
+        click.option(
+            "--optimizations",
+            default="",
+            callback=_validated(check_optimizations),
+            help="Optimizations to switch on, comma-separated (besides those of an -opt "
+            f"planner): {', '.join(OPTIMIZATIONS)}.",
         ),
         click.option(
             "--sla",
@@ -219,6 +226,7 @@ def _shared_options(function: Any) -> Any:
 def run(
     file: str,
     planner: str,
+    optimizations: list[str],
     sla: str,
     classes: list[int] | None,
     redis_url: str | None,
@@ -239,7 +247,7 @@ def run(
             LocalRuntime(redis_url, max_workers=max_workers, idle_timeout_s=idle_timeout) as rt,
             _progress(show_progress, len(wf.dag.tasks), wf.name) as on_progress,
         ):
-            chosen = rt.plan(wf.dag, planner, sla, classes)
+            chosen = rt.plan(wf.dag, planner, sla, classes, optimizations=optimizations)
             result = rt.run(wf.dag, chosen, timeout_s=timeout, on_progress=on_progress)
         record = result.record
         verified: bool | None = None
@@ -264,6 +272,9 @@ def run(
             "workers_cold": record.workers_cold,
             "workers_warm": record.workers_warm,
             "workers_lost": record.workers_lost,
+            "workers_prewarmed": record.workers_prewarmed,
+            "tasks_duplicated": record.tasks_duplicated,
+            "optimizations": record.optimizations,
             "gb_s": record.gb_s,
             "cpu_s_allocated": record.cpu_s_allocated,
             "cpu_s_used": record.cpu_s_used,
@@ -333,9 +344,20 @@ def _print_summary(summary: dict, outputs: Any, failure: Any, verify_error: str)
     table.add_row("tasks", f"{summary['tasks_done']} done of {summary['tasks']}")
     table.add_row("makespan", f"{makespan:.3f} s" if makespan is not None else "-")
     lost = f", {summary['workers_lost']} lost" if summary["workers_lost"] else ""
+    prewarmed = summary["workers_prewarmed"]
     table.add_row(
-        "workers", f"{summary['workers_cold']} cold, {summary['workers_warm']} warm{lost}"
+        "workers",
+        f"{summary['workers_cold']} cold, {summary['workers_warm']} warm"
+        + (f" ({prewarmed} pre-warmed)" if prewarmed else "")
+        + lost,
     )
+    if summary["optimizations"]:
+        duplicated = summary["tasks_duplicated"]
+        table.add_row(
+            "optimizations",
+            ", ".join(summary["optimizations"])
+            + (f"; {duplicated} task(s) duplicated" if duplicated else ""),
+        )
     table.add_row("GB-seconds", f"{summary['gb_s']:.3f}")
     table.add_row(
         "CPU-seconds",
@@ -357,6 +379,7 @@ def _print_summary(summary: dict, outputs: Any, failure: Any, verify_error: str)
 def plan(
     file: str,
     planner: str,
+    optimizations: list[str],
     sla: str,
     classes: list[int] | None,
     redis_url: str | None,
@@ -382,6 +405,7 @@ def plan(
             max_workers=max_workers or default_max_workers(),
             idle_timeout_s=idle_timeout,
             cpu_enforced=False,  # planned for the local runtime
+            optimizations=optimizations,
         )
         result = planning.plan(wf.dag, planner, options)
         if output:
@@ -401,9 +425,12 @@ def plan(
                 str(worker.tasks),
                 f"{worker.predicted_start_s:.3f}s",
                 f"{worker.predicted_end_s:.3f}s",
-                "cold" if worker.cold else "warm",
+                "pre-warmed" if worker.prewarmed else "cold" if worker.cold else "warm",
             )
         out.print(table)
+        for task_id, task in result.tasks.items():
+            for entry in task.optimizations:
+                out.print(f"[bold]{entry.name}[/] {task_id}: {_describe_params(entry.params)}")
         critical = [t for t, p in result.tasks.items() if p.critical_path]
         out.print(
             f"[bold]predicted makespan[/] {result.predicted_makespan_s:.3f}s  "
@@ -424,7 +451,7 @@ def plan(
     "--planners",
     default="wukong,uniform,non-uniform",
     show_default=True,
-    help=f"Planners to compare, comma-separated: {', '.join(PLANNERS)}.",
+    help=f"Planners to compare, comma-separated: {', '.join(PLANNER_NAMES)}.",
 )
 @click.option(
     "--slas",
@@ -504,9 +531,10 @@ def experiment(
             "runs",
             "median makespan",
             "median GB-s",
-            "cold/warm",
+            "cold/warm (pre-warmed)",
             "median pred. error",
             "within prediction",
+            "optimizations per run (median)",
         ):
             table.add_column(column, justify="left" if column in ("planner", "SLA") else "right")
         for s in result.summaries():
@@ -516,11 +544,25 @@ def experiment(
                 f"{s.runs}" + (f" ({s.failed} failed)" if s.failed else ""),
                 _fmt(s.median_makespan_s, "{:.3f}s"),
                 _fmt(s.median_gb_s, "{:.3f}"),
-                f"{s.workers_cold}/{s.workers_warm}",
+                f"{s.workers_cold}/{s.workers_warm} ({s.workers_prewarmed})",
                 _fmt(s.median_prediction_error, "{:.1%}"),
                 _fmt(s.sla_attainment, "{:.0%}"),
+                ", ".join(f"{n} {c:g}" for n, c in s.median_optimizations.items() if c)
+                + (f"; {s.tasks_duplicated} dup run(s)" if s.tasks_duplicated else "")
+                or "-",
             )
         out.print(table)
+
+
+def _describe_params(params: dict[str, Any]) -> str:
+    parts = []
+    for key, value in params.items():
+        if isinstance(value, list):
+            shown = ", ".join(map(str, value[:4])) + (" ..." if len(value) > 4 else "")
+            parts.append(f"{key} [{shown}]")
+        else:
+            parts.append(f"{key} {value}")
+    return "; ".join(parts)
 
 
 def _draw(dag: Any, result: Any, path: Path) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from dagkube.errors import InvalidOption, TaskFailed
-from dagkube.planning import PLANNERS, check_planner
+from dagkube.planning import PLANNER_NAMES, check_planner
 from dagkube.planning.sla import parse_sla
 from dagkube.workflow import Workflow
 
@@ -31,6 +31,9 @@ class Sample:
     gb_s: float
     workers_cold: int
     workers_warm: int
+    workers_prewarmed: int = 0
+    tasks_duplicated: int = 0
+    optimizations: dict[str, int] = field(default_factory=dict)  # marks in the run's plan
 
     @property
     def prediction_error(self) -> float | None:
@@ -59,6 +62,9 @@ class Summary:
     workers_warm: int
     median_prediction_error: float | None
     sla_attainment: float | None  # share of runs that finished within the predicted makespan
+    workers_prewarmed: int = 0
+    tasks_duplicated: int = 0
+    median_optimizations: dict[str, float] = field(default_factory=dict)  # per run
 
 
 @dataclass
@@ -86,6 +92,12 @@ class Experiment:
                     workers_warm=sum(s.workers_warm for s in ok),
                     median_prediction_error=_median(errors),
                     sla_attainment=sum(within) / len(within) if within else None,
+                    workers_prewarmed=sum(s.workers_prewarmed for s in ok),
+                    tasks_duplicated=sum(s.tasks_duplicated for s in ok),
+                    median_optimizations={
+                        name: statistics.median(s.optimizations.get(name, 0) for s in samples)
+                        for name in sorted({n for s in samples for n in s.optimizations})
+                    },
                 )
             )
         return result
@@ -105,14 +117,9 @@ def check_matrix(planners: list[str], slas: list[str]) -> tuple[list[str], list[
     """Validate the matrix up front, so a typo fails before any run."""
     checked = []
     for name in planners:
-        if name.endswith("-opt"):
-            raise InvalidOption(
-                f"Planner {name!r}: the optimization variants (-opt) are not available yet; "
-                f"choose from {', '.join(PLANNERS)}"
-            )
         checked.append(check_planner(name))
     if not checked:
-        raise InvalidOption(f"No planners given: choose from {', '.join(PLANNERS)}")
+        raise InvalidOption(f"No planners given: choose from {', '.join(PLANNER_NAMES)}")
     normalized = [parse_sla(s) for s in slas]
     if not normalized:
         raise InvalidOption("No SLAs given: e.g. avg,p90,p95,p99")
@@ -158,6 +165,9 @@ def run_experiment(
                     gb_s=record.gb_s,
                     workers_cold=record.workers_cold,
                     workers_warm=record.workers_warm,
+                    workers_prewarmed=record.workers_prewarmed,
+                    tasks_duplicated=record.tasks_duplicated,
+                    optimizations=wf.last_plan.optimization_counts() if wf.last_plan else {},
                 )
                 experiment.samples.append(sample)
                 if on_sample:

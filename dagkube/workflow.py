@@ -7,7 +7,7 @@ from typing import Any
 
 from dagkube.dag import DEFAULT_INLINE_BUDGET_BYTES, DagSpec, build_dag
 from dagkube.errors import TaskFailed
-from dagkube.planning import Plan, PlanningOptions, plan
+from dagkube.planning import Plan, PlanningOptions, check_optimizations, plan
 from dagkube.resources import parse_classes
 
 
@@ -29,6 +29,7 @@ class Workflow:
         self.name = name or _default_name(outputs)
         self.dag: DagSpec = build_dag(outputs, self.name, inline_budget_bytes)
         self.last_run: Any = None
+        self.last_plan: Plan | None = None
 
     def __repr__(self) -> str:
         return f"<Workflow {self.name!r}: {len(self.dag.tasks)} tasks, {self.dag.structure_hash}>"
@@ -48,6 +49,7 @@ class Workflow:
         classes: Any = None,
         *,
         runtime: Any = None,
+        optimizations: Any = None,
     ) -> Plan:
         """The Plan the named planner makes for this workflow, without running it.
 
@@ -55,8 +57,13 @@ class Workflow:
         warm workers; without one, it plans from documented defaults (no history).
         """
         if runtime is not None:
-            return runtime.plan(self.dag, planner, sla, classes)
-        return plan(self.dag, planner, PlanningOptions(classes_mib=parse_classes(classes), sla=sla))
+            return runtime.plan(self.dag, planner, sla, classes, optimizations=optimizations)
+        options = PlanningOptions(
+            classes_mib=parse_classes(classes),
+            sla=sla,
+            optimizations=check_optimizations(optimizations),
+        )
+        return plan(self.dag, planner, options)
 
     def run(
         self,
@@ -67,9 +74,11 @@ class Workflow:
         runtime: Any = None,
         timeout_s: float | None = None,
         on_progress: Callable[[int, int], None] | None = None,
+        optimizations: Any = None,
     ) -> Any:
         """Plan (from the runtime's history) and run; returns the outputs in the shape given,
-        or raises :class:`TaskFailed`.
+        or raises :class:`TaskFailed`. ``optimizations``: names to switch on besides those a
+        ``-opt`` planner implies (e.g. ``["prewarm"]``). The plan used is kept in ``last_plan``.
 
         ``runtime``: a started :class:`dagkube.LocalRuntime` to reuse (warm workers, one Redis);
         without one, a LocalRuntime is opened for this run and closed after it.
@@ -79,7 +88,8 @@ class Workflow:
         owned = runtime is None
         rt = LocalRuntime() if owned else runtime
         try:
-            chosen = rt.plan(self.dag, planner, sla, classes)
+            chosen = rt.plan(self.dag, planner, sla, classes, optimizations=optimizations)
+            self.last_plan = chosen
             result = rt.run(self.dag, chosen, timeout_s=timeout_s, on_progress=on_progress)
         finally:
             if owned:

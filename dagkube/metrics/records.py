@@ -93,7 +93,8 @@ class RunRecord(BaseModel):
     status: str
     pool: str = ""
     submitted_at: float
-    finished_at: float | None = None
+    finished_at: float | None = None  # the run was finalized (every worker finished)
+    completed_at: float | None = None  # the last task completed: the end of the makespan
     makespan_s: float | None = None
     tasks_total: int
     tasks_done: int = 0
@@ -112,6 +113,8 @@ class RunRecord(BaseModel):
     workers_prewarmed: int = 0  # invocations served by a worker pre-warmed for this run
     prewarm_requested: int = 0  # workers asked for by pre-warm requests
     prewarm_started: int = 0  # of those, created by the scaler (within the worker cap)
+    prewarm_wasted: int = 0  # pre-warmed workers that exited unused (idle timeout)
+    prewarm_wasted_gb_s: float = 0.0  # their lifetime, charged here (not in gb_s)
     tasks_duplicated: int = 0  # duplicates started (taskdup)
     duplicates_won: int = 0  # duplicates that completed before the original
     failed_task: str | None = None
@@ -130,6 +133,7 @@ class RunRecord(BaseModel):
             "model_makespan_s",
             "failed_task",
             "finished_at",
+            "completed_at",
             "makespan_s",
         ):
             if data.get(key) == "":

@@ -20,7 +20,9 @@ from dagkube.planning.predictions import Predictor
 from dagkube.planning.timing import Estimates, Timing
 
 PREWARM_LEAD_S = 0.25  # a pre-warmed worker should be ready this long before it is needed
+PREWARM_MIN_WAIT_S = 0.1  # only invocations predicted to wait longer for a worker are targets
 DELAY_MARGIN_S = 0.05  # delayed-io waits this much beyond the predicted arrival of the others
+MIN_SAVING_S = 0.002  # preload / delayed-io only where they save at least this much transfer
 
 Marks = dict[str, list[Optimization]]
 
@@ -109,7 +111,7 @@ def _delayed_io(given: RuleInput, marks: Marks) -> None:
             others = max(timing.tasks[d].complete_s for d in spec.deps if d != dep)
             wait = max(0.0, others - timing.tasks[dep].end_s)
             saved = 2 * p.transfer_s(sizes.out_bytes[dep]) - wait
-            if saved > 0 and (best is None or saved > best[0]):
+            if saved >= MIN_SAVING_S and (best is None or saved > best[0]):
                 best = (saved, dep, wait)
         if best is not None:
             _, dep, wait = best
@@ -132,7 +134,8 @@ def _preload(given: RuleInput, marks: Marks) -> None:
             last = max(spec.deps, key=lambda d: timing.tasks[d].complete_s)
             host = "@" + last
             inputs = [d for d in spec.deps if d != last]
-        if inputs:
+        fetched = given.predictor.transfer_s(sum(given.sizes.out_bytes[d] for d in inputs))
+        if inputs and fetched >= MIN_SAVING_S:
             _add(marks, task_id, "preload", host=host, inputs=inputs)
 
 
@@ -173,22 +176,26 @@ def _stored(given: RuleInput, marks: Marks, task_id: str) -> bool:
 
 
 def mark_prewarm(given: RuleInput, marks: Marks) -> int:
-    """Every predicted cold start after the run began gets a pre-warm request on the task
-    predicted to be running (or last started) ``start-up + lead`` seconds before it, so the
-    scaler creates the worker in time. Returns how many workers are requested."""
+    """Every invocation predicted to wait for a worker to start (queued after the run began,
+    not taken by an idle or finishing worker within a warm start) is a target: a pre-warm
+    request on the task predicted to be running (or last started) ``cold start-up + lead``
+    before it is queued has a worker ready in time. Returns how many workers are requested."""
     timing, p = given.timing, given.predictor
     starts = sorted(given.dag.tasks, key=lambda t: timing.tasks[t].start_s)
     requests: dict[tuple[str, int], list[tuple[float, str]]] = {}
     for activity in timing.activities:
-        if not activity.cold or activity.start_s <= 0 or not activity.tasks:
+        if activity.queued_s <= 0 or activity.prewarmed or not activity.tasks:
             continue
-        fire_at = activity.start_s - p.startup_s(activity.memory_mib, True) - PREWARM_LEAD_S
-        trigger = None
+        waited = activity.ready_s - activity.queued_s
+        if waited <= p.startup_s(activity.memory_mib, False) + PREWARM_MIN_WAIT_S:
+            continue
+        fire_at = activity.queued_s - p.startup_s(activity.memory_mib, True) - PREWARM_LEAD_S
+        trigger = starts[0]  # too early for any task: the first to start fires it at once
         for task_id in starts:
-            if timing.tasks[task_id].start_s > max(fire_at, 0.0):
+            if timing.tasks[task_id].start_s > fire_at:
                 break
             trigger = task_id
-        if trigger is None or trigger in activity.tasks:
+        if trigger in activity.tasks:
             continue
         requests.setdefault((trigger, activity.memory_mib), []).append((fire_at, activity.tasks[0]))
     for (trigger, memory_mib), wanted in requests.items():

@@ -122,11 +122,17 @@ def _optimize(
             notes.append("prewarm: no cold start is predicted after the run begins")
         else:
             trial_timing = _timing(dag, memory, worker_of, predictor, options, trial)
-            if trial_timing.makespan_s <= timing.makespan_s * (1 + MAKESPAN_TOLERANCE):
-                marks, timing = trial, trial_timing
-                notes.append(f"prewarm: {requested} worker(s) requested ahead of cold starts")
-            else:
+            used = sum(1 for a in trial_timing.activities if a.prewarmed)
+            if not used:
+                notes.append("prewarm: no pre-warmed worker would be ready in time; none asked")
+            elif trial_timing.makespan_s > timing.makespan_s * (1 + MAKESPAN_TOLERANCE):
                 notes.append("prewarm: requests would lengthen the predicted makespan; none made")
+            else:
+                marks, timing = trial, trial_timing
+                notes.append(
+                    f"prewarm: {requested} worker(s) requested ahead of demand, {used} predicted "
+                    "to be used"
+                )
     counts = {name: 0 for name in names}
     for entries in marks.values():
         for entry in entries:
@@ -236,6 +242,7 @@ def assign_workers(
     out_bytes: dict[str, int],
     cluster_size: int,
     transfer_s: Callable[[int], float],
+    preload: bool = False,
 ) -> dict[str, str | None]:
     """Logical worker per task from predicted times and sizes (DESIGN "uniform").
 
@@ -248,7 +255,8 @@ def assign_workers(
     new worker, long ones get workers of their own. A fan-in goes to the worker of its
     critical-path upstream (the one predicted to finish last: it starts the fan-in without
     waiting, and no other worker idles allocated until then), unless another worker holds
-    inputs whose transfer would cost more than max(10 ms, 10% of the fan-in's time) extra.
+    inputs whose transfer would cost more than max(10 ms, 10% of the fan-in's time) extra —
+    except with ``preload``, which fetches those inputs while the critical upstream still runs.
     """
     counter = itertools.count()
     worker_of: dict[str, str | None] = {}
@@ -290,7 +298,7 @@ def assign_workers(
             best = max(placed, key=lambda w: placed[w])
             on_path = worker_of[max(spec.deps, key=lambda d: finish[d])]
             extra = transfer_s(total - placed[on_path]) - transfer_s(total - placed[best])
-            keep_path = extra <= max(0.01, 0.1 * exec_s[task_id])
+            keep_path = preload or extra <= max(0.01, 0.1 * exec_s[task_id])
             worker_of[task_id] = on_path if keep_path else best
         finish[task_id] = max((finish[d] for d in spec.deps), default=0.0) + exec_s[task_id]
         single_input = [d for d in spec.downstream if len(dag.tasks[d].deps) == 1]
@@ -305,7 +313,12 @@ def _uniform_assignment(
     memory = dict.fromkeys(dag.tasks, memory_mib)
     sizes = estimate(dag, predictor, memory)
     worker_of = assign_workers(
-        dag, sizes.exec_s, sizes.out_bytes, options.cluster_size, predictor.transfer_s
+        dag,
+        sizes.exec_s,
+        sizes.out_bytes,
+        options.cluster_size,
+        predictor.transfer_s,
+        preload="preload" in options.optimizations,
     )
     return memory, worker_of, sizes.input_bytes
 

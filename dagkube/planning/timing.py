@@ -58,6 +58,8 @@ class WorkerActivity:
     end_s: float = 0.0
     tasks: list[str] = field(default_factory=list)
     prewarmed: bool = False  # spawned ahead of demand by a pre-warm request
+    queued_s: float = 0.0  # its invocation was queued
+    ready_s: float = 0.0  # the worker began working on it (after start-up)
 
 
 @dataclass
@@ -81,8 +83,8 @@ class _Worker:
     running: bool = False
     waiting: bool = False
     idle_since: float | None = None
-    ready_at: float = 0.0  # a pre-warmed worker finishes starting
-    prewarmed_from: float | None = None  # spawned by a pre-warm, not used yet
+    spawned_s: float | None = None  # spawned and not used yet (None for warm-pool workers)
+    prewarmed: bool = False  # spawned by a pre-warm request
 
 
 @dataclass
@@ -187,7 +189,7 @@ class _Simulation:
                     self.prewarm.setdefault(task_id, []).append(
                         (int(params["memory_mib"]), int(params["count"]), params["delay_s"])
                     )
-        self.prewarming: dict[int, list[_Worker]] = {}  # spawned ahead of demand, starting
+        self.starting: dict[int, list[_Worker]] = {}  # spawned, not ready yet
         self.delay_waiting: dict[str, tuple[_Worker, str]] = {}  # fan-in -> delayed input
 
     def _sizes(self) -> None:
@@ -231,57 +233,65 @@ class _Simulation:
         roots: list[str],
         trigger: str | None,
     ) -> None:
-        self.queues.setdefault(memory_mib, deque()).append((logical, roots, trigger))
+        self.queues.setdefault(memory_mib, deque()).append((logical, roots, trigger, time_s))
         self._dispatch(memory_mib, time_s)
 
     def _dispatch(self, memory_mib: int, time_s: float) -> None:
+        """The scaler's rule: an idle worker takes a queued invocation; else a new worker is
+        spawned per invocation not covered by workers already starting (within the cap).
+        A spawned worker takes whatever is queued when it is ready, which may be nothing if a
+        busy worker of the class freed up and took it first."""
         queue = self.queues.get(memory_mib)
         while queue:
             idle = self.idle.get(memory_mib)
-            starting = self.prewarming.get(memory_mib)
-            ready_s = time_s
             if idle:
                 worker = idle.pop()
-                cold = False
-            elif starting:  # a pre-warmed worker still starting takes it when ready
-                worker = starting.pop(0)
-                cold = False
-                ready_s = max(time_s, worker.ready_at)
-            elif self._room():
-                worker = _Worker(next(self.numbers), memory_mib)
-                self.alive += 1
-                cold = True
-            elif self._retire_other(memory_mib):
-                continue
-            else:
+                self._take(worker, time_s, time_s + self.p.startup_s(memory_mib, False))
+            elif len(self.starting.get(memory_mib, ())) >= len(queue):
                 return
-            logical, roots, trigger = queue.popleft()
-            startup = self.p.startup_s(memory_mib, cold)
-            self._begin(worker, logical, roots, cold, time_s, ready_s + startup, trigger)
+            elif self._room():
+                self._spawn(memory_mib, time_s, prewarm=False)
+            elif not self._retire_other(memory_mib):
+                return
 
     def _room(self) -> bool:
         return self.max_workers is None or self.alive - self.waiting < self.max_workers
+
+    def _spawn(self, memory_mib: int, time_s: float, prewarm: bool) -> None:
+        worker = _Worker(next(self.numbers), memory_mib, spawned_s=time_s, prewarmed=prewarm)
+        self.alive += 1
+        self.starting.setdefault(memory_mib, []).append(worker)
+        self.push(time_s + self.p.startup_s(memory_mib, True), "ready", worker)
+
+    def _on_ready(self, time_s: float, worker: _Worker) -> None:
+        self.starting[worker.memory_mib].remove(worker)
+        if self.queues.get(worker.memory_mib):
+            self._take(worker, time_s, time_s)
+        else:  # nothing left for it (or pre-warmed early): idle until used or expired
+            self._idle(worker, time_s)
 
     def _on_prewarm(self, time_s: float, memory_mib: int, count: int) -> None:
         """The scaler creates workers of the class ahead of demand (within the cap)."""
         for _ in range(count):
             if not self._room():
                 return
-            ready_at = time_s + self.p.startup_s(memory_mib, True)
-            worker = _Worker(
-                next(self.numbers), memory_mib, ready_at=ready_at, prewarmed_from=time_s
-            )
-            self.alive += 1
-            self.prewarming.setdefault(memory_mib, []).append(worker)
-            self.push(ready_at, "prewarmed", worker)
+            self._spawn(memory_mib, time_s, prewarm=True)
 
-    def _on_prewarmed(self, time_s: float, worker: _Worker) -> None:
-        starting = self.prewarming.get(worker.memory_mib, [])
-        if worker in starting:  # not taken while starting: idle until used or expired
-            starting.remove(worker)
-            worker.idle_since = time_s
-            self.idle.setdefault(worker.memory_mib, []).append(worker)
-            self.push(time_s + self.idle_timeout_s, "expire", worker, time_s)
+    def _take(self, worker: _Worker, time_s: float, ready_s: float) -> None:
+        """The worker takes the head of its class queue. Like the runtime's records: a new
+        worker's first invocation is cold if queued before the worker was spawned, and a cold
+        or pre-warmed worker is charged from its spawn."""
+        logical, roots, trigger, queued_s = self.queues[worker.memory_mib].popleft()
+        spawned, worker.spawned_s = worker.spawned_s, None
+        cold = spawned is not None and spawned >= queued_s
+        prewarmed = spawned is not None and worker.prewarmed
+        worker.prewarmed = False
+        charged_from = spawned if spawned is not None and (cold or prewarmed) else time_s
+        self._begin(worker, logical, roots, cold, charged_from, ready_s, trigger)
+        assert worker.activity is not None
+        worker.activity.prewarmed = prewarmed
+        worker.activity.queued_s = queued_s
+        worker.activity.ready_s = ready_s
 
     def _retire_other(self, memory_mib: int) -> bool:
         """At the cap, an idle worker of another class with nothing queued makes room."""
@@ -304,12 +314,7 @@ class _Simulation:
     ) -> None:
         worker.idle_since = None
         worker.logical = logical
-        prewarmed = worker.prewarmed_from is not None
-        if worker.prewarmed_from is not None:  # since the pre-warm request: the run's time
-            taken_s, worker.prewarmed_from = worker.prewarmed_from, None
-        worker.activity = WorkerActivity(
-            worker.number, logical, worker.memory_mib, cold, taken_s, prewarmed=prewarmed
-        )
+        worker.activity = WorkerActivity(worker.number, logical, worker.memory_mib, cold, taken_s)
         self.activities.append(worker.activity)
         if logical is None:
             self._start_task(worker, roots[0], ready_s, trigger)
@@ -445,15 +450,16 @@ class _Simulation:
         self.last_finish = max(self.last_finish, time_s)
         worker.logical = None
         worker.activity = None
-        queue = self.queues.get(worker.memory_mib)
-        if queue:  # the runtime's FINISH takes the next queued invocation at once
-            logical, roots, trigger = queue.popleft()
-            self._begin(worker, logical, roots, False, time_s, time_s, trigger)
+        if self.queues.get(worker.memory_mib):  # FINISH takes the next queued one at once
+            self._take(worker, time_s, time_s)
             return
+        self._idle(worker, time_s)
+        self._dispatch_all(time_s)  # its slot may serve another class
+
+    def _idle(self, worker: _Worker, time_s: float) -> None:
         worker.idle_since = time_s
         self.idle.setdefault(worker.memory_mib, []).append(worker)
         self.push(time_s + self.idle_timeout_s, "expire", worker, time_s)
-        self._dispatch_all(time_s)  # its slot may serve another class
 
     def _dispatch_all(self, time_s: float) -> None:
         for memory_mib, queue in self.queues.items():

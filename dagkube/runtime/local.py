@@ -250,6 +250,7 @@ class LocalRuntime:
         classes: Any = None,
         *,
         cluster_size: int = DEFAULT_CLUSTER_SIZE,
+        optimizations: Any = None,
     ) -> Plan:
         """Plan with this runtime's history, its warm workers, worker cap and timeouts."""
         self.start()
@@ -267,6 +268,7 @@ class LocalRuntime:
             startup_delay_s=self.startup_delay_s,
             cluster_size=cluster_size,
             cpu_enforced=False,  # local worker processes are not CPU-limited
+            optimizations=planning.check_optimizations(optimizations),
         )
         return planning.plan(dag, planner, options)
 

@@ -53,6 +53,7 @@ class LocalBackend:
         self._counter = itertools.count()
         self._tag = secrets.token_hex(3)
         self.spawned_ids: list[str] = []
+        self._terminated: set[str] = set()
         log_dir.mkdir(parents=True, exist_ok=True)
 
     async def start_worker(self, memory_mib: int, prewarm_for: str | None = None) -> WorkerHandle:
@@ -121,7 +122,7 @@ class LocalBackend:
             if code is not None:
                 del self._procs[worker_id]
                 exited.append((handle, code))
-                if code not in (0, None):
+                if code not in (0, None) and worker_id not in self._terminated:
                     log.warning(
                         "worker %s exited with code %s (log: %s)",
                         worker_id,
@@ -141,8 +142,9 @@ class LocalBackend:
 
     async def stop_all(self, timeout_s: float = 5.0) -> None:
         """SIGTERM every worker, wait for them, SIGKILL stragglers."""
-        for proc, _ in self._procs.values():
+        for worker_id, (proc, _) in self._procs.items():
             if proc.poll() is None:
+                self._terminated.add(worker_id)  # its exit code is expected, not a failure
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from dagkube.runtime import scripts
 from dagkube.runtime.invocation import Invocation
-from dagkube.runtime.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc
+from dagkube.runtime.keys import PoolKeys, worker_heartbeat, worker_proc
 
 log = logging.getLogger("dagkube.scaler")
 
@@ -74,6 +74,7 @@ class Scaler:
         self.heartbeat_check_s = heartbeat_check_s
         self.tick_s = tick_s
         self._requeue = redis.register_script(scripts.REQUEUE)
+        self._add_to_run = redis.register_script(scripts.ADD_TO_RUN)
         self._last_heartbeat_check = 0.0
         self._stopped = asyncio.Event()
         self.workers_started = 0
@@ -128,11 +129,15 @@ class Scaler:
                 self.workers_started += 1
                 started += 1
             room -= started
-            meta = RunKeys(request["run"]).meta
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(meta, "prewarm_requested", int(request["count"]))
-                pipe.hincrby(meta, "prewarm_started", started)
-                await pipe.execute()
+            await self._add_to_run(
+                args=[
+                    request["run"],
+                    "prewarm_requested",
+                    request["count"],
+                    "prewarm_started",
+                    started,
+                ]
+            )
             log.info(
                 "pre-warm for run %s (trigger %s): %d of %d worker(s) of %d MiB started",
                 request["run"],

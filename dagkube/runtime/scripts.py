@@ -60,7 +60,13 @@ if redis.call('SADD', runkey(run, 'done'), tid) == 0 then return {status, '', 1}
 if ARGV[7] ~= tid then redis.call('HINCRBY', meta, 'duplicates_won', 1) end
 local stored = ARGV[4] == '1'
 if stored then redis.call('HSET', runkey(run, 'out'), tid, ARGV[5]) end
-redis.call('HINCRBY', meta, 'tasks_done', 1)
+local done_n = redis.call('HINCRBY', meta, 'tasks_done', 1)
+if done_n >= tonumber(redis.call('HGET', meta, 'tasks_total')) then
+  -- every output exists now: the run's makespan ends here, even if a duplicated task's
+  -- original still runs (its worker's time is charged when it finishes)
+  local clock = redis.call('TIME')
+  redis.call('HSET', meta, 'completed_at', tonumber(clock[1]) + tonumber(clock[2]) / 1e6)
+end
 local continuation = ''
 local local_ready = {}
 local queued = 0
@@ -175,7 +181,11 @@ local function finalize(run, now, ttl, cap)
     status = 'cancelled'
   end
   local submitted = tonumber(redis.call('HGET', meta, 'submitted_at'))
-  redis.call('HSET', meta, 'status', status, 'finished_at', now, 'makespan_s', now - submitted)
+  local ended = now
+  if status == 'succeeded' then
+    ended = tonumber(redis.call('HGET', meta, 'completed_at') or now)
+  end
+  redis.call('HSET', meta, 'status', status, 'finished_at', now, 'makespan_s', ended - submitted)
   redis.call('HSET', histkey(run, 'meta'), unpack(redis.call('HGETALL', meta)))
   local structure = redis.call('HGET', meta, 'structure_hash')
   local name = redis.call('HGET', meta, 'workflow')
@@ -299,5 +309,21 @@ end
 local ttl = tonumber(redis.call('HGET', meta, 'ttl_s') or '3600')
 local cap = tonumber(redis.call('HGET', meta, 'history_cap') or '100')
 return finalize(run, now, ttl, cap)
+"""
+)
+
+# ARGV: run, [field, increment]*. Adds to a run's counters: its live meta while it runs, its
+# history once it ended (e.g. a pre-warm counted by the scaler after a short run finished).
+ADD_TO_RUN = (
+    _PRELUDE
+    + r"""
+local run = ARGV[1]
+local meta = runkey(run, 'meta')
+if redis.call('EXISTS', runkey(run, 'result')) == 1 or redis.call('EXISTS', meta) == 0 then
+  meta = histkey(run, 'meta')
+  if redis.call('EXISTS', meta) == 0 then return 0 end
+end
+for i = 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', meta, ARGV[i], ARGV[i + 1]) end
+return 1
 """
 )

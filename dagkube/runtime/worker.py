@@ -36,7 +36,7 @@ from dagkube.planning.model import Plan, output_must_be_stored
 from dagkube.runtime import scripts
 from dagkube.runtime.connection import BulkReader, connect
 from dagkube.runtime.invocation import Invocation
-from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run, worker_heartbeat, worker_proc
+from dagkube.runtime.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc
 
 log = logging.getLogger("dagkube.worker")
 
@@ -235,12 +235,8 @@ class Worker:
         if not run or self.served_any or self.config.spawned_at is None:
             return
         gb_s = (time.time() - self.config.spawned_at) * self.config.memory_mib / 1024
-        keys = RunKeys(run)
-        meta = keys.meta if await self.redis.exists(keys.meta) else hist_run(run, "meta")
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(meta, "prewarm_wasted", 1)
-            pipe.hincrbyfloat(meta, "prewarm_wasted_gb_s", gb_s)
-            await pipe.execute()
+        add = self.redis.register_script(scripts.ADD_TO_RUN)
+        await add(args=[run, "prewarm_wasted", 1, "prewarm_wasted_gb_s", gb_s])
         log.info("run %s: pre-warmed worker was not used (%.2f GB-s)", run, gb_s)
 
     async def _heartbeat(self) -> None:
@@ -1055,9 +1051,6 @@ def main(argv: Iterable[str] | None = None) -> int:
     parent = os.environ.get("DAGKUBE_PARENT_PID")
     if parent:
         _die_with_parent(int(parent))
-    delay_s = float(os.environ.get("DAGKUBE_STARTUP_DELAY_S") or 0)
-    if delay_s > 0:  # emulate a Pod's start-up so local cold starts cost what they would there
-        time.sleep(delay_s)
     worker = Worker(config)
 
     def stop(*_: object) -> None:
@@ -1065,6 +1058,9 @@ def main(argv: Iterable[str] | None = None) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
+    delay_s = float(os.environ.get("DAGKUBE_STARTUP_DELAY_S") or 0)
+    if delay_s > 0:  # emulate a Pod's start-up so local cold starts cost what they would there
+        time.sleep(delay_s)
     try:
         asyncio.run(worker.main())
     except KeyboardInterrupt:

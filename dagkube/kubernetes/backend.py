@@ -1,0 +1,246 @@
+"""KubernetesBackend: the scaler's workers as Pods (the Kubernetes twin of LocalBackend).
+
+One list of the pool's Pods (by label) per ``reap``; Pods it creates are cached on creation, so
+``alive`` needs no request. Every step can be retried: creating a Pod that exists is success,
+deleting one that is gone is success, and Pods of the pool found in the API (e.g. after an
+operator restart) are adopted instead of duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from dagkube.errors import DagkubeError
+from dagkube.kubernetes.pods import (
+    LABEL_CLASS,
+    LABEL_POOL,
+    WORKER_CONTAINER,
+    build_worker_pod,
+    pool_selector,
+    worker_pod_name,
+)
+from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_memory
+from dagkube.runtime.scaler import WorkerHandle
+
+log = logging.getLogger("dagkube.kubernetes")
+
+ENDED_PHASES = ("Succeeded", "Failed")
+
+
+class KubernetesBackendError(DagkubeError):
+    """The Kubernetes API refused or failed a request of the backend."""
+
+
+async def connect(url: str | None = None) -> client.ApiClient:
+    """An API client: to ``url`` as given (no credentials: tests, ``kubectl proxy``), else the
+    in-cluster service account inside a Pod, else the local kubeconfig."""
+    configuration = client.Configuration()
+    if url is not None:
+        configuration.host = url
+    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        await config.load_kube_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+def pod_exit_code(pod: dict[str, Any]) -> int | None:
+    """Exit code of the worker container of an ended Pod, None while unknown."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == WORKER_CONTAINER:
+            terminated = (status.get("state") or {}).get("terminated") or {}
+            code = terminated.get("exitCode")
+            return int(code) if code is not None else None
+    return None
+
+
+def _handle_of(pod: dict[str, Any]) -> WorkerHandle:
+    """The WorkerHandle of a Pod found in the API (not created by this process)."""
+    spawned_at = time.time()
+    for container in pod["spec"]["containers"]:
+        for variable in container.get("env") or []:
+            if variable["name"] == "DAGKUBE_SPAWNED_AT":
+                spawned_at = float(variable["value"])
+    labels = pod["metadata"]["labels"]
+    return WorkerHandle(pod["metadata"]["name"], parse_memory(labels[LABEL_CLASS]), spawned_at)
+
+
+def _describe(error: ApiException) -> str:
+    """``403 Forbidden: pods is forbidden: ...`` from the Status body the API answered with."""
+    try:
+        message = json.loads(error.body or "{}").get("message") or ""
+    except (TypeError, ValueError):
+        message = str(error.body or "")
+    return f"{error.status} {error.reason}" + (f": {message}" if message else "")
+
+
+class KubernetesBackend:
+    """Creates one Pod per worker in ``namespace``, labeled with ``pool`` (see ``pods``)."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        *,
+        namespace: str,
+        pool: str,
+        image: str,
+        redis_url_secret: tuple[str, str],
+        max_workers: int,
+        run_id: str | None = None,
+        owner: dict[str, Any] | None = None,
+        labels: dict[str, str] | None = None,
+        idle_timeout_s: float = 30.0,
+        memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB,
+        max_cpu: float = DEFAULT_MAX_CPU,
+        startup_delay_s: float = 0.0,
+    ) -> None:
+        self.core = client.CoreV1Api(api)
+        self.namespace = namespace
+        self.pool = pool
+        self.image = image
+        self.redis_url_secret = redis_url_secret
+        self.max_workers = max_workers
+        self.run_id = run_id
+        self.owner = owner
+        self.labels = labels
+        self.idle_timeout_s = idle_timeout_s
+        self.memory_per_cpu_mib = memory_per_cpu_mib
+        self.max_cpu = max_cpu
+        self.startup_delay_s = startup_delay_s
+        self.selector = pool_selector(pool)
+        # Pod names derive from the owner's uid (a shared pool: from namespace and pool), so a
+        # restarted operator names its Pods as before and adopts the ones that exist.
+        name_key = owner["uid"] if owner else hashlib.sha256(f"{namespace}/{pool}".encode()).hexdigest()
+        self._name_prefix = worker_pod_name(name_key, 1, 0).rsplit("-", 2)[0] + "-"
+        self._name_key = name_key
+        self._serial = itertools.count()
+        self._workers: dict[str, WorkerHandle] = {}
+        self._ended: set[str] = set()  # reported once; Failed Pods are kept for their logs
+        self._discarded: set[str] = set()
+        self._synced = False
+
+    async def start_worker(self, memory_mib: int, prewarm_for: str | None = None) -> WorkerHandle:
+        if not self._synced:
+            await self._list()  # adopt existing Pods and skip their serials
+        name = worker_pod_name(self._name_key, memory_mib, next(self._serial))
+        spawned_at = time.time()
+        body = build_worker_pod(
+            name=name,
+            namespace=self.namespace,
+            run_id=self.run_id,
+            pool=self.pool,
+            memory_mib=memory_mib,
+            image=self.image,
+            redis_url_secret=self.redis_url_secret,
+            idle_timeout_s=self.idle_timeout_s,
+            spawned_at=spawned_at,
+            memory_per_cpu_mib=self.memory_per_cpu_mib,
+            max_cpu=self.max_cpu,
+            owner=self.owner,
+            labels=self.labels,
+            startup_delay_s=self.startup_delay_s,
+            prewarm_for=prewarm_for,
+        )
+        try:
+            await self.core.create_namespaced_pod(self.namespace, body)
+        except ApiException as error:
+            if error.status != 409:
+                raise KubernetesBackendError(
+                    f"Cannot create worker Pod {name!r} in namespace {self.namespace!r}: "
+                    f"{_describe(error)}"
+                ) from error
+            log.info("worker Pod %s already exists: adopted", name)
+        handle = WorkerHandle(name, memory_mib, spawned_at)
+        self._workers[name] = handle
+        log.debug("created worker Pod %s/%s (%d MiB)", self.namespace, name, memory_mib)
+        return handle
+
+    def alive(self) -> list[WorkerHandle]:
+        return list(self._workers.values())
+
+    async def reap(self) -> list[tuple[WorkerHandle, int | None]]:
+        """Workers whose Pod ended (Succeeded/Failed) or vanished since the last call, once each.
+        Succeeded Pods are deleted; Failed ones stay for ``kubectl logs`` until ``stop_all``."""
+        pods = await self._list()
+        exited: list[tuple[WorkerHandle, int | None]] = []
+        for name, handle in list(self._workers.items()):
+            pod = pods.get(name)
+            phase = (pod.get("status") or {}).get("phase") if pod else None
+            if pod is not None and phase not in ENDED_PHASES:
+                continue
+            code = pod_exit_code(pod) if pod else None
+            del self._workers[name]
+            self._ended.add(name)
+            exited.append((handle, code))
+            if phase == "Succeeded":
+                await self._delete(name)
+            elif name not in self._discarded:
+                log.warning(
+                    "worker Pod %s/%s %s (exit code %s)",
+                    self.namespace,
+                    name,
+                    "failed" if phase else "vanished",
+                    code,
+                )
+        return exited
+
+    async def discard(self, worker_id: str) -> None:
+        """Delete the worker's Pod; ``reap`` reports it once it is gone."""
+        self._discarded.add(worker_id)
+        await self._delete(worker_id)
+
+    async def stop_all(self) -> None:
+        """Delete every Pod of the pool (one list, then the deletes concurrently)."""
+        pods = await self._list()
+        await asyncio.gather(*(self._delete(name) for name in pods))
+        self._discarded.update(self._workers)
+
+    async def _list(self) -> dict[str, dict[str, Any]]:
+        """The pool's Pods by name; adopts those this backend does not know yet."""
+        try:
+            answer = await self.core.list_namespaced_pod(
+                self.namespace, label_selector=self.selector
+            )
+        except ApiException as error:
+            raise KubernetesBackendError(
+                f"Cannot list worker Pods ({self.selector}) in namespace {self.namespace!r}: "
+                f"{_describe(error)}"
+            ) from error
+        items = self.core.api_client.sanitize_for_serialization(answer).get("items") or []
+        # The API server applies the selector; checked again so that nothing outside the pool
+        # (e.g. from a server or proxy that ignores selectors) is ever taken for a worker.
+        pods = {
+            pod["metadata"]["name"]: pod
+            for pod in items
+            if (pod["metadata"].get("labels") or {}).get(LABEL_POOL) == self.pool
+        }
+        for name, pod in pods.items():
+            if name not in self._workers and name not in self._ended:
+                self._workers[name] = _handle_of(pod)
+                log.info("adopted worker Pod %s/%s", self.namespace, name)
+            if name.startswith(self._name_prefix):
+                serial = name.rsplit("-", 1)[1]
+                if serial.isdigit() and not self._synced:
+                    self._serial = itertools.count(max(int(serial) + 1, next(self._serial)))
+        self._synced = True
+        return pods
+
+    async def _delete(self, name: str) -> None:
+        try:
+            await self.core.delete_namespaced_pod(name, self.namespace)
+        except ApiException as error:
+            if error.status != 404:
+                raise KubernetesBackendError(
+                    f"Cannot delete worker Pod {name!r} in namespace {self.namespace!r}: "
+                    f"{_describe(error)}"
+                ) from error

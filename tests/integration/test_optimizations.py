@@ -1,0 +1,199 @@
+"""Optimizations on the real runtime: each hook fires, records what it did, and the results
+are those of a run without it. Plans are made by the planners, then marked by hand where a
+test needs a mark the planner would only make from a longer history."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+import dagkube
+from dagkube.metrics.history import read_run
+from dagkube.planning.model import Optimization
+
+pytestmark = pytest.mark.integration
+
+
+@dagkube.task
+def make_block(index: int, seconds: float) -> bytes:
+    time.sleep(seconds)
+    return bytes([index]) * 2_000_000
+
+
+@dagkube.task
+def checksum(blocks: list[bytes]) -> list[int]:
+    return [len(b) * b[0] for b in blocks]
+
+
+@dagkube.task
+def slow_once(marker: str, seconds: float) -> str:
+    """Stalls on its first execution in a test (like a request that hangs), fast after."""
+    path = Path(marker)
+    if not path.exists():
+        path.write_text("ran")
+        time.sleep(seconds)
+    return "reference"
+
+
+@dagkube.task
+def long_step(seconds: float) -> int:
+    time.sleep(seconds)
+    return 6
+
+
+@dagkube.task
+def combine_pair(number: int, text: str) -> str:
+    return f"{text}:{number}"
+
+
+@dagkube.task
+def split(count: int) -> list[int]:
+    return list(range(count))
+
+
+@dagkube.task
+def square(items: list[int], index: int) -> int:
+    return items[index] ** 2
+
+
+@dagkube.task
+def slow_split(count: int, seconds: float) -> list[int]:
+    time.sleep(seconds)
+    return list(range(count))
+
+
+@dagkube.task
+def slow_square(items: list[int], index: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return items[index] ** 2
+
+
+@dagkube.task
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
+def blocks_workflow() -> dagkube.Workflow:
+    blocks = [make_block(i, s) for i, s in enumerate([0.05, 0.1, 0.15, 0.8])]
+    return dagkube.Workflow(checksum(blocks), name="opt-blocks")
+
+
+def history_of(rt, run_id: str):
+    found = rt.call(read_run(rt.redis, run_id))
+    assert found is not None
+    return found
+
+
+def test_preload_fetches_fan_in_inputs_in_the_background(make_runtime):
+    rt = make_runtime(max_workers=4)
+    wf = blocks_workflow()
+    for _ in range(3):  # history: which producer is long (per task), outputs are large
+        wf.run("uniform", "avg", "1Gi", runtime=rt)
+    planned = wf.plan("uniform", "avg", "1Gi", runtime=rt, optimizations=["preload"])
+    (entry,) = planned.task_optimizations("checksum#0", "preload")
+    assert entry.params["host"] == planned.tasks["make_block#3"].worker_id
+    result = rt.run(wf.dag, planned)
+    assert result.outputs == [0, 2_000_000, 4_000_000, 6_000_000]
+    merge = {t.task_id: t for t in history_of(rt, result.run_id).tasks}["checksum#0"]
+    # The short producers of other workers finished while the long one ran on the fan-in's
+    # worker: they were fetched in the background (one may have run in the same process,
+    # which then holds it already), so nothing was left to fetch when the fan-in started.
+    assert merge.preloaded and set(merge.preloaded) <= set(entry.params["inputs"])
+    assert merge.preload_s > 0
+    assert merge.download_bytes == 0
+
+
+def test_prewarm_request_creates_workers_that_serve_the_fan_out(make_runtime):
+    rt = make_runtime(max_workers=6, startup_delay_s=0.5)
+    items = slow_split(4, 1.5)  # long enough for pre-warmed workers to start meanwhile
+    wf = dagkube.Workflow(
+        total([slow_square(items, i, 0.5) for i in range(4)]),
+        name="opt-prewarm",
+    )
+    planned = wf.plan("wukong", "avg", "512Mi", runtime=rt)
+    planned.optimizations = ["prewarm"]
+    planned.tasks["slow_split#0"].optimizations = [
+        Optimization(
+            name="prewarm",
+            params={"memory_mib": 512, "count": 2, "delay_s": 0.0, "targets": ["slow_square#1"]},
+        )
+    ]
+    result = rt.run(wf.dag, planned)
+    assert result.outputs == 0 + 1 + 4 + 9
+    found = history_of(rt, result.run_id)
+    assert found.run.prewarm_requested == 2 and found.run.prewarm_started == 2
+    trigger = {t.task_id: t for t in found.tasks}["slow_split#0"]
+    assert trigger.prewarm_at is not None and trigger.prewarm_targets == ["slow_square#1"]
+    prewarmed = [w for w in found.workers if w.prewarmed]
+    assert found.run.workers_prewarmed == len(prewarmed) >= 1
+    for worker in prewarmed:
+        assert not worker.cold and worker.spawned_at is not None
+        assert worker.spawned_at >= trigger.started_at - 0.01
+
+
+def test_taskdup_reruns_a_stalled_upstream_and_keeps_the_result(make_runtime, tmp_path):
+    rt = make_runtime(max_workers=4)
+    marker = tmp_path / "stalled"
+
+    def build(path: Path) -> dagkube.Workflow:
+        return dagkube.Workflow(
+            combine_pair(long_step(0.3), slow_once(str(path), 4.0)), name="opt-straggler"
+        )
+
+    wf = build(marker)
+    planned = wf.plan("uniform", "p50", "1Gi", runtime=rt)
+    consumer = planned.tasks["combine_pair#0"]
+    assert consumer.worker_id == planned.tasks["long_step#0"].worker_id
+    assert planned.tasks["slow_once#0"].worker_id != consumer.worker_id
+    planned.optimizations = ["taskdup"]
+    consumer.optimizations = [
+        Optimization(
+            name="taskdup",
+            params={
+                "upstream": "slow_once#0",
+                "exec_s": 0.05,
+                "original_end_s": 0.2,
+                "original_exec_s": 0.1,
+            },
+        )
+    ]
+    started = time.monotonic()
+    result = rt.run(wf.dag, planned)
+    assert result.outputs == "reference:6"
+    found = history_of(rt, result.run_id)
+    assert found.run.tasks_duplicated == 1 and found.run.duplicates_won == 1
+    copies = [t for t in found.tasks if t.task_id == "slow_once#0"]
+    assert sorted(t.duplicate for t in copies) == [False, True]
+    duplicate = next(t for t in copies if t.duplicate)
+    assert duplicate.logical_worker == consumer.worker_id
+    analyzed = next(t for t in found.tasks if t.task_id == "combine_pair#0")
+    assert analyzed.duplicated == ["slow_once#0"]
+    # The outputs existed long before the stalled original ended (its worker was still
+    # charged until then): the makespan ends at the last completion.
+    assert found.run.makespan_s is not None and found.run.makespan_s < 2.5
+    assert time.monotonic() - started >= 4.0  # the run finalizes when the original ends
+
+
+def test_clustering_and_delayed_io_keep_outputs_local(make_runtime):
+    rt = make_runtime(max_workers=4)
+    items = split(3)
+    squares = [square(items, i) for i in range(3)]
+    wf = dagkube.Workflow(total(squares), name="opt-cluster")
+    planned = wf.plan("wukong", "avg", "512Mi", runtime=rt)
+    planned.optimizations = ["clustering", "delayed-io"]
+    planned.tasks["split#0"].optimizations = [
+        Optimization(name="clustering", params={"children": [f"square#{i}" for i in range(3)]})
+    ]
+    planned.tasks["square#2"].optimizations = [
+        Optimization(name="delayed-io", params={"fan_in": "total#0", "wait_s": 5.0})
+    ]
+    result = rt.run(wf.dag, planned)
+    assert result.outputs == 0 + 1 + 4
+    found = history_of(rt, result.run_id)
+    tasks = {t.task_id: t for t in found.tasks}
+    workers = {t.worker_id for t in tasks.values()}
+    assert len(workers) == 1  # the fan-out's children and the fan-in ran where split ran
+    assert not tasks["split#0"].output_stored
+    assert tasks["square#2"].delayed_io == "kept" and not tasks["square#2"].output_stored

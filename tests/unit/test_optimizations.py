@@ -1,0 +1,197 @@
+"""Optimization planning rules, their effect in the timing model, and conflict checks."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+import dagkube
+from dagkube.errors import InvalidOption
+from dagkube.planning import PlanningOptions, plan
+from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
+from dagkube.planning.model import Optimization
+from dagkube.planning.optimizations import check_optimizations, split_planner
+from dagkube.planning.planners import validate_plan
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "examples"))
+
+import large_fanin  # noqa: E402
+import long_then_wide  # noqa: E402
+
+
+@dagkube.task
+def source() -> int:
+    return 1
+
+
+@dagkube.task
+def grow(x: int) -> int:
+    return x + 1
+
+
+@dagkube.task
+def gather(a: int, b: int, c: int) -> int:
+    return a + b + c
+
+
+def fan_in() -> dagkube.Workflow:
+    s = source()
+    return dagkube.Workflow(gather(grow(s), grow(s), grow(grow(s))), name="fan-in")
+
+
+def options(**extra) -> PlanningOptions:
+    return PlanningOptions(classes_mib=[512, 1024, 2048], **extra)
+
+
+def history(samples: list[tuple[str, str, int, float]], cold_s: float = 0.3) -> HistorySnapshot:
+    """Earlier runs as measured: per (task id, function, output bytes, seconds), 3 runs, every
+    class; start-ups of ``cold_s`` (cold) and 5 ms (warm)."""
+    tasks = [
+        TaskSample(function, memory, 100, out, seconds, task_id=task_id)
+        for task_id, function, out, seconds in samples
+        for memory in (512, 1024, 2048)
+        for _ in range(3)
+    ]
+    startups = [
+        StartupSample(m, c, cold_s if c else 0.005)
+        for m in (512, 1024, 2048)
+        for c in (True, False)
+    ] * 3
+    return HistorySnapshot("h", 3, tasks, startups)
+
+
+LARGE_FANIN = history(
+    [(f"produce#{i}", "produce", 16_000_000, s) for i, s in enumerate(large_fanin.DURATIONS_S)]
+    + [("merge#0", "merge", 8, 0.05)]
+)
+LONG_THEN_WIDE = history(
+    [("prepare#0", "prepare", 100, 3.0), ("combine#0", "combine", 10, 0.001)]
+    + [(f"part#{i}", "part", 10, 0.3) for i in range(long_then_wide.WIDTH)],
+    cold_s=2.3,
+)
+
+
+def test_names_are_checked_and_put_in_composition_order():
+    assert check_optimizations("prewarm, preload") == ["preload", "prewarm"]
+    assert split_planner("uniform-opt") == ("uniform", ["preload", "taskdup", "prewarm"])
+    assert split_planner("wukong") == ("wukong", [])
+    with pytest.raises(InvalidOption, match="'warp' is unknown: choose from clustering"):
+        check_optimizations("preload,warp")
+    with pytest.raises(InvalidOption, match="uniform-opt"):
+        plan(fan_in().dag, "fast-opt", options())
+
+
+def test_opt_planner_records_its_name_and_optimizations():
+    result = plan(large_fanin.build().dag, "uniform-opt", options(history=LARGE_FANIN))
+    assert result.planner == "uniform-opt"
+    assert result.optimizations == ["preload", "taskdup", "prewarm"]
+    (entry,) = result.task_optimizations("merge#0", "preload")
+    assert sorted(entry.params["inputs"]) == ["produce#0", "produce#1", "produce#2"]
+    dups = result.task_optimizations("merge#0", "taskdup")
+    assert {d.params["upstream"] for d in dups} == {"produce#0", "produce#1", "produce#2"}
+    # With preload, the fan-in stays with its critical (longest) input's worker.
+    assert entry.params["host"] == result.tasks["produce#3"].worker_id
+    without_history = plan(large_fanin.build().dag, "uniform-opt", options())
+    assert any("taskdup: off until the workflow has history" in n for n in without_history.notes)
+
+
+def test_prewarm_targets_the_fan_out_and_shortens_the_predicted_run():
+    dag = long_then_wide.build().dag
+    setting = dict(history=LONG_THEN_WIDE, max_workers=10)
+    base = plan(dag, "wukong", options(**setting))
+    warmed = plan(dag, "wukong", options(optimizations=["prewarm"], **setting))
+    (entry,) = warmed.tasks["prepare#0"].optimizations
+    assert entry.name == "prewarm" and entry.params["memory_mib"] == 1024
+    assert entry.params["count"] >= 1 and entry.params["targets"]
+    assert any(w.prewarmed and not w.cold for w in warmed.workers)
+    assert warmed.model_makespan_s < base.model_makespan_s
+
+
+def _with_marks(result, marks: dict[str, list[Optimization]], names: list[str]):
+    result.optimizations = names
+    for task_id, entries in marks.items():
+        result.tasks[task_id].optimizations = entries
+    return result
+
+
+def test_preload_and_delayed_io_on_the_same_fan_in_are_rejected():
+    dag = fan_in().dag
+    result = _with_marks(
+        plan(dag, "wukong", options()),
+        {
+            "gather#0": [
+                Optimization(
+                    name="preload",
+                    params={"host": "@grow#3", "inputs": ["grow#0", "grow#1"]},
+                )
+            ],
+            "grow#0": [Optimization(name="delayed-io", params={"fan_in": "gather#0", "wait_s": 1})],
+        },
+        ["delayed-io", "preload"],
+    )
+    with pytest.raises(InvalidOption) as info:
+        validate_plan(dag, result)
+    message = str(info.value)
+    assert "Task 'gather#0'" in message
+    assert "'preload' and 'delayed-io' conflict" in message and "'grow#0'" in message
+
+
+def test_two_delayed_inputs_of_one_fan_in_are_rejected():
+    dag = fan_in().dag
+    delayed = {"fan_in": "gather#0", "wait_s": 1}
+    result = _with_marks(
+        plan(dag, "wukong", options()),
+        {
+            "grow#0": [Optimization(name="delayed-io", params=delayed)],
+            "grow#1": [Optimization(name="delayed-io", params=delayed)],
+        },
+        ["delayed-io"],
+    )
+    with pytest.raises(InvalidOption, match="'delayed-io' on its inputs 'grow#0' and 'grow#1'"):
+        validate_plan(dag, result)
+
+
+def test_taskdup_of_an_upstream_whose_input_clustering_keeps_local_is_rejected():
+    dag = fan_in().dag
+    result = plan(dag, "uniform", options())
+    for task in result.tasks.values():  # a plan editor's mix: flexible fan-out, bound fan-in
+        task.worker_id = None
+    result.tasks["gather#0"].worker_id = "w0"
+    result = _with_marks(
+        result,
+        {
+            "source#0": [
+                Optimization(name="clustering", params={"children": ["grow#0", "grow#1", "grow#2"]})
+            ],
+            "gather#0": [
+                Optimization(
+                    name="taskdup",
+                    params={
+                        "upstream": "grow#0",
+                        "exec_s": 0.1,
+                        "original_end_s": 1,
+                        "original_exec_s": 0.1,
+                    },
+                )
+            ],
+        },
+        ["clustering", "taskdup"],
+    )
+    with pytest.raises(InvalidOption, match="'taskdup' and 'clustering' conflict"):
+        validate_plan(dag, result)
+
+
+def test_marks_must_be_switched_on_and_name_real_tasks():
+    dag = fan_in().dag
+    result = plan(dag, "wukong", options())
+    result.tasks["grow#0"].optimizations = [
+        Optimization(name="delayed-io", params={"fan_in": "gather#0", "wait_s": 1})
+    ]
+    with pytest.raises(InvalidOption, match="'delayed-io' is not switched on"):
+        validate_plan(dag, result)
+    result.optimizations = ["delayed-io"]
+    result.tasks["grow#0"].optimizations[0].params["fan_in"] = "nope#9"
+    with pytest.raises(InvalidOption, match="names task 'nope#9'"):
+        validate_plan(dag, result)
