@@ -540,6 +540,8 @@ class Worker:
         per task makes sure only one duplicate runs. Returns the tasks executed (0 or 1)."""
         candidates = [(t, p) for t in sorted(remaining) for p in state.opts.dups.get(t, ())]
         upstreams = sorted({p["upstream"] for _, p in candidates})
+        if not upstreams:  # the waiting tasks left have no upstream to duplicate
+            return 0
         keys = RunKeys(state.run_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.smismember(keys.done, upstreams)

@@ -237,5 +237,11 @@ def test_experiment_compares_planners(redis_server):
         env=env,
     )
     assert all(s["workers_cold"] >= 1 for s in json.loads(cold.stdout)["samples"])
-    bad = run_cli("experiment", example, "--planners", "uniform-opt", env=env)
-    assert bad.returncode == 2 and "not available yet" in bad.stderr
+    opt = run_cli(
+        "experiment", example, "--planners", "uniform-opt", "--slas", "avg", "--json", env=env
+    )
+    assert opt.returncode == 0, opt.stderr
+    assert all(s["planner"] == "uniform-opt" for s in json.loads(opt.stdout)["samples"])
+    assert "exited (code" not in opt.stderr  # no worker crashed
+    bad = run_cli("experiment", example, "--planners", "uniform-fast", env=env)
+    assert bad.returncode == 2 and "'uniform-fast' is unknown" in bad.stderr
