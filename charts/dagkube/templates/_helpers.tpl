@@ -1,0 +1,99 @@
+{{/* The chart name, overridable. */}}
+{{- define "dagkube.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The prefix of every resource name: <release>-<chart>, or the release alone when it
+     already contains the chart name. */}}
+{{- define "dagkube.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "dagkube.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Selector labels of one component. Call with (dict "ctx" $ "component" "operator"). */}}
+{{- define "dagkube.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "dagkube.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Every label of one component. Call with (dict "ctx" $ "component" "operator"). */}}
+{{- define "dagkube.labels" -}}
+{{ include "dagkube.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: dagkube
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end -}}
+
+{{- define "dagkube.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "dagkube.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "repository:tag" with the appVersion as the default tag. Call with (dict "ctx" $ "image" ...). */}}
+{{- define "dagkube.image" -}}
+{{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{- define "dagkube.redisExternal" -}}
+{{- if .Values.redis.external.url }}true{{ end -}}
+{{- end -}}
+
+{{/* The Service (and StatefulSet) name of the bundled Redis. */}}
+{{- define "dagkube.redisName" -}}
+{{- printf "%s-redis" (include "dagkube.fullname" .) -}}
+{{- end -}}
+
+{{/* The Redis URL without its password: the external one, or the bundled Redis' Service. */}}
+{{- define "dagkube.redisUrl" -}}
+{{- if include "dagkube.redisExternal" . -}}
+{{- .Values.redis.external.url -}}
+{{- else -}}
+{{- printf "redis://%s.%s.svc:6379/0" (include "dagkube.redisName" .) .Release.Namespace -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the Redis password and the full URL (password included). */}}
+{{- define "dagkube.redisSecretName" -}}
+{{- if include "dagkube.redisExternal" . -}}
+{{- required "redis.external.existingSecret is required when redis.external.url is set" .Values.redis.external.existingSecret -}}
+{{- else -}}
+{{- include "dagkube.redisName" . -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dagkube.redisPasswordKey" -}}
+{{- if include "dagkube.redisExternal" . }}{{ .Values.redis.external.existingSecretPasswordKey }}{{ else }}redis-password{{ end -}}
+{{- end -}}
+
+{{- define "dagkube.redisUrlKey" -}}
+{{- if include "dagkube.redisExternal" . }}{{ .Values.redis.external.existingSecretUrlKey }}{{ else }}redis-url{{ end -}}
+{{- end -}}
+
+{{/* The operator's permissions, shared by the Role and the ClusterRole. */}}
+{{- define "dagkube.operatorRules" -}}
+- apiGroups: [dagkube.io]
+  resources: [workflows]
+  verbs: [get, list, watch, patch, update]
+- apiGroups: [dagkube.io]
+  resources: [workflows/status, workflows/finalizers]
+  verbs: [get, patch, update]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [create, get, list, watch, delete, patch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}

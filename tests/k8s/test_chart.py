@@ -1,0 +1,677 @@
+"""The Helm chart, the Workflow CRD and the example manifests, checked with real binaries.
+
+`helm` (v4) and `kubectl` come from PyPI via tools/k8s_binaries.py; rendered manifests are
+validated offline against the Kubernetes 1.33 OpenAPI schemas (kubernetes-validate), and
+Workflow objects against the CRD's own openAPIV3Schema (jsonschema). No cluster is needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+import dagkube
+
+pytestmark = pytest.mark.k8s
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "dagkube"
+CRD_FILE = ROOT / "crds" / "workflow.yaml"
+CHART_CRD_FILE = CHART / "files" / "crd-workflow.yaml"
+EXAMPLES = sorted((ROOT / "examples" / "manifests").glob("*.yaml"))
+KUBERNETES_VERSION = "1.33"  # the kubectl the tests run is 1.33 too
+NAMESPACE = "dk"
+
+# Kinds kubernetes-validate has no schema for, and why that is fine. Each is still checked by a
+# test of its own below; test_kinds_without_builtin_schema proves the reason stays true.
+NO_BUILTIN_SCHEMA = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): (
+        "a Prometheus Operator CRD, not a Kubernetes built-in: kubernetes-validate ships no schema"
+    ),
+}
+
+VALUE_SETS: dict[str, list[str]] = {
+    "default": [],
+    "clusterwide-external-redis-servicemonitor": [
+        "--set", "rbac.clusterWide=true",
+        "--set", "redis.external.url=redis://redis.example.org:6379/0",
+        "--set", "redis.external.existingSecret=shared-redis",
+        "--set", "metrics.serviceMonitor.enabled=true",
+    ],
+}  # fmt: skip
+
+
+def load_module(name: str, path: Path) -> Any:
+    """Import a file that is not on sys.path (tools/, the examples) under the given name."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+k8s_binaries = load_module("k8s_binaries", ROOT / "tools" / "k8s_binaries.py")
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The real binaries, run with Helm's caches in a temporary home and no cluster configured."""
+
+    paths: dict[str, Path]
+    env: dict[str, str]
+
+    def run(self, name: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+        command = [str(self.paths[name]), *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=120)
+
+    def template(self, *args: str | Path, chart: Path = CHART) -> list[dict[str, Any]]:
+        """`helm template` of the chart as parsed documents; the render must succeed."""
+        result = self.run("helm", "template", "rel", chart, "-n", NAMESPACE, *args)
+        assert result.returncode == 0, result.stderr
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="session")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> Tools:
+    try:
+        paths = k8s_binaries.ensure()
+    except k8s_binaries.BinariesUnavailable as error:
+        pytest.skip(f"real helm/kubectl unavailable: {error}")
+    home = tmp_path_factory.mktemp("k8s-home")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HELM_")}
+    env.update(
+        HOME=str(home),
+        HELM_CACHE_HOME=str(home / "cache"),
+        HELM_CONFIG_HOME=str(home / "config"),
+        HELM_DATA_HOME=str(home / "data"),
+        KUBECONFIG=str(home / "no-kubeconfig"),
+    )
+    return Tools(paths, env)
+
+
+@pytest.fixture(scope="session")
+def rendered(tools: Tools) -> dict[str, list[dict]]:
+    return {name: tools.template(*args) for name, args in VALUE_SETS.items()}
+
+
+def only(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    matches = [doc for doc in docs if doc["kind"] == kind]
+    assert len(matches) == 1, f"expected one {kind}, found {[d['metadata'] for d in matches]}"
+    return matches[0]
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def _b64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+# ---------------------------------------------------------------- helm lint and render
+def test_binaries_are_the_pinned_real_ones(tools: Tools) -> None:
+    reported = k8s_binaries.versions(tools.paths)
+    assert reported["helm"].startswith("v4.")
+    assert "v1.33." in reported["kubectl"]
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["lint", "lint-strict"])
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_helm_lint_passes(tools: Tools, value_set: str, strict: bool) -> None:
+    flags = ["--strict"] if strict else []
+    result = tools.run("helm", "lint", CHART, *flags, *VALUE_SETS[value_set])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_rendered_manifests_match_kubernetes_schemas(
+    rendered: dict[str, list[dict]], value_set: str
+) -> None:
+    checked = []
+    for doc in rendered[value_set]:
+        if (doc["apiVersion"], doc["kind"]) in NO_BUILTIN_SCHEMA:
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            where = ".".join(map(str, error.path))
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {where}: {error.message}")
+        checked.append(doc["kind"])
+    assert {"Deployment", "ServiceAccount", "Service", "CustomResourceDefinition"} <= set(checked)
+
+
+def test_strict_kubernetes_validation_catches_a_misspelt_field(
+    rendered: dict[str, list[dict]],
+) -> None:
+    deployment = copy.deepcopy(only(rendered["default"], "Deployment"))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["securityContext"]["readOnlyRootFileSystem"] = True
+    with pytest.raises(kubernetes_validate.ValidationError, match="readOnlyRootFileSystem"):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def test_kinds_without_builtin_schema(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["clusterwide-external-redis-servicemonitor"]
+    for api_version, kind in NO_BUILTIN_SCHEMA:
+        doc = next(d for d in docs if (d["apiVersion"], d["kind"]) == (api_version, kind))
+        with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_service_monitor_scrapes_the_metrics_service(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["clusterwide-external-redis-servicemonitor"]
+    monitor, service = only(docs, "ServiceMonitor"), only(docs, "Service")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+    assert "ServiceMonitor" not in {doc["kind"] for doc in rendered["default"]}
+
+
+def test_client_side_install_prints_the_notes(tools: Tools) -> None:
+    result = tools.run("helm", "install", "rel", CHART, "-n", NAMESPACE, "--dry-run=client")
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert f'The operator watches Workflows in namespace "{NAMESPACE}" only.' in notes
+    assert f"kubectl -n {NAMESPACE} get dkwf -w" in notes
+    assert 'Secret "rel-dagkube-redis"' in notes
+
+
+# ---------------------------------------------------------------- values.schema.json
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("rbac.clusterWide=notabool", "/rbac/clusterWide"),
+        ("replicaCount=2", "'replicaCount' not allowed"),
+        ("redis.persistence.size=lots", "/redis/persistence/size"),
+        ("operator.image.pullPolicy=Sometimes", "/operator/image/pullPolicy"),
+        ("metrics.serviceMonitor.interval=soon", "/metrics/serviceMonitor/interval"),
+    ],
+)
+def test_values_schema_rejects_bad_values(tools: Tools, setting: str, named: str) -> None:
+    result = tools.run("helm", "template", "rel", CHART, "--set", setting)
+    assert result.returncode != 0
+    assert "don't meet the specifications of the schema" in result.stderr
+    assert named in result.stderr
+
+
+def test_external_redis_needs_its_secret(tools: Tools) -> None:
+    args = ["--set", "redis.external.url=redis://redis.example.org:6379/0"]
+    result = tools.run("helm", "template", "rel", CHART, *args)
+    assert result.returncode != 0
+    assert "redis.external.existingSecret is required" in result.stderr
+
+
+# ---------------------------------------------------------------- what the chart renders
+def test_rbac_is_namespaced_by_default(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["default"]
+    kinds = [doc["kind"] for doc in docs]
+    assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
+    role, binding = only(docs, "Role"), only(docs, "RoleBinding")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    account = only(docs, "ServiceAccount")["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+    ]
+    env = _operator_env(docs)
+    assert env["DAGKUBE_WATCH_NAMESPACE"] == NAMESPACE
+
+
+def test_rbac_is_cluster_wide_only_when_asked(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["clusterwide-external-redis-servicemonitor"]
+    kinds = [doc["kind"] for doc in docs]
+    assert "Role" not in kinds and "RoleBinding" not in kinds
+    role, binding = only(docs, "ClusterRole"), only(docs, "ClusterRoleBinding")
+    assert "namespace" not in role["metadata"]
+    assert binding["roleRef"]["kind"] == "ClusterRole"
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert _operator_env(docs)["DAGKUBE_WATCH_NAMESPACE"] == ""
+    assert role["rules"] == only(rendered["default"], "Role")["rules"]
+
+
+def test_operator_permissions_are_least_privilege(rendered: dict[str, list[dict]]) -> None:
+    granted: dict[str, set[str]] = {}
+    for rule in only(rendered["default"], "Role")["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault(f"{group}/{resource}", set()).update(rule["verbs"])
+    assert granted == {
+        "dagkube.io/workflows": {"get", "list", "watch", "patch", "update"},
+        "dagkube.io/workflows/status": {"get", "patch", "update"},
+        "dagkube.io/workflows/finalizers": {"get", "patch", "update"},
+        "/pods": {"create", "get", "list", "watch", "delete", "patch"},
+        "/events": {"create", "patch"},
+    }
+
+
+def _operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    [container] = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _operator_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    env = _operator_container(docs)["env"]
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in env}
+
+
+def test_operator_deployment(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["default"]
+    deployment = only(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == only(docs, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    container = _operator_container(docs)
+    assert container["command"] == ["python", "-m", "dagkube_operator"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["resources"]["limits"]["memory"]
+    assert container["image"] == "ghcr.io/dagkube/operator:0.1.0"
+    labels = deployment["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "operator"
+    assert labels["helm.sh/chart"] == "dagkube-0.1.0"
+    assert labels["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def test_operator_reaches_the_bundled_redis(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["default"]
+    env = _operator_env(docs)
+    secret, service = only(docs, "Secret"), only(docs, "StatefulSet")["spec"]["serviceName"]
+    name = secret["metadata"]["name"]
+    assert env["DAGKUBE_REDIS_URL"] == f"redis://{service}.{NAMESPACE}.svc:6379/0"
+    assert env["DAGKUBE_REDIS_PASSWORD"] == {
+        "secretKeyRef": {"name": name, "key": "redis-password"}
+    }
+    assert (env["DAGKUBE_REDIS_URL_SECRET"], env["DAGKUBE_REDIS_URL_SECRET_KEY"]) == (
+        name,
+        "redis-url",
+    )
+    assert env["DAGKUBE_WORKER_IMAGE"] == "ghcr.io/dagkube/worker:0.1.0"
+    password = _b64(secret["data"]["redis-password"])
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password)
+    assert _b64(secret["data"]["redis-url"]) == (
+        f"redis://:{password}@{service}.{NAMESPACE}.svc:6379/0"
+    )
+    assert service in {doc["metadata"]["name"] for doc in docs if doc["kind"] == "Service"}
+
+
+def test_external_redis_replaces_the_bundled_one(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["clusterwide-external-redis-servicemonitor"]
+    kinds = {doc["kind"] for doc in docs}
+    assert not kinds & {"StatefulSet", "Secret"}
+    assert [doc["metadata"]["name"] for doc in docs if doc["kind"] == "Service"] == [
+        "rel-dagkube-metrics"
+    ]
+    env = _operator_env(docs)
+    assert env["DAGKUBE_REDIS_URL"] == "redis://redis.example.org:6379/0"
+    assert env["DAGKUBE_REDIS_PASSWORD"] == {
+        "secretKeyRef": {"name": "shared-redis", "key": "redis-password"}
+    }
+    assert env["DAGKUBE_REDIS_URL_SECRET"] == "shared-redis"
+
+
+def test_redis_statefulset(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["default"]
+    statefulset = only(docs, "StatefulSet")
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    service = services[statefulset["spec"]["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None"
+    pod = statefulset["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsNonRoot"]) == (
+        999,
+        True,
+    )
+    [container] = pod["containers"]
+    assert container["image"] == "redis:7.2-alpine"
+    args = container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    password_env = next(e for e in container["env"] if e["name"] == "REDIS_PASSWORD")
+    assert password_env["valueFrom"]["secretKeyRef"] == {
+        "name": only(docs, "Secret")["metadata"]["name"],
+        "key": "redis-password",
+    }
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
+    assert mounts == {"/data", "/tmp"}
+    [claim] = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+
+
+def test_redis_without_persistence_uses_an_empty_dir(tools: Tools) -> None:
+    docs = tools.template("--set", "redis.persistence.enabled=false")
+    statefulset = only(docs, "StatefulSet")
+    assert "volumeClaimTemplates" not in statefulset["spec"]
+    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"] == {"name": "data", "emptyDir": {}}
+    kubernetes_validate.validate(statefulset, KUBERNETES_VERSION, strict=True)
+
+
+def test_every_chart_dashboard_becomes_a_configmap(tools: Tools, tmp_path: Path) -> None:
+    chart = tmp_path / "dagkube"
+    shutil.copytree(CHART, chart)
+    shipped = len(list((CHART / "dashboards").glob("*.json")))
+    dashboards = {"Run_Overview.json": {"title": "Runs"}, "planner.json": {"title": "Planner"}}
+    for name, body in dashboards.items():
+        (chart / "dashboards" / name).write_text(json.dumps(body))
+
+    docs = tools.template(chart=chart)
+    maps = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    assert len(maps) == shipped + 2
+    for name, body in dashboards.items():
+        [config] = [m for m in maps if name in m["data"]]
+        assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert json.loads(config["data"][name]) == body
+        kubernetes_validate.validate(config, KUBERNETES_VERSION, strict=True)
+    disabled = tools.template("--set", "dashboards.enabled=false", chart=chart)
+    assert "ConfigMap" not in {doc["kind"] for doc in disabled}
+
+
+def test_chart_ships_the_dashboards_it_has(rendered: dict[str, list[dict]]) -> None:
+    shipped = sorted(path.name for path in (CHART / "dashboards").glob("*.json"))
+    maps = [doc for doc in rendered["default"] if doc["kind"] == "ConfigMap"]
+    assert sorted(key for config in maps for key in config["data"]) == shipped
+
+
+# ---------------------------------------------------------------- the CRD
+def test_chart_crd_is_the_repository_crd(tools: Tools, rendered: dict[str, list[dict]]) -> None:
+    assert CHART_CRD_FILE.read_bytes() == CRD_FILE.read_bytes(), (
+        "charts/dagkube/files/crd-workflow.yaml drifted: cp crds/workflow.yaml into it"
+    )
+    crd = load_yaml(CRD_FILE)
+    for docs in rendered.values():
+        assert only(docs, "CustomResourceDefinition") == crd
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    without = tools.template("--set", "crds.install=false")
+    assert "CustomResourceDefinition" not in {doc["kind"] for doc in without}
+
+
+def test_crd_names_columns_and_status_subresource() -> None:
+    crd = load_yaml(CRD_FILE)
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == "workflows.dagkube.io"
+    assert (spec["group"], spec["scope"]) == ("dagkube.io", "Namespaced")
+    names = spec["names"]
+    assert (names["kind"], names["plural"], names["singular"]) == (
+        "Workflow",
+        "workflows",
+        "workflow",
+    )
+    assert names["shortNames"] == ["dkwf"]
+    [version] = spec["versions"]
+    assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: (c["type"], c["jsonPath"]) for c in version["additionalPrinterColumns"]}
+    assert columns == {
+        "Phase": ("string", ".status.phase"),
+        "Planner": ("string", ".spec.planner.name"),
+        "Done": ("integer", ".status.tasks.done"),
+        "Total": ("integer", ".status.tasks.total"),
+        "Makespan": ("number", ".status.actualMakespanSeconds"),
+        "Age": ("date", ".metadata.creationTimestamp"),
+    }
+
+
+def _open_api_schema() -> dict[str, Any]:
+    [version] = load_yaml(CRD_FILE)["spec"]["versions"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def _walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every schema node with its path, through properties, items and oneOf/anyOf/allOf."""
+    yield path or ".", schema
+    for name, child in schema.get("properties", {}).items():
+        yield from _walk(child, f"{path}.{name}")
+    if "items" in schema:
+        yield from _walk(schema["items"], f"{path}[]")
+    for keyword in ("oneOf", "anyOf", "allOf"):
+        for index, branch in enumerate(schema.get(keyword, [])):
+            yield from _walk(branch, f"{path}<{keyword}{index}>")
+
+
+def as_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI v3 schema as JSON Schema, as the API server applies it to a Workflow.
+
+    x-kubernetes-* keys are dropped; objects with declared properties reject unknown fields,
+    which is what the API server's pruning plus kubectl's strict field validation do.
+    """
+    converted = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+    if "properties" in converted:
+        converted["properties"] = {k: as_json_schema(v) for k, v in schema["properties"].items()}
+    if "items" in converted:
+        converted["items"] = as_json_schema(converted["items"])
+    for keyword in ("oneOf", "anyOf", "allOf"):
+        if keyword in converted:
+            converted[keyword] = [as_json_schema(branch) for branch in converted[keyword]]
+    preserve = schema.get("x-kubernetes-preserve-unknown-fields", False)
+    if "properties" in schema and not preserve:
+        converted["additionalProperties"] = False
+    return converted
+
+
+def test_crd_schema_is_structural() -> None:
+    """The API server's structural-schema rules that a JSON Schema check would not catch."""
+    problems = []
+    preserved = []
+    for path, node in _walk(_open_api_schema()):
+        in_branch = "<" in path  # a value validation: oneOf/anyOf/allOf and below
+        if node.get("x-kubernetes-preserve-unknown-fields"):
+            preserved.append(path)
+        if in_branch:
+            forbidden = set(node) & {"type", "default", "description", "additionalProperties"}
+            if forbidden:
+                problems.append(f"{path}: {sorted(forbidden)} not allowed inside oneOf/anyOf")
+        elif "type" not in node:
+            problems.append(f"{path}: no type")
+        if node.get("uniqueItems"):
+            problems.append(f"{path}: uniqueItems is forbidden, use x-kubernetes-list-type")
+        if "properties" in node and "additionalProperties" in node:
+            problems.append(f"{path}: properties and additionalProperties are exclusive")
+        for keyword in ("oneOf", "anyOf"):
+            for branch in node.get(keyword, []):
+                unknown = set(branch.get("required", [])) - set(node.get("properties", {}))
+                if unknown:
+                    problems.append(f"{path}: {keyword} requires undeclared {sorted(unknown)}")
+        list_type = node.get("x-kubernetes-list-type")
+        if list_type == "set" and node["items"].get("type") not in {"string", "integer"}:
+            problems.append(f"{path}: a set needs scalar items")
+        if list_type == "map":
+            keys = set(node.get("x-kubernetes-list-map-keys", []))
+            if not keys or not keys <= set(node["items"].get("required", [])):
+                problems.append(f"{path}: map keys must be required fields of the items")
+        if "default" in node:
+            try:
+                jsonschema.Draft4Validator(as_json_schema(node)).validate(node["default"])
+            except jsonschema.ValidationError as error:
+                problems.append(f"{path}: default {node['default']!r} invalid: {error.message}")
+    assert problems == []
+    assert sorted(preserved) == [".spec.source.module.args", ".status.kopf"]
+
+
+def test_crd_is_a_valid_apiextensions_object() -> None:
+    crd = load_yaml(CRD_FILE)
+    assert kubernetes_validate.validate(crd, KUBERNETES_VERSION, strict=True) == KUBERNETES_VERSION
+    broken = copy.deepcopy(crd)
+    broken["spec"]["versions"][0]["subresources"]["state"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+# ---------------------------------------------------------------- Workflow objects
+@pytest.fixture(scope="module")
+def workflow_schema() -> jsonschema.Draft4Validator:
+    schema = as_json_schema(_open_api_schema())
+    jsonschema.Draft4Validator.check_schema(schema)
+    return jsonschema.Draft4Validator(schema)
+
+
+def errors_of(validator: jsonschema.Draft4Validator, workflow: dict[str, Any]) -> list[str]:
+    return [
+        f"{'.'.join(map(str, error.absolute_path))}: {error.message}"
+        for error in validator.iter_errors(workflow)
+    ]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
+def test_example_manifests_are_valid_workflows(
+    workflow_schema: jsonschema.Draft4Validator, path: Path
+) -> None:
+    crd = load_yaml(CRD_FILE)
+    workflow = load_yaml(path)
+    assert workflow["apiVersion"] == f"{crd['spec']['group']}/v1alpha1"
+    assert workflow["kind"] == crd["spec"]["names"]["kind"]
+    assert errors_of(workflow_schema, workflow) == []
+
+
+def test_there_are_module_and_inline_examples() -> None:
+    sources = {next(iter(load_yaml(path)["spec"]["source"])) for path in EXAMPLES}
+    assert sources >= {"module", "inline"}
+
+
+def test_inline_example_builds_with_the_sdk() -> None:
+    workflow = load_yaml(ROOT / "examples" / "manifests" / "workflow-inline.yaml")
+    namespace: dict[str, Any] = {}
+    exec(compile(workflow["spec"]["source"]["inline"], "<inline source>", "exec"), namespace)
+    built = namespace["build"]()
+    assert isinstance(built, dagkube.Workflow)
+    assert built.name == workflow["metadata"]["name"]
+    assert sorted(built.task_ids) == [f"square#{i}" for i in range(8)] + ["total#0"]
+
+
+def test_module_example_names_a_real_build_function() -> None:
+    workflow = load_yaml(ROOT / "examples" / "manifests" / "workflow-module.yaml")
+    module_name, function = workflow["spec"]["source"]["module"]["name"].split(":")
+    module = load_module(module_name, ROOT.joinpath(*module_name.split(".")).with_suffix(".py"))
+    built = getattr(module, function)()
+    assert isinstance(built, dagkube.Workflow)
+    assert len(built.task_ids) == 63
+
+
+def _workflow(**spec: Any) -> dict[str, Any]:
+    base = {"source": {"module": {"name": "examples.tree_reduction:build"}}}
+    return {
+        "apiVersion": "dagkube.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {"name": "w"},
+        "spec": base | spec,
+    }
+
+
+@pytest.mark.parametrize("sla", ["avg", "p1", "p50", "p95", "p99", "p99.9", "p99.99"])
+def test_accepted_slas(workflow_schema: jsonschema.Draft4Validator, sla: str) -> None:
+    assert errors_of(workflow_schema, _workflow(planner={"sla": sla})) == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "complaint"),
+    [
+        ({"planner": {"name": "wukon"}}, "'wukon' is not one of"),
+        ({"planner": {"sla": "p100"}}, "does not match"),
+        ({"planner": {"sla": "p0"}}, "does not match"),
+        ({"planner": {"sla": "p100.5"}}, "does not match"),
+        ({"planner": {"sla": "p95%"}}, "does not match"),
+        ({"planner": {"optimizations": ["prefetch"]}}, "'prefetch' is not one of"),
+        ({"source": {"module": {"name": "examples.tree_reduction"}}}, "does not match"),
+        ({"source": {"inline": "x = 1", "ref": {"dag": "0123456789abcdef"}}}, "valid under each"),
+        ({"source": {}}, "is not valid under any of the given schemas"),
+        ({"source": {"ref": {"dag": "NOT-HEX-AT-ALL!!"}}}, "does not match"),
+        ({"resources": {"classes": ["512M"]}}, "does not match"),
+        ({"resources": {"classes": []}}, "should be non-empty"),
+        ({"resources": {"maxWorkers": 0}}, "less than the minimum"),
+        ({"retries": 11}, "greater than the maximum"),
+        ({"planer": {"name": "wukong"}}, "'planer' was unexpected"),
+    ],
+)
+def test_malformed_workflows_are_rejected(
+    workflow_schema: jsonschema.Draft4Validator, spec: dict[str, Any], complaint: str
+) -> None:
+    errors = errors_of(workflow_schema, _workflow(**spec))
+    assert any(complaint in error for error in errors), errors
+
+
+def test_workflow_without_spec_or_source_is_rejected(
+    workflow_schema: jsonschema.Draft4Validator,
+) -> None:
+    workflow = _workflow()
+    del workflow["spec"]["source"]
+    assert errors_of(workflow_schema, workflow) == ["spec: 'source' is a required property"]
+    del workflow["spec"]
+    assert errors_of(workflow_schema, workflow) == [": 'spec' is a required property"]
+
+
+def test_operator_status_fits_the_schema(workflow_schema: jsonschema.Draft4Validator) -> None:
+    workflow = _workflow()
+    workflow["status"] = {
+        "phase": "Succeeded",
+        "runId": "r1",
+        "predictedMakespanSeconds": 1.25,
+        "actualMakespanSeconds": 1.5,
+        "tasks": {"total": 63, "done": 63, "failed": 0},
+        "workers": {"cold": 2, "warm": 5, "prewarmed": 1},
+        "resources": {"gbSeconds": 0.75, "cpuSecondsAllocated": 3.5, "cpuSecondsUsed": 2.1},
+        "slaMet": True,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Done"}],
+        "kopf": {"progress": {"create_fn": {"started": "2025-01-01T00:00:00Z"}}},
+    }
+    assert errors_of(workflow_schema, workflow) == []
+    workflow["status"]["phase"] = "Exploded"
+    workflow["status"]["tasks"]["done"] = 1.5
+    assert len(errors_of(workflow_schema, workflow)) == 2
+
+
+# ---------------------------------------------------------------- kubectl, offline
+@pytest.mark.parametrize("path", [CRD_FILE, *EXAMPLES], ids=lambda path: path.name)
+def test_kubectl_reads_the_manifests(tools: Tools, path: Path) -> None:
+    """`kubectl label --local` decodes and re-emits an object without any cluster.
+
+    (`kubectl apply/create --dry-run=client` would be the natural check, but kubectl needs an
+    API server for those even with --validate=false, so they are not used.)
+    """
+    label = ["dagkube.io/checked=yes", "-o", "json"]
+    result = tools.run("kubectl", "label", "--local", "-f", path, *label)
+    assert result.returncode == 0, result.stderr
+    expected = load_yaml(path)
+    expected["metadata"].setdefault("labels", {})["dagkube.io/checked"] = "yes"
+    assert json.loads(result.stdout) == expected
+
+
+def test_kubectl_rejects_a_manifest_without_kind(tools: Tools, tmp_path: Path) -> None:
+    manifest = load_yaml(EXAMPLES[0])
+    del manifest["kind"]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(manifest))
+    result = tools.run("kubectl", "label", "--local", "-f", broken, "a=b", "-o", "json")
+    assert result.returncode != 0
+    assert "Object 'Kind' is missing" in result.stderr
