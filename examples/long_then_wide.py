@@ -38,9 +38,7 @@ def combine(parts: list[int]) -> int:
 
 def build() -> dagkube.Workflow:
     items = prepare()
-    return dagkube.Workflow(
-        combine([part(items, i) for i in range(WIDTH)]), name="long-then-wide"
-    )
+    return dagkube.Workflow(combine([part(items, i) for i in range(WIDTH)]), name="long-then-wide")
 
 
 def verify(result: int) -> None:

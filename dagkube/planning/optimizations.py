@@ -19,7 +19,8 @@ from dagkube.planning.model import OPT_VARIANTS, OPTIMIZATIONS, Optimization, ou
 from dagkube.planning.predictions import Predictor
 from dagkube.planning.timing import Estimates, Timing
 
-PREWARM_LEAD_S = 0.25  # a pre-warmed worker should be ready this long before it is needed
+PREWARM_LEAD_S = 0.25  # a pre-warmed worker should be ready this long before it is needed,
+PREWARM_LEAD_SHARE = 0.2  # plus this share of its cold start (starts together are slower)
 PREWARM_MIN_WAIT_S = 0.1  # only invocations predicted to wait longer for a worker are targets
 DELAY_MARGIN_S = 0.05  # delayed-io waits this much beyond the predicted arrival of the others
 MIN_SAVING_S = 0.002  # preload / delayed-io only where they save at least this much transfer
@@ -179,7 +180,9 @@ def mark_prewarm(given: RuleInput, marks: Marks) -> int:
     """Every invocation predicted to wait for a worker to start (queued after the run began,
     not taken by an idle or finishing worker within a warm start) is a target: a pre-warm
     request on the task predicted to be running (or last started) ``cold start-up + lead``
-    before it is queued has a worker ready in time. Returns how many workers are requested."""
+    before it is queued has a worker ready in time (the lead grows with the start-up: workers
+    starting together take longer than the history's typical single start). Returns how many
+    workers are requested."""
     timing, p = given.timing, given.predictor
     starts = sorted(given.dag.tasks, key=lambda t: timing.tasks[t].start_s)
     requests: dict[tuple[str, int], list[tuple[float, str]]] = {}
@@ -189,7 +192,8 @@ def mark_prewarm(given: RuleInput, marks: Marks) -> int:
         waited = activity.ready_s - activity.queued_s
         if waited <= p.startup_s(activity.memory_mib, False) + PREWARM_MIN_WAIT_S:
             continue
-        fire_at = activity.queued_s - p.startup_s(activity.memory_mib, True) - PREWARM_LEAD_S
+        cold = p.startup_s(activity.memory_mib, True)
+        fire_at = activity.queued_s - cold * (1 + PREWARM_LEAD_SHARE) - PREWARM_LEAD_S
         trigger = starts[0]  # too early for any task: the first to start fires it at once
         for task_id in starts:
             if timing.tasks[task_id].start_s > fire_at:
