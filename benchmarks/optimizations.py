@@ -200,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     lines += _table(
-        "taskdup — straggler.py (first attempt stalls 3 s in every third run), SLA p50, "
-        "4 workers",
+        "taskdup — straggler.py (first attempt stalls 3 s in every third run), SLA p50, 4 workers",
         duplicated,
         {
             "consumer wait, median (mean)": lambda r: (
