@@ -66,3 +66,15 @@ def write_section(page: Path, name: str, markdown: str) -> None:
     )
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(text.rstrip() + "\n")
+
+
+def provenance(script: str, argv: Sequence[str] | None) -> list[str]:
+    """The closing lines of a benchmark section: the machine it ran on and the command."""
+    machine = machine_info()
+    args = sys.argv[1:] if argv is None else argv
+    return [
+        f"Machine: {machine['cpu']}, {machine['cores_logical']} cores, {machine['ram_gib']} GiB,"
+        f" Python {machine['python']}, dagkube {machine['dagkube']}, {machine['date']}.",
+        "",
+        f"Command: `{command_line(script, args)}`",
+    ]

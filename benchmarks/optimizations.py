@@ -213,13 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     lines += [f"Outputs identical across all runs: {duplicated['outputs_identical']}.", ""]
-    machine = benchlib.machine_info()
-    lines += [
-        f"Machine: {machine['cpu']}, {machine['cores_logical']} cores, {machine['ram_gib']} GiB,"
-        f" Python {machine['python']}, dagkube {machine['dagkube']}, {machine['date']}.",
-        "",
-        f"Command: `{benchlib.command_line(__file__, sys.argv[1:] if argv is None else argv)}`",
-    ]
+    lines += benchlib.provenance(__file__, argv)
     print("\n".join(lines))
     if args.markdown:
         benchlib.write_section(args.markdown, "optimizations", "\n".join(lines))

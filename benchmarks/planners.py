@@ -114,14 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         f"median makespan {compared['non_uniform_makespan_s']:.3f}s vs "
         f"{compared['uniform_makespan_s']:.3f}s ({compared['makespan_change']:+.1%}).",
     ]
-    machine = benchlib.machine_info()
-    lines += [
-        "",
-        f"Machine: {machine['cpu']}, {machine['cores_logical']} cores, {machine['ram_gib']} GiB,"
-        f" Python {machine['python']}, dagkube {machine['dagkube']}, {machine['date']}.",
-        "",
-        f"Command: `{benchlib.command_line(__file__, sys.argv[1:] if argv is None else argv)}`",
-    ]
+    lines += ["", *benchlib.provenance(__file__, argv)]
     print("\n".join(lines))
     if args.markdown:
         benchlib.write_section(args.markdown, "planners", "\n".join(lines))
