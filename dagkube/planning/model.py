@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -61,6 +62,43 @@ class Optimization(BaseModel):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass
+class OptimizationIndex:
+    """A plan's optimization marks, indexed the way the timing model and the worker's hooks
+    look them up."""
+
+    clustered: set[str] = field(default_factory=set)
+    delayed: dict[str, tuple[str, float]] = field(default_factory=dict)  # input -> fan-in, wait
+    preload: dict[str, tuple[str, set[str]]] = field(default_factory=dict)  # fan-in -> host, ins
+    preload_host: dict[tuple[str, str], str] = field(default_factory=dict)  # (input, fan-in)
+    hosts: set[str] = field(default_factory=set)
+    dups: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # consumer -> params
+    dup_targets: set[str] = field(default_factory=set)
+    prewarm: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # trigger -> params
+
+    @classmethod
+    def of(cls, marks: Mapping[str, Iterable[Optimization]]) -> OptimizationIndex:
+        found = cls()
+        for task_id, entries in marks.items():
+            for entry in entries:
+                params = entry.params
+                if entry.name == "clustering":
+                    found.clustered.add(task_id)
+                elif entry.name == "delayed-io":
+                    found.delayed[task_id] = (params["fan_in"], float(params["wait_s"]))
+                elif entry.name == "preload":
+                    found.preload[task_id] = (params["host"], set(params["inputs"]))
+                    found.hosts.add(params["host"])
+                    for dep in params["inputs"]:
+                        found.preload_host[(dep, task_id)] = params["host"]
+                elif entry.name == "taskdup":
+                    found.dups.setdefault(task_id, []).append(params)
+                    found.dup_targets.add(params["upstream"])
+                elif entry.name == "prewarm":
+                    found.prewarm.setdefault(task_id, []).append(params)
+        return found
 
 
 class TaskPlan(BaseModel):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
-from dagkube.planning.model import Optimization, output_must_be_stored
+from dagkube.planning.model import Optimization, OptimizationIndex, output_must_be_stored
 from dagkube.planning.predictions import Predictor
 from dagkube.resources import cpu_for_memory
 
@@ -172,23 +172,11 @@ class _Simulation:
     def _optimizations(self, optimizations: dict[str, list[Optimization]]) -> None:
         """What the optimizations change in the model (taskdup is not modelled: a duplicate
         runs only when an upstream is later than predicted, which the model cannot be)."""
-        self.clustered: set[str] = set()
-        self.delayed: dict[str, tuple[str, float]] = {}  # input -> (fan-in, max wait)
-        self.preload: dict[str, tuple[str, set[str]]] = {}  # fan-in -> (host, inputs)
-        self.prewarm: dict[str, list[tuple[int, int, float]]] = {}  # trigger -> requests
-        for task_id, entries in optimizations.items():
-            for entry in entries:
-                params = entry.params
-                if entry.name == "clustering":
-                    self.clustered.add(task_id)
-                elif entry.name == "delayed-io":
-                    self.delayed[task_id] = (params["fan_in"], float(params["wait_s"]))
-                elif entry.name == "preload":
-                    self.preload[task_id] = (params["host"], set(params["inputs"]))
-                elif entry.name == "prewarm":
-                    self.prewarm.setdefault(task_id, []).append(
-                        (int(params["memory_mib"]), int(params["count"]), params["delay_s"])
-                    )
+        marks = OptimizationIndex.of(optimizations)
+        self.clustered = marks.clustered
+        self.delayed = marks.delayed
+        self.preload = marks.preload
+        self.prewarm = marks.prewarm
         self.starting: dict[int, list[_Worker]] = {}  # spawned, not ready yet
         self.delay_waiting: dict[str, tuple[_Worker, str]] = {}  # fan-in -> delayed input
 
@@ -359,8 +347,13 @@ class _Simulation:
         assert worker.activity is not None
         worker.activity.tasks.append(task_id)
         self.producer[task_id] = worker
-        for memory_mib, count, delay_s in self.prewarm.get(task_id, ()):
-            self.push(time_s + delay_s, "prewarm", memory_mib, count)
+        for request in self.prewarm.get(task_id, ()):
+            self.push(
+                time_s + float(request["delay_s"]),
+                "prewarm",
+                int(request["memory_mib"]),
+                int(request["count"]),
+            )
         if task_id in self.delayed:
             self.push(timing.end_s, "ended", worker, task_id)
             return

@@ -32,7 +32,7 @@ from redis import exceptions as redis_exceptions
 
 from dagkube.dag import DagSpec, TaskSpec, resolve
 from dagkube.metrics.records import TaskError, TaskRecord, WorkerRecord
-from dagkube.planning.model import Plan, output_must_be_stored
+from dagkube.planning.model import OptimizationIndex, Plan, output_must_be_stored
 from dagkube.runtime import scripts
 from dagkube.runtime.connection import BulkReader, connect
 from dagkube.runtime.invocation import Invocation
@@ -70,40 +70,6 @@ def serialize(value: Any) -> bytes:
 
 
 @dataclass
-class RunOptimizations:
-    """A plan's optimization marks, indexed the way the worker's hooks look them up."""
-
-    clustered: set[str] = field(default_factory=set)
-    delayed: dict[str, tuple[str, float]] = field(default_factory=dict)  # input -> fan-in, wait
-    preload_host: dict[tuple[str, str], str] = field(default_factory=dict)  # (input, fan-in)
-    hosts: set[str] = field(default_factory=set)
-    dups: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # consumer -> params
-    dup_targets: set[str] = field(default_factory=set)
-    prewarm: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-    @classmethod
-    def from_plan(cls, plan: Plan) -> RunOptimizations:
-        found = cls()
-        for task_id, task in plan.tasks.items():
-            for entry in task.optimizations:
-                params = entry.params
-                if entry.name == "clustering":
-                    found.clustered.add(task_id)
-                elif entry.name == "delayed-io":
-                    found.delayed[task_id] = (params["fan_in"], float(params["wait_s"]))
-                elif entry.name == "preload":
-                    found.hosts.add(params["host"])
-                    for dep in params["inputs"]:
-                        found.preload_host[(dep, task_id)] = params["host"]
-                elif entry.name == "taskdup":
-                    found.dups.setdefault(task_id, []).append(params)
-                    found.dup_targets.add(params["upstream"])
-                elif entry.name == "prewarm":
-                    found.prewarm.setdefault(task_id, []).append(params)
-        return found
-
-
-@dataclass
 class RunState:
     """What a worker keeps of one run: DAG, plan, loaded code and the values it holds."""
 
@@ -114,7 +80,7 @@ class RunState:
     history_cap: int
     task_index: dict[str, int]
     submitted_at: float = 0.0
-    opts: RunOptimizations = field(default_factory=RunOptimizations)
+    opts: OptimizationIndex = field(default_factory=OptimizationIndex)
     values: dict[str, Any] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # serialized sizes of held values
     constants: dict[str, Any] = field(default_factory=dict)
@@ -303,7 +269,7 @@ class Worker:
             history_cap=int(cap or 100),
             task_index={task_id: i for i, task_id in enumerate(dag.tasks)},
             submitted_at=float(submitted or time.time()),
-            opts=RunOptimizations.from_plan(plan),
+            opts=OptimizationIndex.of({t: p.optimizations for t, p in plan.tasks.items()}),
         )
         self.runs[run_id] = state
         while len(self.runs) > RUN_CACHE_SIZE:
