@@ -34,8 +34,8 @@ def simulate(steps: int) -> list[int]:
 def fetch(key: str, stuck_marker: str) -> dict:
     """Fast, except the first attempt of a request that hits the stuck replica (named by a
     marker file that does not exist yet): it stalls; later attempts find the marker."""
-    marker = Path(stuck_marker) if stuck_marker else None
-    if marker is not None and not marker.exists():
+    marker = Path(stuck_marker)
+    if not marker.exists():
         marker.touch()
         time.sleep(STALL_S)
     else:
@@ -53,8 +53,12 @@ def build(stall: bool | None = None, marker_dir: str | None = None) -> dagkube.W
     if stall is None:
         stall = random.random() < STALL_CHANCE
     folder = Path(marker_dir or tempfile.gettempdir())
-    marker = str(folder / f"dagkube-stuck-{uuid.uuid4().hex}") if stall else ""
-    return dagkube.Workflow(analyze(simulate(10), fetch("reference", marker)), name="straggler")
+    marker = folder / f"dagkube-stuck-{uuid.uuid4().hex}"
+    if not stall:
+        # A marker that already exists means "not stuck". Stalled and normal runs pass an
+        # argument of the same size, so the planner's size-based predictions see the same input.
+        marker.touch()
+    return dagkube.Workflow(analyze(simulate(10), fetch("reference", str(marker))), name="straggler")
 
 
 def verify(result: int) -> None:
