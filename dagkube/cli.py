@@ -668,5 +668,282 @@ def _with_redis(redis_url: str | None, action: Any) -> Any:
         return asyncio.run(go(url))
 
 
+# ---------------------------------------------------------------------------- Kubernetes
+KUBE_API_OPTION = click.option(
+    "--kube-api-url",
+    envvar="DAGKUBE_KUBE_API_URL",
+    default=None,
+    help="Kubernetes API URL without credentials (e.g. `kubectl proxy`'s). "
+    "[default: in-cluster credentials, else the kubeconfig; env: DAGKUBE_KUBE_API_URL]",
+)
+NAMESPACE_OPTION = click.option(
+    "-n", "--namespace", default="default", show_default=True, help="Namespace of the Workflow."
+)
+
+
+def _workflow_options(function: Any) -> Any:
+    """What a Workflow's spec says besides its source (``submit`` and ``manifest``)."""
+    options = [
+        click.argument("file", type=click.Path(dir_okay=False)),
+        NAMESPACE_OPTION,
+        click.option(
+            "--planner",
+            default="wukong",
+            show_default=True,
+            callback=_validated(check_planner),
+            help=f"Planner: {', '.join(PLANNER_NAMES)} (-opt: with its optimizations).",
+        ),
+        click.option(
+            "--optimizations",
+            default="",
+            callback=_validated(check_optimizations),
+            help=f"Optimizations to switch on, comma-separated: {', '.join(OPTIMIZATIONS)}.",
+        ),
+        click.option(
+            "--sla",
+            default="avg",
+            show_default=True,
+            callback=_validated(parse_sla),
+            help=f"SLA: {ACCEPTED_SLAS}.",
+        ),
+        CLASSES_OPTION,
+        click.option("--image", default=None, help="Worker image [default: the operator's]."),
+        click.option(
+            "--max-workers",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Cap on the run's worker Pods [default: the operator's].",
+        ),
+        click.option(
+            "--timeout",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Seconds before the operator cancels the run (spec.timeoutSeconds).",
+        ),
+        click.option(
+            "--retries",
+            type=click.IntRange(min=0, max=10),
+            default=None,
+            help="Retries of every task that declares fewer (spec.retries).",
+        ),
+        click.option(
+            "--ttl",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Seconds after the end before the Workflow (Pods, keys) is deleted.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@main.command(epilog=FILE_CONVENTION)
+@_workflow_options
+@click.option("--name", default=None, help="metadata.name [default: generateName from the file].")
+def manifest(
+    file: str,
+    namespace: str,
+    planner: str,
+    optimizations: list[str],
+    sla: str,
+    classes: list[int] | None,
+    image: str | None,
+    max_workers: int | None,
+    timeout: int | None,
+    retries: int | None,
+    ttl: int | None,
+    name: str | None,
+) -> None:
+    """Print the Workflow manifest (YAML) that runs FILE on Kubernetes, its source inline.
+
+    FILE is built here first, so a file that does not define a workflow is reported now, not
+    by the operator. The inline source must be self-contained (helper modules next to FILE
+    are not part of it; put them in the worker image and use the module form instead).
+
+    \b
+      dagkube manifest pipeline.py -n jobs --planner non-uniform --sla p95 | kubectl apply -f -
+    """
+    from dagkube.kubernetes.submit import name_stem, workflow_manifest
+
+    with _errors():
+        loaded = load_workflow_file(file)
+        body = workflow_manifest(
+            source={"inline": Path(file).read_text(encoding="utf-8")},
+            name=name,
+            generate_name=name_stem(loaded.workflow.name),
+            namespace=namespace,
+            planner=planner,
+            sla=sla,
+            optimizations=optimizations,
+            classes_mib=classes,
+            max_workers=max_workers,
+            image=image,
+            timeout_s=timeout,
+            retries=retries,
+            ttl_after_finished_s=ttl,
+        )
+        out.print(_yaml(body), end="", markup=False, highlight=False, soft_wrap=True)
+
+
+def _yaml(body: dict[str, Any]) -> str:
+    """YAML with multi-line strings (inline sources) as literal blocks."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, value: str) -> Any:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    return yaml.dump(body, Dumper=Dumper, sort_keys=False, allow_unicode=True)
+
+
+@main.command(epilog=FILE_CONVENTION)
+@_workflow_options
+@REDIS_OPTION
+@KUBE_API_OPTION
+@click.option("--wait", is_flag=True, help="Follow the Workflow to its end; print the outputs.")
+@click.option(
+    "--wait-timeout",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="With --wait: give up waiting after this many seconds (the run goes on).",
+)
+def submit(
+    file: str,
+    namespace: str,
+    planner: str,
+    optimizations: list[str],
+    sla: str,
+    classes: list[int] | None,
+    image: str | None,
+    max_workers: int | None,
+    timeout: int | None,
+    retries: int | None,
+    ttl: int | None,
+    redis_url: str | None,
+    kube_api_url: str | None,
+    wait: bool,
+    wait_timeout: float | None,
+) -> None:
+    """Run FILE on Kubernetes: store its DAG in the operator's Redis and create a Workflow.
+
+    The Redis must be the one the operator uses (--redis / DAGKUBE_REDIS_URL, e.g. through
+    `kubectl port-forward`); the cluster comes from the kubeconfig. Functions defined in FILE
+    travel with the DAG; modules it imports must be installed in the worker image.
+    """
+    with _errors():
+        loaded = load_workflow_file(file)
+        handle = loaded.workflow.submit(
+            namespace,
+            image,
+            planner,
+            sla,
+            classes,
+            optimizations=optimizations,
+            max_workers=max_workers,
+            timeout_s=timeout,
+            retries=retries,
+            ttl_after_finished_s=ttl,
+            redis_url=redis_url,
+            kube_api_url=kube_api_url,
+        )
+        err.print(f"workflow.dagkube.io/[bold]{handle.name}[/] created in namespace {namespace}")
+        if not wait:
+            out.print(handle.name)
+            err.print(f"follow it with: dagkube status {handle.name} -n {namespace} --watch")
+            return
+        outputs = _follow(handle, wait_timeout)
+        status = handle.status()
+        _print_status(handle.name, namespace, status)
+        out.print(f"[bold]Result:[/] {describe_value(outputs)}")
+        if loaded.verify is not None:
+            try:
+                loaded.verify(outputs)
+            except Exception as exc:
+                err.print(f"[red]verify rejected the result:[/] {type(exc).__name__}: {exc}")
+                sys.exit(EXIT_FAILED)
+
+
+def _follow(handle: Any, timeout_s: float | None) -> Any:
+    """``handle.wait()`` with a progress bar on a terminal."""
+    with _progress(err.is_terminal, 0, handle.name) as on_progress:
+
+        def on_status(status: dict[str, Any]) -> None:
+            tasks = status.get("tasks") or {}
+            if on_progress and tasks.get("total"):
+                on_progress(tasks.get("done", 0), tasks["total"])
+
+        return handle.wait(timeout_s, on_status=on_status)
+
+
+@main.command()
+@click.argument("name")
+@NAMESPACE_OPTION
+@KUBE_API_OPTION
+@click.option("--watch", is_flag=True, help="Follow the Workflow until it ends.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON on stdout.")
+def status(name: str, namespace: str, kube_api_url: str | None, watch: bool, as_json: bool) -> None:
+    """Show the status of the Workflow NAME (phase, tasks, makespan, resources, failure).
+
+    Exit code 1 when the Workflow failed, 0 otherwise (also while it runs).
+    """
+    from dagkube.kubernetes.submit import SubmittedWorkflow
+
+    with _errors():
+        handle = SubmittedWorkflow(name, namespace, kube_api_url=kube_api_url)
+        if watch:
+            with contextlib.suppress(DagkubeError):
+                _follow(handle, None)
+        current = handle.status()
+        if as_json:
+            out.print_json(json.dumps(current))
+        else:
+            _print_status(name, namespace, current)
+        if current.get("phase") == "Failed":
+            sys.exit(EXIT_FAILED)
+
+
+def _print_status(name: str, namespace: str, status: dict[str, Any]) -> None:
+    phase = status.get("phase") or "Pending"
+    style = {"Succeeded": "green", "Failed": "red"}.get(phase, "yellow")
+    tasks = status.get("tasks") or {}
+    workers = status.get("workers") or {}
+    resources = status.get("resources") or {}
+    table = Table(title=f"Workflow {namespace}/{name}: [{style}]{phase}[/]", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("run", status.get("runId")),
+        ("planner / SLA", f"{status.get('planner', '-')} / {status.get('sla', '-')}"),
+        (
+            "tasks",
+            f"{tasks.get('done', 0)}/{tasks.get('total', '?')} done, {tasks.get('failed', 0)} "
+            "failed",
+        ),
+        ("makespan predicted", _fmt(status.get("predictedMakespanSeconds"), "{:.2f}s")),
+        ("makespan measured", _fmt(status.get("actualMakespanSeconds"), "{:.2f}s")),
+        ("SLA met", {True: "yes", False: "no"}.get(status.get("slaMet"), "-")),
+        (
+            "workers cold/warm/pre-warmed",
+            f"{workers.get('cold', 0)}/{workers.get('warm', 0)}/{workers.get('prewarmed', 0)}",
+        ),
+        ("GB-s", _fmt(resources.get("gbSeconds"), "{:.3f}")),
+        (
+            "started / completed",
+            f"{status.get('startTime', '-')} / {status.get('completionTime', '-')}",
+        ),
+        ("failed task", status.get("failedTask")),
+        ("message", status.get("message")),
+    ]
+    for field, value in rows:
+        if value not in (None, ""):
+            table.add_row(field, str(value))
+    out.print(table)
+
+
 if __name__ == "__main__":
     main(prog_name="dagkube")

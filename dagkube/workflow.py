@@ -103,6 +103,50 @@ class Workflow:
             raise error
         return result.outputs
 
+    def submit(
+        self,
+        namespace: str = "default",
+        image: str | None = None,
+        planner: str = "wukong",
+        sla: str = "avg",
+        classes: Any = None,
+        *,
+        optimizations: Any = None,
+        max_workers: int | None = None,
+        timeout_s: int | None = None,
+        retries: int | None = None,
+        ttl_after_finished_s: int | None = None,
+        redis_url: str | None = None,
+        kube_api_url: str | None = None,
+    ) -> Any:
+        """Run on Kubernetes: store the DAG in the operator's Redis (``redis_url``, default
+        ``$DAGKUBE_REDIS_URL``) and create a Workflow with ``source.ref`` in ``namespace``
+        (kubeconfig or in-cluster credentials, or ``kube_api_url``). Returns a
+        :class:`~dagkube.kubernetes.submit.SubmittedWorkflow`: ``.wait()`` returns the outputs
+        or raises :class:`TaskFailed`; ``.status()`` is the object's ``.status``.
+
+        Functions are found by the workers as they were pickled: functions of ``__main__`` or of
+        a file run with the CLI travel by value; functions of an importable module need that
+        module in the worker ``image``.
+        """
+        from dagkube.kubernetes.submit import submit
+
+        return submit(
+            self.dag,
+            namespace=namespace,
+            image=image,
+            planner=planner,
+            sla=sla,
+            optimizations=check_optimizations(optimizations),
+            classes_mib=parse_classes(classes) if classes is not None else None,
+            max_workers=max_workers,
+            timeout_s=timeout_s,
+            retries=retries,
+            ttl_after_finished_s=ttl_after_finished_s,
+            redis_url=redis_url,
+            kube_api_url=kube_api_url,
+        )
+
 
 def _default_name(outputs: Any) -> str:
     from dagkube.sdk import TaskNode

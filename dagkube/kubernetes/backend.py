@@ -198,6 +198,10 @@ class KubernetesBackend:
         self._discarded.update(pods)
         await asyncio.gather(*(self._delete(name) for name in pods))
 
+    async def pods(self) -> dict[str, dict[str, Any]]:
+        """The pool's Pods in the API now, by name (as plain JSON objects)."""
+        return await self._list()
+
     async def _list(self) -> dict[str, dict[str, Any]]:
         """The pool's Pods by name; adopts those this backend does not know yet."""
         answer = await self._call(

@@ -138,3 +138,13 @@ def hist_workflow_runs(name: str) -> str:
 
 HIST_ALL_RUNS = f"{HIST}:all"
 HIST_STRUCTURES = f"{HIST}:structures"  # hash structure hash -> workflow name
+
+
+def stored_dag(dag_id: str) -> str:
+    """A DAG the SDK stored for a Kubernetes Workflow (``spec.source.ref``): its body."""
+    return f"dk:dag:{dag_id}"
+
+
+def stored_dag_constants(dag_key: str) -> str:
+    """Hash of the large constants of the DAG stored at ``dag_key``."""
+    return f"{dag_key}:const"

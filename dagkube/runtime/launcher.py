@@ -29,7 +29,10 @@ DEFAULT_HISTORY_CAP = 100
 
 
 def new_run_id(name: str) -> str:
-    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in name.lower())[:40]
+    """``<name>-<time>-<random>``: ASCII letters, digits, '-' and '_', starting with a letter or
+    digit, so that it is also a valid Kubernetes label value."""
+    stem = "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "-" for c in name.lower())
+    stem = stem[:40].strip("-_") or "run"
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 

@@ -1,0 +1,371 @@
+"""Submitting workflows to Kubernetes: the Workflow manifest, the stored DAG and a handle.
+
+``Workflow.submit()`` stores the DAG in the Redis the operator uses (key ``dk:dag:<id>``, with
+a TTL) and creates a Workflow whose ``spec.source.ref`` names it; the returned
+:class:`SubmittedWorkflow` follows the object's ``.status`` (a watch, renewed until the end)
+and returns the outputs, read from Redis, or raises :class:`TaskFailed`.
+``workflow_manifest`` is the pure builder of the object, also used by ``dagkube manifest``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from dagkube.dag import DagSpec
+from dagkube.errors import DagkubeError, RunTimeout
+from dagkube.resources import format_memory
+from dagkube.runtime.keys import stored_dag, stored_dag_constants
+
+GROUP, VERSION, PLURAL, KIND = "dagkube.io", "v1alpha1", "workflows", "Workflow"
+API_VERSION = f"{GROUP}/{VERSION}"
+STORED_DAG_TTL_S = 7 * 24 * 3600
+ENDED_PHASES = ("Succeeded", "Failed")
+T = TypeVar("T")
+
+
+class SubmitError(DagkubeError):
+    """The Kubernetes API refused the Workflow, or the Workflow could not run."""
+
+
+def dag_id(dag: DagSpec) -> str:
+    """Content id of a DAG (its body and constants): 32 hex digits."""
+    digest = hashlib.sha256(dag.to_bytes())
+    for key in sorted(dag.constants):
+        digest.update(key.encode())
+        digest.update(dag.constants[key])
+    return digest.hexdigest()[:32]
+
+
+async def store_dag(redis: Any, dag: DagSpec, ttl_s: int = STORED_DAG_TTL_S) -> str:
+    """Store a DAG for ``spec.source.ref`` (idempotent: same DAG, same id); returns its id."""
+    identifier = dag_id(dag)
+    key = stored_dag(identifier)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(key, dag.to_bytes(), ex=ttl_s)
+        if dag.constants:
+            pipe.hset(stored_dag_constants(key), mapping=dag.constants)
+            pipe.expire(stored_dag_constants(key), ttl_s)
+        await pipe.execute()
+    return identifier
+
+
+def name_stem(name: str) -> str:
+    """A DNS-1123 prefix for ``metadata.generateName`` from a workflow's name."""
+    stem = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:50].strip("-")
+    return f"{stem or 'workflow'}-"
+
+
+def workflow_manifest(
+    *,
+    source: dict[str, Any],
+    name: str | None = None,
+    generate_name: str | None = None,
+    namespace: str | None = None,
+    planner: str = "wukong",
+    sla: str = "avg",
+    optimizations: list[str] | None = None,
+    classes_mib: list[int] | None = None,
+    max_workers: int | None = None,
+    image: str | None = None,
+    timeout_s: int | None = None,
+    retries: int | None = None,
+    ttl_after_finished_s: int | None = None,
+) -> dict[str, Any]:
+    """A Workflow object (plain dict). ``source``: ``{"ref": {"dag": id}}``,
+    ``{"inline": "..."}`` or ``{"module": {"name": "pkg.mod:fn", "args": {...}}}``.
+    ``planner`` may be an ``-opt`` variant: it becomes the base planner plus its optimizations."""
+    from dagkube.planning import check_optimizations, check_planner, split_planner
+    from dagkube.planning.sla import parse_sla
+
+    base, implied = split_planner(check_planner(planner))
+    chosen = check_optimizations([*(optimizations or []), *implied])
+    metadata: dict[str, Any] = {}
+    if name:
+        metadata["name"] = name
+    else:
+        metadata["generateName"] = generate_name or "workflow-"
+    if namespace:
+        metadata["namespace"] = namespace
+    spec: dict[str, Any] = {
+        "source": source,
+        "planner": {"name": base, "sla": parse_sla(sla)},
+    }
+    if chosen:
+        spec["planner"]["optimizations"] = chosen
+    resources: dict[str, Any] = {}
+    if classes_mib:
+        resources["classes"] = [format_memory(c) for c in sorted(classes_mib)]
+    if max_workers is not None:
+        resources["maxWorkers"] = max_workers
+    if resources:
+        spec["resources"] = resources
+    optional = {
+        "image": image,
+        "timeoutSeconds": timeout_s,
+        "retries": retries,
+        "ttlSecondsAfterFinished": ttl_after_finished_s,
+    }
+    spec.update({k: v for k, v in optional.items() if v is not None})
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+class SubmittedWorkflow:
+    """A Workflow object in the cluster: its status, and (with the DAG) its outputs."""
+
+    def __init__(
+        self,
+        name: str,
+        namespace: str,
+        *,
+        dag: DagSpec | None = None,
+        redis_url: str | None = None,
+        kube_api_url: str | None = None,
+    ) -> None:
+        self.name = name
+        self.namespace = namespace
+        self.dag = dag
+        self.redis_url = redis_url
+        self.kube_api_url = kube_api_url
+
+    def __repr__(self) -> str:
+        return f"<SubmittedWorkflow {self.namespace}/{self.name}>"
+
+    # ------------------------------------------------------------------ status
+    def get(self) -> dict[str, Any]:
+        """The Workflow object as the API returns it now."""
+        return _run(self._get())
+
+    def status(self) -> dict[str, Any]:
+        return self.get().get("status") or {}
+
+    async def _get(self) -> dict[str, Any]:
+        from kubernetes_asyncio import client
+
+        from dagkube.kubernetes.backend import connect
+
+        api = await connect(self.kube_api_url)
+        try:
+            return await _read(client.CustomObjectsApi(api), self.namespace, self.name)
+        finally:
+            await api.close()
+
+    def wait(
+        self,
+        timeout_s: float | None = None,
+        on_status: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any:
+        """Follow ``.status`` until the Workflow ends; the outputs (when the handle has the
+        DAG and a Redis URL), else the final status. Raises :class:`TaskFailed` for a failed
+        task, :class:`SubmitError` for a Workflow that could not run, :class:`RunTimeout`."""
+        status = _run(self._follow(timeout_s, on_status))
+        if status.get("phase") == "Succeeded":
+            if self.dag is None or not self.redis_url:
+                return status
+            return _run(self._outputs(status["runId"]))
+        run_id = status.get("runId")
+        if run_id and self.redis_url:
+            failure = _run(self._failure(run_id))
+            if failure is not None:
+                raise failure
+        raise SubmitError(
+            f"Workflow {self.namespace}/{self.name} failed: "
+            f"{status.get('message') or 'no message in its status'}"
+        )
+
+    async def _follow(
+        self,
+        timeout_s: float | None,
+        on_status: Callable[[dict[str, Any]], None] | None,
+    ) -> dict[str, Any]:
+        from kubernetes_asyncio import client, watch
+
+        from dagkube.kubernetes.backend import connect
+
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        api = await connect(self.kube_api_url)
+        custom = client.CustomObjectsApi(api)
+        try:
+            while True:
+                # A fresh read before each watch: nothing between two watches is missed.
+                status = (await _read(custom, self.namespace, self.name)).get("status") or {}
+                if on_status:
+                    on_status(status)
+                if status.get("phase") in ENDED_PHASES:
+                    return status
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise RunTimeout(
+                        f"Workflow {self.namespace}/{self.name} did not finish within "
+                        f"{timeout_s:g}s (phase {status.get('phase') or 'Pending'})"
+                    )
+                window = int(min(60.0, remaining if remaining is not None else 60.0)) + 1
+                stream = watch.Watch()
+                try:
+                    async with asyncio.timeout(window + 5):
+                        async for event in stream.stream(
+                            custom.list_namespaced_custom_object,
+                            GROUP,
+                            VERSION,
+                            self.namespace,
+                            PLURAL,
+                            field_selector=f"metadata.name={self.name}",
+                            timeout_seconds=window,
+                        ):
+                            found = event.get("object") or {}
+                            if (found.get("metadata") or {}).get("name") != self.name:
+                                continue  # servers that ignore field selectors
+                            if event.get("type") == "DELETED":
+                                raise SubmitError(
+                                    f"Workflow {self.namespace}/{self.name} was deleted"
+                                )
+                            current = found.get("status") or {}
+                            if on_status:
+                                on_status(current)
+                            if current.get("phase") in ENDED_PHASES:
+                                return current
+                except TimeoutError:
+                    pass
+                finally:
+                    stream.stop()
+        finally:
+            await api.close()
+
+    async def _outputs(self, run_id: str) -> Any:
+        from dagkube.runtime import launcher
+        from dagkube.runtime.connection import BulkReader
+
+        assert self.dag is not None and self.redis_url
+        reader = BulkReader(self.redis_url)
+        try:
+            return await launcher.fetch_outputs(reader, self.dag, run_id)
+        finally:
+            reader.close()
+
+    async def _failure(self, run_id: str) -> Exception | None:
+        from dagkube.runtime import launcher
+        from dagkube.runtime.connection import connect
+
+        assert self.redis_url
+        redis = await connect(self.redis_url)
+        try:
+            record = await launcher.fetch_run_record(redis, run_id)
+        except Exception:
+            return None
+        finally:
+            await redis.aclose()
+        return launcher.task_failed_from(record)
+
+
+async def _read(custom: Any, namespace: str, name: str) -> dict[str, Any]:
+    from kubernetes_asyncio import client
+
+    try:
+        return await custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            raise SubmitError(f"Workflow {namespace}/{name} does not exist") from None
+        raise SubmitError(
+            f"Cannot read Workflow {namespace}/{name}: {exc.status} {exc.reason}"
+        ) from None
+
+
+async def create_workflow(
+    body: dict[str, Any], namespace: str, kube_api_url: str | None = None
+) -> dict[str, Any]:
+    """Create the Workflow object; the created object (its name filled in)."""
+    from kubernetes_asyncio import client
+
+    from dagkube.kubernetes.backend import connect
+
+    api = await connect(kube_api_url)
+    try:
+        return await client.CustomObjectsApi(api).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, body
+        )
+    except client.ApiException as exc:
+        raise SubmitError(
+            f"The Kubernetes API refused the Workflow in namespace {namespace!r}: "
+            f"{exc.status} {exc.reason}: {_api_message(exc)}"
+        ) from None
+    finally:
+        await api.close()
+
+
+def _api_message(exc: Any) -> str:
+    import json
+
+    try:
+        return str(json.loads(exc.body).get("message", exc.body))
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.body)
+
+
+def submit(
+    dag: DagSpec,
+    *,
+    namespace: str = "default",
+    image: str | None = None,
+    planner: str = "wukong",
+    sla: str = "avg",
+    optimizations: list[str] | None = None,
+    classes_mib: list[int] | None = None,
+    max_workers: int | None = None,
+    timeout_s: int | None = None,
+    retries: int | None = None,
+    ttl_after_finished_s: int | None = None,
+    redis_url: str | None = None,
+    kube_api_url: str | None = None,
+) -> SubmittedWorkflow:
+    """Store ``dag`` in Redis and create a Workflow that runs it; returns its handle."""
+    import os
+
+    from dagkube.runtime.connection import connect
+
+    url = redis_url or os.environ.get("DAGKUBE_REDIS_URL")
+    if not url:
+        raise SubmitError(
+            "Submitting needs the Redis the operator uses: pass redis_url= or set "
+            "DAGKUBE_REDIS_URL (e.g. after `kubectl port-forward svc/<release>-dagkube-redis "
+            "6379`, redis://:<password>@127.0.0.1:6379/0)"
+        )
+    api_url = kube_api_url or os.environ.get("DAGKUBE_KUBE_API_URL") or None
+
+    async def go() -> dict[str, Any]:
+        redis = await connect(url)
+        try:
+            identifier = await store_dag(redis, dag)
+        finally:
+            await redis.aclose()
+        body = workflow_manifest(
+            source={"ref": {"dag": identifier}},
+            generate_name=name_stem(dag.name),
+            namespace=namespace,
+            planner=planner,
+            sla=sla,
+            optimizations=optimizations,
+            classes_mib=classes_mib,
+            max_workers=max_workers,
+            image=image,
+            timeout_s=timeout_s,
+            retries=retries,
+            ttl_after_finished_s=ttl_after_finished_s,
+        )
+        return await create_workflow(body, namespace, api_url)
+
+    created = _run(go())
+    return SubmittedWorkflow(
+        created["metadata"]["name"],
+        namespace,
+        dag=dag,
+        redis_url=url,
+        kube_api_url=api_url,
+    )

@@ -1,0 +1,122 @@
+"""The operator's settings, from its environment (the Helm chart sets these variables).
+
+Every variable, its meaning and its default:
+
+- DAGKUBE_REDIS_URL: the Redis the operator and its workers share (required)
+- DAGKUBE_REDIS_PASSWORD: its password, when not in the URL (from the chart's Secret)
+- DAGKUBE_REDIS_URL_SECRET, DAGKUBE_REDIS_URL_SECRET_KEY: the Secret (name, key) holding the
+  full URL for worker Pods (dagkube-redis, redis-url)
+- DAGKUBE_WATCH_NAMESPACE: the namespace to watch; empty: every namespace (cluster-wide RBAC)
+- DAGKUBE_WORKER_IMAGE: the worker image of Workflows without spec.image
+  (ghcr.io/dagkube/worker:<version>)
+- DAGKUBE_ALLOWED_CLASSES: memory classes Workflows may use, comma-separated (any from 128Mi
+  to 16Gi)
+- DAGKUBE_MAX_WORKERS: worker Pods per run without spec.resources.maxWorkers (50)
+- DAGKUBE_IDLE_TIMEOUT: seconds an idle worker Pod waits for work before it exits (30)
+- DAGKUBE_STARTUP_DELAY: extra seconds each worker waits before serving, for experiments (0)
+- DAGKUBE_BUILD_TIMEOUT: seconds a module or inline source may take to build its DAG (120)
+- DAGKUBE_RUN_TTL: seconds a finished run's keys (its outputs) stay in Redis (3600)
+- DAGKUBE_METRICS_PORT: port of /metrics and /healthz (8080)
+- DAGKUBE_KUBE_API_URL: an API server URL without credentials, e.g. `kubectl proxy`'s or a
+  test emulator's (default: in-cluster service account, else the kubeconfig)
+- DAGKUBE_WATCH_TIMEOUT: seconds before the API server ends a watch, which is then renewed;
+  the client gives up 30 s later, so a silently stalled watch is replaced (300)
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from dagkube import __version__
+from dagkube.errors import DagkubeError
+from dagkube.resources import parse_memory
+
+
+class ConfigError(DagkubeError):
+    """An operator setting is missing or malformed (named, with the accepted form)."""
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    redis_url: str
+    redis_url_secret: tuple[str, str] = ("dagkube-redis", "redis-url")
+    namespace: str | None = None
+    worker_image: str = f"ghcr.io/dagkube/worker:{__version__}"
+    allowed_classes: list[int] | None = None
+    max_workers: int = 50
+    idle_timeout_s: float = 30.0
+    startup_delay_s: float = 0.0
+    build_timeout_s: float = 120.0
+    run_ttl_s: int = 3600
+    metrics_port: int = 8080
+    kube_api_url: str | None = None
+    watch_timeout_s: int = 300
+    progress_every_s: float = 1.0
+    cancel_grace_s: float = 10.0  # a cancelled run's workers get this long to stop by themselves
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
+        env = os.environ if environ is None else environ
+        url = env.get("DAGKUBE_REDIS_URL", "").strip()
+        if not url:
+            raise ConfigError(
+                "DAGKUBE_REDIS_URL is not set: give the Redis URL the operator and its workers "
+                "share, e.g. redis://dagkube-redis:6379/0"
+            )
+        password = env.get("DAGKUBE_REDIS_PASSWORD", "")
+        allowed = env.get("DAGKUBE_ALLOWED_CLASSES", "").strip()
+        try:
+            allowed_classes = (
+                sorted({parse_memory(v) for v in allowed.split(",") if v.strip()})
+                if allowed
+                else None
+            )
+        except DagkubeError as exc:
+            raise ConfigError(f"DAGKUBE_ALLOWED_CLASSES={allowed!r}: {exc}") from exc
+        return cls(
+            redis_url=with_password(url, password),
+            redis_url_secret=(
+                env.get("DAGKUBE_REDIS_URL_SECRET") or "dagkube-redis",
+                env.get("DAGKUBE_REDIS_URL_SECRET_KEY") or "redis-url",
+            ),
+            namespace=env.get("DAGKUBE_WATCH_NAMESPACE", "").strip() or None,
+            worker_image=env.get("DAGKUBE_WORKER_IMAGE") or cls.worker_image,
+            allowed_classes=allowed_classes,
+            max_workers=_number(env, "DAGKUBE_MAX_WORKERS", 50, int, 1),
+            idle_timeout_s=_number(env, "DAGKUBE_IDLE_TIMEOUT", 30.0, float, 0.1),
+            startup_delay_s=_number(env, "DAGKUBE_STARTUP_DELAY", 0.0, float, 0.0),
+            build_timeout_s=_number(env, "DAGKUBE_BUILD_TIMEOUT", 120.0, float, 1.0),
+            run_ttl_s=_number(env, "DAGKUBE_RUN_TTL", 3600, int, 1),
+            metrics_port=_number(env, "DAGKUBE_METRICS_PORT", 8080, int, 0),
+            kube_api_url=env.get("DAGKUBE_KUBE_API_URL") or None,
+            watch_timeout_s=_number(env, "DAGKUBE_WATCH_TIMEOUT", 300, int, 1),
+        )
+
+
+def _number(env: Mapping[str, str], name: str, default, kind, minimum):  # type: ignore[no-untyped-def]
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(
+            f"{name}={text!r} is not {'an integer' if kind is int else 'a number'}"
+        ) from None
+    if value < minimum:
+        raise ConfigError(f"{name}={text!r} must be >= {minimum}")
+    return value
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` filled in, unless the URL carries credentials already."""
+    if not password:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.password or "@" in parts.netloc:
+        return url
+    quoted = urllib.parse.quote(password, safe="")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f":{quoted}@{parts.netloc}"))

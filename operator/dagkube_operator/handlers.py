@@ -1,0 +1,409 @@
+"""The kopf handlers: one daemon per Workflow drives its whole life, a delete handler cleans up.
+
+The daemon is idempotent and resumable; everything it needs to continue is in ``.status``
+and in Redis:
+
+* no ``status.runId``: plan and launch (phase Pending -> Planning -> Running). The run id is
+  derived from the Workflow's name and uid, so a launch that happened before a crash is
+  found in Redis and adopted instead of repeated;
+* ``Running``: run the scaler for the Workflow's worker pool (Pods named from the Workflow's
+  uid; existing ones adopted), mirror progress into ``.status`` and wait for the run's end
+  on its result list; enforce ``timeoutSeconds``;
+* ended: final status, Events, idle Pods removed; after ``ttlSecondsAfterFinished`` the
+  Workflow is deleted (like a Job), which runs the delete handler.
+
+Operator restart: kopf starts the daemon again for every Workflow; a Running one resumes
+following its run, its Pods are adopted, no work is duplicated. Errors in a spec never escape
+as exceptions (no crash loop, no retry storm): they end the Workflow ``Failed`` with a
+condition and an Event. Errors of the infrastructure (Redis or the API away) are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from kubernetes_asyncio import client
+
+from dagkube import planning
+from dagkube.dag import DagSpec
+from dagkube.errors import DagkubeError, RunTimeout
+from dagkube.kubernetes.backend import KubernetesBackend, KubernetesBackendError
+from dagkube.metrics.history import load_snapshot
+from dagkube.planning.model import Plan
+from dagkube.runtime import launcher, scripts
+from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run, worker_proc
+from dagkube.runtime.scaler import Scaler, WorkerHandle
+from dagkube_operator import status as st
+from dagkube_operator.config import OperatorConfig
+from dagkube_operator.metrics import OperatorMetrics
+from dagkube_operator.source import build_dag, load_stored_dag
+from dagkube_operator.spec import SpecError, WorkflowSpec, parse_spec
+
+GROUP, VERSION, PLURAL = "dagkube.io", "v1alpha1", "workflows"
+log = logging.getLogger("dagkube.operator")
+
+
+def run_id_for(name: str, uid: str) -> str:
+    """The run id of a Workflow: stable across operator restarts, a valid label value."""
+    return f"{name[:40].rstrip('-.')}-{uid.replace('-', '')[:8]}"
+
+
+def pool_for(uid: str) -> str:
+    """Each Workflow has its own worker pool (its Pods serve only its run)."""
+    return f"wf-{uid}"
+
+
+class CountingBackend(KubernetesBackend):
+    """The Kubernetes backend, counting the Pods it creates into the operator's metrics."""
+
+    metrics: OperatorMetrics
+
+    async def start_worker(self, memory_mib: int, prewarm_for: str | None = None) -> WorkerHandle:
+        handle = await super().start_worker(memory_mib, prewarm_for)
+        self.metrics.pods_created.labels(f"{memory_mib}Mi").inc()
+        if prewarm_for:
+            self.metrics.pods_prewarmed.inc()
+        return handle
+
+
+@dataclass
+class Operator:
+    """Shared state of the handlers: settings, clients, metrics."""
+
+    config: OperatorConfig
+    redis: Any
+    api: client.ApiClient
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    ready: bool = False
+
+    # ------------------------------------------------------------------ Kubernetes
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Merge-patch ``.status`` (the status subresource)."""
+        api = client.CustomObjectsApi(self.api)
+        try:
+            await api.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": status},
+                _content_type="application/merge-patch+json",
+            )
+        except client.ApiException as exc:
+            if exc.status == 404:  # deleted meanwhile: nothing left to report on
+                return
+            raise kopf.TemporaryError(f"cannot patch the status: {exc.reason}", delay=2) from exc
+
+    async def delete_workflow(self, namespace: str, name: str) -> None:
+        api = client.CustomObjectsApi(self.api)
+        with contextlib.suppress(client.ApiException):
+            await api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+    def backend(
+        self, spec: WorkflowSpec | None, *, namespace: str, name: str, uid: str, run_id: str
+    ) -> CountingBackend:
+        backend = CountingBackend(
+            self.api,
+            namespace=namespace,
+            pool=pool_for(uid),
+            image=(spec.image if spec else None) or self.config.worker_image,
+            redis_url_secret=self.config.redis_url_secret,
+            max_workers=(spec.max_workers if spec else None) or self.config.max_workers,
+            run_id=run_id,
+            owner={"name": name, "uid": uid},
+            idle_timeout_s=self.config.idle_timeout_s,
+            memory_per_cpu_mib=spec.memory_per_cpu_mib if spec else 1792,
+            max_cpu=spec.max_cpu if spec else 6.0,
+            startup_delay_s=self.config.startup_delay_s,
+        )
+        backend.metrics = self.metrics
+        return backend
+
+    # ------------------------------------------------------------------ the life of a run
+    async def supervise(
+        self, body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger
+    ) -> None:
+        uid = body["metadata"]["uid"]
+        status = dict(body.get("status") or {})
+        phase = status.get("phase") or st.PENDING
+        self.metrics.set_phase(uid, phase)
+        if phase not in st.ENDED:
+            try:
+                spec = parse_spec(body.get("spec"), allowed_classes=self.config.allowed_classes)
+            except SpecError as exc:
+                status = await self._fail(body, exc, status)
+            else:
+                run_id = status.get("runId")
+                if not run_id:
+                    status, run_id = await self._start(body, spec, status, logger)
+                if run_id:
+                    status = await self._follow(body, spec, run_id, status, stopped, logger)
+        if status.get("phase") in st.ENDED:
+            await self._expire(body, status, stopped, logger)
+
+    async def _start(
+        self,
+        body: kopf.Body,
+        spec: WorkflowSpec,
+        status: dict[str, Any],
+        logger: logging.Logger,
+    ) -> tuple[dict[str, Any], str | None]:
+        """Build the DAG, plan and launch; the new status and the run id (None: failed)."""
+        meta = body["metadata"]
+        name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+        run_id = run_id_for(name, uid)
+        began = time.monotonic()
+        now = time.time()
+        status = {**status, **st.planning_status(status.get("conditions"), now)}
+        await self.patch_status(namespace, name, status)
+        self.metrics.set_phase(uid, st.PLANNING)
+        existing = await self.redis.get(RunKeys(run_id).plan) or await self.redis.get(
+            hist_run(run_id, "plan")
+        )
+        try:
+            if existing is not None:  # launched before a restart, status not yet written
+                plan = Plan.model_validate_json(existing)
+                total = int(await self.redis.hget(RunKeys(run_id).meta, "tasks_total") or 0)
+                total = total or len(plan.tasks)
+                logger.info("run %s was launched before a restart: following it", run_id)
+            else:
+                dag = await self._load_dag(spec, name)
+                plan = await self._plan(dag, spec)
+                await launcher.launch(
+                    self.redis,
+                    dag,
+                    plan,
+                    pool_for(uid),
+                    run_id=run_id,
+                    ttl_s=self.config.run_ttl_s,
+                    startup_delay_s=self.config.startup_delay_s,
+                )
+                total = len(dag.tasks)
+        except SpecError as exc:
+            return await self._fail(body, exc, status), None
+        self.metrics.planning_seconds.observe(time.monotonic() - began)
+        status = {
+            **status,
+            **st.launched_status(run_id, plan, total, status.get("conditions"), now),
+        }
+        await self.patch_status(namespace, name, status)
+        self.metrics.set_phase(uid, st.RUNNING)
+        kopf.info(body, reason="Started", message=f"run {run_id}: {status['message']}")
+        return status, run_id
+
+    async def _load_dag(self, spec: WorkflowSpec, name: str) -> DagSpec:
+        if spec.source.kind == "ref":
+            dag = await load_stored_dag(self.redis, spec.source)
+        else:
+            dag = await build_dag(spec.source, name=name, timeout_s=self.config.build_timeout_s)
+        if spec.retries is not None:
+            for task in dag.tasks.values():
+                task.retries = max(task.retries, spec.retries)
+        return dag
+
+    async def _plan(self, dag: DagSpec, spec: WorkflowSpec) -> Plan:
+        history = await load_snapshot(self.redis, dag.structure_hash)
+        options = planning.PlanningOptions(
+            classes_mib=spec.classes_mib,
+            sla=spec.sla,
+            history=history,
+            memory_per_cpu_mib=spec.memory_per_cpu_mib,
+            max_cpu=spec.max_cpu,
+            max_workers=spec.max_workers or self.config.max_workers,
+            idle_timeout_s=self.config.idle_timeout_s,
+            startup_delay_s=self.config.startup_delay_s,
+            cpu_enforced=True,
+            optimizations=list(spec.optimizations),
+        )
+        try:
+            return planning.plan(dag, spec.planner, options)
+        except DagkubeError as exc:
+            raise SpecError(f"planning failed: {exc}", reason="PlanRejected") from exc
+
+    async def _follow(
+        self,
+        body: kopf.Body,
+        spec: WorkflowSpec,
+        run_id: str,
+        status: dict[str, Any],
+        stopped: kopf.DaemonStopped,
+        logger: logging.Logger,
+    ) -> dict[str, Any]:
+        """Scale the run's pool and mirror its progress until it ends or the daemon stops."""
+        meta = body["metadata"]
+        name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+        backend = self.backend(spec, namespace=namespace, name=name, uid=uid, run_id=run_id)
+        scaler = Scaler(self.redis, pool_for(uid), backend)
+        scaling = asyncio.create_task(scaler.run(), name=f"scaler {namespace}/{name}")
+        started = st.parse_timestamp(status.get("startTime")) or time.time()
+        deadline = started + spec.timeout_s if spec.timeout_s else None
+        cancelled_at: float | None = None
+        shown: dict[str, Any] = {}
+        ended: str | None = None
+        try:
+            while not stopped:
+                with contextlib.suppress(RunTimeout):
+                    ended = await launcher.wait_for_end(
+                        self.redis, run_id, timeout_s=self.config.progress_every_s
+                    )
+                record = await launcher.fetch_run_record(self.redis, run_id)
+                progress = st.progress_status(record)
+                if progress != shown:
+                    await self.patch_status(namespace, name, progress)
+                    shown = progress
+                if ended is not None:
+                    break
+                now = time.time()
+                if deadline is not None and now > deadline and cancelled_at is None:
+                    cancelled_at = now
+                    message = f"timed out after {spec.timeout_s}s (spec.timeoutSeconds)"
+                    logger.warning("run %s %s: cancelling", run_id, message)
+                    await launcher.cancel(self.redis, run_id, message)
+                if cancelled_at is not None and now > cancelled_at + self.config.cancel_grace_s:
+                    # Workers busy in a long task do not reach a task boundary: end it here.
+                    await self._force_end(run_id)
+        finally:
+            scaler.stop()
+            scaling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await scaling
+        if ended is None:  # the daemon stops (operator shutdown, Workflow deleted)
+            return status
+        record = await launcher.fetch_run_record(self.redis, run_id)
+        final = st.final_status(record, status.get("conditions"), time.time())
+        await self.patch_status(namespace, name, final)
+        status = {**status, **final}
+        self.metrics.set_phase(uid, final["phase"])
+        self.metrics.finished.labels(final["phase"]).inc()
+        if final["phase"] == st.SUCCEEDED:
+            kopf.info(body, reason="Succeeded", message=final["message"])
+        else:
+            kopf.warn(body, reason="Failed", message=final["message"])
+        await self._release_pool(backend, uid, keep_failed=True)
+        return status
+
+    async def _force_end(self, run_id: str) -> None:
+        script = self.redis.register_script(scripts.FORCE_END)
+        await script(args=[run_id, time.time()])
+
+    async def _release_pool(
+        self, backend: KubernetesBackend, uid: str, *, keep_failed: bool
+    ) -> None:
+        """Remove the pool's Pods (except Failed ones kept for ``kubectl logs`` until the
+        Workflow goes) and its Redis keys; the run's own keys expire with their TTL."""
+        try:
+            pods = await backend.pods()
+            doomed = [
+                pod_name
+                for pod_name, pod in pods.items()
+                if not (keep_failed and (pod.get("status") or {}).get("phase") == "Failed")
+            ]
+            await asyncio.gather(*(backend.discard(pod_name) for pod_name in doomed))
+        except KubernetesBackendError as exc:
+            log.warning("cannot remove the worker Pods of pool %s: %s", pool_for(uid), exc)
+        keys = PoolKeys(pool_for(uid))
+        classes = [int(c) for c in await self.redis.smembers(keys.classes)]
+        workers = [w.decode() for w in await self.redis.hkeys(keys.workers)]
+        names = [keys.classes, keys.workers, keys.wake, keys.waiting, keys.prewarm]
+        names += [keys.queue(m) for m in classes] + [keys.idle(m) for m in classes]
+        names += [worker_proc(w) for w in workers]
+        await self.redis.delete(*names)
+
+    async def _fail(
+        self, body: kopf.Body, error: SpecError, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        meta = body["metadata"]
+        failed = st.failed_status(error.reason, str(error), status.get("conditions"), time.time())
+        await self.patch_status(meta["namespace"], meta["name"], failed)
+        self.metrics.set_phase(meta["uid"], st.FAILED)
+        self.metrics.finished.labels(st.FAILED).inc()
+        self.metrics.errors.labels(error.reason).inc()
+        kopf.warn(body, reason=error.reason, message=str(error))
+        log.warning("Workflow %s/%s failed: %s", meta["namespace"], meta["name"], error)
+        return {**status, **failed}
+
+    async def _expire(
+        self,
+        body: kopf.Body,
+        status: dict[str, Any],
+        stopped: kopf.DaemonStopped,
+        logger: logging.Logger,
+    ) -> None:
+        """``ttlSecondsAfterFinished``: delete the Workflow (and so its Pods and keys)."""
+        ttl = (body.get("spec") or {}).get("ttlSecondsAfterFinished")
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
+            return
+        finished = st.parse_timestamp(status.get("completionTime")) or time.time()
+        remaining = finished + ttl - time.time()
+        if remaining > 0:
+            await stopped.wait(remaining)
+        if stopped:
+            return
+        meta = body["metadata"]
+        logger.info("ttlSecondsAfterFinished=%d passed: deleting the Workflow", ttl)
+        await self.delete_workflow(meta["namespace"], meta["name"])
+
+    # ------------------------------------------------------------------ deletion
+    async def cleanup(self, body: kopf.Body, logger: logging.Logger) -> None:
+        """The Workflow is going: cancel its run, remove its Pods and its run's Redis keys
+        (the history stays: it is what the planner learns from)."""
+        meta = body["metadata"]
+        name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+        run_id = (body.get("status") or {}).get("runId") or run_id_for(name, uid)
+        running = await self.redis.hget(RunKeys(run_id).meta, "status")
+        if running in (b"running", b"cancelling"):
+            await launcher.cancel(self.redis, run_id, "the Workflow was deleted")
+        backend = self.backend(None, namespace=namespace, name=name, uid=uid, run_id=run_id)
+        await self._release_pool(backend, uid, keep_failed=False)
+        if running in (b"running", b"cancelling"):
+            await self._force_end(run_id)  # records it as cancelled in the history
+        await delete_run_keys(self.redis, run_id)
+        self.metrics.forget(uid)
+        logger.info("Workflow deleted: run %s cancelled, Pods and keys removed", run_id)
+
+
+async def delete_run_keys(redis: Any, run_id: str) -> None:
+    keys = RunKeys(run_id)
+    dynamic = [k.decode() for k in await redis.smembers(keys.keyset)]
+    fixed = [
+        keys.meta,
+        keys.dag,
+        keys.plan,
+        keys.outputs,
+        keys.constants,
+        keys.done,
+        keys.edges,
+        keys.dep_counts,
+        keys.result,
+        keys.started,
+        keys.keyset,
+    ]
+    await redis.unlink(*fixed, *dynamic)
+
+
+def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
+    """Attach the handlers to ``registry`` (a fresh one per operator: tests run several)."""
+
+    @kopf.daemon(
+        GROUP,
+        VERSION,
+        PLURAL,
+        registry=registry,
+        cancellation_timeout=15.0,
+        backoff=5.0,
+    )
+    async def workflow_daemon(
+        body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any
+    ) -> None:
+        await operator.supervise(body, stopped, logger)
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, backoff=2.0)
+    async def workflow_deleted(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        await operator.cleanup(body, logger)

@@ -1,0 +1,198 @@
+"""A Workflow's ``spec`` as the operator uses it: parsed, defaulted and checked, without I/O.
+
+The CRD schema rejects malformed specs at the API server; this is the second line, for what a
+schema cannot know (classes the operator allows, planner names a newer CRD may list) and for
+objects that reached the operator without schema validation (an older CRD, an emulator). Every
+problem becomes a :class:`SpecError` whose message names the field, the value and what is
+accepted: the operator turns it into a ``Failed`` phase, a condition and an Event.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from dagkube.errors import DagkubeError
+from dagkube.planning import PLANNERS, check_optimizations
+from dagkube.planning.sla import parse_sla
+from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_memory
+
+DEFAULT_CLASSES = ("512Mi", "1Gi", "2Gi")
+MIN_CLASS_MIB = 128
+MAX_CLASS_MIB = 16 * 1024  # default upper bound when the operator is given no allowed list
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
+_DAG_ID = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+class SpecError(DagkubeError):
+    """A Workflow spec the operator cannot run; ``reason`` is a CamelCase Event reason."""
+
+    def __init__(self, message: str, reason: str = "InvalidSpec") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Source:
+    """Exactly one of: ``module`` ("pkg.mod:function" + JSON ``args``), ``inline`` Python
+    source, or ``dag`` (the id of a DAG the SDK stored, at ``redis_key`` when given)."""
+
+    module: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    inline: str | None = None
+    dag: str | None = None
+    redis_key: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "module" if self.module else "inline" if self.inline is not None else "ref"
+
+
+@dataclass(frozen=True)
+class WorkflowSpec:
+    source: Source
+    planner: str = "wukong"
+    sla: str = "avg"
+    optimizations: list[str] = field(default_factory=list)
+    classes_mib: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB
+    max_cpu: float = DEFAULT_MAX_CPU
+    max_workers: int | None = None
+    image: str | None = None
+    timeout_s: int | None = None
+    retries: int | None = None
+    ttl_after_finished_s: int | None = None
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{where} must be an object, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _integer(value: Any, where: str, minimum: int, maximum: int | None = None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{where}={value!r} must be an integer")
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        raise SpecError(f"{where}={value} is out of range: it must be {bounds}")
+    return value
+
+
+def parse_source(value: Any) -> Source:
+    source = _mapping(value, "spec.source")
+    given = [key for key in ("module", "inline", "ref") if source.get(key) is not None]
+    if len(given) != 1:
+        raise SpecError(
+            "spec.source must set exactly one of module, inline or ref; "
+            f"got {', '.join(given) if given else 'none'}"
+        )
+    if given == ["module"]:
+        module = _mapping(source["module"], "spec.source.module")
+        name = module.get("name")
+        if not isinstance(name, str) or not _MODULE.match(name):
+            raise SpecError(
+                f"spec.source.module.name={name!r} is not 'package.module:function' "
+                "(e.g. 'examples.tree_reduction:build')"
+            )
+        return Source(module=name, args=_mapping(module.get("args"), "spec.source.module.args"))
+    if given == ["inline"]:
+        inline = source["inline"]
+        if not isinstance(inline, str) or not inline.strip():
+            raise SpecError("spec.source.inline must be non-empty Python source")
+        return Source(inline=inline)
+    ref = _mapping(source["ref"], "spec.source.ref")
+    dag = ref.get("dag")
+    if not isinstance(dag, str) or not _DAG_ID.match(dag):
+        raise SpecError(f"spec.source.ref.dag={dag!r} is not a stored DAG id (16-64 hex digits)")
+    redis_key = ref.get("redisKey")
+    if redis_key is not None and (not isinstance(redis_key, str) or not redis_key):
+        raise SpecError(f"spec.source.ref.redisKey={redis_key!r} must be a non-empty string")
+    return Source(dag=dag, redis_key=redis_key)
+
+
+def check_class(mib: int, allowed: list[int] | None) -> None:
+    """Raise a SpecError (reason ClassNotAllowed) for a class outside what the operator allows:
+    the ``allowed`` list when configured, else 128Mi to 16Gi."""
+    if allowed:
+        if mib not in allowed:
+            listed = ", ".join(f"{m}Mi" for m in allowed)
+            raise SpecError(
+                f"spec.resources.classes: {mib}Mi is not allowed by this operator; "
+                f"allowed classes: {listed}",
+                reason="ClassNotAllowed",
+            )
+    elif not MIN_CLASS_MIB <= mib <= MAX_CLASS_MIB:
+        raise SpecError(
+            f"spec.resources.classes: {mib}Mi is not allowed by this operator; "
+            f"classes must be between {MIN_CLASS_MIB}Mi and {MAX_CLASS_MIB // 1024}Gi",
+            reason="ClassNotAllowed",
+        )
+
+
+def parse_spec(spec: Any, *, allowed_classes: list[int] | None = None) -> WorkflowSpec:
+    """Parse a Workflow's spec (a plain dict), applying the CRD's defaults."""
+    spec = _mapping(spec, "spec")
+    source = parse_source(spec.get("source"))
+    planner = _mapping(spec.get("planner"), "spec.planner")
+    name = planner.get("name", "wukong")
+    if name not in PLANNERS:
+        raise SpecError(
+            f"spec.planner.name={name!r} is unknown: choose one of {', '.join(PLANNERS)} "
+            "(optimizations go in spec.planner.optimizations)"
+        )
+    try:
+        sla = parse_sla(planner.get("sla", "avg"))
+    except DagkubeError as exc:
+        raise SpecError(f"spec.planner.sla: {exc}", reason="InvalidSLA") from exc
+    optimizations = planner.get("optimizations") or []
+    if not isinstance(optimizations, list):
+        raise SpecError(f"spec.planner.optimizations={optimizations!r} must be a list")
+    try:
+        optimizations = check_optimizations(optimizations)
+    except DagkubeError as exc:
+        raise SpecError(f"spec.planner.optimizations: {exc}") from exc
+
+    resources = _mapping(spec.get("resources"), "spec.resources")
+    raw_classes = resources.get("classes", list(DEFAULT_CLASSES))
+    if not isinstance(raw_classes, list) or not raw_classes:
+        raise SpecError(f"spec.resources.classes={raw_classes!r} must be a non-empty list")
+    classes: set[int] = set()
+    for raw in raw_classes:
+        try:
+            mib = parse_memory(raw)
+        except DagkubeError as exc:
+            raise SpecError(f"spec.resources.classes: {exc}", reason="ClassNotAllowed") from exc
+        check_class(mib, allowed_classes)
+        classes.add(mib)
+    try:
+        memory_per_cpu = parse_memory(resources.get("memoryPerCpu", "1792Mi"))
+    except DagkubeError as exc:
+        raise SpecError(f"spec.resources.memoryPerCpu: {exc}") from exc
+    max_cpu = resources.get("maxCpu", DEFAULT_MAX_CPU)
+    if isinstance(max_cpu, bool) or not isinstance(max_cpu, int | float) or max_cpu < 0.1:
+        raise SpecError(f"spec.resources.maxCpu={max_cpu!r} must be a number >= 0.1")
+    image = spec.get("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise SpecError(f"spec.image={image!r} must be a non-empty image reference")
+    return WorkflowSpec(
+        source=source,
+        planner=name,
+        sla=sla,
+        optimizations=optimizations,
+        classes_mib=sorted(classes),
+        memory_per_cpu_mib=memory_per_cpu,
+        max_cpu=float(max_cpu),
+        max_workers=_integer(resources.get("maxWorkers"), "spec.resources.maxWorkers", 1),
+        image=image,
+        timeout_s=_integer(spec.get("timeoutSeconds"), "spec.timeoutSeconds", 1),
+        retries=_integer(spec.get("retries"), "spec.retries", 0, 10),
+        ttl_after_finished_s=_integer(
+            spec.get("ttlSecondsAfterFinished"), "spec.ttlSecondsAfterFinished", 0
+        ),
+    )

@@ -1,0 +1,174 @@
+"""The operator's pure parts: spec parsing and defaults, status builders, settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dagkube.metrics.records import RunRecord
+from dagkube_operator import status as st
+from dagkube_operator.config import ConfigError, OperatorConfig, with_password
+from dagkube_operator.handlers import pool_for, run_id_for
+from dagkube_operator.spec import SpecError, parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_example_manifests_parse_with_defaults():
+    module = yaml.safe_load((ROOT / "examples/manifests/workflow-module.yaml").read_text())
+    spec = parse_spec(module["spec"])
+    assert spec.source.kind == "module"
+    assert spec.source.module == "examples.tree_reduction:build"
+    assert (spec.planner, spec.sla, spec.optimizations) == ("non-uniform", "p95", ["prewarm"])
+    assert spec.classes_mib == [512, 1024, 2048]
+    inline = yaml.safe_load((ROOT / "examples/manifests/workflow-inline.yaml").read_text())
+    spec = parse_spec(inline["spec"])
+    assert spec.source.kind == "inline" and "dagkube" in (spec.source.inline or "")
+    bare = parse_spec({"source": {"ref": {"dag": "0123456789abcdef"}}})
+    assert (bare.planner, bare.sla, bare.optimizations) == ("wukong", "avg", [])
+    assert bare.classes_mib == [512, 1024, 2048] and bare.memory_per_cpu_mib == 1792
+    assert bare.max_workers is None and bare.timeout_s is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason", "words"),
+    [
+        ({"source": {}}, "InvalidSpec", "exactly one of module, inline or ref; got none"),
+        (
+            {"source": {"inline": "x", "module": {"name": "a:b"}}},
+            "InvalidSpec",
+            "got module, inline",
+        ),
+        (
+            {"source": {"module": {"name": "nofunction"}}},
+            "InvalidSpec",
+            "'package.module:function'",
+        ),
+        (
+            {"source": {"inline": "x"}, "planner": {"sla": "p100"}},
+            "InvalidSLA",
+            "'p100' is not valid",
+        ),
+        ({"source": {"inline": "x"}, "planner": {"name": "fast"}}, "InvalidSpec", "'fast'"),
+        (
+            {"source": {"inline": "x"}, "planner": {"optimizations": ["warp"]}},
+            "InvalidSpec",
+            "warp",
+        ),
+        (
+            {"source": {"inline": "x"}, "resources": {"classes": ["64Gi"]}},
+            "ClassNotAllowed",
+            "65536Mi is not allowed",
+        ),
+        (
+            {"source": {"inline": "x"}, "resources": {"classes": ["lots"]}},
+            "ClassNotAllowed",
+            "'lots'",
+        ),
+        ({"source": {"inline": "x"}, "retries": 11}, "InvalidSpec", "spec.retries=11"),
+        ({"source": {"inline": "x"}, "timeoutSeconds": "1h"}, "InvalidSpec", "integer"),
+    ],
+)
+def test_bad_specs_name_the_field_and_the_value(spec, reason, words):
+    with pytest.raises(SpecError) as caught:
+        parse_spec(spec)
+    assert caught.value.reason == reason
+    assert words in str(caught.value)
+
+
+def test_allowed_classes_list():
+    spec = {"source": {"inline": "x"}, "resources": {"classes": ["512Mi", "2Gi"]}}
+    assert parse_spec(spec, allowed_classes=[512, 2048]).classes_mib == [512, 2048]
+    with pytest.raises(SpecError, match=r"2048Mi is not allowed.*allowed classes: 512Mi, 1024Mi"):
+        parse_spec(spec, allowed_classes=[512, 1024])
+
+
+def test_run_id_and_pool_are_stable_label_values():
+    uid = "0f1e2d3c-aaaa-bbbb-cccc-000000000001"
+    assert run_id_for("tree-reduction", uid) == "tree-reduction-0f1e2d3c"
+    assert run_id_for("a" * 60, uid) == "a" * 40 + "-0f1e2d3c"
+    assert pool_for(uid) == f"wf-{uid}"
+
+
+def test_conditions_keep_their_transition_time_until_the_status_changes():
+    first = st.with_condition(None, "Running", True, "Launched", "go", 1000.0)
+    again = st.with_condition(first, "Running", True, "Launched", "still", 2000.0)
+    assert again[0]["lastTransitionTime"] == st.timestamp(1000.0)
+    assert again[0]["message"] == "still"
+    flipped = st.with_condition(again, "Running", False, "Ended", "done", 3000.0)
+    assert flipped[0]["lastTransitionTime"] == st.timestamp(3000.0)
+    both = st.with_condition(flipped, "Planned", True, "Planned", "ok", 3000.0)
+    assert [c["type"] for c in both] == ["Planned", "Running"]
+    assert st.parse_timestamp(st.timestamp(1234.0)) == 1234.0
+
+
+def _record(**fields) -> RunRecord:
+    base = {
+        "run_id": "r-1",
+        "workflow": "w",
+        "structure_hash": "s",
+        "planner": "uniform",
+        "sla": "p90",
+        "submitted_at": 100.0,
+        "finished_at": 112.0,
+        "tasks_total": 5,
+    }
+    return RunRecord(**{**base, **fields})
+
+
+def test_final_status_of_a_success_and_of_a_failure():
+    done = st.final_status(
+        _record(
+            status="succeeded",
+            tasks_done=5,
+            makespan_s=10.0,
+            predicted_makespan_s=11.0,
+            gb_s=3.25,
+            workers_cold=2,
+            workers_warm=3,
+        ),
+        None,
+        200.0,
+    )
+    assert done["phase"] == "Succeeded" and done["slaMet"] is True
+    assert done["tasks"] == {"total": 5, "done": 5, "failed": 0}
+    assert done["workers"] == {"cold": 2, "warm": 3, "prewarmed": 0}
+    assert done["actualMakespanSeconds"] == 10.0 and done["resources"]["gbSeconds"] == 3.25
+    assert done["completionTime"] == st.timestamp(112.0)
+    assert {c["type"]: c["status"] for c in done["conditions"]} == {
+        "Running": "False",
+        "Succeeded": "True",
+    }
+    failed = st.final_status(
+        _record(
+            status="failed",
+            tasks_done=2,
+            tasks_failed=1,
+            error={"task_id": "f#0", "function": "f", "exc_type": "ValueError", "message": "no"},
+        ),
+        None,
+        200.0,
+    )
+    assert failed["phase"] == "Failed" and failed["failedTask"] == "f#0"
+    assert "f#0 (f) raised ValueError: no" in failed["message"]
+    assert "slaMet" not in failed
+
+
+def test_config_from_env_reports_bad_values():
+    config = OperatorConfig.from_env(
+        {
+            "DAGKUBE_REDIS_URL": "redis://r:6379/0",
+            "DAGKUBE_REDIS_PASSWORD": "p@ss word",
+            "DAGKUBE_ALLOWED_CLASSES": "512Mi, 1Gi",
+            "DAGKUBE_WATCH_NAMESPACE": "jobs",
+        }
+    )
+    assert config.redis_url == "redis://:p%40ss%20word@r:6379/0"
+    assert config.allowed_classes == [512, 1024] and config.namespace == "jobs"
+    assert with_password("redis://:x@r:1/0", "y") == "redis://:x@r:1/0"
+    with pytest.raises(ConfigError, match="DAGKUBE_REDIS_URL is not set"):
+        OperatorConfig.from_env({})
+    with pytest.raises(ConfigError, match="DAGKUBE_IDLE_TIMEOUT='soon' is not a number"):
+        OperatorConfig.from_env({"DAGKUBE_REDIS_URL": "redis://r", "DAGKUBE_IDLE_TIMEOUT": "soon"})
