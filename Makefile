@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 
-.PHONY: run test lint typecheck unit integration k8s k8s-tools images bench bench-optimizations clean system-deps
+.PHONY: run test lint typecheck unit integration k8s k8s-tools images e2e-kind bench bench-optimizations clean system-deps
 
 # A fresh virtualenv with dagkube and the examples' dependencies.
 $(BIN)/.run-deps: pyproject.toml
@@ -39,8 +39,8 @@ test: $(BIN)/.test-deps system-deps k8s-tools lint typecheck
 	$(BIN)/python -m pytest -q -ra --durations=10
 
 lint: $(BIN)/.test-deps
-	$(BIN)/ruff check dagkube tests examples benchmarks tools
-	$(BIN)/ruff format --check dagkube tests examples benchmarks tools
+	$(BIN)/ruff check dagkube operator tests examples benchmarks tools
+	$(BIN)/ruff format --check dagkube operator tests examples benchmarks tools
 
 typecheck: $(BIN)/.test-deps
 	$(BIN)/mypy dagkube
@@ -53,6 +53,10 @@ integration: $(BIN)/.test-deps
 
 k8s: $(BIN)/.test-deps k8s-tools
 	$(BIN)/python -m pytest -q tests/k8s tests/unit/test_k8s_pods.py
+
+## e2e-kind: the kind end-to-end tier (needs Docker and kind): images, cluster, chart, Workflows.
+e2e-kind: $(BIN)/.test-deps k8s-tools
+	tools/e2e_kind.sh
 
 ## images: the operator and worker images (needs docker or podman).
 images:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -121,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     if args:
         print(f"unexpected arguments {args!r}: settings come from the environment (see --help)")
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = os.environ.get("DAGKUBE_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        print(f"DAGKUBE_LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = OperatorConfig.from_env()
     except ConfigError as exc:

@@ -21,6 +21,7 @@ Every variable, its meaning and its default:
   test emulator's (default: in-cluster service account, else the kubeconfig)
 - DAGKUBE_WATCH_TIMEOUT: seconds before the API server ends a watch, which is then renewed;
   the client gives up 30 s later, so a silently stalled watch is replaced (300)
+- DAGKUBE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR (INFO)
 """
 
 from __future__ import annotations

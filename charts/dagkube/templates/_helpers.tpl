@@ -86,7 +86,7 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- define "dagkube.operatorRules" -}}
 - apiGroups: [dagkube.io]
   resources: [workflows]
-  verbs: [get, list, watch, patch, update]
+  verbs: [get, list, watch, patch, update, delete]
 - apiGroups: [dagkube.io]
   resources: [workflows/status, workflows/finalizers]
   verbs: [get, patch, update]
