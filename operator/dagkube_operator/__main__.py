@@ -41,8 +41,8 @@ def settings_for(config: OperatorConfig) -> kopf.OperatorSettings:
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
     settings.persistence.finalizer = FINALIZER
-    # kopf's own per-handler messages stay in the log; Events are the operator's own.
-    settings.posting.level = logging.WARNING
+    # Events the handlers post (kopf.info/warn); log lines are not posted as Events.
+    settings.posting.level = logging.INFO
     return settings
 
 

@@ -99,7 +99,11 @@ class Operator:
         except client.ApiException as exc:
             if exc.status == 404:  # deleted meanwhile: nothing left to report on
                 return
-            raise kopf.TemporaryError(f"cannot patch the status: {exc.reason}", delay=2) from exc
+            raise kopf.TemporaryError(
+                f"cannot patch the status of {namespace}/{name}: {exc.status} {exc.reason}: "
+                f"{str(exc.body)[:500]}",
+                delay=2,
+            ) from exc
 
     async def delete_workflow(self, namespace: str, name: str) -> None:
         api = client.CustomObjectsApi(self.api)

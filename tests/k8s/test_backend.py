@@ -19,7 +19,7 @@ from dagkube.kubernetes.pods import build_worker_pod, worker_pod_name
 from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.keys import PoolKeys
 from dagkube.runtime.scaler import Scaler
-from tests.k8s.kmock_env import EmulatedCluster, kubernetes_api, terminated
+from tests.k8s.kmock_env import EmulatedCluster, kubernetes_api, server_fields_removed, terminated
 
 # kmock 0.8 loads its bundled API discovery with a deprecated importlib.resources call.
 pytestmark = [
@@ -69,7 +69,9 @@ async def test_start_worker_creates_the_pod_the_builder_describes(backend, clust
     assert handle.worker_id == worker_pod_name(backend.owner["uid"], 512, 0)
     assert handle.memory_mib == 512
     stored = await cluster.pod(NAMESPACE, handle.worker_id)
-    assert stored == build_worker_pod(
+    assert stored is not None
+    # The API server adds a uid, timestamps, versions and the Pending status: not the backend's.
+    assert server_fields_removed(stored) == build_worker_pod(
         name=handle.worker_id,
         namespace=NAMESPACE,
         run_id="tree-run-1",
