@@ -41,7 +41,7 @@ class KubernetesBackendError(DagkubeError):
     """The Kubernetes API refused or failed a request of the backend."""
 
 
-async def connect(url: str | None = None) -> client.ApiClient:
+async def connect(url: str | None = None, user_agent: str | None = None) -> client.ApiClient:
     """An API client: to ``url`` as given (no credentials: tests, ``kubectl proxy``), else the
     in-cluster service account inside a Pod, else the local kubeconfig."""
     configuration = client.Configuration()
@@ -51,7 +51,10 @@ async def connect(url: str | None = None) -> client.ApiClient:
         config.load_incluster_config(client_configuration=configuration)
     else:
         await config.load_kube_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
+    api = client.ApiClient(configuration)
+    if user_agent:
+        api.user_agent = user_agent
+    return api
 
 
 def pod_exit_code(pod: dict[str, Any]) -> int | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import kopf
 
+from dagkube import __version__
 from dagkube.errors import DagkubeError
 from dagkube.kubernetes.backend import connect as connect_api
 from dagkube.runtime.connection import connect as connect_redis
@@ -25,6 +26,7 @@ from dagkube_operator.metrics import HealthServer, OperatorMetrics
 
 log = logging.getLogger("dagkube.operator")
 FINALIZER = "dagkube.io/cleanup"
+USER_AGENT = "dagkube-operator"  # its own API requests; kopf's say "kopf/<version>"
 
 
 def settings_for(config: OperatorConfig) -> kopf.OperatorSettings:
@@ -75,7 +77,7 @@ async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None) ->
     api = None
     try:
         redis = holder["redis"] = await _redis_when_ready(config)
-        api = await connect_api(config.kube_api_url)
+        api = await connect_api(config.kube_api_url, user_agent=f"{USER_AGENT}/{__version__}")
         operator = Operator(config=config, redis=redis, api=api, metrics=metrics)
         registry = kopf.OperatorRegistry()
         register(registry, operator)

@@ -42,6 +42,7 @@ import collections
 import contextlib
 import copy
 import datetime
+import inspect
 import re
 import secrets
 import uuid
@@ -72,6 +73,7 @@ NAMESPACES = kmock.resource("", "v1", "namespaces")
 # not from the code under test: ``api_calls()`` leaves them out by default.
 TEST_CLIENT_HEADER = "X-Dagkube-Test-Client"
 
+_TRUE = ("1", "t", "true")  # Go's strconv.ParseBool, lowercased
 ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
 _SERVER_METADATA = ("uid", "creationTimestamp", "resourceVersion", "generation")
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # what the API server draws suffixes from
@@ -367,6 +369,7 @@ class ApiCall(NamedTuple):
     namespace: str | None
     name: str | None
     test_client: str | None  # the TEST_CLIENT_HEADER value; None for the code under test
+    user_agent: str = ""
 
     @property
     def rbac(self) -> tuple[str, str, str, str]:
@@ -400,7 +403,7 @@ def rbac_call(
         namespace, rest = rest[1], rest[2:]
     resource, name, subresource = rest[0], (rest[1] if len(rest) > 1 else None), "/".join(rest[2:])
     method = method.upper()
-    if method == "GET" and (watch_path or query.get("watch") in ("true", "1")):
+    if method == "GET" and (watch_path or str(query.get("watch", "")).lower() in _TRUE):
         verb = "watch"
     elif method in ("GET", "HEAD"):
         verb = "get" if name else "list"
@@ -477,16 +480,29 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             raw_request.headers.get(TEST_CLIENT_HEADER),
         )
         if call is not None:
-            self.calls.append(call)
+            self.calls.append(call._replace(user_agent=raw_request.headers.get("User-Agent", "")))
+        watch = raw_request.query.get("watch")
+        if watch is not None and watch != "true" and watch.lower() in _TRUE:
+            # The API server parses booleans like Go (kubernetes-asyncio sends "True"); kmock
+            # only takes "true" as a watch.
+            query = raw_request.query.copy()
+            query["watch"] = "true"
+            raw_request = raw_request.clone(rel_url=raw_request.rel_url.with_query(query))
         return await super().__call__(raw_request)
 
-    def api_calls(self, *, include_test_clients: bool = False) -> set[tuple[str, str, str, str]]:
+    def api_calls(
+        self, *, include_test_clients: bool = False, user_agents: tuple[str, ...] = ()
+    ) -> set[tuple[str, str, str, str]]:
         """(verb, apiGroup, resource, subresource) of every resource request received, in RBAC
         vocabulary: e.g. ("watch", "dagkube.io", "workflows", ""), ("patch", "", "pods",
         "status"). Discovery is left out, and so are the calls of the test's own helpers
-        (requests with TEST_CLIENT_HEADER) unless ``include_test_clients``."""
+        (requests with TEST_CLIENT_HEADER) unless ``include_test_clients``; with
+        ``user_agents``, only requests whose User-Agent starts with one of them."""
         return {
-            call.rbac for call in self.calls if include_test_clients or call.test_client is None
+            call.rbac
+            for call in self.calls
+            if (include_test_clients or call.test_client is None)
+            and (not user_agents or call.user_agent.startswith(user_agents))
         }
 
     # ----- declarations
@@ -1097,14 +1113,17 @@ def declare_workflow_crd(emulator: ApiServerEmulator) -> None:
 
 
 async def wait_for(
-    condition: Callable[[], Awaitable[T | None]],
+    condition: Callable[[], Awaitable[T | None] | T | None],
     timeout_s: float = 10.0,
     message: str = "condition",
 ) -> T:
-    """Poll an async condition until it returns something true (never a fixed sleep)."""
+    """Poll a condition (a coroutine function, or a plain one) until it returns something true
+    (never a fixed sleep)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
-        value = await condition()
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if asyncio.get_running_loop().time() > deadline:

@@ -522,6 +522,27 @@ async def test_an_operator_restart_mid_run_completes_without_extra_pods(
     assert events.count("Started") == 1
 
 
+async def test_ttl_after_finished_deletes_the_workflow_its_pods_and_keys(
+    harness: Harness, store: Any
+) -> None:
+    body = workflow(
+        "short-lived", {"inline": sleepy("short-lived", 0.1, 2)}, ttlSecondsAfterFinished=2
+    )
+    await harness.create(body)
+    status = await harness.wait_phase("short-lived")
+    assert status["phase"] == "Succeeded"
+    run_id = status["runId"]
+    assert harness.run_pods(run_id)
+
+    async def gone() -> bool:
+        left = set(await harness.cluster.pods(NAMESPACE)) & set(harness.run_pods(run_id))
+        return await harness.cluster.workflow(NAMESPACE, "short-lived") is None and not left
+
+    await wait_for(gone, 30, "the Workflow to be deleted after its TTL")
+    assert not await store.exists(RunKeys(run_id).meta, RunKeys(run_id).outputs)
+    assert await store.hget(hist_run(run_id, "meta"), "status") == b"succeeded"  # history stays
+
+
 async def test_submit_from_python_and_the_cli(harness: Harness) -> None:
     import dagkube
     from tests.tasks import add
@@ -577,7 +598,10 @@ async def test_submit_from_python_and_the_cli(harness: Harness) -> None:
     assert status["phase"] == "Failed" and status["failedTask"] == "parse#0"
 
 
-async def test_rbac_role_grants_exactly_what_the_operator_used(harness: Harness, rendered) -> None:
+async def test_rbac_role_grants_exactly_what_the_operator_used(
+    harness: Harness,
+    rendered: dict,  # noqa: F811  (the chart fixture imported above)
+) -> None:
     """Every API call the operator made in this module is granted by the chart's Role, and the
     Role grants nothing the operator did not use (but the documented rare paths)."""
     granted: set[tuple[str, str, str]] = set()
@@ -588,12 +612,16 @@ async def test_rbac_role_grants_exactly_what_the_operator_used(harness: Harness,
                     granted.add((verb, group, resource))
     used = {
         (verb, group, f"{resource}/{sub}" if sub else resource)
-        for verb, group, resource, sub in harness.cluster.emulator.api_calls()
+        for verb, group, resource, sub in harness.cluster.emulator.api_calls(
+            user_agents=("kopf/", "dagkube-operator/")
+        )
     }
+    assert ("create", "", "pods") in used and ("patch", "dagkube.io", "workflows/status") in used
     assert used - granted == set(), f"calls the Role does not grant: {sorted(used - granted)}"
     rare = {
         ("get", "", "pods"),  # a create that met an existing Pod: adopt it (a retried create)
-        ("update", "dagkube.io", "workflows"),  # kopf falls back to update where patch fails
+        # not a call: admission wants it to set blockOwnerDeletion on Pods a Workflow owns
+        ("update", "dagkube.io", "workflows/finalizers"),
     }
     assert granted - used - rare == set(), (
         f"granted but never used: {sorted(granted - used - rare)}"

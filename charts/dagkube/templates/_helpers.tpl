@@ -84,16 +84,24 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 
 {{/* The operator's permissions, shared by the Role and the ClusterRole. */}}
 {{- define "dagkube.operatorRules" -}}
+{{- /* Exactly what the operator calls (tests/k8s/test_operator.py compares): kopf watches and
+       patches Workflows (finalizer, annotations), the operator patches their status and deletes
+       them after ttlSecondsAfterFinished, manages worker Pods and posts Events.
+       workflows/finalizers update: admission (OwnerReferencesPermissionEnforcement) requires it
+       to set blockOwnerDeletion on the Pods a Workflow owns. */ -}}
 - apiGroups: [dagkube.io]
   resources: [workflows]
-  verbs: [get, list, watch, patch, update, delete]
+  verbs: [list, watch, patch, delete]
 - apiGroups: [dagkube.io]
-  resources: [workflows/status, workflows/finalizers]
-  verbs: [get, patch, update]
+  resources: [workflows/status]
+  verbs: [patch]
+- apiGroups: [dagkube.io]
+  resources: [workflows/finalizers]
+  verbs: [update]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [create, get, list, watch, delete, patch]
+  verbs: [create, get, list, delete]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 {{- end -}}
