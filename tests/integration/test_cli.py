@@ -245,3 +245,46 @@ def test_experiment_compares_planners(redis_server):
     assert "exited (code" not in opt.stderr  # no worker crashed
     bad = run_cli("experiment", example, "--planners", "uniform-fast", env=env)
     assert bad.returncode == 2 and "'uniform-fast' is unknown" in bad.stderr
+
+
+def test_manifest_prints_a_workflow_the_crd_accepts() -> None:
+    import yaml
+
+    from tests.k8s.kmock_env import validate_workflow
+
+    result = run_cli(
+        "manifest",
+        "examples/tree_reduction.py",
+        "-n",
+        "jobs",
+        "--planner",
+        "uniform-opt",
+        "--sla",
+        "p95",
+        "--classes",
+        "512Mi,2Gi",
+        "--ttl",
+        "600",
+    )
+    assert result.returncode == 0, result.stderr
+    body = yaml.safe_load(result.stdout)
+    validate_workflow(body)
+    assert body["metadata"] == {"generateName": "tree-reduction-", "namespace": "jobs"}
+    spec = body["spec"]
+    assert spec["source"]["inline"] == (ROOT / "examples/tree_reduction.py").read_text()
+    assert spec["planner"] == {
+        "name": "uniform",
+        "sla": "p95",
+        "optimizations": ["preload", "taskdup", "prewarm"],
+    }
+    assert spec["resources"] == {"classes": ["512Mi", "2Gi"]}
+    assert spec["ttlSecondsAfterFinished"] == 600
+
+
+def test_manifest_rejects_a_file_without_a_workflow(tmp_path: Path) -> None:
+    source = tmp_path / "nothing.py"
+    source.write_text("x = 1\n")
+    result = run_cli("manifest", str(source))
+    assert result.returncode == 2
+    assert "defines neither a module-level 'workflow' nor a 'build()' function" in result.stderr
+    assert result.stdout == ""
