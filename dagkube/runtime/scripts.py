@@ -119,7 +119,9 @@ if me == '' then
   if continuation ~= '' then table.insert(roots, continuation) end
   for _, id in ipairs(local_ready) do table.insert(roots, id) end
   for _, id in ipairs(pending) do table.insert(roots, id) end
-  if #roots > 0 then
+  -- Only while this worker still holds the invocation: the scaler may have re-queued it
+  -- (heartbeat expired), and then the re-queued copy owns what is left.
+  if #roots > 0 and redis.call('EXISTS', ARGV[8]) == 1 then
     redis.call('DEL', ARGV[8])
     redis.call('RPUSH', ARGV[8], cjson.encode({run = run, mem = my_mem, roots = roots,
                                                 queued_at = now}))
@@ -232,7 +234,9 @@ for _ = 1, tonumber(ARGV[15]) do
   redis.call('HSET', histkey(run, 'tasks'), ARGV[i], ARGV[i + 1])
   i = i + 2
 end
-redis.call('DEL', proc)
+-- Still held (not re-queued by the scaler meanwhile): then this invocation ends here. A
+-- re-queued one is counted when its copy finishes, never twice.
+local owned = redis.call('DEL', proc)
 local finalized, status = 0, redis.call('HGET', meta, 'status')
 if status then
   redis.call('HINCRBYFLOAT', meta, 'gb_s', ARGV[6])
@@ -244,7 +248,8 @@ if status then
     redis.call('HINCRBY', meta, 'workers_warm', 1)
   end
   if ARGV[14] == '1' then redis.call('HINCRBY', meta, 'workers_prewarmed', 1) end
-  local active = redis.call('HINCRBY', meta, 'active', -1)
+  local active = 1
+  if owned == 1 then active = redis.call('HINCRBY', meta, 'active', -1) end
   if active <= 0 and redis.call('EXISTS', runkey(run, 'result')) == 0 then
     status = finalize(run, now, ttl, cap)
     finalized = 1

@@ -167,6 +167,8 @@ class Worker:
         self.reader = BulkReader(self.config.redis_url)
         for name in ("COMPLETE", "FAIL", "FINISH"):
             self._scripts[name] = self.redis.register_script(getattr(scripts, name))
+        # A heartbeat first: the scaler takes a registered worker without one for lost.
+        await self._beat()
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             await self.redis.hset(self.pool.workers, self.config.worker_id, self.config.memory_mib)
@@ -205,12 +207,14 @@ class Worker:
         await add(args=[run, "prewarm_wasted", 1, "prewarm_wasted_gb_s", gb_s])
         log.info("run %s: pre-warmed worker was not used (%.2f GB-s)", run, gb_s)
 
-    async def _heartbeat(self) -> None:
-        key = worker_heartbeat(self.config.worker_id)
+    async def _beat(self) -> None:
         ttl_ms = int(self.config.heartbeat_ttl_s * 1000)
+        await self.redis.set(worker_heartbeat(self.config.worker_id), "1", px=ttl_ms)
+
+    async def _heartbeat(self) -> None:
         while True:
-            await self.redis.set(key, "1", px=ttl_ms)
             await asyncio.sleep(self.config.heartbeat_s)
+            await self._beat()
 
     async def _take(self) -> Invocation | None:
         """Wait idle for an invocation of this class; None after the idle timeout."""

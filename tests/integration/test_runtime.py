@@ -260,3 +260,50 @@ def test_startup_delay_makes_local_cold_starts_cost_what_pods_do(make_runtime, r
     assert worker.cold and worker.first_task_at - worker.spawned_at >= 1.0
     assert wf.run(runtime=rt) == 3  # warm: no delay
     assert wf.last_run.record.workers_warm == 1 and wf.last_run.record.makespan_s < 1.0
+
+
+def test_a_requeued_invocation_is_counted_once_when_its_first_worker_finishes_too(redis_client):
+    """A worker the scaler took for lost (heartbeat expired) may still finish: its invocation
+    was re-queued meanwhile, so only the copy may end it; the run must not end early."""
+    from dagkube.runtime import scripts
+
+    run, pool = "requeue-race", "dk:pool:requeue-race"
+    keys = RunKeys(run)
+    invocation = '{"run": "requeue-race", "mem": 512, "roots": ["a#0"], "queued_at": 1}'
+    redis_client.delete(keys.meta, keys.result, "proc:first", "proc:copy")
+    redis_client.hset(
+        keys.meta,
+        mapping={
+            "status": "running",
+            "active": 1,
+            "tasks_total": 1,
+            "submitted_at": 1,
+            "workflow": "requeue-race",
+            "structure_hash": "requeue-race",
+        },
+    )
+    redis_client.rpush("proc:first", invocation)
+    requeue = redis_client.register_script(scripts.REQUEUE)
+    finish = redis_client.register_script(scripts.FINISH)
+    assert requeue(args=[pool, "proc:first", "first", 2, 512, 1]) == 1
+    redis_client.lmove(f"{pool}:q:512", "proc:copy", "LEFT", "RIGHT")
+
+    def finish_args(proc: str, worker: str) -> list:
+        record = '{"worker_id": "%s"}' % worker
+        return [run, pool, proc, worker, record, 0.1, 0.1, 0.1, 1, 3, 60, 10, "", 0, 0]
+
+    finalized, status, _, _ = finish(args=finish_args("proc:first", "first"))
+    assert (finalized, status) == (0, b"running")
+    assert redis_client.hget(keys.meta, "active") == b"1"
+    finalized, _, _, _ = finish(args=finish_args("proc:copy", "copy"))
+    assert finalized == 1 and redis_client.hget(keys.meta, "active") == b"0"
+    # This run is no workflow of the suite's: leave the shared history as it was.
+    redis_client.lrem("dk:hist:all", 0, run)
+    redis_client.hdel("dk:hist:structures", "requeue-race")
+    redis_client.delete(
+        "dk:hist:s:requeue-race:runs",
+        "dk:hist:wf:requeue-race:runs",
+        *(hist_run(run, part) for part in ("meta", "tasks", "workers", "plan")),
+        *(f"{keys.prefix}:{part}" for part in ("meta", "result", "keys")),
+        f"{pool}:q:512",
+    )

@@ -250,6 +250,25 @@ async def output_of(store: Any, run_id: str, task_id: str) -> Any:
     return pickle.loads(blob)
 
 
+async def dump_run(store: Any, run_id: str | None, harness: Harness) -> None:
+    """What a failed run left in Redis, written next to the logs (for the failure report)."""
+    import json
+
+    if not run_id:
+        return
+    from dagkube.runtime.keys import hist_run as hist
+
+    report = {
+        "meta": {
+            k.decode(): v.decode() for k, v in (await store.hgetall(hist(run_id, "meta"))).items()
+        },
+        "workers": [v.decode() for v in (await store.hgetall(hist(run_id, "workers"))).values()],
+        "tasks": sorted(k.decode() for k in await store.hkeys(hist(run_id, "tasks"))),
+        "plan": json.loads(await store.get(hist(run_id, "plan")) or "{}"),
+    }
+    (harness.workdir / f"run-{run_id}.json").write_text(json.dumps(report, indent=1))
+
+
 def check_pod(pod: dict[str, Any], memory_per_cpu_mib: int = 1792, max_cpu: float = 6.0) -> int:
     """The Pod's resources follow its class, and it runs locked down; returns the class."""
     memory = parse_memory(pod["metadata"]["labels"][LABEL_CLASS])
@@ -287,6 +306,8 @@ async def test_module_and_inline_workflows_succeed(harness: Harness, store: Any)
         for body in (tree, inline, branches)
     }
     for name, status in statuses.items():
+        if status["phase"] != "Succeeded":
+            await dump_run(store, status.get("runId"), harness)
         assert status["phase"] == "Succeeded", (name, status)
         assert status["runId"] and status["planner"] and status["sla"]
         assert status["tasks"]["done"] == status["tasks"]["total"] > 0
@@ -335,7 +356,7 @@ async def test_module_and_inline_workflows_succeed(harness: Harness, store: Any)
         if name != "sum-of-squares"
         for pod in harness.run_pods(status["runId"]).values()
     }
-    assert every_cpu.get("512Mi", "286m") == "286m" and every_cpu.get("2Gi", "1143m") == "1143m"
+    assert every_cpu["512Mi"] == "286m" and every_cpu["2Gi"] == "1143m", every_cpu
 
     metrics = await harness.metrics()
     assert 'dagkube_operator_workflows{phase="Succeeded"} 3.0' in metrics
@@ -526,13 +547,17 @@ async def test_ttl_after_finished_deletes_the_workflow_its_pods_and_keys(
     harness: Harness, store: Any
 ) -> None:
     body = workflow(
-        "short-lived", {"inline": sleepy("short-lived", 0.1, 2)}, ttlSecondsAfterFinished=2
+        "short-lived",
+        {"inline": sleepy("short-lived", 0.1, 3)},
+        ttlSecondsAfterFinished=2,
+        resources={"maxWorkers": 1},
     )
     await harness.create(body)
     status = await harness.wait_phase("short-lived")
     assert status["phase"] == "Succeeded"
     run_id = status["runId"]
-    assert harness.run_pods(run_id)
+    # maxWorkers bounds the run: three ready tasks, one worker Pod serving them in turn.
+    assert len(harness.run_pods(run_id)) == 1, harness.run_pods(run_id).keys()
 
     async def gone() -> bool:
         left = set(await harness.cluster.pods(NAMESPACE)) & set(harness.run_pods(run_id))
