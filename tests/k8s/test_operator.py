@@ -568,6 +568,24 @@ async def test_ttl_after_finished_deletes_the_workflow_its_pods_and_keys(
     assert await store.hget(hist_run(run_id, "meta"), "status") == b"succeeded"  # history stays
 
 
+async def test_timeout_cancels_the_run_and_ends_failed(harness: Harness) -> None:
+    body = workflow(
+        "too-slow", {"inline": sleepy("too-slow", 60.0, 1)}, timeoutSeconds=2, retries=0
+    )
+    await harness.create(body)
+    status = await harness.wait_phase("too-slow", timeout_s=60)
+    assert status["phase"] == "Failed"
+    assert "timed out after 2s (spec.timeoutSeconds)" in status["message"]
+    [condition] = [c for c in status["conditions"] if c["type"] == "Succeeded"]
+    assert condition["reason"] == "Cancelled"
+
+    async def stopped() -> bool:  # the task was not waited for: its Pod is gone
+        left = set(await harness.cluster.pods(NAMESPACE)) & set(harness.run_pods(status["runId"]))
+        return not left
+
+    await wait_for(stopped, 30, "the timed-out run's Pods to go")
+
+
 async def test_submit_from_python_and_the_cli(harness: Harness) -> None:
     import dagkube
     from tests.tasks import add
