@@ -43,7 +43,7 @@ lint: $(BIN)/.test-deps
 	$(BIN)/ruff format --check dagkube operator tests examples benchmarks tools
 
 typecheck: $(BIN)/.test-deps
-	$(BIN)/mypy dagkube
+	$(BIN)/mypy dagkube operator/dagkube_operator
 
 unit: $(BIN)/.test-deps
 	$(BIN)/python -m pytest -q tests/unit

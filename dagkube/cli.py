@@ -926,7 +926,7 @@ def _print_status(name: str, namespace: str, status: dict[str, Any]) -> None:
         ),
         ("makespan predicted", _fmt(status.get("predictedMakespanSeconds"), "{:.2f}s")),
         ("makespan measured", _fmt(status.get("actualMakespanSeconds"), "{:.2f}s")),
-        ("SLA met", {True: "yes", False: "no"}.get(status.get("slaMet"), "-")),
+        ("SLA met", "-" if status.get("slaMet") is None else "yes" if status["slaMet"] else "no"),
         (
             "workers cold/warm/pre-warmed",
             f"{workers.get('cold', 0)}/{workers.get('warm', 0)}/{workers.get('prewarmed', 0)}",

@@ -58,7 +58,8 @@ def build(stall: bool | None = None, marker_dir: str | None = None) -> dagkube.W
         # A marker that already exists means "not stuck". Stalled and normal runs pass an
         # argument of the same size, so the planner's size-based predictions see the same input.
         marker.touch()
-    return dagkube.Workflow(analyze(simulate(10), fetch("reference", str(marker))), name="straggler")
+    reference = fetch("reference", str(marker))
+    return dagkube.Workflow(analyze(simulate(10), reference), name="straggler")
 
 
 def verify(result: int) -> None:

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from dagkube import __version__
 from dagkube.errors import DagkubeError
 from dagkube.resources import parse_memory
+
+N = TypeVar("N", int, float)
 
 
 class ConfigError(DagkubeError):
@@ -97,7 +100,9 @@ class OperatorConfig:
         )
 
 
-def _number(env: Mapping[str, str], name: str, default, kind, minimum):  # type: ignore[no-untyped-def]
+def _number(
+    env: Mapping[str, str], name: str, default: N, kind: Callable[[str], N], minimum: float
+) -> N:
     text = env.get(name, "").strip()
     if not text:
         return default

@@ -85,7 +85,8 @@ class Operator:
     # ------------------------------------------------------------------ Kubernetes
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Merge-patch ``.status`` (the status subresource)."""
-        api = client.CustomObjectsApi(self.api)
+        # Custom resources take JSON merge patches (the client would pick strategic merge).
+        api: Any = client.CustomObjectsApi(self.api)
         try:
             await api.patch_namespaced_custom_object_status(
                 GROUP,
@@ -404,10 +405,10 @@ def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
         backoff=5.0,
     )
     async def workflow_daemon(
-        body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any
+        body: kopf.Body, stopped: kopf.DaemonStopped, logger: Any, **_: Any
     ) -> None:
         await operator.supervise(body, stopped, logger)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, backoff=2.0)
-    async def workflow_deleted(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    async def workflow_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
         await operator.cleanup(body, logger)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -289,7 +290,7 @@ def test_a_requeued_invocation_is_counted_once_when_its_first_worker_finishes_to
     redis_client.lmove(f"{pool}:q:512", "proc:copy", "LEFT", "RIGHT")
 
     def finish_args(proc: str, worker: str) -> list:
-        record = '{"worker_id": "%s"}' % worker
+        record = json.dumps({"worker_id": worker})
         return [run, pool, proc, worker, record, 0.1, 0.1, 0.1, 1, 3, 60, 10, "", 0, 0]
 
     finalized, status, _, _ = finish(args=finish_args("proc:first", "first"))
