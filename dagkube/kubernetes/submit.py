@@ -118,6 +118,16 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def require_client() -> None:
+    """Kubernetes submission needs the ``kubernetes`` extra: say so instead of a traceback."""
+    try:
+        import kubernetes_asyncio  # noqa: F401
+    except ModuleNotFoundError:
+        raise SubmitError(
+            "Talking to Kubernetes needs the kubernetes extra: pip install 'dagkube[kubernetes]'"
+        ) from None
+
+
 class SubmittedWorkflow:
     """A Workflow object in the cluster: its status, and (with the DAG) its outputs."""
 
@@ -142,6 +152,7 @@ class SubmittedWorkflow:
     # ------------------------------------------------------------------ status
     def get(self) -> dict[str, Any]:
         """The Workflow object as the API returns it now."""
+        require_client()
         return _run(self._get())
 
     def status(self) -> dict[str, Any]:
@@ -166,6 +177,7 @@ class SubmittedWorkflow:
         """Follow ``.status`` until the Workflow ends; the outputs (when the handle has the
         DAG and a Redis URL), else the final status. Raises :class:`TaskFailed` for a failed
         task, :class:`SubmitError` for a Workflow that could not run, :class:`RunTimeout`."""
+        require_client()
         status = _run(self._follow(timeout_s, on_status))
         if status.get("phase") == "Succeeded":
             if self.dag is None or not self.redis_url:
@@ -330,6 +342,7 @@ def submit(
 
     from dagkube.runtime.connection import connect
 
+    require_client()
     url = redis_url or os.environ.get("DAGKUBE_REDIS_URL")
     if not url:
         raise SubmitError(
