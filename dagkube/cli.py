@@ -223,6 +223,13 @@ def _shared_options(function: Any) -> Any:
     help="Give up (and cancel the run) after this many seconds.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    default=None,
+    help="Serve Prometheus metrics (the run history and the live pool) on this port while "
+    "the command runs.",
+)
 def run(
     file: str,
     planner: str,
@@ -234,6 +241,7 @@ def run(
     idle_timeout: float,
     timeout: float | None,
     as_json: bool,
+    metrics_port: int | None,
 ) -> None:
     """Run the workflow defined in FILE and print its result and a summary."""
     from dagkube.runtime.launcher import task_failed_from
@@ -247,6 +255,8 @@ def run(
             LocalRuntime(redis_url, max_workers=max_workers, idle_timeout_s=idle_timeout) as rt,
             _progress(show_progress, len(wf.dag.tasks), wf.name) as on_progress,
         ):
+            if metrics_port is not None:
+                _serve_metrics(rt.url, metrics_port, pools=[rt.pool])
             chosen = rt.plan(wf.dag, planner, sla, classes, optimizations=optimizations)
             result = rt.run(wf.dag, chosen, timeout_s=timeout, on_progress=on_progress)
         record = result.record
@@ -666,6 +676,46 @@ def _with_redis(redis_url: str | None, action: Any) -> Any:
         return asyncio.run(go(redis_url))
     with EmbeddedRedis() as url:
         return asyncio.run(go(url))
+
+
+def _serve_metrics(redis_url: str, port: int, pools: list[str] | None = None) -> Any:
+    """Start the Prometheus exporter on ``port`` (a daemon thread); a taken port is bad input."""
+    import redis as sync_redis
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from dagkube.metrics.exporter import RunHistoryCollector
+
+    registry = CollectorRegistry()
+    registry.register(RunHistoryCollector(sync_redis.Redis.from_url(redis_url), pools or []))
+    try:
+        return start_http_server(port, registry=registry)
+    except OSError as exc:
+        raise InvalidOption(
+            f"--metrics-port {port}: cannot listen there ({exc.strerror})"
+        ) from None
+
+
+@main.group()
+def metrics() -> None:
+    """Prometheus metrics of the run history (see docs/metrics.md)."""
+
+
+@metrics.command("serve")
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=9464, show_default=True)
+@REDIS_OPTION
+def metrics_serve(port: int, redis_url: str | None) -> None:
+    """Serve /metrics for the run history of a Redis until interrupted (Ctrl-C)."""
+    from dagkube.runtime.embedded import EmbeddedRedis
+
+    with _errors(), contextlib.ExitStack() as stack:
+        url = redis_url or stack.enter_context(EmbeddedRedis())
+        _serve_metrics(url, port)
+        err.print(f"serving Prometheus metrics on http://0.0.0.0:{port}/metrics (Ctrl-C stops)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            err.print("stopped")
 
 
 # ---------------------------------------------------------------------------- Kubernetes

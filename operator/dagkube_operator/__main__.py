@@ -13,10 +13,12 @@ import sys
 from typing import Any
 
 import kopf
+import redis as sync_redis
 
 from dagkube import __version__
 from dagkube.errors import DagkubeError
 from dagkube.kubernetes.backend import connect as connect_api
+from dagkube.metrics.exporter import RunHistoryCollector
 from dagkube.runtime.connection import connect as connect_redis
 from dagkube.runtime.connection import redact
 from dagkube_operator import config as config_module
@@ -77,6 +79,8 @@ async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None) ->
     api = None
     try:
         redis = holder["redis"] = await _redis_when_ready(config)
+        # The run history of every Workflow (and local runs sharing this Redis) on /metrics.
+        metrics.registry.register(RunHistoryCollector(sync_redis.Redis.from_url(config.redis_url)))
         api = await connect_api(config.kube_api_url, user_agent=f"{USER_AGENT}/{__version__}")
         operator = Operator(config=config, redis=redis, api=api, metrics=metrics)
         registry = kopf.OperatorRegistry()
