@@ -97,25 +97,25 @@ SPECS = {
         _Spec(
             "dagkube_task_duration_seconds",
             "Execution time of tasks (last attempt)",
-            ("workflow", "function"),
+            ("workflow", "planner", "function"),
             SECONDS,
         ),
         _Spec(
             "dagkube_task_input_wait_seconds",
             "Time from a task's worker being ready to its inputs in hand",
-            ("workflow", "function"),
+            ("workflow", "planner", "function"),
             SECONDS,
         ),
         _Spec(
             "dagkube_task_download_seconds",
             "Time tasks spent downloading inputs",
-            ("workflow", "function"),
+            ("workflow", "planner", "function"),
             SECONDS,
         ),
         _Spec(
             "dagkube_task_upload_seconds",
             "Time tasks spent uploading outputs",
-            ("workflow", "function"),
+            ("workflow", "planner", "function"),
             SECONDS,
         ),
         _Spec(
@@ -236,15 +236,15 @@ class _Totals:
         self.add("dagkube_cpu_seconds_used", (run.planner,), run.cpu_s_used)
         for task in tasks:
             tl = (run.workflow, task.function)
-            if task.error is not None:
-                self.add("dagkube_task_failures", tl)
+            tp = (run.workflow, run.planner, task.function)
+            self.add("dagkube_task_failures", tl, 1 if task.error is not None else 0)
             self.add("dagkube_task_retries", tl, task.retries)
-            self.observe("dagkube_task_duration_seconds", tl, task.ended_at - task.started_at)
-            self.observe("dagkube_task_input_wait_seconds", tl, task.input_wait_s)
+            self.observe("dagkube_task_duration_seconds", tp, task.ended_at - task.started_at)
+            self.observe("dagkube_task_input_wait_seconds", tp, task.input_wait_s)
             if task.download_bytes or task.download_s:
-                self.observe("dagkube_task_download_seconds", tl, task.download_s)
+                self.observe("dagkube_task_download_seconds", tp, task.download_s)
             if task.output_stored:
-                self.observe("dagkube_task_upload_seconds", tl, task.upload_s)
+                self.observe("dagkube_task_upload_seconds", tp, task.upload_s)
             if task.preloaded:
                 self.add("dagkube_preloaded_inputs", tl, len(task.preloaded))
                 self.add("dagkube_preload_saved_seconds", tl, task.preload_s)

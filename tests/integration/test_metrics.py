@@ -26,6 +26,15 @@ HEXISH = re.compile(r"(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{6,}")
 DB = 7  # a database of its own: the counts below are this module's runs only
 
 
+def dashboard_queries() -> list[tuple[Path, str, str]]:
+    found = []
+    for path in sorted((ROOT / "charts/dagkube/dashboards").glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                found.append((path, panel["title"], target["expr"]))
+    return found
+
+
 def _tool(name: str) -> str:
     found = shutil.which(name)
     if found is None:
@@ -97,7 +106,11 @@ def test_labels_are_bounded(history) -> None:
         name for name in SPECS if name in seen or name + "_total" in seen
     }
     for family in families:
-        assert len(family.samples) <= 500, f"{family.name}: {len(family.samples)} series"
+        series = {
+            tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+            for sample in family.samples
+        }
+        assert len(series) <= 200, f"{family.name}: {len(series)} label sets"
         for sample in family.samples:
             extra = set(sample.labels) - ALLOWED_LABELS - {"le"}
             assert not extra, f"{sample.name} has unexpected labels {extra}"
@@ -164,6 +177,21 @@ def test_a_real_prometheus_scrapes_the_exporter(history, tmp_path: Path) -> None
             "histogram_quantile(0.9, sum by (le) (dagkube_run_prediction_error_ratio_bucket))"
         )
         assert p90 and float(p90[0]["value"][1]) >= 0
+        # Every panel of every dashboard has data (rates need a few scrapes first).
+        wait_until(
+            lambda: (
+                (r := query("count_over_time(dagkube_runs_total[1m])"))
+                and float(r[0]["value"][1]) >= 4
+            ),
+            60,
+            "four scrapes",
+        )
+        empty = []
+        for path, title, expr in dashboard_queries():
+            concrete = expr.replace("$__rate_interval", "1m").replace("$__interval", "15s")
+            if not query(concrete):
+                empty.append(f"{path.name} / {title}: {expr}")
+        assert not empty, "panel queries without data:\n" + "\n".join(empty)
     finally:
         process.terminate()
         try:
