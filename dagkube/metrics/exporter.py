@@ -85,7 +85,7 @@ SPECS = {
         ),
         _Spec(
             "dagkube_run_prediction_error_ratio",
-            "|predicted - measured| / measured makespan of succeeded runs",
+            "Absolute difference of predicted and measured makespan over measured (succeeded runs)",
             RUN,
             RATIOS,
         ),
