@@ -678,6 +678,60 @@ def _with_redis(redis_url: str | None, action: Any) -> Any:
         return asyncio.run(go(url))
 
 
+def _parse_since(value: str | None) -> float | None:
+    """``7d``/``12h``/``30m``, a date ``2026-11-01``, or epoch seconds; None: no limit."""
+    if value is None:
+        return None
+    text = value.strip()
+    units = {"d": 86400, "h": 3600, "m": 60}
+    try:
+        if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+            return time.time() - float(text[:-1]) * units[text[-1]]
+        if len(text) == 10 and text[4] == "-" and text[7] == "-":
+            return time.mktime(time.strptime(text, "%Y-%m-%d"))
+        return float(text)
+    except ValueError:
+        pass
+    raise InvalidOption(
+        f"--since {value!r} is not understood: use a duration (7d, 12h, 30m), a date "
+        "(2026-11-01) or Unix seconds"
+    )
+
+
+@main.command()
+@click.option("--workflow", "workflow_name", default=None, help="Only runs of this workflow.")
+@click.option("--since", default=None, help="Only runs submitted since: 7d, 12h, 2026-11-01.")
+@click.option("--run", "run_id", default=None, help="The run shown in detail [default: latest].")
+@click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), default="report.html", show_default=True
+)
+@REDIS_OPTION
+def report(
+    workflow_name: str | None,
+    since: str | None,
+    run_id: str | None,
+    limit: int,
+    output: str,
+    redis_url: str | None,
+) -> None:
+    """Write an HTML report (one file, opens offline) from the run history: planners side by
+    side, optimization impact, prediction accuracy over time, SLA impact, one run in detail."""
+    from dagkube.report import load_histories, render
+
+    with _errors():
+        start = _parse_since(since)
+        histories = _with_redis(
+            redis_url,
+            lambda r: load_histories(r, workflow=workflow_name, since=start, limit=limit),
+        )
+        if run_id and not any(h.run.run_id == run_id for h in histories):
+            raise InvalidOption(f"--run {run_id!r}: no such run in the selected history")
+        Path(output).write_text(render(histories, run_id=run_id), encoding="utf-8")
+        what = f"{len(histories)} runs" if histories else "no runs in the history yet"
+        err.print(f"wrote {output} ({what})")
+
+
 def _serve_metrics(redis_url: str, port: int, pools: list[str] | None = None) -> Any:
     """Start the Prometheus exporter on ``port`` (a daemon thread); a taken port is bad input."""
     import redis as sync_redis

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ class RunHistory:
     tasks: list[TaskRecord] = field(default_factory=list)
     workers: list[WorkerRecord] = field(default_factory=list)
     plan_json: str | None = None
+    edges: dict[str, list[str]] = field(default_factory=dict)  # task -> upstream tasks
 
 
 def _decode(fields: dict[bytes, bytes]) -> dict[str, str]:
@@ -69,7 +71,8 @@ async def read_run(redis: Any, run_id: str) -> RunHistory | None:
         pipe.hvals(hist_run(run_id, "tasks"))
         pipe.hvals(hist_run(run_id, "workers"))
         pipe.get(hist_run(run_id, "plan"))
-        meta, tasks, workers, plan = await pipe.execute()
+        pipe.get(hist_run(run_id, "edges"))
+        meta, tasks, workers, plan, edges = await pipe.execute()
     if not meta:
         return None
     return RunHistory(
@@ -82,6 +85,7 @@ async def read_run(redis: Any, run_id: str) -> RunHistory | None:
             key=lambda w: w.ready_at or w.spawned_at or w.finished_at,
         ),
         plan_json=plan.decode() if plan else None,
+        edges=json.loads(edges) if edges else {},
     )
 
 

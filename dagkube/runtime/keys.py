@@ -124,7 +124,8 @@ def worker_heartbeat(worker_id: str) -> str:
 
 
 def hist_run(run_id: str, part: str) -> str:
-    """History of one run: part is meta (hash), tasks (hash), workers (hash) or plan."""
+    """History of one run: part is meta (hash), tasks (hash), workers (hash), plan or edges
+    (JSON: task id -> its upstream task ids)."""
     return f"{HIST}:r:{run_id}:{part}"
 
 

@@ -100,6 +100,9 @@ async def launch(
         pipe.set(keys.dag, dag.to_bytes())
         pipe.set(keys.plan, plan_json)
         pipe.set(hist_run(run_id, "plan"), plan_json)
+        # The graph's edges, for reports (the DAG itself expires with the run's data).
+        edges = {task.id: list(task.deps) for task in dag.tasks.values()}
+        pipe.set(hist_run(run_id, "edges"), json.dumps(edges))
         if dag.constants:
             pipe.hset(keys.constants, mapping=dag.constants)
         pipe.hset(keys.meta, mapping=meta)

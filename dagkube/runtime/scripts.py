@@ -197,7 +197,7 @@ local function finalize(run, now, ttl, cap)
   while redis.call('LLEN', runs) > cap do
     local old = redis.call('RPOP', runs)
     redis.call('DEL', histkey(old, 'meta'), histkey(old, 'tasks'), histkey(old, 'workers'),
-               histkey(old, 'plan'))
+               histkey(old, 'plan'), histkey(old, 'edges'))
   end
   redis.call('LPUSH', 'dk:hist:wf:' .. name .. ':runs', run)
   redis.call('LTRIM', 'dk:hist:wf:' .. name .. ':runs', 0, 10 * cap - 1)

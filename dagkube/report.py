@@ -1,0 +1,580 @@
+"""``dagkube report``: one self-contained HTML file (Plotly, its JavaScript embedded, so it
+opens offline) built from the run history in Redis. It answers the questions the seed notes
+ask: do the planners save resources and at what makespan cost, do the optimizations help, how
+accurate are the predictions over time, what do stricter SLAs buy, how does one run spend its
+time. The numbers are computed by small pure functions over the history records; the HTML is
+assembled at the end.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from dagkube.metrics.history import RunHistory, read_run, run_ids
+from dagkube.planning.model import Plan
+
+SECTIONS = {
+    "planners": "Planners side by side",
+    "optimizations": "Optimization impact",
+    "accuracy": "Prediction accuracy over time",
+    "sla": "SLA impact",
+    "run": "One run in detail",
+}
+EXPERIMENT_HINT = (
+    "dagkube experiment FILE.py --planners wukong,uniform,uniform-opt,non-uniform,"
+    "non-uniform-opt --slas avg,p90,p95,p99 --repeat 5"
+)
+
+
+def _median(values: Iterable[float]) -> float | None:
+    found = [v for v in values if v is not None]
+    return statistics.median(found) if found else None
+
+
+def planner_label(history: RunHistory) -> str:
+    """The planner as run: its name plus the optimizations its plan switched on."""
+    run = history.run
+    if not run.optimizations or run.planner.endswith("-opt"):
+        return run.planner
+    return f"{run.planner} + {','.join(run.optimizations)}"
+
+
+def execution_s(history: RunHistory) -> float:
+    return sum(t.ended_at - t.started_at for t in history.tasks)
+
+
+@dataclass
+class PlannerRow:
+    planner: str
+    runs: int
+    makespan_s: float
+    execution_s: float
+    gb_s: float
+
+
+def planner_rows(histories: list[RunHistory]) -> list[PlannerRow]:
+    groups: dict[str, list[RunHistory]] = defaultdict(list)
+    for history in histories:
+        if history.run.status == "succeeded" and history.run.makespan_s is not None:
+            groups[planner_label(history)].append(history)
+    rows = []
+    for planner, found in sorted(groups.items()):
+        rows.append(
+            PlannerRow(
+                planner,
+                len(found),
+                _median(h.run.makespan_s or 0.0 for h in found) or 0.0,
+                _median(execution_s(h) for h in found) or 0.0,
+                _median(h.run.gb_s for h in found) or 0.0,
+            )
+        )
+    return rows
+
+
+def deltas(rows: list[PlannerRow], baseline: str) -> dict[str, dict[str, float]]:
+    """Per planner, each metric as a % change against the baseline planner's."""
+    base = next(r for r in rows if r.planner == baseline)
+    found = {}
+    for row in rows:
+        found[row.planner] = {
+            metric: (getattr(row, metric) / getattr(base, metric) - 1) * 100
+            if getattr(base, metric)
+            else 0.0
+            for metric in ("makespan_s", "execution_s", "gb_s")
+        }
+    return found
+
+
+def prediction_errors(history: RunHistory) -> dict[str, float | None]:
+    """Relative errors of one run: makespan, and the medians over its tasks of execution and
+    transfer (download + upload) against the plan's predictions, and of worker start-up."""
+    run = history.run
+    makespan = (
+        abs(run.predicted_makespan_s - run.makespan_s) / run.makespan_s
+        if run.predicted_makespan_s and run.makespan_s
+        else None
+    )
+    execution = None
+    if history.plan_json:
+        plan = Plan.model_validate_json(history.plan_json)
+        errors = []
+        for task in history.tasks:
+            planned = plan.tasks.get(task.task_id)
+            if planned is None or planned.predicted_start_s is None:
+                continue
+            predicted = (planned.predicted_end_s or 0.0) - planned.predicted_start_s
+            actual = task.ended_at - task.ready_at  # inputs, execution, upload
+            if predicted > 0 and actual > 0.01:
+                errors.append(abs(predicted - actual) / actual)
+        execution = _median(errors)
+    return {"makespan": makespan, "task time": execution}
+
+
+def optimization_counts(history: RunHistory) -> dict[str, int]:
+    if not history.plan_json:
+        return {}
+    return dict(Plan.model_validate_json(history.plan_json).optimization_counts())
+
+
+def critical_path(history: RunHistory) -> list[str]:
+    """The actual critical path: from the last task to end, back through the upstream that
+    ended last."""
+    ended = {t.task_id: t.ended_at for t in history.tasks}
+    if not ended or not history.edges:
+        return []
+    current = max(ended, key=lambda task_id: ended[task_id])
+    path = [current]
+    while history.edges.get(current):
+        upstream = [u for u in history.edges[current] if u in ended]
+        if not upstream:
+            break
+        current = max(upstream, key=lambda task_id: ended[task_id])
+        path.append(current)
+    return path[::-1]
+
+
+def levels(edges: dict[str, list[str]]) -> dict[str, int]:
+    depth: dict[str, int] = {}
+
+    def level(task_id: str) -> int:
+        if task_id not in depth:
+            depth[task_id] = 1 + max((level(u) for u in edges.get(task_id, [])), default=-1)
+        return depth[task_id]
+
+    for task_id in edges:
+        level(task_id)
+    return depth
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def _figure(data: list[dict], layout: dict) -> dict:
+    return {"data": data, "layout": {"margin": {"t": 40, "b": 60}, "height": 420, **layout}}
+
+
+def planners_figure(rows: list[PlannerRow], baseline: str) -> dict:
+    changes = deltas(rows, baseline)
+    names = {"makespan_s": "makespan", "execution_s": "execution time", "gb_s": "GB-seconds"}
+    data = []
+    for metric, label in names.items():
+        data.append(
+            {
+                "type": "bar",
+                "name": label,
+                "x": [r.planner for r in rows],
+                "y": [getattr(r, metric) for r in rows],
+                "text": [
+                    "baseline" if r.planner == baseline else f"{changes[r.planner][metric]:+.0f}%"
+                    for r in rows
+                ],
+                "textposition": "outside",
+            }
+        )
+    return _figure(
+        data,
+        {
+            "barmode": "group",
+            "title": f"Medians per planner (seconds, GB-s); % against {baseline}",
+        },
+    )
+
+
+def optimization_figures(histories: list[RunHistory]) -> list[tuple[str, dict]]:
+    figures: list[tuple[str, dict]] = []
+    fan_in = [t for h in histories for t in h.tasks if len(h.edges.get(t.task_id, [])) > 1]
+    with_preload = [t.input_wait_s for t in fan_in if t.preloaded]
+    without = [t.input_wait_s for t in fan_in if not t.preloaded]
+    if with_preload and without:
+        figures.append(
+            (
+                f"Fan-in input-wait: median {_median(without) or 0:.3f}s without preload, "
+                f"{_median(with_preload) or 0:.3f}s with",
+                _figure(
+                    [
+                        {"type": "box", "name": "without preload", "y": without},
+                        {"type": "box", "name": "with preload", "y": with_preload},
+                    ],
+                    {"title": "Input-wait of fan-in tasks (s)"},
+                ),
+            )
+        )
+    leads = []
+    for history in histories:
+        started = {t.task_id: t.started_at for t in history.tasks}
+        for task in history.tasks:
+            for target in task.prewarm_targets:
+                if task.prewarm_at and target in started:
+                    leads.append(started[target] - task.prewarm_at)
+    if leads:
+        figures.append(
+            (
+                f"Pre-warm: {len(leads)} targets started a median {_median(leads) or 0:.2f}s "
+                "after their request fell due",
+                _figure(
+                    [{"type": "histogram", "x": leads, "name": "target start - trigger"}],
+                    {"title": "Target task start minus pre-warm trigger time (s)"},
+                ),
+            )
+        )
+    starts: dict[str, dict[str, int]] = defaultdict(lambda: {"cold": 0, "warm": 0, "prewarmed": 0})
+    for history in histories:
+        for worker in history.workers:
+            if worker.outcome == "lost":
+                continue
+            kind = "prewarmed" if worker.prewarmed else "cold" if worker.cold else "warm"
+            starts[planner_label(history)][kind] += 1
+    if starts:
+        planners = sorted(starts)
+        figures.append(
+            (
+                "Worker starts per planner: cold, warm, pre-warmed",
+                _figure(
+                    [
+                        {
+                            "type": "bar",
+                            "name": kind,
+                            "x": planners,
+                            "y": [starts[p][kind] for p in planners],
+                        }
+                        for kind in ("cold", "warm", "prewarmed")
+                    ],
+                    {"barmode": "stack", "title": "Worker starts"},
+                ),
+            )
+        )
+    waits: dict[str, list[float]] = {"with taskdup": [], "without taskdup": []}
+    for history in histories:
+        arm = "with taskdup" if "taskdup" in history.run.optimizations else "without taskdup"
+        for task in history.tasks:
+            if len(history.edges.get(task.task_id, [])) > 1 or task.duplicated:
+                waits[arm].append(task.blocked_s + task.input_wait_s)
+    if waits["with taskdup"] and waits["without taskdup"]:
+        figures.append(
+            (
+                "Consumers' wait for inputs: median "
+                f"{_median(waits['without taskdup']) or 0:.3f}s without taskdup, "
+                f"{_median(waits['with taskdup']) or 0:.3f}s with",
+                _figure(
+                    [{"type": "box", "name": arm, "y": values} for arm, values in waits.items()],
+                    {"title": "Blocked + input-wait of multi-input tasks (s)"},
+                ),
+            )
+        )
+    counts: dict[str, list[dict[str, int]]] = defaultdict(list)
+    for history in histories:
+        if history.run.optimizations:
+            counts[planner_label(history)].append(optimization_counts(history))
+    if counts:
+        names = sorted({name for runs in counts.values() for c in runs for name in c})
+        figures.append(
+            (
+                "Median count of each optimization per run",
+                _figure(
+                    [
+                        {
+                            "type": "bar",
+                            "name": name,
+                            "x": sorted(counts),
+                            "y": [
+                                _median(c.get(name, 0) for c in counts[p]) for p in sorted(counts)
+                            ],
+                        }
+                        for name in names
+                    ],
+                    {"barmode": "group", "title": "Tasks marked per run (median)"},
+                ),
+            )
+        )
+    return figures
+
+
+def accuracy_figure(histories: list[RunHistory]) -> tuple[str, dict] | None:
+    ordered = sorted(histories, key=lambda h: h.run.submitted_at)
+    series: dict[str, tuple[list[int], list[float]]] = {"makespan": ([], []), "task time": ([], [])}
+    for index, history in enumerate(ordered):
+        for metric, value in prediction_errors(history).items():
+            if value is not None:
+                series[metric][0].append(index + 1)
+                series[metric][1].append(value * 100)
+    if not series["makespan"][1]:
+        return None
+    summary = ", ".join(
+        f"{metric} median {_median(values) or 0:.1f}%"
+        for metric, (_, values) in series.items()
+        if values
+    )
+    return (
+        f"Relative prediction error by run (oldest first): {summary}. Task time = inputs, "
+        "execution and upload of each task (its median per run); transfer and start-up have no "
+        "separate prediction stored, they are part of both.",
+        _figure(
+            [
+                {"type": "scatter", "mode": "lines+markers", "name": metric, "x": xs, "y": ys}
+                for metric, (xs, ys) in series.items()
+                if ys
+            ],
+            {"title": "|predicted - actual| / actual (%)", "xaxis": {"title": "run"}},
+        ),
+    )
+
+
+def sla_figure(histories: list[RunHistory]) -> tuple[str, dict] | None:
+    by_sla: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for history in histories:
+        run = history.run
+        if run.status == "succeeded" and run.makespan_s and run.predicted_makespan_s:
+            by_sla[run.sla].append((run.predicted_makespan_s, run.makespan_s))
+    if not by_sla:
+        return None
+    shares = {
+        sla: sum(1 for predicted, actual in pairs if actual <= predicted) / len(pairs)
+        for sla, pairs in by_sla.items()
+    }
+    text = "; ".join(
+        f"{sla}: {shares[sla]:.0%} of {len(pairs)} runs within prediction"
+        for sla, pairs in sorted(by_sla.items())
+    )
+    return (
+        text,
+        _figure(
+            [
+                {
+                    "type": "scatter",
+                    "mode": "markers",
+                    "name": f"{sla} ({shares[sla]:.0%} within)",
+                    "x": [p for p, _ in pairs],
+                    "y": [a for _, a in pairs],
+                }
+                for sla, pairs in sorted(by_sla.items())
+            ],
+            {
+                "title": "Measured vs predicted makespan (s): below the diagonal = within",
+                "xaxis": {"title": "predicted"},
+                "yaxis": {"title": "measured"},
+            },
+        ),
+    )
+
+
+def run_figures(history: RunHistory) -> list[tuple[str, dict]]:
+    plan = Plan.model_validate_json(history.plan_json) if history.plan_json else None
+    planned_path = {t for t, p in plan.tasks.items() if p.critical_path} if plan else set()
+    actual_path = critical_path(history)
+    depth = levels(history.edges)
+    records = {t.task_id: t for t in history.tasks}
+    workers = sorted({t.logical_worker or t.worker_id for t in history.tasks})
+    rows: dict[int, int] = defaultdict(int)
+    position = {}
+    for task_id in sorted(depth, key=lambda t: (depth[t], t)):
+        position[task_id] = (depth[task_id], rows[depth[task_id]])
+        rows[depth[task_id]] += 1
+    edge_x: list[float | None] = []
+    edge_y: list[float | None] = []
+    for task_id, upstream in history.edges.items():
+        for up in upstream:
+            if up in position and task_id in position:
+                edge_x += [position[up][0], position[task_id][0], None]
+                edge_y += [position[up][1], position[task_id][1], None]
+    data: list[dict] = [
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "x": edge_x,
+            "y": edge_y,
+            "name": "edges",
+            "line": {"color": "#bbb"},
+            "hoverinfo": "skip",
+        }
+    ]
+    for worker in workers:
+        ids = [
+            t
+            for t in position
+            if t in records and (records[t].logical_worker or records[t].worker_id) == worker
+        ]
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": worker[-12:],
+                "x": [position[t][0] for t in ids],
+                "y": [position[t][1] for t in ids],
+                "text": ids,
+                "marker": {"size": 12},
+            }
+        )
+    for label, path, color in (
+        ("planned critical path", planned_path, "#d62728"),
+        ("actual critical path", set(actual_path), "#111"),
+    ):
+        ids = [t for t in position if t in path]
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": label,
+                "x": [position[t][0] for t in ids],
+                "y": [position[t][1] for t in ids],
+                "marker": {
+                    "size": 20,
+                    "color": "rgba(0,0,0,0)",
+                    "line": {"width": 2, "color": color},
+                },
+                "hoverinfo": "skip",
+            }
+        )
+    dag = _figure(
+        data,
+        {
+            "title": "DAG by level, colored by worker",
+            "xaxis": {"title": "level"},
+            "yaxis": {"visible": False},
+        },
+    )
+    first = min((t.ready_at for t in history.tasks), default=history.run.submitted_at)
+    ordered = sorted(history.tasks, key=lambda t: t.started_at)
+    startup = {
+        w.logical_worker or w.worker_id: w.startup_s or 0.0
+        for w in history.workers
+        if w.outcome != "lost"
+    }
+    parts = {
+        "start-up (worker)": [
+            startup.get(t.logical_worker or t.worker_id, 0.0)
+            if i == 0 or ordered[i - 1].worker_id != t.worker_id
+            else 0.0
+            for i, t in enumerate(ordered)
+        ],
+        "invocation (ready)": [max(0.0, t.ready_at - first) for t in ordered],
+        "input-wait": [t.input_wait_s for t in ordered],
+        "execution": [t.ended_at - t.started_at for t in ordered],
+        "upload": [t.upload_s for t in ordered],
+    }
+    breakdown = _figure(
+        [
+            {
+                "type": "bar",
+                "orientation": "h",
+                "name": name,
+                "y": [t.task_id for t in ordered],
+                "x": values,
+            }
+            for name, values in parts.items()
+        ],
+        {
+            "barmode": "stack",
+            "title": "Time per task (s): when it became ready, then its parts",
+            "height": max(420, 18 * len(ordered)),
+        },
+    )
+    text = (
+        f"Run {history.run.run_id} ({history.run.workflow}, {history.run.planner}, SLA "
+        f"{history.run.sla}): makespan {history.run.makespan_s or 0:.2f}s, predicted "
+        f"{history.run.predicted_makespan_s or 0:.2f}s; actual critical path "
+        f"{' → '.join(actual_path) or 'unknown'}"
+    )
+    return [(text, dag), ("Time breakdown per task", breakdown)]
+
+
+# ---------------------------------------------------------------------------- assembly
+
+
+async def load_histories(
+    redis: Any, *, workflow: str | None, since: float | None, limit: int
+) -> list[RunHistory]:
+    found = []
+    for run_id in await run_ids(redis, workflow=workflow, limit=limit):
+        history = await read_run(redis, run_id)
+        if history is None or (since is not None and history.run.submitted_at < since):
+            continue
+        found.append(history)
+    return found
+
+
+def render(
+    histories: list[RunHistory], *, run_id: str | None = None, title: str = "dagkube report"
+) -> str:
+    """The HTML document (plotly.js embedded once)."""
+    from plotly.offline import get_plotlyjs
+
+    sections: dict[str, list[tuple[str, dict | None]]] = {key: [] for key in SECTIONS}
+    if histories:
+        rows = planner_rows(histories)
+        if len({r.planner for r in rows}) > 1:
+            baseline = "wukong" if any(r.planner == "wukong" for r in rows) else rows[0].planner
+            changes = deltas(rows, baseline)
+            text = "; ".join(
+                f"{r.planner}: makespan {changes[r.planner]['makespan_s']:+.0f}%, GB-s "
+                f"{changes[r.planner]['gb_s']:+.0f}%"
+                for r in rows
+                if r.planner != baseline
+            )
+            sections["planners"].append(
+                (f"Against {baseline} — {text}", planners_figure(rows, baseline))
+            )
+        sections["optimizations"] = list(optimization_figures(histories))
+        accuracy = accuracy_figure(histories)
+        if accuracy:
+            sections["accuracy"].append(accuracy)
+        sla = sla_figure(histories)
+        if sla:
+            sections["sla"].append(sla)
+        chosen = (
+            [h for h in histories if h.run.run_id == run_id]
+            if run_id
+            else [h for h in histories if h.run.status == "succeeded" and h.edges]
+        )
+        if chosen:
+            sections["run"] = list(run_figures(max(chosen, key=lambda h: h.run.submitted_at)))
+    figures: list[tuple[str, dict]] = []
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    if not histories:
+        body.append(
+            '<p class="empty" id="no-history">No runs in the history yet (or none match the '
+            f"filters). Run some first, e.g. <code>{html.escape(EXPERIMENT_HINT)}</code>.</p>"
+        )
+    else:
+        body.append(f"<p>{len(histories)} runs from the history.</p>")
+        for key, heading in SECTIONS.items():
+            body.append(f'<section id="{key}"><h2>{html.escape(heading)}</h2>')
+            if not sections[key]:
+                body.append(
+                    '<p class="empty">No runs with the data this section needs. Fill it with '
+                    f"<code>{html.escape(EXPERIMENT_HINT)}</code>.</p>"
+                )
+            for text, figure in sections[key]:
+                body.append(f"<p>{html.escape(text)}</p>")
+                if figure is not None:
+                    body.append(f'<div class="chart" id="chart-{len(figures)}"></div>')
+                    figures.append((text, figure))
+            body.append("</section>")
+    script = "\n".join(
+        f"Plotly.newPlot('chart-{i}', {json.dumps(f['data'])}, {json.dumps(f['layout'])}, "
+        "{responsive: true, displaylogo: false});"
+        for i, (_, f) in enumerate(figures)
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+section{{margin-top:2.5em}} .empty{{color:#777}} code{{background:#f3f3f3;padding:0 .3em}}</style>
+<script>window.dagkubeErrors=[];window.addEventListener('error',function(e){{
+window.dagkubeErrors.push(String(e.message));}});</script>
+<script>{get_plotlyjs()}</script></head>
+<body data-charts="{len(figures)}">
+{"".join(body)}
+<script>
+try {{
+{script}
+}} catch (e) {{ window.dagkubeErrors.push(String(e)); }}
+document.body.setAttribute('data-rendered', document.querySelectorAll('.js-plotly-plot').length);
+document.body.setAttribute('data-errors', JSON.stringify(window.dagkubeErrors));
+</script>
+</body></html>
+"""
