@@ -94,6 +94,34 @@ def sleepy(name: str, seconds: float, width: int) -> str:
     return SLEEPY.format(seconds=seconds, width=width, name=name)
 
 
+LONG_THEN_WIDE = """
+import time
+import dagkube
+
+
+@dagkube.task
+def prepare() -> list[int]:
+    time.sleep(3.0)
+    return list(range(4))
+
+
+@dagkube.task
+def part(items: list[int], index: int) -> int:
+    time.sleep(2.0)
+    return items[index] ** 2
+
+
+@dagkube.task
+def combine(parts: list[int]) -> int:
+    return sum(parts)
+
+
+def build() -> dagkube.Workflow:
+    items = prepare()
+    return dagkube.Workflow(combine([part(items, i) for i in range(4)]), name="long-then-wide")
+"""
+
+
 class Harness:
     """The emulated cluster, the kubelet, the operator process and a record of every Pod."""
 
@@ -418,7 +446,9 @@ async def test_prewarm_creates_a_pod_before_its_invocation_is_queued(
     try:
         # One run without prewarm first: the planner learns how long `prepare` and a cold
         # start take (without history it cannot tell when a pre-warmed Pod would be in time).
-        source = {"module": {"name": "examples.long_then_wide:build"}}
+        # A long task, then a fan-out of tasks long enough that one warm worker cannot drain
+        # the queue before pre-warmed Pods are up, even on a loaded machine.
+        source = {"inline": LONG_THEN_WIDE}
         await harness.create(workflow("long-then-wide-learn", source, planner={"name": "wukong"}))
         assert (await harness.wait_phase("long-then-wide-learn"))["phase"] == "Succeeded"
         body = workflow(
@@ -437,7 +467,10 @@ async def test_prewarm_creates_a_pod_before_its_invocation_is_queued(
 
     plan = Plan.model_validate_json(await store.get(hist_run(run_id, "plan")))
     meta = await store.hgetall(hist_run(run_id, "meta"))
-    assert status["workers"]["prewarmed"] >= 1, (plan.notes, plan.optimization_counts(), meta)
+    counters = {
+        k.decode(): v.decode() for k, v in meta.items() if k.startswith((b"prewarm", b"workers"))
+    }
+    assert status["workers"]["prewarmed"] >= 1, (plan.notes, plan.optimization_counts(), counters)
     records = [
         WorkerRecord.model_validate_json(raw)
         for raw in (await store.hgetall(hist_run(run_id, "workers"))).values()
