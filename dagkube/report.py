@@ -506,19 +506,26 @@ def render(
 
     sections: dict[str, list[tuple[str, dict | None]]] = {key: [] for key in SECTIONS}
     if histories:
-        rows = planner_rows(histories)
-        if len({r.planner for r in rows}) > 1:
+        by_workflow: dict[str, list[RunHistory]] = defaultdict(list)
+        for history in histories:
+            by_workflow[history.run.workflow].append(history)
+        # Planners are compared within a workflow; the workflows with the most runs first.
+        for workflow, runs in sorted(by_workflow.items(), key=lambda item: -len(item[1]))[:4]:
+            rows = planner_rows(runs)
+            if len(rows) < 2:
+                continue
             baseline = "wukong" if any(r.planner == "wukong" for r in rows) else rows[0].planner
             changes = deltas(rows, baseline)
             text = "; ".join(
-                f"{r.planner}: makespan {changes[r.planner]['makespan_s']:+.0f}%, GB-s "
+                f"{r.planner}: makespan {changes[r.planner]['makespan_s']:+.0f}%, execution "
+                f"{changes[r.planner]['execution_s']:+.0f}%, GB-s "
                 f"{changes[r.planner]['gb_s']:+.0f}%"
                 for r in rows
                 if r.planner != baseline
             )
-            sections["planners"].append(
-                (f"Against {baseline} — {text}", planners_figure(rows, baseline))
-            )
+            figure = planners_figure(rows, baseline)
+            figure["layout"]["title"] = f"{workflow}: {figure['layout']['title']}"
+            sections["planners"].append((f"{workflow}, against {baseline}: {text}", figure))
         sections["optimizations"] = list(optimization_figures(histories))
         accuracy = accuracy_figure(histories)
         if accuracy:
