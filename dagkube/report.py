@@ -556,11 +556,11 @@ def render(
                     '<p class="empty">No runs with the data this section needs. Fill it with '
                     f"<code>{html.escape(EXPERIMENT_HINT)}</code>.</p>"
                 )
-            for text, figure in sections[key]:
+            for text, chart in sections[key]:
                 body.append(f"<p>{html.escape(text)}</p>")
-                if figure is not None:
+                if chart is not None:
                     body.append(f'<div class="chart" id="chart-{len(figures)}"></div>')
-                    figures.append((text, figure))
+                    figures.append((text, chart))
             body.append("</section>")
     script = "\n".join(
         f"Plotly.newPlot('chart-{i}', {json.dumps(f['data'])}, {json.dumps(f['layout'])}, "

@@ -65,7 +65,11 @@ class CountingBackend(KubernetesBackend):
     metrics: OperatorMetrics
 
     async def start_worker(self, memory_mib: int, prewarm_for: str | None = None) -> WorkerHandle:
-        handle = await super().start_worker(memory_mib, prewarm_for)
+        try:
+            handle = await super().start_worker(memory_mib, prewarm_for)
+        except KubernetesBackendError:
+            self.metrics.api_errors.labels("create_pod").inc()
+            raise
         self.metrics.pods_created.labels(f"{memory_mib}Mi").inc()
         if prewarm_for:
             self.metrics.pods_prewarmed.inc()
@@ -100,6 +104,7 @@ class Operator:
         except client.ApiException as exc:
             if exc.status == 404:  # deleted meanwhile: nothing left to report on
                 return
+            self.metrics.api_errors.labels("patch_status").inc()
             raise kopf.TemporaryError(
                 f"cannot patch the status of {namespace}/{name}: {exc.status} {exc.reason}: "
                 f"{str(exc.body)[:500]}",
@@ -312,6 +317,7 @@ class Operator:
             ]
             await asyncio.gather(*(backend.discard(pod_name) for pod_name in doomed))
         except KubernetesBackendError as exc:
+            self.metrics.api_errors.labels("delete_pods").inc()
             log.warning("cannot remove the worker Pods of pool %s: %s", pool_for(uid), exc)
         keys = PoolKeys(pool_for(uid))
         classes = [int(c) for c in await self.redis.smembers(keys.classes)]
@@ -407,7 +413,13 @@ def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
     async def workflow_daemon(
         body: kopf.Body, stopped: kopf.DaemonStopped, logger: Any, **_: Any
     ) -> None:
-        await operator.supervise(body, stopped, logger)
+        try:
+            await operator.supervise(body, stopped, logger)
+        except (asyncio.CancelledError, kopf.TemporaryError):
+            raise
+        except Exception:
+            operator.metrics.reconcile_errors.inc()
+            raise
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, backoff=2.0)
     async def workflow_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:

@@ -63,6 +63,17 @@ class OperatorMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.api_errors = Counter(
+            "dagkube_operator_api_errors",
+            "Kubernetes API requests of the operator that failed, by operation",
+            ["operation"],
+            registry=self.registry,
+        )
+        self.reconcile_errors = Counter(
+            "dagkube_operator_reconcile_errors",
+            "Workflow daemons that stopped on an unexpected error (kopf retries them)",
+            registry=self.registry,
+        )
         self.planning_seconds = Histogram(
             "dagkube_operator_planning_seconds",
             "Time from a Workflow's first sight to its launched run (build, plan, launch)",
