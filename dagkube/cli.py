@@ -173,31 +173,37 @@ MAX_WORKERS_OPTION = click.option(
 )
 
 
+FILE_ARGUMENT = click.argument("file", type=click.Path(dir_okay=False))
+PLANNER_OPTION = click.option(
+    "--planner",
+    default="wukong",
+    show_default=True,
+    callback=_validated(check_planner),
+    help=f"Planner: {', '.join(PLANNER_NAMES)} (-opt: with its optimizations).",
+)
+OPTIMIZATIONS_OPTION = click.option(
+    "--optimizations",
+    default="",
+    callback=_validated(check_optimizations),
+    help="Optimizations to switch on, comma-separated (besides those of an -opt "
+    f"planner): {', '.join(OPTIMIZATIONS)}.",
+)
+SLA_OPTION = click.option(
+    "--sla",
+    default="avg",
+    show_default=True,
+    callback=_validated(parse_sla),
+    help=f"SLA: {ACCEPTED_SLAS}.",
+)
+
+
 def _shared_options(function: Any) -> Any:
     """The options ``run`` and ``plan`` share: what to plan with, and where."""
     options = [
-        click.argument("file", type=click.Path(dir_okay=False)),
-        click.option(
-            "--planner",
-            default="wukong",
-            show_default=True,
-            callback=_validated(check_planner),
-            help=f"Planner: {', '.join(PLANNER_NAMES)} (-opt: with its optimizations).",
-        ),
-        click.option(
-            "--optimizations",
-            default="",
-            callback=_validated(check_optimizations),
-            help="Optimizations to switch on, comma-separated (besides those of an -opt "
-            f"planner): {', '.join(OPTIMIZATIONS)}.",
-        ),
-        click.option(
-            "--sla",
-            default="avg",
-            show_default=True,
-            callback=_validated(parse_sla),
-            help=f"SLA: {ACCEPTED_SLAS}.",
-        ),
+        FILE_ARGUMENT,
+        PLANNER_OPTION,
+        OPTIMIZATIONS_OPTION,
+        SLA_OPTION,
         CLASSES_OPTION,
         REDIS_OPTION,
         MAX_WORKERS_OPTION,
@@ -788,28 +794,11 @@ NAMESPACE_OPTION = click.option(
 def _workflow_options(function: Any) -> Any:
     """What a Workflow's spec says besides its source (``submit`` and ``manifest``)."""
     options = [
-        click.argument("file", type=click.Path(dir_okay=False)),
+        FILE_ARGUMENT,
         NAMESPACE_OPTION,
-        click.option(
-            "--planner",
-            default="wukong",
-            show_default=True,
-            callback=_validated(check_planner),
-            help=f"Planner: {', '.join(PLANNER_NAMES)} (-opt: with its optimizations).",
-        ),
-        click.option(
-            "--optimizations",
-            default="",
-            callback=_validated(check_optimizations),
-            help=f"Optimizations to switch on, comma-separated: {', '.join(OPTIMIZATIONS)}.",
-        ),
-        click.option(
-            "--sla",
-            default="avg",
-            show_default=True,
-            callback=_validated(parse_sla),
-            help=f"SLA: {ACCEPTED_SLAS}.",
-        ),
+        PLANNER_OPTION,
+        OPTIMIZATIONS_OPTION,
+        SLA_OPTION,
         CLASSES_OPTION,
         click.option("--image", default=None, help="Worker image [default: the operator's]."),
         click.option(
