@@ -262,7 +262,15 @@ def run(
             _progress(show_progress, len(wf.dag.tasks), wf.name) as on_progress,
         ):
             if metrics_port is not None:
-                _serve_metrics(rt.url, metrics_port, pools=[rt.pool])
+                backend = rt.backend
+                assert backend is not None
+                _serve_metrics(
+                    rt.url,
+                    metrics_port,
+                    "--metrics-port",
+                    pools=[rt.pool],
+                    workers_alive=backend.alive,
+                )
             chosen = rt.plan(wf.dag, planner, sla, classes, optimizations=optimizations)
             result = rt.run(wf.dag, chosen, timeout_s=timeout, on_progress=on_progress)
         record = result.record
@@ -738,21 +746,34 @@ def report(
         err.print(f"wrote {output} ({what})")
 
 
-def _serve_metrics(redis_url: str, port: int, pools: list[str] | None = None) -> Any:
-    """Start the Prometheus exporter on ``port`` (a daemon thread); a taken port is bad input."""
+def _serve_metrics(
+    redis_url: str,
+    port: int,
+    option: str,
+    pools: list[str] | None = None,
+    workers_alive: Any = None,
+) -> Any:
+    """Start the Prometheus exporter on ``port`` (daemon threads: it serves until the command
+    exits). Redis must answer first; a taken port is bad input, named by ``option``."""
     import redis as sync_redis
     from prometheus_client import CollectorRegistry, start_http_server
 
     from dagkube.metrics.exporter import RunHistoryCollector
+    from dagkube.runtime.connection import redact
 
+    try:
+        client = sync_redis.Redis.from_url(redis_url, socket_connect_timeout=5)
+        client.ping()
+    except (ValueError, sync_redis.RedisError, OSError) as exc:
+        raise RedisUnavailable(
+            f"Cannot read the run history at {redact(redis_url)}: {exc}"
+        ) from None
     registry = CollectorRegistry()
-    registry.register(RunHistoryCollector(sync_redis.Redis.from_url(redis_url), pools or []))
+    registry.register(RunHistoryCollector(client, pools or [], workers_alive=workers_alive))
     try:
         return start_http_server(port, registry=registry)
     except OSError as exc:
-        raise InvalidOption(
-            f"--metrics-port {port}: cannot listen there ({exc.strerror})"
-        ) from None
+        raise InvalidOption(f"{option} {port}: cannot listen there ({exc.strerror})") from None
 
 
 @main.group()
@@ -761,21 +782,35 @@ def metrics() -> None:
 
 
 @metrics.command("serve")
-@click.option("--port", type=click.IntRange(min=1, max=65535), default=9464, show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(min=1, max=65535),
+    default=9464,
+    show_default=True,
+    help="Port of the /metrics endpoint (all interfaces).",
+)
 @REDIS_OPTION
 def metrics_serve(port: int, redis_url: str | None) -> None:
-    """Serve /metrics for the run history of a Redis until interrupted (Ctrl-C)."""
+    """Serve /metrics for the run history of a Redis until interrupted (Ctrl-C).
+
+    Each scrape folds in the runs it has not seen yet; the live state of worker pools
+    (queue depth, workers by state) comes from `dagkube run --metrics-port` and the
+    operator, which own pools.
+    """
     from dagkube.runtime.embedded import EmbeddedRedis
 
     with _errors(), contextlib.ExitStack() as stack:
         url = redis_url or stack.enter_context(EmbeddedRedis())
-        _serve_metrics(url, port)
+        server, thread = _serve_metrics(url, port, "--port")
         err.print(f"serving Prometheus metrics on http://0.0.0.0:{port}/metrics (Ctrl-C stops)")
         try:
-            while True:
-                time.sleep(3600)
+            while thread.is_alive():
+                thread.join(3600)
         except KeyboardInterrupt:
             err.print("stopped")
+        finally:
+            server.shutdown()
+            server.server_close()
 
 
 # ---------------------------------------------------------------------------- Kubernetes

@@ -79,8 +79,15 @@ async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None) ->
     api = None
     try:
         redis = holder["redis"] = await _redis_when_ready(config)
-        # The run history of every Workflow (and local runs sharing this Redis) on /metrics.
-        metrics.registry.register(RunHistoryCollector(sync_redis.Redis.from_url(config.redis_url)))
+        # The run history of every Workflow (and local runs sharing this Redis) on /metrics,
+        # with the live state of the pools of Running Workflows.
+        metrics.registry.register(
+            RunHistoryCollector(
+                sync_redis.Redis.from_url(config.redis_url),
+                metrics.pools,
+                workers_alive=metrics.workers_alive,
+            )
+        )
         api = await connect_api(config.kube_api_url, user_agent=f"{USER_AGENT}/{__version__}")
         operator = Operator(config=config, redis=redis, api=api, metrics=metrics)
         registry = kopf.OperatorRegistry()

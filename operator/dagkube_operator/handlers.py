@@ -252,6 +252,7 @@ class Operator:
         backend = self.backend(spec, namespace=namespace, name=name, uid=uid, run_id=run_id)
         scaler = Scaler(self.redis, pool_for(uid), backend)
         scaling = asyncio.create_task(scaler.run(), name=f"scaler {namespace}/{name}")
+        self.metrics.live_pools[pool_for(uid)] = backend  # its live state on /metrics
         started = st.parse_timestamp(status.get("startTime")) or time.time()
         deadline = started + spec.timeout_s if spec.timeout_s else None
         cancelled_at: float | None = None
@@ -280,6 +281,7 @@ class Operator:
                     # Workers busy in a long task do not reach a task boundary: end it here.
                     await self._force_end(run_id)
         finally:
+            self.metrics.live_pools.pop(pool_for(uid), None)
             scaler.stop()
             scaling.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

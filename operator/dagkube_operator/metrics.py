@@ -74,6 +74,9 @@ class OperatorMetrics:
             "Workflow daemons that stopped on an unexpected error (kopf retries them)",
             registry=self.registry,
         )
+        # Worker pools the operator scales now (pool -> its backend): their queue depth and
+        # workers by state are on /metrics (dagkube.metrics.exporter).
+        self.live_pools: dict[str, Any] = {}
         self.planning_seconds = Histogram(
             "dagkube_operator_planning_seconds",
             "Time from a Workflow's first sight to its launched run (build, plan, launch)",
@@ -87,6 +90,13 @@ class OperatorMetrics:
 
     def forget(self, uid: str) -> None:
         self.phases.pop(uid, None)
+
+    def pools(self) -> list[str]:
+        return list(self.live_pools)
+
+    def workers_alive(self) -> list[Any]:
+        """Workers the live pools' backends created and know alive."""
+        return [handle for backend in list(self.live_pools.values()) for handle in backend.alive()]
 
 
 class HealthServer:
