@@ -91,29 +91,45 @@ def deltas(rows: list[PlannerRow], baseline: str) -> dict[str, dict[str, float]]
     return found
 
 
+ACCURACY_METRICS = ("makespan", "execution", "transfer", "start-up")
+MIN_MEASURED_S = 0.005  # below this a relative error is noise: the run is left out
+
+
+def _relative_error(predicted: float | None, actual: float | None) -> float | None:
+    if predicted is None or actual is None or actual < MIN_MEASURED_S:
+        return None
+    return abs(predicted - actual) / actual
+
+
 def prediction_errors(history: RunHistory) -> dict[str, float | None]:
-    """Relative errors of one run: makespan, and the medians over its tasks of execution and
-    transfer (download + upload) against the plan's predictions, and of worker start-up."""
+    """Relative errors of one run against its plan: the makespan, and the run's totals of task
+    execution, transfer (downloads + uploads) and worker start-up (invocation queued -> taken).
+    None where the plan predicted no such part (plans from before these were stored) or the
+    run measured less than MIN_MEASURED_S of it."""
     run = history.run
-    makespan = (
-        abs(run.predicted_makespan_s - run.makespan_s) / run.makespan_s
-        if run.predicted_makespan_s and run.makespan_s
-        else None
-    )
-    execution = None
-    if history.plan_json:
-        plan = Plan.model_validate_json(history.plan_json)
-        errors = []
-        for task in history.tasks:
-            planned = plan.tasks.get(task.task_id)
-            if planned is None or planned.predicted_start_s is None:
-                continue
-            predicted = (planned.predicted_end_s or 0.0) - planned.predicted_start_s
-            actual = task.ended_at - task.ready_at  # inputs, execution, upload
-            if predicted > 0 and actual > 0.01:
-                errors.append(abs(predicted - actual) / actual)
-        execution = _median(errors)
-    return {"makespan": makespan, "task time": execution}
+    errors: dict[str, float | None] = dict.fromkeys(ACCURACY_METRICS)
+    errors["makespan"] = _relative_error(run.predicted_makespan_s, run.makespan_s)
+    if not history.plan_json:
+        return errors
+    plan = Plan.model_validate_json(history.plan_json)
+    matched = [(plan.tasks[t.task_id], t) for t in history.tasks if t.task_id in plan.tasks]
+    if matched and all(p.predicted_exec_s is not None for p, _ in matched):
+        errors["execution"] = _relative_error(
+            sum(p.predicted_exec_s or 0.0 for p, _ in matched),
+            sum(t.ended_at - t.started_at for _, t in matched),
+        )
+        errors["transfer"] = _relative_error(
+            sum(
+                (p.predicted_download_s or 0.0) + (p.predicted_upload_s or 0.0) for p, _ in matched
+            ),
+            sum(t.download_s + t.upload_s for _, t in matched),
+        )
+    startups = [w.startup_s for w in history.workers if not w.resumed and w.startup_s is not None]
+    if plan.workers and all(w.predicted_startup_s is not None for w in plan.workers):
+        errors["start-up"] = _relative_error(
+            sum(w.predicted_startup_s or 0.0 for w in plan.workers), sum(startups)
+        )
+    return errors
 
 
 def optimization_counts(history: RunHistory) -> dict[str, int]:
@@ -186,6 +202,31 @@ def planners_figure(rows: list[PlannerRow], baseline: str) -> dict:
     )
 
 
+def preload_start_offsets(histories: list[RunHistory]) -> dict[str, dict[str, list[float]]]:
+    """Per workflow: when the tasks that pre-load served began executing (seconds after the
+    run's submission), in runs with pre-load and, for the same task ids, in runs without."""
+    served: dict[str, set[str]] = defaultdict(set)
+    for history in histories:
+        for task in history.tasks:
+            if task.preloaded:
+                served[history.run.workflow].add(task.task_id)
+    found: dict[str, dict[str, list[float]]] = {}
+    for workflow, task_ids in sorted(served.items()):
+        arms: dict[str, list[float]] = {"without preload": [], "with preload": []}
+        for history in histories:
+            if history.run.workflow != workflow or history.run.status != "succeeded":
+                continue
+            arm = "with preload" if "preload" in history.run.optimizations else "without preload"
+            arms[arm] += [
+                t.started_at - history.run.submitted_at
+                for t in history.tasks
+                if t.task_id in task_ids
+            ]
+        if all(arms.values()):
+            found[workflow] = arms
+    return found
+
+
 def optimization_figures(histories: list[RunHistory]) -> list[tuple[str, dict]]:
     figures: list[tuple[str, dict]] = []
     fan_in = [t for h in histories for t in h.tasks if len(h.edges.get(t.task_id, [])) > 1]
@@ -202,6 +243,26 @@ def optimization_figures(histories: list[RunHistory]) -> list[tuple[str, dict]]:
                         {"type": "box", "name": "with preload", "y": with_preload},
                     ],
                     {"title": "Input-wait of fan-in tasks (s)"},
+                ),
+            )
+        )
+    offsets = preload_start_offsets(histories)
+    if offsets:
+        figures.append(
+            (
+                "Execution start of the tasks pre-load served, from the run's submission: "
+                + "; ".join(
+                    f"{workflow} median {_median(arms['without preload']) or 0:.3f}s without "
+                    f"preload, {_median(arms['with preload']) or 0:.3f}s with"
+                    for workflow, arms in offsets.items()
+                ),
+                _figure(
+                    [
+                        {"type": "box", "name": f"{workflow}: {arm}", "y": values}
+                        for workflow, arms in offsets.items()
+                        for arm, values in arms.items()
+                    ],
+                    {"title": "Task execution start after submission (s), with vs without preload"},
                 ),
             )
         )
@@ -295,9 +356,14 @@ def optimization_figures(histories: list[RunHistory]) -> list[tuple[str, dict]]:
     return figures
 
 
+def _axis(letter: str, number: int) -> str:
+    """Plotly's name of the n-th x or y axis of a grid: x, x2, x3…"""
+    return letter if number == 1 else f"{letter}{number}"
+
+
 def accuracy_figure(histories: list[RunHistory]) -> tuple[str, dict] | None:
     ordered = sorted(histories, key=lambda h: h.run.submitted_at)
-    series: dict[str, tuple[list[int], list[float]]] = {"makespan": ([], []), "task time": ([], [])}
+    series: dict[str, tuple[list[int], list[float]]] = {m: ([], []) for m in ACCURACY_METRICS}
     for index, history in enumerate(ordered):
         for metric, value in prediction_errors(history).items():
             if value is not None:
@@ -306,21 +372,44 @@ def accuracy_figure(histories: list[RunHistory]) -> tuple[str, dict] | None:
     if not series["makespan"][1]:
         return None
     summary = ", ".join(
-        f"{metric} median {_median(values) or 0:.1f}%"
+        f"{metric} median {_median(values) or 0:.1f}% ({len(values)} runs)"
         for metric, (_, values) in series.items()
         if values
     )
     return (
-        f"Relative prediction error by run (oldest first): {summary}. Task time = inputs, "
-        "execution and upload of each task (its median per run); transfer and start-up have no "
-        "separate prediction stored, they are part of both.",
+        f"Relative prediction error by run (oldest first): {summary}. Execution, transfer "
+        "(downloads + uploads) and start-up (invocation queued until a worker takes it) are "
+        "each run's totals against its plan's; a run that measured under "
+        f"{MIN_MEASURED_S * 1000:.0f} ms of a part is left out of that line.",
         _figure(
             [
-                {"type": "scatter", "mode": "lines+markers", "name": metric, "x": xs, "y": ys}
-                for metric, (xs, ys) in series.items()
-                if ys
+                {
+                    "type": "scatter",
+                    "mode": "lines+markers",
+                    "name": metric,
+                    "x": xs,
+                    "y": ys,
+                    "xaxis": _axis("x", number),
+                    "yaxis": _axis("y", number),
+                }
+                for number, (metric, (xs, ys)) in enumerate(series.items(), start=1)
             ],
-            {"title": "|predicted - actual| / actual (%)", "xaxis": {"title": "run"}},
+            {
+                "title": "|predicted - actual| / actual (%) by run, one panel per metric",
+                "grid": {"rows": 2, "columns": 2, "pattern": "independent"},
+                "height": 620,
+                "annotations": [
+                    {
+                        "text": metric,
+                        "showarrow": False,
+                        "xref": _axis("x", number) + " domain",
+                        "yref": _axis("y", number) + " domain",
+                        "x": 0.5,
+                        "y": 1.08,
+                    }
+                    for number, metric in enumerate(series, start=1)
+                ],
+            },
         ),
     )
 

@@ -107,8 +107,11 @@ class TaskPlan(BaseModel):
     memory_mib: int
     worker_id: str | None = None  # None: a flexible worker runs it (wukong-style)
     optimizations: list[Optimization] = Field(default_factory=list)
-    predicted_start_s: float | None = None
-    predicted_end_s: float | None = None
+    predicted_start_s: float | None = None  # its worker takes it
+    predicted_end_s: float | None = None  # its output is stored and its consumers told
+    predicted_download_s: float | None = None  # fetching its inputs (not the pre-loaded ones)
+    predicted_exec_s: float | None = None
+    predicted_upload_s: float | None = None  # 0 when the output stays on its worker
     critical_path: bool = False
 
 
@@ -122,6 +125,7 @@ class WorkerPlan(BaseModel):
     predicted_start_s: float
     predicted_end_s: float
     tasks: int
+    predicted_startup_s: float | None = None  # invocation queued -> the worker takes it
 
 
 class Plan(BaseModel):

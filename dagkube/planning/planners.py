@@ -168,14 +168,7 @@ def _build(
     elif predictor.used_defaults:
         notes.append("defaults used for: " + ", ".join(sorted(predictor.used_defaults)))
     tasks = {
-        task_id: TaskPlan(
-            memory_mib=memory[task_id],
-            worker_id=worker_of[task_id],
-            predicted_start_s=round(timing.tasks[task_id].start_s, 6),
-            predicted_end_s=round(timing.tasks[task_id].complete_s, 6),
-            critical_path=task_id in critical,
-            optimizations=marks.get(task_id, []),
-        )
+        task_id: _task_plan(task_id, memory, worker_of, timing, task_id in critical, marks)
         for task_id in dag.tasks
     }
     return Plan(
@@ -194,6 +187,7 @@ def _build(
                 predicted_start_s=round(a.start_s, 6),
                 predicted_end_s=round(a.end_s, 6),
                 tasks=len(a.tasks),
+                predicted_startup_s=round(a.ready_s - a.queued_s, 6),
             )
             for a in timing.activities
         ],
@@ -204,6 +198,28 @@ def _build(
         history_samples=predictor.sample_count,
         optimizations=list(options.optimizations),
         notes=notes,
+    )
+
+
+def _task_plan(
+    task_id: str,
+    memory: dict[str, int],
+    worker_of: dict[str, str | None],
+    timing: Timing,
+    critical: bool,
+    marks: dict[str, list[Optimization]],
+) -> TaskPlan:
+    predicted = timing.tasks[task_id]
+    return TaskPlan(
+        memory_mib=memory[task_id],
+        worker_id=worker_of[task_id],
+        predicted_start_s=round(predicted.start_s, 6),
+        predicted_end_s=round(predicted.complete_s, 6),
+        predicted_download_s=round(predicted.download_s, 6),
+        predicted_exec_s=round(predicted.end_s - predicted.exec_start_s, 6),
+        predicted_upload_s=round(predicted.upload_s, 6),
+        critical_path=critical,
+        optimizations=marks.get(task_id, []),
     )
 
 

@@ -42,6 +42,8 @@ class TaskTiming:
     exec_start_s: float = 0.0
     end_s: float = 0.0  # execution ended
     complete_s: float = 0.0  # output uploaded (if needed) and dependencies counted
+    download_s: float = 0.0  # fetching inputs in the foreground (pre-loads not counted)
+    upload_s: float = 0.0  # storing the output, when it must be stored
     worker: int = -1  # simulated physical worker
     trigger: str | None = None  # the task whose completion let this one start (critical path)
 
@@ -336,7 +338,8 @@ class _Simulation:
         timing.start_s = time_s
         timing.trigger = trigger
         fetched = sum(self.out_bytes[d] for d in remote if d not in preloaded)
-        timing.exec_start_s = time_s + TASK_OVERHEAD_S + self.p.transfer_s(fetched)
+        timing.download_s = self.p.transfer_s(fetched)
+        timing.exec_start_s = time_s + TASK_OVERHEAD_S + timing.download_s
         available = 0.0  # pre-loads run one after another as their inputs complete
         for dep in sorted(preloaded, key=lambda d: self.timing[d].complete_s):
             available = max(available, self.timing[dep].complete_s)
@@ -360,8 +363,8 @@ class _Simulation:
         stored = output_must_be_stored(
             self.dag, task_id, self.worker_of.__getitem__, task_id in self.clustered
         )
-        upload = self.p.transfer_s(self.out_bytes[task_id]) if stored else 0.0
-        self._complete_at(timing.end_s + upload, worker, task_id)
+        timing.upload_s = self.p.transfer_s(self.out_bytes[task_id]) if stored else 0.0
+        self._complete_at(timing.end_s + timing.upload_s, worker, task_id)
 
     def _complete_at(self, time_s: float, worker: _Worker, task_id: str) -> None:
         self.timing[task_id].complete_s = time_s
@@ -390,7 +393,9 @@ class _Simulation:
     def _on_delay_timeout(self, time_s: float, worker: _Worker, task_id: str, fan_in: str) -> None:
         if self.delay_waiting.get(fan_in) == (worker, task_id):
             del self.delay_waiting[fan_in]
-            self._complete_at(time_s + self.p.transfer_s(self.out_bytes[task_id]), worker, task_id)
+            upload_s = self.p.transfer_s(self.out_bytes[task_id])
+            self.timing[task_id].upload_s = upload_s
+            self._complete_at(time_s + upload_s, worker, task_id)
 
     def _on_complete(self, time_s: float, worker: _Worker, task_id: str) -> None:
         self.done += 1

@@ -235,6 +235,30 @@ def test_plans_carry_predictions_and_provenance():
         assert task.predicted_end_s >= task.predicted_start_s
 
 
+def test_plans_split_each_task_into_download_execution_and_upload():
+    """The parts the report checks separately add up to the task's predicted span, and the
+    worker start-ups are the cold and warm samples."""
+    wf = fan(3)
+    options = PlanningOptions(
+        [2048], history=history({"prep": 0.1, "work": 1.0, "join": 0.2}, output=4_000_000)
+    )
+    result = plan(wf.dag, "wukong", options)
+    for task_id, task in result.tasks.items():
+        parts = task.predicted_download_s + task.predicted_exec_s + task.predicted_upload_s
+        assert task.predicted_end_s - task.predicted_start_s == pytest.approx(
+            parts + TASK_OVERHEAD_S, abs=1e-5
+        ), task_id
+    assert result.tasks["work#1"].predicted_exec_s == pytest.approx(1.0)
+    # prep's output goes to three workers: stored; the join downloads the outputs made
+    # elsewhere and stores its own (a run output).
+    assert result.tasks["prep#0"].predicted_upload_s > 0
+    assert result.tasks["join#0"].predicted_download_s > 0
+    assert result.tasks["join#0"].predicted_upload_s > 0
+    startups = [w.predicted_startup_s for w in result.workers]
+    assert startups[0] == pytest.approx(COLD)  # the first worker is spawned for the source
+    assert all(s == pytest.approx(COLD) or s == pytest.approx(WARM) for s in startups)
+
+
 def test_validation_rejects_plans_the_runtime_cannot_run():
     wf = fan(2)
     good = plan(wf.dag, "uniform", PlanningOptions([512, 1024]))
