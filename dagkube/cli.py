@@ -13,7 +13,7 @@ import importlib.util
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +48,16 @@ It may also define verify(result), called with the outputs after a successful ru
 
 
 class LoadedWorkflow:
-    def __init__(self, workflow: Workflow, verify: Any) -> None:
+    """A workflow file's Workflow, its ``verify`` (or None), and how to get a fresh Workflow
+    for each run of an experiment: ``build()`` again when the file defines it (a build may
+    draw random inputs), else the same Workflow."""
+
+    def __init__(
+        self, workflow: Workflow, verify: Any, build: Callable[[], Workflow] | None = None
+    ) -> None:
         self.workflow = workflow
         self.verify = verify
+        self.build = build or (lambda: workflow)
 
 
 def load_workflow_file(path: str) -> LoadedWorkflow:
@@ -77,15 +84,25 @@ def load_workflow_file(path: str) -> LoadedWorkflow:
         raise InvalidWorkflow(f"Importing {path!r} failed: {type(exc).__name__}: {exc}") from exc
     cloudpickle.register_pickle_by_value(module)
     candidate = getattr(module, "workflow", None)
+    build = None
     if candidate is None and callable(getattr(module, "build", None)):
-        candidate = module.build()
+        first: list[Workflow] = []
+
+        def build() -> Workflow:
+            if first:  # the Workflow built to check the file serves the first run
+                return first.pop()
+            built = module.build()
+            return built if isinstance(built, Workflow) else Workflow(built, name=file.stem)
+
+        candidate = build()
+        first.append(candidate)
     if candidate is None:
         raise InvalidWorkflow(
             f"{path!r} defines neither a module-level 'workflow' nor a 'build()' function"
         )
     if not isinstance(candidate, Workflow):
         candidate = Workflow(candidate, name=file.stem)
-    return LoadedWorkflow(candidate, getattr(module, "verify", None))
+    return LoadedWorkflow(candidate, getattr(module, "verify", None), build)
 
 
 def describe_value(value: Any, limit: int = 120) -> str:
@@ -522,7 +539,7 @@ def experiment(
 
     with _errors():
         chosen, levels = check_matrix(_split(planners), _split(slas))
-        wf = load_workflow_file(file).workflow  # a bad file fails before anything starts
+        loaded = load_workflow_file(file)  # a bad file fails before anything starts
         total = len(chosen) * len(levels) * repeat
         done = [0]
         with (
@@ -536,7 +553,7 @@ def experiment(
                     progress(done[0], total)
 
             result = run_experiment(
-                lambda: wf,
+                loaded.build,
                 rt,
                 chosen,
                 levels,
@@ -544,38 +561,52 @@ def experiment(
                 classes=classes,
                 cold=cold,
                 on_sample=on_sample,
+                verify=loaded.verify,
             )
+        rejected = [s for s in result.samples if s.verify_error]
         if as_json:
             out.print_json(json.dumps(result.to_dict()))
-            return
-        table = Table(title=f"Experiment: {total} runs of {Path(file).name}")
-        for column in (
-            "planner",
-            "SLA",
-            "runs",
-            "median makespan",
-            "median GB-s",
-            "cold/warm (pre-warmed)",
-            "median pred. error",
-            "within prediction",
-            "optimizations per run (median)",
-        ):
-            table.add_column(column, justify="left" if column in ("planner", "SLA") else "right")
-        for s in result.summaries():
-            table.add_row(
-                s.planner,
-                s.sla,
-                f"{s.runs}" + (f" ({s.failed} failed)" if s.failed else ""),
-                _fmt(s.median_makespan_s, "{:.3f}s"),
-                _fmt(s.median_gb_s, "{:.3f}"),
-                f"{s.workers_cold}/{s.workers_warm} ({s.workers_prewarmed})",
-                _fmt(s.median_prediction_error, "{:.1%}"),
-                _fmt(s.sla_attainment, "{:.0%}"),
-                ", ".join(f"{n} {c:g}" for n, c in s.median_optimizations.items() if c)
-                + (f"; {s.tasks_duplicated} dup run(s)" if s.tasks_duplicated else "")
-                or "-",
+        else:
+            out.print(_experiment_table(result, f"Experiment: {total} runs of {Path(file).name}"))
+        if rejected:
+            first = rejected[0]
+            err.print(
+                f"[red]verify() rejected the outputs of {len(rejected)} of "
+                f"{len(result.samples)} runs[/red] (first: run {first.run_id}, {first.planner} "
+                f"{first.sla}: {first.verify_error})"
             )
-        out.print(table)
+            raise SystemExit(1)
+
+
+def _experiment_table(result: Any, title: str) -> Table:
+    table = Table(title=title)
+    for column in (
+        "planner",
+        "SLA",
+        "runs",
+        "median makespan",
+        "median GB-s",
+        "cold/warm (pre-warmed)",
+        "median pred. error",
+        "within prediction",
+        "optimizations per run (median)",
+    ):
+        table.add_column(column, justify="left" if column in ("planner", "SLA") else "right")
+    for s in result.summaries():
+        table.add_row(
+            s.planner,
+            s.sla,
+            f"{s.runs}" + (f" ({s.failed} failed)" if s.failed else ""),
+            _fmt(s.median_makespan_s, "{:.3f}s"),
+            _fmt(s.median_gb_s, "{:.3f}"),
+            f"{s.workers_cold}/{s.workers_warm} ({s.workers_prewarmed})",
+            _fmt(s.median_prediction_error, "{:.1%}"),
+            _fmt(s.sla_attainment, "{:.0%}"),
+            ", ".join(f"{n} {c:g}" for n, c in s.median_optimizations.items() if c)
+            + (f"; {s.tasks_duplicated} dup run(s)" if s.tasks_duplicated else "")
+            or "-",
+        )
+    return table
 
 
 def _describe_params(params: dict[str, Any]) -> str:

@@ -6,10 +6,10 @@ an experiment both measures the planners and feeds them.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from dagkube.errors import InvalidOption, TaskFailed
 from dagkube.planning import PLANNER_NAMES, check_planner
@@ -34,6 +34,7 @@ class Sample:
     workers_prewarmed: int = 0
     tasks_duplicated: int = 0
     optimizations: dict[str, int] = field(default_factory=dict)  # marks in the run's plan
+    verify_error: str = ""  # the workflow's verify() rejected this run's outputs
 
     @property
     def prediction_error(self) -> float | None:
@@ -136,10 +137,14 @@ def run_experiment(
     classes=None,
     cold: bool = False,
     on_sample: Callable[[Sample], None] | None = None,
+    verify: Callable[[Any], None] | None = None,
 ) -> Experiment:
     """Run every (planner, SLA) ``repeat`` times, interleaved so drift affects all alike.
 
+    ``build`` is called for each run (a fresh Workflow: a build may draw random inputs).
     ``cold``: stop every idle worker before each run, so each run starts cold.
+    ``verify``: called with the outputs of each succeeded run; what it raises is kept in
+    the sample's ``verify_error``.
     """
     planners, slas = check_matrix(planners, slas)
     if repeat < 1:
@@ -151,8 +156,17 @@ def run_experiment(
                 if cold:
                     runtime.cool_down()
                 wf = build()
-                with contextlib.suppress(TaskFailed):  # a failed run is a sample too
-                    wf.run(planner, sla, classes, runtime=runtime)
+                verify_error = ""
+                try:
+                    outputs = wf.run(planner, sla, classes, runtime=runtime)
+                except TaskFailed:  # a failed run is a sample too
+                    pass
+                else:
+                    if verify is not None:
+                        try:
+                            verify(outputs)
+                        except Exception as exc:  # kept with the sample, reported by the caller
+                            verify_error = f"{type(exc).__name__}: {exc}"
                 record = wf.last_run.record
                 sample = Sample(
                     planner=planner,
@@ -168,6 +182,7 @@ def run_experiment(
                     workers_prewarmed=record.workers_prewarmed,
                     tasks_duplicated=record.tasks_duplicated,
                     optimizations=wf.last_plan.optimization_counts() if wf.last_plan else {},
+                    verify_error=verify_error,
                 )
                 experiment.samples.append(sample)
                 if on_sample:

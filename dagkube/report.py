@@ -12,11 +12,12 @@ import html
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from dagkube.metrics.history import RunHistory, read_run, run_ids
+from dagkube.metrics.records import TaskRecord
 from dagkube.planning.model import Plan
 
 SECTIONS = {
@@ -202,70 +203,85 @@ def planners_figure(rows: list[PlannerRow], baseline: str) -> dict:
     )
 
 
-def preload_start_offsets(histories: list[RunHistory]) -> dict[str, dict[str, list[float]]]:
-    """Per workflow: when the tasks that pre-load served began executing (seconds after the
-    run's submission), in runs with pre-load and, for the same task ids, in runs without."""
-    served: dict[str, set[str]] = defaultdict(set)
+Arms = dict[str, dict[str, list[float]]]  # workflow -> "with X" / "without X" -> values
+
+
+def with_and_without(
+    histories: list[RunHistory],
+    optimization: str,
+    served: Callable[[TaskRecord], bool],
+    value: Callable[[RunHistory, TaskRecord], float],
+) -> Arms:
+    """Per workflow where ``optimization`` served some task (``served``): ``value`` of those
+    task ids in the succeeded runs that switched it on and in those that did not. Only
+    workflows with both arms are kept: a comparison needs the same tasks on both sides."""
+    task_ids: dict[str, set[str]] = defaultdict(set)
     for history in histories:
         for task in history.tasks:
-            if task.preloaded:
-                served[history.run.workflow].add(task.task_id)
-    found: dict[str, dict[str, list[float]]] = {}
-    for workflow, task_ids in sorted(served.items()):
-        arms: dict[str, list[float]] = {"without preload": [], "with preload": []}
+            if served(task):
+                task_ids[history.run.workflow].add(task.task_id)
+    found: Arms = {}
+    for workflow, ids in sorted(task_ids.items()):
+        arms: dict[str, list[float]] = {f"without {optimization}": [], f"with {optimization}": []}
         for history in histories:
             if history.run.workflow != workflow or history.run.status != "succeeded":
                 continue
-            arm = "with preload" if "preload" in history.run.optimizations else "without preload"
-            arms[arm] += [
-                t.started_at - history.run.submitted_at
-                for t in history.tasks
-                if t.task_id in task_ids
+            on = optimization in history.run.optimizations
+            arms[f"with {optimization}" if on else f"without {optimization}"] += [
+                value(history, t) for t in history.tasks if t.task_id in ids and not t.duplicate
             ]
         if all(arms.values()):
             found[workflow] = arms
     return found
 
 
+def _arms_text(arms: Arms) -> str:
+    return "; ".join(
+        f"{workflow}: "
+        + ", ".join(
+            f"{arm} median {_median(values) or 0:.3f}s, mean {statistics.fmean(values):.3f}s "
+            f"({len(values)} tasks)"
+            for arm, values in by_arm.items()
+        )
+        for workflow, by_arm in arms.items()
+    )
+
+
+def _arms_figure(arms: Arms, title: str) -> dict:
+    return _figure(
+        [
+            {"type": "box", "name": f"{workflow}: {arm}", "y": values, "boxmean": True}
+            for workflow, by_arm in arms.items()
+            for arm, values in by_arm.items()
+        ],
+        {"title": title},
+    )
+
+
 def optimization_figures(histories: list[RunHistory]) -> list[tuple[str, dict]]:
     figures: list[tuple[str, dict]] = []
-    fan_in = [t for h in histories for t in h.tasks if len(h.edges.get(t.task_id, [])) > 1]
-    with_preload = [t.input_wait_s for t in fan_in if t.preloaded]
-    without = [t.input_wait_s for t in fan_in if not t.preloaded]
-    if with_preload and without:
-        figures.append(
-            (
-                f"Fan-in input-wait: median {_median(without) or 0:.3f}s without preload, "
-                f"{_median(with_preload) or 0:.3f}s with",
-                _figure(
-                    [
-                        {"type": "box", "name": "without preload", "y": without},
-                        {"type": "box", "name": "with preload", "y": with_preload},
-                    ],
-                    {"title": "Input-wait of fan-in tasks (s)"},
-                ),
-            )
-        )
-    offsets = preload_start_offsets(histories)
-    if offsets:
-        figures.append(
-            (
-                "Execution start of the tasks pre-load served, from the run's submission: "
-                + "; ".join(
-                    f"{workflow} median {_median(arms['without preload']) or 0:.3f}s without "
-                    f"preload, {_median(arms['with preload']) or 0:.3f}s with"
-                    for workflow, arms in offsets.items()
-                ),
-                _figure(
-                    [
-                        {"type": "box", "name": f"{workflow}: {arm}", "y": values}
-                        for workflow, arms in offsets.items()
-                        for arm, values in arms.items()
-                    ],
-                    {"title": "Task execution start after submission (s), with vs without preload"},
-                ),
-            )
-        )
+    preloaded = [
+        (
+            "input-wait",
+            with_and_without(
+                histories, "preload", lambda t: bool(t.preloaded), lambda h, t: t.input_wait_s
+            ),
+            "Input-wait of the tasks pre-load served (s)",
+        ),
+        (
+            "execution start after the run's submission",
+            with_and_without(
+                histories,
+                "preload",
+                lambda t: bool(t.preloaded),
+                lambda h, t: t.started_at - h.run.submitted_at,
+            ),
+            "Execution start of the tasks pre-load served, after submission (s)",
+        ),
+    ]
+    for what, arms, title in preloaded:
+        if arms:
+            figures.append((f"Pre-load, {what}: {_arms_text(arms)}", _arms_figure(arms, title)))
     leads = []
     for history in histories:
         started = {t.task_id: t.started_at for t in history.tasks}
@@ -310,22 +326,18 @@ def optimization_figures(histories: list[RunHistory]) -> list[tuple[str, dict]]:
                 ),
             )
         )
-    waits: dict[str, list[float]] = {"with taskdup": [], "without taskdup": []}
-    for history in histories:
-        arm = "with taskdup" if "taskdup" in history.run.optimizations else "without taskdup"
-        for task in history.tasks:
-            if len(history.edges.get(task.task_id, [])) > 1 or task.duplicated:
-                waits[arm].append(task.blocked_s + task.input_wait_s)
-    if waits["with taskdup"] and waits["without taskdup"]:
+    waits = with_and_without(
+        histories,
+        "taskdup",
+        lambda t: bool(t.duplicated),
+        lambda h, t: t.blocked_s + t.input_wait_s,
+    )
+    if waits:
         figures.append(
             (
-                "Consumers' wait for inputs: median "
-                f"{_median(waits['without taskdup']) or 0:.3f}s without taskdup, "
-                f"{_median(waits['with taskdup']) or 0:.3f}s with",
-                _figure(
-                    [{"type": "box", "name": arm, "y": values} for arm, values in waits.items()],
-                    {"title": "Blocked + input-wait of multi-input tasks (s)"},
-                ),
+                "Task duplication, the wait of the consumers whose late upstream it re-ran "
+                f"(blocked + input-wait): {_arms_text(waits)}",
+                _arms_figure(waits, "Consumers' wait for their inputs (s)"),
             )
         )
     counts: dict[str, list[dict[str, int]]] = defaultdict(list)

@@ -17,19 +17,22 @@ export DAGKUBE_HOME="$out/home"
 repeat=${REPEAT:-4}
 dk=.venv/bin/dagkube
 
-# Pre-warm needs cold starts worth hiding: a 2 s start-up, every idle worker stopped before
-# each run (like Pods scheduled onto a node).
+# Every run starts cold (--cold stops the idle workers first): otherwise whichever planner
+# runs after another one that used different classes pays cold starts the others do not.
+#
+# Pre-warm needs cold starts worth hiding: a 2 s start-up, like Pods scheduled onto a node,
+# and room for the six parallel parts.
 $dk experiment examples/long_then_wide.py --planners wukong,wukong-opt,non-uniform,non-uniform-opt \
-    --slas avg,p90 --repeat "$repeat" --startup-delay 2 --cold
+    --slas avg,p90 --repeat "$repeat" --startup-delay 2 --max-workers 10 --cold
 # Non-uniform's resource savings, and what each SLA buys.
 $dk experiment examples/unequal_branches.py --planners wukong,uniform,non-uniform \
-    --slas avg,p90,p95,p99 --repeat "$repeat"
+    --slas avg,p90,p95,p99 --repeat "$repeat" --cold
 # Pre-load: 4 x 16 MB into one fan-in.
 $dk experiment examples/large_fanin.py --planners wukong,uniform,uniform-opt --slas avg,p90 \
-    --repeat "$repeat"
-# Task duplication: a third of the runs hit a 3 s stall upstream of the consumer.
+    --repeat "$repeat" --cold
+# Task duplication: each run's build draws whether its fetch hits a 3 s stall (1 in 3).
 $dk experiment examples/straggler.py --planners uniform,uniform-opt --slas p50 \
-    --repeat $((repeat * 2))
+    --repeat $((repeat * 3)) --cold
 
 $dk report -o "$out/report.html"
 if [ "${SCREENSHOTS:-0}" = 1 ]; then

@@ -41,6 +41,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+from redis.exceptions import RedisError
 
 from dagkube.metrics.records import RunRecord, TaskRecord, WorkerRecord
 from dagkube.runtime.keys import HIST_ALL_RUNS, PoolKeys, hist_run
@@ -609,7 +610,7 @@ class RunHistoryCollector(Collector):
             try:
                 self._fold_new_runs()
                 live = list(self._live())
-            except Exception as exc:  # Redis away: serve what is folded, say so
+            except (RedisError, OSError) as exc:  # Redis away: serve what is folded, say so
                 log.warning("metrics: cannot read Redis: %s: %s", type(exc).__name__, exc)
                 up, live = 0, []
             yield from self._totals.families()
@@ -642,7 +643,8 @@ class RunHistoryCollector(Collector):
                 or time.monotonic() - began > self.max_fold_seconds
             ):
                 break
-            chunk, new = new[:CHUNK], new[CHUNK:]
+            size = min(CHUNK, self.max_runs_per_scrape - runs)
+            chunk, new = new[:size], new[size:]
             records += self._fold_chunk(chunk)
             runs += len(chunk)
         self._backlog = len(new)
@@ -674,8 +676,7 @@ class RunHistoryCollector(Collector):
         metas = pipe.execute()
         runs: list[RunRecord] = []
         for run_id, meta in zip(run_ids, metas, strict=True):
-            self._seen.add(run_id)  # also one whose history was trimmed: nothing to fold
-            if not meta:
+            if not meta:  # its history was trimmed: nothing to fold
                 continue
             try:
                 runs.append(RunRecord.from_hash({k.decode(): v.decode() for k, v in meta.items()}))
@@ -688,6 +689,9 @@ class RunHistoryCollector(Collector):
             if run.optimizations:
                 pipe.get(hist_run(run.run_id, "plan"))
         answers = iter(pipe.execute())
+        # Read in full: from here on folding does no I/O, so every run is folded (or skipped
+        # as unreadable) exactly once. A Redis error above leaves them for the next scrape.
+        self._seen.update(run_ids)
         parsed = 0
         for run in runs:
             tasks, workers = next(answers), next(answers)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import psutil
@@ -245,6 +246,41 @@ def test_experiment_compares_planners(redis_server):
     assert "exited (code" not in opt.stderr  # no worker crashed
     bad = run_cli("experiment", example, "--planners", "uniform-fast", env=env)
     assert bad.returncode == 2 and "'uniform-fast' is unknown" in bad.stderr
+
+
+def test_experiment_builds_each_run_afresh_and_verifies_its_outputs(redis_server, tmp_path):
+    """build() is called once per run (here each build numbers its input), verify() sees
+    every run's outputs, and a rejected output fails the experiment with the run named."""
+    (tmp_path / "numbered.py").write_text(
+        textwrap.dedent(
+            """
+            import itertools
+            import dagkube
+
+            builds = itertools.count()
+
+            @dagkube.task
+            def double(x):
+                return 2 * x
+
+            def build():
+                return dagkube.Workflow(double(next(builds)), name="numbered")
+
+            def verify(result):
+                assert result != 4, "the third build's output is rejected"
+            """
+        )
+    )
+    env = {"DAGKUBE_REDIS_URL": redis_server.url}
+    args = ("experiment", str(tmp_path / "numbered.py"), "--planners", "wukong", "--slas", "avg")
+    good = run_cli(*args, "--repeat", "2", "--json", env=env)
+    assert good.returncode == 0, good.stderr
+    assert all(s["verify_error"] == "" for s in json.loads(good.stdout)["samples"])
+    bad = run_cli(*args, "--repeat", "3", env=env)
+    assert bad.returncode == 1, bad.stderr
+    message = " ".join(bad.stderr.split())
+    assert "verify() rejected the outputs of 1 of 3 runs" in message
+    assert "AssertionError: the third build's output is rejected" in message
 
 
 def test_manifest_prints_a_workflow_the_crd_accepts() -> None:

@@ -96,7 +96,8 @@ def test_report_renders_offline_with_every_section(db_url, tmp_path: Path) -> No
     accuracy = dom.stdout.split('<section id="accuracy">')[1].split("</section>")[0]
     for metric in ("makespan", "execution", "transfer", "start-up"):
         assert re.search(rf"{metric} median [0-9.]+% \(\d+ runs\)", accuracy), metric
-    assert "Execution start of the tasks pre-load served" in dom.stdout
+    assert "Pre-load, input-wait: large-fanin" in dom.stdout
+    assert "Pre-load, execution start after the run" in dom.stdout
     # The one-run section drew the DAG and the time breakdown of a real run.
     run_section = dom.stdout.split('<section id="run">')[1]
     assert "actual critical path" in run_section and "js-plotly-plot" in run_section
