@@ -376,23 +376,37 @@ def _axis(letter: str, number: int) -> str:
 def accuracy_figure(histories: list[RunHistory]) -> tuple[str, dict] | None:
     ordered = sorted(histories, key=lambda h: h.run.submitted_at)
     series: dict[str, tuple[list[int], list[float]]] = {m: ([], []) for m in ACCURACY_METRICS}
+    mean_sla: dict[str, list[float]] = {m: [] for m in ACCURACY_METRICS}
     for index, history in enumerate(ordered):
         for metric, value in prediction_errors(history).items():
             if value is not None:
                 series[metric][0].append(index + 1)
                 series[metric][1].append(value * 100)
+                if history.run.sla == "avg":
+                    mean_sla[metric].append(value * 100)
     if not series["makespan"][1]:
         return None
-    summary = ", ".join(
-        f"{metric} median {_median(values) or 0:.1f}% ({len(values)} runs)"
-        for metric, (_, values) in series.items()
-        if values
+
+    def summary(found: dict[str, list[float]]) -> str:
+        return ", ".join(
+            f"{metric} median {_median(values) or 0:.1f}% ({len(values)} runs)"
+            for metric, values in found.items()
+            if values
+        )
+
+    text = (
+        "Relative prediction error by run (oldest first): "
+        f"{summary({m: ys for m, (_, ys) in series.items()})}."
     )
+    if mean_sla["makespan"] and len(mean_sla["makespan"]) < len(series["makespan"][1]):
+        text += (
+            f" Runs planned at SLA avg only: {summary(mean_sla)} (a pNN plan predicts each part "
+            "at that percentile of its samples, so it overshoots a typical run on purpose)."
+        )
     return (
-        f"Relative prediction error by run (oldest first): {summary}. Execution, transfer "
-        "(downloads + uploads) and start-up (invocation queued until a worker takes it) are "
-        "each run's totals against its plan's; a run that measured under "
-        f"{MIN_MEASURED_S * 1000:.0f} ms of a part is left out of that line.",
+        f"{text} Execution, transfer (downloads + uploads) and start-up (invocation queued "
+        "until a worker takes it) are each run's totals against its plan's; a run that "
+        f"measured under {MIN_MEASURED_S * 1000:.0f} ms of a part is left out of that line.",
         _figure(
             [
                 {
