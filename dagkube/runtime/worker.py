@@ -163,6 +163,11 @@ class Worker:
 
     # ----------------------------------------------------------------- lifecycle
     async def main(self) -> None:
+        # SIGTERM (scale-down, Pod deletion, cool-down, our parent exiting): stop where we are
+        # and run the clean-up below, so no registration is left for the scaler to expire.
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGTERM, self._terminate, asyncio.current_task()
+        )
         self.redis = await connect(self.config.redis_url)
         self.reader = BulkReader(self.config.redis_url)
         for name in ("COMPLETE", "FAIL", "FINISH"):
@@ -180,9 +185,14 @@ class Worker:
                 while invocation is not None:
                     invocation, status = await self._serve(invocation, cold, status)
                     cold = False
-            await self._report_unused_prewarm()
         finally:
             heartbeat.cancel()
+            try:
+                await self._report_unused_prewarm()
+            except (redis_exceptions.RedisError, OSError) as exc:
+                log.warning(
+                    "worker %s: cannot report an unused pre-warm: %s", self.config.worker_id, exc
+                )
             with contextlib.suppress(Exception):
                 async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.hdel(self.pool.workers, self.config.worker_id)
@@ -196,6 +206,11 @@ class Worker:
             self.reader.close()
             self.executor.shutdown(wait=False)
             self.preload_executor.shutdown(wait=False)
+
+    def _terminate(self, main: asyncio.Task | None) -> None:
+        self.stopping = True
+        if main is not None:
+            main.cancel()
 
     async def _report_unused_prewarm(self) -> None:
         """A worker pre-warmed for a run that never served it: charge its life to that run."""
@@ -1025,7 +1040,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         _die_with_parent(int(parent))
     worker = Worker(config)
 
-    def stop(*_: object) -> None:
+    def stop(*_: object) -> None:  # until Worker.main installs its own: nothing to clean up
         worker.stopping = True
         raise SystemExit(0)
 
@@ -1037,4 +1052,6 @@ def main(argv: Iterable[str] | None = None) -> int:
         asyncio.run(worker.main())
     except KeyboardInterrupt:
         return 130
+    except asyncio.CancelledError:  # SIGTERM once running: cleaned up, a normal stop
+        return 0
     return 0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import dagkube
-from dagkube.runtime.keys import RunKeys, hist_run
+from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run, worker_heartbeat
 from tests.conftest import wait_until
 from tests.tasks import add, total
 
@@ -113,6 +113,23 @@ def test_warm_workers_are_reused_then_idle_ones_exit(make_runtime):
     wait_until(lambda: not rt.worker_pids(), 15, "idle workers to exit")
     assert wf.run(runtime=rt) == 6
     assert wf.last_run.record.workers_cold == 1
+
+
+def test_sigterm_stops_workers_cleanly_leaving_no_registration(make_runtime, redis_client):
+    """Stopped with SIGTERM (cool-down, scale-down, Pod deletion), an idle worker exits 0
+    and removes its own registration and heartbeat: nothing is left for the scaler to take
+    for a lost worker."""
+    rt = make_runtime(max_workers=2)
+    wf = dagkube.Workflow([add(1, 2), add(3, 4)], name="it-sigterm")
+    assert wf.run(runtime=rt) == [3, 7]
+    ids = list(rt.worker_pids())
+    workers = PoolKeys(rt.pool).workers
+    wait_until(lambda: redis_client.hlen(workers) == len(ids), 15, "every worker to register")
+    procs = dict(rt.backend._procs)
+    rt.cool_down()
+    assert [procs[i][0].returncode for i in ids] == [0] * len(ids)
+    assert redis_client.hlen(workers) == 0
+    assert not any(redis_client.exists(worker_heartbeat(i)) for i in ids)
 
 
 def test_failing_task_raises_task_failed_with_remote_traceback(runtime):
