@@ -123,7 +123,9 @@ class KubernetesBackend:
         self._discarded: set[str] = set()  # deleted on purpose: their end is no news
         self._synced = False
 
-    async def start_worker(self, memory_mib: int, prewarm_for: str | None = None) -> WorkerHandle:
+    async def start_worker(
+        self, memory_mib: int, prewarm_for: str | None = None, demand_for: str | None = None
+    ) -> WorkerHandle:
         if not self._synced:
             await self._list()  # adopt existing Pods and skip their serials
         name = worker_pod_name(self._name_key, memory_mib, self._next_serial)
@@ -145,6 +147,7 @@ class KubernetesBackend:
             labels=self.labels,
             startup_delay_s=self.startup_delay_s,
             prewarm_for=prewarm_for,
+            demand_for=demand_for,
         )
         created = await self._call(
             f"create worker Pod {name!r}",

@@ -111,14 +111,17 @@ def build_worker_pod(
     labels: dict[str, str] | None = None,
     startup_delay_s: float = 0.0,
     prewarm_for: str | None = None,
+    demand_for: str | None = None,
 ) -> dict[str, Any]:
     """The Pod manifest of one worker of class ``memory_mib`` serving ``pool``.
 
     ``redis_url_secret`` is (Secret name, key) of the full Redis URL, password included: it
     reaches the worker through a secretKeyRef, never as a literal in the manifest.
     ``spawned_at`` (epoch seconds) is when the scaler asked for the Pod: the worker measures
-    its cold start from it. ``owner`` is the Workflow the Pod belongs to (garbage-collected
-    with it); ``labels`` are extra labels, which cannot override the fixed vocabulary.
+    its cold start from it. ``prewarm_for`` / ``demand_for``: the run the Pod is created for
+    (a pre-warm request, a queued invocation), charged if the worker never serves. ``owner``
+    is the Workflow the Pod belongs to (garbage-collected with it); ``labels`` are extra
+    labels, which cannot override the fixed vocabulary.
     """
     secret_name, secret_key = redis_url_secret
     millicores = cpu_millicores(memory_mib, memory_per_cpu_mib, max_cpu)
@@ -142,6 +145,8 @@ def build_worker_pod(
         env.append({"name": "DAGKUBE_STARTUP_DELAY_S", "value": str(startup_delay_s)})
     if prewarm_for:
         env.append({"name": "DAGKUBE_PREWARM_RUN", "value": prewarm_for})
+    elif demand_for:
+        env.append({"name": "DAGKUBE_DEMAND_RUN", "value": demand_for})
     metadata: dict[str, Any] = {
         "name": name,
         "namespace": namespace,

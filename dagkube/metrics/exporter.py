@@ -61,14 +61,17 @@ MAX_RUNS_PER_SCRAPE = 200
 MAX_RECORDS_PER_SCRAPE = 50_000  # task + worker records parsed
 MAX_FOLD_SECONDS = 5.0
 CHUNK = 25  # runs per Redis round trip
-# Pre-warm counters a run's history meta may still receive after the run ended: a pre-warm
-# request due late, a pre-warmed worker that idles out unused. Runs that switched pre-warm on
-# are re-read for these fields (one HMGET each) until SETTLE_S after they finished.
+# Counters a run's history meta may still receive after the run ended: a pre-warm request
+# due late, a worker created for the run that exits unused (a pre-warmed one, or one created
+# for an invocation another worker took first). Finished runs are re-read for these fields
+# (one HMGET each) until SETTLE_S after they finished.
 LATE_FIELDS = {
     "prewarm_requested": "dagkube_prewarm_requests",
     "prewarm_started": "dagkube_prewarm_started",
     "prewarm_wasted": "dagkube_prewarm_wasted",
     "prewarm_wasted_gb_s": "dagkube_prewarm_wasted_gigabyte_seconds",
+    "workers_unused": "dagkube_workers_unused",
+    "workers_unused_gb_s": "dagkube_workers_unused_gigabyte_seconds",
 }
 SETTLE_S = 900.0
 MAX_SETTLING_RUNS = 2000
@@ -203,6 +206,19 @@ HISTORY_SPECS: tuple[Spec, ...] = (
         SECONDS,
     ),
     Spec("dagkube_workers_lost", "counter", "Workers lost mid-invocation (work re-queued)", WORKER),
+    Spec(
+        "dagkube_workers_unused",
+        "counter",
+        "Workers created for a run's queued invocation that another worker took first, and "
+        "that exited without serving anything",
+        RUN,
+    ),
+    Spec(
+        "dagkube_workers_unused_gigabyte_seconds",
+        "counter",
+        "Lifetime of those unused workers, GB x seconds (charged to the run, not in its GB-s)",
+        RUN,
+    ),
     # resources
     Spec(
         "dagkube_gigabyte_seconds",
@@ -449,6 +465,8 @@ class _Totals:
             ("dagkube_prewarm_used", run.workers_prewarmed),
             ("dagkube_prewarm_wasted", run.prewarm_wasted),
             ("dagkube_prewarm_wasted_gigabyte_seconds", run.prewarm_wasted_gb_s),
+            ("dagkube_workers_unused", run.workers_unused),
+            ("dagkube_workers_unused_gigabyte_seconds", run.workers_unused_gb_s),
             ("dagkube_tasks_duplicated", run.tasks_duplicated),
             ("dagkube_duplicates_won", run.duplicates_won),
         ):
@@ -594,7 +612,7 @@ class RunHistoryCollector(Collector):
         self._totals = _Totals()
         self._backlog = 0
         self._folded = 0
-        # run id -> (labels, late fields as last folded, re-read until)
+        # run id -> (labels, late fields as last folded, re-read until): recently finished runs
         self._settling: dict[str, tuple[LabelValues, dict[str, float], float]] = {}
         self._lock = threading.Lock()
 
@@ -650,7 +668,7 @@ class RunHistoryCollector(Collector):
         self._backlog = len(new)
 
     def _settle(self) -> None:
-        """Fold what the late fields of recently finished pre-warm runs gained since."""
+        """Fold what the late fields of recently finished runs gained since."""
         if not self._settling:
             return
         ids = list(self._settling)
@@ -709,7 +727,7 @@ class RunHistoryCollector(Collector):
                 continue
             self._folded += 1
             ended = run.finished_at or run.submitted_at
-            if "prewarm" in run.optimizations and time.time() < ended + SETTLE_S:
+            if time.time() < ended + SETTLE_S:
                 if len(self._settling) >= MAX_SETTLING_RUNS:
                     del self._settling[next(iter(self._settling))]
                 labels = (run.workflow, planner_label(run), run.sla)

@@ -115,6 +115,8 @@ class RunRecord(BaseModel):
     prewarm_started: int = 0  # of those, created by the scaler (within the worker cap)
     prewarm_wasted: int = 0  # pre-warmed workers that exited unused (idle timeout)
     prewarm_wasted_gb_s: float = 0.0  # their lifetime, charged here (not in gb_s)
+    workers_unused: int = 0  # created for a queued invocation another worker took first
+    workers_unused_gb_s: float = 0.0  # their lifetime, charged here (not in gb_s)
     tasks_duplicated: int = 0  # duplicates started (taskdup)
     duplicates_won: int = 0  # duplicates that completed before the original
     failed_task: str | None = None

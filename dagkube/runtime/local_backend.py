@@ -56,7 +56,9 @@ class LocalBackend:
         self._terminated: set[str] = set()
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    async def start_worker(self, memory_mib: int, prewarm_for: str | None = None) -> WorkerHandle:
+    async def start_worker(
+        self, memory_mib: int, prewarm_for: str | None = None, demand_for: str | None = None
+    ) -> WorkerHandle:
         worker_id = f"{self.pool}-{memory_mib}-{self._tag}{next(self._counter)}"
         spawned_at = time.time()
         env = dict(os.environ)
@@ -94,6 +96,8 @@ class LocalBackend:
             env["DAGKUBE_STARTUP_DELAY_S"] = str(self.startup_delay_s)
         if prewarm_for:
             env["DAGKUBE_PREWARM_RUN"] = prewarm_for
+        elif demand_for:
+            env["DAGKUBE_DEMAND_RUN"] = demand_for
         log_file = open(self.log_dir / f"{worker_id}.log", "ab")  # noqa: SIM115 (child owns it)
         try:
             proc = subprocess.Popen(

@@ -38,9 +38,13 @@ class Backend(Protocol):
 
     max_workers: int
 
-    async def start_worker(self, memory_mib: int, prewarm_for: str | None = None) -> WorkerHandle:
+    async def start_worker(
+        self, memory_mib: int, prewarm_for: str | None = None, demand_for: str | None = None
+    ) -> WorkerHandle:
         """Create a worker of the class; ``prewarm_for`` names the run whose pre-warm request
-        asked for it ahead of demand (the worker charges its wait to that run)."""
+        asked for it ahead of demand, ``demand_for`` the run whose queued invocation it was
+        created for. A worker that exits without serving anything charges its life to that
+        run."""
         ...
 
     def alive(self) -> list[WorkerHandle]:
@@ -218,10 +222,20 @@ class Scaler:
             room = self.backend.max_workers - total
             if room < demand:
                 await self._make_room(memory, demand - max(room, 0), classes, counts)
-            for _ in range(max(0, min(demand, room))):
-                await self.backend.start_worker(memory)
+            count = max(0, min(demand, room))
+            for run in await self._runs_waiting(memory, count):
+                await self.backend.start_worker(memory, demand_for=run)
                 self.workers_started += 1
                 total += 1
+
+    async def _runs_waiting(self, memory: int, count: int) -> list[str | None]:
+        """The runs of the ``count`` newest queued invocations of the class: older ones go to
+        idle and starting workers first (the queue is taken from its oldest end)."""
+        if count <= 0:
+            return []
+        raw = await self.redis.lrange(self.keys.queue(memory), 0, count - 1)
+        runs: list[str | None] = [json.loads(item).get("run") or None for item in raw]
+        return runs + [None] * (count - len(runs))
 
     async def _make_room(
         self, memory: int, wanted: int, classes: list[int], counts: list[int]

@@ -59,6 +59,7 @@ class WorkerConfig:
     heartbeat_ttl_s: float = 10.0
     spawned_at: float | None = None
     prewarm_run: str | None = None  # created by this run's pre-warm request
+    demand_run: str | None = None  # created for a queued invocation of this run
 
 
 def serialize(value: Any) -> bytes:
@@ -188,11 +189,9 @@ class Worker:
         finally:
             heartbeat.cancel()
             try:
-                await self._report_unused_prewarm()
+                await self._report_unused()
             except (redis_exceptions.RedisError, OSError) as exc:
-                log.warning(
-                    "worker %s: cannot report an unused pre-warm: %s", self.config.worker_id, exc
-                )
+                log.warning("worker %s: cannot report being unused: %s", self.config.worker_id, exc)
             with contextlib.suppress(Exception):
                 async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.hdel(self.pool.workers, self.config.worker_id)
@@ -212,15 +211,18 @@ class Worker:
         if main is not None:
             main.cancel()
 
-    async def _report_unused_prewarm(self) -> None:
-        """A worker pre-warmed for a run that never served it: charge its life to that run."""
-        run = self.config.prewarm_run
+    async def _report_unused(self) -> None:
+        """A worker created for a run (its pre-warm request, or a queued invocation that a
+        worker already running took first) that never served anything: charge its life to
+        that run, so unused workers are counted somewhere."""
+        run = self.config.prewarm_run or self.config.demand_run
         if not run or self.served_any or self.config.spawned_at is None:
             return
         gb_s = (time.time() - self.config.spawned_at) * self.config.memory_mib / 1024
+        kind = "prewarm_wasted" if self.config.prewarm_run else "workers_unused"
         add = self.redis.register_script(scripts.ADD_TO_RUN)
-        await add(args=[run, "prewarm_wasted", 1, "prewarm_wasted_gb_s", gb_s])
-        log.info("run %s: pre-warmed worker was not used (%.2f GB-s)", run, gb_s)
+        await add(args=[run, kind, 1, f"{kind}_gb_s", gb_s])
+        log.info("run %s: worker created for it was not used (%s, %.2f GB-s)", run, kind, gb_s)
 
     async def _beat(self) -> None:
         ttl_ms = int(self.config.heartbeat_ttl_s * 1000)
@@ -1015,6 +1017,7 @@ def parse_args(argv: Iterable[str] | None = None) -> WorkerConfig:
         parser.error("DAGKUBE_REDIS_URL is not set")
     spawned = os.environ.get("DAGKUBE_SPAWNED_AT")
     prewarm_run = os.environ.get("DAGKUBE_PREWARM_RUN") or None
+    demand_run = os.environ.get("DAGKUBE_DEMAND_RUN") or None
     return WorkerConfig(
         redis_url=url,
         pool=args.pool,
@@ -1026,6 +1029,7 @@ def parse_args(argv: Iterable[str] | None = None) -> WorkerConfig:
         heartbeat_ttl_s=max(5.0, args.heartbeat * 5),
         spawned_at=float(spawned) if spawned else None,
         prewarm_run=prewarm_run,
+        demand_run=demand_run,
     )
 
 

@@ -64,9 +64,11 @@ class CountingBackend(KubernetesBackend):
 
     metrics: OperatorMetrics
 
-    async def start_worker(self, memory_mib: int, prewarm_for: str | None = None) -> WorkerHandle:
+    async def start_worker(
+        self, memory_mib: int, prewarm_for: str | None = None, demand_for: str | None = None
+    ) -> WorkerHandle:
         try:
-            handle = await super().start_worker(memory_mib, prewarm_for)
+            handle = await super().start_worker(memory_mib, prewarm_for, demand_for)
         except KubernetesBackendError:
             self.metrics.api_errors.labels("create_pod").inc()
             raise

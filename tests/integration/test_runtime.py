@@ -280,6 +280,52 @@ def test_startup_delay_makes_local_cold_starts_cost_what_pods_do(make_runtime, r
     assert wf.last_run.record.workers_warm == 1 and wf.last_run.record.makespan_s < 1.0
 
 
+@dagkube.task
+def nap(x: int, seconds: float = 0.1) -> int:
+    time.sleep(seconds)
+    return x
+
+
+def test_workers_created_for_a_run_but_never_used_are_charged_to_it(make_runtime, redis_client):
+    """A fan-out of short tasks with a 1 s start-up: the first worker runs every part before
+    the workers the scaler created for them are ready. Those exit unused after their idle
+    timeout and charge their lifetime to the run (not to its GB-s), and the report counts it."""
+    from dagkube.metrics.history import read_run
+    from dagkube.metrics.records import RunRecord
+    from dagkube.report import charged_gb_s
+    from dagkube.runtime.connection import connect
+
+    rt = make_runtime(max_workers=4, startup_delay_s=1.0, idle_timeout_s=0.5)
+    root = nap(0)
+    wf = dagkube.Workflow(total([add(root, i) for i in range(4)]), name="it-unused")
+    assert wf.run("wukong", runtime=rt) == 6
+    record = wf.last_run.record
+    assert record.workers_cold == 1 and record.workers_unused == 0  # not known yet
+    meta_key = hist_run(record.run_id, "meta")
+
+    def charged() -> RunRecord | None:
+        meta = {k.decode(): v.decode() for k, v in redis_client.hgetall(meta_key).items()}
+        found = RunRecord.from_hash(meta)
+        return found if found.workers_unused >= 1 else None
+
+    later = wait_until(charged, 20, "unused workers to charge the run")
+    # Each lived at least its 1 s start-up and its 0.5 s idle timeout, at 1 GiB (wukong).
+    assert later.workers_unused_gb_s >= later.workers_unused * 1.5 * 1.0
+    assert later.gb_s == record.gb_s  # the run's own GB-s unchanged
+    wait_until(lambda: not rt.worker_pids(), 20, "every worker to exit")
+
+    async def history():
+        redis = await connect(rt.redis_url)
+        try:
+            return await read_run(redis, record.run_id)
+        finally:
+            await redis.aclose()
+
+    found = rt.call(history())
+    assert found is not None
+    assert charged_gb_s(found) >= record.gb_s + later.workers_unused_gb_s
+
+
 def test_a_requeued_invocation_is_counted_once_when_its_first_worker_finishes_too(redis_client):
     """A worker the scaler took for lost (heartbeat expired) may still finish: its invocation
     was re-queued meanwhile, so only the copy may end it; the run must not end early."""

@@ -116,6 +116,10 @@ def test_optional_environment_only_when_asked():
     extra = env(pod(startup_delay_s=1.5, prewarm_for="run-1"))
     assert extra["DAGKUBE_STARTUP_DELAY_S"]["value"] == "1.5"
     assert extra["DAGKUBE_PREWARM_RUN"]["value"] == "run-1"
+    assert "DAGKUBE_DEMAND_RUN" not in plain and "DAGKUBE_DEMAND_RUN" not in extra
+    demand = env(pod(demand_for="run-2"))
+    assert demand["DAGKUBE_DEMAND_RUN"]["value"] == "run-2"
+    assert "DAGKUBE_PREWARM_RUN" not in demand
 
 
 def test_pod_is_locked_down():
