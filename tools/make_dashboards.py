@@ -433,6 +433,18 @@ WORKERS = [
         "stat",
         {"lost": "sum(dagkube_workers_lost_total) or vector(0)"},
     ),
+    panel(
+        "Workers created for a run but never used, by planner: count and GB-seconds",
+        "table",
+        {
+            "workers": "sum by (planner) (dagkube_workers_unused_total)",
+            "GB-s": "sum by (planner) (dagkube_workers_unused_gigabyte_seconds_total)",
+        },
+        x_field="planner",
+        description="The scaler creates a worker per queued invocation; when a worker already "
+        "running takes the invocation first, the new one idles until its timeout. Its lifetime "
+        "is charged to the run it was created for, outside the run's own GB-seconds.",
+    ),
 ]
 
 
