@@ -585,7 +585,7 @@ def _experiment_table(result: Any, title: str) -> Table:
         "SLA",
         "runs",
         "median makespan",
-        "median GB-s",
+        "median GB-s (+unused)",
         "cold/warm (pre-warmed)",
         "median pred. error",
         "within prediction",
@@ -598,7 +598,8 @@ def _experiment_table(result: Any, title: str) -> Table:
             s.sla,
             f"{s.runs}" + (f" ({s.failed} failed)" if s.failed else ""),
             _fmt(s.median_makespan_s, "{:.3f}s"),
-            _fmt(s.median_gb_s, "{:.3f}"),
+            _fmt(s.median_gb_s, "{:.3f}")
+            + (f" (+{s.median_unused_gb_s:.2f})" if s.median_unused_gb_s else ""),
             f"{s.workers_cold}/{s.workers_warm} ({s.workers_prewarmed})",
             _fmt(s.median_prediction_error, "{:.1%}"),
             _fmt(s.sla_attainment, "{:.0%}"),

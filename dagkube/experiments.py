@@ -35,6 +35,7 @@ class Sample:
     tasks_duplicated: int = 0
     optimizations: dict[str, int] = field(default_factory=dict)  # marks in the run's plan
     verify_error: str = ""  # the workflow's verify() rejected this run's outputs
+    unused_gb_s: float = 0.0  # workers created for the run (pre-warm, demand) that never served
 
     @property
     def prediction_error(self) -> float | None:
@@ -66,6 +67,7 @@ class Summary:
     workers_prewarmed: int = 0
     tasks_duplicated: int = 0
     median_optimizations: dict[str, float] = field(default_factory=dict)  # per run
+    median_unused_gb_s: float | None = None
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Experiment:
                     failed=len(samples) - len(ok),
                     median_makespan_s=_median([s.makespan_s for s in ok]),
                     median_gb_s=_median([s.gb_s for s in ok]),
+                    median_unused_gb_s=_median([s.unused_gb_s for s in ok]),
                     workers_cold=sum(s.workers_cold for s in ok),
                     workers_warm=sum(s.workers_warm for s in ok),
                     median_prediction_error=_median(errors),
@@ -145,6 +148,9 @@ def run_experiment(
     ``cold``: stop every idle worker before each run, so each run starts cold.
     ``verify``: called with the outputs of each succeeded run; what it raises is kept in
     the sample's ``verify_error``.
+    At the end each sample's ``unused_gb_s`` is read back from the history: workers created
+    for a run that never served charge it when they exit (with ``cold``, at the next cool-down;
+    else after their idle timeout, which may be after the experiment).
     """
     planners, slas = check_matrix(planners, slas)
     if repeat < 1:
@@ -187,4 +193,10 @@ def run_experiment(
                 experiment.samples.append(sample)
                 if on_sample:
                     on_sample(sample)
+    if cold:
+        runtime.cool_down()  # the last run's unused workers exit and charge it now
+    for sample in experiment.samples:
+        late = runtime.run_record(sample.run_id)
+        if late is not None:
+            sample.unused_gb_s = late.prewarm_wasted_gb_s + late.workers_unused_gb_s
     return experiment

@@ -65,6 +65,12 @@ async def list_runs(
     return [RunRecord.from_hash(_decode(meta)) for meta in metas if meta]
 
 
+async def read_record(redis: Any, run_id: str) -> RunRecord | None:
+    """One run's record from the history (None if not there, e.g. trimmed)."""
+    meta = await redis.hgetall(hist_run(run_id, "meta"))
+    return RunRecord.from_hash(_decode(meta)) if meta else None
+
+
 async def read_run(redis: Any, run_id: str) -> RunHistory | None:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(hist_run(run_id, "meta"))

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 from dagkube import planning
 from dagkube.dag import DagSpec
 from dagkube.errors import DagkubeError
-from dagkube.metrics.history import load_snapshot
+from dagkube.metrics.history import load_snapshot, read_record
+from dagkube.metrics.records import RunRecord
 from dagkube.planning import PlanningOptions
 from dagkube.planning.model import Plan
 from dagkube.planning.planners import DEFAULT_CLUSTER_SIZE
@@ -286,6 +287,11 @@ class LocalRuntime:
         self.start()
         assert self.backend is not None
         self.call(self.backend.stop_all())
+
+    def run_record(self, run_id: str) -> RunRecord | None:
+        """A finished run's record as the history holds it now (late charges included)."""
+        self.start()
+        return self.call(read_record(self.redis, run_id))
 
     def worker_pids(self) -> dict[str, int]:
         """Worker processes alive now (tests kill one to check recovery)."""
