@@ -163,20 +163,25 @@ class Worker:
         self._scripts: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- lifecycle
-    async def main(self) -> None:
-        # SIGTERM (scale-down, Pod deletion, cool-down, our parent exiting): stop where we are
-        # and run the clean-up below, so no registration is left for the scaler to expire.
+    async def main(self, startup_delay_s: float = 0.0) -> None:
+        """Serve until idle past the timeout, retired, or SIGTERM (scale-down, Pod deletion,
+        cool-down, our parent exiting): then clean up — report being unused if this worker
+        was created for a run it never served, and remove the registration and heartbeat, so
+        nothing is left for the scaler to take for a lost worker."""
         asyncio.get_running_loop().add_signal_handler(
             signal.SIGTERM, self._terminate, asyncio.current_task()
         )
-        self.redis = await connect(self.config.redis_url)
-        self.reader = BulkReader(self.config.redis_url)
-        for name in ("COMPLETE", "FAIL", "FINISH"):
-            self._scripts[name] = self.redis.register_script(getattr(scripts, name))
-        # A heartbeat first: the scaler takes a registered worker without one for lost.
-        await self._beat()
-        heartbeat = asyncio.create_task(self._heartbeat())
+        heartbeat: asyncio.Task | None = None
         try:
+            if startup_delay_s > 0:  # emulate a Pod's start-up: local cold starts cost as much
+                await asyncio.sleep(startup_delay_s)
+            self.redis = await connect(self.config.redis_url)
+            self.reader = BulkReader(self.config.redis_url)
+            for name in ("COMPLETE", "FAIL", "FINISH"):
+                self._scripts[name] = self.redis.register_script(getattr(scripts, name))
+            # A heartbeat first: the scaler takes a registered worker without one for lost.
+            await self._beat()
+            heartbeat = asyncio.create_task(self._heartbeat())
             await self.redis.hset(self.pool.workers, self.config.worker_id, self.config.memory_mib)
             self.registered_at = time.time()
             cold = True
@@ -187,22 +192,25 @@ class Worker:
                     invocation, status = await self._serve(invocation, cold, status)
                     cold = False
         finally:
-            heartbeat.cancel()
+            if heartbeat is not None:
+                heartbeat.cancel()
             try:
                 await self._report_unused()
             except (redis_exceptions.RedisError, OSError) as exc:
                 log.warning("worker %s: cannot report being unused: %s", self.config.worker_id, exc)
-            with contextlib.suppress(Exception):
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.hdel(self.pool.workers, self.config.worker_id)
-                    pipe.srem(self.pool.idle(self.config.memory_mib), self.config.worker_id)
-                    pipe.srem(self.pool.waiting, self.config.worker_id)
-                    pipe.delete(worker_heartbeat(self.config.worker_id))
-                    pipe.lpush(self.pool.wake, "1")
-                    pipe.ltrim(self.pool.wake, 0, 0)
-                    await pipe.execute()
-            await self.redis.aclose()
-            self.reader.close()
+            if self.redis is not None:
+                with contextlib.suppress(Exception):
+                    async with self.redis.pipeline(transaction=True) as pipe:
+                        pipe.hdel(self.pool.workers, self.config.worker_id)
+                        pipe.srem(self.pool.idle(self.config.memory_mib), self.config.worker_id)
+                        pipe.srem(self.pool.waiting, self.config.worker_id)
+                        pipe.delete(worker_heartbeat(self.config.worker_id))
+                        pipe.lpush(self.pool.wake, "1")
+                        pipe.ltrim(self.pool.wake, 0, 0)
+                        await pipe.execute()
+                await self.redis.aclose()
+            if self.reader is not None:
+                self.reader.close()
             self.executor.shutdown(wait=False)
             self.preload_executor.shutdown(wait=False)
 
@@ -220,8 +228,14 @@ class Worker:
             return
         gb_s = (time.time() - self.config.spawned_at) * self.config.memory_mib / 1024
         kind = "prewarm_wasted" if self.config.prewarm_run else "workers_unused"
-        add = self.redis.register_script(scripts.ADD_TO_RUN)
-        await add(args=[run, kind, 1, f"{kind}_gb_s", gb_s])
+        # Stopped while starting up, it has no connection yet: open one to report.
+        redis = self.redis if self.redis is not None else await connect(self.config.redis_url)
+        try:
+            add = redis.register_script(scripts.ADD_TO_RUN)
+            await add(args=[run, kind, 1, f"{kind}_gb_s", gb_s])
+        finally:
+            if redis is not self.redis:
+                await redis.aclose()
         log.info("run %s: worker created for it was not used (%s, %.2f GB-s)", run, kind, gb_s)
 
     async def _beat(self) -> None:
@@ -1050,10 +1064,8 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     delay_s = float(os.environ.get("DAGKUBE_STARTUP_DELAY_S") or 0)
-    if delay_s > 0:  # emulate a Pod's start-up so local cold starts cost what they would there
-        time.sleep(delay_s)
     try:
-        asyncio.run(worker.main())
+        asyncio.run(worker.main(startup_delay_s=delay_s))
     except KeyboardInterrupt:
         return 130
     except asyncio.CancelledError:  # SIGTERM once running: cleaned up, a normal stop
