@@ -183,14 +183,18 @@ class Scaler:
         if not registered:
             return
         ids = list(registered)
-        async with self.redis.pipeline(transaction=False) as pipe:
+        # Heartbeat and registration read together (MULTI): a worker that exits cleanly
+        # removes both at once, after the HGETALL above; it is gone, not lost.
+        async with self.redis.pipeline(transaction=True) as pipe:
             for worker_id in ids:
                 pipe.exists(worker_heartbeat(worker_id.decode()))
-            beats = await pipe.execute()
+                pipe.hexists(self.keys.workers, worker_id)
+            answers = await pipe.execute()
         known = {h.worker_id: h for h in self.backend.alive()}
-        for worker_id, beat, memory in zip(ids, beats, registered.values(), strict=True):
+        for index, (worker_id, memory) in enumerate(registered.items()):
             wid = worker_id.decode()
-            if beat:
+            beat, still_registered = answers[2 * index], answers[2 * index + 1]
+            if beat or not still_registered:
                 continue
             handle = known.get(wid) or WorkerHandle(wid, int(memory), time.time())
             log.warning("worker %s: heartbeat expired", wid)

@@ -199,7 +199,7 @@ class Worker:
             except (redis_exceptions.RedisError, OSError) as exc:
                 log.warning("worker %s: cannot report being unused: %s", self.config.worker_id, exc)
             if self.redis is not None:
-                with contextlib.suppress(Exception):
+                try:
                     async with self.redis.pipeline(transaction=True) as pipe:
                         pipe.hdel(self.pool.workers, self.config.worker_id)
                         pipe.srem(self.pool.idle(self.config.memory_mib), self.config.worker_id)
@@ -208,6 +208,8 @@ class Worker:
                         pipe.lpush(self.pool.wake, "1")
                         pipe.ltrim(self.pool.wake, 0, 0)
                         await pipe.execute()
+                except (redis_exceptions.RedisError, OSError) as exc:  # the scaler expires us
+                    log.warning("worker %s: cannot deregister: %s", self.config.worker_id, exc)
                 await self.redis.aclose()
             if self.reader is not None:
                 self.reader.close()
