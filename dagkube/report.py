@@ -38,14 +38,6 @@ def _median(values: Iterable[float]) -> float | None:
     return statistics.median(found) if found else None
 
 
-def planner_label(history: RunHistory) -> str:
-    """The planner as run: its name plus the optimizations its plan switched on."""
-    run = history.run
-    if not run.optimizations or run.planner.endswith("-opt"):
-        return run.planner
-    return f"{run.planner} + {','.join(run.optimizations)}"
-
-
 def execution_s(history: RunHistory) -> float:
     return sum(t.ended_at - t.started_at for t in history.tasks)
 
@@ -70,7 +62,7 @@ def planner_rows(histories: list[RunHistory]) -> list[PlannerRow]:
     groups: dict[str, list[RunHistory]] = defaultdict(list)
     for history in histories:
         if history.run.status == "succeeded" and history.run.makespan_s is not None:
-            groups[planner_label(history)].append(history)
+            groups[history.run.planner_label].append(history)
     rows = []
     for planner, found in sorted(groups.items()):
         rows.append(
@@ -317,7 +309,7 @@ def optimization_figures(histories: list[RunHistory]) -> list[tuple[str, dict]]:
             if worker.outcome == "lost":
                 continue
             kind = "prewarmed" if worker.prewarmed else "cold" if worker.cold else "warm"
-            starts[planner_label(history)][kind] += 1
+            starts[history.run.planner_label][kind] += 1
     if starts:
         planners = sorted(starts)
         figures.append(
@@ -354,7 +346,7 @@ def optimization_figures(histories: list[RunHistory]) -> list[tuple[str, dict]]:
     counts: dict[str, list[dict[str, int]]] = defaultdict(list)
     for history in histories:
         if history.run.optimizations:
-            counts[planner_label(history)].append(optimization_counts(history))
+            counts[history.run.planner_label].append(optimization_counts(history))
     if counts:
         names = sorted({name for runs in counts.values() for c in runs for name in c})
         figures.append(

@@ -44,6 +44,7 @@ from prometheus_client.utils import floatToGoString
 from redis.exceptions import RedisError
 
 from dagkube.metrics.records import RunRecord, TaskRecord, WorkerRecord
+from dagkube.resources import format_memory
 from dagkube.runtime.keys import HIST_ALL_RUNS, PoolKeys, hist_run
 
 log = logging.getLogger("dagkube.metrics")
@@ -78,19 +79,6 @@ MAX_SETTLING_RUNS = 2000
 
 LabelValues = tuple[str, ...]
 Kind = Literal["counter", "histogram", "gauge"]
-
-
-def memory_class(mib: int) -> str:
-    """A class as Kubernetes writes it: ``512Mi``, ``2Gi``."""
-    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
-
-
-def planner_label(run: RunRecord) -> str:
-    """The planner as run (as the HTML report names it): its name, plus the optimizations
-    switched on when they were chosen by hand rather than by an ``-opt`` planner."""
-    if not run.optimizations or run.planner.endswith("-opt"):
-        return run.planner
-    return f"{run.planner} + {','.join(run.optimizations)}"
 
 
 @dataclass(frozen=True)
@@ -435,7 +423,7 @@ class _Totals:
         workers: list[WorkerRecord],
         marks: dict[str, int],
     ) -> None:
-        planner = planner_label(run)
+        planner = run.planner_label
         rl = (run.workflow, planner, run.sla)
         self._fold_run(run, rl, tasks, marks)
         self._fold_tasks(run, planner, tasks)
@@ -520,7 +508,7 @@ class _Totals:
 
     def _fold_workers(self, planner: str, workers: list[WorkerRecord]) -> None:
         for worker in workers:
-            wl = (planner, memory_class(worker.memory_mib))
+            wl = (planner, format_memory(worker.memory_mib))
             gb = worker.memory_mib / 1024
             if worker.outcome == "lost":
                 self.add("dagkube_workers_lost", wl)
@@ -730,7 +718,7 @@ class RunHistoryCollector(Collector):
             if time.time() < ended + SETTLE_S:
                 if len(self._settling) >= MAX_SETTLING_RUNS:
                     del self._settling[next(iter(self._settling))]
-                labels = (run.workflow, planner_label(run), run.sla)
+                labels = (run.workflow, run.planner_label, run.sla)
                 known = {f: float(getattr(run, f)) for f in LATE_FIELDS}
                 self._settling[run.run_id] = (labels, known, ended + SETTLE_S)
         return parsed
@@ -788,13 +776,13 @@ class RunHistoryCollector(Collector):
         spec = SPECS["dagkube_queue_depth"]
         queue = GaugeMetricFamily(spec.name, spec.doc, labels=list(spec.labels))
         for mib in sorted(classes):
-            queue.add_metric([memory_class(mib)], depth.get(mib, 0))
+            queue.add_metric([format_memory(mib)], depth.get(mib, 0))
         yield queue
         spec = SPECS["dagkube_workers"]
         workers = GaugeMetricFamily(spec.name, spec.doc, labels=list(spec.labels))
         for mib in sorted(classes):
             for state in shown:
-                workers.add_metric([state, memory_class(mib)], states.get((state, mib), 0))
+                workers.add_metric([state, format_memory(mib)], states.get((state, mib), 0))
         yield workers
 
 

@@ -122,6 +122,14 @@ class RunRecord(BaseModel):
     failed_task: str | None = None
     error: dict[str, Any] | None = None
 
+    @property
+    def planner_label(self) -> str:
+        """The planner as run (the report and the metrics name it so): its name, plus the
+        optimizations switched on by hand rather than by an ``-opt`` planner."""
+        if not self.optimizations or self.planner.endswith("-opt"):
+            return self.planner
+        return f"{self.planner} + {','.join(self.optimizations)}"
+
     @classmethod
     def from_hash(cls, fields: dict[str, str]) -> RunRecord:
         data: dict[str, Any] = dict(fields)
