@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import redis
 import redis.asyncio
 import yaml
 
@@ -240,14 +241,25 @@ class Harness:
             return await response.text()
 
 
+DB = 6  # a database of its own: plans here start from no history, whatever ran before
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_server) -> str:
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    return url
+
+
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def harness(redis_server, tmp_path_factory) -> AsyncIterator[Harness]:
+async def harness(redis_url, tmp_path_factory) -> AsyncIterator[Harness]:
     workdir = tmp_path_factory.mktemp("operator")
     async with kubernetes_api() as cluster:
         await cluster.create_namespace(NAMESPACE)
-        await cluster.create_secret(NAMESPACE, SECRET, {"redis-url": redis_server.url})
+        await cluster.create_secret(NAMESPACE, SECRET, {"redis-url": redis_url})
         async with TestKubelet(cluster, NAMESPACE, workdir / "kubelet") as kubelet:
-            found = Harness(cluster, kubelet, redis_server.url, workdir)
+            found = Harness(cluster, kubelet, redis_url, workdir)
             recorder = asyncio.create_task(found.record_pods())
             await found.start_operator()
             try:
@@ -265,8 +277,8 @@ async def harness(redis_server, tmp_path_factory) -> AsyncIterator[Harness]:
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def store(redis_server) -> AsyncIterator[Any]:
-    client = redis.asyncio.Redis.from_url(redis_server.url)
+async def store(redis_url) -> AsyncIterator[Any]:
+    client = redis.asyncio.Redis.from_url(redis_url)
     yield client
     await client.aclose()
 
