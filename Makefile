@@ -1,22 +1,55 @@
 # dagkube — the two set-up commands of the README are `make run` and `make test`.
-PYTHON ?= python3
-VENV   ?= .venv
-BIN    := $(VENV)/bin
-PIP    := $(BIN)/python -m pip
+#
+# Python packages come from uv.lock (exact versions, hashes), installed by uv, itself pinned and
+# installed from PyPI into .tools/uv. `make lock` refreshes the lock; an install refuses a lock
+# that does not match pyproject.toml (uv sync --locked).
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+UV_VERSION := 0.13.8
+UV         := .tools/uv/bin/uv
+# One interpreter, the machine's: uv never downloads a Python of its own here.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+UV_SYNC    := $(UV) sync --locked --quiet --python $(PYTHON)
 
-.PHONY: run test lint typecheck unit integration k8s k8s-tools images e2e-kind bench bench-optimizations clean system-deps
+.PHONY: run test lint typecheck unit integration k8s k8s-tools images e2e-kind bench \
+	bench-optimizations clean system-deps lock lock-check
 
-# A fresh virtualenv with dagkube and the examples' dependencies.
-$(BIN)/.run-deps: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[examples]'
-	touch $@
+$(UV):
+	@$(PYTHON) -m venv .tools/uv
+	@.tools/uv/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-# Everything the test suite and the benchmarks need.
-$(BIN)/.test-deps: pyproject.toml $(BIN)/.run-deps
-	$(PIP) install --quiet -e '.[examples,bench,dev]'
-	touch $@
+# The virtualenv is rebuilt in a fresh folder whenever the lock changed (so nothing an older
+# install left behind can hide a broken one); otherwise uv only adds what is missing.
+LOCK_STAMP := $(VENV)/.uv-lock-sha256
+define fresh_venv_if_lock_changed
+	@want=$$(sha256sum uv.lock | cut -c1-64); \
+	if [ -d $(VENV) ] && [ "$$(cat $(LOCK_STAMP) 2>/dev/null)" != "$$want" ]; then \
+		echo "uv.lock changed: building $(VENV) afresh"; rm -rf $(VENV); fi
+endef
+
+# dagkube and the examples' dependencies (kept: whatever `make test` added).
+$(BIN)/.run-deps: pyproject.toml uv.lock | $(UV)
+	$(fresh_venv_if_lock_changed)
+	@$(UV_SYNC) --inexact --extra examples
+	@sha256sum uv.lock | cut -c1-64 > $(LOCK_STAMP)
+	@touch $@
+
+# Everything the test suite and the benchmarks need: exactly the lock, every extra.
+$(BIN)/.test-deps: pyproject.toml uv.lock $(BIN)/.run-deps | $(UV)
+	$(fresh_venv_if_lock_changed)
+	@$(UV_SYNC) --all-extras
+	@sha256sum uv.lock | cut -c1-64 > $(LOCK_STAMP)
+	@touch $(BIN)/.run-deps $@
+
+## lock: refresh uv.lock to the newest versions pyproject.toml allows (then run `make test`).
+lock: | $(UV)
+	$(UV) lock --upgrade --python $(PYTHON)
+
+## lock-check: fail when pyproject.toml and uv.lock disagree (CI runs it first).
+lock-check: | $(UV)
+	$(UV) lock --check --python $(PYTHON)
 
 ## run: the main job — a bundled example end to end on the embedded Redis, verified.
 run: $(BIN)/.run-deps
@@ -45,7 +78,7 @@ k8s-tools: $(BIN)/.test-deps
 
 ## test: lint, type check and the whole test suite (unit, integration with real Redis,
 ## Kubernetes parts against the kmock emulator and real helm).
-test: $(BIN)/.test-deps system-deps k8s-tools lint typecheck
+test: lock-check $(BIN)/.test-deps system-deps k8s-tools lint typecheck
 	$(BIN)/python -m pytest -q -ra --durations=10
 
 lint: $(BIN)/.test-deps
@@ -81,4 +114,4 @@ bench-optimizations: $(BIN)/.test-deps
 	cd benchmarks && ../$(BIN)/python optimizations.py --markdown ../docs/benchmarks.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .tools/uv .pytest_cache .mypy_cache .ruff_cache *.egg-info
