@@ -76,13 +76,14 @@ def load_workflow_file(path: str) -> LoadedWorkflow:
     directory = str(file.resolve().parent)
     if directory not in sys.path:
         sys.path.insert(0, directory)
+    # Before the module runs: a module-level Workflow pickles its functions while it imports.
+    cloudpickle.register_pickle_by_value(module)
     try:
         spec.loader.exec_module(module)
     except DagkubeError:
         raise
     except Exception as exc:
         raise InvalidWorkflow(f"Importing {path!r} failed: {type(exc).__name__}: {exc}") from exc
-    cloudpickle.register_pickle_by_value(module)
     candidate = getattr(module, "workflow", None)
     build = None
     if candidate is None and callable(getattr(module, "build", None)):

@@ -18,6 +18,7 @@ import cloudpickle
 
 from dagkube.errors import InvalidWorkflow
 from dagkube.sdk import TaskFunction, TaskNode
+from dagkube.sources import SourceLines, dumps_function, merge_sources
 
 DEFAULT_INLINE_BUDGET_BYTES = 64 * 1024
 
@@ -62,6 +63,8 @@ class DagSpec:
     output_template: Any
     output_ids: list[str]
     constants: dict[str, bytes] = field(default_factory=dict)
+    # Source lines of the functions pickled by value, for readable remote tracebacks.
+    source_lines: SourceLines = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         """Serialize without the constants (those are stored separately, once each)."""
@@ -72,6 +75,7 @@ class DagSpec:
             self.functions,
             self.output_template,
             self.output_ids,
+            source_lines=self.source_lines,
         )
         return pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -298,6 +302,7 @@ def build_dag(
         ids[id(node)] = f"{display}#{index}"
 
     functions: dict[str, bytes] = {}
+    source_lines: SourceLines = {}
     fn_keys: dict[int, str] = {}
     constants: dict[str, bytes] = {}
     tasks: dict[str, TaskSpec] = {}
@@ -308,7 +313,7 @@ def build_dag(
         fn_key = fn_keys.get(id(task_fn))
         if fn_key is None:
             try:
-                code = _dumps(task_fn.fn)
+                code, lines = dumps_function(task_fn.fn)
             except Exception as exc:
                 raise InvalidWorkflow(
                     f"Task function '{task_fn.options.name}' cannot be serialized "
@@ -316,6 +321,7 @@ def build_dag(
                 ) from None
             fn_key = f"{task_fn.options.name}-{hashlib.sha256(code).hexdigest()[:12]}"
             functions[fn_key] = code
+            merge_sources(source_lines, lines)
             fn_keys[id(task_fn)] = fn_key
         _argument_names(task_fn.fn, node.args, node.kwargs, task_id)
 
@@ -369,6 +375,7 @@ def build_dag(
         output_template=output_template,
         output_ids=output_ids,
         constants=constants,
+        source_lines=source_lines,
     )
 
 

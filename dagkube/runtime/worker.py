@@ -20,7 +20,6 @@ import pickle
 import signal
 import sys
 import time
-import traceback
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ from dagkube.runtime import scripts
 from dagkube.runtime.connection import BulkReader, connect
 from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc
+from dagkube.sources import format_exception, register_sources
 
 log = logging.getLogger("dagkube.worker")
 
@@ -298,6 +298,7 @@ class Worker:
             self.executor,
             lambda: (DagSpec.from_bytes(dag_blob), Plan.model_validate_json(plan_json)),
         )
+        register_sources(dag.source_lines)  # remote tracebacks show the user's lines
         state = RunState(
             run_id=run_id,
             dag=dag,
@@ -971,7 +972,7 @@ def _run_in_thread(
             error = TaskError(
                 exc_type=type(exc).__qualname__,
                 message=str(exc),
-                traceback="".join(traceback.format_exception(exc)),
+                traceback=format_exception(exc),
             )
             if attempts > spec.retries:
                 break
@@ -987,7 +988,7 @@ def _run_in_thread(
             error = TaskError(
                 exc_type=type(exc).__qualname__,
                 message=f"the output of {spec.id} cannot be serialized: {exc}",
-                traceback="".join(traceback.format_exception(exc)),
+                traceback=format_exception(exc),
             )
     return _Execution(
         output=serialized if store else None,

@@ -85,7 +85,7 @@ def from_inline(source: str, name: str) -> Any:
     from dagkube.cli import load_workflow_file
     from dagkube.errors import DagkubeError
 
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory(prefix="dagkube-inline-") as folder:
         path = os.path.join(folder, f"{name.replace('-', '_')}.py")
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(source)
