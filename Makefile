@@ -14,7 +14,8 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 UV_SYNC    := $(UV) sync --locked --quiet --python $(PYTHON)
 
 .PHONY: run test lint typecheck unit integration k8s k8s-tools images e2e-kind bench \
-	bench-optimizations clean system-deps lock lock-check
+	bench-optimizations clean system-deps lock lock-check cluster-binaries cluster-up \
+	cluster-down cluster-status cluster-test bench-cluster
 
 $(UV):
 	@$(PYTHON) -m venv .tools/uv
@@ -58,7 +59,9 @@ run: $(BIN)/.run-deps
 # System tools the tests use, from Debian's packages when missing: Graphviz draws plans, a real
 # Prometheus (with promtool) scrapes the exporter, headless Chromium renders the HTML report.
 # Services are not started by the install (policy-rc.d): the tests run their own Prometheus.
-SYSTEM_TOOLS := dot:graphviz prometheus:prometheus promtool:prometheus chromium:chromium
+# The local control plane's Pod network needs iptables (kube-proxy) and conntrack.
+SYSTEM_TOOLS := dot:graphviz prometheus:prometheus promtool:prometheus chromium:chromium \
+	iptables:iptables conntrack:conntrack ip:iproute2 nsenter:util-linux
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
@@ -77,16 +80,41 @@ k8s-tools: $(BIN)/.test-deps
 	$(BIN)/python tools/k8s_binaries.py --dest .tools/bin
 
 ## test: lint, type check and the whole test suite (unit, integration with real Redis,
-## Kubernetes parts against the kmock emulator and real helm).
-test: lock-check $(BIN)/.test-deps system-deps k8s-tools lint typecheck
+## Kubernetes parts against the kmock emulator and real helm, the local control plane).
+test: lock-check $(BIN)/.test-deps system-deps k8s-tools cluster-binaries lint typecheck
 	$(BIN)/python -m pytest -q -ra --durations=10
+
+# The local control plane (tools/cluster): kube-apiserver, kube-controller-manager,
+# kube-scheduler, kube-proxy, kubectl and etcd built from Go modules, cached by version in
+# ~/.cache/dagkube (the first build takes about 15 minutes on 2 cores, later ones seconds).
+CLUSTER := PYTHONPATH=tools/cluster:. $(BIN)/python -m localcluster
+CLUSTER_DIR ?= build/cluster
+
+## cluster-binaries: build the control plane's binaries (once per version).
+cluster-binaries:
+	@tools/cluster/build.sh >/dev/null
+
+## cluster-up: start the local control plane; prints KUBECONFIG=<path> last.
+cluster-up: $(BIN)/.test-deps system-deps cluster-binaries
+	$(CLUSTER) up --folder $(CLUSTER_DIR)
+
+## cluster-down: stop it (every process, port, Pod network namespace and cgroup).
+cluster-down: $(BIN)/.test-deps
+	$(CLUSTER) down --folder $(CLUSTER_DIR)
+
+cluster-status: $(BIN)/.test-deps
+	$(CLUSTER) status --folder $(CLUSTER_DIR)
+
+## cluster-test: the local control plane's own test suite.
+cluster-test: $(BIN)/.test-deps system-deps cluster-binaries
+	$(BIN)/python -m pytest -q tests/cluster
 
 lint: $(BIN)/.test-deps
 	$(BIN)/ruff check dagkube operator tests examples benchmarks tools
 	$(BIN)/ruff format --check dagkube operator tests examples benchmarks tools
 
 typecheck: $(BIN)/.test-deps
-	$(BIN)/mypy dagkube operator/dagkube_operator
+	$(BIN)/mypy dagkube operator/dagkube_operator tools/cluster/localcluster
 
 unit: $(BIN)/.test-deps
 	$(BIN)/python -m pytest -q tests/unit
@@ -112,6 +140,10 @@ bench: $(BIN)/.test-deps
 ## bench-optimizations: each optimization against the same planner without it.
 bench-optimizations: $(BIN)/.test-deps
 	cd benchmarks && ../$(BIN)/python optimizations.py --markdown ../docs/benchmarks.md
+
+## bench-cluster: the local control plane's build, start and Pod start-up times.
+bench-cluster: $(BIN)/.test-deps system-deps cluster-binaries
+	PYTHONPATH=tools/cluster:. $(BIN)/python benchmarks/cluster.py --markdown docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .tools/uv .pytest_cache .mypy_cache .ruff_cache *.egg-info

