@@ -238,13 +238,23 @@ def _shared_options(function: Any) -> Any:
     return function
 
 
+def _check_timeout(value: float) -> float:
+    """``run --timeout``: accepted as ``Workflow.run(timeout=...)`` accepts it."""
+    from dagkube.runtime.launcher import check_timeout  # the runtime loads only when used
+
+    return check_timeout(value)
+
+
 @main.command(epilog=FILE_CONVENTION)
 @_shared_options
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0.1),
+    type=float,
     default=None,
-    help="Give up (and cancel the run) after this many seconds.",
+    callback=_validated(_check_timeout),
+    metavar="SECONDS",
+    help="Cancel the run after this many seconds (a positive number): it ends recorded as "
+    f"cancelled, and the command exits with code {EXIT_FAILED}.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option(

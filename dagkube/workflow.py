@@ -72,7 +72,7 @@ class Workflow:
         classes: Any = None,
         *,
         runtime: Any = None,
-        timeout_s: float | None = None,
+        timeout: float | None = None,
         on_progress: Callable[[int, int], None] | None = None,
         optimizations: Any = None,
     ) -> Any:
@@ -82,9 +82,14 @@ class Workflow:
 
         ``runtime``: a started :class:`dagkube.LocalRuntime` to reuse (warm workers, one Redis);
         without one, a LocalRuntime is opened for this run and closed after it.
+
+        ``timeout``: seconds (a positive number) the run may take. Past it the run is cancelled
+        and ended, recorded as cancelled in the history, and :class:`RunTimeout` is raised.
         """
+        from dagkube.runtime.launcher import check_timeout
         from dagkube.runtime.local import LocalRuntime
 
+        timeout_s = None if timeout is None else check_timeout(timeout)
         owned = runtime is None
         rt = LocalRuntime() if owned else runtime
         try:

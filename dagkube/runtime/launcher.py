@@ -7,7 +7,10 @@ to learn that it ended.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import numbers
 import pickle
 import secrets
 import time
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dagkube.dag import DagSpec, resolve
-from dagkube.errors import RunTimeout, TaskFailed
+from dagkube.errors import InvalidOption, RunTimeout, TaskFailed
 from dagkube.metrics.records import RunRecord
 from dagkube.planning.model import Plan
 from dagkube.runtime import scripts
@@ -148,10 +151,42 @@ async def wait_for_end(
             return status.decode()
 
 
+def check_timeout(value: object) -> float:
+    """A run's timeout in seconds: a positive, finite number (a bool is no number here)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        seconds = float(value)
+        if math.isfinite(seconds) and seconds > 0:
+            return seconds
+    raise InvalidOption(
+        f"Timeout {value!r} is not valid: use a positive number of seconds (e.g. 30 or 0.5)"
+    )
+
+
 async def cancel(redis: Any, run_id: str, reason: str = "cancelled by the user") -> bool:
     """Ask every worker of the run to stop at its next task boundary."""
     script = redis.register_script(scripts.CANCEL)
     return bool(await script(args=[run_id, json.dumps({"message": reason})]))
+
+
+async def force_end(redis: Any, run_id: str) -> str:
+    """End a run without waiting for its workers (busy in a long task, stopped, or none took
+    it): recorded as cancelled (failed if it had failed), its keys expiring, its queued
+    invocations dropped. Returns the status it ended with, "" if it had already ended."""
+    script = redis.register_script(scripts.FORCE_END)
+    return (await script(args=[run_id, time.time()])).decode()
+
+
+async def cancel_and_end(redis: Any, run_id: str, reason: str, *, grace_s: float) -> str:
+    """Cancel a run, give its workers ``grace_s`` to stop at a task boundary, then force-end
+    it: the run has ended when this returns, whatever its workers do. Returns its final
+    status (a run that ended on its own meanwhile keeps the status it ended with)."""
+    await cancel(redis, run_id, reason)
+    with contextlib.suppress(RunTimeout):
+        return await wait_for_end(redis, run_id, timeout_s=grace_s)
+    ended = await force_end(redis, run_id)
+    if not ended:  # its last worker ended it just after the grace
+        ended = (await redis.lindex(RunKeys(run_id).result, 0) or b"").decode()
+    return ended
 
 
 async def fetch_outputs(reader: BulkReader, dag: DagSpec, run_id: str) -> Any:

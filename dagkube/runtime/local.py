@@ -11,21 +11,20 @@ import logging
 import os
 import secrets
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dagkube import planning
 from dagkube.dag import DagSpec
-from dagkube.errors import DagkubeError
+from dagkube.errors import DagkubeError, RunTimeout
 from dagkube.metrics.history import load_snapshot, read_record
 from dagkube.metrics.records import RunRecord
 from dagkube.planning import PlanningOptions
 from dagkube.planning.model import Plan
 from dagkube.planning.planners import DEFAULT_CLUSTER_SIZE
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_classes
-from dagkube.runtime import launcher, scripts
+from dagkube.runtime import launcher
 from dagkube.runtime.connection import BulkReader, connect
 from dagkube.runtime.embedded import EmbeddedRedis, dagkube_home
 from dagkube.runtime.keys import PoolKeys, worker_proc
@@ -35,6 +34,10 @@ from dagkube.runtime.scaler import Scaler
 log = logging.getLogger("dagkube.runtime")
 T = TypeVar("T")
 
+# A timed-out run's workers get this long to stop at a task boundary; one busy in a long task
+# never reaches one, so the run is then ended without it. Short: the caller is waiting.
+DEFAULT_CANCEL_GRACE_S = 5.0
+
 
 class LocalRuntime:
     """Runs workflows on worker processes of this machine.
@@ -43,6 +46,8 @@ class LocalRuntime:
     under ``$DAGKUBE_HOME``. ``max_workers``: cap on concurrent worker processes.
     ``idle_timeout_s``: an idle worker exits after this long (its next start is cold).
     ``startup_delay_s``: extra start-up per worker, to make local cold starts behave like Pods.
+    ``cancel_grace_s``: after a run's timeout, how long its workers get to stop at a task
+    boundary before the run is ended without them.
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class LocalRuntime:
         run_ttl_s: int = launcher.DEFAULT_RUN_TTL_S,
         memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB,
         max_cpu: float = DEFAULT_MAX_CPU,
+        cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
     ) -> None:
         if max_workers is not None and max_workers < 1:
             raise DagkubeError(f"max_workers={max_workers} must be >= 1")
@@ -64,6 +70,8 @@ class LocalRuntime:
             raise DagkubeError(f"idle_timeout_s={idle_timeout_s} must be > 0")
         if history_cap < 1:
             raise DagkubeError(f"history_cap={history_cap} must be >= 1")
+        if not 0 <= cancel_grace_s < float("inf"):
+            raise DagkubeError(f"cancel_grace_s={cancel_grace_s} must be a number of seconds >= 0")
         self.redis_url = redis_url or os.environ.get("DAGKUBE_REDIS_URL") or None
         self.home = Path(home).expanduser() if home else dagkube_home()
         self.max_workers = max_workers
@@ -73,6 +81,7 @@ class LocalRuntime:
         self.run_ttl_s = run_ttl_s
         self.memory_per_cpu_mib = memory_per_cpu_mib
         self.max_cpu = max_cpu
+        self.cancel_grace_s = cancel_grace_s
         self.pool = f"local-{os.getpid()}-{secrets.token_hex(3)}"
         self._embedded: EmbeddedRedis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -145,10 +154,10 @@ class LocalRuntime:
                     self._scaler_task.cancel()
                 if self.backend is not None:
                     self.call(self.backend.stop_all())
-                if self.redis is not None and self._active_runs:
-                    with contextlib.suppress(Exception):
-                        self.call(self._force_end(list(self._active_runs)))
                 if self.redis is not None:
+                    for run_id in list(self._active_runs):
+                        with contextlib.suppress(Exception):
+                            self.call(launcher.force_end(self.redis, run_id))
                     with contextlib.suppress(Exception):
                         self.call(self._forget_pool())
                     self.call(self.redis.aclose())
@@ -165,11 +174,6 @@ class LocalRuntime:
             self._embedded.release()
             self._embedded = None
         atexit.unregister(self.close)
-
-    async def _force_end(self, run_ids: list[str]) -> None:
-        script = self.redis.register_script(scripts.FORCE_END)
-        for run_id in run_ids:
-            await script(args=[run_id, time.time()])
 
     async def _forget_pool(self) -> None:
         keys = PoolKeys(self.pool)
@@ -207,7 +211,15 @@ class LocalRuntime:
         on_progress: Callable[[int, int], None] | None = None,
         on_launch: Callable[[str], None] | None = None,
     ) -> launcher.RunResult:
-        """Launch a planned DAG and wait for it; returns outputs and the run's record."""
+        """Launch a planned DAG and wait for it; returns outputs and the run's record.
+
+        Past ``timeout_s`` the run is cancelled, its workers get ``cancel_grace_s`` to stop at a
+        task boundary, then it is ended without them (recorded as cancelled, its keys expiring)
+        and :class:`RunTimeout` is raised. A run that ended on its own meanwhile is returned as
+        it ended.
+        """
+        if timeout_s is not None:
+            timeout_s = launcher.check_timeout(timeout_s)
         self.start()
         run_id = self.call(
             launcher.launch(
@@ -223,17 +235,28 @@ class LocalRuntime:
         self._active_runs.add(run_id)
         if on_launch:
             on_launch(run_id)
+        timed_out = False
         try:
-            status = self.call(
-                launcher.wait_for_end(
-                    self.redis, run_id, timeout_s=timeout_s, on_progress=on_progress
+            try:
+                status = self.call(
+                    launcher.wait_for_end(
+                        self.redis, run_id, timeout_s=timeout_s, on_progress=on_progress
+                    )
                 )
-            )
+            except RunTimeout:
+                timed_out = True
+                reason = f"timed out after {timeout_s:g}s (timeout)"
+                log.info("run %s %s: cancelling", run_id, reason)
+                status = self.call(
+                    launcher.cancel_and_end(self.redis, run_id, reason, grace_s=self.cancel_grace_s)
+                )
         except BaseException:
             with contextlib.suppress(Exception):
                 self.call(launcher.cancel(self.redis, run_id, "the waiting client stopped"))
             raise
         self._active_runs.discard(run_id)
+        if timed_out and status == "cancelled":
+            raise RunTimeout(f"Run {run_id} timed out after {timeout_s:g}s and was cancelled")
         record = self.call(launcher.fetch_run_record(self.redis, run_id))
         outputs = None
         if status == "succeeded":

@@ -36,7 +36,7 @@ from dagkube.errors import DagkubeError, RunTimeout
 from dagkube.kubernetes.backend import KubernetesBackend, KubernetesBackendError
 from dagkube.metrics.history import load_snapshot
 from dagkube.planning.model import Plan
-from dagkube.runtime import launcher, scripts
+from dagkube.runtime import launcher
 from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run, worker_proc
 from dagkube.runtime.scaler import Scaler, WorkerHandle
 from dagkube_operator import status as st
@@ -304,8 +304,7 @@ class Operator:
         return status
 
     async def _force_end(self, run_id: str) -> None:
-        script = self.redis.register_script(scripts.FORCE_END)
-        await script(args=[run_id, time.time()])
+        await launcher.force_end(self.redis, run_id)
 
     async def _release_pool(
         self, backend: KubernetesBackend, uid: str, *, keep_failed: bool
