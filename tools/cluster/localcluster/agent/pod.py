@@ -603,8 +603,7 @@ class PodWorker:
                 condition("Ready", ready, "ContainersNotReady"),
             ],
             "containerStatuses": [c.as_status() for c in mains],
-            "qosClass": _qos_class(spec),
-        }
+        }  # qosClass is the API server's: set when the Pod is created, immutable since
         if inits:
             status["initContainerStatuses"] = [c.as_status() for c in inits]
         if self.pod_ip:
@@ -653,21 +652,3 @@ class PodWorker:
         if not path.exists() and not previous and index > 0:
             path = folder / f"{index - 1}.log"
         return path if path.exists() else None
-
-
-def _qos_class(spec: dict) -> str:
-    containers = spec["containers"]
-    requests_limits = [
-        (
-            (c.get("resources") or {}).get("requests") or {},
-            (c.get("resources") or {}).get("limits") or {},
-        )
-        for c in containers
-    ]
-    if not any(r or lim for r, lim in requests_limits):
-        return "BestEffort"
-    guaranteed = all(
-        {"cpu", "memory"} <= set(lim) and all(r.get(k, lim[k]) == lim[k] for k in ("cpu", "memory"))
-        for r, lim in requests_limits
-    )
-    return "Guaranteed" if guaranteed else "Burstable"

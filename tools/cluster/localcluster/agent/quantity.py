@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 _SUFFIX: dict[str, int | Decimal] = {
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
@@ -20,9 +20,13 @@ def parse(value: str | int | float) -> Decimal:
     if not match:
         raise ValueError(f"{value!r} is not a Kubernetes quantity")
     number, suffix = match.group(1), match.group(2) or ""
+    try:
+        base = Decimal(number)
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity") from None
     if suffix[:1] in ("e", "E") and suffix not in _SUFFIX:
-        return Decimal(number) * (Decimal(10) ** int(suffix[1:]))
-    return Decimal(number) * Decimal(str(_SUFFIX[suffix]))
+        return base * (Decimal(10) ** int(suffix[1:]))
+    return base * Decimal(str(_SUFFIX[suffix]))
 
 
 def memory_bytes(value: str | int | float) -> int:
