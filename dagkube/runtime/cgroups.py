@@ -214,11 +214,11 @@ class Cgroup:
         descendants, deepest first."""
         import signal
 
-        folders = []
+        folders: list[Path] = []
         for folder in self.folders.values():
-            if folder.exists():
-                nested = [p for p in folder.rglob("*") if p.is_dir()]
-                folders += [*sorted(nested, key=lambda p: len(p.parts), reverse=True), folder]
+            # os.walk skips what vanishes while it walks (another remover got there first).
+            nested = [Path(top) / name for top, names, _ in os.walk(folder) for name in names]
+            folders += [*sorted(nested, key=lambda p: len(p.parts), reverse=True), folder]
         deadline = time.monotonic() + timeout_s
         for folder in folders:
             procs = folder / "cgroup.procs"

@@ -10,6 +10,7 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def ns(local_cluster: Kube) -> str:
+def ns(local_cluster: Kube) -> Iterator[str]:
+    """A namespace of the test's own, deleted (with whatever runs in it) at its end."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     local_cluster.kubectl("create", "namespace", name)
     wait_for(
@@ -30,7 +32,8 @@ def ns(local_cluster: Kube) -> str:
         30,
         f"the default ServiceAccount of {name}",
     )
-    return name
+    yield name
+    local_cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
 def pod(name: str, command: list[str], *, image: str = "busybox:1.36", **spec: object) -> dict:
@@ -384,3 +387,35 @@ def test_in_cluster_clients_reach_the_api_with_their_projected_token(
     # the kubernetes Service's ClusterIP all worked.
     assert reply["code"] == 403
     assert f"system:serviceaccount:{ns}:default" in reply["message"]
+
+
+def test_a_claim_gets_a_volume_from_the_default_storage_class(local_cluster: Kube, ns: str) -> None:
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    writer = pod(
+        "writer",
+        ["sh", "-c", "echo kept > /data/note && cat /data/note"],
+        volumeMounts=[{"name": "data", "mountPath": "/data"}],
+        volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}],
+        securityContext={"runAsUser": 1000, "runAsGroup": 1000},
+    )
+    local_cluster.apply([claim, writer], ns)
+    end = wait_for(lambda: terminated(local_cluster, "writer", ns), 60, "the writer to end")
+    assert end["exitCode"] == 0
+    assert local_cluster.kubectl("logs", "writer", "-n", ns).stdout.strip() == "kept"
+    bound = local_cluster.get("persistentvolumeclaim", "data", ns)
+    assert bound["status"]["phase"] == "Bound"
+    assert bound["spec"]["storageClassName"] == "local"  # the default class
+    volume = bound["spec"]["volumeName"]
+    folder = Path(local_cluster.get("persistentvolume", volume, "")["spec"]["hostPath"]["path"])
+    assert (folder / "note").read_text() == "kept\n"
+    local_cluster.kubectl("delete", "pod", "writer", "-n", ns)
+    local_cluster.kubectl("delete", "persistentvolumeclaim", "data", "-n", ns)
+    wait_for(
+        lambda: local_cluster.get("persistentvolume", volume, "") is None, 30, "the volume to go"
+    )
+    assert not folder.exists()

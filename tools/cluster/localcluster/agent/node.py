@@ -20,7 +20,7 @@ from aiohttp import web
 
 from dagkube.runtime import cgroups
 from localcluster import network
-from localcluster.agent import dns, proxy
+from localcluster.agent import dns, proxy, storage
 from localcluster.agent.api import Api, ApiError, informer
 from localcluster.agent.pod import PodWorker, now_rfc3339
 from localcluster.config import ClusterConfig, ClusterState, NodeSpec
@@ -113,9 +113,27 @@ class Agent:
         self.admin = await Api.from_kubeconfig(str(self.cluster.kubeconfig))
         relay = await proxy.serve(self.cluster.bridge_ip, self.state.ports["apiserver"])
         dns_transport = await dns.serve(self.records, self.cluster.bridge_ip)
+        provisioner = storage.Provisioner(self.admin, self.cluster.path("volumes"))
+        await provisioner.ensure_class()
         watchers = [
             asyncio.create_task(
                 informer(self.admin, "/api/v1/services", self._services, stop=self.stop)
+            ),
+            asyncio.create_task(
+                informer(
+                    self.admin,
+                    "/api/v1/persistentvolumeclaims",
+                    provisioner.claim_event,
+                    stop=self.stop,
+                )
+            ),
+            asyncio.create_task(
+                informer(
+                    self.admin,
+                    "/api/v1/persistentvolumes",
+                    provisioner.volume_event,
+                    stop=self.stop,
+                )
             ),
             asyncio.create_task(
                 informer(

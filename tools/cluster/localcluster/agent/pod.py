@@ -154,7 +154,10 @@ class PodWorker:
         except Exception:
             log.exception("pod %s/%s: the agent failed running it", self.namespace, self.name)
         finally:
-            await self._cleanup()
+            try:
+                await self._cleanup()
+            except Exception:  # never keep a deleted Pod's object waiting on its clean-up
+                log.exception("pod %s/%s: clean-up failed", self.namespace, self.name)
             if self.deleting.is_set():
                 await self._finish_deletion()
             else:
