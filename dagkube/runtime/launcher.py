@@ -165,7 +165,7 @@ def check_timeout(value: object) -> float:
 async def cancel(redis: Any, run_id: str, reason: str = "cancelled by the user") -> bool:
     """Ask every worker of the run to stop at its next task boundary."""
     script = redis.register_script(scripts.CANCEL)
-    return bool(await script(args=[run_id, json.dumps({"message": reason})]))
+    return bool(await script(args=[run_id, json.dumps({"message": reason}), time.time()]))
 
 
 async def force_end(redis: Any, run_id: str) -> str:
@@ -179,10 +179,15 @@ async def force_end(redis: Any, run_id: str) -> str:
 async def cancel_and_end(redis: Any, run_id: str, reason: str, *, grace_s: float) -> str:
     """Cancel a run, give its workers ``grace_s`` to stop at a task boundary, then force-end
     it: the run has ended when this returns, whatever its workers do. Returns its final
-    status (a run that ended on its own meanwhile keeps the status it ended with)."""
+    status (a run that ended on its own meanwhile keeps the status it ended with; "" for a run
+    whose state is gone from Redis)."""
     await cancel(redis, run_id, reason)
-    with contextlib.suppress(RunTimeout):
-        return await wait_for_end(redis, run_id, timeout_s=grace_s)
+    # The grace counts from the first cancellation (a follower that restarts does not extend it).
+    began = float(await redis.hget(RunKeys(run_id).meta, "cancelled_at") or time.time())
+    remaining = began + grace_s - time.time()
+    if remaining > 0:
+        with contextlib.suppress(RunTimeout):
+            return await wait_for_end(redis, run_id, timeout_s=remaining)
     ended = await force_end(redis, run_id)
     if not ended:  # its last worker ended it just after the grace
         ended = (await redis.lindex(RunKeys(run_id).result, 0) or b"").decode()

@@ -150,7 +150,8 @@ return status or 'missing'
 """
 )
 
-# ARGV: run, reason
+# ARGV: run, reason json, now. Records when the cancellation began (``cancelled_at``), so
+# whoever ends the run after a grace period measures it from there, even after a restart.
 CANCEL = (
     _PRELUDE
     + r"""
@@ -158,7 +159,7 @@ local run = ARGV[1]
 local meta = runkey(run, 'meta')
 local status = redis.call('HGET', meta, 'status')
 if status == 'running' then
-  redis.call('HSET', meta, 'status', 'cancelling', 'error', ARGV[2])
+  redis.call('HSET', meta, 'status', 'cancelling', 'error', ARGV[2], 'cancelled_at', ARGV[3])
   stop_inboxes(run)
   return 1
 end

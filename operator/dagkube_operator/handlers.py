@@ -255,33 +255,32 @@ class Operator:
         scaler = Scaler(self.redis, pool_for(uid), backend)
         scaling = asyncio.create_task(scaler.run(), name=f"scaler {namespace}/{name}")
         self.metrics.live_pools[pool_for(uid)] = backend  # its live state on /metrics
+        # The deadline counts from the start written in .status, the cancellation's grace from
+        # the moment written in Redis: a restarted daemon enforces the same times.
         started = st.parse_timestamp(status.get("startTime")) or time.time()
         deadline = started + spec.timeout_s if spec.timeout_s else None
-        cancelled_at: float | None = None
         shown: dict[str, Any] = {}
         ended: str | None = None
         try:
             while not stopped:
+                if deadline is not None and time.time() >= deadline:
+                    ended = await self._time_out(run_id, spec, logger)
+                    break
+                wait_s = self.config.progress_every_s
+                if deadline is not None:
+                    wait_s = max(0.05, min(wait_s, deadline - time.time()))
                 with contextlib.suppress(RunTimeout):
-                    ended = await launcher.wait_for_end(
-                        self.redis, run_id, timeout_s=self.config.progress_every_s
-                    )
-                record = await launcher.fetch_run_record(self.redis, run_id)
-                progress = st.progress_status(record)
-                if progress != shown:
-                    await self.patch_status(namespace, name, progress)
-                    shown = progress
+                    ended = await launcher.wait_for_end(self.redis, run_id, timeout_s=wait_s)
                 if ended is not None:
                     break
-                now = time.time()
-                if deadline is not None and now > deadline and cancelled_at is None:
-                    cancelled_at = now
-                    message = f"timed out after {spec.timeout_s}s (spec.timeoutSeconds)"
-                    logger.warning("run %s %s: cancelling", run_id, message)
-                    await launcher.cancel(self.redis, run_id, message)
-                if cancelled_at is not None and now > cancelled_at + self.config.cancel_grace_s:
-                    # Workers busy in a long task do not reach a task boundary: end it here.
-                    await self._force_end(run_id)
+                progress = st.progress_status(await launcher.fetch_run_record(self.redis, run_id))
+                if progress != shown:
+                    try:
+                        await self.patch_status(namespace, name, progress)
+                    except kopf.TemporaryError as exc:  # progress is best effort: the run goes on
+                        logger.warning("%s (progress not shown; retried)", exc)
+                    else:
+                        shown = progress
         finally:
             self.metrics.live_pools.pop(pool_for(uid), None)
             scaler.stop()
@@ -302,6 +301,17 @@ class Operator:
             kopf.warn(body, reason="Failed", message=final["message"])
         await self._release_pool(backend, uid, keep_failed=True)
         return status
+
+    async def _time_out(self, run_id: str, spec: WorkflowSpec, logger: logging.Logger) -> str:
+        """``timeoutSeconds`` passed: cancel, give the workers the grace to stop at a task
+        boundary, then end the run without them. Whatever state the run was in (no worker
+        yet, Pods pending, tasks running), it has ended when this returns."""
+        message = f"timed out after {spec.timeout_s}s (spec.timeoutSeconds)"
+        logger.warning("run %s %s: cancelling", run_id, message)
+        ended = await launcher.cancel_and_end(
+            self.redis, run_id, message, grace_s=self.config.cancel_grace_s
+        )
+        return ended or "cancelled"
 
     async def _force_end(self, run_id: str) -> None:
         await launcher.force_end(self.redis, run_id)
