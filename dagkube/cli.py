@@ -911,7 +911,12 @@ def _workflow_options(function: Any) -> Any:
 
 @main.command(epilog=FILE_CONVENTION)
 @_workflow_options
-@click.option("--name", default=None, help="metadata.name [default: generateName from the file].")
+@click.option(
+    "--name",
+    default=None,
+    help="metadata.name [default: the workflow's name and a random suffix, e.g. "
+    "tree-reduction-x7k2p: each apply starts a new run].",
+)
 def manifest(
     file: str,
     namespace: str,
@@ -931,18 +936,28 @@ def manifest(
     FILE is built here first, so a file that does not define a workflow is reported now, not
     by the operator. The inline source must be self-contained (helper modules next to FILE
     are not part of it; put them in the worker image and use the module form instead).
+    Without -n the manifest names no namespace, so kubectl puts it in its own (its -n, or the
+    current context's).
 
     \b
       dagkube manifest pipeline.py -n jobs --planner non-uniform --sla p95 | kubectl apply -f -
+      dagkube manifest pipeline.py | kubectl apply -n jobs -f -
     """
+    import secrets
+
     from dagkube.kubernetes.submit import name_stem, workflow_manifest
+
+    source = click.get_current_context().get_parameter_source("namespace")
+    if source is click.core.ParameterSource.DEFAULT:
+        namespace = ""
 
     with _errors():
         loaded = load_workflow_file(file)
+        # A name, not generateName: `kubectl apply` refuses generateName.
+        suffix = "".join(secrets.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
         body = workflow_manifest(
             source={"inline": Path(file).read_text(encoding="utf-8")},
-            name=name,
-            generate_name=name_stem(loaded.workflow.name),
+            name=name or name_stem(loaded.workflow.name) + suffix,
             namespace=namespace,
             planner=planner,
             sla=sla,

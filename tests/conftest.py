@@ -200,25 +200,3 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for line in _skipped:
             write(f"  {line}")
         session.exitstatus = 1
-
-
-@pytest.fixture(scope="session")
-def local_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """A real control plane (etcd, kube-apiserver, controller manager, scheduler, kube-proxy)
-    and dagkube's node agent with two Nodes, for the whole session; stopped at its end."""
-    from localcluster import controlplane
-
-    from tests.kube import ClusterUnavailable, Kube, start_cluster
-
-    folder = tmp_path_factory.mktemp("cluster")
-    try:
-        state = start_cluster(folder)
-    except ClusterUnavailable as exc:
-        pytest.skip(str(exc))
-    except controlplane.ClusterError:
-        controlplane.stop(folder)
-        raise
-    try:
-        yield Kube(state, controlplane.binaries(build=False)["kubectl"])
-    finally:
-        controlplane.stop(folder)

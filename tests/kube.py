@@ -3,10 +3,12 @@ a small ``kubectl``/API helper. Requested through the ``local_cluster`` fixture 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -58,8 +60,8 @@ def start_cluster(folder: Path) -> ClusterState:
         pod_cidr=TEST_POD_CIDR,
         service_cidr=TEST_SERVICE_CIDR,
         nodes=[
-            NodeSpec("node-0", cpu="2", memory="12Gi"),
-            NodeSpec("node-1", cpu="2", memory="12Gi"),
+            NodeSpec("node-0", cpu="4", memory="12Gi"),
+            NodeSpec("node-1", cpu="4", memory="12Gi"),
         ],
     )
     return controlplane.start(config)
@@ -145,3 +147,56 @@ def wait_for(
             return last
         time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {last!r})")
+
+
+class PodRecorder:
+    """Every Pod of a namespace as last seen, kept after the Pod is gone (a watch in a
+    thread): tests inspect worker Pods that the operator has already removed."""
+
+    def __init__(self, kube: Kube, namespace: str) -> None:
+        self.pods: dict[str, dict] = {}
+        self.first_seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._kube = kube
+        self._namespace = namespace
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"pods {namespace}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        pki = self._kube.state.config.path("pki")
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        base = f"{self._kube.state.api_url}/api/v1/namespaces/{self._namespace}/pods"
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, ValueError):
+                with urllib.request.urlopen(base, context=context, timeout=30) as response:
+                    listed = json.loads(response.read())
+                for pod in listed["items"]:
+                    self._keep(pod)
+                version = listed["metadata"]["resourceVersion"]
+                url = f"{base}?watch=1&resourceVersion={version}&timeoutSeconds=60"
+                with urllib.request.urlopen(url, context=context, timeout=90) as stream:
+                    for line in stream:
+                        if self._stop.is_set():
+                            return
+                        event = json.loads(line)
+                        if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
+                            self._keep(event["object"])
+
+    def _keep(self, pod: dict) -> None:
+        name = pod["metadata"]["name"]
+        with self._lock:
+            self.pods[name] = pod
+            self.first_seen.setdefault(name, time.time())
+
+    def with_label(self, key: str, value: str) -> list[dict]:
+        with self._lock:
+            return [
+                p
+                for p in self.pods.values()
+                if (p["metadata"].get("labels") or {}).get(key) == value
+            ]
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -9,12 +9,14 @@ operator restart) are adopted instead of duplicated.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from kubernetes_asyncio import client, config
@@ -35,6 +37,54 @@ from dagkube.runtime.scaler import WorkerHandle
 log = logging.getLogger("dagkube.kubernetes")
 
 ENDED_PHASES = ("Succeeded", "Failed")
+# Why a Pod can stay Pending for good, as the kubelet reports it in a container's waiting state.
+STUCK_WAITING = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
+)
+
+
+@dataclass(frozen=True)
+class StuckPod:
+    """A worker Pod that is Pending for a reason that will not pass by itself."""
+
+    name: str
+    reason: str  # Unschedulable, ImagePullBackOff, CreateContainerConfigError, ...
+    message: str  # the scheduler's or the kubelet's own words
+    created_at: float  # epoch seconds
+
+
+def stuck_pods(pods: dict[str, dict[str, Any]]) -> list[StuckPod]:
+    """The Pending Pods among ``pods`` that the scheduler could not place or the kubelet could
+    not start, oldest first, each with the reason and message they report."""
+    stuck = []
+    for name, pod in pods.items():
+        status = pod.get("status") or {}
+        if status.get("phase") not in (None, "Pending") or pod["metadata"].get("deletionTimestamp"):
+            continue
+        created = pod["metadata"].get("creationTimestamp")
+        created_at = (
+            datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ")
+            .replace(tzinfo=datetime.UTC)
+            .timestamp()
+            if created
+            else time.time()
+        )
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                reason = condition.get("reason") or "Unschedulable"
+                stuck.append(StuckPod(name, reason, condition.get("message") or "", created_at))
+        for container in status.get("containerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_WAITING:
+                message = waiting.get("message") or ""
+                stuck.append(StuckPod(name, waiting["reason"], message, created_at))
+    return sorted(stuck, key=lambda s: (s.created_at, s.name))
 
 
 class KubernetesBackendError(DagkubeError):
@@ -122,6 +172,7 @@ class KubernetesBackend:
         self._ended: set[str] = set()  # reported once, until their Pod is gone from the API
         self._discarded: set[str] = set()  # deleted on purpose: their end is no news
         self._synced = False
+        self.last_pods: dict[str, dict[str, Any]] = {}  # the pool's Pods as last listed
 
     async def start_worker(
         self, memory_mib: int, prewarm_for: str | None = None, demand_for: str | None = None
@@ -234,6 +285,7 @@ class KubernetesBackend:
         self._ended.intersection_update(pods)
         self._discarded.intersection_update(pods.keys() | self._workers.keys())
         self._synced = True
+        self.last_pods = pods
         return pods
 
     async def _adopt_existing(self, name: str) -> None:

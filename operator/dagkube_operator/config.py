@@ -21,6 +21,9 @@ Every variable, its meaning and its default:
   test emulator's (default: in-cluster service account, else the kubeconfig)
 - DAGKUBE_WATCH_TIMEOUT: seconds before the API server ends a watch, which is then renewed;
   the client gives up 30 s later, so a silently stalled watch is replaced (300)
+- DAGKUBE_PENDING_TIMEOUT: seconds a worker Pod may stay Pending for a reason of the
+  scheduler's or the kubelet's (unschedulable, image pull failure, missing Secret) before its
+  run fails with that reason (300); the reason is reported in .status within seconds
 - DAGKUBE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR (INFO)
 """
 
@@ -60,6 +63,8 @@ class OperatorConfig:
     watch_timeout_s: int = 300
     progress_every_s: float = 1.0
     cancel_grace_s: float = 10.0  # a cancelled run's workers get this long to stop by themselves
+    pending_timeout_s: float = 300.0
+    pending_report_after_s: float = 3.0  # a Pod stuck this long is reported (not a blip)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -97,6 +102,7 @@ class OperatorConfig:
             metrics_port=_number(env, "DAGKUBE_METRICS_PORT", 8080, int, 0),
             kube_api_url=env.get("DAGKUBE_KUBE_API_URL") or None,
             watch_timeout_s=_number(env, "DAGKUBE_WATCH_TIMEOUT", 300, int, 1),
+            pending_timeout_s=_number(env, "DAGKUBE_PENDING_TIMEOUT", 300.0, float, 1.0),
         )
 
 

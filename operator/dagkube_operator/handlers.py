@@ -33,7 +33,12 @@ from kubernetes_asyncio import client
 from dagkube import planning
 from dagkube.dag import DagSpec
 from dagkube.errors import DagkubeError, RunTimeout
-from dagkube.kubernetes.backend import KubernetesBackend, KubernetesBackendError
+from dagkube.kubernetes.backend import (
+    KubernetesBackend,
+    KubernetesBackendError,
+    StuckPod,
+    stuck_pods,
+)
 from dagkube.metrics.history import load_snapshot
 from dagkube.planning.model import Plan
 from dagkube.runtime import launcher
@@ -261,10 +266,27 @@ class Operator:
         deadline = started + spec.timeout_s if spec.timeout_s else None
         shown: dict[str, Any] = {}
         ended: str | None = None
+        failure_reason: str | None = None
+        reported: set[tuple[str, str]] = set()  # (Pod, reason) already posted as an Event
         try:
             while not stopped:
                 if deadline is not None and time.time() >= deadline:
                     ended = await self._time_out(run_id, spec, logger)
+                    break
+                stuck = await self._watch_pending(body, backend, status, reported)
+                if (
+                    stuck is not None
+                    and time.time() - stuck.created_at > self.config.pending_timeout_s
+                ):
+                    message = (
+                        f"worker Pod {stuck.name} stayed Pending for more than "
+                        f"{self.config.pending_timeout_s:g}s: {stuck.reason}: {stuck.message}"
+                    )
+                    logger.warning("run %s: %s; ending it", run_id, message)
+                    ended = await launcher.cancel_and_end(
+                        self.redis, run_id, message, grace_s=self.config.cancel_grace_s
+                    )
+                    failure_reason = stuck.reason
                     break
                 wait_s = self.config.progress_every_s
                 if deadline is not None:
@@ -290,7 +312,10 @@ class Operator:
         if ended is None:  # the daemon stops (operator shutdown, Workflow deleted)
             return status
         record = await launcher.fetch_run_record(self.redis, run_id)
-        final = st.final_status(record, status.get("conditions"), time.time())
+        conditions = status.get("conditions")
+        if any(c.get("type") == "WorkersPending" for c in conditions or []):
+            conditions = st.pending_condition(conditions, [], time.time())
+        final = st.final_status(record, conditions, time.time(), reason=failure_reason)
         await self.patch_status(namespace, name, final)
         status = {**status, **final}
         self.metrics.set_phase(uid, final["phase"])
@@ -301,6 +326,46 @@ class Operator:
             kopf.warn(body, reason="Failed", message=final["message"])
         await self._release_pool(backend, uid, keep_failed=True)
         return status
+
+    async def _watch_pending(
+        self,
+        body: kopf.Body,
+        backend: KubernetesBackend,
+        status: dict[str, Any],
+        reported: set[tuple[str, str]],
+    ) -> StuckPod | None:
+        """Report worker Pods the scheduler cannot place or the kubelet cannot start (from
+        the scaler's last list of the pool): the ``WorkersPending`` condition and one Warning
+        Event per Pod and reason. Returns the oldest such Pod, None when there is none."""
+        now = time.time()
+        stuck = [
+            s
+            for s in stuck_pods(backend.last_pods)
+            if now - s.created_at >= self.config.pending_report_after_s
+        ]
+        was_pending = any(
+            c.get("type") == "WorkersPending" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        )
+        if stuck or was_pending:
+            conditions = st.pending_condition(
+                status.get("conditions"), [(s.name, s.reason, s.message) for s in stuck], now
+            )
+            if conditions != status.get("conditions"):
+                meta = body["metadata"]
+                try:
+                    await self.patch_status(
+                        meta["namespace"], meta["name"], {"conditions": conditions}
+                    )
+                except kopf.TemporaryError as exc:
+                    log.warning("%s (the pending condition is retried)", exc)
+                else:
+                    status["conditions"] = conditions
+        for pod in stuck:
+            if (pod.name, pod.reason) not in reported:
+                reported.add((pod.name, pod.reason))
+                kopf.warn(body, reason=pod.reason, message=f"worker Pod {pod.name}: {pod.message}")
+        return stuck[0] if stuck else None
 
     async def _time_out(self, run_id: str, spec: WorkflowSpec, logger: logging.Logger) -> str:
         """``timeoutSeconds`` passed: cancel, give the workers the grace to stop at a task

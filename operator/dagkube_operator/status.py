@@ -104,6 +104,8 @@ def launched_status(
     }
     if plan.predicted_makespan_s:
         status["predictedMakespanSeconds"] = round(plan.predicted_makespan_s, 3)
+    if plan.predicted_gb_s:
+        status["predictedGbSeconds"] = round(plan.predicted_gb_s, 3)
     return status
 
 
@@ -123,10 +125,31 @@ def progress_status(record: RunRecord) -> dict[str, Any]:
     }
 
 
+def pending_condition(
+    conditions: list[dict[str, Any]] | None,
+    stuck: list[tuple[str, str, str]],
+    now: float,
+) -> list[dict[str, Any]]:
+    """``conditions`` with ``WorkersPending``: True while worker Pods (name, reason, message)
+    cannot be placed or started, naming the first; False once none is stuck."""
+    if not stuck:
+        return with_condition(
+            conditions, "WorkersPending", False, "WorkersStarting", "no worker Pod is stuck", now
+        )
+    name, reason, message = stuck[0]
+    others = f" (and {len(stuck) - 1} more)" if len(stuck) > 1 else ""
+    text = f"worker Pod {name}{others}: {reason}: {message}".rstrip(": ")
+    return with_condition(conditions, "WorkersPending", True, reason, text, now)
+
+
 def final_status(
-    record: RunRecord, conditions: list[dict[str, Any]] | None, now: float
+    record: RunRecord,
+    conditions: list[dict[str, Any]] | None,
+    now: float,
+    reason: str | None = None,
 ) -> dict[str, Any]:
-    """The status of an ended run: phase, measured makespan, resource use, SLA, failure."""
+    """The status of an ended run: phase, measured makespan, resource use, SLA, failure
+    (``reason`` overrides the failure's reason, e.g. a worker Pod that never started)."""
     succeeded = record.status == "succeeded"
     status = progress_status(record)
     status["phase"] = SUCCEEDED if succeeded else FAILED
@@ -152,10 +175,10 @@ def final_status(
         return status
     error = record.error or {}
     if record.status == "cancelled":
-        reason = "Cancelled"
+        failure = "Cancelled"
         message = str(error.get("message") or "the run was cancelled")
     elif error.get("task_id") or record.failed_task:
-        reason = "TaskFailed"
+        failure = "TaskFailed"
         message = (
             f"task {error.get('task_id') or record.failed_task} "
             f"({error.get('function', '?')}) raised {error.get('exc_type', 'an error')}: "
@@ -163,10 +186,12 @@ def final_status(
         )
         status["failedTask"] = str(error.get("task_id") or record.failed_task)
     else:
-        reason = "RunFailed"
+        failure = "RunFailed"
         message = str(error.get("message") or f"run {record.status}")
     status["message"] = message
-    status["conditions"] = with_condition(conditions, "Succeeded", False, reason, message, now)
+    status["conditions"] = with_condition(
+        conditions, "Succeeded", False, reason or failure, message, now
+    )
     return status
 
 

@@ -36,6 +36,11 @@ CHART_CRD_FILE = CHART / "files" / "crd-workflow.yaml"
 EXAMPLES = sorted((ROOT / "examples" / "manifests").glob("*.yaml"))
 KUBERNETES_VERSION = "1.33"  # the kubectl the tests run is 1.33 too
 NAMESPACE = "dk"
+# dagkube's images are built by its users; the chart requires their repositories.
+IMAGES = (
+    "--set", "operator.image.repository=registry.example.org/dagkube/operator",
+    "--set", "worker.image.repository=registry.example.org/dagkube/worker",
+)  # fmt: skip
 
 # Kinds kubernetes-validate has no schema for, and why that is fine. Each is still checked by a
 # test of its own below; test_kinds_without_builtin_schema proves the reason stays true.
@@ -76,6 +81,10 @@ class Tools:
     env: dict[str, str]
 
     def run(self, name: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+        """Run a binary; helm's template, lint and install get the (required) image values
+        first, so a test's own --set comes later and wins."""
+        if name == "helm" and args and args[0] in ("template", "lint", "install"):
+            args = (args[0], *IMAGES, *args[1:])
         command = [str(self.paths[name]), *map(str, args)]
         return subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=120)
 
@@ -213,6 +222,17 @@ def test_values_schema_rejects_bad_values(tools: Tools, setting: str, named: str
     assert named in result.stderr
 
 
+@pytest.mark.parametrize("key", ["operator.image", "worker.image"])
+def test_an_image_left_unset_stops_the_install_and_says_how_to_build_it(
+    tools: Tools, key: str
+) -> None:
+    result = tools.run("helm", "template", "rel", CHART, "--set", f"{key}.repository=")
+    assert result.returncode != 0
+    message = " ".join(result.stderr.split())
+    assert f"{key}.repository is not set: dagkube's images are not published" in message
+    assert "make images" in message
+
+
 def test_external_redis_needs_its_secret(tools: Tools) -> None:
     args = ["--set", "redis.external.url=redis://redis.example.org:6379/0"]
     result = tools.run("helm", "template", "rel", CHART, *args)
@@ -298,7 +318,7 @@ def test_operator_deployment(rendered: dict[str, list[dict]]) -> None:
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
     assert container["resources"]["limits"]["memory"]
-    assert container["image"] == "ghcr.io/dagkube/operator:0.1.0"
+    assert container["image"] == "registry.example.org/dagkube/operator:0.1.0"
     labels = deployment["metadata"]["labels"]
     assert labels["app.kubernetes.io/component"] == "operator"
     assert labels["helm.sh/chart"] == "dagkube-0.1.0"
@@ -318,7 +338,7 @@ def test_operator_reaches_the_bundled_redis(rendered: dict[str, list[dict]]) -> 
         name,
         "redis-url",
     )
-    assert env["DAGKUBE_WORKER_IMAGE"] == "ghcr.io/dagkube/worker:0.1.0"
+    assert env["DAGKUBE_WORKER_IMAGE"] == "registry.example.org/dagkube/worker:0.1.0"
     password = _b64(secret["data"]["redis-password"])
     assert re.fullmatch(r"[A-Za-z0-9]{32}", password)
     assert _b64(secret["data"]["redis-url"]) == (
@@ -441,6 +461,9 @@ def test_crd_names_columns_and_status_subresource() -> None:
         "Done": ("integer", ".status.tasks.done"),
         "Total": ("integer", ".status.tasks.total"),
         "Makespan": ("number", ".status.actualMakespanSeconds"),
+        "Pred-Makespan": ("number", ".status.predictedMakespanSeconds"),
+        "GB-s": ("number", ".status.resources.gbSeconds"),
+        "Pred-GB-s": ("number", ".status.predictedGbSeconds"),
         "Age": ("date", ".metadata.creationTimestamp"),
     }
 

@@ -42,9 +42,12 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- end -}}
 {{- end -}}
 
-{{/* "repository:tag" with the appVersion as the default tag. Call with (dict "ctx" $ "image" ...). */}}
+{{/* "repository:tag" with the appVersion as the default tag; the repository is required (the
+     images are built by the user, not published). Call with
+     (dict "ctx" $ "image" ... "key" "operator.image"). */}}
 {{- define "dagkube.image" -}}
-{{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) -}}
+{{- $message := printf "%s.repository is not set: dagkube's images are not published. Build them (make images, with docker or podman), push or load them into your cluster, then install with --set operator.image.repository=<registry>/dagkube/operator --set worker.image.repository=<registry>/dagkube/worker (see docs/kubernetes.md)" .key -}}
+{{- printf "%s:%s" (required $message .image.repository) (default .ctx.Chart.AppVersion .image.tag) -}}
 {{- end -}}
 
 {{- define "dagkube.redisExternal" -}}

@@ -70,17 +70,27 @@ def become(spec: dict) -> None:
     if hostname:
         _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
     _mount("none", "/", None, MS_REC | MS_PRIVATE)
-    for mount in spec.get("mounts") or []:
+    # Sources are opened before anything is mounted: a volume mounted over /tmp must not hide
+    # the sources of later mounts that live under /tmp (the Pod's own folder may).
+    mounts = spec.get("mounts") or []
+    sources = {
+        index: os.open(mount["source"], os.O_PATH | os.O_CLOEXEC)
+        for index, mount in enumerate(mounts)
+        if not mount.get("tmpfs")
+    }
+    kinds = {index: Path(mounts[index]["source"]).is_dir() for index in sources}
+    for index, mount in enumerate(mounts):
         target = Path(mount["target"])
         if mount.get("tmpfs"):
             _ensure(target, True)
             _mount("tmpfs", str(target), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
             continue
-        source = Path(mount["source"])
-        _ensure(target, source.is_dir())
-        _mount(str(source), str(target), None, MS_BIND | MS_REC)
+        _ensure(target, kinds[index])
+        _mount(f"/proc/self/fd/{sources[index]}", str(target), None, MS_BIND | MS_REC)
         if mount.get("readonly"):
             _mount("none", str(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+    for fd in sources.values():
+        os.close(fd)
     if spec.get("read_only_root"):
         _mount("none", "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     netns = spec.get("netns")

@@ -44,6 +44,9 @@ class Image:
     cmd: list[str]
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"
+    # Files of the image that differ from the machine's, mounted read-only over them (e.g. the
+    # /etc/passwd that knows the image's user).
+    files: dict[str, Path] = field(default_factory=dict)
 
     def argv(self, command: list[str] | None, args: list[str] | None) -> list[str]:
         """What runs: ``command`` replaces the ENTRYPOINT, ``args`` the CMD."""
@@ -79,7 +82,8 @@ def resolve(image: str, store: Path = STORE) -> Image:
             "PYTHONPATH": str(dagkube / "app"),
             "HOME": "/tmp",
         }
-        return Image(image, entrypoint, cmd, env, str(dagkube / "app"))
+        files = {f"/etc/{name}": dagkube / "etc" / name for name in ("passwd", "group")}
+        return Image(image, entrypoint, cmd, env, str(dagkube / "app"), files)
     if base == "redis":
         redis_bin = store / "redis" / "bin"
         if not (redis_bin / "redis-server").exists():
@@ -104,6 +108,7 @@ def _tree_digest() -> str:
             digest.update(str(path.relative_to(ROOT)).encode())
             digest.update(path.read_bytes())
     digest.update((ROOT / "pyproject.toml").read_bytes())
+    digest.update(Path(__file__).read_bytes())  # how the image is made
     return digest.hexdigest()[:16]
 
 
@@ -143,10 +148,21 @@ def _prepare_dagkube(folder: Path) -> None:
     }
     subprocess.run(
         [uv, "sync", "--locked", "--quiet", "--no-editable", "--python", python,
-         "--extra", "kubernetes", "--extra", "examples", "--link-mode", "copy"],
+         "--extra", "kubernetes", "--extra", "examples", "--link-mode", "copy",
+         # uv would reuse a wheel of the project built from older sources (its cache key is
+         # pyproject.toml): the image is this checkout as it is now.
+         "--reinstall-package", "dagkube"],
         cwd=ROOT, env=env, check=True,
     )  # fmt: skip
     shutil.copytree(ROOT / "examples", folder / "app" / "examples")
+    # The Dockerfiles' `useradd --uid 10001 dagkube`: the image knows its user.
+    (folder / "etc").mkdir()
+    passwd = Path("/etc/passwd").read_text().rstrip("\n")
+    group = Path("/etc/group").read_text().rstrip("\n")
+    (folder / "etc" / "passwd").write_text(
+        passwd + "\ndagkube:x:10001:10001::/tmp:/usr/sbin/nologin\n"
+    )
+    (folder / "etc" / "group").write_text(group + "\ndagkube:x:10001:\n")
     for path in [folder, *folder.rglob("*")]:
         mode = os.lstat(path).st_mode
         if not os.path.islink(path):

@@ -373,7 +373,10 @@ class PodWorker:
         groups = [*(pod_security.get("supplementalGroups") or [])]
         if pod_security.get("fsGroup") is not None:
             groups.append(pod_security["fsGroup"])
-        mounts = []
+        mounts = [
+            {"source": str(source), "target": target, "readonly": True}
+            for target, source in image.files.items()
+        ]
         for mount in container.get("volumeMounts") or []:
             source = self.mounts.get(mount["name"])
             if source is None:

@@ -1,0 +1,651 @@
+"""dagkube on the local control plane: the chart installed with the real helm, the operator
+running as a Pod under its ServiceAccount and the chart's Role, Redis as a StatefulSet with a
+claimed volume, Workflows applied with the real kubectl and worker Pods run by the node agent
+under their memory and CPU limits. One release serves the module's tests (distinct names)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+from localcluster.agent.quantity import cpu_millis, memory_bytes
+
+from dagkube.kubernetes.pods import LABEL_CLASS, LABEL_RUN
+from dagkube.metrics.records import WorkerRecord
+from dagkube.resources import cpu_millicores, parse_memory
+from dagkube.runtime.keys import RunKeys, hist_run, worker_proc
+from tests.kube import Kube, PodRecorder, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "dagkube"
+RELEASE = "dagkube"
+OPERATOR_IMAGE = "localhost/dagkube/operator"
+WORKER_IMAGE = "localhost/dagkube/worker"
+RUN_TIMEOUT_S = 240.0
+PENDING_TIMEOUT_S = 20
+
+SLEEPY = """
+import time
+import dagkube
+
+
+@dagkube.task
+def nap(seconds: float, index: int) -> int:
+    time.sleep(seconds)
+    return index * index
+
+
+@dagkube.task
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
+def build() -> dagkube.Workflow:
+    return dagkube.Workflow(total([nap({seconds}, i) for i in range({width})]), name="{name}")
+"""
+
+LONG_THEN_WIDE = """
+import time
+import dagkube
+
+
+@dagkube.task
+def prepare() -> list[int]:
+    time.sleep(3.0)
+    return list(range(4))
+
+
+@dagkube.task
+def part(items: list[int], index: int) -> int:
+    time.sleep(2.0)
+    return items[index] ** 2
+
+
+@dagkube.task
+def combine(parts: list[int]) -> int:
+    return sum(parts)
+
+
+def build() -> dagkube.Workflow:
+    items = prepare()
+    return dagkube.Workflow(combine([part(items, i) for i in range(4)]), name="long-then-wide")
+"""
+
+
+def sleepy(name: str, seconds: float, width: int) -> str:
+    return SLEEPY.format(seconds=seconds, width=width, name=name)
+
+
+def helm_binary() -> Path:
+    from tools.k8s_binaries import ensure
+
+    return ensure()["helm"]
+
+
+@dataclass
+class Release:
+    """The chart installed in a namespace of its own, and ways into it."""
+
+    kube: Kube
+    namespace: str
+    store: redis.Redis
+    recorder: PodRecorder
+
+    def workflow(self, name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
+        return {
+            "apiVersion": "dagkube.io/v1alpha1",
+            "kind": "Workflow",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": {"source": source, **spec},
+        }
+
+    def manifest(self, path: str) -> dict[str, Any]:
+        body = yaml.safe_load((ROOT / path).read_text())
+        body["metadata"]["namespace"] = self.namespace
+        return body
+
+    def apply(self, body: dict[str, Any]) -> None:
+        self.kube.apply(body, self.namespace)
+
+    def status(self, name: str) -> dict[str, Any]:
+        found = self.kube.get("workflow", name, self.namespace)
+        return dict((found or {}).get("status") or {})
+
+    def wait_phase(
+        self,
+        name: str,
+        phases: tuple[str, ...] = ("Succeeded", "Failed"),
+        timeout_s: float = RUN_TIMEOUT_S,
+    ) -> dict[str, Any]:
+        return dict(
+            wait_for(
+                lambda: (s := self.status(name)).get("phase") in phases and s,
+                timeout_s,
+                f"Workflow {name} to reach {' or '.join(phases)}",
+                every_s=0.5,
+            )
+        )
+
+    def events(self, name: str) -> list[tuple[str, str, str]]:
+        items = self.kube.list("events", self.namespace)
+        return [
+            (e.get("type", ""), e.get("reason", ""), e.get("message", ""))
+            for e in items
+            if (e.get("involvedObject") or {}).get("name") == name
+        ]
+
+    def run_pods(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's worker Pods in the API now."""
+        return self.kube.list("pods", self.namespace, f"{LABEL_RUN}={run_id}")
+
+    def seen_pods(self, run_id: str) -> list[dict[str, Any]]:
+        """Every worker Pod the run had, as last seen (also those removed since)."""
+        return self.recorder.with_label(LABEL_RUN, run_id)
+
+    def output_of(self, run_id: str, task_id: str) -> Any:
+        blob = self.store.hget(RunKeys(run_id).outputs, task_id)
+        assert blob is not None, f"run {run_id} has no stored output of {task_id}"
+        return pickle.loads(blob)
+
+    def operator_pod(self) -> dict[str, Any] | None:
+        pods = self.kube.list("pods", self.namespace, "app.kubernetes.io/component=operator")
+        running = [
+            p
+            for p in pods
+            if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+        ]
+        return running[0] if running else None
+
+
+def redis_of(kube: Kube, namespace: str) -> redis.Redis:
+    """A client of the chart's Redis from this machine: the address of its Service's endpoint
+    (a headless Service; Pod addresses are reachable from the host over the bridge) and the
+    password from the chart's Secret."""
+    secret = kube.get("secret", f"{RELEASE}-redis", namespace)
+    password = base64.b64decode(secret["data"]["redis-password"]).decode()
+    slices = kube.list("endpointslices", namespace, f"kubernetes.io/service-name={RELEASE}-redis")
+    [address] = {
+        a for piece in slices for e in piece.get("endpoints") or [] for a in e["addresses"]
+    }
+    return redis.Redis(host=address, port=6379, password=password, socket_timeout=10)
+
+
+@pytest.fixture(scope="module")
+def release(local_cluster: Kube) -> Iterator[Release]:
+    namespace = f"dk-{uuid.uuid4().hex[:6]}"
+    env = {
+        "KUBECONFIG": str(local_cluster.kubeconfig),
+        "HOME": str(local_cluster.state.config.folder),
+        "PATH": "/usr/bin:/bin",
+    }
+    values = [
+        "--set", f"operator.image.repository={OPERATOR_IMAGE}", "--set", "operator.image.tag=dev",
+        "--set", f"worker.image.repository={WORKER_IMAGE}", "--set", "worker.image.tag=dev",
+        "--set", "operator.idleTimeoutSeconds=15",
+        "--set", f"operator.pendingTimeoutSeconds={PENDING_TIMEOUT_S}",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [str(helm_binary()), "install", RELEASE, str(CHART), "-n", namespace, "--create-namespace",
+         "--wait", "--timeout", "240s", *values],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    if done.returncode != 0:
+        print(local_cluster.kubectl("get", "pods,events", "-n", namespace, check=False).stdout)
+    assert done.returncode == 0, done.stderr
+    store = redis_of(local_cluster, namespace)
+    wait_for(lambda: store.ping(), 30, "the chart's Redis to answer from the host")
+    recorder = PodRecorder(local_cluster, namespace)
+    try:
+        yield Release(local_cluster, namespace, store, recorder)
+    finally:
+        recorder.stop()
+        store.close()
+        local_cluster.kubectl(
+            "delete", "workflows", "--all", "-n", namespace, "--wait=false", check=False
+        )
+        uninstall = [str(helm_binary()), "uninstall", RELEASE, "-n", namespace, "--wait"]
+        subprocess.run(uninstall, capture_output=True, env=env, timeout=180)
+        local_cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def check_pod(pod: dict[str, Any], max_cpu: float = 6.0) -> int:
+    """A worker Pod as the API server stored it: resources follow its class, it runs locked
+    down, its owner is the Workflow; returns its class."""
+    memory = parse_memory(pod["metadata"]["labels"][LABEL_CLASS])
+    [container] = pod["spec"]["containers"]
+    millicores = cpu_millicores(memory, 1792, max_cpu)
+    resources = container["resources"]
+    assert set(resources) == {"requests", "limits"}
+    for kind in ("requests", "limits"):  # as the API server stored them (2048Mi becomes 2Gi)
+        assert memory_bytes(resources[kind]["memory"]) == memory * 2**20, resources
+        assert cpu_millis(resources[kind]["cpu"]) == millicores, resources
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["metadata"]["ownerReferences"][0]["kind"] == "Workflow"
+    assert pod["status"]["qosClass"] == "Guaranteed"
+    return memory
+
+
+def test_the_chart_runs_the_operator_under_its_service_account(release: Release) -> None:
+    kube, ns = release.kube, release.namespace
+    crd = kube.get("crd", "workflows.dagkube.io", "")
+    established = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+    assert established["Established"] == "True" and established["NamesAccepted"] == "True"
+    operator = release.operator_pod()
+    assert operator is not None
+    assert operator["spec"]["serviceAccountName"] == RELEASE
+    assert operator["spec"]["containers"][0]["image"] == f"{OPERATOR_IMAGE}:dev"
+    [ready] = [c for c in operator["status"]["conditions"] if c["type"] == "Ready"]
+    assert ready["status"] == "True"  # its readiness probe (GET /healthz) passes
+    statefulset = kube.get("statefulset", f"{RELEASE}-redis", ns)
+    assert statefulset["status"]["readyReplicas"] == 1
+    [claim] = kube.list("persistentvolumeclaims", ns)
+    assert claim["status"]["phase"] == "Bound"
+    metrics = kube.kubectl(
+        "get", "--raw", f"/api/v1/namespaces/{ns}/services/{RELEASE}-metrics:metrics/proxy/metrics"
+    ).stdout
+    assert "dagkube_operator_reconcile_errors_total" in metrics
+
+
+def test_module_inline_and_non_uniform_workflows_succeed(release: Release) -> None:
+    tree = release.manifest("examples/manifests/workflow-module.yaml")
+    inline = release.manifest("examples/manifests/workflow-inline.yaml")
+    # The inline one on the 2Gi class with a CPU cap: 2Gi / 1792Mi = 1143m, capped at 500m.
+    inline["spec"]["resources"] = {"classes": ["2Gi"], "maxCpu": 0.5}
+    branches = release.workflow(
+        "unequal-branches",
+        {"module": {"name": "examples.unequal_branches:build"}},
+        planner={"name": "non-uniform", "sla": "p90"},
+        resources={"classes": ["512Mi", "1Gi", "2Gi"]},
+    )
+    for body in (tree, inline, branches):
+        release.apply(body)
+    statuses = {
+        body["metadata"]["name"]: release.wait_phase(body["metadata"]["name"])
+        for body in (tree, inline, branches)
+    }
+    for name, status in statuses.items():
+        assert status["phase"] == "Succeeded", (name, status)
+        assert status["tasks"]["done"] == status["tasks"]["total"] > 0
+        assert status["actualMakespanSeconds"] > 0 and status["predictedMakespanSeconds"] > 0
+        assert status["resources"]["gbSeconds"] > 0
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Succeeded"]["status"] == "True"
+        reasons = {(kind, reason) for kind, reason, _ in release.events(name)}
+        assert {("Normal", "Started"), ("Normal", "Succeeded")} <= reasons, reasons
+
+    import examples.tree_reduction as tree_module
+    import examples.unequal_branches as branches_module
+
+    [tree_output] = tree_module.build().dag.output_ids
+    tree_module.verify(release.output_of(statuses["tree-reduction"]["runId"], tree_output))
+    assert release.output_of(statuses["sum-of-squares"]["runId"], "total#0") == 204
+    [branches_output] = branches_module.build().dag.output_ids
+    branches_module.verify(
+        release.output_of(statuses["unequal-branches"]["runId"], branches_output)
+    )
+
+    for name, status in statuses.items():
+        pods = release.seen_pods(status["runId"])
+        assert pods, f"no worker Pods seen for {name}"
+        classes = {check_pod(p, max_cpu=0.5 if name == "sum-of-squares" else 6.0) for p in pods}
+        if name == "sum-of-squares":
+            assert classes == {2048}
+            assert {p["spec"]["containers"][0]["resources"]["limits"]["cpu"] for p in pods} == {
+                "500m"
+            }
+        if name == "unequal-branches":
+            assert len(classes) > 1, f"non-uniform used one class only: {classes}"
+
+    table = release.kube.kubectl("get", "dkwf", "-n", release.namespace).stdout
+    header = table.splitlines()[0].split()
+    for column in (
+        "PHASE",
+        "PLANNER",
+        "DONE",
+        "TOTAL",
+        "MAKESPAN",
+        "PRED-MAKESPAN",
+        "GB-S",
+        "PRED-GB-S",
+    ):
+        assert column in header, header
+    [row] = [line.split() for line in table.splitlines()[1:] if line.startswith("sum-of-squares ")]
+    shown = dict(zip(header, row, strict=False))
+    assert float(shown["GB-S"]) > 0 and float(shown["PRED-GB-S"]) > 0, shown
+    described = release.kube.kubectl(
+        "describe", "dkwf", "sum-of-squares", "-n", release.namespace
+    ).stdout
+    assert "Started" in described and "Succeeded" in described
+
+
+def test_bad_specs_are_refused_by_the_api_server_or_end_failed(release: Release) -> None:
+    schema_bad = release.workflow("bad-sla", {"inline": "x = 1\n"}, planner={"sla": "p100"})
+    refused = release.kube.kubectl("apply", "-f", "-", input=json.dumps(schema_bad), check=False)
+    assert refused.returncode != 0 and "sla" in refused.stderr, refused.stderr
+    cases = {
+        "unknown-module": (
+            release.workflow("unknown-module", {"module": {"name": "nosuch.module:build"}}),
+            "ModuleNotFound",
+        ),
+        "huge-class": (
+            release.workflow("huge-class", {"inline": "x = 1\n"}, resources={"classes": ["64Gi"]}),
+            "ClassNotAllowed",
+        ),
+        "no-workflow": (
+            release.workflow("no-workflow", {"inline": "x = 1\n"}),
+            "InvalidInlineSource",
+        ),
+    }
+    for body, _ in cases.values():
+        release.apply(body)
+    good = release.workflow("after-bad-ones", {"inline": sleepy("after-bad-ones", 0.1, 2)})
+    release.apply(good)
+    for name, (_, reason) in cases.items():
+        status = release.wait_phase(name)
+        assert status["phase"] == "Failed"
+        [condition] = [c for c in status["conditions"] if c["type"] == "Succeeded"]
+        assert condition["reason"] == reason, condition
+        assert ("Warning", reason) in {(k, r) for k, r, _ in release.events(name)}
+    assert release.wait_phase("after-bad-ones")["phase"] == "Succeeded"
+
+
+def test_prewarm_creates_a_pod_before_its_invocation_is_queued(release: Release) -> None:
+    source = {"inline": LONG_THEN_WIDE}
+    release.apply(release.workflow("long-then-wide-learn", source, planner={"name": "wukong"}))
+    assert release.wait_phase("long-then-wide-learn")["phase"] == "Succeeded"
+    body = release.workflow(
+        "long-then-wide", source, planner={"name": "wukong", "optimizations": ["prewarm"]}
+    )
+    release.apply(body)
+    status = release.wait_phase("long-then-wide")
+    assert status["phase"] == "Succeeded", status
+    run_id = status["runId"]
+    records = [
+        WorkerRecord.model_validate_json(raw)
+        for raw in release.store.hgetall(hist_run(run_id, "workers")).values()
+    ]
+    prewarmed = [r for r in records if r.prewarmed]
+    assert status["workers"]["prewarmed"] >= 1 and prewarmed, records
+    for record in prewarmed:
+        assert record.spawned_at is not None and record.queued_at is not None
+        assert record.spawned_at < record.queued_at
+    pods = release.seen_pods(run_id)
+    ahead = [
+        p
+        for p in pods
+        if any(e["name"] == "DAGKUBE_PREWARM_RUN" for e in p["spec"]["containers"][0]["env"])
+    ]
+    assert ahead, "no Pod was created for a pre-warm request"
+
+
+def kill_worker_process(kube: Kube, pod: dict[str, Any]) -> None:
+    """SIGKILL the worker process of a Pod, as a crash (or the OOM killer) would."""
+    root = Path("/sys/fs/cgroup/memory/dagkube-local")
+    matches = list(root.glob(f"*/*/pod-{pod['metadata']['uid']}/*/cgroup.procs"))
+    pids = [int(p) for path in matches for p in path.read_text().split()]
+    assert pids, f"no process found for Pod {pod['metadata']['name']}"
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_worker_still_gives_the_right_result(release: Release) -> None:
+    body = release.workflow(
+        "survives-a-kill",
+        {"inline": sleepy("survives-a-kill", 3.0, 3)},
+        planner={"name": "wukong"},
+        resources={"classes": ["512Mi"]},
+    )
+    release.apply(body)
+    run_id = release.wait_phase("survives-a-kill", ("Running",), 60)["runId"]
+
+    def busy() -> dict[str, Any] | None:  # a worker holding an invocation (in its task)
+        for pod in release.run_pods(run_id):
+            if release.store.llen(worker_proc(pod["metadata"]["name"])):
+                return pod
+        return None
+
+    victim = wait_for(busy, 60, "a worker Pod busy with a task")
+    kill_worker_process(release.kube, victim)
+    status = release.wait_phase("survives-a-kill")
+    assert status["phase"] == "Succeeded", status
+    assert release.output_of(run_id, "total#0") == 0 + 1 + 4
+    lost = release.store.hget(hist_run(run_id, "meta"), "workers_lost")
+    assert int(float(lost or 0)) >= 1
+
+
+def test_deleting_a_running_workflow_collects_its_pods_and_keys(release: Release) -> None:
+    release.apply(release.workflow("deleted-midway", {"inline": sleepy("deleted-midway", 60.0, 2)}))
+    run_id = release.wait_phase("deleted-midway", ("Running",), 60)["runId"]
+    wait_for(
+        lambda: (
+            len([p for p in release.run_pods(run_id) if p["status"].get("phase") == "Running"]) >= 2
+        ),
+        60,
+        "both worker Pods to run",
+    )
+    release.kube.kubectl(
+        "delete", "workflow", "deleted-midway", "-n", release.namespace, "--wait=false"
+    )
+    wait_for(
+        lambda: (
+            release.kube.get("workflow", "deleted-midway", release.namespace) is None
+            and not release.run_pods(run_id)
+        ),
+        60,
+        "the Workflow and its Pods to go",
+    )
+    assert not release.store.exists(RunKeys(run_id).meta, RunKeys(run_id).plan, RunKeys(run_id).dag)
+    assert release.store.hget(hist_run(run_id, "meta"), "status") == b"cancelled"
+
+
+def test_an_operator_restart_mid_run_completes_without_extra_pods(release: Release) -> None:
+    body = release.workflow(
+        "outlives-the-operator",
+        {"inline": sleepy("outlives-the-operator", 4.0, 3)},
+        planner={"name": "uniform"},
+        resources={"classes": ["512Mi"]},
+    )
+    release.apply(body)
+    run_id = release.wait_phase("outlives-the-operator", ("Running",), 60)["runId"]
+    wait_for(lambda: release.run_pods(run_id), 60, "the run's first Pods")
+    first = release.operator_pod()
+    assert first is not None
+    release.kube.kubectl(
+        "delete",
+        "pod",
+        first["metadata"]["name"],
+        "-n",
+        release.namespace,
+        "--grace-period=0",
+        "--force",
+    )
+    wait_for(
+        lambda: (
+            (p := release.operator_pod()) is not None
+            and p["metadata"]["uid"] != first["metadata"]["uid"]
+        ),
+        120,
+        "the Deployment to bring the operator back",
+    )
+    status = release.wait_phase("outlives-the-operator")
+    assert status["phase"] == "Succeeded", status
+    assert release.output_of(run_id, "total#0") == 0 + 1 + 4
+    from dagkube.planning.model import Plan
+
+    plan = Plan.model_validate_json(release.store.get(hist_run(run_id, "plan")))
+    logical = {t.worker_id for t in plan.tasks.values()}
+    assert len(release.seen_pods(run_id)) <= len(logical)
+    started = [r for _, r, _ in release.events("outlives-the-operator") if r == "Started"]
+    assert len(started) == 1
+
+
+def test_ttl_after_finished_deletes_the_workflow_its_pods_and_keys(release: Release) -> None:
+    body = release.workflow(
+        "short-lived",
+        {"inline": sleepy("short-lived", 0.1, 3)},
+        ttlSecondsAfterFinished=2,
+        resources={"maxWorkers": 1},
+    )
+    release.apply(body)
+    status = release.wait_phase("short-lived")
+    assert status["phase"] == "Succeeded"
+    run_id = status["runId"]
+    wait_for(
+        lambda: (
+            release.kube.get("workflow", "short-lived", release.namespace) is None
+            and not release.run_pods(run_id)
+        ),
+        60,
+        "the Workflow to be deleted after its TTL",
+    )
+    assert not release.store.exists(RunKeys(run_id).meta, RunKeys(run_id).outputs)
+    assert release.store.hget(hist_run(run_id, "meta"), "status") == b"succeeded"
+
+
+@pytest.mark.parametrize(
+    ("name", "resources", "state"),
+    [
+        ("slow-task", {"classes": ["512Mi"]}, "a task runs"),
+        ("never-scheduled", {"classes": ["16Gi"]}, "its Pods are Pending"),
+    ],
+)
+def test_timeout_ends_the_run_whatever_state_it_is_in(
+    release: Release, name: str, resources: dict, state: str
+) -> None:
+    body = release.workflow(
+        name, {"inline": sleepy(name, 120.0, 1)}, timeoutSeconds=5, retries=0, resources=resources
+    )
+    release.apply(body)
+    began = time.monotonic()
+    status = release.wait_phase(name, timeout_s=90)
+    took = time.monotonic() - began
+    assert status["phase"] == "Failed", (state, status)
+    assert "timed out after 5s (spec.timeoutSeconds)" in status["message"]
+    [condition] = [c for c in status["conditions"] if c["type"] == "Succeeded"]
+    assert condition["reason"] == "Cancelled"
+    assert took < 60, f"a 5 s timeout ended the run after {took:.0f}s ({state})"
+    assert release.store.hget(hist_run(status["runId"], "meta"), "status") == b"cancelled"
+    wait_for(lambda: not release.run_pods(status["runId"]), 60, "the timed-out run's Pods to go")
+
+
+def test_a_worker_pod_that_cannot_be_placed_is_reported_then_fails_the_run(
+    release: Release,
+) -> None:
+    """A class larger than any node: the scheduler's reason shows in the status and as an
+    Event within seconds, and after the pending timeout the run fails with it."""
+    body = release.workflow(
+        "too-big", {"inline": sleepy("too-big", 0.1, 1)}, resources={"classes": ["16Gi"]}
+    )
+    release.apply(body)
+    began = time.monotonic()
+
+    def pending() -> dict[str, Any] | None:
+        conditions = {c["type"]: c for c in release.status("too-big").get("conditions") or []}
+        condition = conditions.get("WorkersPending")
+        return condition if condition and condition["status"] == "True" else None
+
+    condition = wait_for(pending, 30, "the WorkersPending condition")
+    reported_after = time.monotonic() - began
+    assert condition["reason"] == "Unschedulable"
+    assert "Insufficient memory" in condition["message"], condition
+    assert any(
+        kind == "Warning" and reason == "Unschedulable" and "Insufficient memory" in message
+        for kind, reason, message in release.events("too-big")
+    )
+    status = release.wait_phase("too-big", timeout_s=PENDING_TIMEOUT_S + 60)
+    assert status["phase"] == "Failed"
+    [failed] = [c for c in status["conditions"] if c["type"] == "Succeeded"]
+    assert failed["reason"] == "Unschedulable"
+    assert f"stayed Pending for more than {PENDING_TIMEOUT_S}s" in status["message"]
+    assert reported_after < 20, f"reported {reported_after:.1f}s after the Workflow was applied"
+    wait_for(lambda: not release.run_pods(status["runId"]), 60, "the Pending Pods to go")
+
+
+def test_submit_from_python_and_the_cli(release: Release) -> None:
+    import dagkube
+    from tests.tasks import add
+
+    redis_url = (
+        f"redis://:{release.store.connection_pool.connection_kwargs['password']}@"
+        f"{release.store.connection_pool.connection_kwargs['host']}:6379/0"
+    )
+    env = {**os.environ, "KUBECONFIG": str(release.kube.kubeconfig), "DAGKUBE_REDIS_URL": redis_url}
+    os.environ["KUBECONFIG"] = str(release.kube.kubeconfig)
+    try:
+        wf = dagkube.Workflow(add(add(1, 2), add(3, 4)), name="submitted-sum")
+        handle = wf.submit(release.namespace, redis_url=redis_url, image=f"{WORKER_IMAGE}:dev")
+        assert handle.wait(RUN_TIMEOUT_S) == 10
+    finally:
+        os.environ.pop("KUBECONFIG", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "dagkube.cli", "submit", "tests/data/failing_workflow.py",
+         "-n", release.namespace, "--wait", "--wait-timeout", str(int(RUN_TIMEOUT_S))],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 30,
+    )  # fmt: skip
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "KeyError" in done.stderr and "parse#0" in done.stderr, done.stderr
+    manifest = subprocess.run(
+        [sys.executable, "-m", "dagkube.cli", "manifest", "examples/tree_reduction.py",
+         "--planner", "uniform"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert manifest.returncode == 0, manifest.stderr
+    applied = release.kube.kubectl(
+        "apply", "-n", release.namespace, "-f", "-", input=manifest.stdout
+    )
+    name = applied.stdout.split("workflow.dagkube.io/")[1].split()[0]
+    assert release.wait_phase(name)["phase"] == "Succeeded"
+
+
+def test_the_operator_made_only_calls_its_role_grants(release: Release) -> None:
+    """The API server's audit log: every request of the operator's ServiceAccount was allowed
+    (no 403) and is granted by the chart's Role."""
+    role = release.kube.get("role", f"{RELEASE}-operator", release.namespace) or release.kube.get(
+        "role", RELEASE, release.namespace
+    )
+    assert role is not None
+    granted = {
+        (verb, group, resource)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    user = f"system:serviceaccount:{release.namespace}:{RELEASE}"
+    log = release.kube.state.config.path("logs", "audit.log")
+    used: set[tuple[str, str, str]] = set()
+    denied = []
+    for line in log.read_text().splitlines():
+        event = json.loads(line)
+        if event["user"]["username"] != user or "objectRef" not in event:
+            continue
+        ref = event["objectRef"]
+        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        call = (event["verb"], ref.get("apiGroup", ""), resource)
+        used.add(call)
+        if (event.get("responseStatus") or {}).get("code") == 403:
+            denied.append(call)
+    assert ("create", "", "pods") in used and ("patch", "dagkube.io", "workflows/status") in used
+    assert not denied, f"the API server refused: {sorted(set(denied))}"
+    assert used - granted == set(), f"calls the Role does not grant: {sorted(used - granted)}"
