@@ -311,6 +311,8 @@ class Operator:
                 await scaling
         if ended is None:  # the daemon stops (operator shutdown, Workflow deleted)
             return status
+        # The ended run's Pods go first: freeing them must not wait on a status write.
+        await self._release_pool(backend, uid, keep_failed=True)
         record = await launcher.fetch_run_record(self.redis, run_id)
         conditions = status.get("conditions")
         if any(c.get("type") == "WorkersPending" for c in conditions or []):
@@ -324,7 +326,6 @@ class Operator:
             kopf.info(body, reason="Succeeded", message=final["message"])
         else:
             kopf.warn(body, reason="Failed", message=final["message"])
-        await self._release_pool(backend, uid, keep_failed=True)
         return status
 
     async def _watch_pending(
