@@ -15,7 +15,7 @@ UV_SYNC    := $(UV) sync --locked --quiet --python $(PYTHON)
 
 .PHONY: run test lint typecheck unit integration k8s k8s-tools images e2e-kind bench \
 	bench-optimizations clean system-deps lock lock-check cluster-binaries cluster-up \
-	cluster-down cluster-status cluster-test bench-cluster
+	cluster-down cluster-status cluster-test bench-cluster e2e-local
 
 $(UV):
 	@$(PYTHON) -m venv .tools/uv
@@ -104,6 +104,11 @@ cluster-down: $(BIN)/.test-deps
 
 cluster-status: $(BIN)/.test-deps
 	$(CLUSTER) status --folder $(CLUSTER_DIR)
+
+## e2e-local: dagkube on the local control plane: the chart installed with helm, Workflows
+## applied with kubectl, from Python and the CLI (tests/cluster/test_operator.py).
+e2e-local: $(BIN)/.test-deps system-deps k8s-tools cluster-binaries
+	$(BIN)/python -m pytest -q -ra tests/cluster/test_operator.py
 
 ## cluster-test: the local control plane's own test suite.
 cluster-test: $(BIN)/.test-deps system-deps cluster-binaries

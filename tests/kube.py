@@ -117,7 +117,8 @@ class Kube:
         """One API call as the admin (or with a bearer ``token``): status and decoded body."""
         pki = self.state.config.path("pki")
         context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-        headers = {"Content-Type": "application/json"}
+        kind = "application/merge-patch+json" if method == "PATCH" else "application/json"
+        headers = {"Content-Type": kind}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         else:

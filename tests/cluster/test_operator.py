@@ -552,7 +552,10 @@ def test_timeout_ends_the_run_whatever_state_it_is_in(
 def test_the_timeout_fires_while_the_status_cannot_be_written(release: Release) -> None:
     """Writing progress into .status fails (here the Role loses workflows/status): the run is
     still cancelled at its deadline and its Pods released; the Workflow shows it once it can."""
-    name = "unwritable"
+    timeout_while_unwritable(release, "unwritable")
+
+
+def timeout_while_unwritable(release: Release, name: str) -> None:
     release.apply(
         release.workflow(
             name, {"inline": sleepy(name, 120.0, 1)}, timeoutSeconds=8, retries=0,
@@ -685,7 +688,7 @@ def test_the_operator_made_only_calls_its_role_grants(release: Release) -> None:
         resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
         call = (event["verb"], ref.get("apiGroup", ""), resource)
         used.add(call)
-        # (The Role lost workflows/status on purpose while "unwritable" ran.)
+        # (The Role lost workflows/status on purpose while "unwritable..." ran.)
         if (event.get("responseStatus") or {}).get("code") == 403 and ref.get(
             "name"
         ) != "unwritable":

@@ -554,11 +554,16 @@ def test_crd_is_a_valid_apiextensions_object() -> None:
 
 
 # ---------------------------------------------------------------- Workflow objects
-@pytest.fixture(scope="module")
-def workflow_schema() -> jsonschema.Draft4Validator:
+def crd_validator() -> jsonschema.Draft4Validator:
+    """The Workflow CRD's openAPIV3Schema as a JSON-schema validator."""
     schema = as_json_schema(_open_api_schema())
     jsonschema.Draft4Validator.check_schema(schema)
     return jsonschema.Draft4Validator(schema)
+
+
+@pytest.fixture(scope="module")
+def workflow_schema() -> jsonschema.Draft4Validator:
+    return crd_validator()
 
 
 def errors_of(validator: jsonschema.Draft4Validator, workflow: dict[str, Any]) -> list[str]:

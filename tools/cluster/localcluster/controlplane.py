@@ -185,6 +185,10 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
     if previous is not None:
         stop(config.folder)
     began = time.monotonic()
+    try:
+        network.claim_bridge(config)  # before anything starts: one cluster per bridge
+    except network.NetworkError as exc:
+        raise ClusterError(str(exc)) from None
     bins = binaries()
     pki = ClusterPKI(config.path("pki"))
     state = ClusterState(config=config, started_at=time.time())

@@ -38,6 +38,47 @@ def _sysctl(path: str, value: str) -> None:
     Path("/proc/sys", path).write_text(value)
 
 
+OWNERS = Path("/run/dagkube-local")
+
+
+def claim_bridge(config: ClusterConfig) -> None:
+    """Record this cluster as the user of its bridge, or refuse: another cluster whose control
+    plane still runs uses it (two clusters on one bridge would share Pod addresses, DNS and
+    kube-proxy's rules)."""
+    OWNERS.mkdir(parents=True, exist_ok=True)
+    owner = OWNERS / f"{config.bridge}.owner"
+    if owner.exists():
+        folder = Path(owner.read_text().strip())
+        if folder != config.folder and _alive_cluster(folder):
+            raise NetworkError(
+                f"bridge {config.bridge} is used by the local cluster in {folder}: stop it "
+                f"first (python -m localcluster down --folder {folder})"
+            )
+    owner.write_text(str(config.folder))
+
+
+def _alive_cluster(folder: Path) -> bool:
+    import json
+
+    try:
+        pids = json.loads((folder / "state.json").read_text()).get("pids") or {}
+    except (OSError, ValueError):
+        return False
+    for pid in pids.values():
+        try:
+            os.kill(int(pid), 0)
+        except (ProcessLookupError, ValueError):
+            continue
+        return True
+    return False
+
+
+def release_bridge(config: ClusterConfig) -> None:
+    owner = OWNERS / f"{config.bridge}.owner"
+    if owner.exists() and Path(owner.read_text().strip()) == config.folder:
+        owner.unlink()
+
+
 def setup_host(config: ClusterConfig) -> None:
     """The bridge with the host's address, forwarding, and accept rules for the bridge."""
     if os.geteuid() != 0:
@@ -87,6 +128,7 @@ def teardown_host(config: ClusterConfig, kube_proxy: Path | None) -> None:
     _run("iptables", "-w", "-X", FORWARD_CHAIN, check=False)
     _run("ip", "link", "del", config.bridge, check=False)
     remove_cgroups(config)
+    release_bridge(config)
     saved = config.path("ip_forward.saved")
     if saved.exists():
         _sysctl("net/ipv4/ip_forward", saved.read_text().strip() or "0")
