@@ -100,7 +100,11 @@ async def connect(url: str | None = None, user_agent: str | None = None) -> clie
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config(client_configuration=configuration)
     else:
-        await config.load_kube_config(client_configuration=configuration)
+        # $KUBECONFIG as it is now (the client library reads it once, when imported).
+        await config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None,
+            client_configuration=configuration,
+        )
     api = client.ApiClient(configuration)
     if user_agent:
         api.user_agent = user_agent

@@ -149,6 +149,7 @@ def _prepare_dagkube(folder: Path) -> None:
     subprocess.run(
         [uv, "sync", "--locked", "--quiet", "--no-editable", "--python", python,
          "--extra", "kubernetes", "--extra", "examples", "--link-mode", "copy",
+         "--compile-bytecode",  # Pods run with PYTHONDONTWRITEBYTECODE on a read-only root
          # uv would reuse a wheel of the project built from older sources (its cache key is
          # pyproject.toml): the image is this checkout as it is now.
          "--reinstall-package", "dagkube"],
