@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localcluster import controlplane
+from localcluster import controlplane, network
 from localcluster.config import ClusterConfig, ClusterState, NodeSpec
 
 # Another bridge and other ranges than `make cluster-up`'s, so a test cluster is recognizable.
@@ -31,15 +31,19 @@ class ClusterUnavailable(RuntimeError):
 
 
 def other_cluster_running() -> str | None:
-    """The bridge of another local cluster on this machine (kube-proxy's rules are global:
-    two clusters at once would fight over them)."""
+    """The bridge of another local cluster that still runs on this machine (kube-proxy's rules
+    are global: two clusters at once would fight over them). What a cluster that ended without
+    being stopped left behind (a killed test session) is cleaned up instead."""
+    live = network.live_clusters()
+    if live:
+        return next(iter(live))
     links = subprocess.run(
         ["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True
     )
     for line in links.stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
-        if name.startswith("dk"):
-            return name
+        if name.startswith("dk") and controlplane.clear_stale(name) is None:
+            return name  # a dk bridge no local cluster claims: not ours to remove
     return None
 
 

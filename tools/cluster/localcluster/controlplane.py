@@ -185,6 +185,7 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
     if previous is not None:
         stop(config.folder)
     began = time.monotonic()
+    clear_stale(config.bridge)
     try:
         network.claim_bridge(config)  # before anything starts: one cluster per bridge
     except network.NetworkError as exc:
@@ -424,6 +425,22 @@ def _wait_ready(state: ClusterState, timeout_s: float) -> None:
         state,
         "controller-manager",
     )
+
+
+def clear_stale(bridge: str) -> Path | None:
+    """Clean up after a cluster on ``bridge`` that ended without being stopped (its test
+    session killed, the machine's processes gone): its Pod namespaces, cgroups, iptables
+    chains and the bridge. Returns its folder if there was one; a live cluster is left alone,
+    and while another cluster runs, kube-proxy's (machine-wide) rules are not touched."""
+    folder = network.bridge_owner(bridge)
+    if folder is None or network.alive_owner(bridge) is not None:
+        return None
+    kube_proxy = None if network.live_clusters() else binaries(build=False).get("kube-proxy")
+    state = ClusterState.load(folder)
+    config = state.config if state is not None else ClusterConfig(folder=folder, bridge=bridge)
+    network.teardown_host(config, kube_proxy=kube_proxy)
+    config.state_file.unlink(missing_ok=True)
+    return folder
 
 
 def stop(folder: Path, *, grace_s: float = 10.0) -> list[str]:

@@ -41,6 +41,33 @@ def _sysctl(path: str, value: str) -> None:
 OWNERS = Path("/run/dagkube-local")
 
 
+def bridge_owner(bridge: str) -> Path | None:
+    """The folder of the cluster that last claimed ``bridge`` (alive or not), if any."""
+    owner = OWNERS / f"{bridge}.owner"
+    try:
+        return Path(owner.read_text().strip())
+    except OSError:
+        return None
+
+
+def alive_owner(bridge: str) -> Path | None:
+    """The folder of the cluster using ``bridge`` whose processes still run, if any."""
+    folder = bridge_owner(bridge)
+    return folder if folder is not None and _alive_cluster(folder) else None
+
+
+def live_clusters() -> dict[str, Path]:
+    """Bridge -> folder of every local cluster on this machine whose processes still run."""
+    if not OWNERS.is_dir():
+        return {}
+    found = {}
+    for owner in sorted(OWNERS.glob("*.owner")):
+        folder = alive_owner(owner.stem)
+        if folder is not None:
+            found[owner.stem] = folder
+    return found
+
+
 def claim_bridge(config: ClusterConfig) -> None:
     """Record this cluster as the user of its bridge, or refuse: another cluster whose control
     plane still runs uses it (two clusters on one bridge would share Pod addresses, DNS and
