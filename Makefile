@@ -17,7 +17,7 @@ UV_SYNC    := $(UV) sync --locked --quiet --compile-bytecode --python $(PYTHON)
 
 .PHONY: run test lint typecheck unit integration k8s k8s-tools images e2e-kind bench \
 	bench-optimizations clean system-deps lock lock-check cluster-binaries cluster-up \
-	cluster-down cluster-status cluster-test bench-cluster e2e-local
+	cluster-down cluster-status cluster-test bench-cluster bench-kube e2e-local
 
 $(UV):
 	@$(PYTHON) -m venv .tools/uv
@@ -82,7 +82,7 @@ k8s-tools: $(BIN)/.test-deps
 	$(BIN)/python tools/k8s_binaries.py --dest .tools/bin
 
 ## test: lint, type check and the whole test suite (unit, integration with real Redis,
-## Kubernetes parts against the kmock emulator and real helm, the local control plane).
+## Kubernetes parts with real helm and kubectl, and the local control plane with the chart).
 test: lock-check $(BIN)/.test-deps system-deps k8s-tools cluster-binaries lint typecheck
 	$(BIN)/python -m pytest -q -ra --durations=10
 
@@ -150,7 +150,12 @@ bench-optimizations: $(BIN)/.test-deps
 
 ## bench-cluster: the local control plane's build, start and Pod start-up times.
 bench-cluster: $(BIN)/.test-deps system-deps cluster-binaries
-	PYTHONPATH=tools/cluster:. $(BIN)/python benchmarks/cluster.py --markdown docs/benchmarks.md
+	$(BIN)/python benchmarks/cluster.py --markdown docs/benchmarks.md
+
+## bench-kube: dagkube on the local control plane next to the local runtime (start-up, hand-off,
+## pre-warm lead, the operator's API requests).
+bench-kube: $(BIN)/.test-deps system-deps k8s-tools cluster-binaries
+	$(BIN)/python benchmarks/kube_tier.py --markdown docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .tools/uv .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -12,7 +12,7 @@ start, and how long a Pod takes from create to Running.
   create call to the first watch event that reports it Running. "one at a time" waits for each
   Pod before creating the next; "burst" creates them all at once.
 
-Usage (root; PYTHONPATH=tools/cluster:.):
+Usage (root):
     python benchmarks/cluster.py [--pods 50] [--starts 3] [--cold] [--markdown docs/benchmarks.md]
 """
 
@@ -27,6 +27,7 @@ import shutil
 import ssl
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -34,8 +35,12 @@ import urllib.request
 from pathlib import Path
 
 import benchlib
-from localcluster import controlplane, images
-from localcluster.config import ClusterConfig, ClusterState
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools" / "cluster")]
+
+from localcluster import controlplane, images  # noqa: E402
+from localcluster.config import ClusterConfig, ClusterState  # noqa: E402
 
 NAMESPACE = "default"
 

@@ -20,7 +20,7 @@ audit log.
   per second, with no Workflow and from creating 1 or 3 Workflows at once until all have
   ended (watch connections count once).
 
-Usage (root; PYTHONPATH=tools/cluster:.:benchmarks):
+Usage (root):
     python benchmarks/kube_tier.py [--runs 5] [--markdown docs/benchmarks.md]
 """
 
@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -104,10 +105,11 @@ def prewarm_leads(history: RunHistory) -> list[float]:
 
 
 def percentile(values: list[float], q: float) -> float:
+    """Nearest rank: the smallest value with at least q% of the values at or below it."""
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 # --- The local runtime ------------------------------------------------------------------------
@@ -206,6 +208,20 @@ def run_one(release: Release, case: str) -> tuple[RunHistory, float, float | Non
     return read_history(release, run_id), began, min(seen) if seen else None
 
 
+def operator_steps(
+    found: dict[str, Any], history: RunHistory, began: float, pod_seen: float
+) -> None:
+    """The operator's part split: Workflow created -> run launched in Redis (the create event
+    reaches the operator, it builds the DAG and plans) -> the scaler asks for the first Pod ->
+    that Pod is in the API (the create call, seen by a watch)."""
+    asked = [w.spawned_at for w in history.workers if w.cold and w.spawned_at is not None]
+    if not asked:
+        return
+    found["to_launch"].append(history.run.submitted_at - began)
+    found["to_ask"].append(min(asked) - history.run.submitted_at)
+    found["to_pod"].append(pod_seen - min(asked))
+
+
 def operator_requests(kube: Kube, namespace: str, since: float, until: float) -> int:
     """Requests of the operator's ServiceAccount the API server received in [since, until)."""
     user = f"system:serviceaccount:{namespace}:{RELEASE}"
@@ -226,6 +242,7 @@ def operator_requests(kube: Kube, namespace: str, since: float, until: float) ->
 def measure_kube(runs: int, idle_s: float) -> dict[str, Any]:
     found: dict[str, Any] = {"apply_to_first": [], "cold": [], "handoff": [], "lead": []}
     found.update(prewarm_used=0, prewarm_requested=0, operator_part=[], load={})
+    found.update(to_launch=[], to_ask=[], to_pod=[])
     with tempfile.TemporaryDirectory(prefix="dagkube-bench-") as folder:
         state = start_cluster(Path(folder) / "cluster")
         try:
@@ -239,6 +256,7 @@ def measure_kube(runs: int, idle_s: float) -> dict[str, Any]:
                         collect(found, case, history, began)
                         if case == "fanout" and pod_seen is not None:
                             found["operator_part"].append(pod_seen - began)
+                            operator_steps(found, history, began, pod_seen)
                 found["load"] = api_load(release, idle_s)
         finally:
             controlplane.stop(state.config.folder)
@@ -317,6 +335,11 @@ def markdown(local: dict[str, Any], kube: dict[str, Any], runs: int, argv: list[
             [],
             kube["operator_part"],
         ),
+        summary_row(
+            "    created -> run launched (event, DAG built, planned)", [], kube["to_launch"]
+        ),
+        summary_row("    launched -> scaler asks for the first Pod", [], kube["to_ask"]),
+        summary_row("    asked -> the Pod in the API (create call, watch)", [], kube["to_pod"]),
         summary_row("cold worker: asked for -> registered", local["cold"], kube["cold"]),
         summary_row(
             "warm hand-off: work and idle worker -> taken", local["handoff"], kube["handoff"]

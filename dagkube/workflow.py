@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dagkube.dag import DEFAULT_INLINE_BUDGET_BYTES, DagSpec, build_dag
 from dagkube.errors import TaskFailed
-from dagkube.planning import Plan, PlanningOptions, check_optimizations, plan
 from dagkube.resources import parse_classes
+
+if TYPE_CHECKING:
+    from dagkube.planning import Plan
+
+# dagkube.planning (its pydantic models) is imported where a plan is made, not with the
+# package: building a DAG - what the operator's build process and `import dagkube` in a task
+# module do - then starts in about a third of the time.
 
 
 class Workflow:
@@ -56,6 +62,8 @@ class Workflow:
         With a ``runtime``, the planner learns from that runtime's run history and sees its
         warm workers; without one, it plans from documented defaults (no history).
         """
+        from dagkube.planning import PlanningOptions, check_optimizations, plan
+
         if runtime is not None:
             return runtime.plan(self.dag, planner, sla, classes, optimizations=optimizations)
         options = PlanningOptions(
@@ -135,6 +143,7 @@ class Workflow:
         module in the worker ``image``.
         """
         from dagkube.kubernetes.submit import submit
+        from dagkube.planning import check_optimizations
 
         return submit(
             self.dag,

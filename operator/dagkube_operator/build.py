@@ -82,8 +82,8 @@ def from_module(target: str, args: dict[str, Any]) -> Any:
 
 
 def from_inline(source: str, name: str) -> Any:
-    from dagkube.cli import load_workflow_file
     from dagkube.errors import DagkubeError
+    from dagkube.loader import load_workflow_file
 
     with tempfile.TemporaryDirectory(prefix="dagkube-inline-") as folder:
         path = os.path.join(folder, f"{name.replace('-', '_')}.py")

@@ -17,8 +17,8 @@ Every variable, its meaning and its default:
 - DAGKUBE_BUILD_TIMEOUT: seconds a module or inline source may take to build its DAG (120)
 - DAGKUBE_RUN_TTL: seconds a finished run's keys (its outputs) stay in Redis (3600)
 - DAGKUBE_METRICS_PORT: port of /metrics and /healthz (8080)
-- DAGKUBE_KUBE_API_URL: an API server URL without credentials, e.g. `kubectl proxy`'s or a
-  test emulator's (default: in-cluster service account, else the kubeconfig)
+- DAGKUBE_KUBE_API_URL: an API server URL without credentials, e.g. `kubectl proxy`'s
+  (default: in-cluster service account, else the kubeconfig)
 - DAGKUBE_WATCH_TIMEOUT: seconds before the API server ends a watch, which is then renewed;
   the client gives up 30 s later, so a silently stalled watch is replaced (300)
 - DAGKUBE_PENDING_TIMEOUT: seconds a worker Pod may stay Pending for a reason of the

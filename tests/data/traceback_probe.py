@@ -49,7 +49,7 @@ workflow = dagkube.Workflow(clean(3), name="probe-{case}")
 def build(case: str, scratch: Path) -> DagSpec:
     source = FAILING_SOURCE.replace("{case}", case)
     if case == "file":
-        from dagkube.cli import load_workflow_file
+        from dagkube.loader import load_workflow_file
 
         path = scratch / "probe_pipeline.py"
         path.write_text(source)

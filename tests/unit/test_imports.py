@@ -1,0 +1,36 @@
+"""What building a DAG imports: the operator's build process (a child per Workflow, on the
+path of every cold start) and task modules import ``dagkube`` and the loader, which must not
+pull in the planners' models or the command line (they tripled the build process's start)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ["dagkube.planning", "dagkube.cli", "rich", "click", "redis", "kubernetes_asyncio"]
+
+
+@pytest.mark.parametrize("module", ["dagkube", "dagkube.loader", "dagkube_operator.build"])
+def test_building_a_dag_does_not_import_the_planners_or_the_cli(module):
+    probe = (
+        f"import sys, json, {module}; "
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert json.loads(done.stdout) == []
+
+
+def test_planning_is_still_there_when_a_plan_is_made():
+    import dagkube
+
+    @dagkube.task
+    def one() -> int:
+        return 1
+
+    plan = dagkube.Workflow(one(), name="imports").plan("uniform")
+    assert plan.planner == "uniform"
