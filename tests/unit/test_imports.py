@@ -16,12 +16,9 @@ HEAVY = ["dagkube.planning", "dagkube.cli", "rich", "click", "redis", "kubernete
 @pytest.mark.parametrize("module", ["dagkube", "dagkube.loader", "dagkube_operator.build"])
 def test_building_a_dag_does_not_import_the_planners_or_the_cli(module):
     probe = (
-        f"import sys, json, {module}; "
-        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+        f"import sys, json, {module}; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout) == []
 
 
