@@ -53,7 +53,7 @@ import fanout_sleep  # noqa: E402
 import long_then_wide  # noqa: E402
 from localcluster import controlplane  # noqa: E402
 
-from tests.kube import Kube, start_cluster  # noqa: E402
+from tests.kube import Kube, start_cluster, wait_for  # noqa: E402
 from tests.release import RELEASE, Release, installed  # noqa: E402
 
 WARMUP_RUNS = 2  # history for the planner (pre-warm needs predictions) before measuring
@@ -202,10 +202,14 @@ def run_one(release: Release, case: str) -> tuple[RunHistory, float, float | Non
     run_id = status["runId"]
     pods = release.seen_pods(run_id)
     seen = [release.recorder.first_seen[p["metadata"]["name"]] for p in pods]
+    history = read_history(release, run_id)
     release.kube.request(
         "DELETE", f"/apis/dagkube.io/v1alpha1/namespaces/{release.namespace}/workflows/{name}"
     )
-    return read_history(release, run_id), began, min(seen) if seen else None
+    # The next run starts on a quiet cluster: this one's Pods are gone (their workers' exits
+    # would otherwise compete with the next build for the two cores).
+    wait_for(lambda: not release.run_pods(run_id), 120, f"the Pods of run {run_id} to go")
+    return history, began, min(seen) if seen else None
 
 
 def operator_steps(
@@ -321,7 +325,7 @@ def markdown(local: dict[str, Any], kube: dict[str, Any], runs: int, argv: list[
         "`prewarm`). The Kubernetes side is the local control plane of `make cluster-up` (real "
         "kube-apiserver, scheduler and controller manager; Pods run by the node agent as "
         "processes under their cgroup limits) with the chart installed by helm; the workers are "
-        "the same Python as locally.",
+        "the same Python as locally. Each run starts once the previous run's Pods are gone.",
         "",
         "| | local runtime: median / p99 | local control plane: median / p99 |",
         "| --- | ---: | ---: |",

@@ -57,6 +57,10 @@ class RedisServer:
         self.password = secrets.token_hex(8)
         self.port = _free_port()
         self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
+        """Start (again, after :meth:`stop`) on the same port with the same password."""
         self.process = subprocess.Popen(
             [
                 find_redis_server(),
@@ -65,7 +69,7 @@ class RedisServer:
                 "--bind",
                 "127.0.0.1",
                 "--dir",
-                str(directory),
+                str(self.directory),
                 "--requirepass",
                 self.password,
                 "--save",

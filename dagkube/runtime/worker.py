@@ -159,6 +159,7 @@ class Worker:
         self.served_any = False
         self._waiting = False
         self.reader: Any = None
+        self.beats: Any = None  # the heartbeat's own client
         self.stopping = False
         self._scripts: dict[str, Any] = {}
 
@@ -176,6 +177,7 @@ class Worker:
             if startup_delay_s > 0:  # emulate a Pod's start-up: local cold starts cost as much
                 await asyncio.sleep(startup_delay_s)
             self.redis = await connect(self.config.redis_url)
+            self.beats = await connect(self.config.redis_url)
             self.reader = BulkReader(self.config.redis_url)
             for name in ("COMPLETE", "FAIL", "FINISH"):
                 self._scripts[name] = self.redis.register_script(getattr(scripts, name))
@@ -211,6 +213,8 @@ class Worker:
                 except (redis_exceptions.RedisError, OSError) as exc:  # the scaler expires us
                     log.warning("worker %s: cannot deregister: %s", self.config.worker_id, exc)
                 await self.redis.aclose()
+            if self.beats is not None:
+                await self.beats.aclose()
             if self.reader is not None:
                 self.reader.close()
             self.executor.shutdown(wait=False)
@@ -242,12 +246,20 @@ class Worker:
 
     async def _beat(self) -> None:
         ttl_ms = int(self.config.heartbeat_ttl_s * 1000)
-        await self.redis.set(worker_heartbeat(self.config.worker_id), "1", px=ttl_ms)
+        await self.beats.set(worker_heartbeat(self.config.worker_id), "1", px=ttl_ms)
 
     async def _heartbeat(self) -> None:
+        """Beat every ``heartbeat_s`` on a connection of its own (opened at the start, so a
+        beat never waits for a new connection while the main loop's is held by a blocking
+        pop). A failed beat is logged and the next one tried: the task never ends quietly
+        while the worker goes on working unseen."""
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
-            await self._beat()
+            try:  # a beat that hangs is given up (its connection dropped) and tried again
+                async with asyncio.timeout(self.config.heartbeat_ttl_s / 2):
+                    await self._beat()
+            except (redis_exceptions.RedisError, OSError, TimeoutError) as exc:
+                log.warning("worker %s: heartbeat failed: %r", self.config.worker_id, exc)
 
     async def _take(self) -> Invocation | None:
         """Wait idle for an invocation of this class; None after the idle timeout."""

@@ -419,3 +419,47 @@ def test_a_claim_gets_a_volume_from_the_default_storage_class(local_cluster: Kub
         lambda: local_cluster.get("persistentvolume", volume, "") is None, 30, "the volume to go"
     )
     assert not folder.exists()
+
+
+def test_running_pods_keep_resolving_names_while_other_pods_join(
+    local_cluster: Kube, ns: str
+) -> None:
+    """A bridge without an address of its own takes the lowest MAC of its ports: Pods joining
+    it changed the MAC of the running Pods' gateway and DNS server, whose lookups then went
+    nowhere for 5 s or more (seen as workers' Redis connections failing mid-run)."""
+    from localcluster import network
+
+    bridge = local_cluster.state.config.bridge
+    bridge_mac = Path(f"/sys/class/net/{bridge}/address")
+    resolve = (
+        "import socket, time\n"
+        "slowest, began = 0.0, time.monotonic()\n"
+        "while time.monotonic() - began < 20:\n"
+        "    start = time.monotonic()\n"
+        "    try:\n"
+        "        socket.gethostbyname('kubernetes.default.svc.cluster.local')\n"
+        "        slowest = max(slowest, time.monotonic() - start)\n"
+        "    except OSError:\n"
+        "        slowest = 99.0\n"
+        "    time.sleep(0.1)\n"
+        "print(round(slowest, 3))"
+    )
+    local_cluster.apply(pod("resolver", ["python", "-c", resolve], image="python:3.11"), ns)
+    wait_for(lambda: local_cluster.pod_phase("resolver", ns) == "Running", 60, "the resolver")
+    before = bridge_mac.read_text().strip()
+    joiners = [pod(f"joiner-{i}", ["sleep", "60"]) for i in range(8)]
+    local_cluster.apply(joiners, ns)
+    wait_for(
+        lambda: all(local_cluster.pod_phase(f"joiner-{i}", ns) == "Running" for i in range(8)),
+        60,
+        "8 Pods joining the bridge",
+    )
+    end = wait_for(lambda: terminated(local_cluster, "resolver", ns), 60, "the resolver to end")
+    slowest = float(local_cluster.kubectl("logs", "resolver", "-n", ns).stdout)
+    assert end["exitCode"] == 0
+    assert slowest < 1.0, f"a name lookup took {slowest}s while Pods joined the bridge"
+    assert (
+        before
+        == bridge_mac.read_text().strip()
+        == network.mac_of(local_cluster.state.config.bridge_ip)
+    )

@@ -553,3 +553,29 @@ def test_cluster_state_round_trips_through_state_json(tmp_path, customized):
 
 def test_cluster_state_of_a_folder_without_one_is_none(tmp_path):
     assert ClusterState.load(tmp_path) is None
+
+
+# --- Pod addresses -----------------------------------------------------------------------------
+
+
+def test_pod_addresses_are_handed_out_in_turn_and_a_freed_one_waits_for_the_rest():
+    from localcluster.agent.node import Ipam
+
+    ipam = Ipam("10.9.0.0/29")  # .1 is the bridge's: .2 to .6 for Pods
+    assert [ipam.allocate(f"p{i}") for i in range(3)] == ["10.9.0.2", "10.9.0.3", "10.9.0.4"]
+    ipam.release("p0")
+    # Not .2 again at once: a new Pod on a just-freed address meets stale neighbour entries.
+    assert ipam.allocate("p3") == "10.9.0.5"
+    assert ipam.allocate("p4") == "10.9.0.6"
+    assert ipam.allocate("p5") == "10.9.0.2"  # the range wrapped
+    assert ipam.allocate("p5") == "10.9.0.2"  # the same Pod keeps its address
+
+
+def test_a_restarted_agent_keeps_a_pods_address_and_a_full_range_is_an_error():
+    from localcluster.agent.node import Ipam
+    from localcluster.network import NetworkError
+
+    ipam = Ipam("10.9.0.0/30")  # one address for Pods
+    assert ipam.allocate("a", preferred="10.9.0.2") == "10.9.0.2"
+    with pytest.raises(NetworkError, match="exhausted"):
+        ipam.allocate("b")

@@ -120,6 +120,10 @@ def setup_host(config: ClusterConfig) -> None:
     network = ipaddress.ip_network(config.pod_cidr)
     if _run("ip", "link", "show", bridge, check=False).returncode != 0:
         _run("ip", "link", "add", bridge, "type", "bridge")
+    # A bridge without an address of its own takes the lowest MAC of its ports, so each Pod
+    # whose veth sorts lower changed the MAC of the Pods' gateway and DNS server: Pods that had
+    # it cached sent their DNS queries (and Service traffic) nowhere until ARP noticed, about 5 s.
+    _run("ip", "link", "set", bridge, "address", mac_of(config.bridge_ip))
     address = f"{config.bridge_ip}/{network.prefixlen}"
     if address not in _run("ip", "-4", "addr", "show", "dev", bridge).stdout:
         _run("ip", "addr", "add", address, "dev", bridge)
@@ -176,6 +180,11 @@ def _host_interface(pod_uid: str) -> str:
     return "dkv" + hashlib.sha256(pod_uid.encode()).hexdigest()[:11]  # at most 15 characters
 
 
+def mac_of(address: str) -> str:
+    """A locally administered MAC made of an IPv4 address (as Docker's bridge does)."""
+    return "02:42:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(address).packed)
+
+
 def create_pod_namespace(config: ClusterConfig, pod_uid: str, pod_ip: str) -> str:
     """A network namespace for a Pod with ``pod_ip`` on eth0, joined to the bridge; the host
     is its default gateway. Idempotent: an existing namespace is kept."""
@@ -186,7 +195,11 @@ def create_pod_namespace(config: ClusterConfig, pod_uid: str, pod_ip: str) -> st
     host_if = _host_interface(pod_uid)
     _run("ip", "netns", "add", name)
     try:
-        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", name)
+        # The Pod's MAC follows from its address (as Docker's bridge does): when a later Pod
+        # gets the address again, neighbour entries the host and other Pods still hold for it
+        # stay right.
+        _run("ip", "link", "add", host_if, "type", "veth",
+             "peer", "name", "eth0", "address", mac_of(pod_ip), "netns", name)  # fmt: skip
         _run("ip", "link", "set", host_if, "master", config.bridge, "up")
         inside = ("ip", "netns", "exec", name, "ip")
         _run(*inside, "link", "set", "lo", "up")

@@ -35,12 +35,15 @@ STATUS_EVERY_S = 30.0
 
 
 class Ipam:
-    """Pod addresses from the cluster's Pod range (the bridge keeps the first)."""
+    """Pod addresses from the cluster's Pod range (the bridge keeps the first), handed out in
+    turn after the last one given, as the host-local IPAM plugin does: an address freed by a
+    Pod is used again only after the rest of the range."""
 
     def __init__(self, cidr: str) -> None:
         hosts = list(ipaddress.ip_network(cidr).hosts())
         self.free = [str(h) for h in hosts[1:]]
         self.taken: dict[str, str] = {}
+        self._next = 0
 
     def allocate(self, uid: str, preferred: str | None = None) -> str:
         """An address for the Pod ``uid``: the one it had (``preferred``) when still free, so
@@ -51,10 +54,12 @@ class Ipam:
         if preferred in self.free and preferred not in used:
             self.taken[uid] = str(preferred)
             return str(preferred)
-        for address in self.free:
-            if address not in used:
-                self.taken[uid] = address
-                return address
+        for step in range(len(self.free)):
+            index = (self._next + step) % len(self.free)
+            if self.free[index] not in used:
+                self._next = index + 1
+                self.taken[uid] = self.free[index]
+                return self.free[index]
         raise network.NetworkError("the Pod address range is exhausted")
 
     def release(self, uid: str) -> None:

@@ -485,6 +485,11 @@ class PodWorker:
                 elif failures >= failure_threshold:
                     ready = False
                 if ready != state.ready:
+                    log.info(
+                        "pod %s/%s: container %s %s (readiness probe: %d failed, %d passed)",
+                        self.namespace, self.name, state.name,
+                        "ready" if ready else "not ready", failures, successes,
+                    )  # fmt: skip
                     state.ready = ready
                     await self._report()
             elif failures >= failure_threshold:
