@@ -308,6 +308,18 @@ def summary_row(what: str, local: list[float], kube: list[float]) -> str:
     return f"| {what} | {cell(local)} | {cell(kube)} |"
 
 
+def late_prewarm(local: dict[str, Any], kube: dict[str, Any]) -> list[str]:
+    leads = [statistics.median(e["lead"]) for e in (local, kube) if e["lead"]]
+    if not leads or max(leads) >= 0:
+        return []
+    return [
+        "Pre-warmed workers came late (a negative median lead on both engines): the workers one "
+        "pre-warm request asks for start together, and on this machine's 2 cores together "
+        "take longer than the history's typical cold start, on which the planner's lead is based.",
+        "",
+    ]
+
+
 def per_workflow(load: dict[str, float]) -> float:
     """Requests per second each running Workflow adds (the mean over 1 and 3 at once)."""
     extra = [(load[f"{n} running"] - load["idle"]) / n for n in (1, 3) if f"{n} running" in load]
@@ -356,6 +368,7 @@ def markdown(local: dict[str, Any], kube: dict[str, Any], runs: int, argv: list[
         f"{local['prewarm_requested']}, Kubernetes {kube['prewarm_used']} / "
         f"{kube['prewarm_requested']}.",
         "",
+        *late_prewarm(local, kube),
         "Operator requests to the API server (its ServiceAccount in the audit log; a watch "
         "counts once): "
         + ", ".join(f"{what}: {rate:.2f}/s" for what, rate in kube["load"].items())

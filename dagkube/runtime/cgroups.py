@@ -10,6 +10,7 @@ subtree); :func:`detect` returns None where there is none.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -226,6 +227,10 @@ class Cgroup:
                 try:
                     remaining = [int(p) for p in procs.read_text().split()]
                 except FileNotFoundError:
+                    break
+                except OSError as exc:  # ENODEV: another remover is taking it down right now
+                    if exc.errno != errno.ENODEV:
+                        raise
                     break
                 if not remaining:
                     break

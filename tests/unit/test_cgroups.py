@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 import signal
@@ -372,6 +373,23 @@ def test_remove_kills_the_processes_inside(tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+def test_remove_of_a_cgroup_another_remover_is_taking_down_is_not_an_error(tmp_path, monkeypatch):
+    """Reading cgroup.procs of a cgroup the kernel is destroying fails with ENODEV."""
+    pod = tmp_path / "unified" / "pod-1"
+    pod.mkdir(parents=True)
+    group = Cgroup(Hierarchy("v2", {"unified": tmp_path / "unified"}), {"unified": pod})
+    read_text = Path.read_text
+
+    def dying(path: Path, *args, **kwargs) -> str:
+        if path.name == "cgroup.procs":
+            raise OSError(errno.ENODEV, "No such device")
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", dying)
+    group.remove()
+    assert not pod.exists()
 
 
 def test_remove_of_a_folder_that_is_not_empty_is_a_cgroup_error(tmp_path):
