@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--folder", type=Path, default=DEFAULT_FOLDER,
                              help=f"the cluster's folder (default {DEFAULT_FOLDER})")  # fmt: skip
     up.add_argument("--nodes", type=int, default=1, help="how many Nodes to register (default 1)")
-    up.add_argument("--node-memory", default="8Gi", help="each Node's memory capacity")
-    up.add_argument("--node-cpu", default="2", help="each Node's CPU capacity")
+    # More than a small machine has: each Pod's limits are enforced (cgroups), but a Node of
+    # 2 CPUs cannot place a non-uniform plan's 2Gi workers (1.14 CPU each) beside the smaller
+    # ones that wait for them, and the run would wait for capacity that never comes.
+    up.add_argument("--node-memory", default="16Gi", help="each Node's memory capacity (16Gi)")
+    up.add_argument("--node-cpu", default="8", help="each Node's CPU capacity (8)")
     logs.add_argument("pod")
     logs.add_argument("-n", "--namespace", default="default")
     logs.add_argument("-c", "--container")
