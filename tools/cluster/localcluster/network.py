@@ -193,6 +193,9 @@ def create_pod_namespace(config: ClusterConfig, pod_uid: str, pod_ip: str) -> st
         return name
     network = ipaddress.ip_network(config.pod_cidr)
     host_if = _host_interface(pod_uid)
+    # The host end of an earlier namespace of this Pod can outlive it for a moment (the kernel
+    # frees a namespace once its last process is gone): e.g. after a cluster restart.
+    _run("ip", "link", "del", host_if, check=False)
     _run("ip", "netns", "add", name)
     try:
         # The Pod's MAC follows from its address (as Docker's bridge does): when a later Pod
