@@ -149,17 +149,15 @@ def collect(found: dict[str, Any], case: str, history: RunHistory, began: float)
 # --- The local control plane ------------------------------------------------------------------
 
 
-def workflow(name: str, module: Any, planner: str, optimizations: list[str]) -> dict:
-    return {
-        "apiVersion": "dagkube.io/v1alpha1",
-        "kind": "Workflow",
-        "metadata": {"name": name},
-        "spec": {
-            "source": {"module": {"name": f"examples.{module.__name__}:build"}},
-            "planner": {"name": planner, "sla": "avg", "optimizations": optimizations},
-            "timeoutSeconds": 300,
-        },
-    }
+def workflow(
+    release: Release, name: str, module: Any, planner: str, optimizations: list[str]
+) -> dict:
+    return release.workflow(
+        name,
+        {"module": {"name": f"examples.{module.__name__}:build"}},
+        planner={"name": planner, "sla": "avg", "optimizations": optimizations},
+        timeoutSeconds=300,
+    )
 
 
 def create(release: Release, body: dict) -> float:
@@ -195,7 +193,7 @@ def run_one(release: Release, case: str) -> tuple[RunHistory, float, float | Non
     first worker Pod was first seen in the API."""
     module, planner, optimizations = CASES[case]
     name = f"{case}-{uuid.uuid4().hex[:6]}"
-    began = create(release, workflow(name, module, planner, optimizations))
+    began = create(release, workflow(release, name, module, planner, optimizations))
     status = release.wait_phase(name, timeout_s=300)
     if status.get("phase") != "Succeeded":
         raise RuntimeError(f"Workflow {name} ended {status.get('phase')}: {status}")
@@ -279,7 +277,7 @@ def api_load(release: Release, idle_s: float) -> dict[str, float]:
         names = [f"load-{count}-{i}-{uuid.uuid4().hex[:4]}" for i in range(count)]
         began = time.time()
         for name in names:
-            create(release, workflow(name, long_then_wide, "wukong", []))
+            create(release, workflow(release, name, long_then_wide, "wukong", []))
         for name in names:
             release.wait_phase(name, timeout_s=300)
         ended = time.time()
