@@ -24,11 +24,14 @@ Every variable, its meaning and its default:
 - DAGKUBE_PENDING_TIMEOUT: seconds a worker Pod may stay Pending for a reason of the
   scheduler's or the kubelet's (unschedulable, image pull failure, missing Secret) before its
   run fails with that reason (300); the reason is reported in .status within seconds
+- DAGKUBE_DEFAULT_TIMEOUT: seconds a run may take when its Workflow sets no
+  spec.timeoutSeconds; past it the run is cancelled and ends Failed; 0: no limit (3600)
 - DAGKUBE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR (INFO)
 """
 
 from __future__ import annotations
 
+import math
 import os
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -65,6 +68,7 @@ class OperatorConfig:
     cancel_grace_s: float = 10.0  # a cancelled run's workers get this long to stop by themselves
     pending_timeout_s: float = 300.0
     pending_report_after_s: float = 3.0  # a Pod stuck this long is reported (not a blip)
+    default_timeout_s: float = 3600.0  # runs without spec.timeoutSeconds; 0: no limit
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -103,6 +107,7 @@ class OperatorConfig:
             kube_api_url=env.get("DAGKUBE_KUBE_API_URL") or None,
             watch_timeout_s=_number(env, "DAGKUBE_WATCH_TIMEOUT", 300, int, 1),
             pending_timeout_s=_number(env, "DAGKUBE_PENDING_TIMEOUT", 300.0, float, 1.0),
+            default_timeout_s=_number(env, "DAGKUBE_DEFAULT_TIMEOUT", 3600.0, float, 0.0),
         )
 
 
@@ -112,14 +117,15 @@ def _number(
     text = env.get(name, "").strip()
     if not text:
         return default
+    value: N | None
     try:
         value = kind(text)
     except ValueError:
-        raise ConfigError(
-            f"{name}={text!r} is not {'an integer' if kind is int else 'a number'}"
-        ) from None
+        value = None
+    if value is None or not math.isfinite(value):  # float() takes 'nan' and 'inf' too
+        raise ConfigError(f"{name}={text!r} is not {'an integer' if kind is int else 'a number'}")
     if value < minimum:
-        raise ConfigError(f"{name}={text!r} must be >= {minimum}")
+        raise ConfigError(f"{name}={text!r} must be >= {minimum:g}")
     return value
 
 

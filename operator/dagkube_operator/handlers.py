@@ -8,7 +8,7 @@ and in Redis:
   found in Redis and adopted instead of repeated;
 * ``Running``: run the scaler for the Workflow's worker pool (Pods named from the Workflow's
   uid; existing ones adopted), mirror progress into ``.status`` and wait for the run's end
-  on its result list; enforce ``timeoutSeconds``;
+  on its result list; enforce ``timeoutSeconds`` (else the operator's default timeout);
 * ended: final status, Events, idle Pods removed; after ``ttlSecondsAfterFinished`` the
   Workflow is deleted (like a Job), which runs the delete handler.
 
@@ -62,6 +62,32 @@ def run_id_for(name: str, uid: str) -> str:
 def pool_for(uid: str) -> str:
     """Each Workflow has its own worker pool (its Pods serve only its run)."""
     return f"wf-{uid}"
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a run is cancelled, and the message that says which setting set the limit."""
+
+    at: float  # seconds since the epoch
+    message: str
+
+
+def run_deadline(
+    started: float, *, spec_timeout_s: int | None, default_timeout_s: float
+) -> Deadline | None:
+    """The deadline of a run started at ``started``: ``spec.timeoutSeconds`` when set, else the
+    operator's default (so a run whose workers keep dying still ends); None: no limit at all."""
+    if spec_timeout_s:
+        return Deadline(
+            started + spec_timeout_s, f"timed out after {spec_timeout_s}s (spec.timeoutSeconds)"
+        )
+    if default_timeout_s > 0:
+        return Deadline(
+            started + default_timeout_s,
+            f"timed out after {default_timeout_s:g}s (the operator's default timeout; "
+            "set spec.timeoutSeconds to change it)",
+        )
+    return None
 
 
 class CountingBackend(KubernetesBackend):
@@ -201,6 +227,7 @@ class Operator:
                     run_id=run_id,
                     ttl_s=self.config.run_ttl_s,
                     startup_delay_s=self.config.startup_delay_s,
+                    enforced=True,  # worker Pods carry their class's limits
                 )
                 total = len(dag.tasks)
         except SpecError as exc:
@@ -263,15 +290,19 @@ class Operator:
         # The deadline counts from the start written in .status, the cancellation's grace from
         # the moment written in Redis: a restarted daemon enforces the same times.
         started = st.parse_timestamp(status.get("startTime")) or time.time()
-        deadline = started + spec.timeout_s if spec.timeout_s else None
+        deadline = run_deadline(
+            started,
+            spec_timeout_s=spec.timeout_s,
+            default_timeout_s=self.config.default_timeout_s,
+        )
         shown: dict[str, Any] = {}
         ended: str | None = None
         failure_reason: str | None = None
         reported: set[tuple[str, str]] = set()  # (Pod, reason) already posted as an Event
         try:
             while not stopped:
-                if deadline is not None and time.time() >= deadline:
-                    ended = await self._time_out(run_id, spec, logger)
+                if deadline is not None and time.time() >= deadline.at:
+                    ended = await self._time_out(run_id, deadline.message, logger)
                     break
                 stuck = await self._watch_pending(body, backend, status, reported)
                 if (
@@ -290,7 +321,7 @@ class Operator:
                     break
                 wait_s = self.config.progress_every_s
                 if deadline is not None:
-                    wait_s = max(0.05, min(wait_s, deadline - time.time()))
+                    wait_s = max(0.05, min(wait_s, deadline.at - time.time()))
                 with contextlib.suppress(RunTimeout):
                     ended = await launcher.wait_for_end(self.redis, run_id, timeout_s=wait_s)
                 if ended is not None:
@@ -368,11 +399,10 @@ class Operator:
                 kopf.warn(body, reason=pod.reason, message=f"worker Pod {pod.name}: {pod.message}")
         return stuck[0] if stuck else None
 
-    async def _time_out(self, run_id: str, spec: WorkflowSpec, logger: logging.Logger) -> str:
-        """``timeoutSeconds`` passed: cancel, give the workers the grace to stop at a task
+    async def _time_out(self, run_id: str, message: str, logger: logging.Logger) -> str:
+        """The run's deadline passed: cancel, give the workers the grace to stop at a task
         boundary, then end the run without them. Whatever state the run was in (no worker
         yet, Pods pending, tasks running), it has ended when this returns."""
-        message = f"timed out after {spec.timeout_s}s (spec.timeoutSeconds)"
         logger.warning("run %s %s: cancelling", run_id, message)
         ended = await launcher.cancel_and_end(
             self.redis, run_id, message, grace_s=self.config.cancel_grace_s

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 import dagkube
+from dagkube_operator.config import OperatorConfig
 
 pytestmark = pytest.mark.k8s
 
@@ -213,6 +214,7 @@ def test_client_side_install_prints_the_notes(tools: Tools) -> None:
         ("redis.persistence.size=lots", "/redis/persistence/size"),
         ("operator.image.pullPolicy=Sometimes", "/operator/image/pullPolicy"),
         ("metrics.serviceMonitor.interval=soon", "/metrics/serviceMonitor/interval"),
+        ("operator.defaultTimeoutSeconds=-1", "/operator/defaultTimeoutSeconds"),
     ],
 )
 def test_values_schema_rejects_bad_values(tools: Tools, setting: str, named: str) -> None:
@@ -345,6 +347,25 @@ def test_operator_reaches_the_bundled_redis(rendered: dict[str, list[dict]]) -> 
         f"redis://:{password}@{service}.{NAMESPACE}.svc:6379/0"
     )
     assert service in {doc["metadata"]["name"] for doc in docs if doc["kind"] == "Service"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "seconds"),
+    [
+        ([], 3600.0),
+        (["--set", "operator.defaultTimeoutSeconds=0"], 0.0),
+        (["--set-json", "operator.defaultTimeoutSeconds=90.5"], 90.5),  # --set gives a string
+    ],
+    ids=["default", "off", "fraction"],
+)
+def test_operator_default_timeout_reaches_the_operator(
+    tools: Tools, settings: list[str], seconds: float
+) -> None:
+    """The chart's value becomes DAGKUBE_DEFAULT_TIMEOUT, which the operator's config reads."""
+    env = _operator_env(tools.template(*settings))
+    assert env["DAGKUBE_DEFAULT_TIMEOUT"] == f"{seconds:g}"
+    literal = {name: value for name, value in env.items() if isinstance(value, str)}
+    assert OperatorConfig.from_env(literal).default_timeout_s == seconds
 
 
 def test_external_redis_replaces_the_bundled_one(rendered: dict[str, list[dict]]) -> None:

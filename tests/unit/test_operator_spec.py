@@ -10,7 +10,7 @@ import yaml
 from dagkube.metrics.records import RunRecord
 from dagkube_operator import status as st
 from dagkube_operator.config import ConfigError, OperatorConfig, with_password
-from dagkube_operator.handlers import pool_for, run_id_for
+from dagkube_operator.handlers import Deadline, pool_for, run_deadline, run_id_for
 from dagkube_operator.spec import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,3 +172,37 @@ def test_config_from_env_reports_bad_values():
         OperatorConfig.from_env({})
     with pytest.raises(ConfigError, match="DAGKUBE_IDLE_TIMEOUT='soon' is not a number"):
         OperatorConfig.from_env({"DAGKUBE_REDIS_URL": "redis://r", "DAGKUBE_IDLE_TIMEOUT": "soon"})
+
+
+def test_default_timeout_setting():
+    redis = {"DAGKUBE_REDIS_URL": "redis://r"}
+    assert OperatorConfig.from_env(redis).default_timeout_s == 3600.0
+    assert OperatorConfig.from_env({**redis, "DAGKUBE_DEFAULT_TIMEOUT": "0"}).default_timeout_s == 0
+    assert (
+        OperatorConfig.from_env({**redis, "DAGKUBE_DEFAULT_TIMEOUT": " 90.5 "}).default_timeout_s
+        == 90.5
+    )
+    with pytest.raises(ConfigError) as caught:
+        OperatorConfig.from_env({**redis, "DAGKUBE_DEFAULT_TIMEOUT": "-1"})
+    assert str(caught.value) == "DAGKUBE_DEFAULT_TIMEOUT='-1' must be >= 0"
+    for text in ("1h", "nan", "inf"):
+        with pytest.raises(ConfigError) as caught:
+            OperatorConfig.from_env({**redis, "DAGKUBE_DEFAULT_TIMEOUT": text})
+        assert str(caught.value) == f"DAGKUBE_DEFAULT_TIMEOUT={text!r} is not a number"
+
+
+def test_run_deadline_is_the_spec_timeout_else_the_operator_default():
+    by_spec = run_deadline(1000.0, spec_timeout_s=5, default_timeout_s=3600.0)
+    assert by_spec == Deadline(1005.0, "timed out after 5s (spec.timeoutSeconds)")
+    by_default = run_deadline(1000.0, spec_timeout_s=None, default_timeout_s=3600.0)
+    assert by_default == Deadline(
+        4600.0,
+        "timed out after 3600s (the operator's default timeout; "
+        "set spec.timeoutSeconds to change it)",
+    )
+    longer = run_deadline(1000.0, spec_timeout_s=7200, default_timeout_s=3600.0)
+    assert longer is not None and longer.at == 8200.0
+    assert run_deadline(1000.0, spec_timeout_s=60, default_timeout_s=0.0) == Deadline(
+        1060.0, "timed out after 60s (spec.timeoutSeconds)"
+    )
+    assert run_deadline(1000.0, spec_timeout_s=None, default_timeout_s=0.0) is None
