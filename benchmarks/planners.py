@@ -3,12 +3,20 @@
 1. Prediction accuracy (examples/fanout_sleep.py, known sleeps): 5 runs of history, then
    ``--avg-runs`` runs planned at SLA avg (median absolute error of the predicted makespan)
    and ``--p90-runs`` runs planned at p90 (share that finished within the prediction).
-2. Non-uniform vs uniform (examples/unequal_branches.py, classes 512Mi,1Gi,2Gi): the same
-   number of interleaved runs each; median GB-seconds and makespan, and their ratios.
+2. Non-uniform vs uniform (examples/unequal_branches.py, sleeping tasks, and
+   examples/cpu_branches.py, CPU-bound ones; classes 512Mi,1Gi,2Gi): the same number of
+   interleaved runs each; median GB-seconds and makespan, and their ratios.
+3. CPU-bound execution time per class (examples/cpu_branches.py): 5 runs of history on a
+   1Gi/2Gi mix, then runs on each of 512Mi (never seen), 1Gi and 2Gi: median |predicted -
+   actual| / actual of every task's execution time.
+4. Memory: median of (class / peak memory used) over every task of every run above.
 
-Each part uses a fresh DAGKUBE_HOME (its own history) and a LocalRuntime with 2 workers.
+Worker memory and CPU limits are enforced (cgroups; the script refuses to run where they
+cannot be). Each part uses a fresh DAGKUBE_HOME (its own history) and a LocalRuntime with 2
+workers (part 3: 1, so that tasks never compete for the 2 cores).
 
-Usage: python benchmarks/planners.py [--avg-runs 10] [--p90-runs 20] [--runs 8] [--markdown F]
+Usage: python benchmarks/planners.py [--avg-runs 10] [--p90-runs 20] [--runs 8]
+                                     [--class-runs 3] [--markdown F]
 """
 
 from __future__ import annotations
@@ -23,18 +31,32 @@ import benchlib
 
 import dagkube
 from dagkube.experiments import run_experiment
+from dagkube.metrics.history import read_run
+from dagkube.resources import cpu_for_memory, parse_memory
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
+import cpu_branches  # noqa: E402
 import fanout_sleep  # noqa: E402
 import unequal_branches  # noqa: E402
+
+MIB = 1024 * 1024
+RATIOS: list[float] = []  # class / peak memory, of every task measured
+
+
+def collect_ratios(rt: dagkube.LocalRuntime, run_ids: list[str]) -> None:
+    for run_id in run_ids:
+        history = rt.call(read_run(rt.redis, run_id))
+        for task in history.tasks if history else []:
+            if task.peak_memory_bytes:
+                RATIOS.append(task.memory_mib * MIB / task.peak_memory_bytes)
 
 
 def accuracy(planner: str, avg_runs: int, p90_runs: int) -> dict:
     with (
         tempfile.TemporaryDirectory() as home,
-        dagkube.LocalRuntime(home=home, max_workers=2) as rt,
+        dagkube.LocalRuntime(home=home, max_workers=2, enforce=True) as rt,
     ):
         wf = fanout_sleep.build()
         for _ in range(5):
@@ -44,6 +66,7 @@ def accuracy(planner: str, avg_runs: int, p90_runs: int) -> dict:
             for _ in range(count):
                 planned = wf.plan(planner, sla, "1Gi", runtime=rt)
                 wf.run(planner, sla, "1Gi", runtime=rt)
+                collect_ratios(rt, [wf.last_run.run_id])
                 actual = wf.last_run.record.makespan_s
                 if sla == "avg":
                     errors.append(abs(planned.predicted_makespan_s - actual) / actual)
@@ -58,15 +81,23 @@ def accuracy(planner: str, avg_runs: int, p90_runs: int) -> dict:
         }
 
 
-def non_uniform_vs_uniform(runs: int) -> dict:
+def non_uniform_vs_uniform(module, runs: int) -> dict:
     with (
         tempfile.TemporaryDirectory() as home,
-        dagkube.LocalRuntime(home=home, max_workers=2) as rt,
+        dagkube.LocalRuntime(home=home, max_workers=2, enforce=True) as rt,
     ):
-        wf = unequal_branches.build()
+        wf = module.build()
         result = run_experiment(
-            lambda: wf, rt, ["uniform", "non-uniform"], ["avg"], runs, classes="512Mi,1Gi,2Gi"
+            lambda: wf,
+            rt,
+            ["uniform", "non-uniform"],
+            ["avg"],
+            runs,
+            classes="512Mi,1Gi,2Gi",
+            verify=module.verify,
         )
+        collect_ratios(rt, [s.run_id for s in result.samples])
+        last = wf.plan("non-uniform", "avg", "512Mi,1Gi,2Gi", runtime=rt)
     cells = {s.planner: s for s in result.summaries()}
     uniform, non_uniform = cells["uniform"], cells["non-uniform"]
     assert uniform.median_gb_s and non_uniform.median_gb_s
@@ -79,7 +110,44 @@ def non_uniform_vs_uniform(runs: int) -> dict:
         "non_uniform_makespan_s": non_uniform.median_makespan_s,
         "gb_s_saved": 1 - non_uniform.median_gb_s / uniform.median_gb_s,
         "makespan_change": non_uniform.median_makespan_s / uniform.median_makespan_s - 1,
+        "classes": last.classes_used(),
+        "note": next((n for n in last.notes if n.startswith("non-uniform:")), ""),
+        "name": module.__name__,
     }
+
+
+def cpu_accuracy(class_runs: int) -> list[dict]:
+    """Execution time per class of CPU-bound tasks, predicted from a history on another mix."""
+    rows = []
+    with (
+        tempfile.TemporaryDirectory() as home,
+        dagkube.LocalRuntime(home=home, max_workers=1, enforce=True) as rt,
+    ):
+        wf = cpu_branches.build()
+        for memory in ("1Gi", "2Gi", "1Gi", "2Gi", "1Gi"):
+            wf.run("uniform", "avg", memory, runtime=rt)
+        for memory in ("512Mi", "1Gi", "2Gi"):
+            errors = []
+            for _ in range(class_runs):
+                planned = wf.plan("uniform", "avg", memory, runtime=rt)
+                wf.run("uniform", "avg", memory, runtime=rt)
+                history = rt.call(read_run(rt.redis, wf.last_run.run_id))
+                assert history is not None
+                collect_ratios(rt, [wf.last_run.run_id])
+                for task in history.tasks:
+                    predicted = planned.tasks[task.task_id].predicted_exec_s
+                    actual = task.ended_at - task.started_at
+                    if actual >= 0.05:  # CPU-bound steps (not the source and join)
+                        errors.append(abs(predicted - actual) / actual)
+            rows.append(
+                {
+                    "memory": memory,
+                    "median_error": statistics.median(errors),
+                    "max_error": max(errors),
+                    "tasks": len(errors),
+                }
+            )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,15 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--avg-runs", type=int, default=10)
     parser.add_argument("--p90-runs", type=int, default=20)
     parser.add_argument("--runs", type=int, default=8, help="runs per planner in part 2")
+    parser.add_argument("--class-runs", type=int, default=3, help="runs per class in part 3")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
     rows = [accuracy(p, args.avg_runs, args.p90_runs) for p in ("wukong", "uniform")]
-    compared = non_uniform_vs_uniform(args.runs)
+    compared = [non_uniform_vs_uniform(m, args.runs) for m in (unequal_branches, cpu_branches)]
+    per_class = cpu_accuracy(args.class_runs)
     lines = [
         "## Planners: predictions and non-uniform savings",
         "",
-        "Local runtime, 2 workers, a fresh history per part. Prediction error = |predicted - "
-        "actual| / actual of the run's makespan.",
+        "Local runtime with worker memory and CPU limits enforced (a cgroup per worker), 2 "
+        "workers, a fresh history per part. Prediction error = |predicted - actual| / actual "
+        "of the run's makespan.",
         "",
         "| planner (fanout_sleep) | median error, SLA avg | max error | p90 runs within "
         "prediction |",
@@ -108,11 +179,42 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines += [
         "",
-        f"unequal_branches, {compared['runs']} runs each: non-uniform median "
-        f"{compared['non_uniform_gb_s']:.3f} GB-s vs uniform (largest class) "
-        f"{compared['uniform_gb_s']:.3f} GB-s: **{compared['gb_s_saved']:.0%} fewer GB-s**, "
-        f"median makespan {compared['non_uniform_makespan_s']:.3f}s vs "
-        f"{compared['uniform_makespan_s']:.3f}s ({compared['makespan_change']:+.1%}).",
+        "Non-uniform against uniform on the largest class (classes 512Mi, 1Gi, 2Gi), "
+        "interleaved runs, medians:",
+        "",
+        "| workflow | runs each | uniform GB-s | non-uniform GB-s | GB-s saved | uniform "
+        "makespan | non-uniform makespan | makespan change | classes non-uniform uses |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    lines += [
+        f"| {c['name']} | {c['runs']} | {c['uniform_gb_s']:.3f} | {c['non_uniform_gb_s']:.3f} "
+        f"| {c['gb_s_saved']:.0%} | {c['uniform_makespan_s']:.3f}s | "
+        f"{c['non_uniform_makespan_s']:.3f}s | {c['makespan_change']:+.1%} | "
+        f"{', '.join(str(m) for m in c['classes'])} |"
+        for c in compared
+    ]
+    lines += ["", *[f"- {c['name']}, the last plan's note: {c['note']}" for c in compared]]
+    lines += [
+        "",
+        "CPU-bound tasks (cpu_branches) per class: 5 runs of history on 1Gi and 2Gi (uniform), "
+        f"then {args.class_runs} runs on each class; error of each CPU-bound task's predicted "
+        "execution time (512Mi was never in the history; 1 worker, so tasks never share the "
+        "2 cores):",
+        "",
+        "| class | CPU share | median error | max error | tasks |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r['memory']} | {cpu_for_memory(parse_memory(r['memory'])):.2f} "
+        f"| {r['median_error']:.1%} | {r['max_error']:.1%} | {r['tasks']} |"
+        for r in per_class
+    ]
+    lines += [
+        "",
+        f"Memory: the median task ran on a class {statistics.median(RATIOS):.1f}x its peak "
+        f"memory (class / peak resident memory of the worker while the task ran, over "
+        f"{len(RATIOS)} tasks of every run above; min {min(RATIOS):.1f}x, max "
+        f"{max(RATIOS):.1f}x).",
     ]
     lines += ["", *benchlib.provenance(__file__, argv)]
     print("\n".join(lines))

@@ -32,7 +32,7 @@ from dagkube.kubernetes.pods import (
     worker_pod_serial,
 )
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_memory
-from dagkube.runtime.scaler import WorkerHandle
+from dagkube.runtime.scaler import WorkerExit, WorkerHandle
 
 log = logging.getLogger("dagkube.kubernetes")
 
@@ -111,14 +111,22 @@ async def connect(url: str | None = None, user_agent: str | None = None) -> clie
     return api
 
 
-def pod_exit_code(pod: dict[str, Any]) -> int | None:
-    """Exit code of the worker container of an ended Pod, None while unknown."""
+def _worker_terminated(pod: dict[str, Any]) -> dict[str, Any]:
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         if status.get("name") == WORKER_CONTAINER:
-            terminated = (status.get("state") or {}).get("terminated") or {}
-            code = terminated.get("exitCode")
-            return int(code) if code is not None else None
-    return None
+            return (status.get("state") or {}).get("terminated") or {}
+    return {}
+
+
+def pod_exit_code(pod: dict[str, Any]) -> int | None:
+    """Exit code of the worker container of an ended Pod, None while unknown."""
+    code = _worker_terminated(pod).get("exitCode")
+    return int(code) if code is not None else None
+
+
+def pod_oom_killed(pod: dict[str, Any]) -> bool:
+    """The worker container ended because it exceeded its memory limit."""
+    return _worker_terminated(pod).get("reason") == "OOMKilled"
 
 
 def _handle_of(pod: dict[str, Any]) -> WorkerHandle:
@@ -222,11 +230,11 @@ class KubernetesBackend:
     def alive(self) -> list[WorkerHandle]:
         return list(self._workers.values())
 
-    async def reap(self) -> list[tuple[WorkerHandle, int | None]]:
+    async def reap(self) -> list[WorkerExit]:
         """Workers whose Pod ended (Succeeded/Failed) or vanished since the last call, once each.
         Succeeded Pods are deleted; Failed ones stay for ``kubectl logs`` until ``stop_all``."""
         pods = await self._list()
-        exited: list[tuple[WorkerHandle, int | None]] = []
+        exited: list[WorkerExit] = []
         for name, handle in list(self._workers.items()):
             pod = pods.get(name)
             phase = (pod.get("status") or {}).get("phase") if pod else None
@@ -235,7 +243,8 @@ class KubernetesBackend:
             code = pod_exit_code(pod) if pod else None
             del self._workers[name]
             self._ended.add(name)
-            exited.append((handle, code))
+            oom = pod_oom_killed(pod) if pod else False
+            exited.append(WorkerExit(handle, code, oom_killed=oom))
             if phase == "Succeeded":
                 await self._delete(name)
             elif name not in self._discarded:
@@ -243,7 +252,7 @@ class KubernetesBackend:
                     "worker Pod %s/%s %s (exit code %s)",
                     self.namespace,
                     name,
-                    "failed" if phase else "vanished",
+                    ("was OOM-killed" if oom else "failed") if phase else "vanished",
                     code,
                 )
         return exited

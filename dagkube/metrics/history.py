@@ -134,6 +134,8 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
                 download_s=task.download_s,
                 upload_bytes=task.output_bytes if task.output_stored else 0,
                 upload_s=task.upload_s,
+                peak_memory_bytes=task.peak_memory_bytes or 0,
+                oom_mib=max((a.memory_mib for a in task.oom_attempts), default=0),
             )
         )
     for raw in workers:

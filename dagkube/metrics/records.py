@@ -19,6 +19,14 @@ class TaskError(BaseModel):
     traceback: str = ""
 
 
+class OomAttempt(BaseModel):
+    """An earlier attempt of a task whose worker was killed for exceeding its class's memory
+    (the task then ran again one class up)."""
+
+    memory_mib: int
+    peak_memory_bytes: int | None = None  # as the backend measured the killed worker
+
+
 class TaskRecord(BaseModel):
     """One task as it actually ran (its last attempt)."""
 
@@ -52,6 +60,10 @@ class TaskRecord(BaseModel):
     delayed_io: Literal["kept", "uploaded"] | None = None  # delayed-io: upload skipped or not
     prewarm_at: float | None = None  # the pre-warm request this task triggered was due
     prewarm_targets: list[str] = Field(default_factory=list)
+    # The worker process's peak resident memory while the task ran (interpreter and held
+    # values included: what a memory limit on the worker counts); None where not measured.
+    peak_memory_bytes: int | None = None
+    oom_attempts: list[OomAttempt] = Field(default_factory=list)  # earlier attempts OOM-killed
 
     @property
     def duration_s(self) -> float:
@@ -80,6 +92,10 @@ class WorkerRecord(BaseModel):
     resumed: bool = False  # this invocation was re-queued from a lost worker
     prewarmed: bool = False  # created ahead of demand by this run's pre-warm request
     registered_at: float | None = None  # the worker was up and waiting for work
+    peak_memory_bytes: int | None = None  # its tasks' highest peak (lost: the backend's figure)
+    oom_killed: bool = False  # lost: killed for exceeding its memory limit
+    exit_code: int | None = None  # lost: the exit code its backend saw, if any
+    lost_task: str = ""  # lost: the task it was running
 
 
 class RunRecord(BaseModel):
@@ -119,6 +135,9 @@ class RunRecord(BaseModel):
     workers_unused_gb_s: float = 0.0  # their lifetime, charged here (not in gb_s)
     tasks_duplicated: int = 0  # duplicates started (taskdup)
     duplicates_won: int = 0  # duplicates that completed before the original
+    enforced: bool = False  # workers ran under their class's memory and CPU limits
+    oom_kills: int = 0  # workers killed for exceeding their class's memory
+    escalations: int = 0  # of those, work re-queued one class up
     failed_task: str | None = None
     error: dict[str, Any] | None = None
 

@@ -23,6 +23,8 @@ class TaskSample:
     download_s: float = 0.0
     upload_bytes: int = 0
     upload_s: float = 0.0
+    peak_memory_bytes: int = 0  # the worker's peak while it ran (0: not measured)
+    oom_mib: int = 0  # the largest class an earlier attempt was OOM-killed at (0: none)
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,13 +66,54 @@ def default_class(classes_mib: list[int]) -> int:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def _fit_hints(dag: DagSpec, classes: list[int], memory: int) -> tuple[int, str | None]:
-    hinted = [t.min_memory_mib for t in dag.tasks.values() if t.min_memory_mib]
-    if hinted and max(hinted) > memory:
-        fitting = [c for c in classes if c >= max(hinted)]
-        raised = min(fitting) if fitting else max(classes)
-        return raised, f"min_memory hints raised the class to {raised} MiB"
-    return memory, None
+def memory_floors(
+    dag: DagSpec, predictor: Predictor, input_bytes: dict[str, int]
+) -> dict[str, int]:
+    """Per task, the least memory its class must have: its ``min_memory`` hint, and its
+    predicted peak plus headroom (or more than a class it was OOM-killed at)."""
+    floors: dict[str, int] = {}
+    for task_id, spec in dag.tasks.items():
+        predicted = predictor.memory_floor_mib(spec.function, input_bytes[task_id], task_id)
+        floors[task_id] = max(spec.min_memory_mib or 0, predicted)
+    return floors
+
+
+def _fit_floors(
+    dag: DagSpec, classes: list[int], memory: int, floors: dict[str, int]
+) -> tuple[int, list[str]]:
+    """One class for every task: ``memory``, raised to hold every task's floor."""
+    notes: list[str] = []
+    largest = max(classes)
+    needing = max(floors, key=floors.__getitem__, default=None)
+    if needing is None or floors[needing] <= memory:
+        return memory, notes
+    fitting = [c for c in classes if c >= floors[needing]]
+    raised = min(fitting) if fitting else largest
+    hint = dag.tasks[needing].min_memory_mib or 0
+    if hint >= floors[needing]:
+        notes.append(f"min_memory hints raised the class to {raised} MiB")
+    else:
+        notes.append(
+            f"predicted peak memory raised the class to {raised} MiB (task {needing} needs "
+            f"{floors[needing]} MiB with headroom)"
+        )
+    notes += _over_largest(floors, largest)
+    return raised, notes
+
+
+def _over_largest(floors: dict[str, int], largest: int) -> list[str]:
+    over = sorted(t for t, f in floors.items() if f > largest)
+    if not over:
+        return []
+    return [
+        f"{len(over)} task(s) predicted to need more than the largest class ({largest} MiB), "
+        f"e.g. {over[0]} ({floors[over[0]]} MiB): they may be OOM-killed"
+    ]
+
+
+def _floors_at(dag: DagSpec, predictor: Predictor, memory_mib: int) -> dict[str, int]:
+    sizes = estimate(dag, predictor, dict.fromkeys(dag.tasks, memory_mib))
+    return memory_floors(dag, predictor, sizes.input_bytes)
 
 
 def _timing(
@@ -240,11 +281,11 @@ def _calibration(planner: str, options: PlanningOptions, predictor: Predictor) -
 # ---------------------------------------------------------------------- wukong
 def plan_wukong(dag: DagSpec, options: PlanningOptions) -> Plan:
     """One class (the middle one), every task on a flexible worker."""
-    memory, hint_note = _fit_hints(dag, options.classes_mib, default_class(options.classes_mib))
-    notes = [f"wukong: every task on a flexible worker of class {memory} MiB"]
-    if hint_note:
-        notes.append(hint_note)
     predictor = options.predictor()
+    middle = default_class(options.classes_mib)
+    floors = _floors_at(dag, predictor, middle)
+    memory, fit_notes = _fit_floors(dag, options.classes_mib, middle, floors)
+    notes = [f"wukong: every task on a flexible worker of class {memory} MiB", *fit_notes]
     per_task = dict.fromkeys(dag.tasks, memory)
     flexible: dict[str, str | None] = dict.fromkeys(dag.tasks)
     timing = _timing(dag, per_task, flexible, predictor, options)
@@ -341,30 +382,31 @@ def _uniform_assignment(
 
 def plan_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
     """One class (the largest given), logical workers assigned from predictions."""
-    memory_mib, hint_note = _fit_hints(dag, options.classes_mib, max(options.classes_mib))
     predictor = options.predictor()
+    largest = max(options.classes_mib)
+    floors = _floors_at(dag, predictor, largest)
+    memory_mib, fit_notes = _fit_floors(dag, options.classes_mib, largest, floors)
     memory, worker_of, _ = _uniform_assignment(dag, options, predictor, memory_mib)
     timing = _timing(dag, memory, worker_of, predictor, options)
     workers = len(set(worker_of.values()))
-    notes = [f"uniform: {workers} logical workers of class {memory_mib} MiB"]
-    if hint_note:
-        notes.append(hint_note)
+    notes = [f"uniform: {workers} logical workers of class {memory_mib} MiB", *fit_notes]
     return _build(dag, "uniform", options, memory, worker_of, predictor, timing, notes)
 
 
 # ---------------------------------------------------------------------- non-uniform
 def plan_non_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
     """Start every worker on the largest class, then downgrade workers off the critical path
-    one class at a time while the predicted makespan does not grow.
+    one class at a time while the predicted makespan does not grow, and never below a task's
+    memory floor (its ``min_memory`` hint, its predicted peak plus headroom).
 
     Candidates are chosen from the slack of their tasks (latest minus earliest finish in the
     predicted schedule), largest GB-seconds first, so one full simulation checks a whole
     round of downgrades; a round that grows the makespan is halved until it does not.
     """
     classes = sorted(options.classes_mib)
-    floor = {t.id: t.min_memory_mib or 0 for t in dag.tasks.values()}
     predictor = options.predictor()
     memory, worker_of, input_bytes = _uniform_assignment(dag, options, predictor, classes[-1])
+    floor = memory_floors(dag, predictor, input_bytes)
     timing = _timing(dag, memory, worker_of, predictor, options)
     baseline = timing.makespan_s
     limit = baseline * (1 + MAKESPAN_TOLERANCE)
@@ -411,8 +453,12 @@ def plan_non_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
     notes = [
         f"non-uniform: {len(tasks_of)} logical workers; {downgraded} downgrade(s) from "
         f"{classes[-1]} MiB kept the predicted makespan within {MAKESPAN_TOLERANCE:.1%} "
-        f"of {baseline:.3f}s"
+        f"of {baseline:.3f}s",
+        *_over_largest(floor, classes[-1]),
     ]
+    held = sum(1 for t, f in floor.items() if f > classes[0] and not dag.tasks[t].min_memory_mib)
+    if held:
+        notes.append(f"predicted peak memory kept {held} task(s) above {classes[0]} MiB")
     return _build(dag, "non-uniform", options, memory, worker_of, predictor, timing, notes)
 
 

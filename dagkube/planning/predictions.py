@@ -9,11 +9,20 @@
   (max/min > 1.5); otherwise it is 0, so constant-time tasks and tasks that ignore their input
   size are predicted as such (a bytes-per-second ratio alone fails there).
 * Memory classes without samples: scaled from the nearest sampled class by
-  ``(cpu_sampled / cpu_wanted) ** alpha``. ``alpha`` is fitted from the function's per-class
-  medians when two or more classes have samples (clamped to [0, 1]); with one class it is 1
-  where the backend enforces CPU limits (Pods: twice the CPU, half the time), and 0 where it
-  does not (local worker processes all share the machine's cores).
+  ``(cpu_sampled / cpu_wanted) ** alpha``, where a class's CPU counts at most one core: a task
+  runs on one thread (native libraries get ``int(cpu)`` threads, one below two cores' worth of
+  memory), so a class beyond a core does not speed it up. ``alpha`` is fitted from the
+  function's per-class medians when two or more classes have samples (clamped to [0, 1]);
+  with one class it is 1 where the backend enforces CPU limits (Pods, local workers in
+  cgroups: twice the CPU, half the time), and 0 where it does not (local worker processes
+  without limits all share the machine's cores).
 * Output size: the same nearest-sample rule over (input bytes -> output bytes), any class.
+* Peak memory (the worker's, while the task ran): the SLA statistic over the nearest samples
+  in input size, each shifted to the queried size along the function's least-squares line of
+  peak bytes on input bytes (memory grows with what a task holds, linearly, on top of the
+  interpreter's fixed share; the slope is 0 unless inputs vary). A task's own samples come
+  first. :meth:`Predictor.memory_floor_mib` adds ``MEMORY_HEADROOM`` and never goes below a
+  class an earlier attempt was OOM-killed at: planners keep every task at or above it.
 * Transfers: a fixed latency (SLA statistic of small transfers) plus bytes over a bandwidth
   (for percentiles, the matching low percentile of measured bandwidths).
 * Worker start-up, cold or warm, per class: SLA statistic of the recorded start-ups; a class
@@ -32,6 +41,10 @@ from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, cpu_f
 
 SMALL_TRANSFER_BYTES = 64 * 1024
 TASK_SAMPLES = 3
+# A class must exceed a task's predicted peak by this share: the limit also counts the page
+# cache and allocator slack that the resident-set peak does not show.
+MEMORY_HEADROOM = 0.25
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,7 @@ class _FunctionModel:
     beta_output: float
     alpha: float
     samples: list[TaskSample]
+    slope_memory: float = 0.0  # peak bytes per input byte
 
 
 @dataclass
@@ -110,6 +124,8 @@ class Predictor:
         self._exec_cache: dict[tuple[str, int, int], float] = {}
         self._output_cache: dict[tuple[str, int], int] = {}
         self._startup_cache: dict[tuple[int, bool], float] = {}
+        self._floor_cache: dict[tuple[str, int], int] = {}
+        self._own_samples = by_task
         self._fit_transfers()
 
     # ------------------------------------------------------------------ fitting
@@ -140,7 +156,16 @@ class Predictor:
                 for memory, group in by_class.items()
             ]
             alpha = -_slope(points)
+        measured = [s for s in samples if s.peak_memory_bytes > 0]
+        slope_memory = 0.0
+        if len(measured) >= 3:
+            sizes = [max(s.input_bytes, 1) for s in measured]
+            if max(sizes) / min(sizes) > 1.5:
+                slope_memory = max(
+                    0.0, _slope([(s.input_bytes, s.peak_memory_bytes) for s in measured])
+                )
         return _FunctionModel(
+            slope_memory=slope_memory,
             by_class=dict(by_class),
             beta_exec=min(max(beta_exec, 0.0), 2.0),
             beta_output=min(max(beta_output, 0.0), 2.0),
@@ -164,7 +189,8 @@ class Predictor:
             self.bandwidth_bytes_s = self.defaults.bandwidth_bytes_s
 
     def _cpu(self, memory_mib: int) -> float:
-        return cpu_for_memory(memory_mib, self.memory_per_cpu_mib, self.max_cpu)
+        """The CPU a task can use on this class: its share, at most one core (one thread)."""
+        return min(cpu_for_memory(memory_mib, self.memory_per_cpu_mib, self.max_cpu), 1.0)
 
     def _nearest(self, samples: list[TaskSample], input_bytes: int) -> list[TaskSample]:
         k = max(5, len(samples) // 5)
@@ -218,6 +244,40 @@ class Predictor:
             value = int(statistic(scaled, self.percentile))
         self._output_cache[key] = value
         return value
+
+    def peak_memory_bytes(self, function: str, input_bytes: int, task_id: str = "") -> int:
+        """The worker's predicted peak while the task runs; 0 without measurements."""
+        samples = [s for s in self._own_samples.get(task_id, ()) if s.peak_memory_bytes > 0]
+        model = self._models.get(function)
+        if not samples and model is not None:
+            samples = [s for s in model.samples if s.peak_memory_bytes > 0]
+        if not samples:
+            return 0
+        slope = model.slope_memory if model is not None else 0.0
+        near = self._nearest(samples, input_bytes)
+        shifted = [
+            max(0.0, s.peak_memory_bytes + slope * (input_bytes - s.input_bytes)) for s in near
+        ]
+        return int(statistic(shifted, self.percentile))
+
+    def memory_floor_mib(self, function: str, input_bytes: int, task_id: str = "") -> int:
+        """The smallest memory a class for this task should have: its predicted peak plus
+        ``MEMORY_HEADROOM``, and more than any class an earlier attempt was OOM-killed at
+        (that attempt's task, or the function's at a similar input size). 0: no evidence."""
+        key = (task_id or function, _bucket(input_bytes))
+        cached = self._floor_cache.get(key)
+        if cached is not None:
+            return cached
+        peak = self.peak_memory_bytes(function, input_bytes, task_id)
+        floor = math.ceil(peak * (1 + MEMORY_HEADROOM) / MIB) if peak else 0
+        own = self._own_samples.get(task_id)
+        model = self._models.get(function)
+        evidence = own or (self._nearest(model.samples, input_bytes) if model else [])
+        killed = max((s.oom_mib for s in evidence), default=0)
+        if killed:
+            floor = max(floor, killed + 1)
+        self._floor_cache[key] = floor
+        return floor
 
     def transfer_s(self, nbytes: int) -> float:
         """Seconds to move ``nbytes`` to or from Redis (0 bytes: nothing to move)."""

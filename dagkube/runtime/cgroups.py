@@ -2,9 +2,9 @@
 quota (CFS bandwidth), on the cgroup v1 layout (one hierarchy per controller) and on v2 (one
 unified hierarchy). Also what the kernel measured: peak memory, OOM kills, CPU time, throttling.
 
-Used by the node agent of the local control plane (a Pod's container limits) and meant for the
-local backend's workers. Creating cgroups needs a writable hierarchy (root, or a delegated
-subtree); :func:`detect` returns None where there is none.
+Used by the node agent of the local control plane (a Pod's container limits) and by the local
+backend (each worker process under its class's limits). Creating cgroups needs a writable
+hierarchy (root, or a delegated subtree); :func:`detect` returns None where there is none.
 """
 
 from __future__ import annotations
@@ -170,6 +170,17 @@ class Cgroup:
         _write(cpu_folder / "cpu.cfs_period_us", str(CPU_PERIOD_US))
         quota = "-1" if limits.cpu_millis is None else str(_quota_us(limits.cpu_millis))
         _write(cpu_folder / "cpu.cfs_quota_us", quota)
+
+    def wrap(self, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+        """A command (and the environment it needs) that joins this cgroup and then execs
+        ``argv``: everything the program allocates, from its first byte, is counted here."""
+        script = (
+            "IFS=:; for f in $DAGKUBE_CGROUP_PROCS; do "
+            'echo $$ > "$f" || exit 125; done; '
+            'unset IFS DAGKUBE_CGROUP_PROCS; exec "$@"'
+        )
+        procs = ":".join(str(p) for p in self.procs_files)
+        return ["/bin/sh", "-c", script, "sh", *argv], {"DAGKUBE_CGROUP_PROCS": procs}
 
     def add(self, pid: int) -> None:
         for procs in self.procs_files:

@@ -18,6 +18,9 @@ class Invocation:
     queued_at: float = 0.0
     resume: bool = False
     retire: bool = False  # not work: asks the idle worker that takes it to exit
+    # OOM kills of earlier takers ({"task", "mem", "peak"}), written by the REQUEUE script:
+    # the task then runs one class up and its record keeps the attempts.
+    escalations: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:
         body: dict = {
@@ -32,6 +35,8 @@ class Invocation:
             body["resume"] = True
         if self.retire:
             body["retire"] = True
+        if self.escalations:
+            body["escalations"] = self.escalations
         return json.dumps(body)
 
     @staticmethod
@@ -47,4 +52,7 @@ class Invocation:
             queued_at=float(body.get("queued_at", 0.0)),
             resume=bool(body.get("resume", False)),
             retire=bool(body.get("retire", False)),
+            escalations=list(body.get("escalations") or [])
+            if isinstance(body.get("escalations"), list)
+            else [],
         )

@@ -119,6 +119,11 @@ def worker_proc(worker_id: str) -> str:
     return f"dk:w:{worker_id}:proc"
 
 
+def worker_task(worker_id: str) -> str:
+    """JSON {run, task, function}: the task the worker is running (read if it is lost)."""
+    return f"dk:w:{worker_id}:task"
+
+
 def worker_heartbeat(worker_id: str) -> str:
     return f"dk:w:{worker_id}:hb"
 

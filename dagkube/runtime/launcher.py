@@ -70,8 +70,10 @@ async def launch(
     ttl_s: int = DEFAULT_RUN_TTL_S,
     history_cap: int = DEFAULT_HISTORY_CAP,
     startup_delay_s: float = 0.0,
+    enforced: bool = False,
 ) -> str:
-    """Store the DAG and plan, queue the first invocations; returns the run id."""
+    """Store the DAG and plan, queue the first invocations; returns the run id. ``enforced``:
+    the workers run under their class's memory and CPU limits (recorded with the run)."""
     run_id = run_id or new_run_id(dag.name)
     keys = RunKeys(run_id)
     pool_keys = PoolKeys(pool)
@@ -98,6 +100,9 @@ async def launch(
         "model_makespan_s": plan.model_makespan_s if plan.model_makespan_s else "",
         "plan_history_runs": plan.history_runs,
         "optimizations": ",".join(plan.optimizations),
+        "enforced": 1 if enforced else 0,
+        # a worker killed for memory has its work re-queued one class up, within these
+        "classes": ",".join(str(c) for c in sorted(plan.classes_mib)),
     }
     async with redis.pipeline(transaction=True) as pipe:
         pipe.set(keys.dag, dag.to_bytes())

@@ -48,6 +48,10 @@ class LocalRuntime:
     ``startup_delay_s``: extra start-up per worker, to make local cold starts behave like Pods.
     ``cancel_grace_s``: after a run's timeout, how long its workers get to stop at a task
     boundary before the run is ended without them.
+    ``enforce``: run every worker under its class's memory limit and CPU quota (a cgroup per
+    worker). None (default): where this machine allows it (root, or a delegated cgroup v2
+    subtree), else not, with a notice (``enforcement_note``); True: required; False: never.
+    Plans follow: with enforcement, a class's CPU share speeds its tasks up or slows them down.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class LocalRuntime:
         memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB,
         max_cpu: float = DEFAULT_MAX_CPU,
         cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
+        enforce: bool | None = None,
     ) -> None:
         if max_workers is not None and max_workers < 1:
             raise DagkubeError(f"max_workers={max_workers} must be >= 1")
@@ -82,6 +87,7 @@ class LocalRuntime:
         self.memory_per_cpu_mib = memory_per_cpu_mib
         self.max_cpu = max_cpu
         self.cancel_grace_s = cancel_grace_s
+        self.enforce = enforce
         self.pool = f"local-{os.getpid()}-{secrets.token_hex(3)}"
         self._embedded: EmbeddedRedis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,7 +141,10 @@ class LocalRuntime:
             memory_per_cpu_mib=self.memory_per_cpu_mib,
             max_cpu=self.max_cpu,
             startup_delay_s=self.startup_delay_s,
+            enforce=self.enforce,
         )
+        if self.backend.note:
+            log.info("%s", self.backend.note)
         self.scaler = Scaler(self.redis, self.pool, self.backend)
         self._scaler_task = asyncio.run_coroutine_threadsafe(self.scaler.run(), self._loop)
         atexit.register(self.close)
@@ -230,6 +239,7 @@ class LocalRuntime:
                 ttl_s=self.run_ttl_s,
                 history_cap=self.history_cap,
                 startup_delay_s=self.startup_delay_s,
+                enforced=self.enforced,
             )
         )
         self._active_runs.add(run_id)
@@ -291,7 +301,7 @@ class LocalRuntime:
             warm_pool=self.call(self._idle_workers()),
             startup_delay_s=self.startup_delay_s,
             cluster_size=cluster_size,
-            cpu_enforced=False,  # local worker processes are not CPU-limited
+            cpu_enforced=self.enforced,  # with cgroups, a class's CPU share is all it gets
             optimizations=planning.check_optimizations(optimizations),
         )
         return planning.plan(dag, planner, options)
@@ -304,6 +314,20 @@ class LocalRuntime:
                 pipe.scard(keys.idle(memory))
             counts = await pipe.execute()
         return {m: n for m, n in zip(classes, counts, strict=True) if n}
+
+    @property
+    def enforced(self) -> bool:
+        """Workers run under their class's memory limit and CPU quota (see ``enforce``)."""
+        self.start()
+        assert self.backend is not None
+        return self.backend.enforced
+
+    @property
+    def enforcement_note(self) -> str:
+        """Why limits are not enforced ("" when they are)."""
+        self.start()
+        assert self.backend is not None
+        return self.backend.note
 
     def cool_down(self) -> None:
         """Stop every worker (between runs they are idle), so the next run starts cold."""

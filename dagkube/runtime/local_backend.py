@@ -1,4 +1,11 @@
-"""LocalBackend: worker processes on this machine (``python -m dagkube.worker``)."""
+"""LocalBackend: worker processes on this machine (``python -m dagkube.worker``).
+
+Where this machine lets us create cgroups (root, or a delegated cgroup v2 subtree), each worker
+runs in a cgroup of its own with its class's memory limit (the kernel OOM-kills it past that,
+as it would a Pod's container) and CPU quota (memory / memory-per-CPU cores): local runs then
+behave, and are planned, like runs on Kubernetes. Elsewhere workers share the machine freely
+and the class is recorded for accounting and planning only.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +21,50 @@ import sys
 import time
 from pathlib import Path
 
-from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, cpu_for_memory
-from dagkube.runtime.scaler import WorkerHandle
+from dagkube.errors import DagkubeError
+from dagkube.resources import (
+    DEFAULT_MAX_CPU,
+    DEFAULT_MEMORY_PER_CPU_MIB,
+    cpu_for_memory,
+    cpu_millicores,
+)
+from dagkube.runtime import cgroups
+from dagkube.runtime.scaler import WorkerExit, WorkerHandle
 
 log = logging.getLogger("dagkube.local")
+
+
+CGROUP_ROOT = "dagkube"  # below the hierarchy's root: dagkube/<pool>/<worker id>
+MIB = 1024 * 1024
+
+
+def sweep_stale_cgroups(hierarchy: cgroups.Hierarchy) -> int:
+    """Remove the cgroups of local pools whose driver process is gone (killed before it could
+    clean up); their pool names carry the driver's pid. Returns how many were removed."""
+    removed = 0
+    root = next(iter(hierarchy.roots.values())) / CGROUP_ROOT
+    if not root.is_dir():
+        return 0
+    for folder in root.iterdir():
+        parts = folder.name.split("-")
+        if len(parts) < 3 or parts[0] != "local" or not parts[1].isdigit():
+            continue
+        if _pid_alive(int(parts[1])):
+            continue
+        with contextlib.suppress(cgroups.CgroupError, OSError):
+            hierarchy.create(f"{CGROUP_ROOT}/{folder.name}", cgroups.Limits()).remove()
+            removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def default_max_workers() -> int:
@@ -26,8 +73,12 @@ def default_max_workers() -> int:
 
 
 class LocalBackend:
-    """Spawns worker processes; their logs go to ``log_dir``. Memory is not enforced locally:
-    the class is recorded for accounting and planning."""
+    """Spawns worker processes; their logs go to ``log_dir``.
+
+    ``enforce``: run each worker under its class's memory limit and CPU quota. None (the
+    default): where cgroups are writable; True: required (an error where they are not);
+    False: never. ``enforced`` says what was decided, ``note`` why not when it is not.
+    """
 
     def __init__(
         self,
@@ -40,6 +91,7 @@ class LocalBackend:
         memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB,
         max_cpu: float = DEFAULT_MAX_CPU,
         startup_delay_s: float = 0.0,
+        enforce: bool | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.pool = pool
@@ -54,7 +106,48 @@ class LocalBackend:
         self._tag = secrets.token_hex(3)
         self.spawned_ids: list[str] = []
         self._terminated: set[str] = set()
+        self._groups: dict[str, cgroups.Cgroup] = {}
+        self.hierarchy: cgroups.Hierarchy | None = None
+        self.note = ""
+        if enforce is False:
+            self.note = "memory and CPU limits not enforced (switched off)"
+        else:
+            self.hierarchy = cgroups.detect()
+            if self.hierarchy is None:
+                self.note = (
+                    "memory and CPU limits not enforced: no writable cgroup hierarchy here "
+                    "(run as root, or in a delegated cgroup v2 subtree)"
+                )
+                if enforce:
+                    raise DagkubeError(
+                        f"Resource enforcement was required but is not possible: {self.note}"
+                    )
+            else:
+                sweep_stale_cgroups(self.hierarchy)
+        self.enforce_required = bool(enforce)
         log_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def enforced(self) -> bool:
+        """Workers run under their class's memory limit and CPU quota."""
+        return self.hierarchy is not None
+
+    def _cgroup(self, worker_id: str, memory_mib: int) -> cgroups.Cgroup | None:
+        if self.hierarchy is None:
+            return None
+        limits = cgroups.Limits(
+            memory_bytes=memory_mib * MIB,
+            cpu_millis=cpu_millicores(memory_mib, self.memory_per_cpu_mib, self.max_cpu),
+        )
+        try:
+            return self.hierarchy.create(f"{CGROUP_ROOT}/{self.pool}/{worker_id}", limits)
+        except (cgroups.CgroupError, OSError) as exc:
+            if self.enforce_required:
+                raise DagkubeError(f"Cannot limit worker {worker_id}: {exc}") from exc
+            self.hierarchy = None
+            self.note = f"memory and CPU limits not enforced: {exc}"
+            log.warning("%s", self.note)
+            return None
 
     async def start_worker(
         self, memory_mib: int, prewarm_for: str | None = None, demand_for: str | None = None
@@ -98,6 +191,10 @@ class LocalBackend:
             env["DAGKUBE_PREWARM_RUN"] = prewarm_for
         elif demand_for:
             env["DAGKUBE_DEMAND_RUN"] = demand_for
+        group = await asyncio.to_thread(self._cgroup, worker_id, memory_mib)
+        if group is not None:
+            command, joining = group.wrap(command)
+            env.update(joining)
         log_file = open(self.log_dir / f"{worker_id}.log", "ab")  # noqa: SIM115 (child owns it)
         try:
             proc = subprocess.Popen(
@@ -112,6 +209,8 @@ class LocalBackend:
             log_file.close()
         handle = WorkerHandle(worker_id, memory_mib, spawned_at)
         self._procs[worker_id] = (proc, handle)
+        if group is not None:
+            self._groups[worker_id] = group
         self.spawned_ids.append(worker_id)
         log.debug("spawned worker %s (pid %d)", worker_id, proc.pid)
         return handle
@@ -119,21 +218,41 @@ class LocalBackend:
     def alive(self) -> list[WorkerHandle]:
         return [handle for proc, handle in self._procs.values() if proc.returncode is None]
 
-    async def reap(self) -> list[tuple[WorkerHandle, int | None]]:
-        exited: list[tuple[WorkerHandle, int | None]] = []
+    async def reap(self) -> list[WorkerExit]:
+        exited: list[WorkerExit] = []
         for worker_id, (proc, handle) in list(self._procs.items()):
             code = proc.poll()
             if code is not None:
                 del self._procs[worker_id]
-                exited.append((handle, code))
+                oom, peak = await asyncio.to_thread(self._release, worker_id)
+                exited.append(WorkerExit(handle, code, oom_killed=oom, peak_memory_bytes=peak))
                 if code not in (0, None) and worker_id not in self._terminated:
                     log.warning(
-                        "worker %s exited with code %s (log: %s)",
+                        "worker %s %s (code %s; log: %s)",
                         worker_id,
+                        f"was OOM-killed at its {handle.memory_mib} MiB limit" if oom else "exited",
                         code,
                         self.log_dir / f"{worker_id}.log",
                     )
         return exited
+
+    def _release(self, worker_id: str) -> tuple[bool, int | None]:
+        """What the kernel measured for an exited worker's cgroup (OOM-killed? peak memory),
+        then the cgroup removed (with anything the worker left running in it)."""
+        group = self._groups.pop(worker_id, None)
+        if group is None:
+            return False, None
+        try:
+            usage = group.usage()
+        except OSError:
+            usage = None
+        try:
+            group.remove()
+        except (cgroups.CgroupError, OSError) as exc:
+            log.warning("worker %s: cannot remove its cgroup: %s", worker_id, exc)
+        if usage is None:
+            return False, None
+        return usage.oom_kills > 0, usage.memory_peak_bytes
 
     async def discard(self, worker_id: str) -> None:
         entry = self._procs.get(worker_id)
@@ -161,3 +280,17 @@ class LocalBackend:
                         proc.wait()
                 break
             await asyncio.sleep(0.02)
+        if self.hierarchy is not None:
+            await asyncio.to_thread(self._remove_pool_cgroup)
+
+    def _remove_pool_cgroup(self) -> None:
+        """The pool's cgroup and every worker's in it (reaped or not)."""
+        self._groups.clear()
+        assert self.hierarchy is not None
+        pool = next(iter(self.hierarchy.roots.values())) / CGROUP_ROOT / self.pool
+        if not pool.exists():
+            return
+        try:
+            self.hierarchy.create(f"{CGROUP_ROOT}/{self.pool}", cgroups.Limits()).remove()
+        except (cgroups.CgroupError, OSError) as exc:
+            log.warning("cannot remove the cgroups of pool %s: %s", self.pool, exc)

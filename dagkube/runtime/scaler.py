@@ -23,6 +23,10 @@ from dagkube.runtime.keys import PoolKeys, worker_heartbeat, worker_proc
 
 log = logging.getLogger("dagkube.scaler")
 
+# A task whose worker died this many times (for any reason but memory) fails the run: a task
+# that crashes its interpreter must not be re-queued forever.
+MAX_REQUEUES = 3
+
 
 @dataclass
 class WorkerHandle:
@@ -31,6 +35,19 @@ class WorkerHandle:
     worker_id: str
     memory_mib: int
     spawned_at: float
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """A worker that ended, as its backend saw it. ``code``: the exit code (None: unknown,
+    e.g. a Pod that vanished); ``oom_killed``: the kernel killed it for exceeding its memory
+    limit (a local cgroup's OOM kill, or a container that ended ``OOMKilled``);
+    ``peak_memory_bytes``: the most memory it used, where the backend measured it."""
+
+    handle: WorkerHandle
+    code: int | None
+    oom_killed: bool = False
+    peak_memory_bytes: int | None = None
 
 
 class Backend(Protocol):
@@ -51,8 +68,8 @@ class Backend(Protocol):
         """Workers created and not known to have exited."""
         ...
 
-    async def reap(self) -> list[tuple[WorkerHandle, int | None]]:
-        """Workers that exited since the last call, with their exit codes."""
+    async def reap(self) -> list[WorkerExit]:
+        """Workers that exited since the last call, once each."""
         ...
 
     async def discard(self, worker_id: str) -> None:
@@ -101,8 +118,8 @@ class Scaler:
         self._stopped.set()
 
     async def reconcile(self) -> None:
-        for handle, code in await self.backend.reap():
-            await self._on_exit(handle, code)
+        for ended in await self.backend.reap():
+            await self._on_exit(ended)
         now = time.monotonic()
         if now - self._last_heartbeat_check >= self.heartbeat_check_s:
             self._last_heartbeat_check = now
@@ -157,8 +174,13 @@ class Scaler:
         waiting = {w.decode() for w in await self.redis.smembers(self.keys.waiting)}
         return len(alive) - len(waiting & alive)
 
-    async def _on_exit(self, handle: WorkerHandle, code: int | None) -> None:
-        held = await self._requeue(
+    async def _on_exit(self, ended: WorkerExit) -> None:
+        """Re-queue what the worker held: one class up if it was killed for memory; the
+        REQUEUE script fails the run instead at the largest class, or when the same task has
+        lost its worker more than ``MAX_REQUEUES`` times."""
+        handle = ended.handle
+        held = await self.redis.llen(worker_proc(handle.worker_id))
+        requeued = await self._requeue(
             args=[
                 self.keys.prefix,
                 worker_proc(handle.worker_id),
@@ -166,15 +188,23 @@ class Scaler:
                 time.time(),
                 handle.memory_mib,
                 handle.spawned_at,
+                1 if ended.oom_killed else 0,
+                "" if ended.peak_memory_bytes is None else ended.peak_memory_bytes,
+                "" if ended.code is None else ended.code,
+                MAX_REQUEUES,
             ]
         )
         if held:
             self.workers_lost += 1
+            cause = "was killed for exceeding its memory" if ended.oom_killed else "exited"
             log.warning(
-                "worker %s exited (code %s) holding %d invocation(s): re-queued",
+                "worker %s %s (code %s) holding %d invocation(s): %d re-queued%s",
                 handle.worker_id,
-                code,
+                cause,
+                ended.code,
                 held,
+                requeued,
+                " one class up" if ended.oom_killed and requeued else "",
             )
 
     async def _check_heartbeats(self) -> None:
@@ -198,7 +228,7 @@ class Scaler:
                 continue
             handle = known.get(wid) or WorkerHandle(wid, int(memory), time.time())
             log.warning("worker %s: heartbeat expired", wid)
-            await self._on_exit(handle, None)
+            await self._on_exit(WorkerExit(handle, None))
             # Its work is re-queued: it must not finish anything later nor hold a slot.
             await self.backend.discard(wid)
 

@@ -30,12 +30,13 @@ import cloudpickle
 from redis import exceptions as redis_exceptions
 
 from dagkube.dag import DagSpec, TaskSpec, resolve
-from dagkube.metrics.records import TaskError, TaskRecord, WorkerRecord
+from dagkube.metrics.records import OomAttempt, TaskError, TaskRecord, WorkerRecord
 from dagkube.planning.model import OptimizationIndex, Plan, output_must_be_stored
 from dagkube.runtime import scripts
 from dagkube.runtime.connection import BulkReader, connect
 from dagkube.runtime.invocation import Invocation
-from dagkube.runtime.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc
+from dagkube.runtime.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc, worker_task
+from dagkube.runtime.memory import PeakMeter
 from dagkube.sources import format_exception, register_sources
 
 log = logging.getLogger("dagkube.worker")
@@ -162,6 +163,10 @@ class Worker:
         self.beats: Any = None  # the heartbeat's own client
         self.stopping = False
         self._scripts: dict[str, Any] = {}
+        self.task_key = worker_task(config.worker_id)
+        self.meter = PeakMeter()
+        self._escalations: dict[str, list[OomAttempt]] = {}  # task -> OOM-killed attempts
+        self._peak_bytes: int | None = None  # of the tasks of the invocation being served
 
     # ----------------------------------------------------------------- lifecycle
     async def main(self, startup_delay_s: float = 0.0) -> None:
@@ -206,7 +211,7 @@ class Worker:
                         pipe.hdel(self.pool.workers, self.config.worker_id)
                         pipe.srem(self.pool.idle(self.config.memory_mib), self.config.worker_id)
                         pipe.srem(self.pool.waiting, self.config.worker_id)
-                        pipe.delete(worker_heartbeat(self.config.worker_id))
+                        pipe.delete(worker_heartbeat(self.config.worker_id), self.task_key)
                         pipe.lpush(self.pool.wake, "1")
                         pipe.ltrim(self.pool.wake, 0, 0)
                         await pipe.execute()
@@ -340,6 +345,12 @@ class Worker:
         prewarmed = not self.served_any and self.config.prewarm_run == invocation.run
         self.served_any = True
         cpu_before = 0.0 if cold else _process_cpu_s()
+        self._escalations = {}
+        for attempt in invocation.escalations:
+            self._escalations.setdefault(str(attempt.get("task") or ""), []).append(
+                OomAttempt(memory_mib=int(attempt["mem"]), peak_memory_bytes=attempt.get("peak"))
+            )
+        self._peak_bytes = None
         state = await self._load_run(invocation.run)
         served = 0
         first_task_at: float | None = None
@@ -372,6 +383,7 @@ class Worker:
             resumed=invocation.resume,
             prewarmed=prewarmed,
             registered_at=self.registered_at,
+            peak_memory_bytes=self._peak_bytes,
         )
         held_s = max(0.0, finished_at - held_from)
         next_queue = "" if self.stopping else self.pool.queue(self.config.memory_mib)
@@ -728,11 +740,22 @@ class Worker:
         ready_at = time.time()
         prewarms = state.opts.prewarm.get(task_id, ())
         prewarm_at = await self._request_prewarm(state, task_id, prewarms) if prewarms else None
+        # What the worker runs now: a worker killed for memory is charged to this task (the
+        # REQUEUE script reads it; COMPLETE clears it).
+        await self.redis.set(
+            self.task_key,
+            json.dumps({"run": state.run_id, "task": task_id, "function": spec.function}),
+            ex=state.ttl_s,
+        )
         raw, recomputed, download_s, download_bytes = await self._gather(state, spec)
         preloaded = [d for d in spec.deps if d in state.preloaded]
         store = state.must_store(task_id)
         loop = asyncio.get_running_loop()
-        done = await loop.run_in_executor(self.executor, _run_in_thread, state, spec, raw, store)
+        done = await loop.run_in_executor(
+            self.executor, _run_in_thread, state, spec, raw, store, self.meter
+        )
+        if done.peak_bytes is not None:
+            self._peak_bytes = max(self._peak_bytes or 0, done.peak_bytes)
         record = TaskRecord(
             run_id=state.run_id,
             task_id=task_id,
@@ -761,6 +784,8 @@ class Worker:
             duplicated=state.duplicated.get(task_id, []),
             prewarm_at=prewarm_at,
             prewarm_targets=[t for p in prewarms for t in p.get("targets", [])],
+            peak_memory_bytes=done.peak_bytes,
+            oom_attempts=[] if duplicate else self._escalations.get(task_id, []),
         )
         return Outcome(ok=done.error is None, record=record, output=done.output)
 
@@ -944,17 +969,20 @@ class _Execution:
     cpu_s: float
     attempts: int
     error: TaskError | None
+    peak_bytes: int | None = None
 
 
 def _run_in_thread(
-    state: RunState, spec: TaskSpec, raw: dict[str, bytes], store: bool
+    state: RunState, spec: TaskSpec, raw: dict[str, bytes], store: bool, meter: PeakMeter
 ) -> _Execution:
-    """Deserialize inputs, run the function (with retries), serialize the output.
+    """Deserialize inputs, run the function (with retries), serialize the output; the
+    worker's peak memory over all of it (inputs held, output serialized) is the task's.
 
     Runs on the task thread so the event loop keeps heartbeating and downloading. The output
     is always serialized, so its size is known (the planner's input-size feature), and
     returned for upload only when ``store``.
     """
+    meter.reset()
     for key, blob in raw.items():
         if key.startswith("const:"):
             state.constants[key[6:]] = pickle.loads(blob)
@@ -1003,6 +1031,7 @@ def _run_in_thread(
                 traceback=format_exception(exc),
             )
     return _Execution(
+        peak_bytes=meter.peak_bytes(),
         output=serialized if store else None,
         output_bytes=len(serialized) if serialized is not None else 0,
         input_bytes=input_bytes,

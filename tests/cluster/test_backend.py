@@ -20,7 +20,7 @@ from dagkube.kubernetes.backend import KubernetesBackend, KubernetesBackendError
 from dagkube.kubernetes.pods import build_worker_pod, worker_pod_name
 from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.keys import PoolKeys
-from dagkube.runtime.scaler import Scaler
+from dagkube.runtime.scaler import Scaler, WorkerExit
 from tests.kube import Kube, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -78,7 +78,7 @@ def set_status(kube: Kube, namespace: str, name: str, status: dict) -> None:
     assert code == 200, body
 
 
-def terminated(phase: str, exit_code: int) -> dict[str, Any]:
+def terminated(phase: str, exit_code: int, reason: str | None = None) -> dict[str, Any]:
     """A Pod status whose worker container ended with ``exit_code``, as a kubelet writes it."""
     return {
         "phase": phase,
@@ -92,7 +92,7 @@ def terminated(phase: str, exit_code: int) -> dict[str, Any]:
                 "state": {
                     "terminated": {
                         "exitCode": exit_code,
-                        "reason": "Completed" if exit_code == 0 else "Error",
+                        "reason": reason or ("Completed" if exit_code == 0 else "Error"),
                         "startedAt": "2026-01-01T00:00:00Z",
                         "finishedAt": "2026-01-01T00:00:01Z",
                     }
@@ -145,7 +145,7 @@ async def test_reap_reports_an_ended_pod_once_with_its_exit_code(
     ended = await backend.start_worker(BIG)
     running = await backend.start_worker(BIG)
     set_status(local_cluster, namespace, ended.worker_id, terminated(phase, code))
-    assert await backend.reap() == [(ended, code)]
+    assert await backend.reap() == [WorkerExit(ended, code)]
     assert await backend.reap() == []
     assert backend.alive() == [running]
     # A failed Pod stays for `kubectl logs`; a succeeded one has nothing to tell.
@@ -153,12 +153,20 @@ async def test_reap_reports_an_ended_pod_once_with_its_exit_code(
     assert (kept is not None) == (phase == "Failed")
 
 
+async def test_reap_reports_a_container_killed_for_memory(
+    backend: KubernetesBackend, local_cluster: Kube, namespace: str
+) -> None:
+    handle = await backend.start_worker(BIG)
+    set_status(local_cluster, namespace, handle.worker_id, terminated("Failed", 137, "OOMKilled"))
+    assert await backend.reap() == [WorkerExit(handle, 137, oom_killed=True)]
+
+
 async def test_reap_reports_an_ended_pod_without_container_status_with_no_code(
     backend: KubernetesBackend, local_cluster: Kube, namespace: str
 ) -> None:
     handle = await backend.start_worker(BIG)
     set_status(local_cluster, namespace, handle.worker_id, {"phase": "Failed"})
-    assert await backend.reap() == [(handle, None)]
+    assert await backend.reap() == [WorkerExit(handle, None)]
 
 
 async def test_reap_reports_a_vanished_pod(
@@ -166,7 +174,7 @@ async def test_reap_reports_a_vanished_pod(
 ) -> None:
     handle = await backend.start_worker(BIG)
     local_cluster.kubectl("delete", "pod", handle.worker_id, "-n", namespace, "--grace-period=0")
-    assert await backend.reap() == [(handle, None)]
+    assert await backend.reap() == [WorkerExit(handle, None)]
     assert await backend.reap() == []
     assert backend.alive() == []
 
@@ -178,7 +186,7 @@ async def test_discard_deletes_the_pod_and_is_idempotent(
     await backend.discard(handle.worker_id)
     wait_for(lambda: local_cluster.get("pod", handle.worker_id, namespace) is None, 30, "the Pod")
     await backend.discard(handle.worker_id)  # already gone: still success
-    assert await backend.reap() == [(handle, None)]
+    assert await backend.reap() == [WorkerExit(handle, None)]
     assert backend.alive() == []
 
 
@@ -193,7 +201,7 @@ async def test_stop_all_removes_every_pod_of_the_pool_and_only_those(
     await backend.stop_all()
     wait_for(lambda: set(pods(local_cluster, namespace)) == {theirs.worker_id}, 30, "the pool")
     await backend.stop_all()  # nothing left: still success
-    assert await backend.reap() == [(handle, None) for handle in mine]
+    assert await backend.reap() == [WorkerExit(handle, None) for handle in mine]
     assert await other.reap() == []
 
 

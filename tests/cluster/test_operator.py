@@ -20,7 +20,7 @@ import pytest
 from localcluster.agent.quantity import cpu_millis, memory_bytes
 
 from dagkube.kubernetes.pods import LABEL_CLASS
-from dagkube.metrics.records import WorkerRecord
+from dagkube.metrics.records import TaskRecord, WorkerRecord
 from dagkube.resources import cpu_millicores, parse_memory
 from dagkube.runtime.keys import RunKeys, hist_run, worker_proc
 from tests.kube import Kube, wait_for
@@ -83,6 +83,26 @@ def combine(parts: list[int]) -> int:
 def build() -> dagkube.Workflow:
     items = prepare()
     return dagkube.Workflow(combine([part(items, i) for i in range(4)]), name="long-then-wide")
+"""
+
+
+HOG = """
+import dagkube
+
+
+@dagkube.task
+def hog(mib: int) -> int:
+    block = b"x" * (mib * 1024 * 1024)
+    return len(block) // (1024 * 1024)
+
+
+@dagkube.task
+def after(x: int) -> int:
+    return x + 1
+
+
+def build() -> dagkube.Workflow:
+    return dagkube.Workflow(after(hog({mib})), name="{name}")
 """
 
 
@@ -307,6 +327,31 @@ def test_a_killed_worker_still_gives_the_right_result(release: Release) -> None:
     assert release.output_of(run_id, "total#0") == 0 + 1 + 4
     lost = release.store.hget(hist_run(run_id, "meta"), "workers_lost")
     assert int(float(lost or 0)) >= 1
+
+
+def test_a_worker_pod_killed_for_memory_reruns_its_task_one_class_up(release: Release) -> None:
+    body = release.workflow(
+        "oom-escalates",
+        {"inline": HOG.format(mib=400, name="oom-escalates")},
+        planner={"name": "wukong"},  # the middle class: 256Mi here
+        resources={"classes": ["256Mi", "1Gi"]},
+    )
+    release.apply(body)
+    status = release.wait_phase("oom-escalates")
+    assert status["phase"] == "Succeeded", status
+    run_id = status["runId"]
+    assert release.output_of(run_id, "after#0") == 401
+    meta = release.store.hgetall(hist_run(run_id, "meta"))
+    assert (int(meta[b"oom_kills"]), int(meta[b"escalations"])) == (1, 1)
+    assert meta[b"enforced"] == b"1"
+    tasks = release.store.hvals(hist_run(run_id, "tasks"))
+    [hogged] = [r for r in map(TaskRecord.model_validate_json, tasks) if r.task_id == "hog#0"]
+    assert hogged.memory_mib == 1024
+    assert [a.memory_mib for a in hogged.oom_attempts] == [256]
+    assert (hogged.peak_memory_bytes or 0) > 400 * 2**20
+    workers = release.store.hvals(hist_run(run_id, "workers"))
+    [lost] = [w for w in map(WorkerRecord.model_validate_json, workers) if w.outcome == "lost"]
+    assert lost.oom_killed and lost.memory_mib == 256 and lost.lost_task == "hog#0"
 
 
 def test_deleting_a_running_workflow_collects_its_pods_and_keys(release: Release) -> None:

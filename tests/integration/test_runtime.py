@@ -349,7 +349,7 @@ def test_a_requeued_invocation_is_counted_once_when_its_first_worker_finishes_to
     redis_client.rpush("proc:first", invocation)
     requeue = redis_client.register_script(scripts.REQUEUE)
     finish = redis_client.register_script(scripts.FINISH)
-    assert requeue(args=[pool, "proc:first", "first", 2, 512, 1]) == 1
+    assert requeue(args=[pool, "proc:first", "first", 2, 512, 1, 0, "", "", 3]) == 1
     redis_client.lmove(f"{pool}:q:512", "proc:copy", "LEFT", "RIGHT")
 
     def finish_args(proc: str, worker: str) -> list:

@@ -91,11 +91,13 @@ def test_input_proportional_tasks_scale():
 
 
 def test_unsampled_class_is_scaled_by_cpu():
-    snapshot = history({"work": 1.0}, memory=2048)
+    snapshot = history({"work": 1.0}, memory=1024)
     predictor = Predictor(snapshot)
-    assert predictor.exec_s("work", 100, 1024) == pytest.approx(2.0)  # half the CPU
+    assert predictor.exec_s("work", 100, 512) == pytest.approx(2.0)  # half the CPU
+    # A 2 GiB worker has 1.14 cores, but a task's one thread uses one: 1/0.571, not 2x.
+    assert predictor.exec_s("work", 100, 2048) == pytest.approx(1024 / 1792)
     # Local workers are not CPU-limited: without evidence, no scaling.
-    assert Predictor(snapshot, cpu_enforced=False).exec_s("work", 100, 1024) == 1.0
+    assert Predictor(snapshot, cpu_enforced=False).exec_s("work", 100, 512) == 1.0
     # Two sampled classes with no slowdown: alpha is fitted to 0, no scaling.
     flat = HistorySnapshot("h", 2, [TaskSample("work", m, 100, 1, 1.0) for m in (1024, 2048)] * 3)
     assert Predictor(flat).exec_s("work", 100, 512) == pytest.approx(1.0)
@@ -317,3 +319,72 @@ def test_plan_picture_groups_workers_colors_classes_and_marks_the_critical_path(
     for upstream, downstream in itertools.pairwise(critical):
         assert f'"{upstream}" -> "{downstream}" [color="#cb181d"' in text
     assert "512Mi" in text and "2Gi" in text
+
+
+# ---------------------------------------------------------------------- memory
+MIB = 1024 * 1024
+
+
+def test_peak_memory_is_predicted_from_input_size_at_the_sla():
+    # 60 MiB of interpreter plus 2 bytes held per input byte, with some jitter.
+    tasks = [
+        TaskSample("load", 2048, size, 1, 0.1, peak_memory_bytes=60 * MIB + 2 * size + jitter)
+        for size in (10 * MIB, 20 * MIB, 40 * MIB)
+        for jitter in (0, 4 * MIB)
+    ]
+    snapshot = HistorySnapshot("h", 6, tasks)
+    mean = Predictor(snapshot).peak_memory_bytes("load", 100 * MIB)
+    assert mean == pytest.approx(260 * MIB + 2 * MIB, rel=0.02)
+    p99 = Predictor(snapshot, sla="p99").peak_memory_bytes("load", 100 * MIB)
+    assert mean < p99 <= 264 * MIB + 1
+    # The floor adds the headroom, in whole MiB.
+    assert Predictor(snapshot).memory_floor_mib("load", 100 * MIB) == pytest.approx(
+        262 * 1.25, abs=1
+    )
+    # Nothing measured: no floor.
+    assert Predictor(HistorySnapshot()).memory_floor_mib("load", 100) == 0
+
+
+def test_an_oom_kill_puts_the_floor_above_the_class_it_happened_at():
+    tasks = [TaskSample("hog", 1024, 100, 1, 0.1, task_id="hog#0", oom_mib=512)]
+    assert Predictor(HistorySnapshot("h", 1, tasks)).memory_floor_mib("hog", 100, "hog#0") == 513
+
+
+def test_planners_keep_every_task_at_or_above_its_memory_floor():
+    wf = unequal_branches()
+    samples = history({"prep": 0.1, "long_work": 3.0, "step": 0.2, "join": 0.1}).tasks
+    # step holds 700 MiB: with headroom it needs the 1024 MiB class at least.
+    peaks = [
+        TaskSample(
+            s.function,
+            s.memory_mib,
+            s.input_bytes,
+            s.output_bytes,
+            s.exec_s,
+            peak_memory_bytes=(700 if s.function == "step" else 80) * MIB,
+        )
+        for s in samples
+    ]
+    snapshot = HistorySnapshot("h", 5, peaks, history({}).startups)
+    options = PlanningOptions([512, 1024, 2048], history=snapshot, cluster_size=1)
+    wukong = plan(wf.dag, "wukong", PlanningOptions([256, 512, 1024, 2048], history=snapshot))
+    assert wukong.classes_used() == [1024]  # the middle (512) was too small for step
+    assert any("predicted peak memory raised the class to 1024 MiB" in n for n in wukong.notes)
+    non_uniform = plan(wf.dag, "non-uniform", options)
+    steps = [t for t in non_uniform.tasks if t.startswith("step")]
+    # Downgraded from 2048 as far as memory allows: without peaks they would go to 512.
+    assert steps and all(non_uniform.tasks[t].memory_mib == 1024 for t in steps)
+    unmeasured = plan(
+        wf.dag,
+        "non-uniform",
+        PlanningOptions(
+            [512, 1024, 2048],
+            history=history({"prep": 0.1, "long_work": 3.0, "step": 0.2, "join": 0.1}),
+            cluster_size=1,
+        ),
+    )
+    assert {unmeasured.tasks[t].memory_mib for t in steps} == {512}
+    # A task no class can hold is named in the notes.
+    small = plan(wf.dag, "uniform", PlanningOptions([256, 512], history=snapshot))
+    assert small.classes_used() == [512]
+    assert any("more than the largest class (512 MiB)" in n for n in small.notes)
