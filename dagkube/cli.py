@@ -128,6 +128,13 @@ MAX_WORKERS_OPTION = click.option(
     default=None,
     help="Cap on concurrent local worker processes. [default: number of cores, >= 2]",
 )
+ENFORCE_OPTION = click.option(
+    "--enforce/--no-enforce",
+    default=None,
+    help="Run each local worker under its class's memory limit and CPU quota (a cgroup per "
+    "worker; a worker past its memory is OOM-killed and its task re-run one class up). "
+    "[default: where this machine allows it (root, or a delegated cgroup v2 subtree)]",
+)
 
 
 FILE_ARGUMENT = click.argument("file", type=click.Path(dir_okay=False))
@@ -164,6 +171,7 @@ def _shared_options(function: Any) -> Any:
         CLASSES_OPTION,
         REDIS_OPTION,
         MAX_WORKERS_OPTION,
+        ENFORCE_OPTION,
         click.option(
             "--idle-timeout",
             type=click.FloatRange(min=0.1),
@@ -211,6 +219,7 @@ def run(
     classes: list[int] | None,
     redis_url: str | None,
     max_workers: int | None,
+    enforce: bool | None,
     idle_timeout: float,
     timeout: float | None,
     as_json: bool,
@@ -225,9 +234,13 @@ def run(
         wf = loaded.workflow
         show_progress = not as_json and err.is_terminal
         with (
-            LocalRuntime(redis_url, max_workers=max_workers, idle_timeout_s=idle_timeout) as rt,
+            LocalRuntime(
+                redis_url, max_workers=max_workers, idle_timeout_s=idle_timeout, enforce=enforce
+            ) as rt,
             _progress(show_progress, len(wf.dag.tasks), wf.name) as on_progress,
         ):
+            if rt.enforcement_note and enforce is None and not as_json:
+                err.print(f"[yellow]note:[/] {rt.enforcement_note}")
             if metrics_port is not None:
                 backend = rt.backend
                 assert backend is not None
@@ -269,6 +282,9 @@ def run(
             "gb_s": record.gb_s,
             "cpu_s_allocated": record.cpu_s_allocated,
             "cpu_s_used": record.cpu_s_used,
+            "enforced": record.enforced,
+            "oom_kills": record.oom_kills,
+            "escalations": record.escalations,
             "verified": verified,
         }
         failure = task_failed_from(record) if result.status != "succeeded" else None
@@ -310,7 +326,9 @@ def _progress(enabled: bool, total: int, name: str) -> Iterator[Any]:
 
 
 def _print_summary(summary: dict, outputs: Any, failure: Any, verify_error: str) -> None:
-    if failure is not None:
+    if failure is not None and failure.exc_type in ("OutOfMemory", "WorkerLost"):
+        err.print(f"[red bold]Run {summary['run_id']} {summary['status']}[/]: {failure.message}")
+    elif failure is not None:
         err.print(
             f"[red bold]Run {summary['run_id']} {summary['status']}[/]: task "
             f"[bold]{failure.task_id}[/] (function {failure.function}) raised "
@@ -349,6 +367,16 @@ def _print_summary(summary: dict, outputs: Any, failure: Any, verify_error: str)
             ", ".join(summary["optimizations"])
             + (f"; {duplicated} task(s) duplicated" if duplicated else ""),
         )
+    if summary["oom_kills"]:
+        table.add_row(
+            "memory",
+            f"{summary['oom_kills']} worker(s) OOM-killed, {summary['escalations']} re-run one "
+            "class up",
+        )
+    table.add_row(
+        "limits",
+        "memory and CPU enforced per worker" if summary["enforced"] else "not enforced",
+    )
     table.add_row("GB-seconds", f"{summary['gb_s']:.3f}")
     table.add_row(
         "CPU-seconds",
@@ -375,6 +403,7 @@ def plan(
     classes: list[int] | None,
     redis_url: str | None,
     max_workers: int | None,
+    enforce: bool | None,
     idle_timeout: float,
     as_json: bool,
     output: str | None,
@@ -384,6 +413,7 @@ def plan(
     from dagkube import planning
     from dagkube.metrics.history import load_snapshot
     from dagkube.resources import cpu_for_memory
+    from dagkube.runtime import cgroups
     from dagkube.runtime.local_backend import default_max_workers
 
     with _errors():
@@ -395,7 +425,8 @@ def plan(
             history=history,
             max_workers=max_workers or default_max_workers(),
             idle_timeout_s=idle_timeout,
-            cpu_enforced=False,  # planned for the local runtime
+            # planned for the local runtime: CPU-limited where its workers would be
+            cpu_enforced=enforce if enforce is not None else cgroups.detect() is not None,
             optimizations=optimizations,
         )
         result = planning.plan(wf.dag, planner, options)
@@ -468,6 +499,7 @@ def plan(
     show_default=True,
     help="Extra seconds per worker start, so local cold starts cost what Pods do.",
 )
+@ENFORCE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print every sample and summary as JSON.")
 def experiment(
     file: str,
@@ -479,6 +511,7 @@ def experiment(
     redis_url: str | None,
     max_workers: int | None,
     startup_delay: float,
+    enforce: bool | None,
     as_json: bool,
 ) -> None:
     """Run FILE over a matrix of planners and SLAs and compare them: median makespan,
@@ -493,7 +526,12 @@ def experiment(
         total = len(chosen) * len(levels) * repeat
         done = [0]
         with (
-            LocalRuntime(redis_url, max_workers=max_workers, startup_delay_s=startup_delay) as rt,
+            LocalRuntime(
+                redis_url,
+                max_workers=max_workers,
+                startup_delay_s=startup_delay,
+                enforce=enforce,
+            ) as rt,
             _progress(not as_json and err.is_terminal, total, "experiment") as progress,
         ):
 
@@ -613,8 +651,10 @@ def _fmt(value: float | None, pattern: str) -> str:
 @REDIS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON on stdout.")
 def history(workflow_name: str | None, limit: int, redis_url: str | None, as_json: bool) -> None:
-    """List past runs (most recent first) from the run history."""
+    """List past runs (most recent first) from the run history, with the highest peak memory
+    of each run's tasks and its OOM kills."""
     from dagkube.metrics.history import list_runs
+    from dagkube.report import mib_text
 
     with _errors():
         runs = _with_redis(redis_url, lambda r: list_runs(r, workflow=workflow_name, limit=limit))
@@ -636,10 +676,12 @@ def history(workflow_name: str | None, limit: int, redis_url: str | None, as_jso
             "makespan",
             "cold/warm",
             "GB-s",
+            "peak mem",
             "submitted",
         ):
             table.add_column(column, justify="right" if column in {"tasks", "GB-s"} else "left")
         for r in runs:
+            oom = f", [red]{r.oom_kills} OOM kill(s)[/]" if r.oom_kills else ""
             style = {"succeeded": "green", "failed": "red"}.get(r.status, "yellow")
             table.add_row(
                 r.run_id,
@@ -651,6 +693,7 @@ def history(workflow_name: str | None, limit: int, redis_url: str | None, as_jso
                 f"{r.makespan_s:.3f}s" if r.makespan_s is not None else "-",
                 f"{r.workers_cold}/{r.workers_warm}",
                 f"{r.gb_s:.3f}",
+                mib_text(r.peak_memory_bytes) + oom,
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.submitted_at)),
             )
         out.print(table)
@@ -828,7 +871,8 @@ def _workflow_options(function: Any) -> Any:
             "--timeout",
             type=click.IntRange(min=1),
             default=None,
-            help="Seconds before the operator cancels the run (spec.timeoutSeconds).",
+            help="Seconds before the operator cancels the run (spec.timeoutSeconds). "
+            "[default: the operator's, 3600 unless its chart sets operator.defaultTimeoutSeconds]",
         ),
         click.option(
             "--retries",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dagkube.metrics.history import RunHistory, read_run, run_ids
-from dagkube.metrics.records import TaskRecord
+from dagkube.metrics.records import RunRecord, TaskRecord
 from dagkube.planning.model import Plan
 
 SECTIONS = {
@@ -93,6 +93,7 @@ def deltas(rows: list[PlannerRow], baseline: str) -> dict[str, dict[str, float]]
 
 ACCURACY_METRICS = ("makespan", "execution", "transfer", "start-up")
 MIN_MEASURED_S = 0.005  # below this a relative error is noise: the run is left out
+MIB = 1024 * 1024
 
 
 def _relative_error(predicted: float | None, actual: float | None) -> float | None:
@@ -153,6 +154,41 @@ def critical_path(history: RunHistory) -> list[str]:
         current = max(upstream, key=lambda task_id: ended[task_id])
         path.append(current)
     return path[::-1]
+
+
+def mib_text(size_bytes: int | None) -> str:
+    """A measured size as whole MiB (the unit of memory classes); "-" where not measured."""
+    return "-" if size_bytes is None else f"{size_bytes / MIB:.0f} MiB"
+
+
+def memory_lines(task: TaskRecord) -> list[str]:
+    """The task's class and peak, then each OOM-killed attempt with the class it re-ran at:
+    ``class 1024 MiB, peak 700 MiB``, ``OOM-killed at 256 MiB (peak 262 MiB), re-run at 1024
+    MiB``."""
+    peak = "not measured" if task.peak_memory_bytes is None else mib_text(task.peak_memory_bytes)
+    lines = [f"class {task.memory_mib} MiB, peak {peak}"]
+    classes = [a.memory_mib for a in task.oom_attempts] + [task.memory_mib]  # attempt by attempt
+    for attempt, rerun_mib in zip(task.oom_attempts, classes[1:], strict=True):
+        seen = (
+            f" (peak {mib_text(attempt.peak_memory_bytes)})"
+            if attempt.peak_memory_bytes is not None
+            else ""
+        )
+        lines.append(f"OOM-killed at {attempt.memory_mib} MiB{seen}, re-run at {rerun_mib} MiB")
+    return lines
+
+
+def _memory_hover(task: TaskRecord) -> str:
+    """A chart tooltip (Plotly's HTML subset): the task id, escaped, over its memory lines."""
+    return "<br>".join([html.escape(task.task_id), *memory_lines(task)])
+
+
+def limits_text(run: RunRecord) -> str:
+    """Whether the run's workers were held to their class, and its OOM kills if any."""
+    text = f"memory and CPU limits {'enforced' if run.enforced else 'not enforced'}"
+    if run.oom_kills or run.escalations:
+        text += f", {run.oom_kills} worker(s) OOM-killed, {run.escalations} re-run one class up"
+    return text
 
 
 def levels(edges: dict[str, list[str]]) -> dict[str, int]:
@@ -524,7 +560,7 @@ def run_figures(history: RunHistory) -> list[tuple[str, dict]]:
                 "name": worker[-12:],
                 "x": [position[t][0] for t in ids],
                 "y": [position[t][1] for t in ids],
-                "text": ids,
+                "text": [_memory_hover(records[t]) for t in ids],
                 "marker": {"size": 12},
             }
         )
@@ -596,9 +632,72 @@ def run_figures(history: RunHistory) -> list[tuple[str, dict]]:
         f"Run {history.run.run_id} ({history.run.workflow}, {history.run.planner}, SLA "
         f"{history.run.sla}): makespan {history.run.makespan_s or 0:.2f}s, predicted "
         f"{history.run.predicted_makespan_s or 0:.2f}s; actual critical path "
-        f"{' → '.join(actual_path) or 'unknown'}"
+        f"{' → '.join(actual_path) or 'unknown'}; {limits_text(history.run)}"
     )
-    return [(text, dag), ("Time breakdown per task", breakdown)]
+    return [
+        (text, dag),
+        ("Time breakdown per task", breakdown),
+        *([memory] if (memory := memory_figure(ordered)) else []),
+    ]
+
+
+def memory_figure(tasks: list[TaskRecord]) -> tuple[str, dict] | None:
+    """Per task its class, its peak and its OOM-killed attempts (MiB); None when no task
+    carries a measurement (runs from before peaks were recorded)."""
+    if not any(t.peak_memory_bytes is not None or t.oom_attempts for t in tasks):
+        return None
+    text = "Memory per task: class and peak"
+    measured = [t for t in tasks if t.peak_memory_bytes is not None]
+    if measured:
+        top = max(measured, key=lambda t: t.peak_memory_bytes or 0)
+        text += (
+            f"; highest peak {mib_text(top.peak_memory_bytes)} ({top.task_id}, class "
+            f"{top.memory_mib} MiB)"
+        )
+    killed = [f"{t.task_id} {'; '.join(memory_lines(t)[1:])}" for t in tasks if t.oom_attempts]
+    if killed:
+        text += "; " + "; ".join(killed)
+    attempts = [(t.task_id, a) for t in tasks for a in t.oom_attempts]
+    hover = [_memory_hover(t) for t in tasks]
+    data: list[dict] = [
+        {
+            "type": "bar",
+            "orientation": "h",
+            "name": "class",
+            "y": [t.task_id for t in tasks],
+            "x": [t.memory_mib for t in tasks],
+            "hovertext": hover,
+        },
+        {
+            "type": "bar",
+            "orientation": "h",
+            "name": "peak",
+            "y": [t.task_id for t in tasks],
+            "x": [
+                None if t.peak_memory_bytes is None else t.peak_memory_bytes / MIB for t in tasks
+            ],
+            "hovertext": hover,
+        },
+    ]
+    if attempts:
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "OOM-killed attempt (its class)",
+                "y": [task_id for task_id, _ in attempts],
+                "x": [a.memory_mib for _, a in attempts],
+                "marker": {"symbol": "x", "size": 12, "color": "#d62728"},
+            }
+        )
+    return text, _figure(
+        data,
+        {
+            "barmode": "group",
+            "title": "Memory per task (MiB): class, peak, OOM-killed attempts",
+            "height": max(420, 24 * len(tasks)),
+        },
+    )
 
 
 # ---------------------------------------------------------------------------- assembly

@@ -55,6 +55,9 @@ MAKESPAN = (0.5, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 45, 60, 120, 300, 600,
 RATIOS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5)
 GB_SECONDS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 1000, 10_000, 100_000)
 COUNTS = (0, 1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100, 250, 1000)
+# Powers of two from 64 MiB to 16 GiB: the bounds fall on the usual memory classes, so a
+# bucket reads "fits in a class of this size".
+MEMORY_BYTES = tuple(float(2**power * 1024 * 1024) for power in range(6, 15))  # 64Mi..16Gi
 
 # Work per scrape: what is left waits for the next scrape (dagkube_exporter_runs_backlog).
 INDEX_WINDOW = 2000  # how far down the run index a scrape looks for runs it has not seen
@@ -179,6 +182,19 @@ HISTORY_SPECS: tuple[Spec, ...] = (
     Spec("dagkube_task_upload_bytes", "counter", "Output bytes tasks stored", TASK),
     Spec("dagkube_task_failures", "counter", "Tasks that raised after their retries", TASK),
     Spec("dagkube_task_retries", "counter", "Task attempts beyond the first", TASK),
+    Spec(
+        "dagkube_task_peak_memory_bytes",
+        "histogram",
+        "Peak resident memory of the worker process while a task ran (tasks where measured)",
+        TASK,
+        MEMORY_BYTES,
+    ),
+    Spec(
+        "dagkube_task_oom_kills",
+        "counter",
+        "Earlier attempts of tasks whose worker was OOM-killed (the task then ran one class up)",
+        TASK,
+    ),
     # workers
     Spec(
         "dagkube_worker_starts",
@@ -205,6 +221,19 @@ HISTORY_SPECS: tuple[Spec, ...] = (
         "dagkube_workers_unused_gigabyte_seconds",
         "counter",
         "Lifetime of those unused workers, GB x seconds (charged to the run, not in its GB-s)",
+        RUN,
+    ),
+    Spec(
+        "dagkube_workers_oom_killed",
+        "counter",
+        "Workers killed for exceeding their class's memory limit (runs with enforced limits)",
+        RUN,
+    ),
+    Spec(
+        "dagkube_oom_escalations",
+        "counter",
+        "Work of OOM-killed workers re-queued one memory class up (at the largest class the "
+        "run fails instead)",
         RUN,
     ),
     # resources
@@ -457,6 +486,8 @@ class _Totals:
             ("dagkube_workers_unused_gigabyte_seconds", run.workers_unused_gb_s),
             ("dagkube_tasks_duplicated", run.tasks_duplicated),
             ("dagkube_duplicates_won", run.duplicates_won),
+            ("dagkube_workers_oom_killed", run.oom_kills),
+            ("dagkube_oom_escalations", run.escalations),
         ):
             self.add(name, rl, value)
         for optimization in run.optimizations:
@@ -475,6 +506,9 @@ class _Totals:
             tl = (run.workflow, planner, task.function)
             self.add("dagkube_task_failures", tl, 1 if task.error is not None else 0)
             self.add("dagkube_task_retries", tl, task.retries)
+            self.add("dagkube_task_oom_kills", tl, len(task.oom_attempts))
+            if task.peak_memory_bytes is not None:
+                self.observe("dagkube_task_peak_memory_bytes", tl, task.peak_memory_bytes)
             self.observe("dagkube_task_duration_seconds", tl, task.ended_at - task.started_at)
             self.observe("dagkube_task_input_wait_seconds", tl, task.input_wait_s)
             if task.download_bytes or task.download_s:

@@ -138,6 +138,7 @@ class RunRecord(BaseModel):
     enforced: bool = False  # workers ran under their class's memory and CPU limits
     oom_kills: int = 0  # workers killed for exceeding their class's memory
     escalations: int = 0  # of those, work re-queued one class up
+    peak_memory_bytes: int | None = None  # the highest peak of its tasks (None: not measured)
     failed_task: str | None = None
     error: dict[str, Any] | None = None
 

@@ -251,6 +251,11 @@ if status then
     redis.call('HINCRBY', meta, 'workers_warm', 1)
   end
   if ARGV[14] == '1' then redis.call('HINCRBY', meta, 'workers_prewarmed', 1) end
+  -- the run's peak memory: the highest of its workers' (each the highest of its tasks')
+  local peak = tonumber(cjson.decode(ARGV[5]).peak_memory_bytes)
+  if peak and peak > tonumber(redis.call('HGET', meta, 'peak_memory_bytes') or '0') then
+    redis.call('HSET', meta, 'peak_memory_bytes', peak)
+  end
   local active = 1
   if owned == 1 then active = redis.call('HINCRBY', meta, 'active', -1) end
   if active <= 0 and redis.call('EXISTS', runkey(run, 'result')) == 0 then

@@ -9,11 +9,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
+from tests import history_records
 from tests.conftest import ROOT, run_cli, wait_until
 
 pytestmark = pytest.mark.integration
@@ -122,11 +125,70 @@ def test_history_lists_runs(redis_server):
     table = run_cli("history", "--workflow", "tree-reduction", env=env)
     assert table.returncode == 0
     assert "tree-reduction" in table.stdout and "succeeded" in table.stdout
+    assert re.search(r"│ +\d+ MiB +│", table.stdout), "the run's peak memory was measured"
     as_json = json.loads(run_cli("history", "--json", "--limit", "3", env=env).stdout)
     assert 1 <= len(as_json) <= 3
     assert {"run_id", "status", "makespan_s", "gb_s"} <= set(as_json[0])
     none = run_cli("history", "--workflow", "never-ran", env=env)
     assert "No runs of workflow 'never-ran'" in none.stdout
+
+
+def test_history_shows_peak_memory_and_oom_kills(redis_server):
+    """Known records: the highest task peak of each run in MiB, its OOM kills, "-" for a run
+    without measurements; --json carries the peak in bytes."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/12"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        history_records.store(client, history_records.plain_run())
+        history_records.store(client, history_records.oom_run())
+        table = run_cli("history", "--redis", url)
+        as_json = json.loads(run_cli("history", "--redis", url, "--json").stdout)
+    finally:
+        client.flushdb()
+        client.close()
+    assert table.returncode == 0, table.stderr
+    rows = [
+        [cell.strip() for cell in line.strip("│").split("│")]
+        for line in table.stdout.splitlines()
+        if line.startswith("│")
+    ]
+
+    def submitted(offset_s: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(history_records.T0 + offset_s))
+
+    assert rows == [
+        [
+            "oom-run",
+            "mem-demo",
+            "wukong",
+            "avg",
+            "succeeded",
+            "3/3",
+            "4.000s",
+            "2/0",
+            "3.250",
+            "700 MiB, 1 OOM kill(s)",
+            submitted(0),
+        ],
+        [
+            "plain-run",
+            "mem-demo",
+            "uniform",
+            "p90",
+            "succeeded",
+            "1/1",
+            "1.500s",
+            "1/0",
+            "0.500",
+            "-",
+            submitted(-60),
+        ],
+    ]
+    assert [
+        (r["run_id"], r["peak_memory_bytes"], r["oom_kills"], r["escalations"], r["enforced"])
+        for r in as_json
+    ] == [("oom-run", 700 * 1024 * 1024, 1, 1, True), ("plain-run", None, 0, 0, False)]
 
 
 def test_help_explains_the_file_convention():

@@ -27,6 +27,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 import dagkube
 from dagkube.metrics.exporter import (
@@ -37,12 +38,14 @@ from dagkube.metrics.exporter import (
     exposed_names,
 )
 from dagkube.runtime.embedded import _free_port
+from tests import history_records
 from tests.conftest import ROOT, run_cli, wait_until
 
 pytestmark = pytest.mark.integration
 
 DASHBOARDS = ROOT / "charts/dagkube/dashboards"
 DB = 7  # a database of its own: the counts below are this module's runs only
+MEMORY_DB = 10  # the hand-written OOM run's
 # Values Grafana puts in for its built-in variables (a 1 s scrape interval); the dashboards'
 # own variables take their "All" value or their default.
 BUILTINS = {"__rate_interval": "5m", "__interval": "15s", "__range": "1h"}
@@ -490,3 +493,51 @@ def test_every_spec_is_documented() -> None:
         if spec.kind == "histogram" and f"`{spec.name}`" not in docs
     ]
     assert not missing, f"metrics missing from docs/metrics.md: {missing}"
+
+
+def test_peak_memory_and_oom_kills_are_exported(redis_server) -> None:
+    """A run with an OOM-killed attempt, from known records: every measured peak lands in
+    its byte bucket, each OOM-killed attempt counts for its function, the run's kills and
+    escalations for the run."""
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{MEMORY_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        history_records.store(client, history_records.oom_run())
+        samples = [s for f in RunHistoryCollector(client).collect() for s in f.samples]
+    finally:
+        client.flushdb()
+        client.close()
+
+    def values(name: str, **labels: str) -> dict[str, float]:
+        return {
+            s.labels.get("le", ""): s.value
+            for s in samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        }
+
+    task = {"workflow": "mem-demo", "planner": "wukong"}
+    mib = 1024 * 1024
+    for function, fits_mib, peak_mib in (("load", 256, 180), ("hog", 1024, 700)):
+        buckets = values("dagkube_task_peak_memory_bytes_bucket", **task, function=function)
+        assert buckets == {
+            **{floatToGoString(2**p * mib): float(2**p >= fits_mib) for p in range(6, 15)},
+            "+Inf": 1.0,
+        }, function
+        assert values("dagkube_task_peak_memory_bytes_sum", **task, function=function) == {
+            "": peak_mib * mib
+        }
+        assert values("dagkube_task_peak_memory_bytes_count", **task, function=function) == {
+            "": 1.0
+        }
+    # after#0 was not measured: no observation, so no series for its function
+    assert values("dagkube_task_peak_memory_bytes_count", function="after") == {}
+    oom = {
+        s.labels["function"]: s.value for s in samples if s.name == "dagkube_task_oom_kills_total"
+    }
+    assert oom == {"load": 0.0, "hog": 1.0, "after": 0.0}
+    run = {"workflow": "mem-demo", "planner": "wukong", "sla": "avg"}
+    assert values("dagkube_workers_oom_killed_total", **run) == {"": 1.0}
+    assert values("dagkube_oom_escalations_total", **run) == {"": 1.0}
+    # the killed worker is a lost one too (docs/metrics.md says so)
+    assert values("dagkube_workers_lost_total", planner="wukong", memory_class="256Mi") == {"": 1.0}

@@ -3,6 +3,7 @@ is there, every chart it built rendered, no JavaScript error; an empty history s
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -14,9 +15,11 @@ import pytest
 import redis
 
 from dagkube.report import SECTIONS
+from tests import history_records
 from tests.conftest import ROOT, run_cli
 
 DB = 8  # a database of its own
+MEMORY_DB = 11  # the hand-written OOM run's
 
 
 def chromium() -> str:
@@ -101,9 +104,63 @@ def test_report_renders_offline_with_every_section(db_url, tmp_path: Path) -> No
     # The one-run section drew the DAG and the time breakdown of a real run.
     run_section = dom.stdout.split('<section id="run">')[1]
     assert "actual critical path" in run_section and "js-plotly-plot" in run_section
+    # Workers measure every task's peak: the run's memory per task is drawn too.
+    assert re.search(r"Memory per task: class and peak; highest peak \d+ MiB \(", run_section)
     shot = tmp_path / "report.png"
     render(out, f"--screenshot={shot}", "--window-size=1200,2400")
     assert shot.stat().st_size > 20_000
+
+
+def test_report_shows_peak_memory_and_oom_kills(redis_server, tmp_path: Path) -> None:
+    """Known records: the run's limits and OOM kills in its summary, each task's class and
+    peak in the tooltips, the OOM-killed attempt and the class it re-ran at; an older run
+    without measurements says its limits were not enforced and draws no memory chart."""
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{MEMORY_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        history_records.store(client, history_records.plain_run())
+        history_records.store(client, history_records.oom_run())
+        out = tmp_path / "oom.html"
+        result = run_cli("report", "--redis", url, "--run", "oom-run", "-o", str(out))
+        assert result.returncode == 0, result.stderr
+        page = out.read_text()
+        plain_out = tmp_path / "plain.html"
+        result = run_cli("report", "--redis", url, "--run", "plain-run", "-o", str(plain_out))
+        assert result.returncode == 0, result.stderr
+        plain = plain_out.read_text()
+    finally:
+        client.flushdb()
+        client.close()
+    run_section = page.split('<section id="run">')[1]
+    assert run_section.count('class="chart"') == 3  # DAG, time breakdown, memory per task
+    for text in (
+        "Run oom-run (mem-demo, wukong, SLA avg): makespan 4.00s, predicted 3.50s; actual "
+        "critical path load#0 → hog#0 → after#0; memory and CPU limits enforced, 1 worker(s) "
+        "OOM-killed, 1 re-run one class up",
+        "Memory per task: class and peak; highest peak 700 MiB (hog#0, class 1024 MiB); "
+        "hog#0 OOM-killed at 256 MiB (peak 262 MiB), re-run at 1024 MiB",
+    ):
+        assert f"<p>{html.escape(text)}</p>" in run_section, text
+    for tooltip in (
+        "load#0<br>class 256 MiB, peak 180 MiB",
+        "hog#0<br>class 1024 MiB, peak 700 MiB<br>OOM-killed at 256 MiB (peak 262 MiB), "
+        "re-run at 1024 MiB",
+        "after#0<br>class 1024 MiB, peak not measured",
+    ):
+        assert json.dumps(tooltip) in page, tooltip
+    dom = render(out, "--dump-dom")
+    attributes = dict(re.findall(r'(data-[a-z]+)="([^"]*)"', dom.stdout.split("<body")[1]))
+    assert json.loads(attributes["data-errors"].replace("&quot;", '"')) == []
+    assert int(attributes["data-rendered"]) == int(attributes["data-charts"]) >= 3
+    run_text = (
+        "Run plain-run (mem-demo, uniform, SLA p90): makespan 1.50s, predicted 0.00s; actual "
+        "critical path load#0; memory and CPU limits not enforced"
+    )
+    plain_section = plain.split('<section id="run">')[1].split("</section>")[0]
+    assert f"<p>{html.escape(run_text)}</p>" in plain_section
+    assert "Memory per task" not in plain_section and "OOM" not in plain_section
+    assert plain_section.count('class="chart"') == 2  # the DAG and the time breakdown only
 
 
 def test_report_of_an_empty_history_says_so(redis_server, tmp_path: Path) -> None:
