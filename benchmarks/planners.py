@@ -3,9 +3,10 @@
 1. Prediction accuracy (examples/fanout_sleep.py, known sleeps): 5 runs of history, then
    ``--avg-runs`` runs planned at SLA avg (median absolute error of the predicted makespan)
    and ``--p90-runs`` runs planned at p90 (share that finished within the prediction).
-2. Non-uniform vs uniform (examples/unequal_branches.py, sleeping tasks, and
-   examples/cpu_branches.py, CPU-bound ones; classes 512Mi,1Gi,2Gi): the same number of
-   interleaved runs each; median GB-seconds and makespan, and their ratios.
+2. Non-uniform vs uniform (classes 512Mi,1Gi,2Gi) on examples/unequal_branches.py (short
+   sleeping tasks) and examples/cpu_branches.py (CPU-bound), warm workers kept between runs,
+   2 workers; and examples/io_branches.py (branches waiting on a service), every run cold,
+   4 workers: the same number of interleaved runs each; median GB-seconds and makespan.
 3. CPU-bound execution time per class (examples/cpu_branches.py): 5 runs of history on a
    1Gi/2Gi mix, then runs on each of 512Mi (never seen), 1Gi and 2Gi: median |predicted -
    actual| / actual of every task's execution time.
@@ -39,6 +40,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 import cpu_branches  # noqa: E402
 import fanout_sleep  # noqa: E402
+import io_branches  # noqa: E402
 import unequal_branches  # noqa: E402
 
 MIB = 1024 * 1024
@@ -81,10 +83,10 @@ def accuracy(planner: str, avg_runs: int, p90_runs: int) -> dict:
         }
 
 
-def non_uniform_vs_uniform(module, runs: int) -> dict:
+def non_uniform_vs_uniform(module, runs: int, *, cold: bool = False, workers: int = 2) -> dict:
     with (
         tempfile.TemporaryDirectory() as home,
-        dagkube.LocalRuntime(home=home, max_workers=2, enforce=True) as rt,
+        dagkube.LocalRuntime(home=home, max_workers=workers, enforce=True) as rt,
     ):
         wf = module.build()
         result = run_experiment(
@@ -95,6 +97,7 @@ def non_uniform_vs_uniform(module, runs: int) -> dict:
             runs,
             classes="512Mi,1Gi,2Gi",
             verify=module.verify,
+            cold=cold,
         )
         collect_ratios(rt, [s.run_id for s in result.samples])
         last = wf.plan("non-uniform", "avg", "512Mi,1Gi,2Gi", runtime=rt)
@@ -111,8 +114,8 @@ def non_uniform_vs_uniform(module, runs: int) -> dict:
         "gb_s_saved": 1 - non_uniform.median_gb_s / uniform.median_gb_s,
         "makespan_change": non_uniform.median_makespan_s / uniform.median_makespan_s - 1,
         "classes": last.classes_used(),
-        "note": next((n for n in last.notes if n.startswith("non-uniform:")), ""),
-        "name": module.__name__,
+        "note": "; ".join(n for n in last.notes if n.startswith("non-uniform:")),
+        "name": module.__name__ + (f", cold, {workers} workers" if cold else ""),
     }
 
 
@@ -159,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
     rows = [accuracy(p, args.avg_runs, args.p90_runs) for p in ("wukong", "uniform")]
-    compared = [non_uniform_vs_uniform(m, args.runs) for m in (unequal_branches, cpu_branches)]
+    compared = [
+        non_uniform_vs_uniform(unequal_branches, args.runs),
+        non_uniform_vs_uniform(cpu_branches, args.runs),
+        non_uniform_vs_uniform(io_branches, args.runs, cold=True, workers=4),
+    ]
     per_class = cpu_accuracy(args.class_runs)
     lines = [
         "## Planners: predictions and non-uniform savings",
@@ -180,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         "Non-uniform against uniform on the largest class (classes 512Mi, 1Gi, 2Gi), "
-        "interleaved runs, medians:",
+        "interleaved runs, medians (warm: workers kept between runs; cold: every run starts "
+        "with none):",
         "",
         "| workflow | runs each | uniform GB-s | non-uniform GB-s | GB-s saved | uniform "
         "makespan | non-uniform makespan | makespan change | classes non-uniform uses |",
@@ -199,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         "CPU-bound tasks (cpu_branches) per class: 5 runs of history on 1Gi and 2Gi (uniform), "
         f"then {args.class_runs} runs on each class; error of each CPU-bound task's predicted "
         "execution time (512Mi was never in the history; 1 worker, so tasks never share the "
-        "2 cores):",
+        "2 cores). A CPU quota is granted per 100 ms period, so a task of a few periods "
+        "varies by up to one period with where it starts in it:",
         "",
         "| class | CPU share | median error | max error | tasks |",
         "| --- | ---: | ---: | ---: | ---: |",

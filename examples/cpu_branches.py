@@ -14,7 +14,7 @@ import dagkube
 
 LONG_STEPS = [3_000_000, 3_000_000, 3_000_000]  # loop iterations, the critical branch
 SHORT_BRANCHES = 4
-SHORT_WORK = 600_000
+SHORT_WORK = 1_500_000  # a few CFS periods (100 ms) even on 2 GiB: less quantization jitter
 
 
 def spin(iterations: int) -> int:

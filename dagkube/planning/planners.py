@@ -29,6 +29,7 @@ from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB
 
 DEFAULT_CLUSTER_SIZE = 4
 MAKESPAN_TOLERANCE = 0.005  # non-uniform: a downgrade may not grow the makespan beyond this
+MIN_GB_S_SAVING = 0.01  # non-uniform: ... and must save at least this share of the GB-seconds
 
 
 @dataclass
@@ -414,6 +415,8 @@ def plan_non_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
     for task_id, logical in worker_of.items():
         tasks_of.setdefault(str(logical), []).append(task_id)
     downgraded = 0
+    considered = 0
+    rejected: list[str] = []  # why the last round's downgrades were not kept
     while True:
         critical = set(timing.critical_path)
         slack = _slack(dag, timing)
@@ -435,6 +438,7 @@ def plan_non_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
         if not candidates:
             break
         candidates.sort(reverse=True)
+        considered += len(candidates)
         accepted = False
         while candidates:
             trial = dict(memory)
@@ -442,10 +446,20 @@ def plan_non_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
                 for task_id in tasks_of[logical]:
                     trial[task_id] = target
             trial_timing = _timing(dag, trial, worker_of, predictor, options)
-            if trial_timing.makespan_s <= limit:
+            # Kept only if it is no slower and cheaper: where limits are enforced, a smaller
+            # class starts slower and runs CPU-bound work slower, which can cost GB-seconds.
+            if trial_timing.makespan_s > limit:
+                rejected = [f"predicted makespan {trial_timing.makespan_s:.3f}s > {limit:.3f}s"]
+            elif trial_timing.gb_s > timing.gb_s * (1 - MIN_GB_S_SAVING):
+                rejected = [
+                    f"predicted GB-s {trial_timing.gb_s:.3f} vs {timing.gb_s:.3f}: less than "
+                    f"{MIN_GB_S_SAVING:.0%} saved"
+                ]
+            else:
                 memory, timing = trial, trial_timing
                 downgraded += len(candidates)
                 accepted = True
+                rejected = []
                 break
             candidates = candidates[: len(candidates) // 2]
         if not accepted:
@@ -453,9 +467,18 @@ def plan_non_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
     notes = [
         f"non-uniform: {len(tasks_of)} logical workers; {downgraded} downgrade(s) from "
         f"{classes[-1]} MiB kept the predicted makespan within {MAKESPAN_TOLERANCE:.1%} "
-        f"of {baseline:.3f}s",
+        f"of {baseline:.3f}s and saved at least {MIN_GB_S_SAVING:.0%} of the predicted GB-s",
         *_over_largest(floor, classes[-1]),
     ]
+    if not downgraded:
+        notes.append(
+            "non-uniform: no smaller class pays off here: "
+            + (
+                f"{considered} downgrade(s) tried, the last rejected ({rejected[0]})"
+                if rejected
+                else "no worker off the critical path has the slack for a smaller class"
+            )
+        )
     held = sum(1 for t, f in floor.items() if f > classes[0] and not dag.tasks[t].min_memory_mib)
     if held:
         notes.append(f"predicted peak memory kept {held} task(s) above {classes[0]} MiB")

@@ -366,7 +366,10 @@ def test_planners_keep_every_task_at_or_above_its_memory_floor():
         for s in samples
     ]
     snapshot = HistorySnapshot("h", 5, peaks, history({}).startups)
-    options = PlanningOptions([512, 1024, 2048], history=snapshot, cluster_size=1)
+    # Sleeping tasks: no CPU limit slows them on a smaller class (as without enforcement).
+    options = PlanningOptions(
+        [512, 1024, 2048], history=snapshot, cluster_size=1, cpu_enforced=False
+    )
     wukong = plan(wf.dag, "wukong", PlanningOptions([256, 512, 1024, 2048], history=snapshot))
     assert wukong.classes_used() == [1024]  # the middle (512) was too small for step
     assert any("predicted peak memory raised the class to 1024 MiB" in n for n in wukong.notes)
@@ -381,6 +384,7 @@ def test_planners_keep_every_task_at_or_above_its_memory_floor():
             [512, 1024, 2048],
             history=history({"prep": 0.1, "long_work": 3.0, "step": 0.2, "join": 0.1}),
             cluster_size=1,
+            cpu_enforced=False,
         ),
     )
     assert {unmeasured.tasks[t].memory_mib for t in steps} == {512}
@@ -388,3 +392,30 @@ def test_planners_keep_every_task_at_or_above_its_memory_floor():
     small = plan(wf.dag, "uniform", PlanningOptions([256, 512], history=snapshot))
     assert small.classes_used() == [512]
     assert any("more than the largest class (512 MiB)" in n for n in small.notes)
+
+
+def test_an_unsampled_class_starts_cold_slower_in_proportion_to_its_cpu_where_enforced():
+    startups = [StartupSample(2048, True, 0.5)] * 3 + [StartupSample(2048, False, 0.01)] * 3
+    snapshot = HistorySnapshot("h", 3, [], startups)
+    enforced = Predictor(snapshot)
+    # 1 GiB has 0.571 of a core; 2 GiB counts as one core (one thread).
+    assert enforced.startup_s(1024, True) == pytest.approx(0.5 / (1024 / 1792))
+    assert enforced.startup_s(2048, True) == pytest.approx(0.5)
+    assert enforced.startup_s(1024, False) == pytest.approx(0.01)  # a warm start is I/O
+    assert Predictor(snapshot, cpu_enforced=False).startup_s(1024, True) == pytest.approx(0.5)
+
+
+def test_non_uniform_keeps_no_downgrade_that_saves_no_gb_s():
+    wf = unequal_branches()
+    durations = {"prep": 0.1, "long_work": 3.0, "step": 0.2, "join": 0.1}
+    # CPU-bound everywhere (enforced limits): half the CPU, twice the time, so a smaller class
+    # costs as many GB-seconds, and starts slower.
+    options = PlanningOptions([512, 1024], history=history(durations, memory=1024))
+    planned = plan(wf.dag, "non-uniform", options)
+    assert planned.classes_used() == [1024]
+    assert any(n.startswith("non-uniform: no smaller class pays off here") for n in planned.notes)
+    # Without CPU limits a smaller class runs as fast: the same downgrades save GB-s.
+    loose = PlanningOptions(
+        [512, 1024], history=history(durations, memory=1024), cpu_enforced=False
+    )
+    assert min(plan(wf.dag, "non-uniform", loose).classes_used()) == 512
