@@ -128,6 +128,14 @@ class Predictor:
         self._startup_cache: dict[tuple[int, bool], float] = {}
         self._floor_cache: dict[tuple[str, int], int] = {}
         self._own_samples = by_task
+        # Memory evidence (peaks measured, OOM kills) by task id and by function.
+        self._memory_tasks: dict[str, list[TaskSample]] = defaultdict(list)
+        self._memory_functions: dict[str, list[TaskSample]] = defaultdict(list)
+        for sample in self.history.tasks:
+            if sample.peak_memory_bytes > 0 or sample.oom_mib:
+                self._memory_functions[sample.function].append(sample)
+                if sample.task_id:
+                    self._memory_tasks[sample.task_id].append(sample)
         self._fit_transfers()
 
     # ------------------------------------------------------------------ fitting
@@ -249,12 +257,15 @@ class Predictor:
 
     def peak_memory_bytes(self, function: str, input_bytes: int, task_id: str = "") -> int:
         """The worker's predicted peak while the task runs; 0 without measurements."""
-        samples = [s for s in self._own_samples.get(task_id, ()) if s.peak_memory_bytes > 0]
-        model = self._models.get(function)
-        if not samples and model is not None:
-            samples = [s for s in model.samples if s.peak_memory_bytes > 0]
-        if not samples:
+        measured = [s for s in self._memory_tasks.get(task_id, ()) if s.peak_memory_bytes > 0]
+        if not measured:
+            measured = [
+                s for s in self._memory_functions.get(function, ()) if s.peak_memory_bytes > 0
+            ]
+        if not measured:
             return 0
+        samples = measured
+        model = self._models.get(function)
         slope = model.slope_memory if model is not None else 0.0
         near = self._nearest(samples, input_bytes)
         shifted = [
@@ -266,15 +277,16 @@ class Predictor:
         """The smallest memory a class for this task should have: its predicted peak plus
         ``MEMORY_HEADROOM``, and more than any class an earlier attempt was OOM-killed at
         (that attempt's task, or the function's at a similar input size). 0: no evidence."""
-        key = (task_id or function, _bucket(input_bytes))
+        if function not in self._memory_functions:
+            return 0  # nothing measured for it (e.g. history from before peaks were recorded)
+        own = self._memory_tasks.get(task_id)
+        key = (task_id if own else function, _bucket(input_bytes))
         cached = self._floor_cache.get(key)
         if cached is not None:
             return cached
         peak = self.peak_memory_bytes(function, input_bytes, task_id)
         floor = math.ceil(peak * (1 + MEMORY_HEADROOM) / MIB) if peak else 0
-        own = self._own_samples.get(task_id)
-        model = self._models.get(function)
-        evidence = own or (self._nearest(model.samples, input_bytes) if model else [])
+        evidence = own or self._nearest(self._memory_functions[function], input_bytes)
         killed = max((s.oom_mib for s in evidence), default=0)
         if killed:
             floor = max(floor, killed + 1)
