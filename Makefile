@@ -16,7 +16,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 UV_SYNC    := $(UV) sync --locked --quiet --compile-bytecode --python $(PYTHON)
 
 .PHONY: run test lint typecheck unit integration k8s k8s-tools images e2e-kind bench \
-	bench-optimizations clean system-deps lock lock-check cluster-binaries cluster-up \
+	bench-optimizations bench-planners clean system-deps lock lock-check cluster-binaries cluster-up \
 	cluster-down cluster-status cluster-test bench-cluster bench-kube e2e-local
 
 $(UV):
@@ -147,6 +147,11 @@ bench: $(BIN)/.test-deps
 ## bench-optimizations: each optimization against the same planner without it.
 bench-optimizations: $(BIN)/.test-deps
 	cd benchmarks && ../$(BIN)/python optimizations.py --markdown ../docs/benchmarks.md
+
+## bench-planners: predictions, non-uniform against uniform, CPU-bound execution per class and
+## class / peak memory, with worker limits enforced (fails when a number misses issue 15's bar).
+bench-planners: $(BIN)/.test-deps
+	$(BIN)/python benchmarks/planners.py --markdown docs/benchmarks.md
 
 ## bench-cluster: the local control plane's build, start and Pod start-up times.
 bench-cluster: $(BIN)/.test-deps system-deps cluster-binaries
