@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -178,3 +179,23 @@ def test_without_enforcement_a_worker_may_exceed_its_class(make_runtime):
     result = rt.run(wf.dag, planned, timeout_s=60)
     assert result.status == "succeeded"
     assert not result.record.enforced and result.record.oom_kills == 0
+
+
+def test_cgroups_left_by_a_driver_that_died_are_swept_at_the_next_start(tmp_path):
+    from dagkube.runtime.local_backend import CGROUP_ROOT, LocalBackend
+
+    hierarchy = cgroups.detect()
+    assert hierarchy is not None
+    probe = subprocess.Popen(["true"])  # its pid: a driver that has exited
+    probe.wait()
+    dead = f"local-{probe.pid}-aaaaaa"
+    alive = f"local-{os.getpid()}-bbbbbb"
+    stale = hierarchy.create(f"{CGROUP_ROOT}/{dead}/w0", cgroups.Limits(memory_bytes=64 * MIB))
+    kept = hierarchy.create(f"{CGROUP_ROOT}/{alive}/w0", cgroups.Limits())
+    try:
+        LocalBackend("redis://unused", "pool-sweep", tmp_path / "logs", enforce=True)
+        assert not any(folder.exists() for folder in stale.folders.values())
+        assert all(folder.exists() for folder in kept.folders.values())
+    finally:
+        kept.remove()
+        hierarchy.create(f"{CGROUP_ROOT}/{alive}", cgroups.Limits()).remove()
