@@ -161,6 +161,15 @@ SLA_OPTION = click.option(
 )
 
 
+def _check_idle_timeout(value: float) -> float:
+    """0.1 s to a day; nan and inf are no timeouts (a worker must end some time)."""
+    if not 0.1 <= value <= 86400:
+        raise InvalidOption(
+            f"Idle timeout {value!r} is not valid: use a number of seconds from 0.1 to 86400"
+        )
+    return value
+
+
 def _shared_options(function: Any) -> Any:
     """The options ``run`` and ``plan`` share: what to plan with, and where."""
     options = [
@@ -174,10 +183,12 @@ def _shared_options(function: Any) -> Any:
         ENFORCE_OPTION,
         click.option(
             "--idle-timeout",
-            type=click.FloatRange(min=0.1),
+            type=float,
+            callback=_validated(_check_idle_timeout),
             default=30.0,
             show_default=True,
-            help="Seconds an idle worker waits before it exits (the next start is cold).",
+            help="Seconds an idle worker waits before it exits (the next start is cold); 0.1 to "
+            "86400.",
         ),
     ]
     for option in reversed(options):

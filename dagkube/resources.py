@@ -14,6 +14,7 @@ from dagkube.errors import InvalidOption
 DEFAULT_MEMORY_PER_CPU_MIB = 1792
 DEFAULT_MAX_CPU = 6.0
 DEFAULT_CLASSES_MIB = (512, 1024, 2048)
+MAX_CLASS_MIB = 1024 * 1024  # 1Ti: more memory than any worker gets
 
 _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti)?\s*$")
 _FACTOR_TO_MIB = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024, None: 1}
@@ -35,12 +36,22 @@ def parse_memory(value: str | int) -> int:
                 f"Resource class {value!r} is not a memory size: use {ACCEPTED_FORMS}"
             )
         number, suffix = match.groups()
+        if len(number) > 20:  # far past any machine; float() would make it inf
+            raise InvalidOption(
+                f"Resource class {value[:40]!r}... is too large: the largest class is "
+                f"{MAX_CLASS_MIB // (1024 * 1024)}Ti"
+            )
         exact = float(number) * _FACTOR_TO_MIB[suffix]
         mib = round(exact)
         if abs(exact - mib) > 1e-9:
             raise InvalidOption(
                 f"Resource class {value!r} is not a whole number of MiB: use {ACCEPTED_FORMS}"
             )
+    if mib > MAX_CLASS_MIB:
+        raise InvalidOption(
+            f"Resource class {str(value)[:40]!r}{'...' if len(str(value)) > 40 else ''} is too "
+            f"large: the largest class is {MAX_CLASS_MIB // (1024 * 1024)}Ti"
+        )
     if mib < 128:
         raise InvalidOption(
             f"Resource class {value!r} is too small ({mib} MiB): the smallest class is 128Mi"

@@ -71,8 +71,10 @@ class LocalRuntime:
     ) -> None:
         if max_workers is not None and max_workers < 1:
             raise DagkubeError(f"max_workers={max_workers} must be >= 1")
-        if idle_timeout_s <= 0:
-            raise DagkubeError(f"idle_timeout_s={idle_timeout_s} must be > 0")
+        if not 0 < idle_timeout_s <= 86400:  # also refuses nan
+            raise DagkubeError(
+                f"idle_timeout_s={idle_timeout_s} must be a number of seconds > 0 and <= 86400"
+            )
         if history_cap < 1:
             raise DagkubeError(f"history_cap={history_cap} must be >= 1")
         if not 0 <= cancel_grace_s < float("inf"):

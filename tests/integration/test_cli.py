@@ -79,6 +79,9 @@ def test_failing_task_exits_non_zero_with_remote_traceback(redis_server):
         (["--planner", "fastest"], "Planner 'fastest' is unknown: choose one of wukong, uniform"),
         (["--sla", "p100"], "SLA 'p100' is not valid: use 'avg', or a percentile"),
         (["--frobnicate"], "No such option"),
+        (["--classes", "9" * 400], "is too large: the largest class is 1Ti"),
+        (["--idle-timeout", "nan"], "Idle timeout nan is not valid: use a number of seconds"),
+        (["--idle-timeout", "inf"], "Idle timeout inf is not valid: use a number of seconds"),
     ],
 )
 def test_bad_options_list_what_is_accepted(args, expected):

@@ -35,6 +35,13 @@ def test_parse_memory_rejects_with_accepted_forms(text):
     assert "512Mi" in str(info.value) or "128Mi" in str(info.value)
 
 
+@pytest.mark.parametrize("text", ["1" * 400, "2Ti", "1048577"])
+def test_parse_memory_rejects_sizes_beyond_the_largest_class(text):
+    with pytest.raises(InvalidOption, match="too large: the largest class is 1Ti"):
+        parse_memory(text)
+    assert parse_memory("1Ti") == 1024 * 1024
+
+
 def test_classes_are_sorted_and_distinct():
     assert parse_classes("2Gi,512Mi,2048") == [512, 2048]
     assert parse_classes(None) == [512, 1024, 2048]
