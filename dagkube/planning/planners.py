@@ -384,10 +384,10 @@ def _uniform_assignment(
 def plan_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
     """One class (the largest given), logical workers assigned from predictions."""
     predictor = options.predictor()
-    largest = max(options.classes_mib)
-    floors = _floors_at(dag, predictor, largest)
-    memory_mib, fit_notes = _fit_floors(dag, options.classes_mib, largest, floors)
-    memory, worker_of, _ = _uniform_assignment(dag, options, predictor, memory_mib)
+    memory_mib = max(options.classes_mib)  # no floor can raise the largest class
+    memory, worker_of, input_bytes = _uniform_assignment(dag, options, predictor, memory_mib)
+    floors = memory_floors(dag, predictor, input_bytes)
+    _, fit_notes = _fit_floors(dag, options.classes_mib, memory_mib, floors)
     timing = _timing(dag, memory, worker_of, predictor, options)
     workers = len(set(worker_of.values()))
     notes = [f"uniform: {workers} logical workers of class {memory_mib} MiB", *fit_notes]

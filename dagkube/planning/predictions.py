@@ -127,7 +127,6 @@ class Predictor:
         self._output_cache: dict[tuple[str, int], int] = {}
         self._startup_cache: dict[tuple[int, bool], float] = {}
         self._floor_cache: dict[tuple[str, int], int] = {}
-        self._own_samples = by_task
         # Memory evidence (peaks measured, OOM kills) by task id and by function.
         self._memory_tasks: dict[str, list[TaskSample]] = defaultdict(list)
         self._memory_functions: dict[str, list[TaskSample]] = defaultdict(list)
@@ -264,10 +263,9 @@ class Predictor:
             ]
         if not measured:
             return 0
-        samples = measured
         model = self._models.get(function)
         slope = model.slope_memory if model is not None else 0.0
-        near = self._nearest(samples, input_bytes)
+        near = self._nearest(measured, input_bytes)
         shifted = [
             max(0.0, s.peak_memory_bytes + slope * (input_bytes - s.input_bytes)) for s in near
         ]

@@ -57,7 +57,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """The process exists (one of another user counts too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -113,7 +114,7 @@ class EmbeddedRedis:
             self._users_fd = os.open(self.home / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(self._users_fd, fcntl.LOCK_SH)
             info = self._read_info()
-            if info and _alive(info["pid"]) and _ping(info["url"]):
+            if info and pid_alive(info["pid"]) and _ping(info["url"]):
                 self.url = info["url"]
             else:
                 self.url = self._start()
@@ -205,7 +206,7 @@ class EmbeddedRedis:
         if not info:
             return
         pid = info["pid"]
-        if _alive(pid):
+        if pid_alive(pid):
             try:
                 client = redis.Redis.from_url(info["url"], socket_timeout=5)
                 with contextlib.suppress(redis.exceptions.ConnectionError):
@@ -214,11 +215,11 @@ class EmbeddedRedis:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
                 time.sleep(0.01)
-            if _alive(pid):
+            if pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(FileNotFoundError):

@@ -29,6 +29,7 @@ from dagkube.resources import (
     cpu_millicores,
 )
 from dagkube.runtime import cgroups
+from dagkube.runtime.embedded import pid_alive
 from dagkube.runtime.scaler import WorkerExit, WorkerHandle
 
 log = logging.getLogger("dagkube.local")
@@ -49,22 +50,12 @@ def sweep_stale_cgroups(hierarchy: cgroups.Hierarchy) -> int:
         parts = folder.name.split("-")
         if len(parts) < 3 or parts[0] != "local" or not parts[1].isdigit():
             continue
-        if _pid_alive(int(parts[1])):
+        if pid_alive(int(parts[1])):
             continue
         with contextlib.suppress(cgroups.CgroupError, OSError):
             hierarchy.create(f"{CGROUP_ROOT}/{folder.name}", cgroups.Limits()).remove()
             removed += 1
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def default_max_workers() -> int:

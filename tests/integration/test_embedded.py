@@ -13,7 +13,8 @@ import pytest
 import dagkube
 from dagkube.metrics.history import list_runs
 from dagkube.runtime.connection import connect
-from dagkube.runtime.embedded import EmbeddedRedis, _alive, _ping
+from dagkube.runtime.embedded import EmbeddedRedis, _ping
+from dagkube.runtime.embedded import pid_alive as _alive
 from tests.conftest import ROOT
 from tests.tasks import add
 
