@@ -165,11 +165,17 @@ def test_a_run_between_tasks_stops_at_the_next_boundary(make_runtime, redis_clie
 def test_a_run_no_worker_took_ends_and_its_queued_work_never_runs(
     make_runtime, redis_client, tmp_path
 ):
-    rt = make_runtime(max_workers=1, startup_delay_s=3.0, cancel_grace_s=0.2)
+    # The worker's start-up (8 s) is far longer than the run (0.5 s + 0.2 s grace): a driver
+    # stalled for seconds on a loaded machine (CI once) must not let the worker take it first.
+    startup_s = 8.0
+    rt = make_runtime(max_workers=1, startup_delay_s=startup_s, cancel_grace_s=0.2)
     marker = tmp_path / "ran"
     wf = dagkube.Workflow(sleep_for(0.0, str(marker)), name="timeout-no-worker")
+    began = time.monotonic()
     with pytest.raises(RunTimeout) as raised:
         wf.run(runtime=rt, timeout=0.5)
+    took = time.monotonic() - began
+    assert took < startup_s, f"the run took {took:.1f}s to time out: the worker had started"
     run_id, record = ended_record(redis_client, "timeout-no-worker")
     assert run_id in str(raised.value) and "0.5s" in str(raised.value)
     assert_ended_by_timeout(redis_client, run_id, record, "0.5s")
