@@ -795,10 +795,10 @@ def _serve_metrics(
     from prometheus_client import CollectorRegistry, start_http_server
 
     from dagkube.metrics.exporter import RunHistoryCollector
-    from dagkube.runtime.connection import redact
+    from dagkube.runtime.connection import redact, sync_client
 
     try:
-        client = sync_redis.Redis.from_url(redis_url, socket_connect_timeout=5)
+        client = sync_client(redis_url)
         client.ping()
     except (ValueError, sync_redis.RedisError, OSError) as exc:
         raise RedisUnavailable(

@@ -620,9 +620,9 @@ class RunHistoryCollector(Collector):
         max_fold_seconds: float = MAX_FOLD_SECONDS,
     ) -> None:
         if isinstance(redis, str):
-            import redis as sync_redis
+            from dagkube.runtime.connection import sync_client
 
-            redis = sync_redis.Redis.from_url(redis)
+            redis = sync_client(redis)
         self.redis = redis
         self._pools = pools if callable(pools) else list(pools)
         self.workers_alive = workers_alive

@@ -12,23 +12,41 @@ from redis import exceptions as redis_errors
 
 from dagkube.errors import RedisUnavailable
 
+# Every blocking command (BLPOP, BLMOVE) waits at most MAX_BLOCK_S per call and its callers
+# loop, so one finite read timeout covers every command: a stopped or hung server is noticed
+# within SOCKET_TIMEOUT_S (then RedisUnavailable), and `--timeout` and Ctrl-C keep working.
+MAX_BLOCK_S = 5.0
+SOCKET_TIMEOUT_S = MAX_BLOCK_S + 5.0
+CONNECT_TIMEOUT_S = 5.0
+HEALTH_CHECK_S = 30
+
 
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
 
 
-async def connect(url: str, *, timeout_s: float = 5.0) -> aioredis.Redis:
+def sync_client(url: str) -> redis.Redis:
+    """A synchronous client with the same timeouts as :func:`connect` (not yet connected;
+    raises ValueError for a malformed URL)."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_keepalive=True,
+        health_check_interval=HEALTH_CHECK_S,
+    )
+
+
+async def connect(url: str, *, timeout_s: float = CONNECT_TIMEOUT_S) -> aioredis.Redis:
     """Connect and PING; raise :class:`RedisUnavailable` naming the server and the cause."""
     try:
         client = aioredis.Redis.from_url(
             url,
             socket_connect_timeout=timeout_s,
-            # Blocking pops wait longer than any fixed read timeout (redis-py 8 defaults to
-            # 5 s); dead peers are found by TCP keepalive and health checks instead.
-            socket_timeout=None,
+            socket_timeout=SOCKET_TIMEOUT_S,
             socket_keepalive=True,
-            health_check_interval=30,
+            health_check_interval=HEALTH_CHECK_S,
             decode_responses=False,
         )
     except ValueError as exc:
@@ -60,7 +78,7 @@ class BulkReader:
     """
 
     def __init__(self, url: str, threads: int = 1) -> None:
-        self._client = redis.Redis.from_url(url, socket_keepalive=True, socket_connect_timeout=5)
+        self._client = sync_client(url)
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dagkube-io")
 
     async def hmget_many(self, requests: list[tuple[str, list[str]]]) -> list[list[bytes | None]]:

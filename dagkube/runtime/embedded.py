@@ -208,13 +208,16 @@ class EmbeddedRedis:
         pid = info["pid"]
         if pid_alive(pid):
             try:
-                client = redis.Redis.from_url(info["url"], socket_timeout=5)
+                client = redis.Redis.from_url(info["url"], socket_timeout=2)
                 with contextlib.suppress(redis.exceptions.ConnectionError):
                     client.shutdown(save=False, nosave=False)
             except redis.exceptions.RedisError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
+                # No answer (hung, or stopped with SIGSTOP): SIGTERM, and SIGCONT so that a
+                # stopped server gets to act on it.
+                for signum in (signal.SIGTERM, signal.SIGCONT):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signum)
+            deadline = time.monotonic() + 5
             while pid_alive(pid) and time.monotonic() < deadline:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)

@@ -23,7 +23,7 @@ from dagkube.errors import InvalidOption, RunTimeout, TaskFailed
 from dagkube.metrics.records import RunRecord
 from dagkube.planning.model import Plan
 from dagkube.runtime import scripts
-from dagkube.runtime.connection import BulkReader
+from dagkube.runtime.connection import MAX_BLOCK_S, BulkReader
 from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run
 
@@ -138,7 +138,7 @@ async def wait_for_end(
     total) are refreshed between blocking waits when asked for."""
     keys = RunKeys(run_id)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    block_s = progress_every_s if on_progress else 5.0
+    block_s = progress_every_s if on_progress else MAX_BLOCK_S
     total = int(await redis.hget(keys.meta, "tasks_total") or 0)
     while True:
         if deadline is not None:

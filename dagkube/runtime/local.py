@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import contextlib
 import logging
 import os
 import secrets
@@ -15,9 +14,11 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from redis import exceptions as redis_errors
+
 from dagkube import planning
 from dagkube.dag import DagSpec
-from dagkube.errors import DagkubeError, RunTimeout
+from dagkube.errors import DagkubeError, RedisUnavailable, RunTimeout
 from dagkube.metrics.history import load_snapshot, read_record
 from dagkube.metrics.records import RunRecord
 from dagkube.planning import PlanningOptions
@@ -25,7 +26,7 @@ from dagkube.planning.model import Plan
 from dagkube.planning.planners import DEFAULT_CLUSTER_SIZE
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_classes
 from dagkube.runtime import launcher
-from dagkube.runtime.connection import BulkReader, connect
+from dagkube.runtime.connection import BulkReader, connect, redact
 from dagkube.runtime.embedded import EmbeddedRedis, dagkube_home
 from dagkube.runtime.keys import PoolKeys, worker_proc
 from dagkube.runtime.local_backend import LocalBackend
@@ -37,6 +38,9 @@ T = TypeVar("T")
 # A timed-out run's workers get this long to stop at a task boundary; one busy in a long task
 # never reaches one, so the run is then ended without it. Short: the caller is waiting.
 DEFAULT_CANCEL_GRACE_S = 5.0
+# Clean-up after an interruption or a lost Redis gives each Redis step this long: a stopped
+# server must not keep Ctrl-C waiting (the run's keys expire by their TTL instead).
+CLEANUP_STEP_S = 3.0
 
 
 class LocalRuntime:
@@ -91,6 +95,8 @@ class LocalRuntime:
         self.cancel_grace_s = cancel_grace_s
         self.enforce = enforce
         self.pool = f"local-{os.getpid()}-{secrets.token_hex(3)}"
+        self.url: str | None = None  # the server in use, once started
+        self._redis_lost = False  # it stopped answering: clean-up skips its Redis steps
         self._embedded: EmbeddedRedis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -156,22 +162,26 @@ class LocalRuntime:
         loop = self._loop
         if loop is not None:
             try:
+                reachable = self.redis is not None and not self._redis_lost
                 for run_id in list(self._active_runs):
-                    with contextlib.suppress(Exception):
-                        self.call(launcher.cancel(self.redis, run_id, "the runtime was closed"))
+                    reachable = reachable and self._cleanup(
+                        launcher.cancel(self.redis, run_id, "the runtime was closed"),
+                        f"cancel run {run_id}",
+                    )
                 if self.scaler is not None:
                     self.scaler.stop()
                 if self._scaler_task is not None:
                     self._scaler_task.cancel()
                 if self.backend is not None:
                     self.call(self.backend.stop_all())
+                for run_id in list(self._active_runs):
+                    reachable = reachable and self._cleanup(
+                        launcher.force_end(self.redis, run_id), f"end run {run_id}"
+                    )
+                if reachable:
+                    self._cleanup(self._forget_pool(), f"remove pool {self.pool}")
                 if self.redis is not None:
-                    for run_id in list(self._active_runs):
-                        with contextlib.suppress(Exception):
-                            self.call(launcher.force_end(self.redis, run_id))
-                    with contextlib.suppress(Exception):
-                        self.call(self._forget_pool())
-                    self.call(self.redis.aclose())
+                    self._cleanup(self.redis.aclose(), "close the connection")
                 if self.reader is not None:
                     self.reader.close()
                     self.reader = None
@@ -185,6 +195,18 @@ class LocalRuntime:
             self._embedded.release()
             self._embedded = None
         atexit.unregister(self.close)
+
+    def _cleanup(self, step: Coroutine[Any, Any, Any], what: str) -> bool:
+        """One Redis step of a clean-up, bounded in time; False (logged) if Redis did not
+        answer, so the caller skips the steps after it."""
+        try:
+            self.call(step, timeout_s=CLEANUP_STEP_S)
+            return True
+        except (RedisUnavailable, TimeoutError) as exc:
+            self._redis_lost = True
+            reason = str(exc) or f"no answer within {CLEANUP_STEP_S:g}s"
+            log.warning("cannot %s at %s: %s", what, redact(self.url or ""), reason)
+            return False
 
     async def _forget_pool(self) -> None:
         keys = PoolKeys(self.pool)
@@ -208,6 +230,13 @@ class LocalRuntime:
                 except TimeoutError:
                     if timeout_s is not None:
                         raise
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+            # A server that died, restarted away or stopped answering mid-run: one clear
+            # error (the CLI exits 3), not a traceback from inside redis-py.
+            self._redis_lost = True
+            raise RedisUnavailable(
+                f"Lost the connection to Redis at {redact(self.url or '')}: {exc}"
+            ) from None
         except BaseException:
             future.cancel()
             raise
@@ -263,8 +292,11 @@ class LocalRuntime:
                     launcher.cancel_and_end(self.redis, run_id, reason, grace_s=self.cancel_grace_s)
                 )
         except BaseException:
-            with contextlib.suppress(Exception):
-                self.call(launcher.cancel(self.redis, run_id, "the waiting client stopped"))
+            self._active_runs.discard(run_id)  # tried here: close() need not try again
+            self._cleanup(
+                launcher.cancel(self.redis, run_id, "the waiting client stopped"),
+                f"cancel run {run_id}",
+            )
             raise
         self._active_runs.discard(run_id)
         if timed_out and status == "cancelled":

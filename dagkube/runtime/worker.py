@@ -33,7 +33,7 @@ from dagkube.dag import DagSpec, TaskSpec, resolve
 from dagkube.metrics.records import OomAttempt, TaskError, TaskRecord, WorkerRecord
 from dagkube.planning.model import OptimizationIndex, Plan, output_must_be_stored
 from dagkube.runtime import scripts
-from dagkube.runtime.connection import BulkReader, connect
+from dagkube.runtime.connection import MAX_BLOCK_S, BulkReader, connect
 from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc, worker_task
 from dagkube.runtime.memory import PeakMeter
@@ -270,14 +270,18 @@ class Worker:
         """Wait idle for an invocation of this class; None after the idle timeout."""
         idle = self.pool.idle(self.config.memory_mib)
         await self.redis.sadd(idle, self.config.worker_id)
+        idle_until = time.monotonic() + self.config.idle_timeout_s
         try:
-            raw = await self.redis.blmove(
-                self.pool.queue(self.config.memory_mib),
-                self.proc_key,
-                self.config.idle_timeout_s,
-                "LEFT",
-                "RIGHT",
-            )
+            raw = None
+            # In slices of at most MAX_BLOCK_S: a stopped Redis is noticed by the read timeout.
+            while raw is None and (left := idle_until - time.monotonic()) > 0:
+                raw = await self.redis.blmove(
+                    self.pool.queue(self.config.memory_mib),
+                    self.proc_key,
+                    min(left, MAX_BLOCK_S),
+                    "LEFT",
+                    "RIGHT",
+                )
         finally:
             await self.redis.srem(idle, self.config.worker_id)
         if raw is None:
@@ -479,7 +483,7 @@ class Worker:
             while remaining:
                 if not ready:
                     blocked_since = blocked_since or time.time()
-                    timeout = DUP_POLL_S if may_duplicate else self.config.heartbeat_ttl_s
+                    timeout = DUP_POLL_S if may_duplicate else MAX_BLOCK_S
                     item = await self._wait_inbox(keys.inbox(me), timeout)
                     if item is None:
                         if may_duplicate:
