@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -27,7 +28,15 @@ from dagkube.planning import OPTIMIZATIONS, PLANNER_NAMES, check_optimizations, 
 from dagkube.planning.sla import ACCEPTED_SLAS, parse_sla
 from dagkube.resources import ACCEPTED_FORMS, format_memory, parse_classes
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REDIS, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REDIS, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (e.g. from `timeout` or a process manager): stop as Ctrl-C does."""
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    raise Terminated()
 
 # Piped output is read by tools and tests: never wrap messages, and give tables room.
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -78,9 +87,10 @@ def _errors() -> Iterator[None]:
     except DagkubeError as exc:
         err.print(f"[red]error:[/] {exc}")
         sys.exit(EXIT_FAILED)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted:[/] the run was cancelled and its workers stopped")
-        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as exc:
+        stopped_by = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        err.print(f"[yellow]{stopped_by}:[/] the run was cancelled and its workers stopped")
+        sys.exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
 
 
 def _validated(parse: Any) -> Any:
@@ -106,6 +116,7 @@ def main() -> None:
     DAGKUBE_REDIS_URL or --redis points at one; it keeps the run history that planners
     learn from.
     """
+    signal.signal(signal.SIGTERM, _on_sigterm)  # clean up as on Ctrl-C, then exit 143
 
 
 CLASSES_OPTION = click.option(

@@ -4,7 +4,9 @@ Its data directory keeps persistence on (RDB snapshots every minute with changes
 shutdown), so the run history survives between separate CLI invocations. Several processes
 with the same home share one server: each holds a shared lock on ``users.lock`` while it uses
 it, and the last one to leave stops it. ``start.lock`` serializes starting and stopping, so
-two processes never run two servers on one directory.
+two processes never run two servers on one directory. A user killed outright (SIGKILL) cannot
+stop it, but the kernel releases its lock: a small guard process started with the server
+(``python -m dagkube.runtime.embedded --guard``) stops the server once no lock is held.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import redis
 from dagkube.errors import DagkubeError
 
 SERVER_FILE = "server.json"
+GUARD_POLL_S = 1.0  # how often the guard looks for users of the server
 
 
 def dagkube_home() -> Path:
@@ -58,14 +62,19 @@ def _free_port() -> int:
 
 
 def pid_alive(pid: int) -> bool:
-    """The process exists (one of another user counts too)."""
+    """The process exists and has not exited (one of another user counts too; a zombie,
+    exited but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state follows the command name, which may hold spaces and parentheses
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
 
 
 def _ping(url: str) -> bool:
@@ -199,7 +208,37 @@ class EmbeddedRedis:
         tmp.write_text(json.dumps({"pid": process.pid, "url": url, "port": port}))
         os.chmod(tmp, 0o600)
         tmp.replace(info_path)
+        subprocess.Popen(
+            [sys.executable, "-m", "dagkube.runtime.embedded", "--guard", str(self.home)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # outlives its starter: that is its purpose
+        )
         return url
+
+    def guard(self, poll_s: float = GUARD_POLL_S) -> None:
+        """Stop the server once no process holds a lock on it, however its users ended (the
+        kernel drops a dead process's locks). Returns when the server is gone or replaced."""
+        info = self._read_info()
+        if not info:
+            return
+        server_pid = info["pid"]
+        while pid_alive(server_pid):
+            time.sleep(poll_s)
+            with self._start_lock():  # the order users lock in: never a deadlock
+                current = self._read_info()
+                if not current or current["pid"] != server_pid:
+                    return  # stopped, or replaced by a server with its own guard
+                fd = os.open(self.home / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # still in use
+                finally:
+                    os.close(fd)  # also drops the exclusive lock, if taken
+                self._stop()
+                return
 
     def _stop(self) -> None:
         info = self._read_info()
@@ -227,3 +266,9 @@ class EmbeddedRedis:
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(FileNotFoundError):
             (self.home / SERVER_FILE).unlink()
+
+
+if __name__ == "__main__":  # the guard: python -m dagkube.runtime.embedded --guard HOME
+    if len(sys.argv) != 3 or sys.argv[1] != "--guard":
+        sys.exit("usage: python -m dagkube.runtime.embedded --guard DAGKUBE_HOME")
+    EmbeddedRedis(Path(sys.argv[2])).guard()

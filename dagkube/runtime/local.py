@@ -25,7 +25,7 @@ from dagkube.planning import PlanningOptions
 from dagkube.planning.model import Plan
 from dagkube.planning.planners import DEFAULT_CLUSTER_SIZE
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_classes
-from dagkube.runtime import launcher
+from dagkube.runtime import launcher, scripts
 from dagkube.runtime.connection import BulkReader, connect, redact
 from dagkube.runtime.embedded import EmbeddedRedis, dagkube_home
 from dagkube.runtime.keys import PoolKeys, worker_proc
@@ -52,6 +52,9 @@ class LocalRuntime:
     ``startup_delay_s``: extra start-up per worker, to make local cold starts behave like Pods.
     ``cancel_grace_s``: after a run's timeout, how long its workers get to stop at a task
     boundary before the run is ended without them.
+    ``history_cap``, ``history_structures``, ``history_retention_s``: the run history keeps
+    this many runs per workflow structure, this many most recently run structures, and a
+    structure not run for this long is dropped (docs/architecture.md, "History").
     ``enforce``: run every worker under its class's memory limit and CPU quota (a cgroup per
     worker). None (default): where this machine allows it (root, or a delegated cgroup v2
     subtree), else not, with a notice (``enforcement_note``); True: required; False: never.
@@ -67,6 +70,8 @@ class LocalRuntime:
         idle_timeout_s: float = 30.0,
         startup_delay_s: float = 0.0,
         history_cap: int = launcher.DEFAULT_HISTORY_CAP,
+        history_structures: int = scripts.DEFAULT_HISTORY_STRUCTURES,
+        history_retention_s: int = scripts.DEFAULT_HISTORY_RETENTION_S,
         run_ttl_s: int = launcher.DEFAULT_RUN_TTL_S,
         memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB,
         max_cpu: float = DEFAULT_MAX_CPU,
@@ -81,6 +86,12 @@ class LocalRuntime:
             )
         if history_cap < 1:
             raise DagkubeError(f"history_cap={history_cap} must be >= 1")
+        if history_structures < 1:
+            raise DagkubeError(f"history_structures={history_structures} must be >= 1")
+        if history_retention_s < 1:
+            raise DagkubeError(
+                f"history_retention_s={history_retention_s} must be a number of seconds >= 1"
+            )
         if not 0 <= cancel_grace_s < float("inf"):
             raise DagkubeError(f"cancel_grace_s={cancel_grace_s} must be a number of seconds >= 0")
         self.redis_url = redis_url or os.environ.get("DAGKUBE_REDIS_URL") or None
@@ -89,6 +100,8 @@ class LocalRuntime:
         self.idle_timeout_s = idle_timeout_s
         self.startup_delay_s = startup_delay_s
         self.history_cap = history_cap
+        self.history_structures = history_structures
+        self.history_retention_s = history_retention_s
         self.run_ttl_s = run_ttl_s
         self.memory_per_cpu_mib = memory_per_cpu_mib
         self.max_cpu = max_cpu
@@ -269,6 +282,8 @@ class LocalRuntime:
                 self.pool,
                 ttl_s=self.run_ttl_s,
                 history_cap=self.history_cap,
+                history_structures=self.history_structures,
+                history_retention_s=self.history_retention_s,
                 startup_delay_s=self.startup_delay_s,
                 enforced=self.enforced,
             )
@@ -292,7 +307,6 @@ class LocalRuntime:
                     launcher.cancel_and_end(self.redis, run_id, reason, grace_s=self.cancel_grace_s)
                 )
         except BaseException:
-            self._active_runs.discard(run_id)  # tried here: close() need not try again
             self._cleanup(
                 launcher.cancel(self.redis, run_id, "the waiting client stopped"),
                 f"cancel run {run_id}",

@@ -24,7 +24,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import cloudpickle
 from redis import exceptions as redis_exceptions
@@ -42,6 +42,7 @@ from dagkube.sources import format_exception, register_sources
 log = logging.getLogger("dagkube.worker")
 
 RUN_CACHE_SIZE = 4
+STOP_DEADLINE_S = 15  # after SIGTERM a worker is gone within this, whatever its task does
 DUP_POLL_S = 0.05  # a bound worker with taskdup candidates re-checks its upstreams this often
 LATE_FACTOR = 1.5  # an upstream running this many times its predicted time is a straggler
 LATE_GRACE_S = 0.05
@@ -227,6 +228,9 @@ class Worker:
 
     def _terminate(self, main: asyncio.Task | None) -> None:
         self.stopping = True
+        # SIGALRM's default action ends the process in the kernel: a task that never returns
+        # cannot keep a stopped worker alive past the deadline (its clean-up has that long).
+        signal.alarm(STOP_DEADLINE_S)
         if main is not None:
             main.cancel()
 
@@ -1095,7 +1099,7 @@ def parse_args(argv: Iterable[str] | None = None) -> WorkerConfig:
     )
 
 
-def main(argv: Iterable[str] | None = None) -> int:
+def main(argv: Iterable[str] | None = None) -> NoReturn:
     config = parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("DAGKUBE_LOG_LEVEL", "INFO"),
@@ -1114,8 +1118,14 @@ def main(argv: Iterable[str] | None = None) -> int:
     delay_s = float(os.environ.get("DAGKUBE_STARTUP_DELAY_S") or 0)
     try:
         asyncio.run(worker.main(startup_delay_s=delay_s))
+        code = 0
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except asyncio.CancelledError:  # SIGTERM once running: cleaned up, a normal stop
-        return 0
-    return 0
+        code = 0
+    # Exit now: a normal interpreter exit would wait for the task thread, which may be in a
+    # task that never returns (the worker has cleaned up; only that thread is left).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

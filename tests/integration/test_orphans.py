@@ -1,0 +1,118 @@
+"""A driver that dies leaves nothing behind: its workers die with it (even one inside a task
+that never returns), the embedded Redis stops once no live process uses it, and the CLI
+stopped with SIGTERM cleans up as on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, wait_until
+
+pytestmark = pytest.mark.integration
+
+DRIVER = """\
+import os
+import time
+from pathlib import Path
+
+import dagkube
+
+
+@dagkube.task
+def forever(marker):
+    Path(marker).write_text(str(os.getpid()))
+    while True:  # never returns, and ignores nothing: the worker must be stopped from outside
+        time.sleep(0.5)
+
+
+with dagkube.LocalRuntime(home={home!r}) as rt:
+    dagkube.Workflow(forever({marker!r}), name="orphan-probe").run(runtime=rt)
+"""
+
+
+def embedded_server(home: Path) -> psutil.Process:
+    servers = [
+        p
+        for p in psutil.process_iter(["cmdline", "cwd"])
+        if "redis-server" in " ".join(p.info["cmdline"] or [])
+        and (p.info["cwd"] or "").startswith(str(home))
+    ]
+    assert len(servers) == 1, servers
+    return servers[0]
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_killed_driver_leaves_no_worker_and_no_server(tmp_path):
+    """Before: SIGKILL of a program holding a LocalRuntime left its worker in the task and
+    the embedded redis-server running forever."""
+    home, marker = tmp_path / "home", tmp_path / "started"
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(home=str(home), marker=str(marker)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("DAGKUBE_REDIS_URL", None)
+    driver = subprocess.Popen([sys.executable, str(script)], env=env)
+    try:
+        wait_until(marker.exists, 60, "the never-returning task to start")
+        worker = psutil.Process(int(marker.read_text()))
+        server = embedded_server(home)
+        driver.kill()
+        driver.wait()
+        wait_until(lambda: gone(worker), 30, "the worker to die with its driver")
+        wait_until(lambda: gone(server), 15, "the embedded Redis to stop without users")
+        assert not (home / "server.json").exists()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+
+def test_the_cli_stopped_by_sigterm_cancels_its_run_and_stops_what_it_started(tmp_path):
+    """As `timeout 60 dagkube run ...` does: before, Python's default SIGTERM ended the CLI
+    on the spot, with no clean-up (the server and workers then stayed)."""
+    home, marker = tmp_path / "home", tmp_path / "started"
+    env = dict(os.environ, DAGKUBE_HOME=str(home), DAGKUBE_TEST_MARKER=str(marker))
+    env.pop("DAGKUBE_REDIS_URL", None)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "dagkube.cli", "run", str(ROOT / "tests/data/slow_workflow.py")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(marker.exists, 60, "a task of the slow workflow to start")
+        worker = psutil.Process(int(marker.read_text()))
+        server = embedded_server(home)
+        began = time.monotonic()
+        cli.send_signal(signal.SIGTERM)
+        _, stderr = cli.communicate(timeout=30)
+        assert cli.returncode == 143, stderr
+        assert "terminated: the run was cancelled" in stderr and "Traceback" not in stderr
+        assert time.monotonic() - began < 20
+        assert gone(worker) and gone(server)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    # The cancelled run is in the history of the home's server (started again to read it).
+    history = subprocess.run(
+        [sys.executable, "-m", "dagkube.cli", "history"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert history.returncode == 0, history.stderr
+    assert "cli-slow" in history.stdout and "cancelled" in history.stdout, history.stdout
