@@ -58,6 +58,44 @@ def sweep_stale_cgroups(hierarchy: cgroups.Hierarchy) -> int:
     return removed
 
 
+# Worker logs (one file per worker, under $DAGKUBE_HOME/logs) are pruned, oldest first, to
+# these bounds whenever a local runtime starts; a log written in the last hour is kept.
+LOG_BUDGET_BYTES = 256 * 1024 * 1024
+LOG_BUDGET_FILES = 2000
+LOG_KEEP_RECENT_S = 3600.0
+
+
+def prune_logs(
+    log_dir: Path,
+    *,
+    budget_bytes: int = LOG_BUDGET_BYTES,
+    budget_files: int = LOG_BUDGET_FILES,
+    keep_recent_s: float = LOG_KEEP_RECENT_S,
+) -> int:
+    """Delete the oldest worker logs beyond the budgets; returns how many were deleted."""
+    logs = []
+    for path in log_dir.glob("*.log"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # another runtime pruned it meanwhile
+            continue
+        logs.append((stat.st_mtime, stat.st_size, path))
+    logs.sort(reverse=True)  # newest first
+    recent_before = time.time() - keep_recent_s
+    total, deleted = 0, 0
+    for count, (mtime, size, path) in enumerate(logs, start=1):
+        total += size
+        if (total > budget_bytes or count > budget_files) and mtime < recent_before:
+            try:
+                path.unlink()
+                deleted += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot delete the old worker log %s: %s", path, exc)
+    return deleted
+
+
 def default_max_workers() -> int:
     """One worker per core (at least 2): local workers run one task at a time."""
     return max(2, os.cpu_count() or 2)
@@ -117,6 +155,9 @@ class LocalBackend:
                 sweep_stale_cgroups(self.hierarchy)
         self.enforce_required = bool(enforce)
         log_dir.mkdir(parents=True, exist_ok=True)
+        pruned = prune_logs(log_dir, budget_bytes=LOG_BUDGET_BYTES, budget_files=LOG_BUDGET_FILES)
+        if pruned:
+            log.info("deleted %d old worker logs in %s", pruned, log_dir)
 
     @property
     def enforced(self) -> bool:
