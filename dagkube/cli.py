@@ -667,14 +667,27 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--workflow", "workflow_name", default=None, help="Only runs of this workflow.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @REDIS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON on stdout.")
-def history(workflow_name: str | None, limit: int, redis_url: str | None, as_json: bool) -> None:
+@click.pass_context
+def history(
+    ctx: click.Context,
+    workflow_name: str | None,
+    limit: int,
+    redis_url: str | None,
+    as_json: bool,
+) -> None:
     """List past runs (most recent first) from the run history, with the highest peak memory
-    of each run's tasks and its OOM kills."""
+    of each run's tasks and its OOM kills; `dagkube history prune` removes runs.
+
+    By default the history keeps the last 100 runs per workflow structure and the 1000 most
+    recently run structures, and drops a structure not run for 90 days (docs/architecture.md).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from dagkube.metrics.history import list_runs
     from dagkube.report import mib_text
 
@@ -719,6 +732,83 @@ def history(workflow_name: str | None, limit: int, redis_url: str | None, as_jso
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.submitted_at)),
             )
         out.print(table)
+
+
+def _check_days(value: float) -> float:
+    """A number of days from 0 to 100 years (nan and inf are refused: no date is that old)."""
+    if not 0 <= value <= 36500:
+        raise InvalidOption(f"{value!r} days is not valid: use a number of days from 0 to 36500")
+    return value
+
+
+@history.command("prune")
+@click.option(
+    "--keep-runs",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Keep this many most recent runs per workflow structure; remove the older ones.",
+)
+@click.option(
+    "--older-than",
+    "older_than_days",
+    type=float,
+    callback=_validated(_check_days),
+    default=None,
+    help="Remove runs that finished more than this many days ago (e.g. 30, 0.5).",
+)
+@click.option("--workflow", "workflow_name", default=None, help="Only runs of this workflow.")
+@click.option("--dry-run", is_flag=True, help="Print what would be removed; remove nothing.")
+@REDIS_OPTION
+def history_prune(
+    keep_runs: int | None,
+    older_than_days: float | None,
+    workflow_name: str | None,
+    dry_run: bool,
+    redis_url: str | None,
+) -> None:
+    """Remove runs from the run history: those beyond --keep-runs per workflow structure and
+    those older than --older-than days (either or both). A run's records and every index
+    entry naming it go in one atomic step; index entries naming runs whose records are gone
+    go too. Prints what it removed."""
+    from dagkube.metrics.history import prune_history
+
+    with _errors():
+        if keep_runs is None and older_than_days is None:
+            raise InvalidOption(
+                "history prune: nothing to prune; give --keep-runs N (runs kept per workflow "
+                "structure, N >= 0) and/or --older-than DAYS (days since a run finished, >= 0)"
+            )
+        before = None if older_than_days is None else time.time() - older_than_days * 86400
+        report = _with_redis(
+            redis_url,
+            lambda r: prune_history(
+                r,
+                keep_runs=keep_runs,
+                finished_before=before,
+                workflow=workflow_name,
+                dry_run=dry_run,
+            ),
+        )
+        verb = "Would remove" if dry_run else "Removed"
+        if report.removed:
+            table = Table(title=f"{verb} {len(report.removed)} run(s) (oldest first)")
+            for column in ("run", "workflow", "status", "finished"):
+                table.add_column(column)
+            for run in report.removed:
+                finished = time.localtime(run.finished_at)
+                table.add_row(
+                    run.run_id,
+                    run.workflow,
+                    run.status,
+                    time.strftime("%Y-%m-%d %H:%M:%S", finished),
+                )
+            out.print(table)
+        would = "would be " if dry_run else ""
+        out.print(
+            f"{verb} {len(report.removed)} run(s), {report.runs_kept} kept. Workflow structures "
+            f"left without runs {would}dropped: {len(report.structures_emptied)}. Runs whose "
+            f"records were already gone {would}unindexed: {len(report.missing)}."
+        )
 
 
 def _with_redis(redis_url: str | None, action: Any) -> Any:

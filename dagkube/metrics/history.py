@@ -1,4 +1,5 @@
-"""Reading the run history from Redis, through its index lists (never scanning the keyspace)."""
+"""Reading the run history from Redis, through its index lists (never scanning the keyspace),
+and pruning it."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from dagkube.errors import InvalidOption
 from dagkube.metrics.records import RunRecord, TaskRecord, WorkerRecord
 from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
 from dagkube.planning.planners import CALIBRATION_RUNS
+from dagkube.runtime import scripts
 from dagkube.runtime.keys import (
     HIST_ALL_RUNS,
+    HIST_STRUCTURES,
+    HIST_USED,
     hist_run,
     hist_structure_runs,
     hist_workflow_runs,
@@ -194,3 +199,90 @@ async def load_snapshot(
         if found.residual:
             snapshot.residuals.append(found.residual)
     return snapshot
+
+
+@dataclass(frozen=True)
+class PrunedRun:
+    """A run ``prune_history`` removed (or, dry, would remove)."""
+
+    run_id: str
+    workflow: str
+    status: str
+    finished_at: float
+
+
+@dataclass
+class PruneReport:
+    """What ``prune_history`` removed (or, dry, would remove)."""
+
+    removed: list[PrunedRun] = field(default_factory=list)  # oldest first
+    runs_kept: int = 0  # in the structures looked at
+    structures_emptied: list[str] = field(default_factory=list)
+    missing: set[str] = field(default_factory=set)  # runs indexed whose records were gone
+
+
+async def prune_history(
+    redis: Any,
+    *,
+    keep_runs: int | None = None,
+    finished_before: float | None = None,
+    workflow: str | None = None,
+    dry_run: bool = False,
+) -> PruneReport:
+    """Remove, per workflow structure, the runs beyond the newest ``keep_runs`` and those that
+    finished before ``finished_before`` (Unix seconds); only runs of ``workflow`` when given.
+    Each structure is pruned in one atomic step that removes a run's records with every
+    index entry naming it; index entries naming runs whose records are gone go too. A
+    structure left without runs is dropped. ``dry_run``: report only, change nothing."""
+    if keep_runs is None and finished_before is None:
+        raise InvalidOption(
+            "Nothing to prune: give the runs to keep per structure (keep_runs >= 0) and/or "
+            "how old a removed run is (finished_before, Unix seconds)"
+        )
+    if keep_runs is not None and keep_runs < 0:
+        raise InvalidOption(f"keep_runs={keep_runs} is invalid: use a whole number >= 0")
+    names = {k.decode(): v.decode() for k, v in (await redis.hgetall(HIST_STRUCTURES)).items()}
+    for structure in await redis.zrange(HIST_USED, 0, -1):  # in case the hash lost one
+        names.setdefault(structure.decode(), "")
+    if workflow is None:
+        selected = sorted(names)
+    else:  # the hash names a structure's latest workflow; its runs may carry others
+        listed = await redis.lrange(hist_workflow_runs(workflow), 0, -1)
+        async with redis.pipeline(transaction=False) as pipe:
+            for run_id in listed:
+                pipe.hget(hist_run(run_id.decode(), "meta"), "structure_hash")
+            found = {s.decode() for s in await pipe.execute() if s}
+        selected = sorted({s for s, name in names.items() if name == workflow} | found)
+    prune = redis.register_script(scripts.PRUNE_STRUCTURE)
+    report = PruneReport()
+    for structure in selected:
+        reply = json.loads(
+            await prune(
+                args=[
+                    structure,
+                    "" if keep_runs is None else keep_runs,
+                    "" if finished_before is None else finished_before,
+                    1 if dry_run else 0,
+                    workflow or "",
+                ]
+            )
+        )
+        removed = reply["removed"] or []  # Lua's cjson writes an empty list as {}
+        report.removed += [
+            PrunedRun(r["run"], r["workflow"], r["status"], float(r["finished_at"]))
+            for r in removed
+        ]
+        report.missing.update(reply["missing"] or [])
+        report.runs_kept += int(reply["kept"])
+        if int(reply["left"]) == 0:
+            report.structures_emptied.append(structure)
+    if workflow is not None:
+        indexes = [hist_workflow_runs(workflow)]
+    else:
+        named = {name for name in names.values() if name} | {r.workflow for r in report.removed}
+        indexes = [HIST_ALL_RUNS, *(hist_workflow_runs(name) for name in sorted(named))]
+    unindex = redis.register_script(scripts.PRUNE_INDEXES)
+    missing = await unindex(keys=indexes, args=[1 if dry_run else 0])
+    report.missing.update(run_id.decode() for run_id in missing)
+    report.removed.sort(key=lambda r: r.finished_at)
+    return report

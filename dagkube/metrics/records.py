@@ -8,15 +8,52 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+# What one task error may store (its message and its traceback each), kept in the history
+# for as long as the run: a 20 MB message left 80 MB in Redis before these caps.
+ERROR_MESSAGE_MAX_BYTES = 8 * 1024
+ERROR_TRACEBACK_MAX_BYTES = 32 * 1024
+
+
+def cap_text(text: str, max_bytes: int) -> str:
+    """``text`` if its UTF-8 form fits in ``max_bytes``, else its head and tail around a
+    ``… [N bytes truncated] …`` marker, all within ``max_bytes`` (the start of a message says
+    what failed, the end of a traceback where)."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= max_bytes:
+        return text
+
+    def marker(dropped: int) -> str:
+        return f"\n… [{dropped} bytes truncated] …\n"
+
+    # Room left for the text, with the marker as long as the largest count it can show.
+    room = max_bytes - len(marker(len(data)).encode())
+    if room < 2:
+        raise ValueError(f"max_bytes={max_bytes} leaves no room beside the truncation marker")
+    head = data[: room // 2].decode("utf-8", "ignore")  # a character cut in two is dropped
+    tail = data[len(data) - (room - room // 2) :].decode("utf-8", "ignore")
+    kept = len(head.encode("utf-8", "surrogatepass")) + len(tail.encode("utf-8", "surrogatepass"))
+    return head + marker(len(data) - kept) + tail
 
 
 class TaskError(BaseModel):
-    """A task's exception, with the traceback from the worker that ran it."""
+    """A task's exception, with the traceback from the worker that ran it; each capped
+    (``ERROR_MESSAGE_MAX_BYTES``, ``ERROR_TRACEBACK_MAX_BYTES``) wherever it is built."""
 
     exc_type: str
     message: str
     traceback: str = ""
+
+    @field_validator("message")
+    @classmethod
+    def _cap_message(cls, value: str) -> str:
+        return cap_text(value, ERROR_MESSAGE_MAX_BYTES)
+
+    @field_validator("traceback")
+    @classmethod
+    def _cap_traceback(cls, value: str) -> str:
+        return cap_text(value, ERROR_TRACEBACK_MAX_BYTES)
 
 
 class OomAttempt(BaseModel):

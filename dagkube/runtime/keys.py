@@ -144,6 +144,7 @@ def hist_workflow_runs(name: str) -> str:
 
 HIST_ALL_RUNS = f"{HIST}:all"
 HIST_STRUCTURES = f"{HIST}:structures"  # hash structure hash -> workflow name
+HIST_USED = f"{HIST}:used"  # sorted set structure hash -> when a run of it last ended
 
 
 def stored_dag(dag_id: str) -> str:

@@ -69,11 +69,15 @@ async def launch(
     run_id: str | None = None,
     ttl_s: int = DEFAULT_RUN_TTL_S,
     history_cap: int = DEFAULT_HISTORY_CAP,
+    history_structures: int = scripts.DEFAULT_HISTORY_STRUCTURES,
+    history_retention_s: int = scripts.DEFAULT_HISTORY_RETENTION_S,
     startup_delay_s: float = 0.0,
     enforced: bool = False,
 ) -> str:
     """Store the DAG and plan, queue the first invocations; returns the run id. ``enforced``:
-    the workers run under their class's memory and CPU limits (recorded with the run)."""
+    the workers run under their class's memory and CPU limits (recorded with the run).
+    ``history_*``: the history's limits applied when the run ends (runs kept per structure,
+    structures kept, seconds an unused structure is kept)."""
     run_id = run_id or new_run_id(dag.name)
     keys = RunKeys(run_id)
     pool_keys = PoolKeys(pool)
@@ -95,6 +99,8 @@ async def launch(
         "active": len(invocations),
         "ttl_s": ttl_s,
         "history_cap": history_cap,
+        "history_structures": history_structures,
+        "history_retention_s": history_retention_s,
         "startup_delay_s": startup_delay_s,
         "predicted_makespan_s": plan.predicted_makespan_s if plan.predicted_makespan_s else "",
         "model_makespan_s": plan.model_makespan_s if plan.model_makespan_s else "",

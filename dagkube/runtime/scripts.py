@@ -9,10 +9,32 @@ cannot over-count. Key names are derived inside the scripts from the run id and 
 
 from __future__ import annotations
 
+# History limits (docs/architecture.md, "History"): runs kept per structure come with each run
+# (``history_cap``); these two bound the number of structures and how long an unused one stays.
+# A run's meta may carry its own (``history_structures``, ``history_retention_s``).
+DEFAULT_HISTORY_STRUCTURES = 1000  # the most recently used structures kept
+DEFAULT_HISTORY_RETENTION_S = 90 * 86400  # a structure not run for this long is dropped
+# Redis expires history keys this long after the retention if no run ends meanwhile (a run
+# that ends drops expired structures itself, index entries included).
+HISTORY_EXPIRY_GRACE_S = 86400
+HISTORY_EVICT_BATCH = 8  # structures one finalize drops at most (the rest: the next ones)
+
 # Shared Lua helpers: key builders mirroring keys.py.
 _PRELUDE = r"""
 local function runkey(run, part) return 'dk:run:' .. run .. ':' .. part end
 local function histkey(run, part) return 'dk:hist:r:' .. run .. ':' .. part end
+-- A record written into a run's history: while the run is live, or into its history once
+-- written (a worker finishing after the end), expiring with it. Never into a history that was
+-- dropped: that would re-create a key no index names and no TTL ends.
+local function hist_hset(run, part, field, value)
+  local ttl = redis.call('PTTL', histkey(run, 'meta'))  -- -2: no history (yet, or any more)
+  if ttl == -2 and (redis.call('EXISTS', runkey(run, 'meta')) == 0
+      or redis.call('EXISTS', runkey(run, 'result')) == 1) then
+    return
+  end
+  redis.call('HSET', histkey(run, part), field, value)
+  if ttl > 0 then redis.call('PEXPIRE', histkey(run, part), ttl) end
+end
 local function wake(pool)
   redis.call('LPUSH', pool .. ':wake', '1')
   redis.call('LTRIM', pool .. ':wake', 0, 0)
@@ -43,7 +65,7 @@ local me, my_mem, now = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
 local meta = runkey(run, 'meta')
 local i = 13
 for _ = 1, tonumber(ARGV[12]) do
-  redis.call('HSET', histkey(run, 'tasks'), ARGV[i], ARGV[i + 1])
+  hist_hset(run, 'tasks', ARGV[i], ARGV[i + 1])
   i = i + 2
 end
 local pending = {}
@@ -53,7 +75,7 @@ for _ = 1, n_pending do
   table.insert(pending, ARGV[i])
   i = i + 1
 end
-redis.call('HSET', histkey(run, 'tasks'), ARGV[7], ARGV[6])
+hist_hset(run, 'tasks', ARGV[7], ARGV[6])
 -- the worker runs no task now (its ``task`` key is what a lost worker is charged with)
 redis.call('DEL', (string.gsub(ARGV[8], ':proc$', ':task')))
 local status = redis.call('HGET', meta, 'status') or 'missing'
@@ -141,7 +163,7 @@ FAIL = (
     + r"""
 local run, tid = ARGV[1], ARGV[2]
 local meta = runkey(run, 'meta')
-redis.call('HSET', histkey(run, 'tasks'), tid, ARGV[3])
+hist_hset(run, 'tasks', tid, ARGV[3])
 redis.call('HINCRBY', meta, 'tasks_failed', 1)
 local status = redis.call('HGET', meta, 'status')
 if status == 'running' then
@@ -169,7 +191,129 @@ return 0
 """
 )
 
-_FINALIZE = r"""
+# The history's keys and limits (keys.py: hist_run, hist_structure_runs, HIST_*): writing a
+# run's records at its end, and dropping runs and structures, always with the index entries
+# naming them and all five record keys of a run together.
+_HISTORY = (
+    f"""
+local DEFAULT_RETENTION_S = {DEFAULT_HISTORY_RETENTION_S}
+local DEFAULT_STRUCTURES = {DEFAULT_HISTORY_STRUCTURES}
+local EXPIRY_GRACE_S, EVICT_BATCH = {HISTORY_EXPIRY_GRACE_S}, {HISTORY_EVICT_BATCH}
+"""
+    + r"""
+local HIST_ALL, HIST_STRUCTURES, HIST_USED = 'dk:hist:all', 'dk:hist:structures', 'dk:hist:used'
+local HIST_PARTS = {'meta', 'tasks', 'workers', 'plan', 'edges'}
+local function structure_runs(structure) return 'dk:hist:s:' .. structure .. ':runs' end
+local function workflow_runs(name) return 'dk:hist:wf:' .. name .. ':runs' end
+
+-- Removes the ids in ``gone`` (a set of ``count`` ids) from an index list: one LREM each for a
+-- few; else one pass rewriting the list, as each LREM reads the whole list.
+local function unindex(key, gone, count)
+  if count <= 4 then
+    for id in pairs(gone) do redis.call('LREM', key, 0, id) end
+    return
+  end
+  local kept, changed = {}, false
+  for _, id in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    if gone[id] then changed = true else table.insert(kept, id) end
+  end
+  if not changed then return end
+  local ttl = redis.call('PTTL', key)
+  redis.call('DEL', key)
+  for i = 1, #kept, 1000 do
+    redis.call('RPUSH', key, unpack(kept, i, math.min(i + 999, #kept)))
+  end
+  if ttl > 0 and #kept > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+
+-- Everything these runs left in the history and every index entry naming them, in one step.
+-- ``indexes``: lists that may name them besides those their records name.
+local function drop_runs(ids, indexes)
+  if #ids == 0 then return end
+  local lists, listed, gone = {}, {}, {}
+  local function index(key)
+    if not listed[key] then listed[key] = true; table.insert(lists, key) end
+  end
+  index(HIST_ALL)
+  for _, key in ipairs(indexes) do index(key) end
+  for _, id in ipairs(ids) do
+    gone[id] = true
+    local found = redis.call('HMGET', histkey(id, 'meta'), 'structure_hash', 'workflow')
+    if found[1] then index(structure_runs(found[1])) end
+    if found[2] then index(workflow_runs(found[2])) end
+    for _, part in ipairs(HIST_PARTS) do redis.call('DEL', histkey(id, part)) end
+  end
+  for _, key in ipairs(lists) do unindex(key, gone, #ids) end
+end
+
+local function drop_structure(structure)
+  local runs = structure_runs(structure)
+  local name = redis.call('HGET', HIST_STRUCTURES, structure)
+  local indexes = {runs}
+  if name then table.insert(indexes, workflow_runs(name)) end
+  drop_runs(redis.call('LRANGE', runs, 0, -1), indexes)
+  redis.call('DEL', runs)
+  redis.call('HDEL', HIST_STRUCTURES, structure)
+  redis.call('ZREM', HIST_USED, structure)
+end
+
+-- Structures recorded before HIST_USED existed join it, as last used when their newest run
+-- ended, so that the caps apply to them too.
+local function adopt_structures()
+  if redis.call('HLEN', HIST_STRUCTURES) <= redis.call('ZCARD', HIST_USED) then return end
+  for _, structure in ipairs(redis.call('HKEYS', HIST_STRUCTURES)) do
+    if not redis.call('ZSCORE', HIST_USED, structure) then
+      local newest = redis.call('LINDEX', structure_runs(structure), 0)
+      local at = newest and redis.call('HGET', histkey(newest, 'meta'), 'finished_at')
+      redis.call('ZADD', HIST_USED, tonumber(at or '') or 0, structure)
+    end
+  end
+end
+
+-- A run's end in its history: its records and index entries; its structure's runs beyond
+-- ``cap`` dropped; its structure's records kept for the retention from now; then the least
+-- recently used structures beyond the cap, and those unused for the retention, dropped.
+local function record_history(run, meta, now, cap)
+  local retention = tonumber(redis.call('HGET', meta, 'history_retention_s') or '')
+    or DEFAULT_RETENTION_S
+  local max_structures = tonumber(redis.call('HGET', meta, 'history_structures') or '')
+    or DEFAULT_STRUCTURES
+  local keep_s = math.floor(retention + EXPIRY_GRACE_S)
+  redis.call('HSET', histkey(run, 'meta'), unpack(redis.call('HGETALL', meta)))
+  local structure = redis.call('HGET', meta, 'structure_hash')
+  local name = redis.call('HGET', meta, 'workflow')
+  adopt_structures()
+  redis.call('HSET', HIST_STRUCTURES, structure, name)
+  redis.call('ZADD', HIST_USED, now, structure)
+  local runs, named = structure_runs(structure), workflow_runs(name)
+  redis.call('LPUSH', runs, run)
+  redis.call('LPUSH', named, run)
+  redis.call('LTRIM', named, 0, 10 * cap - 1)
+  redis.call('LPUSH', HIST_ALL, run)
+  redis.call('LTRIM', HIST_ALL, 0, 9999)
+  drop_runs(redis.call('LRANGE', runs, cap, -1), {runs})
+  for _, id in ipairs(redis.call('LRANGE', runs, 0, -1)) do
+    for _, part in ipairs(HIST_PARTS) do redis.call('EXPIRE', histkey(id, part), keep_s) end
+  end
+  for _, key in ipairs({runs, named, HIST_ALL, HIST_STRUCTURES, HIST_USED}) do
+    redis.call('EXPIRE', key, keep_s)
+  end
+  for _ = 1, EVICT_BATCH do
+    local oldest = redis.call('ZRANGE', HIST_USED, 0, 0, 'WITHSCORES')
+    if #oldest == 0 or oldest[1] == structure then break end
+    if redis.call('ZCARD', HIST_USED) <= max_structures
+        and tonumber(oldest[2]) >= now - retention then
+      break
+    end
+    drop_structure(oldest[1])
+  end
+end
+"""
+)
+
+_FINALIZE = (
+    _HISTORY
+    + r"""
 local function finalize(run, now, ttl, cap)
   local meta = runkey(run, 'meta')
   local status = redis.call('HGET', meta, 'status')
@@ -191,21 +335,7 @@ local function finalize(run, now, ttl, cap)
     ended = tonumber(redis.call('HGET', meta, 'completed_at') or now)
   end
   redis.call('HSET', meta, 'status', status, 'finished_at', now, 'makespan_s', ended - submitted)
-  redis.call('HSET', histkey(run, 'meta'), unpack(redis.call('HGETALL', meta)))
-  local structure = redis.call('HGET', meta, 'structure_hash')
-  local name = redis.call('HGET', meta, 'workflow')
-  redis.call('HSET', 'dk:hist:structures', structure, name)
-  local runs = 'dk:hist:s:' .. structure .. ':runs'
-  redis.call('LPUSH', runs, run)
-  while redis.call('LLEN', runs) > cap do
-    local old = redis.call('RPOP', runs)
-    redis.call('DEL', histkey(old, 'meta'), histkey(old, 'tasks'), histkey(old, 'workers'),
-               histkey(old, 'plan'), histkey(old, 'edges'))
-  end
-  redis.call('LPUSH', 'dk:hist:wf:' .. name .. ':runs', run)
-  redis.call('LTRIM', 'dk:hist:wf:' .. name .. ':runs', 0, 10 * cap - 1)
-  redis.call('LPUSH', 'dk:hist:all', run)
-  redis.call('LTRIM', 'dk:hist:all', 0, 9999)
+  record_history(run, meta, now, cap)
   for _, part in ipairs({'meta', 'dag', 'plan', 'out', 'const', 'done', 'edges', 'depcount',
                         'started'}) do
     redis.call('EXPIRE', runkey(run, part), ttl)
@@ -219,6 +349,7 @@ local function finalize(run, now, ttl, cap)
   return status
 end
 """
+)
 
 # ARGV: run, pool prefix, proc key, worker field, worker json, gb_s, cpu_alloc_s, cpu_used_s,
 #       cold 0/1, now, ttl, history cap, next queue ("" = do not take more work), pre-warmed 0/1,
@@ -231,10 +362,10 @@ FINISH = (
 local run, pool, proc = ARGV[1], ARGV[2], ARGV[3]
 local now, ttl, cap = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 local meta = runkey(run, 'meta')
-redis.call('HSET', histkey(run, 'workers'), ARGV[4], ARGV[5])
+hist_hset(run, 'workers', ARGV[4], ARGV[5])
 local i = 16
 for _ = 1, tonumber(ARGV[15]) do
-  redis.call('HSET', histkey(run, 'tasks'), ARGV[i], ARGV[i + 1])
+  hist_hset(run, 'tasks', ARGV[i], ARGV[i + 1])
   i = i + 2
 end
 -- Still held (not re-queued by the scaler meanwhile): then this invocation ends here. A
@@ -303,7 +434,7 @@ for _, item in ipairs(items) do
   inv.resume = true
   inv.requeued_from = wid
   local held_since = math.max(spawned, tonumber(inv.queued_at) or spawned)
-  redis.call('HSET', histkey(inv.run, 'workers'), wid .. ':lost', cjson.encode({
+  hist_hset(inv.run, 'workers', wid .. ':lost', cjson.encode({
     worker_id = wid, run_id = inv.run, memory_mib = mem, outcome = 'lost',
     spawned_at = spawned, finished_at = now, cold = true, oom_killed = oom,
     peak_memory_bytes = peak or cjson.null, exit_code = code or cjson.null,
@@ -420,5 +551,76 @@ if redis.call('EXISTS', runkey(run, 'result')) == 1 or redis.call('EXISTS', meta
 end
 for i = 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', meta, ARGV[i], ARGV[i + 1]) end
 return 1
+"""
+)
+
+# ARGV: structure hash, runs to keep ("" = any number), finished before (Unix seconds, "" = any
+#       time), dry run 0/1, workflow ("" = any: a structure's runs may carry several names).
+#       Drops (or, dry, lists) the structure's runs (of that workflow) beyond the newest
+#       ``keep`` and those that finished before the time, with the entries of its index naming
+#       a run whose records are gone; a structure left without runs is dropped. Returns JSON
+#       {removed: [{run, workflow, status, finished_at}], missing: [run id], kept: n (of the
+#       runs looked at), left: n (runs the structure keeps)}.
+PRUNE_STRUCTURE = (
+    _PRELUDE
+    + _HISTORY
+    + r"""
+local structure, keep, before = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local workflow = ARGV[5]
+local runs = structure_runs(structure)
+local removed, doomed, missing, kept, left = {}, {}, {}, 0, 0
+for _, id in ipairs(redis.call('LRANGE', runs, 0, -1)) do
+  local m = redis.call('HMGET', histkey(id, 'meta'), 'workflow', 'status', 'finished_at',
+                       'submitted_at')
+  if redis.call('EXISTS', histkey(id, 'meta')) == 0 then
+    table.insert(missing, id)
+    table.insert(doomed, id)
+  elseif workflow ~= '' and m[1] ~= workflow then
+    left = left + 1
+  else
+    local at = tonumber(m[3] or '') or tonumber(m[4] or '') or 0
+    if (keep and kept >= keep) or (before and at < before) then
+      table.insert(removed, {run = id, workflow = m[1] or '', status = m[2] or '',
+                             finished_at = at})
+      table.insert(doomed, id)
+    else
+      kept = kept + 1
+      left = left + 1
+    end
+  end
+end
+if ARGV[4] ~= '1' then
+  local name = redis.call('HGET', HIST_STRUCTURES, structure)
+  local indexes = {runs}
+  if name then table.insert(indexes, workflow_runs(name)) end
+  drop_runs(doomed, indexes)
+  if redis.call('EXISTS', runs) == 0 then
+    redis.call('HDEL', HIST_STRUCTURES, structure)
+    redis.call('ZREM', HIST_USED, structure)
+  end
+end
+return cjson.encode({removed = removed, missing = missing, kept = kept, left = left})
+"""
+)
+
+# KEYS: index lists; ARGV: dry run 0/1. Removes (or, dry, lists) the entries naming a run
+# whose records are gone (e.g. expired while no run ended). Returns those runs' ids.
+PRUNE_INDEXES = (
+    _PRELUDE
+    + _HISTORY
+    + r"""
+local missing = {}
+for _, key in ipairs(KEYS) do
+  local gone, count = {}, 0
+  for _, id in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    if not gone[id] and redis.call('EXISTS', histkey(id, 'meta')) == 0 then
+      gone[id] = true
+      count = count + 1
+      table.insert(missing, id)
+    end
+  end
+  if ARGV[1] ~= '1' and count > 0 then unindex(key, gone, count) end
+end
+return missing
 """
 )

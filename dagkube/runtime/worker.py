@@ -980,6 +980,15 @@ class _Execution:
     peak_bytes: int | None = None
 
 
+def _task_error(exc: BaseException, context: str = "") -> TaskError:
+    """A task's exception as it is recorded (TaskError caps its message and traceback)."""
+    return TaskError(
+        exc_type=type(exc).__qualname__,
+        message=context + str(exc),
+        traceback=format_exception(exc),
+    )
+
+
 def _run_in_thread(
     state: RunState, spec: TaskSpec, raw: dict[str, bytes], store: bool, meter: PeakMeter
 ) -> _Execution:
@@ -1016,12 +1025,12 @@ def _run_in_thread(
             value = state.function(spec.fn_key)(*args, **kwargs)
             error = None
             break
-        except Exception as exc:  # the user's exception is data here: it is reported
-            error = TaskError(
-                exc_type=type(exc).__qualname__,
-                message=str(exc),
-                traceback=format_exception(exc),
-            )
+        # What the user's function raised is data here, reported like any task error:
+        # BaseException too (sys.exit(), KeyboardInterrupt raised by the code, a library's
+        # own control-flow exception). None of the worker's own stops can arrive here: this
+        # is the task thread, while signals and cancellation reach the event loop's thread.
+        except BaseException as exc:
+            error = _task_error(exc)
             if attempts > spec.retries:
                 break
     ended_at = time.time()
@@ -1032,12 +1041,8 @@ def _run_in_thread(
         try:
             serialized = serialize(value)
             state.sizes[spec.id] = len(serialized)
-        except Exception as exc:
-            error = TaskError(
-                exc_type=type(exc).__qualname__,
-                message=f"the output of {spec.id} cannot be serialized: {exc}",
-                traceback=format_exception(exc),
-            )
+        except BaseException as exc:  # the output's own pickling code raised (user code too)
+            error = _task_error(exc, f"the output of {spec.id} cannot be serialized: ")
     return _Execution(
         peak_bytes=meter.peak_bytes(),
         output=serialized if store else None,

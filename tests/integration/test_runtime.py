@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -60,6 +61,21 @@ def lambda_output(x):
 @dagkube.task
 def lock_output(x):
     return threading.Lock()
+
+
+class Abort(BaseException):
+    """Not an Exception, as some libraries raise for their own control flow."""
+
+
+@dagkube.task(retries=1)
+def escape(counter_file: str, how: str):
+    path = Path(counter_file)
+    path.write_text(str(int(path.read_text()) + 1 if path.exists() else 1))
+    if how == "exit":
+        sys.exit(3)
+    if how == "interrupt":
+        raise KeyboardInterrupt("stop here")
+    raise Abort("leave the loop")
 
 
 def tree(values):
@@ -158,6 +174,42 @@ def test_retries_rerun_a_failing_task(runtime, tmp_path, redis_client):
     with pytest.raises(dagkube.TaskFailed, match="attempt 3 fails"):
         dagkube.Workflow(flaky(str(counter), 5), name="it-retry").run(runtime=runtime)
     assert counter.read_text() == "3"  # first attempt + 2 retries
+
+
+@pytest.mark.parametrize(
+    ("how", "exc_type", "message"),
+    [
+        ("exit", "SystemExit", "3"),
+        ("interrupt", "KeyboardInterrupt", "stop here"),
+        ("abort", "Abort", "leave the loop"),
+    ],
+)
+def test_a_base_exception_from_a_task_fails_it_and_spares_the_worker(
+    runtime, redis_client, tmp_path, how, exc_type, message
+):
+    counter = tmp_path / "attempts"
+    wf = dagkube.Workflow(escape(str(counter), how), name=f"it-escape-{how}")
+    with pytest.raises(dagkube.TaskFailed) as info:
+        wf.run(runtime=runtime)
+    error = info.value
+    assert (error.task_id, error.function, error.exc_type, error.message) == (
+        "escape#0",
+        "escape",
+        exc_type,
+        message,
+    )
+    assert "escape" in error.remote_traceback
+    assert counter.read_text() == "2"  # the first attempt and its retry
+    record = wf.last_run.record
+    assert (record.status, record.failed_task, record.workers_lost) == ("failed", "escape#0", 0)
+    from dagkube.metrics.records import TaskRecord
+
+    raw = redis_client.hget(hist_run(record.run_id, "tasks"), "escape#0")
+    task = TaskRecord.model_validate_json(raw)
+    assert task.retries == 1 and task.error is not None and task.error.exc_type == exc_type
+    # The worker that ran it lives on, registered in its pool, and serves the next run.
+    assert redis_client.hexists(PoolKeys(runtime.pool).workers, task.worker_id)
+    assert dagkube.Workflow(add(1, 2), name="it-escape-after").run(runtime=runtime) == 3
 
 
 def test_unserializable_output_fails_clearly(runtime):
@@ -364,6 +416,7 @@ def test_a_requeued_invocation_is_counted_once_when_its_first_worker_finishes_to
     # This run is no workflow of the suite's: leave the shared history as it was.
     redis_client.lrem("dk:hist:all", 0, run)
     redis_client.hdel("dk:hist:structures", "requeue-race")
+    redis_client.zrem("dk:hist:used", "requeue-race")
     redis_client.delete(
         "dk:hist:s:requeue-race:runs",
         "dk:hist:wf:requeue-race:runs",
