@@ -38,6 +38,7 @@ class Terminated(KeyboardInterrupt):
 def _on_sigterm(_signum: int, _frame: object) -> None:
     raise Terminated()
 
+
 # Piped output is read by tools and tests: never wrap messages, and give tables room.
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -265,7 +266,7 @@ def run(
                 err.print(f"[yellow]note:[/] {rt.enforcement_note}")
             if metrics_port is not None:
                 backend = rt.backend
-                assert backend is not None
+                assert backend is not None and rt.url is not None  # the runtime is started
                 _serve_metrics(
                     rt.url,
                     metrics_port,

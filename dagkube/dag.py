@@ -50,6 +50,7 @@ class TaskSpec:
     retries: int = 0
     min_memory_mib: int | None = None
     const_keys: tuple[str, ...] = ()
+    timeout_s: float | None = None  # one execution's bound; the worker is stopped past it
 
 
 @dataclass(slots=True)
@@ -348,6 +349,7 @@ def build_dag(
             retries=task_fn.options.retries,
             min_memory_mib=task_fn.options.min_memory_mib,
             const_keys=task_const_keys,
+            timeout_s=task_fn.options.timeout_s,
         )
         tasks[task_id] = spec
         for dep in deps:

@@ -15,6 +15,21 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _node_counter = itertools.count()
+MAX_TASK_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def _check_timeout(value: object) -> float:
+    """A task's timeout: seconds, more than 0 and at most a week (nan and inf refused)."""
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0 < value <= MAX_TASK_TIMEOUT_S  # False for nan
+    ):
+        return float(value)
+    raise InvalidWorkflow(
+        f"timeout={value!r} is invalid: use a number of seconds > 0 and <= "
+        f"{MAX_TASK_TIMEOUT_S:g} (a week), e.g. timeout=30"
+    )
 
 
 @dataclass(frozen=True)
@@ -24,6 +39,7 @@ class TaskOptions:
     name: str
     retries: int = 0
     min_memory_mib: int | None = None
+    timeout_s: float | None = None
 
 
 class TaskNode:
@@ -82,7 +98,11 @@ def task(fn: Callable[P, R], /) -> TaskFunction[P, R]: ...
 
 @overload
 def task(
-    *, name: str | None = None, retries: int = 0, min_memory: str | int | None = None
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    min_memory: str | int | None = None,
+    timeout: float | None = None,
 ) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
 
 
@@ -93,14 +113,19 @@ def task(
     name: str | None = None,
     retries: int = 0,
     min_memory: str | int | None = None,
+    timeout: float | None = None,
 ) -> Any:
     """Mark a function as a dagkube task.
 
     ``retries`` re-runs a raising task up to N more times; ``min_memory`` (e.g. ``"1Gi"``)
-    is a hint that keeps planners from placing the task on a smaller resource class.
+    is a hint that keeps planners from placing the task on a smaller resource class;
+    ``timeout`` (seconds) bounds one execution: past it the worker is stopped, whatever the
+    task does, and the task runs again on a fresh worker while retries remain, else the run
+    fails with ``TaskTimeout``.
     """
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise InvalidWorkflow(f"retries={retries!r} is invalid: use a whole number >= 0")
+    timeout_s = _check_timeout(timeout) if timeout is not None else None
     min_memory_mib = parse_memory(min_memory) if min_memory is not None else None
 
     def wrap(function: Callable[..., Any]) -> TaskFunction[Any, Any]:
@@ -109,7 +134,7 @@ def task(
         display = name or getattr(function, "__name__", None) or "task"
         if "#" in display:
             raise InvalidWorkflow(f"Task name {display!r} may not contain '#'")
-        return TaskFunction(function, TaskOptions(display, retries, min_memory_mib))
+        return TaskFunction(function, TaskOptions(display, retries, min_memory_mib, timeout_s))
 
     return wrap(fn) if fn is not None else wrap
 

@@ -10,22 +10,26 @@ expired) and, at the worker cap, retires an idle worker of another class to make
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from redis.exceptions import RedisError
+
 from dagkube.runtime import scripts
 from dagkube.runtime.invocation import Invocation
-from dagkube.runtime.keys import PoolKeys, worker_heartbeat, worker_proc
+from dagkube.runtime.keys import PoolKeys, worker_heartbeat, worker_proc, worker_task
 
 log = logging.getLogger("dagkube.scaler")
 
 # A task whose worker died this many times (for any reason but memory) fails the run: a task
 # that crashes its interpreter must not be re-queued forever.
 MAX_REQUEUES = 3
+# A worker past its task's deadline stops itself; one that has not this long after it (its
+# event loop starved by the task) is stopped by the scaler.
+TIMEOUT_GRACE_S = 5.0
 
 
 @dataclass
@@ -104,15 +108,23 @@ class Scaler:
     async def run(self) -> None:
         """Reconcile whenever something is queued or a worker leaves (blocking on the wake
         list), and at least every ``tick_s`` to notice exits and expired heartbeats."""
+        failures = 0
         while not self._stopped.is_set():
             try:
                 await self.reconcile()
+                await self.redis.blpop(self.keys.wake, timeout=await self._next_wait_s())
+                failures = 0
             except asyncio.CancelledError:
                 raise
+            except (RedisError, OSError) as exc:
+                if self._stopped.is_set():
+                    return  # its connection was closed under it: the runtime is closing
+                failures += 1
+                log.warning("scaler: Redis call failed (%s); retrying", exc or type(exc).__name__)
+                await asyncio.sleep(min(0.1 * 2**failures, 5.0))
             except Exception:
                 log.exception("scaler: reconcile failed; retrying")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await self.redis.blpop(self.keys.wake, timeout=await self._next_wait_s())
+                await asyncio.sleep(self.tick_s)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -208,7 +220,8 @@ class Scaler:
             )
 
     async def _check_heartbeats(self) -> None:
-        """Workers registered in Redis but silent: lost (e.g. a Pod that vanished)."""
+        """Workers registered in Redis but silent: lost (e.g. a Pod that vanished); and
+        workers still in a task well past its timeout: stopped (REQUEUE sees the timeout)."""
         registered = await self.redis.hgetall(self.keys.workers)
         if not registered:
             return
@@ -219,15 +232,25 @@ class Scaler:
             for worker_id in ids:
                 pipe.exists(worker_heartbeat(worker_id.decode()))
                 pipe.hexists(self.keys.workers, worker_id)
+                pipe.get(worker_task(worker_id.decode()))
             answers = await pipe.execute()
         known = {h.worker_id: h for h in self.backend.alive()}
+        now = time.time()
         for index, (worker_id, memory) in enumerate(registered.items()):
             wid = worker_id.decode()
-            beat, still_registered = answers[2 * index], answers[2 * index + 1]
-            if beat or not still_registered:
+            beat, still_registered, task = answers[3 * index : 3 * index + 3]
+            if not still_registered:
+                continue
+            deadline = json.loads(task).get("deadline") if task else None
+            if beat and (deadline is None or now < deadline + TIMEOUT_GRACE_S):
                 continue
             handle = known.get(wid) or WorkerHandle(wid, int(memory), time.time())
-            log.warning("worker %s: heartbeat expired", wid)
+            if beat and deadline is not None:
+                log.warning(
+                    "worker %s: still in its task %.1fs past its timeout", wid, now - deadline
+                )
+            else:
+                log.warning("worker %s: heartbeat expired", wid)
             await self._on_exit(WorkerExit(handle, None))
             # Its work is re-queued: it must not finish anything later nor hold a slot.
             await self.backend.discard(wid)

@@ -446,7 +446,21 @@ for _, item in ipairs(items) do
   end
   local failure = nil
   local what = task ~= '' and ('task ' .. task .. ' (' .. fn .. ')') or 'a worker of this run'
-  if oom then
+  -- Past its task's deadline the worker stopped itself (or the scaler stopped it): a timeout,
+  -- re-run on a fresh worker while the task's retries last (counted per task).
+  local timed_out = task ~= '' and current.deadline ~= nil and now >= tonumber(current.deadline)
+  if timed_out then
+    local counts = type(inv.timeouts) == 'table' and inv.timeouts or {}
+    counts[task] = (counts[task] or 0) + 1
+    inv.timeouts = counts
+    if exists then redis.call('HINCRBY', meta, 'task_timeouts', 1) end
+    local retries = tonumber(current.retries) or 0
+    if counts[task] > retries then
+      failure = {exc_type = 'TaskTimeout', message = what .. ' ran past its timeout of ' ..
+        current.timeout_s .. 's (' .. counts[task] .. ' of ' .. (retries + 1) ..
+        ' attempt(s)); its worker was stopped'}
+    end
+  elseif oom then
     if exists then redis.call('HINCRBY', meta, 'oom_kills', 1) end
     local bigger = nil
     for c in string.gmatch(exists and (redis.call('HGET', meta, 'classes') or '') or '', '%d+') do

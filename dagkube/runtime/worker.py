@@ -42,6 +42,7 @@ from dagkube.sources import format_exception, register_sources
 log = logging.getLogger("dagkube.worker")
 
 RUN_CACHE_SIZE = 4
+TASK_TIMEOUT_EXIT = 124  # the exit code of a worker stopped by its task's timeout (as timeout(1))
 STOP_DEADLINE_S = 15  # after SIGTERM a worker is gone within this, whatever its task does
 DUP_POLL_S = 0.05  # a bound worker with taskdup candidates re-checks its upstreams this often
 LATE_FACTOR = 1.5  # an upstream running this many times its predicted time is a straggler
@@ -759,9 +760,13 @@ class Worker:
         preloaded = [d for d in spec.deps if d in state.preloaded]
         store = state.must_store(task_id)
         loop = asyncio.get_running_loop()
-        done = await loop.run_in_executor(
+        running = loop.run_in_executor(
             self.executor, _run_in_thread, state, spec, raw, store, self.meter
         )
+        if spec.timeout_s is None:
+            done = await running
+        else:
+            done = await self._within_timeout(state, spec, running)
         if done.peak_bytes is not None:
             self._peak_bytes = max(self._peak_bytes or 0, done.peak_bytes)
         record = TaskRecord(
@@ -796,6 +801,32 @@ class Worker:
             oom_attempts=[] if duplicate else self._escalations.get(task_id, []),
         )
         return Outcome(ok=done.error is None, record=record, output=done.output)
+
+    async def _within_timeout(
+        self, state: RunState, spec: TaskSpec, running: asyncio.Future
+    ) -> _Execution:
+        """The execution, or past the task's timeout the end of this worker: a thread cannot
+        be stopped, so the process exits (TASK_TIMEOUT_EXIT) and the scaler's REQUEUE reads
+        the deadline below to re-run the task on a fresh worker or fail it with TaskTimeout.
+        Should this process not get to exit (its loop starved), the scaler stops it."""
+        assert spec.timeout_s is not None
+        claim: dict[str, Any] = {"run": state.run_id, "task": spec.id, "function": spec.function}
+        claim.update(
+            deadline=time.time() + spec.timeout_s, timeout_s=spec.timeout_s, retries=spec.retries
+        )
+        await self.redis.set(self.task_key, json.dumps(claim), ex=state.ttl_s)
+        try:
+            return await asyncio.wait_for(asyncio.shield(running), spec.timeout_s)
+        except TimeoutError:
+            log.error(
+                "run %s task %s: still running after its timeout of %gs: stopping this worker",
+                state.run_id,
+                spec.id,
+                spec.timeout_s,
+            )
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(TASK_TIMEOUT_EXIT)
 
     async def _request_prewarm(
         self, state: RunState, task_id: str, requests: Iterable[dict[str, Any]]
