@@ -28,6 +28,7 @@ from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run
 
 DEFAULT_RUN_TTL_S = 3600
+RENEW_EVERY_S = 60.0  # a waiter renews its run's lease this often (the lease is the run TTL)
 DEFAULT_HISTORY_CAP = 100
 
 
@@ -129,7 +130,15 @@ async def launch(
         pipe.lpush(pool_keys.wake, "1")
         pipe.ltrim(pool_keys.wake, 0, 0)
         await pipe.execute()
+    await renew(redis, run_id)  # its keys expire from now unless a waiter renews them
     return run_id
+
+
+async def renew(redis: Any, run_id: str) -> bool:
+    """Extend a live run's lease (its keys expire one run TTL after this); False once it
+    ended."""
+    shortest = 3 * RENEW_EVERY_S  # a short run TTL must not let a waited-for run expire
+    return bool(await redis.register_script(scripts.RENEW)(args=[run_id, shortest]))
 
 
 async def wait_for_end(
@@ -141,12 +150,17 @@ async def wait_for_end(
     progress_every_s: float = 0.2,
 ) -> str:
     """Block until the run ends; returns its final status. Progress callbacks (tasks done,
-    total) are refreshed between blocking waits when asked for."""
+    total) are refreshed between blocking waits when asked for. The run's lease is renewed
+    while it is waited for."""
     keys = RunKeys(run_id)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     block_s = progress_every_s if on_progress else MAX_BLOCK_S
     total = int(await redis.hget(keys.meta, "tasks_total") or 0)
+    renewed = time.monotonic()
     while True:
+        if time.monotonic() - renewed >= RENEW_EVERY_S:
+            await renew(redis, run_id)
+            renewed = time.monotonic()
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -43,6 +43,16 @@ local function queue_invocation(pool, inv)
   redis.call('RPUSH', pool .. ':q:' .. inv.mem, cjson.encode(inv))
   redis.call('SADD', pool .. ':classes', inv.mem)
 end
+-- Every key of a run: its fixed parts, those listed in its key set, and the set itself.
+local function expire_run(run, ttl)
+  for _, part in ipairs({'meta', 'dag', 'plan', 'out', 'const', 'done', 'edges', 'depcount',
+                        'started', 'keys', 'result'}) do
+    redis.call('EXPIRE', runkey(run, part), ttl)
+  end
+  for _, key in ipairs(redis.call('SMEMBERS', runkey(run, 'keys'))) do
+    redis.call('EXPIRE', key, ttl)
+  end
+end
 local function stop_inboxes(run)
   for _, key in ipairs(redis.call('SMEMBERS', runkey(run, 'keys'))) do
     if string.find(key, ':inbox:', 1, true) then redis.call('RPUSH', key, '') end
@@ -171,6 +181,26 @@ if status == 'running' then
   stop_inboxes(run)
 end
 return status or 'missing'
+"""
+)
+
+# ARGV: run, shortest lease. The lease of a live run: its keys, and the history it has written
+# so far, expire one run TTL (``ttl_s``, at least the shortest lease) after the last renewal. Whoever waits for the run renews it (the
+# local driver, the operator); a run nobody waits for any more (its driver was killed) goes
+# away instead of staying forever. Returns 0 for a run that ended (finalize set its TTLs).
+RENEW = (
+    _PRELUDE
+    + r"""
+local run = ARGV[1]
+local meta = runkey(run, 'meta')
+local status = redis.call('HGET', meta, 'status')
+if status ~= 'running' and status ~= 'cancelling' then return 0 end
+local ttl = math.max(tonumber(redis.call('HGET', meta, 'ttl_s') or '3600'), tonumber(ARGV[2]))
+expire_run(run, ttl)
+for _, part in ipairs({'plan', 'edges', 'tasks', 'workers'}) do
+  redis.call('EXPIRE', histkey(run, part), ttl)
+end
+return 1
 """
 )
 
@@ -336,14 +366,7 @@ local function finalize(run, now, ttl, cap)
   end
   redis.call('HSET', meta, 'status', status, 'finished_at', now, 'makespan_s', ended - submitted)
   record_history(run, meta, now, cap)
-  for _, part in ipairs({'meta', 'dag', 'plan', 'out', 'const', 'done', 'edges', 'depcount',
-                        'started'}) do
-    redis.call('EXPIRE', runkey(run, part), ttl)
-  end
-  for _, key in ipairs(redis.call('SMEMBERS', runkey(run, 'keys'))) do
-    redis.call('EXPIRE', key, ttl)
-  end
-  redis.call('EXPIRE', runkey(run, 'keys'), ttl)
+  expire_run(run, ttl)
   redis.call('RPUSH', runkey(run, 'result'), status)
   redis.call('EXPIRE', runkey(run, 'result'), ttl)
   return status

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
+from dagkube.runtime.embedded import EmbeddedRedis
 from tests.conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.integration
@@ -77,6 +79,19 @@ def test_a_killed_driver_leaves_no_worker_and_no_server(tmp_path):
     finally:
         if driver.poll() is None:
             driver.kill()
+    # The abandoned run's keys (and the history it began) expire: its lease is not renewed.
+    with EmbeddedRedis(home) as url:
+        client = redis.Redis.from_url(url)
+        metas = list(client.scan_iter("dk:run:orphan-probe-*:meta"))  # test-only scan
+        assert len(metas) == 1 and client.hget(metas[0], "status") == b"running"
+        prefix = metas[0].decode().removesuffix(":meta")
+        run_keys = list(client.scan_iter(f"{prefix}:*"))
+        run_id = prefix.removeprefix("dk:run:")
+        history = list(client.scan_iter(f"dk:hist:r:{run_id}:*"))
+        assert len(run_keys) >= 3 and history  # meta, dag, plan at least
+        ttls = {key: client.ttl(key) for key in run_keys + history}
+        assert all(0 < ttl <= 3600 for ttl in ttls.values()), ttls
+        client.close()
 
 
 def test_the_cli_stopped_by_sigterm_cancels_its_run_and_stops_what_it_started(tmp_path):
