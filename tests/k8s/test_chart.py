@@ -215,6 +215,7 @@ def test_client_side_install_prints_the_notes(tools: Tools) -> None:
         ("operator.image.pullPolicy=Sometimes", "/operator/image/pullPolicy"),
         ("metrics.serviceMonitor.interval=soon", "/metrics/serviceMonitor/interval"),
         ("operator.defaultTimeoutSeconds=-1", "/operator/defaultTimeoutSeconds"),
+        ("redis.maxmemory=1Gi", "/redis/maxmemory"),
     ],
 )
 def test_values_schema_rejects_bad_values(tools: Tools, setting: str, named: str) -> None:
@@ -725,3 +726,17 @@ def test_kubectl_rejects_a_manifest_without_kind(tools: Tools, tmp_path: Path) -
     result = tools.run("kubectl", "label", "--local", "-f", broken, "a=b", "-o", "json")
     assert result.returncode != 0
     assert "Object 'Kind' is missing" in result.stderr
+
+
+def test_redis_refuses_writes_past_maxmemory_rather_than_evict(
+    rendered: dict[str, list[dict]],
+) -> None:
+    """Every run key and history record carries a TTL, so a volatile-* policy would evict
+    them: the chart's Redis stops below its container limit with noeviction, and keeps an
+    append-only file fsync'd every second."""
+    statefulset = only(rendered["default"], "StatefulSet")
+    args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
+    settings = dict(zip(args[::2], args[1::2], strict=True))
+    assert settings["--maxmemory"] == "768mb"
+    assert settings["--maxmemory-policy"] == "noeviction"
+    assert settings["--appendonly"] == "yes" and settings["--appendfsync"] == "everysec"
