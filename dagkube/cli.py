@@ -19,11 +19,12 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dagkube.errors import DagkubeError, InvalidOption, InvalidWorkflow, RedisUnavailable
-from dagkube.loader import load_workflow_file
+from dagkube.loader import WorkflowFileError, load_workflow_file
 from dagkube.planning import OPTIMIZATIONS, PLANNER_NAMES, check_optimizations, check_planner
 from dagkube.planning.sla import ACCEPTED_SLAS, parse_sla
 from dagkube.resources import ACCEPTED_FORMS, format_memory, parse_classes
@@ -76,17 +77,21 @@ def describe_value(value: Any, limit: int = 120) -> str:
 
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
-    """Turn dagkube errors into one clear line and an exit code, never a traceback."""
+    """Turn dagkube errors into one clear line and an exit code, never a traceback (but the
+    frames of the user's own code when their workflow file raised)."""
     try:
         yield
     except RedisUnavailable as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(EXIT_REDIS)
     except (InvalidOption, InvalidWorkflow) as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        if isinstance(exc, WorkflowFileError) and exc.user_frames:
+            err.print("In your code (most recent call last):")
+            err.print(exc.user_frames.rstrip("\n"), markup=False)
         sys.exit(EXIT_BAD_INPUT)
     except DagkubeError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(EXIT_FAILED)
     except KeyboardInterrupt as exc:
         stopped_by = "terminated" if isinstance(exc, Terminated) else "interrupted"

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import cloudpickle
 
@@ -28,6 +29,11 @@ class Ref:
     """Placeholder for the output of another task inside an argument template."""
 
     task_id: str
+
+    def __reduce__(self) -> tuple[type[Ref], tuple[str]]:
+        # A plain constructor call: a fan-in pickles one Ref per upstream task, and the
+        # dataclass's default (__getstate__ listing the fields) made that the slowest part.
+        return (Ref, (self.task_id,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +183,10 @@ def _collect_outputs(outputs: Any) -> list[TaskNode]:
 
 
 def _topological(outputs: list[TaskNode]) -> list[TaskNode]:
-    """Iterative post-order DFS from the outputs: upstream nodes come first, order is stable."""
+    """Iterative post-order DFS from the outputs: upstream nodes come first, order is stable.
+
+    A node met again while its own arguments are being walked closes a cycle: refused, naming
+    the tasks on it (only reachable by changing a node's arguments after the call)."""
     order: list[TaskNode] = []
     state: dict[int, int] = {}  # id(node) -> 1 visiting, 2 done
     for root in outputs:
@@ -198,32 +207,77 @@ def _topological(outputs: list[TaskNode]) -> list[TaskNode]:
                 order.append(node)
             elif state.get(id(child)) is None:
                 stack.append((child, None))
+            elif state[id(child)] == 1:
+                _raise_cycle([entry[0] for entry in stack], child)
     return order
 
 
-def _argument_names(fn: Callable[..., Any], args: tuple, kwargs: dict, task_id: str) -> list[str]:
-    """Names of the call's arguments, in (args, kwargs) order; checks the call matches."""
+def _raise_cycle(path: list[TaskNode], repeated: TaskNode) -> NoReturn:
+    """Refuse a cycle: ``path`` is the walk from an output (each node takes the next as an
+    argument) and its last node takes ``repeated``, which is already on it."""
+    start = next(i for i, node in enumerate(path) if node is repeated)
+    # Data flows against the walk: from the repeated node, back up the path to itself.
+    cycle = [repeated, *reversed(path[start + 1 :]), repeated]
+    chain = " -> ".join(repr(node.function.options.name) for node in cycle)
+    # Arguments are fixed when a node is made, so an argument made later than its consumer
+    # was put there afterwards: that edge is where the user changed something.
+    consumer, late = next((b, a) for a, b in itertools.pairwise(cycle) if a.order >= b.order)
+    name = consumer.function.options.name
+    raise InvalidWorkflow(
+        f"Tasks {chain} form a cycle (each one's output is an argument of the next): a workflow "
+        "must be acyclic, a task may only take task nodes made before it. Argument "
+        f"{_argument_holding(consumer, late)!r} of {name!r} holds a node of "
+        f"{late.function.options.name!r} made after it: was a list or dict passed to {name!r} "
+        "changed after the call?"
+    )
+
+
+def _argument_holding(node: TaskNode, inner: TaskNode) -> str:
+    """The name of ``node``'s argument that holds ``inner`` (its position if the call does not
+    match the function's signature)."""
+    fn, args, kwargs = node.function.fn, node.args, node.kwargs
     try:
-        signature = inspect.signature(fn)
+        named = _arguments(fn, _signature(fn), args, kwargs, node.function.options.name)
+    except InvalidWorkflow:
+        named = _arguments(fn, None, args, kwargs, node.function.options.name)
+    return next(name for name, value in named if any(leaf is inner for leaf in iter_leaves(value)))
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    """The function's call signature, or None for callables inspect cannot read (builtins)."""
+    try:
+        return inspect.signature(fn)
     except (TypeError, ValueError):
-        return [f"#{i}" for i in range(len(args))] + list(kwargs)
+        return None
+
+
+def _arguments(
+    fn: Callable[..., Any],
+    signature: inspect.Signature | None,
+    args: tuple,
+    kwargs: dict,
+    task_id: str,
+) -> list[tuple[str, Any]]:
+    """The call's arguments as (name, value), checking the call matches the signature; without
+    one, positional arguments are named by position (``#0``)."""
+    if signature is None:
+        return [(f"#{i}", value) for i, value in enumerate(args)] + list(kwargs.items())
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise InvalidWorkflow(
             f"Task '{task_id}': arguments do not match {fn.__name__}{signature}: {exc}"
         ) from None
-    names: list[str] = []
-    for name, param in signature.parameters.items():
-        if name not in bound.arguments:
-            continue
-        if param.kind is param.VAR_POSITIONAL:
-            names.extend(f"{name}[{i}]" for i in range(len(bound.arguments[name])))
-        elif param.kind is param.VAR_KEYWORD:
-            names.extend(bound.arguments[name])
+    named: list[tuple[str, Any]] = []
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            named.extend((f"{name}[{i}]", item) for i, item in enumerate(value))
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.extend(value.items())
         else:
-            names.append(name)
-    return names
+            named.append((name, value))
+    return named
 
 
 def _dumps(value: Any) -> bytes:
@@ -263,14 +317,14 @@ def _serialize_arguments(
 
     args, kwargs = template
     split = (tuple(externalize(a) for a in args), {k: externalize(v) for k, v in kwargs.items()})
+    if not keys:  # over the budget only through its references: the first pickle stands
+        return blob, ()
     return _dumps(split), tuple(dict.fromkeys(keys))
 
 
 def _raise_unserializable(task_id: str, fn: Callable[..., Any], template: tuple) -> None:
     args, kwargs = template
-    names = _argument_names(fn, args, kwargs, task_id)
-    values = list(args) + list(kwargs.values())
-    for name, value in zip(names, values, strict=False):
+    for name, value in _arguments(fn, _signature(fn), args, kwargs, task_id):
         try:
             _dumps(value)
         except InvalidWorkflow as exc:
@@ -305,6 +359,7 @@ def build_dag(
     functions: dict[str, bytes] = {}
     source_lines: SourceLines = {}
     fn_keys: dict[int, str] = {}
+    signatures: dict[int, inspect.Signature | None] = {}  # read once per function, not per task
     constants: dict[str, bytes] = {}
     tasks: dict[str, TaskSpec] = {}
     hasher = hashlib.sha256()
@@ -324,15 +379,16 @@ def build_dag(
             functions[fn_key] = code
             merge_sources(source_lines, lines)
             fn_keys[id(task_fn)] = fn_key
-        _argument_names(task_fn.fn, node.args, node.kwargs, task_id)
+            signatures[id(task_fn)] = _signature(task_fn.fn)
+        _arguments(task_fn.fn, signatures[id(task_fn)], node.args, node.kwargs, task_id)
 
-        deps: list[str] = []
+        # An insertion-ordered dict as the set of upstream ids: a fan-in of n nodes stays O(n).
+        deps: dict[str, None] = {}
 
-        def to_ref(leaf: Any, deps: list[str] = deps) -> Any:
+        def to_ref(leaf: Any, deps: dict[str, None] = deps) -> Any:
             if isinstance(leaf, TaskNode):
                 dep_id = ids[id(leaf)]
-                if dep_id not in deps:
-                    deps.append(dep_id)
+                deps[dep_id] = None
                 return Ref(dep_id)
             return leaf
 

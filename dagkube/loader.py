@@ -6,9 +6,13 @@ a child process) loads only this and the DAG, not the CLI, its rendering or the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import sys
-from collections.abc import Callable
+import sysconfig
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,60 @@ import cloudpickle
 
 from dagkube.errors import DagkubeError, InvalidWorkflow
 from dagkube.workflow import Workflow
+
+
+class WorkflowFileError(InvalidWorkflow):
+    """A workflow file's own code raised (or exited) while it was imported or built.
+
+    The message names the file, the step and the exception; ``user_frames`` is the traceback
+    cut down to the frames in the user's own files, for finding the bug.
+    """
+
+    def __init__(self, message: str, user_frames: str = "") -> None:
+        super().__init__(message)
+        self.user_frames = user_frames
+
+
+def _user_frames(exc: BaseException) -> str:
+    """The traceback's frames that are in the user's files, formatted as Python does.
+
+    Frames of dagkube itself, the standard library (importlib included) and installed packages
+    are left out: what is left is where the user's bug is."""
+    if isinstance(exc, SyntaxError):  # raised by the compiler: the line it could not parse
+        return "".join(traceback.format_exception_only(exc)[:-1])
+    folders = {Path(__file__).resolve().parent} | {
+        Path(sysconfig.get_path(key)).resolve()
+        for key in ("stdlib", "platstdlib", "purelib", "platlib")
+    }
+    not_user_code = tuple(f"{folder}{os.sep}" for folder in folders)
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith("<frozen ")
+        and not str(Path(frame.filename).resolve()).startswith(not_user_code)
+    ]
+    return "".join(traceback.format_list(frames))
+
+
+@contextlib.contextmanager
+def _user_code(path: str, step: str) -> Iterator[None]:
+    """Run a step of the workflow file's own code: whatever it raises, SystemExit included,
+    is bad input naming the file and the step. dagkube's own errors and Ctrl-C pass through."""
+    try:
+        yield
+    except (DagkubeError, KeyboardInterrupt):
+        raise
+    except SystemExit as exc:
+        raise WorkflowFileError(
+            f"Workflow file {path!r}: {step} called sys.exit({exc.code!r}): a workflow file "
+            "must define its workflow, not exit; raise an exception to report a problem",
+            _user_frames(exc),
+        ) from exc
+    except BaseException as exc:
+        raise WorkflowFileError(
+            f"Workflow file {path!r}: {step} raised {type(exc).__name__}: {exc}",
+            _user_frames(exc),
+        ) from exc
 
 
 class LoadedWorkflow:
@@ -49,12 +107,8 @@ def load_workflow_file(path: str) -> LoadedWorkflow:
         sys.path.insert(0, directory)
     # Before the module runs: a module-level Workflow pickles its functions while it imports.
     cloudpickle.register_pickle_by_value(module)
-    try:
+    with _user_code(path, "importing it"):
         spec.loader.exec_module(module)
-    except DagkubeError:
-        raise
-    except Exception as exc:
-        raise InvalidWorkflow(f"Importing {path!r} failed: {type(exc).__name__}: {exc}") from exc
     candidate = getattr(module, "workflow", None)
     build = None
     if candidate is None and callable(getattr(module, "build", None)):
@@ -63,7 +117,8 @@ def load_workflow_file(path: str) -> LoadedWorkflow:
         def build() -> Workflow:
             if first:  # the Workflow built to check the file serves the first run
                 return first.pop()
-            built = module.build()
+            with _user_code(path, "build()"):
+                built = module.build()
             return built if isinstance(built, Workflow) else Workflow(built, name=file.stem)
 
         candidate = build()

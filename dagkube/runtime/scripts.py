@@ -185,9 +185,10 @@ return status or 'missing'
 )
 
 # ARGV: run, shortest lease. The lease of a live run: its keys, and the history it has written
-# so far, expire one run TTL (``ttl_s``, at least the shortest lease) after the last renewal. Whoever waits for the run renews it (the
-# local driver, the operator); a run nobody waits for any more (its driver was killed) goes
-# away instead of staying forever. Returns 0 for a run that ended (finalize set its TTLs).
+# so far, expire one run TTL (``ttl_s``, at least the shortest lease) after the last renewal.
+# Whoever waits for the run renews it (the local driver, the operator); a run nobody waits
+# for any more (its driver was killed) goes away instead of staying forever. Returns 0 for a
+# run that ended (finalize set its TTLs).
 RENEW = (
     _PRELUDE
     + r"""

@@ -108,6 +108,62 @@ def test_bad_workflow_files(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_workflow_file_that_raises_in_build_is_bad_input_with_its_own_frames(tmp_path):
+    (tmp_path / "sizes.py").write_text("def size_of(config):\n    return config['size']\n")
+    pipeline = tmp_path / "pipeline.py"
+    pipeline.write_text(
+        textwrap.dedent(
+            """\
+            import dagkube
+            from sizes import size_of
+
+
+            @dagkube.task
+            def inc(x):
+                return x + 1
+
+
+            def build():
+                return dagkube.Workflow([inc(i) for i in range(size_of({"sizes": 3}))])
+            """
+        )
+    )
+    # Every command that loads a workflow file stops at it, before any server or cluster.
+    for command in ("run", "plan", "experiment", "manifest", "submit"):
+        result = run_cli(command, str(pipeline))
+        assert result.returncode == 2, (command, result.stderr)
+        assert f"Workflow file '{pipeline}': build() raised KeyError: 'size'" in result.stderr
+        # The user's frames, from build() down to the line that raised; none of dagkube's.
+        frames = result.stderr.split("In your code (most recent call last):\n")[1]
+        assert re.findall(r'File "(.*)", line (\d+), in (\S+)', frames) == [
+            (str(pipeline), "11", "build"),
+            (str(tmp_path / "sizes.py"), "2", "size_of"),
+        ]
+        assert "return config['size']" in frames
+        assert "Traceback" not in result.stderr
+
+
+def test_a_workflow_file_that_exits_is_bad_input(tmp_path):
+    in_build = tmp_path / "exits_in_build.py"
+    in_build.write_text("import sys\n\n\ndef build():\n    sys.exit(3)\n")
+    result = run_cli("run", str(in_build))
+    assert result.returncode == 2, result.stderr
+    assert (
+        f"Workflow file '{in_build}': build() called sys.exit(3): a workflow file must define "
+        "its workflow, not exit; raise an exception to report a problem"
+    ) in " ".join(result.stderr.split())
+    assert f'File "{in_build}", line 5, in build' in result.stderr
+    on_import = tmp_path / "exits_on_import.py"
+    on_import.write_text("import sys\n\nsys.exit('no [/config] found')\n")
+    result = run_cli("plan", str(on_import))
+    assert result.returncode == 2, result.stderr
+    # The message is the user's own text, brackets included (not read as rich markup).
+    assert (
+        f"Workflow file '{on_import}': importing it called sys.exit('no [/config] found')"
+    ) in result.stderr
+    assert f'File "{on_import}", line 3, in <module>' in result.stderr
+
+
 def test_unreachable_redis_and_wrong_password_give_one_clear_line(redis_server):
     example = str(ROOT / "examples" / "tree_reduction.py")
     down = run_cli("run", example, "--redis", "redis://127.0.0.1:1/0")
