@@ -43,6 +43,8 @@ log = logging.getLogger("dagkube.worker")
 
 RUN_CACHE_SIZE = 4
 TASK_TIMEOUT_EXIT = 124  # the exit code of a worker stopped by its task's timeout (as timeout(1))
+RETRY_BACKOFF_S = 0.1  # first pause between attempts of a raising task; doubles each time
+RETRY_BACKOFF_MAX_S = 10.0
 STOP_DEADLINE_S = 15  # after SIGTERM a worker is gone within this, whatever its task does
 DUP_POLL_S = 0.05  # a bound worker with taskdup candidates re-checks its upstreams this often
 LATE_FACTOR = 1.5  # an upstream running this many times its predicted time is a straggler
@@ -1020,6 +1022,12 @@ def _task_error(exc: BaseException, context: str = "") -> TaskError:
     )
 
 
+def retry_delay_s(attempt: int) -> float:
+    """The pause before retry number ``attempt`` of a raising task: exponential, capped (a
+    failing dependency gets time to recover; a retried task does not hammer it)."""
+    return float(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_S))
+
+
 def _run_in_thread(
     state: RunState, spec: TaskSpec, raw: dict[str, bytes], store: bool, meter: PeakMeter
 ) -> _Execution:
@@ -1064,6 +1072,7 @@ def _run_in_thread(
             error = _task_error(exc)
             if attempts > spec.retries:
                 break
+            time.sleep(retry_delay_s(attempts))
     ended_at = time.time()
     cpu_s = time.thread_time() - cpu_start
     serialized: bytes | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -41,6 +42,8 @@ def flaky(counter_file: str, fail_times: int):
     path = Path(counter_file)
     attempts = int(path.read_text()) if path.exists() else 0
     path.write_text(str(attempts + 1))
+    with open(counter_file + ".times", "a") as times:
+        times.write(f"{time.time()}\n")
     if attempts < fail_times:
         raise RuntimeError(f"attempt {attempts + 1} fails")
     return attempts + 1
@@ -170,6 +173,10 @@ def test_retries_rerun_a_failing_task(runtime, tmp_path, redis_client):
 
     raw = redis_client.hget(hist_run(wf.last_run.run_id, "tasks"), "flaky#0")
     assert TaskRecord.model_validate_json(raw).retries == 2
+    # Retries back off exponentially: 0.1 s before the first, 0.2 s before the second.
+    started = [float(t) for t in Path(str(counter) + ".times").read_text().split()]
+    pauses = [b - a for a, b in itertools.pairwise(started)]
+    assert len(pauses) == 2 and pauses[0] >= 0.1 and pauses[1] >= 0.2, pauses
     counter.unlink()
     with pytest.raises(dagkube.TaskFailed, match="attempt 3 fails"):
         dagkube.Workflow(flaky(str(counter), 5), name="it-retry").run(runtime=runtime)
