@@ -504,8 +504,12 @@ for _, item in ipairs(items) do
         'give it a larger class (--classes) or make it use less memory'}
     end
   else
-    -- counted per task (a long-lived bound invocation may lose workers on several tasks)
+    -- counted per task (a long-lived bound invocation may lose workers on several tasks),
+    -- since the run last made progress: losses between which tasks completed are no crash loop
     local counts = type(inv.requeues) == 'table' and inv.requeues or {}
+    local done = exists and tonumber(redis.call('HGET', meta, 'tasks_done') or '0') or 0
+    if done > (tonumber(inv.done_at_loss) or done) then counts = {} end
+    inv.done_at_loss = done
     local key = task ~= '' and task or '-'
     counts[key] = (counts[key] or 0) + 1
     inv.requeues = counts

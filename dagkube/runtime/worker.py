@@ -170,6 +170,9 @@ class Worker:
         self.task_key = worker_task(config.worker_id)
         self.meter = PeakMeter()
         self._escalations: dict[str, list[OomAttempt]] = {}  # task -> OOM-killed attempts
+        # Serving an invocation re-queued from a lost worker: store every output it makes, so
+        # that losing this worker too costs one task, not the lineage again.
+        self._checkpoint = False
         self._peak_bytes: int | None = None  # of the tasks of the invocation being served
 
     # ----------------------------------------------------------------- lifecycle
@@ -357,6 +360,7 @@ class Worker:
         self.served_any = True
         cpu_before = 0.0 if cold else _process_cpu_s()
         self._escalations = {}
+        self._checkpoint = invocation.resume
         for attempt in invocation.escalations:
             self._escalations.setdefault(str(attempt.get("task") or ""), []).append(
                 OomAttempt(memory_mib=int(attempt["mem"]), peak_memory_bytes=attempt.get("peak"))
@@ -726,6 +730,7 @@ class Worker:
             ", ".join(order[:5]),
         )
         loop = asyncio.get_running_loop()
+        outputs: dict[str, bytes] = {}
 
         def rerun() -> None:
             for dep, blob in fetched.items():
@@ -734,9 +739,12 @@ class Worker:
                 spec = state.dag.tasks[task_id]
                 args, kwargs = resolve(pickle.loads(spec.args_blob), state.values, state.constants)
                 state.values[task_id] = state.function(spec.fn_key)(*args, **kwargs)
-                state.sizes[task_id] = len(serialize(state.values[task_id]))
+                outputs[task_id] = serialize(state.values[task_id])
+                state.sizes[task_id] = len(outputs[task_id])
 
         await loop.run_in_executor(self.executor, rerun)
+        # Stored now: should this worker be lost too, the next one does not re-run them again.
+        await self.redis.hset(keys.outputs, mapping=outputs)
         return order
 
     async def _execute(
@@ -760,7 +768,7 @@ class Worker:
         )
         raw, recomputed, download_s, download_bytes = await self._gather(state, spec)
         preloaded = [d for d in spec.deps if d in state.preloaded]
-        store = state.must_store(task_id)
+        store = state.must_store(task_id) or self._checkpoint
         loop = asyncio.get_running_loop()
         running = loop.run_in_executor(
             self.executor, _run_in_thread, state, spec, raw, store, self.meter
