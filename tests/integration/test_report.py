@@ -1,5 +1,6 @@
 """``dagkube report`` on real run history, rendered by a real headless Chromium: every section
-is there, every chart it built rendered, no JavaScript error; an empty history says so."""
+is there, every chart it built rendered, no JavaScript error; an empty history says so; names
+that look like markup stay text."""
 
 from __future__ import annotations
 
@@ -14,12 +15,20 @@ from pathlib import Path
 import pytest
 import redis
 
-from dagkube.report import SECTIONS
+import dagkube
+from dagkube.report import SECTIONS, script_json
 from tests import history_records
 from tests.conftest import ROOT, run_cli
 
 DB = 8  # a database of its own
 MEMORY_DB = 11  # the hand-written OOM run's
+HOSTILE_DB = 15  # the runs with markup in their names
+# Names are free text: each of these, read as HTML, would run a script or end the report's.
+HOSTILE_WORKFLOW = (
+    "</script><script>document.title='pwned'</script>"
+    "<img src=x onerror=\"document.body.setAttribute('data-pwned', 'img')\">"
+)
+HOSTILE_TASK = "<!--<script>sum & <b>co</b>"
 
 
 def chromium() -> str:
@@ -148,7 +157,7 @@ def test_report_shows_peak_memory_and_oom_kills(redis_server, tmp_path: Path) ->
         "re-run at 1024 MiB",
         "after#0<br>class 1024 MiB, peak not measured",
     ):
-        assert json.dumps(tooltip) in page, tooltip
+        assert script_json(tooltip) in page, tooltip
     dom = render(out, "--dump-dom")
     attributes = dict(re.findall(r'(data-[a-z]+)="([^"]*)"', dom.stdout.split("<body")[1]))
     assert json.loads(attributes["data-errors"].replace("&quot;", '"')) == []
@@ -161,6 +170,60 @@ def test_report_shows_peak_memory_and_oom_kills(redis_server, tmp_path: Path) ->
     assert f"<p>{html.escape(run_text)}</p>" in plain_section
     assert "Memory per task" not in plain_section and "OOM" not in plain_section
     assert plain_section.count('class="chart"') == 2  # the DAG and the time breakdown only
+
+
+def test_script_json_cannot_end_its_script_block() -> None:
+    value = {"name": "</script><!--<script>\u2028\u2029 a & b", "n": [1, 2.5, None]}
+    encoded = script_json(value)
+    assert json.loads(encoded) == value
+    for character in ("<", ">", "&", "\u2028", "\u2029"):
+        assert character not in encoded
+    assert encoded == (
+        '{"name": "\\u003c/script\\u003e\\u003c!--\\u003cscript\\u003e\\u2028\\u2029 a '
+        '\\u0026 b", "n": [1, 2.5, null]}'
+    )
+
+
+def test_report_shows_markup_in_names_as_text(redis_server, tmp_path: Path) -> None:
+    """A workflow and a task whose names are HTML and script: run for real under two
+    planners, the report runs no script of theirs, draws every chart, and shows both names as
+    they were written, in its text and in the charts."""
+    from dagkube import LocalRuntime
+    from tests.tasks import total
+
+    hostile_total = dagkube.task(name=HOSTILE_TASK)(total.fn)
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{HOSTILE_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        wf = dagkube.Workflow(hostile_total([1, 2, 3]), name=HOSTILE_WORKFLOW)
+        with LocalRuntime(url, home=tmp_path / "home", max_workers=2) as rt:
+            for planner in ("wukong", "uniform"):
+                assert wf.run(planner, runtime=rt) == 6
+        out = tmp_path / "hostile.html"
+        result = run_cli("report", "--redis", url, "-o", str(out))
+        assert result.returncode == 0, result.stderr
+    finally:
+        client.flushdb()
+        client.close()
+    dom = render(out, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "<title>dagkube report</title>" in dom.stdout
+    body = re.search(r"<body([^>]*)>", dom.stdout)
+    assert body, dom.stdout[:2000]
+    attributes = dict(re.findall(r'(data-[a-z]+)="([^"]*)"', body.group(1)))
+    assert "data-pwned" not in attributes
+    assert json.loads(attributes["data-errors"].replace("&quot;", '"')) == []
+    assert int(attributes["data-rendered"]) == int(attributes["data-charts"]) >= 3
+    # Each name is a text node wherever it is shown (a DOM dump escapes <, > and & in text):
+    # the planners' summary, the run's summary, the task's label on the time breakdown's axis.
+    planners = dom.stdout.split('<section id="planners">')[1].split("</section>")[0]
+    run_section = dom.stdout.split('<section id="run">')[1].split("</section>")[0]
+    workflow_text = html.escape(HOSTILE_WORKFLOW, quote=False)
+    assert f"<p>{workflow_text}, against wukong: uniform: makespan" in planners
+    assert f"({workflow_text}, " in run_section
+    task_text = html.escape(f"{HOSTILE_TASK}#0", quote=False)
+    assert re.search(rf'<g class="ytick"><text [^>]*>{re.escape(task_text)}</text>', run_section)
 
 
 def test_report_of_an_empty_history_says_so(redis_server, tmp_path: Path) -> None:
