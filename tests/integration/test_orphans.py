@@ -75,7 +75,7 @@ def test_a_killed_driver_leaves_no_worker_and_no_server(tmp_path):
         driver.wait()
         wait_until(lambda: gone(worker), 30, "the worker to die with its driver")
         wait_until(lambda: gone(server), 15, "the embedded Redis to stop without users")
-        assert not (home / "server.json").exists()
+        wait_until(lambda: not (home / "server.json").exists(), 5, "the guard to forget the server")
     finally:
         if driver.poll() is None:
             driver.kill()
