@@ -13,14 +13,13 @@ import sys
 from typing import Any
 
 import kopf
-import redis as sync_redis
 
 from dagkube import __version__
 from dagkube.errors import DagkubeError
 from dagkube.kubernetes.backend import connect as connect_api
 from dagkube.metrics.exporter import RunHistoryCollector
 from dagkube.runtime.connection import connect as connect_redis
-from dagkube.runtime.connection import redact
+from dagkube.runtime.connection import redact, sync_client
 from dagkube_operator import config as config_module
 from dagkube_operator.config import ConfigError, OperatorConfig
 from dagkube_operator.handlers import Operator, register
@@ -87,7 +86,7 @@ async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None) ->
         # with the live state of the pools of Running Workflows.
         metrics.registry.register(
             RunHistoryCollector(
-                sync_redis.Redis.from_url(config.redis_url),
+                sync_client(config.redis_url),
                 metrics.pools,
                 workers_alive=metrics.workers_alive,
             )
