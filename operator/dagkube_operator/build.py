@@ -4,8 +4,9 @@
 "module:function" of the image, or inline source), builds the :class:`dagkube.Workflow` and
 writes its DagSpec (constants included) to ``OUT.pickle``. User code runs here, never in the
 operator: an import that crashes, prints, hangs or leaks cannot take the operator down (the
-operator kills a build that outlives its timeout). A failure exits with status 3 and one JSON
-line ``{"reason": ..., "message": ...}`` on stderr.
+operator kills a build that outlives its timeout, with every process it started). A failure
+exits with status 3 and writes ``{"reason": ..., "message": ...}`` to ``failure.json`` next to
+``OUT.pickle`` (not to stderr, which is the user's: what it prints cannot pass for a report).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 import tempfile
 import traceback
 from typing import Any
+
+from dagkube_operator.reasons import bounded
 
 FAILED = 3
 
@@ -96,6 +99,17 @@ def from_inline(source: str, name: str) -> Any:
             raise BuildError("InvalidInlineSource", message) from exc
 
 
+def failure_path(out_path: str) -> str:
+    """Where a failed build writes its report."""
+    return os.path.join(os.path.dirname(out_path), "failure.json")
+
+
+def _report(out_path: str, reason: str, message: str) -> int:
+    with open(failure_path(out_path), "w", encoding="utf-8") as handle:
+        json.dump({"reason": reason, "message": bounded(message)}, handle)
+    return FAILED
+
+
 def main(argv: list[str]) -> int:
     request_path, out_path = argv
     with open(request_path, encoding="utf-8") as handle:
@@ -107,13 +121,19 @@ def main(argv: list[str]) -> int:
             workflow = from_inline(request["inline"], request.get("name") or "inline")
         blob = pickle.dumps(workflow.dag, protocol=pickle.HIGHEST_PROTOCOL)
     except BuildError as exc:
-        print(json.dumps({"reason": exc.reason, "message": str(exc)}), file=sys.stderr)
-        return FAILED
-    except Exception as exc:
+        return _report(out_path, exc.reason, str(exc))
+    except SystemExit as exc:  # sys.exit() in a module's build function
+        return _report(
+            out_path,
+            "BuildFailed",
+            f"building the workflow called sys.exit({exc.code!r}): the source must return "
+            "its workflow, not exit; raise an exception to report a problem",
+        )
+    except BaseException as exc:
         traceback.print_exc()
-        message = f"building the workflow failed: {type(exc).__name__}: {exc}"
-        print(json.dumps({"reason": "BuildFailed", "message": message}), file=sys.stderr)
-        return FAILED
+        return _report(
+            out_path, "BuildFailed", f"building the workflow failed: {type(exc).__name__}: {exc}"
+        )
     with open(out_path, "wb") as handle:
         handle.write(blob)
     return 0

@@ -15,6 +15,8 @@ Every variable, its meaning and its default:
 - DAGKUBE_IDLE_TIMEOUT: seconds an idle worker Pod waits for work before it exits (30)
 - DAGKUBE_STARTUP_DELAY: extra seconds each worker waits before serving, for experiments (0)
 - DAGKUBE_BUILD_TIMEOUT: seconds a module or inline source may take to build its DAG (120)
+- DAGKUBE_MAX_CONCURRENT_BUILDS: builds (child processes running user code) at once; more
+  Workflows wait for their turn in phase Planning (2)
 - DAGKUBE_RUN_TTL: seconds a finished run's keys (its outputs) stay in Redis (3600)
 - DAGKUBE_METRICS_PORT: port of /metrics and /healthz (8080)
 - DAGKUBE_KUBE_API_URL: an API server URL without credentials, e.g. `kubectl proxy`'s
@@ -60,6 +62,7 @@ class OperatorConfig:
     idle_timeout_s: float = 30.0
     startup_delay_s: float = 0.0
     build_timeout_s: float = 120.0
+    max_concurrent_builds: int = 2
     run_ttl_s: int = 3600
     metrics_port: int = 8080
     kube_api_url: str | None = None
@@ -102,6 +105,7 @@ class OperatorConfig:
             idle_timeout_s=_number(env, "DAGKUBE_IDLE_TIMEOUT", 30.0, float, 0.1),
             startup_delay_s=_number(env, "DAGKUBE_STARTUP_DELAY", 0.0, float, 0.0),
             build_timeout_s=_number(env, "DAGKUBE_BUILD_TIMEOUT", 120.0, float, 1.0),
+            max_concurrent_builds=_number(env, "DAGKUBE_MAX_CONCURRENT_BUILDS", 2, int, 1),
             run_ttl_s=_number(env, "DAGKUBE_RUN_TTL", 3600, int, 1),
             metrics_port=_number(env, "DAGKUBE_METRICS_PORT", 8080, int, 0),
             kube_api_url=env.get("DAGKUBE_KUBE_API_URL") or None,

@@ -13,9 +13,11 @@ and in Redis:
   Workflow is deleted (like a Job), which runs the delete handler.
 
 Operator restart: kopf starts the daemon again for every Workflow; a Running one resumes
-following its run, its Pods are adopted, no work is duplicated. Errors in a spec never escape
-as exceptions (no crash loop, no retry storm): they end the Workflow ``Failed`` with a
-condition and an Event. Errors of the infrastructure (Redis or the API away) are retried.
+following its run, its Pods are adopted, no work is duplicated. No error escapes the daemon
+(no crash loop, no retry storm): an error that passes (the API server or Redis busy or away)
+is retried with a doubling, capped delay; any other ends the Workflow ``Failed`` with a
+condition and an Event (``InternalError`` for an error nobody foresaw), its run cancelled and
+its Pods released. Messages are bounded; a long one is kept whole in Redis.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +50,18 @@ from dagkube.runtime.scaler import Scaler, WorkerHandle
 from dagkube_operator import status as st
 from dagkube_operator.config import OperatorConfig
 from dagkube_operator.metrics import OperatorMetrics
+from dagkube_operator.reasons import (
+    EVENT_MESSAGE_LIMIT_BYTES,
+    MESSAGE_LIMIT_BYTES,
+    Reason,
+    WorkflowFailed,
+    bounded,
+    bounded_status,
+    reason_of,
+)
 from dagkube_operator.source import build_dag, load_stored_dag
 from dagkube_operator.spec import SpecError, WorkflowSpec, parse_spec
+from dagkube_operator.transient import StatusNotWritten, backoff_delay_s, is_transient
 
 GROUP, VERSION, PLURAL = "dagkube.io", "v1alpha1", "workflows"
 log = logging.getLogger("dagkube.operator")
@@ -62,6 +75,32 @@ def run_id_for(name: str, uid: str) -> str:
 def pool_for(uid: str) -> str:
     """Each Workflow has its own worker pool (its Pods serve only its run)."""
     return f"wf-{uid}"
+
+
+def message_key(run_id: str) -> str:
+    """Where the whole of a message too long for ``.status`` is kept (the run's TTL)."""
+    return f"{RunKeys(run_id).prefix}:message"
+
+
+@contextlib.contextmanager
+def during(step: str) -> Iterator[None]:
+    """Name the step an error happened in: an InternalError's message says it."""
+    try:
+        yield
+    except Exception as exc:
+        if not getattr(exc, "__notes__", None):
+            exc.add_note(step)
+        raise
+
+
+def internal_error(exc: BaseException) -> WorkflowFailed:
+    """An error nobody foresaw, as the failure of its Workflow (not a retry loop)."""
+    step = (getattr(exc, "__notes__", None) or ["handling the Workflow"])[0]
+    return WorkflowFailed(
+        f"the operator failed while {step}: {type(exc).__name__}: {exc} (an error it does "
+        "not handle; its log has the traceback)",
+        reason=Reason.INTERNAL_ERROR,
+    )
 
 
 @dataclass(frozen=True)
@@ -118,10 +157,14 @@ class Operator:
     api: client.ApiClient
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     ready: bool = False
+    builds: asyncio.Semaphore = field(init=False)  # builds running at once
+
+    def __post_init__(self) -> None:
+        self.builds = asyncio.Semaphore(self.config.max_concurrent_builds)
 
     # ------------------------------------------------------------------ Kubernetes
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        """Merge-patch ``.status`` (the status subresource)."""
+        """Merge-patch ``.status`` (the status subresource), its messages bounded."""
         # Custom resources take JSON merge patches (the client would pick strategic merge).
         api: Any = client.CustomObjectsApi(self.api)
         try:
@@ -131,18 +174,43 @@ class Operator:
                 namespace,
                 PLURAL,
                 name,
-                {"status": status},
+                {"status": bounded_status(status)},
                 _content_type="application/merge-patch+json",
             )
         except client.ApiException as exc:
             if exc.status == 404:  # deleted meanwhile: nothing left to report on
                 return
             self.metrics.api_errors.labels("patch_status").inc()
-            raise kopf.TemporaryError(
+            raise StatusNotWritten(
                 f"cannot patch the status of {namespace}/{name}: {exc.status} {exc.reason}: "
-                f"{str(exc.body)[:500]}",
-                delay=2,
+                f"{bounded(str(exc.body), limit_bytes=500)}"
             ) from exc
+
+    def event(
+        self,
+        body: kopf.Body,
+        reason: Reason,
+        message: str,
+        *,
+        warning: bool = False,
+        full_text_in: str | None = None,
+    ) -> None:
+        """Post an Event: ``reason`` from the fixed set, ``message`` bounded."""
+        text = bounded(
+            message,
+            limit_bytes=EVENT_MESSAGE_LIMIT_BYTES,
+            full_text_in=full_text_in or "the Workflow's .status.message",
+        )
+        (kopf.warn if warning else kopf.info)(body, reason=Reason(reason).value, message=text)
+
+    async def keep_full_text(self, run_id: str, text: str) -> str | None:
+        """Keep ``text`` whole in Redis (with the run's TTL) when too long for ``.status``;
+        where it is, None when it fits."""
+        if len(text.encode()) <= MESSAGE_LIMIT_BYTES:
+            return None
+        key = message_key(run_id)
+        await self.redis.set(key, text, ex=self.config.run_ttl_s)
+        return f"Redis key {key}"
 
     async def delete_workflow(self, namespace: str, name: str) -> None:
         api = client.CustomObjectsApi(self.api)
@@ -173,21 +241,50 @@ class Operator:
     async def supervise(
         self, body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger
     ) -> None:
+        """Drive the Workflow to its end. An error that passes is retried after a doubling
+        delay (capped); a WorkflowFailed, or any other error (InternalError), ends it Failed.
+        Nothing escapes to kopf, which would run the whole build again every few seconds."""
+        failure: WorkflowFailed | None = None
+        attempt = 0
+        while not stopped:
+            try:
+                if failure is None:
+                    await self._drive(body, stopped, logger)
+                else:
+                    await self._fail(body, failure, stopped, logger)
+                return
+            except Exception as exc:
+                if isinstance(exc, WorkflowFailed) and failure is None:
+                    failure = exc
+                elif is_transient(exc):
+                    delay = backoff_delay_s(attempt)
+                    attempt += 1
+                    logger.warning(
+                        "%s: %s (passing, retried in %gs)", type(exc).__name__, exc, delay
+                    )
+                    await stopped.wait(delay)
+                elif failure is None:
+                    logger.error("unexpected error: the Workflow fails", exc_info=exc)
+                    self.metrics.reconcile_errors.inc()
+                    failure = internal_error(exc)
+                else:  # not even the failure can be recorded: say so, and do not loop
+                    logger.error("cannot record the failure (%s)", failure, exc_info=exc)
+                    self.metrics.reconcile_errors.inc()
+                    return
+
+    async def _drive(
+        self, body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger
+    ) -> None:
         uid = body["metadata"]["uid"]
         status = dict(body.get("status") or {})
         phase = status.get("phase") or st.PENDING
         self.metrics.set_phase(uid, phase)
         if phase not in st.ENDED:
-            try:
-                spec = parse_spec(body.get("spec"), allowed_classes=self.config.allowed_classes)
-            except SpecError as exc:
-                status = await self._fail(body, exc, status)
-            else:
-                run_id = status.get("runId")
-                if not run_id:
-                    status, run_id = await self._start(body, spec, status, logger)
-                if run_id:
-                    status = await self._follow(body, spec, run_id, status, stopped, logger)
+            spec = parse_spec(body.get("spec"), allowed_classes=self.config.allowed_classes)
+            run_id = status.get("runId")
+            if not run_id:
+                status, run_id = await self._start(body, spec, status, logger)
+            status = await self._follow(body, spec, run_id, status, stopped, logger)
         if status.get("phase") in st.ENDED:
             await self._expire(body, status, stopped, logger)
 
@@ -197,28 +294,33 @@ class Operator:
         spec: WorkflowSpec,
         status: dict[str, Any],
         logger: logging.Logger,
-    ) -> tuple[dict[str, Any], str | None]:
-        """Build the DAG, plan and launch; the new status and the run id (None: failed)."""
+    ) -> tuple[dict[str, Any], str]:
+        """Build the DAG, plan and launch; the new status and the run id (a WorkflowFailed
+        when the source does not build or the plan is rejected)."""
         meta = body["metadata"]
         name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
         run_id = run_id_for(name, uid)
         began = time.monotonic()
         now = time.time()
         status = {**status, **st.planning_status(status.get("conditions"), now)}
-        await self.patch_status(namespace, name, status)
+        with during("writing the Planning status"):
+            await self.patch_status(namespace, name, status)
         self.metrics.set_phase(uid, st.PLANNING)
         existing = await self.redis.get(RunKeys(run_id).plan) or await self.redis.get(
             hist_run(run_id, "plan")
         )
-        try:
-            if existing is not None:  # launched before a restart, status not yet written
-                plan = Plan.model_validate_json(existing)
-                total = int(await self.redis.hget(RunKeys(run_id).meta, "tasks_total") or 0)
-                total = total or len(plan.tasks)
-                logger.info("run %s was launched before a restart: following it", run_id)
-            else:
+        if existing is not None:  # launched before a restart, status not yet written
+            with during(f"reading the plan of run {run_id}"):
+                plan = await asyncio.to_thread(Plan.model_validate_json, existing)
+            total = int(await self.redis.hget(RunKeys(run_id).meta, "tasks_total") or 0)
+            total = total or len(plan.tasks)
+            logger.info("run %s was launched before a restart: following it", run_id)
+        else:
+            with during(f"loading the DAG from spec.source.{spec.source.kind}"):
                 dag = await self._load_dag(spec, name)
+            with during("planning"):
                 plan = await self._plan(dag, spec)
+            with during(f"launching run {run_id}"):
                 await launcher.launch(
                     self.redis,
                     dag,
@@ -229,24 +331,24 @@ class Operator:
                     startup_delay_s=self.config.startup_delay_s,
                     enforced=True,  # worker Pods carry their class's limits
                 )
-                total = len(dag.tasks)
-        except SpecError as exc:
-            return await self._fail(body, exc, status), None
+            total = len(dag.tasks)
         self.metrics.planning_seconds.observe(time.monotonic() - began)
         status = {
             **status,
             **st.launched_status(run_id, plan, total, status.get("conditions"), now),
         }
-        await self.patch_status(namespace, name, status)
+        with during("writing the Running status"):
+            await self.patch_status(namespace, name, status)
         self.metrics.set_phase(uid, st.RUNNING)
-        kopf.info(body, reason="Started", message=f"run {run_id}: {status['message']}")
+        self.event(body, Reason.STARTED, f"run {run_id}: {status['message']}")
         return status, run_id
 
     async def _load_dag(self, spec: WorkflowSpec, name: str) -> DagSpec:
         if spec.source.kind == "ref":
             dag = await load_stored_dag(self.redis, spec.source)
         else:
-            dag = await build_dag(spec.source, name=name, timeout_s=self.config.build_timeout_s)
+            async with self.builds:  # user code, CPU and memory: a few at a time
+                dag = await build_dag(spec.source, name=name, timeout_s=self.config.build_timeout_s)
         if spec.retries is not None:
             for task in dag.tasks.values():
                 task.retries = max(task.retries, spec.retries)
@@ -266,10 +368,10 @@ class Operator:
             cpu_enforced=True,
             optimizations=list(spec.optimizations),
         )
-        try:
-            return planning.plan(dag, spec.planner, options)
+        try:  # a large DAG plans for seconds: off the event loop, which serves every Workflow
+            return await asyncio.to_thread(planning.plan, dag, spec.planner, options)
         except DagkubeError as exc:
-            raise SpecError(f"planning failed: {exc}", reason="PlanRejected") from exc
+            raise SpecError(f"planning failed: {exc}", reason=Reason.PLAN_REJECTED) from exc
 
     async def _follow(
         self,
@@ -297,7 +399,7 @@ class Operator:
         )
         shown: dict[str, Any] = {}
         ended: str | None = None
-        failure_reason: str | None = None
+        failure_reason: Reason | None = None
         reported: set[tuple[str, str]] = set()  # (Pod, reason) already posted as an Event
         try:
             while not stopped:
@@ -317,7 +419,7 @@ class Operator:
                     ended = await launcher.cancel_and_end(
                         self.redis, run_id, message, grace_s=self.config.cancel_grace_s
                     )
-                    failure_reason = stuck.reason
+                    failure_reason = reason_of(stuck.reason, Reason.WORKERS_PENDING)
                     break
                 wait_s = self.config.progress_every_s
                 if deadline is not None:
@@ -326,11 +428,14 @@ class Operator:
                     ended = await launcher.wait_for_end(self.redis, run_id, timeout_s=wait_s)
                 if ended is not None:
                     break
-                progress = st.progress_status(await launcher.fetch_run_record(self.redis, run_id))
+                await self._check_run_state(run_id)
+                with during(f"reading the progress of run {run_id}"):
+                    record = await launcher.fetch_run_record(self.redis, run_id)
+                progress = st.progress_status(record)
                 if progress != shown:
                     try:
                         await self.patch_status(namespace, name, progress)
-                    except kopf.TemporaryError as exc:  # progress is best effort: the run goes on
+                    except StatusNotWritten as exc:  # progress is best effort: the run goes on
                         logger.warning("%s (progress not shown; retried)", exc)
                     else:
                         shown = progress
@@ -344,20 +449,40 @@ class Operator:
             return status
         # The ended run's Pods go first: freeing them must not wait on a status write.
         await self._release_pool(backend, uid, keep_failed=True)
-        record = await launcher.fetch_run_record(self.redis, run_id)
+        await self._check_run_state(run_id)
+        with during(f"reading the record of the ended run {run_id}"):
+            record = await launcher.fetch_run_record(self.redis, run_id)
         conditions = status.get("conditions")
         if any(c.get("type") == "WorkersPending" for c in conditions or []):
             conditions = st.pending_condition(conditions, [], time.time())
         final = st.final_status(record, conditions, time.time(), reason=failure_reason)
-        await self.patch_status(namespace, name, final)
+        full_text_in = await self.keep_full_text(run_id, final["message"])
+        final = bounded_status(final, full_text_in)
+        with during("writing the final status"):
+            await self.patch_status(namespace, name, final)
         status = {**status, **final}
         self.metrics.set_phase(uid, final["phase"])
         self.metrics.finished.labels(final["phase"]).inc()
-        if final["phase"] == st.SUCCEEDED:
-            kopf.info(body, reason="Succeeded", message=final["message"])
-        else:
-            kopf.warn(body, reason="Failed", message=final["message"])
+        succeeded = final["phase"] == st.SUCCEEDED
+        self.event(
+            body,
+            Reason.SUCCEEDED if succeeded else Reason.FAILED,
+            final["message"],
+            warning=not succeeded,
+            full_text_in=full_text_in,
+        )
         return status
+
+    async def _check_run_state(self, run_id: str) -> None:
+        """A WorkflowFailed (RunStateLost) when Redis has neither the live run nor its
+        history: it lost its data, or the keys were deleted; nothing is left to follow."""
+        if not await self.redis.exists(RunKeys(run_id).meta, hist_run(run_id, "meta")):
+            raise WorkflowFailed(
+                f"run {run_id}: its state is gone from Redis (neither {RunKeys(run_id).meta} "
+                f"nor {hist_run(run_id, 'meta')} exists: Redis lost its data or the keys were "
+                "deleted); it cannot be followed: apply the Workflow again to run it",
+                reason=Reason.RUN_STATE_LOST,
+            )
 
     async def _watch_pending(
         self,
@@ -389,14 +514,19 @@ class Operator:
                     await self.patch_status(
                         meta["namespace"], meta["name"], {"conditions": conditions}
                     )
-                except kopf.TemporaryError as exc:
+                except StatusNotWritten as exc:
                     log.warning("%s (the pending condition is retried)", exc)
                 else:
                     status["conditions"] = conditions
         for pod in stuck:
             if (pod.name, pod.reason) not in reported:
                 reported.add((pod.name, pod.reason))
-                kopf.warn(body, reason=pod.reason, message=f"worker Pod {pod.name}: {pod.message}")
+                self.event(
+                    body,
+                    reason_of(pod.reason, Reason.WORKERS_PENDING),
+                    f"worker Pod {pod.name}: {pod.reason}: {pod.message}",
+                    warning=True,
+                )
         return stuck[0] if stuck else None
 
     async def _time_out(self, run_id: str, message: str, logger: logging.Logger) -> str:
@@ -437,17 +567,37 @@ class Operator:
         await self.redis.delete(*names)
 
     async def _fail(
-        self, body: kopf.Body, error: SpecError, status: dict[str, Any]
-    ) -> dict[str, Any]:
+        self,
+        body: kopf.Body,
+        error: WorkflowFailed,
+        stopped: kopf.DaemonStopped,
+        logger: logging.Logger,
+    ) -> None:
+        """End the Workflow Failed with ``error``'s reason: its run (when launched) cancelled
+        and ended, its Pods released, the status, a condition and a Warning Event written.
+        Safe to repeat (a retry after an error that passes)."""
         meta = body["metadata"]
-        failed = st.failed_status(error.reason, str(error), status.get("conditions"), time.time())
-        await self.patch_status(meta["namespace"], meta["name"], failed)
-        self.metrics.set_phase(meta["uid"], st.FAILED)
+        name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+        status = dict(body.get("status") or {})
+        run_id = status.get("runId") or run_id_for(name, uid)
+        full_text_in = None
+        if await self.redis.exists(RunKeys(run_id).meta, hist_run(run_id, "meta")):
+            full_text_in = await self.keep_full_text(run_id, str(error))
+        message = bounded(str(error), full_text_in=full_text_in)
+        if await self.redis.hget(RunKeys(run_id).meta, "status") in (b"running", b"cancelling"):
+            await launcher.cancel_and_end(
+                self.redis, run_id, message, grace_s=self.config.cancel_grace_s
+            )
+        backend = self.backend(None, namespace=namespace, name=name, uid=uid, run_id=run_id)
+        await self._release_pool(backend, uid, keep_failed=True)
+        failed = st.failed_status(error.reason, message, status.get("conditions"), time.time())
+        await self.patch_status(namespace, name, failed)
+        self.metrics.set_phase(uid, st.FAILED)
         self.metrics.finished.labels(st.FAILED).inc()
-        self.metrics.errors.labels(error.reason).inc()
-        kopf.warn(body, reason=error.reason, message=str(error))
-        log.warning("Workflow %s/%s failed: %s", meta["namespace"], meta["name"], error)
-        return {**status, **failed}
+        self.metrics.errors.labels(error.reason.value).inc()
+        self.event(body, error.reason, message, warning=True, full_text_in=full_text_in)
+        logger.warning("failed (%s): %s", error.reason.value, message)
+        await self._expire(body, {**status, **failed}, stopped, logger)
 
     async def _expire(
         self,
@@ -471,7 +621,21 @@ class Operator:
         await self.delete_workflow(meta["namespace"], meta["name"])
 
     # ------------------------------------------------------------------ deletion
-    async def cleanup(self, body: kopf.Body, logger: logging.Logger) -> None:
+    async def cleanup(self, body: kopf.Body, logger: logging.Logger, retry: int = 0) -> None:
+        """Clean up after a Workflow that goes; an error that passes is retried (doubling
+        delay), any other is logged and lets the Workflow go (its finalizer must not stay)."""
+        try:
+            await self._cleanup(body, logger)
+        except Exception as exc:
+            if is_transient(exc):
+                raise kopf.TemporaryError(
+                    f"cleaning up failed: {type(exc).__name__}: {exc}",
+                    delay=backoff_delay_s(retry),
+                ) from exc
+            self.metrics.reconcile_errors.inc()
+            logger.error("cleaning up failed; the Workflow goes anyway", exc_info=exc)
+
+    async def _cleanup(self, body: kopf.Body, logger: logging.Logger) -> None:
         """The Workflow is going: cancel its run, remove its Pods and its run's Redis keys
         (the history stays: it is what the planner learns from)."""
         meta = body["metadata"]
@@ -493,6 +657,7 @@ async def delete_run_keys(redis: Any, run_id: str) -> None:
     keys = RunKeys(run_id)
     dynamic = [k.decode() for k in await redis.smembers(keys.keyset)]
     fixed = [
+        message_key(run_id),
         keys.meta,
         keys.dag,
         keys.plan,
@@ -522,14 +687,8 @@ def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
     async def workflow_daemon(
         body: kopf.Body, stopped: kopf.DaemonStopped, logger: Any, **_: Any
     ) -> None:
-        try:
-            await operator.supervise(body, stopped, logger)
-        except (asyncio.CancelledError, kopf.TemporaryError):
-            raise
-        except Exception:
-            operator.metrics.reconcile_errors.inc()
-            raise
+        await operator.supervise(body, stopped, logger)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, backoff=2.0)
-    async def workflow_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
-        await operator.cleanup(body, logger)
+    async def workflow_deleted(body: kopf.Body, logger: Any, retry: int, **_: Any) -> None:
+        await operator.cleanup(body, logger, retry)

@@ -71,7 +71,7 @@ class OperatorMetrics:
         )
         self.reconcile_errors = Counter(
             "dagkube_operator_reconcile_errors",
-            "Workflow daemons that stopped on an unexpected error (kopf retries them)",
+            "Unexpected errors handling a Workflow (each ends it Failed, reason InternalError)",
             registry=self.registry,
         )
         # Worker pools the operator scales now (pool -> its backend): their queue depth and

@@ -17,20 +17,24 @@ from dagkube.errors import DagkubeError
 from dagkube.planning import PLANNERS, check_optimizations
 from dagkube.planning.sla import parse_sla
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_memory
+from dagkube_operator.reasons import Reason, WorkflowFailed
 
 DEFAULT_CLASSES = ("512Mi", "1Gi", "2Gi")
 MIN_CLASS_MIB = 128
 MAX_CLASS_MIB = 16 * 1024  # default upper bound when the operator is given no allowed list
+# The CRD's hard limits (crds/workflow.yaml), checked again for objects that skipped its schema.
+MAX_INLINE_SOURCE_CHARS = 256 * 1024
+MAX_CLASSES = 16
+MAX_WORKERS = 10_000
+MAX_TIMEOUT_S = 7 * 24 * 3600
+MAX_TTL_AFTER_FINISHED_S = 365 * 24 * 3600
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 _DAG_ID = re.compile(r"^[0-9a-f]{16,64}$")
 
 
-class SpecError(DagkubeError):
-    """A Workflow spec the operator cannot run; ``reason`` is a CamelCase Event reason."""
-
-    def __init__(self, message: str, reason: str = "InvalidSpec") -> None:
-        super().__init__(message)
-        self.reason = reason
+class SpecError(WorkflowFailed):
+    """A Workflow spec the operator cannot run (a source that does not build, a plan the
+    planner rejects); ``reason`` says which, as an Event reason."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,12 @@ def parse_source(value: Any) -> Source:
         inline = source["inline"]
         if not isinstance(inline, str) or not inline.strip():
             raise SpecError("spec.source.inline must be non-empty Python source")
+        if len(inline) > MAX_INLINE_SOURCE_CHARS:
+            raise SpecError(
+                f"spec.source.inline is {len(inline)} characters long: at most "
+                f"{MAX_INLINE_SOURCE_CHARS} (256 KiB) are accepted; put a larger workflow in "
+                "a module of the worker image (spec.source.module)"
+            )
         return Source(inline=inline)
     ref = _mapping(source["ref"], "spec.source.ref")
     dag = ref.get("dag")
@@ -125,13 +135,13 @@ def check_class(mib: int, allowed: list[int] | None) -> None:
             raise SpecError(
                 f"spec.resources.classes: {mib}Mi is not allowed by this operator; "
                 f"allowed classes: {listed}",
-                reason="ClassNotAllowed",
+                reason=Reason.CLASS_NOT_ALLOWED,
             )
     elif not MIN_CLASS_MIB <= mib <= MAX_CLASS_MIB:
         raise SpecError(
             f"spec.resources.classes: {mib}Mi is not allowed by this operator; "
             f"classes must be between {MIN_CLASS_MIB}Mi and {MAX_CLASS_MIB // 1024}Gi",
-            reason="ClassNotAllowed",
+            reason=Reason.CLASS_NOT_ALLOWED,
         )
 
 
@@ -149,7 +159,7 @@ def parse_spec(spec: Any, *, allowed_classes: list[int] | None = None) -> Workfl
     try:
         sla = parse_sla(planner.get("sla", "avg"))
     except DagkubeError as exc:
-        raise SpecError(f"spec.planner.sla: {exc}", reason="InvalidSLA") from exc
+        raise SpecError(f"spec.planner.sla: {exc}", reason=Reason.INVALID_SLA) from exc
     optimizations = planner.get("optimizations") or []
     if not isinstance(optimizations, list):
         raise SpecError(f"spec.planner.optimizations={optimizations!r} must be a list")
@@ -162,12 +172,18 @@ def parse_spec(spec: Any, *, allowed_classes: list[int] | None = None) -> Workfl
     raw_classes = resources.get("classes", list(DEFAULT_CLASSES))
     if not isinstance(raw_classes, list) or not raw_classes:
         raise SpecError(f"spec.resources.classes={raw_classes!r} must be a non-empty list")
+    if len(raw_classes) > MAX_CLASSES:
+        raise SpecError(
+            f"spec.resources.classes lists {len(raw_classes)} classes: at most {MAX_CLASSES}"
+        )
     classes: set[int] = set()
     for raw in raw_classes:
         try:
             mib = parse_memory(raw)
         except DagkubeError as exc:
-            raise SpecError(f"spec.resources.classes: {exc}", reason="ClassNotAllowed") from exc
+            raise SpecError(
+                f"spec.resources.classes: {exc}", reason=Reason.CLASS_NOT_ALLOWED
+            ) from exc
         check_class(mib, allowed_classes)
         classes.add(mib)
     try:
@@ -188,11 +204,16 @@ def parse_spec(spec: Any, *, allowed_classes: list[int] | None = None) -> Workfl
         classes_mib=sorted(classes),
         memory_per_cpu_mib=memory_per_cpu,
         max_cpu=float(max_cpu),
-        max_workers=_integer(resources.get("maxWorkers"), "spec.resources.maxWorkers", 1),
+        max_workers=_integer(
+            resources.get("maxWorkers"), "spec.resources.maxWorkers", 1, MAX_WORKERS
+        ),
         image=image,
-        timeout_s=_integer(spec.get("timeoutSeconds"), "spec.timeoutSeconds", 1),
+        timeout_s=_integer(spec.get("timeoutSeconds"), "spec.timeoutSeconds", 1, MAX_TIMEOUT_S),
         retries=_integer(spec.get("retries"), "spec.retries", 0, 10),
         ttl_after_finished_s=_integer(
-            spec.get("ttlSecondsAfterFinished"), "spec.ttlSecondsAfterFinished", 0
+            spec.get("ttlSecondsAfterFinished"),
+            "spec.ttlSecondsAfterFinished",
+            0,
+            MAX_TTL_AFTER_FINISHED_S,
         ),
     )

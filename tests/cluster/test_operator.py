@@ -37,6 +37,7 @@ from tests.release import (
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
 PENDING_TIMEOUT_S = 20
+BUILD_TIMEOUT_S = 15
 
 SLEEPY = """
 import time
@@ -115,6 +116,7 @@ def release(local_cluster: Kube) -> Iterator[Release]:
     values = {
         "operator.idleTimeoutSeconds": 15,
         "operator.pendingTimeoutSeconds": PENDING_TIMEOUT_S,
+        "operator.buildTimeoutSeconds": BUILD_TIMEOUT_S,
     }
     with installed(local_cluster, values) as release:
         yield release
@@ -293,13 +295,18 @@ def test_prewarm_creates_a_pod_before_its_invocation_is_queued(release: Release)
     assert ahead, "no Pod was created for a pre-warm request"
 
 
-def kill_worker_process(kube: Kube, pod: dict[str, Any]) -> None:
-    """SIGKILL the worker process of a Pod, as a crash (or the OOM killer) would."""
+def pod_pids(pod: dict[str, Any]) -> list[int]:
+    """The host pids of a Pod's processes (from its cgroup)."""
     root = Path("/sys/fs/cgroup/memory/dagkube-local")
     matches = list(root.glob(f"*/*/pod-{pod['metadata']['uid']}/*/cgroup.procs"))
     pids = [int(p) for path in matches for p in path.read_text().split()]
     assert pids, f"no process found for Pod {pod['metadata']['name']}"
-    for pid in pids:
+    return pids
+
+
+def kill_worker_process(kube: Kube, pod: dict[str, Any]) -> None:
+    """SIGKILL the worker process of a Pod, as a crash (or the OOM killer) would."""
+    for pid in pod_pids(pod):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -617,3 +624,159 @@ def test_the_operator_made_only_calls_its_role_grants(release: Release) -> None:
     assert ("create", "", "pods") in used and ("patch", "dagkube.io", "workflows/status") in used
     assert not denied, f"the API server refused: {sorted(set(denied))}"
     assert used - granted == set(), f"calls the Role does not grant: {sorted(used - granted)}"
+
+
+# Inline sources that count their builds in the operator's Redis (a build child inherits the
+# operator's environment), so a test sees whether the operator ran one again.
+COUNTED = """
+import os
+import redis
+
+redis.Redis.from_url(
+    os.environ["DAGKUBE_REDIS_URL"], password=os.environ.get("DAGKUBE_REDIS_PASSWORD") or None
+).incr("{counter}")
+{then}
+"""
+
+MEGA_ERROR = """
+import dagkube
+
+
+@dagkube.task
+def explode() -> int:
+    raise ValueError("boom " + "x" * (3 * 1024 * 1024))
+
+
+def build() -> dagkube.Workflow:
+    return dagkube.Workflow(explode(), name="mega-error")
+"""
+
+
+def succeeded_condition(status: dict[str, Any]) -> dict[str, Any]:
+    [condition] = [c for c in status["conditions"] if c["type"] == "Succeeded"]
+    return condition
+
+
+def test_unexpected_errors_end_the_workflow_failed_once(release: Release) -> None:
+    """A build that exits without a DAG, a ref to a Redis key of another type and a run whose
+    state vanished from Redis each end their Workflow Failed, with a reason and an Event, once:
+    the operator does not run the build again."""
+    store = release.store
+    store.hset("dk:test:not-a-dag", "field", "value")
+    exits = COUNTED.format(counter="dk:test:builds", then="os._exit(0)")
+    release.apply(release.workflow("exits-in-build", {"inline": exits}))
+    release.apply(
+        release.workflow(
+            "ref-to-a-hash", {"ref": {"dag": "0123456789abcdef", "redisKey": "dk:test:not-a-dag"}}
+        )
+    )
+    release.apply(release.workflow("state-lost", {"inline": sleepy("state-lost", 60.0, 1)}))
+    run_id = release.wait_phase("state-lost", ("Running",), 60)["runId"]
+    wait_for(lambda: release.run_pods(run_id), 60, "the run's first Pod")
+    store.delete(*store.scan_iter(f"dk:run:{run_id}:*"), hist_run(run_id, "meta"))
+
+    exited = release.wait_phase("exits-in-build", timeout_s=60)
+    assert exited["phase"] == "Failed", exited
+    assert succeeded_condition(exited)["reason"] == "BuildFailed"
+    assert "exited with status 0 without writing its DAG" in exited["message"], exited
+    assert ("Warning", "BuildFailed") in {(k, r) for k, r, _ in release.events("exits-in-build")}
+
+    ref = release.wait_phase("ref-to-a-hash", timeout_s=60)
+    assert ref["phase"] == "Failed", ref
+    assert succeeded_condition(ref)["reason"] == "DagNotFound"
+    assert "Redis key 'dk:test:not-a-dag' holds a hash, not a stored DAG" in ref["message"]
+    assert ("Warning", "DagNotFound") in {(k, r) for k, r, _ in release.events("ref-to-a-hash")}
+
+    gone = release.wait_phase("state-lost", timeout_s=30)
+    assert gone["phase"] == "Failed", gone
+    assert succeeded_condition(gone)["reason"] == "RunStateLost"
+    assert f"run {run_id}: its state is gone from Redis" in gone["message"]
+    assert ("Warning", "RunStateLost") in {(k, r) for k, r, _ in release.events("state-lost")}
+    wait_for(lambda: not release.run_pods(run_id), 60, "the lost run's Pods to be released")
+
+    # kopf retried a failed daemon every 5 s, building again each time: wait past that.
+    time.sleep(6)
+    assert int(store.get("dk:test:builds") or 0) == 1
+    for name in ("exits-in-build", "ref-to-a-hash", "state-lost"):
+        assert release.status(name)["phase"] == "Failed"
+        warnings = [r for k, r, _ in release.events(name) if k == "Warning"]
+        assert len(warnings) == 1, (name, warnings)
+
+
+def test_a_task_error_of_megabytes_is_truncated_and_the_pods_released(release: Release) -> None:
+    release.apply(release.workflow("mega-error", {"inline": MEGA_ERROR}, retries=0))
+    status = release.wait_phase("mega-error", timeout_s=120)
+    assert status["phase"] == "Failed", status
+    message = status["message"]
+    assert len(message.encode()) <= 4096 and "boom xxx" in message, message[:200]
+    assert "(truncated, " in message and "full text in Redis key " in message, message[-300:]
+    assert len(succeeded_condition(status)["message"].encode()) <= 4096
+    key = message.split("full text in Redis key ")[1].split(")")[0]
+    kept = release.store.get(key)
+    assert kept is not None and len(kept) > 4096 and kept.startswith(message[:100].encode())
+    events = [(k, r, m) for k, r, m in release.events("mega-error") if r == "Failed"]
+    assert events and all(k == "Warning" and len(m) <= 1024 for k, _, m in events), events
+    wait_for(lambda: not release.run_pods(status["runId"]), 60, "the failed run's Pods to go")
+
+
+def test_a_build_writing_600_mib_to_stderr_costs_the_operator_little_memory(
+    release: Release,
+) -> None:
+    operator = release.operator_pod()
+    assert operator is not None
+    flood = (
+        "import sys\nchunk = b'e' * (1 << 20)\nfor _ in range(600):\n"
+        "    sys.stderr.buffer.write(chunk)\nsys.stderr.buffer.write(b'the last words')\n"
+        "sys.stderr.flush()\nos._exit(1)"
+    )
+    release.apply(
+        release.workflow(
+            "stderr-flood", {"inline": COUNTED.format(counter="dk:test:floods", then=flood)}
+        )
+    )
+    status = release.wait_phase("stderr-flood", timeout_s=90)
+    assert status["phase"] == "Failed", status
+    assert succeeded_condition(status)["reason"] == "BuildFailed"
+    assert "exit code 1" in status["message"] and "the last words" in status["message"]
+    assert len(status["message"].encode()) <= 4096 and "(truncated, " in status["message"]
+    after = release.operator_pod()
+    assert after is not None and after["metadata"]["uid"] == operator["metadata"]["uid"]
+    assert (
+        after["status"]["containerStatuses"][0]["restartCount"]
+        == (operator["status"]["containerStatuses"][0]["restartCount"])
+    )
+    peaks = []
+    for pid in pod_pids(after):
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        peaks.append(int(fields["VmHWM"].split()[0]) // 1024)
+    assert max(peaks) < 300, f"the operator's peak RSS is {max(peaks)} MiB"
+
+
+def test_a_build_leaving_a_process_on_its_stderr_ends_at_its_timeout(release: Release) -> None:
+    marker = f"dagkube-grandchild-{release.namespace}"
+    source = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)  # {marker}'])\n"
+        "time.sleep(600)\n"
+    )
+    began = time.monotonic()
+    release.apply(release.workflow("holds-stderr", {"inline": source}))
+    status = release.wait_phase("holds-stderr", timeout_s=BUILD_TIMEOUT_S + 60)
+    took = time.monotonic() - began
+    assert status["phase"] == "Failed", status
+    assert succeeded_condition(status)["reason"] == "BuildTimeout"
+    assert f"took longer than {BUILD_TIMEOUT_S}s" in status["message"]
+    assert took < BUILD_TIMEOUT_S + 10, f"a {BUILD_TIMEOUT_S}s build timeout took {took:.0f}s"
+    assert ("Warning", "BuildTimeout") in {(k, r) for k, r, _ in release.events("holds-stderr")}
+    import psutil
+
+    def left_behind() -> list[int]:
+        return [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if any(marker in part for part in p.info["cmdline"] or [])
+        ]
+
+    wait_for(lambda: not left_behind(), 10, "the build's grandchild to be killed")

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from dagkube.metrics.records import RunRecord
+from dagkube_operator import spec as operator_spec
 from dagkube_operator import status as st
 from dagkube_operator.config import ConfigError, OperatorConfig, with_password
 from dagkube_operator.handlers import Deadline, pool_for, run_deadline, run_id_for
@@ -69,6 +70,32 @@ def test_example_manifests_parse_with_defaults():
         ),
         ({"source": {"inline": "x"}, "retries": 11}, "InvalidSpec", "spec.retries=11"),
         ({"source": {"inline": "x"}, "timeoutSeconds": "1h"}, "InvalidSpec", "integer"),
+        # The CRD's hard limits, for objects that reached the operator without its schema.
+        (
+            {"source": {"inline": "#" * (256 * 1024 + 1)}},
+            "InvalidSpec",
+            "262145 characters long: at most 262144",
+        ),
+        (
+            {"source": {"inline": "x"}, "resources": {"classes": ["1Gi"] * 17}},
+            "InvalidSpec",
+            "lists 17 classes: at most 16",
+        ),
+        (
+            {"source": {"inline": "x"}, "resources": {"maxWorkers": 10_001}},
+            "InvalidSpec",
+            "spec.resources.maxWorkers=10001 is out of range",
+        ),
+        (
+            {"source": {"inline": "x"}, "timeoutSeconds": 604_801},
+            "InvalidSpec",
+            "spec.timeoutSeconds=604801 is out of range: it must be >= 1 and <= 604800",
+        ),
+        (
+            {"source": {"inline": "x"}, "ttlSecondsAfterFinished": 2**64},
+            "InvalidSpec",
+            "<= 31536000",
+        ),
     ],
 )
 def test_bad_specs_name_the_field_and_the_value(spec, reason, words):
@@ -76,6 +103,29 @@ def test_bad_specs_name_the_field_and_the_value(spec, reason, words):
         parse_spec(spec)
     assert caught.value.reason == reason
     assert words in str(caught.value)
+
+
+def test_values_at_the_limits_parse():
+    spec = parse_spec(
+        {
+            "source": {"inline": "#" * (256 * 1024 - 1) + "\n"},
+            "resources": {"classes": [f"{512 + i}Mi" for i in range(16)], "maxWorkers": 10_000},
+            "timeoutSeconds": 7 * 24 * 3600,
+            "ttlSecondsAfterFinished": 365 * 24 * 3600,
+        }
+    )
+    assert (len(spec.classes_mib), spec.max_workers, spec.timeout_s) == (16, 10_000, 604_800)
+
+
+def test_the_parser_limits_are_the_crd_limits():
+    [version] = yaml.safe_load((ROOT / "crds/workflow.yaml").read_text())["spec"]["versions"]
+    schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    source, resources = schema["source"]["properties"], schema["resources"]["properties"]
+    assert source["inline"]["maxLength"] == operator_spec.MAX_INLINE_SOURCE_CHARS
+    assert resources["classes"]["maxItems"] == operator_spec.MAX_CLASSES
+    assert resources["maxWorkers"]["maximum"] == operator_spec.MAX_WORKERS
+    assert schema["timeoutSeconds"]["maximum"] == operator_spec.MAX_TIMEOUT_S
+    assert schema["ttlSecondsAfterFinished"]["maximum"] == operator_spec.MAX_TTL_AFTER_FINISHED_S
 
 
 def test_allowed_classes_list():

@@ -1,0 +1,198 @@
+"""How the operator fails a Workflow: the fixed set of reasons, bounded messages, which errors
+are retried and after how long, and builds that misbehave (real child processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import tracemalloc
+
+import psutil
+import pytest
+import redis.exceptions
+from kubernetes_asyncio import client
+
+from dagkube.kubernetes.backend import STUCK_WAITING
+from dagkube_operator.config import ConfigError, OperatorConfig
+from dagkube_operator.handlers import internal_error
+from dagkube_operator.reasons import (
+    BUILD_REASONS,
+    MESSAGE_LIMIT_BYTES,
+    Reason,
+    bounded,
+    bounded_status,
+    reason_of,
+)
+from dagkube_operator.source import build_dag
+from dagkube_operator.spec import Source, SpecError, parse_spec
+from dagkube_operator.transient import StatusNotWritten, backoff_delay_s, is_transient
+
+
+def test_a_short_message_is_kept_as_it_is():
+    assert bounded("task t#0 raised ValueError: no") == "task t#0 raised ValueError: no"
+
+
+def test_a_long_message_keeps_its_head_and_tail_and_says_where_the_rest_is():
+    text = "head " + "é" * 3_000_000 + " tail"
+    cut = bounded(text, full_text_in="Redis key dk:run:r:message")
+    assert len(cut.encode()) <= MESSAGE_LIMIT_BYTES
+    assert cut.startswith("head éé") and cut.endswith("éé tail")
+    size = len(text.encode())
+    assert f"(truncated, {size} bytes; full text in Redis key dk:run:r:message)" in cut
+    assert len(bounded(text, limit_bytes=1000).encode()) <= 1000
+
+
+def test_a_status_has_its_message_and_conditions_bounded():
+    status = {
+        "phase": "Failed",
+        "message": "x" * 10_000,
+        "conditions": [{"type": "Succeeded", "message": "y" * 10_000}, {"type": "Other"}],
+    }
+    out = bounded_status(status, "Redis key k")
+    assert len(out["message"].encode()) <= MESSAGE_LIMIT_BYTES
+    assert len(out["conditions"][0]["message"].encode()) <= MESSAGE_LIMIT_BYTES
+    assert out["conditions"][1] == {"type": "Other"}
+    assert status["message"] == "x" * 10_000  # a copy
+
+
+def test_reasons_come_from_the_fixed_set():
+    assert reason_of("BuildTimeout", Reason.BUILD_FAILED) is Reason.BUILD_TIMEOUT
+    # Text from outside (a build's report, a Pod's status) cannot make up a reason.
+    assert reason_of("Succeeded\nforged", Reason.BUILD_FAILED) is Reason.BUILD_FAILED
+    assert reason_of(None, Reason.WORKERS_PENDING) is Reason.WORKERS_PENDING
+    # The kubelet's reasons the operator reports are in the set.
+    assert {reason_of(r, Reason.WORKERS_PENDING).value for r in STUCK_WAITING} == STUCK_WAITING
+    assert Reason.INTERNAL_ERROR not in BUILD_REASONS and Reason.BUILD_FAILED in BUILD_REASONS
+
+
+def test_a_spec_error_carries_a_reason_of_the_set():
+    with pytest.raises(SpecError) as caught:
+        parse_spec({"source": {"inline": "x"}, "resources": {"classes": ["9" * 400 + "Mi"]}})
+    assert caught.value.reason is Reason.CLASS_NOT_ALLOWED
+    assert "spec.resources.classes" in str(caught.value)
+    with pytest.raises(ValueError):
+        SpecError("no", reason="MadeUp")  # type: ignore[arg-type]
+
+
+def test_an_unforeseen_error_names_its_step():
+    try:
+        try:
+            raise KeyError("plan")
+        except KeyError as exc:
+            exc.add_note("planning")
+            raise
+    except KeyError as exc:
+        failure = internal_error(exc)
+    assert failure.reason is Reason.INTERNAL_ERROR
+    assert str(failure).startswith("the operator failed while planning: KeyError: 'plan'")
+
+
+def test_backoff_doubles_up_to_its_cap():
+    assert [backoff_delay_s(n) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert backoff_delay_s(10_000) == 30
+    assert backoff_delay_s(2, first_s=0.5, cap_s=60) == 2
+
+
+def api_error(status: int) -> client.ApiException:
+    return client.ApiException(status=status, reason="x")
+
+
+@pytest.mark.parametrize("status", [429, 500, 503, 504, 403, 409])
+def test_api_errors_that_pass_are_transient(status: int):
+    assert is_transient(api_error(status))
+    try:
+        raise StatusNotWritten("cannot patch") from api_error(status)
+    except StatusNotWritten as exc:
+        assert is_transient(exc)
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_api_errors_that_come_back_the_same_are_not(status: int):
+    try:
+        raise StatusNotWritten("cannot patch") from api_error(status)
+    except StatusNotWritten as exc:
+        assert not is_transient(exc)
+
+
+def test_connection_errors_are_transient_and_others_not():
+    assert is_transient(redis.exceptions.ConnectionError("refused"))
+    assert is_transient(redis.exceptions.BusyLoadingError("LOADING"))
+    assert is_transient(redis.exceptions.ResponseError("OOM command not allowed"))
+    assert is_transient(ConnectionResetError())
+    assert not is_transient(redis.exceptions.ResponseError("WRONGTYPE Operation against a key"))
+    assert not is_transient(FileNotFoundError("dag.pickle"))
+    assert not is_transient(KeyError("x"))
+
+
+def test_max_concurrent_builds_setting():
+    env = {"DAGKUBE_REDIS_URL": "redis://r:6379/0"}
+    assert OperatorConfig.from_env(env).max_concurrent_builds == 2
+    assert (
+        OperatorConfig.from_env({**env, "DAGKUBE_MAX_CONCURRENT_BUILDS": "4"}).max_concurrent_builds
+        == 4
+    )
+    with pytest.raises(ConfigError, match="DAGKUBE_MAX_CONCURRENT_BUILDS='0' must be >= 1"):
+        OperatorConfig.from_env({**env, "DAGKUBE_MAX_CONCURRENT_BUILDS": "0"})
+
+
+# ---------------------------------------------------------------- builds (child processes)
+def build(source: str, timeout_s: float = 30.0) -> SpecError:
+    with pytest.raises(SpecError) as caught:
+        asyncio.run(build_dag(Source(inline=source), name="t", timeout_s=timeout_s))
+    return caught.value
+
+
+def test_a_build_that_exits_without_its_dag_fails():
+    failure = build("import os\nos._exit(0)\n")
+    assert failure.reason is Reason.BUILD_FAILED
+    assert "exited with status 0 without writing its DAG" in str(failure)
+
+
+def test_what_a_build_prints_cannot_forge_its_reason():
+    forged = '{"reason": "Succeeded", "message": "all good"}'
+    failure = build(f"import os, sys\nprint({forged!r}, file=sys.stderr)\nos._exit(3)\n")
+    assert failure.reason is Reason.BUILD_FAILED
+    assert "exit code 3" in str(failure)
+
+
+def test_a_build_writing_200_mib_to_stderr_is_read_within_bounds():
+    tracemalloc.start()
+    failure = build(
+        "import os, sys\nchunk = b'e' * (1 << 20)\nfor _ in range(200):\n"
+        "    sys.stderr.buffer.write(chunk)\nsys.stderr.buffer.write(b'last words')\n"
+        "sys.stderr.flush()\nos._exit(1)\n"
+    )
+    peak_mib = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    assert failure.reason is Reason.BUILD_FAILED
+    message = str(failure)
+    assert "exit code 1" in message and message.endswith("last words")
+    assert len(message.encode()) <= MESSAGE_LIMIT_BYTES and "(truncated, " in message
+    assert peak_mib < 16, f"reading the build's stderr took {peak_mib:.0f} MiB at its peak"
+
+
+def test_a_build_leaving_a_process_on_its_stderr_ends_at_its_timeout(tmp_path):
+    marker = tmp_path / "grandchild.pid"
+    source = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(marker)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n"
+    )
+    began = time.monotonic()
+    failure = build(source, timeout_s=2.0)
+    took = time.monotonic() - began
+    assert failure.reason is Reason.BUILD_TIMEOUT and "longer than 2s" in str(failure)
+    assert took < 5, f"a 2 s build timeout took {took:.1f}s"
+    grandchild = int(marker.read_text())
+
+    def gone() -> bool:  # a killed process not yet reaped by its new parent is a zombie
+        try:
+            return psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + 5
+    while not gone():
+        assert time.monotonic() < deadline, f"the build's grandchild {grandchild} outlived it"
+        time.sleep(0.05)
