@@ -23,6 +23,7 @@ from kubernetes_asyncio import client, config
 
 from dagkube.errors import DagkubeError
 from dagkube.kubernetes.pods import (
+    DEFAULT_EPHEMERAL_STORAGE_MIB,
     LABEL_CLASS,
     LABEL_POOL,
     WORKER_CONTAINER,
@@ -159,6 +160,8 @@ class KubernetesBackend:
         memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB,
         max_cpu: float = DEFAULT_MAX_CPU,
         startup_delay_s: float = 0.0,
+        ephemeral_storage_mib: int = DEFAULT_EPHEMERAL_STORAGE_MIB,
+        active_deadline_s: int | None = None,
     ) -> None:
         self.core = client.CoreV1Api(api)
         self.namespace = namespace
@@ -173,6 +176,8 @@ class KubernetesBackend:
         self.memory_per_cpu_mib = memory_per_cpu_mib
         self.max_cpu = max_cpu
         self.startup_delay_s = startup_delay_s
+        self.ephemeral_storage_mib = ephemeral_storage_mib
+        self.active_deadline_s = active_deadline_s
         self.selector = pool_selector(pool)
         # Pod names derive from the owner's uid (a shared pool: from namespace and pool), so a
         # restarted operator names its Pods as before and adopts the ones that exist.
@@ -211,6 +216,8 @@ class KubernetesBackend:
             startup_delay_s=self.startup_delay_s,
             prewarm_for=prewarm_for,
             demand_for=demand_for,
+            ephemeral_storage_mib=self.ephemeral_storage_mib,
+            active_deadline_s=self.active_deadline_s,
         )
         created = await self._call(
             f"create worker Pod {name!r}",

@@ -3,7 +3,8 @@
 A worker Pod runs ``python -m dagkube.worker`` for one resource class: memory request = limit =
 the class, CPU request = limit = memory / ``memory_per_cpu_mib`` (capped by ``max_cpu``), the
 Redis URL (with its password) from a Secret, and no service-account token, root or writable
-root filesystem.
+root filesystem. Its disk is bounded (ephemeral storage request = limit, and the same size
+limit on its ``/tmp`` emptyDir) and so is its life, when given (``activeDeadlineSeconds``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ SHARED_RUN = "shared"  # the run label of a pool serving every run
 WORKER_CONTAINER = "worker"
 WORKER_UID = 10001  # matches the user of worker-image/Dockerfile
 TERMINATION_GRACE_S = 10
+DEFAULT_EPHEMERAL_STORAGE_MIB = 1024  # a worker's /tmp, logs and writable layer together
 
 _LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
@@ -112,6 +114,8 @@ def build_worker_pod(
     startup_delay_s: float = 0.0,
     prewarm_for: str | None = None,
     demand_for: str | None = None,
+    ephemeral_storage_mib: int = DEFAULT_EPHEMERAL_STORAGE_MIB,
+    active_deadline_s: int | None = None,
 ) -> dict[str, Any]:
     """The Pod manifest of one worker of class ``memory_mib`` serving ``pool``.
 
@@ -121,12 +125,24 @@ def build_worker_pod(
     its cold start from it. ``prewarm_for`` / ``demand_for``: the run the Pod is created for
     (a pre-warm request, a queued invocation), charged if the worker never serves. ``owner``
     is the Workflow the Pod belongs to (garbage-collected with it); ``labels`` are extra
-    labels, which cannot override the fixed vocabulary.
+    labels, which cannot override the fixed vocabulary. ``ephemeral_storage_mib`` bounds the
+    Pod's disk (past it the kubelet evicts the Pod); ``active_deadline_s``: the kubelet stops
+    the Pod this long after it started (None: no deadline).
     """
     secret_name, secret_key = redis_url_secret
     millicores = cpu_millicores(memory_mib, memory_per_cpu_mib, max_cpu)
     threads = str(max(1, math.floor(cpu_for_memory(memory_mib, memory_per_cpu_mib, max_cpu))))
-    quantities = {"cpu": f"{millicores}m", "memory": f"{memory_mib}Mi"}
+    if ephemeral_storage_mib < 1 or (active_deadline_s is not None and active_deadline_s < 1):
+        raise ValueError(
+            f"Worker Pod {name!r} needs ephemeral storage >= 1 MiB and a deadline >= 1 s (or "
+            f"none), got {ephemeral_storage_mib} MiB and {active_deadline_s!r} s"
+        )
+    storage = format_memory(ephemeral_storage_mib)
+    quantities = {
+        "cpu": f"{millicores}m",
+        "memory": f"{memory_mib}Mi",
+        "ephemeral-storage": storage,
+    }
     env: list[dict[str, Any]] = [
         {
             "name": "DAGKUBE_REDIS_URL",
@@ -166,51 +182,49 @@ def build_worker_pod(
                 "blockOwnerDeletion": True,
             }
         ]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": metadata,
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "enableServiceLinks": False,
-            "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": WORKER_UID,
-                "runAsGroup": WORKER_UID,
-                "fsGroup": WORKER_UID,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
-            "containers": [
-                {
-                    "name": WORKER_CONTAINER,
-                    "image": image,
-                    "command": [
-                        "python",
-                        "-m",
-                        "dagkube.worker",
-                        "--pool",
-                        pool,
-                        "--memory-mib",
-                        str(memory_mib),
-                        "--worker-id",
-                        name,
-                        "--cpu",
-                        f"{millicores / 1000:g}",
-                        "--idle-timeout",
-                        f"{idle_timeout_s:g}",
-                    ],
-                    "env": env,
-                    "resources": {"requests": dict(quantities), "limits": dict(quantities)},
-                    "securityContext": {
-                        "readOnlyRootFilesystem": True,
-                        "allowPrivilegeEscalation": False,
-                        "capabilities": {"drop": ["ALL"]},
-                    },
-                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-                }
-            ],
-            "volumes": [{"name": "tmp", "emptyDir": {}}],
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "fsGroup": WORKER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
+        "containers": [
+            {
+                "name": WORKER_CONTAINER,
+                "image": image,
+                "command": [
+                    "python",
+                    "-m",
+                    "dagkube.worker",
+                    "--pool",
+                    pool,
+                    "--memory-mib",
+                    str(memory_mib),
+                    "--worker-id",
+                    name,
+                    "--cpu",
+                    f"{millicores / 1000:g}",
+                    "--idle-timeout",
+                    f"{idle_timeout_s:g}",
+                ],
+                "env": env,
+                "resources": {"requests": dict(quantities), "limits": dict(quantities)},
+                "securityContext": {
+                    "readOnlyRootFilesystem": True,
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            }
+        ],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": storage}}],
     }
+    if active_deadline_s is not None:
+        pod_spec["activeDeadlineSeconds"] = active_deadline_s
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}

@@ -12,6 +12,12 @@ Every variable, its meaning and its default:
 - DAGKUBE_ALLOWED_CLASSES: memory classes Workflows may use, comma-separated (any from 128Mi
   to 16Gi)
 - DAGKUBE_MAX_WORKERS: worker Pods per run without spec.resources.maxWorkers (50)
+- DAGKUBE_MAX_WORKERS_LIMIT: the most worker Pods per run a Workflow may ask for in
+  spec.resources.maxWorkers; above it the Workflow fails (MaxWorkersAboveLimit) (200)
+- DAGKUBE_ALLOWED_IMAGES: spec.image values Workflows may use, comma-separated prefixes or
+  glob patterns (registry.example.org/team/*); the worker image is always allowed (any image)
+- DAGKUBE_WORKER_EPHEMERAL_STORAGE: ephemeral storage (request = limit, and the size limit
+  of its /tmp emptyDir) of each worker Pod, a quantity like 512Mi or 2Gi (1Gi)
 - DAGKUBE_IDLE_TIMEOUT: seconds an idle worker Pod waits for work before it exits (30)
 - DAGKUBE_STARTUP_DELAY: extra seconds each worker waits before serving, for experiments (0)
 - DAGKUBE_BUILD_TIMEOUT: seconds a module or inline source may take to build its DAG (120)
@@ -27,7 +33,8 @@ Every variable, its meaning and its default:
   scheduler's or the kubelet's (unschedulable, image pull failure, missing Secret) before its
   run fails with that reason (300); the reason is reported in .status within seconds
 - DAGKUBE_DEFAULT_TIMEOUT: seconds a run may take when its Workflow sets no
-  spec.timeoutSeconds; past it the run is cancelled and ends Failed; 0: no limit (3600)
+  spec.timeoutSeconds; past it the run is cancelled and ends Failed; 0: no limit (3600).
+  Worker Pods get an activeDeadlineSeconds of the run's timeout plus a margin
 - DAGKUBE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR (INFO)
 """
 
@@ -42,6 +49,7 @@ from typing import TypeVar
 
 from dagkube import __version__
 from dagkube.errors import DagkubeError
+from dagkube.kubernetes.pods import DEFAULT_EPHEMERAL_STORAGE_MIB
 from dagkube.resources import parse_memory
 
 N = TypeVar("N", int, float)
@@ -59,6 +67,9 @@ class OperatorConfig:
     worker_image: str = f"ghcr.io/dagkube/worker:{__version__}"
     allowed_classes: list[int] | None = None
     max_workers: int = 50
+    max_workers_limit: int = 200
+    allowed_images: list[str] | None = None
+    worker_ephemeral_storage_mib: int = DEFAULT_EPHEMERAL_STORAGE_MIB
     idle_timeout_s: float = 30.0
     startup_delay_s: float = 0.0
     build_timeout_s: float = 120.0
@@ -92,6 +103,28 @@ class OperatorConfig:
             )
         except DagkubeError as exc:
             raise ConfigError(f"DAGKUBE_ALLOWED_CLASSES={allowed!r}: {exc}") from exc
+        images = env.get("DAGKUBE_ALLOWED_IMAGES", "")
+        allowed_images = [pattern.strip() for pattern in images.split(",") if pattern.strip()]
+        for pattern in allowed_images:
+            if any(c.isspace() for c in pattern):
+                raise ConfigError(
+                    f"DAGKUBE_ALLOWED_IMAGES={images!r}: {pattern!r} is not an image prefix or "
+                    "pattern (no spaces; separate patterns with commas)"
+                )
+        storage = env.get("DAGKUBE_WORKER_EPHEMERAL_STORAGE", "").strip()
+        try:
+            ephemeral_storage_mib = (
+                parse_memory(storage) if storage else DEFAULT_EPHEMERAL_STORAGE_MIB
+            )
+        except DagkubeError as exc:
+            raise ConfigError(f"DAGKUBE_WORKER_EPHEMERAL_STORAGE={storage!r}: {exc}") from exc
+        max_workers = _number(env, "DAGKUBE_MAX_WORKERS", 50, int, 1)
+        max_workers_limit = _number(env, "DAGKUBE_MAX_WORKERS_LIMIT", 200, int, 1)
+        if max_workers > max_workers_limit:
+            raise ConfigError(
+                f"DAGKUBE_MAX_WORKERS={max_workers} is above DAGKUBE_MAX_WORKERS_LIMIT="
+                f"{max_workers_limit}: the default workers per run must be within the limit"
+            )
         return cls(
             redis_url=with_password(url, password),
             redis_url_secret=(
@@ -101,7 +134,10 @@ class OperatorConfig:
             namespace=env.get("DAGKUBE_WATCH_NAMESPACE", "").strip() or None,
             worker_image=env.get("DAGKUBE_WORKER_IMAGE") or cls.worker_image,
             allowed_classes=allowed_classes,
-            max_workers=_number(env, "DAGKUBE_MAX_WORKERS", 50, int, 1),
+            max_workers=max_workers,
+            max_workers_limit=max_workers_limit,
+            allowed_images=allowed_images or None,
+            worker_ephemeral_storage_mib=ephemeral_storage_mib,
             idle_timeout_s=_number(env, "DAGKUBE_IDLE_TIMEOUT", 30.0, float, 0.1),
             startup_delay_s=_number(env, "DAGKUBE_STARTUP_DELAY", 0.0, float, 0.0),
             build_timeout_s=_number(env, "DAGKUBE_BUILD_TIMEOUT", 120.0, float, 1.0),

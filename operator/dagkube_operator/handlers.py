@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,6 +65,10 @@ from dagkube_operator.spec import SpecError, WorkflowSpec, parse_spec
 from dagkube_operator.transient import StatusNotWritten, backoff_delay_s, is_transient
 
 GROUP, VERSION, PLURAL = "dagkube.io", "v1alpha1", "workflows"
+# Worker Pods outlive their run's deadline by this much at most: the operator cancels the run
+# at the deadline and deletes its Pods after a grace; the kubelet's activeDeadlineSeconds only
+# stops the ones it could not (an operator that is down, a Pod it failed to delete).
+WORKER_DEADLINE_MARGIN_S = 120
 log = logging.getLogger("dagkube.operator")
 
 
@@ -127,6 +132,14 @@ def run_deadline(
             "set spec.timeoutSeconds to change it)",
         )
     return None
+
+
+def worker_deadline_s(*, spec_timeout_s: int | None, default_timeout_s: float) -> int | None:
+    """``activeDeadlineSeconds`` of a run's worker Pods: the run's timeout (the same rule as
+    :func:`run_deadline`) plus a margin; None when the run has no time limit. A Pod's deadline
+    counts from its own start, so it is never earlier than the run's."""
+    timeout = run_deadline(0.0, spec_timeout_s=spec_timeout_s, default_timeout_s=default_timeout_s)
+    return None if timeout is None else math.ceil(timeout.at) + WORKER_DEADLINE_MARGIN_S
 
 
 class CountingBackend(KubernetesBackend):
@@ -233,6 +246,11 @@ class Operator:
             memory_per_cpu_mib=spec.memory_per_cpu_mib if spec else 1792,
             max_cpu=spec.max_cpu if spec else 6.0,
             startup_delay_s=self.config.startup_delay_s,
+            ephemeral_storage_mib=self.config.worker_ephemeral_storage_mib,
+            active_deadline_s=worker_deadline_s(
+                spec_timeout_s=spec.timeout_s if spec else None,
+                default_timeout_s=self.config.default_timeout_s,
+            ),
         )
         backend.metrics = self.metrics
         return backend
@@ -280,7 +298,13 @@ class Operator:
         phase = status.get("phase") or st.PENDING
         self.metrics.set_phase(uid, phase)
         if phase not in st.ENDED:
-            spec = parse_spec(body.get("spec"), allowed_classes=self.config.allowed_classes)
+            spec = parse_spec(
+                body.get("spec"),
+                allowed_classes=self.config.allowed_classes,
+                max_workers_limit=self.config.max_workers_limit,
+                allowed_images=self.config.allowed_images,
+                default_image=self.config.worker_image,
+            )
             run_id = status.get("runId")
             if not run_id:
                 status, run_id = await self._start(body, spec, status, logger)

@@ -30,6 +30,8 @@ class Reason(enum.StrEnum):
     INVALID_SPEC = "InvalidSpec"
     INVALID_SLA = "InvalidSLA"
     CLASS_NOT_ALLOWED = "ClassNotAllowed"
+    MAX_WORKERS_ABOVE_LIMIT = "MaxWorkersAboveLimit"
+    IMAGE_NOT_ALLOWED = "ImageNotAllowed"
     MODULE_NOT_FOUND = "ModuleNotFound"
     MODULE_IMPORT_FAILED = "ModuleImportFailed"
     FUNCTION_NOT_FOUND = "FunctionNotFound"

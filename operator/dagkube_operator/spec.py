@@ -1,14 +1,16 @@
 """A Workflow's ``spec`` as the operator uses it: parsed, defaulted and checked, without I/O.
 
 The CRD schema rejects malformed specs at the API server; this is the second line, for what a
-schema cannot know (classes the operator allows, planner names a newer CRD may list) and for
-objects that reached the operator without schema validation (an older CRD, an emulator). Every
-problem becomes a :class:`SpecError` whose message names the field, the value and what is
-accepted: the operator turns it into a ``Failed`` phase, a condition and an Event.
+schema cannot know (classes, worker counts and images the operator allows, planner names a
+newer CRD may list) and for objects that reached the operator without schema validation (an
+older CRD, an emulator). Every problem becomes a :class:`SpecError` whose message names the
+field, the value and what is accepted: the operator turns it into a ``Failed`` phase, a
+condition and an Event.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,8 +147,54 @@ def check_class(mib: int, allowed: list[int] | None) -> None:
         )
 
 
-def parse_spec(spec: Any, *, allowed_classes: list[int] | None = None) -> WorkflowSpec:
-    """Parse a Workflow's spec (a plain dict), applying the CRD's defaults."""
+def check_max_workers(max_workers: int | None, limit: int) -> None:
+    """Raise a SpecError (reason MaxWorkersAboveLimit) for a ``spec.resources.maxWorkers``
+    above the operator's ceiling of worker Pods per run."""
+    if max_workers is not None and max_workers > limit:
+        raise SpecError(
+            f"spec.resources.maxWorkers={max_workers} is above this operator's limit of "
+            f"{limit} worker Pods per run; ask for at most {limit}",
+            reason=Reason.MAX_WORKERS_ABOVE_LIMIT,
+        )
+
+
+def image_allowed(image: str, pattern: str) -> bool:
+    """Whether ``image`` matches one allowlist ``pattern``: a glob when it has ``*``, ``?`` or
+    ``[`` (``*`` also matches ``/``), else a prefix that ends where a path segment, tag or
+    digest ends (``registry.example.org/team`` allows ``registry.example.org/team/app:1``,
+    not ``registry.example.org/teamx/app``)."""
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(image, pattern)
+    if not image.startswith(pattern):
+        return False
+    return len(image) == len(pattern) or pattern[-1] in "/:@" or image[len(pattern)] in "/:@"
+
+
+def check_image(image: str, allowed: list[str] | None, default_image: str | None) -> None:
+    """Raise a SpecError (reason ImageNotAllowed) for a ``spec.image`` that matches none of the
+    ``allowed`` patterns; no list: any image. The operator's default worker image is always
+    allowed."""
+    if not allowed or image == default_image:
+        return
+    if not any(image_allowed(image, pattern) for pattern in allowed):
+        raise SpecError(
+            f"spec.image={image!r} is not allowed by this operator; allowed images: "
+            f"{', '.join(allowed)} (or leave spec.image unset for the default worker image)",
+            reason=Reason.IMAGE_NOT_ALLOWED,
+        )
+
+
+def parse_spec(
+    spec: Any,
+    *,
+    allowed_classes: list[int] | None = None,
+    max_workers_limit: int = MAX_WORKERS,
+    allowed_images: list[str] | None = None,
+    default_image: str | None = None,
+) -> WorkflowSpec:
+    """Parse a Workflow's spec (a plain dict), applying the CRD's defaults and the operator's
+    limits: its allowed classes, its ceiling of workers per run, its allowed images (any
+    when None; ``default_image`` always)."""
     spec = _mapping(spec, "spec")
     source = parse_source(spec.get("source"))
     planner = _mapping(spec.get("planner"), "spec.planner")
@@ -196,6 +244,10 @@ def parse_spec(spec: Any, *, allowed_classes: list[int] | None = None) -> Workfl
     image = spec.get("image")
     if image is not None and (not isinstance(image, str) or not image.strip()):
         raise SpecError(f"spec.image={image!r} must be a non-empty image reference")
+    if image is not None:
+        check_image(image, allowed_images, default_image)
+    max_workers = _integer(resources.get("maxWorkers"), "spec.resources.maxWorkers", 1, MAX_WORKERS)
+    check_max_workers(max_workers, max_workers_limit)
     return WorkflowSpec(
         source=source,
         planner=name,
@@ -204,9 +256,7 @@ def parse_spec(spec: Any, *, allowed_classes: list[int] | None = None) -> Workfl
         classes_mib=sorted(classes),
         memory_per_cpu_mib=memory_per_cpu,
         max_cpu=float(max_cpu),
-        max_workers=_integer(
-            resources.get("maxWorkers"), "spec.resources.maxWorkers", 1, MAX_WORKERS
-        ),
+        max_workers=max_workers,
         image=image,
         timeout_s=_integer(spec.get("timeoutSeconds"), "spec.timeoutSeconds", 1, MAX_TIMEOUT_S),
         retries=_integer(spec.get("retries"), "spec.retries", 0, 10),

@@ -138,6 +138,21 @@ async def test_start_worker_creates_the_pod_the_builder_describes(
     assert await backend.reap() == []
 
 
+async def test_worker_pods_carry_the_runs_disk_and_time_limits(
+    make_backend: Any, local_cluster: Kube, namespace: str
+) -> None:
+    """The backend's ephemeral storage and deadline reach the Pod the API server keeps."""
+    backend = await make_backend(ephemeral_storage_mib=256, active_deadline_s=720)
+    handle = await backend.start_worker(BIG)
+    stored = local_cluster.get("pod", handle.worker_id, namespace)
+    assert stored is not None
+    assert stored["spec"]["activeDeadlineSeconds"] == 720
+    [container] = stored["spec"]["containers"]
+    assert container["resources"]["limits"]["ephemeral-storage"] == "256Mi"
+    assert container["resources"]["requests"]["ephemeral-storage"] == "256Mi"
+    assert stored["spec"]["volumes"][0]["emptyDir"] == {"sizeLimit": "256Mi"}
+
+
 @pytest.mark.parametrize(("phase", "code"), [("Failed", 3), ("Succeeded", 0)])
 async def test_reap_reports_an_ended_pod_once_with_its_exit_code(
     backend: KubernetesBackend, local_cluster: Kube, namespace: str, phase: str, code: int

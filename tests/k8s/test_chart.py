@@ -745,3 +745,53 @@ def test_redis_refuses_writes_past_maxmemory_rather_than_evict(
     assert settings["--maxmemory"] == "768mb"
     assert settings["--maxmemory-policy"] == "noeviction"
     assert settings["--appendonly"] == "yes" and settings["--appendfsync"] == "everysec"
+
+
+# ---------------------------------------------------------------- hard limits (issue 17)
+def test_hard_limits_reach_the_operator(tools: Tools) -> None:
+    """The defaults and set values of the workers ceiling, the image allowlist and the
+    workers' ephemeral storage become the operator's settings."""
+    env = _operator_env(tools.template())
+    assert env["DAGKUBE_MAX_WORKERS_LIMIT"] == "200"
+    assert env["DAGKUBE_ALLOWED_IMAGES"] == ""
+    assert env["DAGKUBE_WORKER_EPHEMERAL_STORAGE"] == "1Gi"
+    env = _operator_env(
+        tools.template(
+            "--set", "operator.maxWorkersLimit=80",
+            "--set-json", 'operator.allowedImages=["registry.example.org/team/*","ghcr.io/x"]',
+            "--set", "worker.ephemeralStorage=512Mi",
+        )
+    )  # fmt: skip
+    assert env["DAGKUBE_MAX_WORKERS_LIMIT"] == "80"
+    assert env["DAGKUBE_ALLOWED_IMAGES"] == "registry.example.org/team/*,ghcr.io/x"
+    assert env["DAGKUBE_WORKER_EPHEMERAL_STORAGE"] == "512Mi"
+    config = OperatorConfig.from_env({k: v for k, v in env.items() if isinstance(v, str)})
+    assert config.max_workers_limit == 80
+    assert config.allowed_images == ["registry.example.org/team/*", "ghcr.io/x"]
+    assert config.worker_ephemeral_storage_mib == 512
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("operator.maxWorkersLimit=0", "/operator/maxWorkersLimit"),
+        ("operator.maxWorkersLimit=10001", "/operator/maxWorkersLimit"),
+        ("operator.allowedImages={a b}", "/operator/allowedImages/0"),
+        ("worker.ephemeralStorage=lots", "/worker/ephemeralStorage"),
+        ("worker.ephemeralStorage=1G", "/worker/ephemeralStorage"),
+    ],
+)
+def test_values_schema_rejects_bad_hard_limits(tools: Tools, setting: str, named: str) -> None:
+    result = tools.run("helm", "template", "rel", CHART, "--set", setting)
+    assert result.returncode != 0
+    assert "don't meet the specifications of the schema" in result.stderr
+    assert named in result.stderr
+
+
+def test_default_workers_above_the_ceiling_stop_the_install(tools: Tools) -> None:
+    result = tools.run(
+        "helm", "template", "rel", CHART,
+        "--set", "operator.maxWorkersPerRun=300", "--set", "operator.maxWorkersLimit=200",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "operator.maxWorkersPerRun=300 is above operator.maxWorkersLimit=200" in result.stderr

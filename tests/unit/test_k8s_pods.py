@@ -63,7 +63,7 @@ def argument(manifest: dict[str, Any], flag: str) -> str:
 def test_cpu_is_proportional_to_memory_and_capped(memory_mib, max_cpu, cpu, cpu_arg, threads):
     manifest = pod(memory_mib=memory_mib, max_cpu=max_cpu)
     resources = container(manifest)["resources"]
-    expected = {"cpu": cpu, "memory": f"{memory_mib}Mi"}
+    expected = {"cpu": cpu, "memory": f"{memory_mib}Mi", "ephemeral-storage": "1Gi"}
     assert resources == {"requests": expected, "limits": expected}
     assert argument(manifest, "--cpu") == cpu_arg
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -145,9 +145,40 @@ def test_pod_is_locked_down():
 
 def test_tmp_is_a_writable_empty_dir():
     manifest = pod()
-    assert manifest["spec"]["volumes"] == [{"name": "tmp", "emptyDir": {}}]
+    assert manifest["spec"]["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
     assert container(manifest)["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
     assert env(manifest)["TMPDIR"]["value"] == "/tmp"
+
+
+def test_disk_is_bounded_by_default_and_by_the_setting():
+    """Ephemeral storage request = limit, and the same size limit on the /tmp emptyDir: a task
+    cannot fill the node's disk (the kubelet evicts the Pod past it)."""
+    resources = container(pod())["resources"]
+    assert resources["requests"]["ephemeral-storage"] == "1Gi"
+    assert resources["limits"]["ephemeral-storage"] == "1Gi"
+    manifest = pod(ephemeral_storage_mib=1536)
+    assert container(manifest)["resources"] == {
+        "requests": {"cpu": "286m", "memory": "512Mi", "ephemeral-storage": "1536Mi"},
+        "limits": {"cpu": "286m", "memory": "512Mi", "ephemeral-storage": "1536Mi"},
+    }
+    assert manifest["spec"]["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "1536Mi"}}]
+
+
+def test_active_deadline_only_when_given():
+    assert "activeDeadlineSeconds" not in pod()["spec"]
+    assert pod(active_deadline_s=3720)["spec"]["activeDeadlineSeconds"] == 3720
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"ephemeral_storage_mib": 0}, "got 0 MiB and None s"),
+        ({"active_deadline_s": 0}, "got 1024 MiB and 0 s"),
+    ],
+)
+def test_bad_disk_or_deadline_is_rejected(overrides, words):
+    with pytest.raises(ValueError, match=words):
+        pod(**overrides)
 
 
 def test_labels_use_the_fixed_vocabulary_and_extras_cannot_override_it():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import tracemalloc
+from typing import Any
 
 import psutil
 import pytest
@@ -14,7 +15,7 @@ from kubernetes_asyncio import client
 
 from dagkube.kubernetes.backend import STUCK_WAITING
 from dagkube_operator.config import ConfigError, OperatorConfig
-from dagkube_operator.handlers import internal_error
+from dagkube_operator.handlers import WORKER_DEADLINE_MARGIN_S, internal_error, worker_deadline_s
 from dagkube_operator.reasons import (
     BUILD_REASONS,
     MESSAGE_LIMIT_BYTES,
@@ -196,3 +197,78 @@ def test_a_build_leaving_a_process_on_its_stderr_ends_at_its_timeout(tmp_path):
     while not gone():
         assert time.monotonic() < deadline, f"the build's grandchild {grandchild} outlived it"
         time.sleep(0.05)
+
+
+def inline(**spec: Any) -> dict[str, Any]:
+    return {"source": {"inline": "x"}, **spec}
+
+
+def test_max_workers_above_the_operators_limit_fails_naming_both():
+    assert parse_spec(inline(resources={"maxWorkers": 200}), max_workers_limit=200).max_workers
+    with pytest.raises(SpecError) as caught:
+        parse_spec(inline(resources={"maxWorkers": 201}), max_workers_limit=200)
+    assert caught.value.reason is Reason.MAX_WORKERS_ABOVE_LIMIT
+    assert str(caught.value) == (
+        "spec.resources.maxWorkers=201 is above this operator's limit of 200 worker Pods per "
+        "run; ask for at most 200"
+    )
+
+
+ALLOWED = ["registry.example.org/team/*", "ghcr.io/acme/worker"]
+DEFAULT_IMAGE = "ghcr.io/dagkube/worker:0.1.0"
+
+
+@pytest.mark.parametrize(
+    ("image", "allowed"),
+    [
+        ("registry.example.org/team/app:1.2", ALLOWED),
+        ("registry.example.org/team/sub/app@sha256:" + "a" * 64, ALLOWED),
+        ("ghcr.io/acme/worker", ALLOWED),
+        ("ghcr.io/acme/worker:2.0", ALLOWED),
+        ("ghcr.io/acme/worker/gpu:2.0", ALLOWED),
+        (DEFAULT_IMAGE, ALLOWED),  # the operator's own worker image, always
+        ("anything.example.com/x:1", None),  # no allowlist: any image, as before
+    ],
+)
+def test_allowed_images(image: str, allowed: list[str] | None):
+    spec = parse_spec(inline(image=image), allowed_images=allowed, default_image=DEFAULT_IMAGE)
+    assert spec.image == image
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "docker.io/library/python:3.12",
+        "registry.example.org/teamx/app:1",  # a prefix ends at '/', ':' or '@'
+        "ghcr.io/acme/worker-evil:1",
+        "registry.example.org/other/app:1",
+        "ghcr.io/dagkube/worker:0.0.1-evil",  # only the default image itself
+    ],
+)
+def test_an_image_outside_the_allowlist_fails_naming_it_and_the_patterns(image: str):
+    with pytest.raises(SpecError) as caught:
+        parse_spec(inline(image=image), allowed_images=ALLOWED, default_image=DEFAULT_IMAGE)
+    assert caught.value.reason is Reason.IMAGE_NOT_ALLOWED
+    assert str(caught.value) == (
+        f"spec.image={image!r} is not allowed by this operator; allowed images: "
+        "registry.example.org/team/*, ghcr.io/acme/worker (or leave spec.image unset for the "
+        "default worker image)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec_timeout_s", "default_timeout_s", "deadline_s"),
+    [
+        (600, 3600.0, 600 + WORKER_DEADLINE_MARGIN_S),  # the Workflow's timeoutSeconds
+        (None, 3600.0, 3600 + WORKER_DEADLINE_MARGIN_S),  # else the operator's default
+        (None, 90.5, 91 + WORKER_DEADLINE_MARGIN_S),
+        (None, 0.0, None),  # no timeout: no deadline
+    ],
+)
+def test_worker_pods_deadline_follows_the_runs_timeout(
+    spec_timeout_s: int | None, default_timeout_s: float, deadline_s: int | None
+):
+    assert (
+        worker_deadline_s(spec_timeout_s=spec_timeout_s, default_timeout_s=default_timeout_s)
+        == deadline_s
+    )

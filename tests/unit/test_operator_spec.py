@@ -256,3 +256,40 @@ def test_run_deadline_is_the_spec_timeout_else_the_operator_default():
         1060.0, "timed out after 60s (spec.timeoutSeconds)"
     )
     assert run_deadline(1000.0, spec_timeout_s=None, default_timeout_s=0.0) is None
+
+
+def test_hard_limit_settings():
+    redis = {"DAGKUBE_REDIS_URL": "redis://r"}
+    config = OperatorConfig.from_env(redis)
+    assert (config.max_workers_limit, config.allowed_images) == (200, None)
+    assert config.worker_ephemeral_storage_mib == 1024
+    config = OperatorConfig.from_env(
+        {
+            **redis,
+            "DAGKUBE_MAX_WORKERS_LIMIT": "80",
+            "DAGKUBE_ALLOWED_IMAGES": " registry.example.org/team/* ,, ghcr.io/x/worker ",
+            "DAGKUBE_WORKER_EPHEMERAL_STORAGE": "2Gi",
+        }
+    )
+    assert config.max_workers_limit == 80
+    assert config.allowed_images == ["registry.example.org/team/*", "ghcr.io/x/worker"]
+    assert config.worker_ephemeral_storage_mib == 2048
+    bad = {
+        "DAGKUBE_MAX_WORKERS_LIMIT=0": ({"DAGKUBE_MAX_WORKERS_LIMIT": "0"}, "must be >= 1"),
+        "default above the limit": (
+            {"DAGKUBE_MAX_WORKERS": "60", "DAGKUBE_MAX_WORKERS_LIMIT": "40"},
+            "DAGKUBE_MAX_WORKERS=60 is above DAGKUBE_MAX_WORKERS_LIMIT=40",
+        ),
+        "a space in a pattern": (
+            {"DAGKUBE_ALLOWED_IMAGES": "a b"},
+            "DAGKUBE_ALLOWED_IMAGES='a b': 'a b' is not an image prefix or pattern",
+        ),
+        "not a quantity": (
+            {"DAGKUBE_WORKER_EPHEMERAL_STORAGE": "lots"},
+            "DAGKUBE_WORKER_EPHEMERAL_STORAGE='lots': .*not a memory size",
+        ),
+    }
+    for case, (env, words) in bad.items():
+        with pytest.raises(ConfigError, match=words):
+            OperatorConfig.from_env({**redis, **env})
+            pytest.fail(case)
