@@ -8,8 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -17,6 +15,7 @@ import redis
 
 from dagkube.runtime.embedded import EmbeddedRedis
 from tests.conftest import ROOT, wait_until
+from tests.slow_cli import SlowRun, embedded_server, gone
 
 pytestmark = pytest.mark.integration
 
@@ -38,24 +37,6 @@ def forever(marker):
 with dagkube.LocalRuntime(home={home!r}) as rt:
     dagkube.Workflow(forever({marker!r}), name="orphan-probe").run(runtime=rt)
 """
-
-
-def embedded_server(home: Path) -> psutil.Process:
-    servers = [
-        p
-        for p in psutil.process_iter(["cmdline", "cwd"])
-        if "redis-server" in " ".join(p.info["cmdline"] or [])
-        and (p.info["cwd"] or "").startswith(str(home))
-    ]
-    assert len(servers) == 1, servers
-    return servers[0]
-
-
-def gone(process: psutil.Process) -> bool:
-    try:
-        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_a_killed_driver_leaves_no_worker_and_no_server(tmp_path):
@@ -97,34 +78,18 @@ def test_a_killed_driver_leaves_no_worker_and_no_server(tmp_path):
 def test_the_cli_stopped_by_sigterm_cancels_its_run_and_stops_what_it_started(tmp_path):
     """As `timeout 60 dagkube run ...` does: before, Python's default SIGTERM ended the CLI
     on the spot, with no clean-up (the server and workers then stayed)."""
-    home, marker = tmp_path / "home", tmp_path / "started"
-    env = dict(os.environ, DAGKUBE_HOME=str(home), DAGKUBE_TEST_MARKER=str(marker))
-    env.pop("DAGKUBE_REDIS_URL", None)
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "dagkube.cli", "run", str(ROOT / "tests/data/slow_workflow.py")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_until(marker.exists, 60, "a task of the slow workflow to start")
-        worker = psutil.Process(int(marker.read_text()))
-        server = embedded_server(home)
-        began = time.monotonic()
-        cli.send_signal(signal.SIGTERM)
-        _, stderr = cli.communicate(timeout=30)
-        assert cli.returncode == 143, stderr
-        assert "terminated: the run was cancelled" in stderr and "Traceback" not in stderr
-        assert time.monotonic() - began < 20
-        assert gone(worker) and gone(server)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
+    run = SlowRun(tmp_path)
+    worker = psutil.Process(int(run.marker.read_text()))
+    run.process.send_signal(signal.SIGTERM)
+    code, stderr, took = run.finish(limit_s=30)
+    assert code == 143, stderr
+    assert "terminated: the run was cancelled" in stderr and "Traceback" not in stderr
+    assert took < 20
+    assert gone(worker) and gone(run.server)
     # The cancelled run is in the history of the home's server (started again to read it).
     history = subprocess.run(
         [sys.executable, "-m", "dagkube.cli", "history"],
-        env=env,
+        env=run.env,
         capture_output=True,
         text=True,
         timeout=60,

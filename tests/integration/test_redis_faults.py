@@ -4,69 +4,13 @@ server the command started is gone afterwards."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.conftest import ROOT, wait_until
+from tests.slow_cli import SlowRun
 
 pytestmark = pytest.mark.integration
-
-SLOW = ROOT / "tests" / "data" / "slow_workflow.py"
-
-
-class SlowRun:
-    """`dagkube run` of a 30 s workflow on its own embedded Redis, started in the background."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.home = tmp_path / "home"
-        marker = tmp_path / "started"
-        env = dict(os.environ, DAGKUBE_HOME=str(self.home), DAGKUBE_TEST_MARKER=str(marker))
-        env.pop("DAGKUBE_REDIS_URL", None)
-        self.began = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dagkube.cli", "run", str(SLOW), *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_until(marker.exists, 60, "a task of the slow workflow to start")
-        servers = [
-            p
-            for p in psutil.process_iter(["cmdline", "cwd"])
-            if "redis-server" in " ".join(p.info["cmdline"] or [])
-            and (p.info["cwd"] or "").startswith(str(self.home))
-        ]
-        assert len(servers) == 1, servers
-        self.server = servers[0]
-
-    def finish(self, limit_s: float) -> tuple[int, str, float]:
-        """Exit code, stderr and seconds from now until the CLI exited (killed past limit_s)."""
-        began = time.monotonic()
-        try:
-            _, stderr = self.process.communicate(timeout=limit_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.communicate()
-            pytest.fail(f"the CLI was still running {limit_s:g}s later")
-        finally:
-            if self.server.is_running():
-                self.server.send_signal(signal.SIGCONT)
-        return self.process.returncode, stderr, time.monotonic() - began
-
-    def assert_server_gone(self) -> None:
-        wait_until(
-            lambda: not self.server.is_running() or self.server.status() == psutil.STATUS_ZOMBIE,
-            10,
-            "the embedded Redis to be stopped",
-        )
 
 
 def assert_one_error_line(stderr: str) -> None:
