@@ -89,6 +89,15 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _unused(users_fd: int) -> bool:
+    """No other process holds a lock on the server (the caller then holds it exclusively)."""
+    try:
+        fcntl.flock(users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def _ping(url: str) -> bool:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1)
@@ -146,13 +155,7 @@ class EmbeddedRedis:
             return
         with self._start_lock():
             fcntl.flock(self._users_fd, fcntl.LOCK_UN)
-            try:
-                fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                last = False  # somebody else still uses the server
-            else:
-                last = True
-            if last:
+            if _unused(self._users_fd):
                 self._stop()
             os.close(self._users_fd)
             self._users_fd = None
@@ -244,13 +247,12 @@ class EmbeddedRedis:
                     return  # stopped, or replaced by a server with its own guard
                 fd = os.open(self.home / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # still in use
+                    unused = _unused(fd)
                 finally:
                     os.close(fd)  # also drops the exclusive lock, if taken
-                self._stop()
-                return
+                if unused:
+                    self._stop()
+                    return
 
     def _stop(self) -> None:
         info = self._read_info()

@@ -761,11 +761,8 @@ class Worker:
         prewarm_at = await self._request_prewarm(state, task_id, prewarms) if prewarms else None
         # What the worker runs now: a worker killed for memory is charged to this task (the
         # REQUEUE script reads it; COMPLETE clears it).
-        await self.redis.set(
-            self.task_key,
-            json.dumps({"run": state.run_id, "task": task_id, "function": spec.function}),
-            ex=state.ttl_s,
-        )
+        claim = {"run": state.run_id, "task": task_id, "function": spec.function}
+        await self.redis.set(self.task_key, json.dumps(claim), ex=state.ttl_s)
         raw, recomputed, download_s, download_bytes = await self._gather(state, spec)
         preloaded = [d for d in spec.deps if d in state.preloaded]
         store = state.must_store(task_id) or self._checkpoint
@@ -776,7 +773,7 @@ class Worker:
         if spec.timeout_s is None:
             done = await running
         else:
-            done = await self._within_timeout(state, spec, running)
+            done = await self._within_timeout(state, spec, running, claim)
         if done.peak_bytes is not None:
             self._peak_bytes = max(self._peak_bytes or 0, done.peak_bytes)
         record = TaskRecord(
@@ -813,17 +810,20 @@ class Worker:
         return Outcome(ok=done.error is None, record=record, output=done.output)
 
     async def _within_timeout(
-        self, state: RunState, spec: TaskSpec, running: asyncio.Future
+        self, state: RunState, spec: TaskSpec, running: asyncio.Future, claim: dict[str, Any]
     ) -> _Execution:
         """The execution, or past the task's timeout the end of this worker: a thread cannot
         be stopped, so the process exits (TASK_TIMEOUT_EXIT) and the scaler's REQUEUE reads
         the deadline below to re-run the task on a fresh worker or fail it with TaskTimeout.
         Should this process not get to exit (its loop starved), the scaler stops it."""
         assert spec.timeout_s is not None
-        claim: dict[str, Any] = {"run": state.run_id, "task": spec.id, "function": spec.function}
-        claim.update(
-            deadline=time.time() + spec.timeout_s, timeout_s=spec.timeout_s, retries=spec.retries
-        )
+        deadline = time.time() + spec.timeout_s
+        claim = {
+            **claim,
+            "deadline": deadline,
+            "timeout_s": spec.timeout_s,
+            "retries": spec.retries,
+        }
         await self.redis.set(self.task_key, json.dumps(claim), ex=state.ttl_s)
         try:
             return await asyncio.wait_for(asyncio.shield(running), spec.timeout_s)
