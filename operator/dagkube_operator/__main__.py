@@ -1,4 +1,7 @@
-"""``python -m dagkube_operator``: the dagkube Kubernetes operator (kopf, standalone).
+"""``python -m dagkube_operator``: the dagkube Kubernetes operator (kopf).
+
+Alone, or as one of several replicas that share a kopf peering object: then the oldest live
+replica acts and the others stand by, paused, until its record expires.
 
 Settings come from the environment (see :mod:`dagkube_operator.config`); ``--help`` lists them.
 """
@@ -10,6 +13,8 @@ import contextlib
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import kopf
@@ -30,11 +35,73 @@ FINALIZER = "dagkube.io/cleanup"
 USER_AGENT = "dagkube-operator"  # its own API requests; kopf's say "kopf/<version>"
 
 
-def settings_for(config: OperatorConfig) -> kopf.OperatorSettings:
+PEERING_LOGGER = "kopf._core.engines.peering"
+
+
+def peering_priority() -> int:
+    """This replica's kopf peering priority: the older a replica, the higher, so a replica
+    that starts (a rolling update, a replacement) stands by while the one acting lives, and
+    the acting one never has to hand over to a newcomer. Microseconds: two replicas starting
+    together still differ (an equal priority would pause both)."""
+    return -(time.time_ns() // 1000)
+
+
+class PeeringState(logging.Filter):
+    """Whether kopf lets this replica act: it pauses and resumes the whole operator as peers
+    come and go, and says so on its peering logger (these lines are logged whatever the
+    level); we follow them to serve the run history on /metrics from the acting replica only
+    (several replicas serving it would double every sum on the dashboards)."""
+
+    def __init__(self, peering: bool) -> None:
+        super().__init__()
+        self.active = not peering  # with peering kopf starts paused, until the first check
+        self.logger = logging.getLogger(PEERING_LOGGER)
+        self._level = self.logger.level
+
+    def attach(self) -> None:
+        # kopf says it at INFO: the logger must pass INFO even when the operator logs less.
+        self.logger.setLevel(min(self.logger.getEffectiveLevel(), logging.INFO))
+        self.logger.addFilter(self)
+
+    def detach(self) -> None:
+        self.logger.removeFilter(self)
+        self.logger.setLevel(self._level)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Pausing"):
+            self.active = False
+            log.info("standing by: another replica acts (%s)", message)
+        elif message.startswith("Resuming"):
+            self.active = True
+            log.info("acting: no older replica is alive")
+        return True
+
+
+class WhenActive:
+    """A collector that collects only while this replica acts."""
+
+    def __init__(self, collector: Any, active: Callable[[], bool]) -> None:
+        self.collector = collector
+        self.active = active
+
+    def collect(self) -> Iterator[Any]:
+        if self.active():
+            yield from self.collector.collect()
+
+
+def settings_for(config: OperatorConfig, priority: int = 0) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
-    # One operator at a time (the chart's Deployment: 1 replica, Recreate): no peering.
-    settings.peering.standalone = True
-    settings.peering.mandatory = False
+    if config.peering is None:  # one operator at a time (the chart: 1 replica, Recreate)
+        settings.peering.standalone = True
+        settings.peering.mandatory = False
+    else:  # replicas: the oldest acts, the others stand by (paused) until it is gone
+        settings.peering.standalone = False
+        settings.peering.mandatory = True  # start paused, until the peers are known
+        settings.peering.name = config.peering
+        settings.peering.priority = priority
+        settings.peering.lifetime = config.peering_lifetime_s
+        settings.peering.stealth = True  # no log line per keep-alive
     # Namespaces are given, not discovered (the chart's Role is namespaced).
     settings.scanning.disabled = True
     # kopf waits this long for more events of one object before handling them (0.1 s by
@@ -67,6 +134,10 @@ async def _redis_when_ready(config: OperatorConfig) -> Any:
 
 async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None) -> None:
     metrics = OperatorMetrics()
+    peering = PeeringState(config.peering is not None)
+    peering.attach()
+    metrics.active.set_function(lambda: float(peering.active))
+    priority = peering_priority()
     holder: dict[str, Any] = {}
     ready = asyncio.Event()
 
@@ -84,13 +155,10 @@ async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None) ->
         redis = holder["redis"] = await _redis_when_ready(config)
         # The run history of every Workflow (and local runs sharing this Redis) on /metrics,
         # with the live state of the pools of Running Workflows.
-        metrics.registry.register(
-            RunHistoryCollector(
-                sync_client(config.redis_url),
-                metrics.pools,
-                workers_alive=metrics.workers_alive,
-            )
+        history = RunHistoryCollector(
+            sync_client(config.redis_url), metrics.pools, workers_alive=metrics.workers_alive
         )
+        metrics.registry.register(WhenActive(history, lambda: peering.active))
         api = await connect_api(config.kube_api_url, user_agent=f"{USER_AGENT}/{__version__}")
         operator = Operator(config=config, redis=redis, api=api, metrics=metrics)
         registry = kopf.OperatorRegistry()
@@ -107,21 +175,25 @@ async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None) ->
             return kopf.login_with_kubeconfig(**kwargs)
 
         log.info(
-            "dagkube operator: watching %s, Redis %s, worker image %s",
+            "dagkube operator: watching %s, Redis %s, worker image %s, %s",
             f"namespace {config.namespace!r}" if config.namespace else "every namespace",
             redact(config.redis_url),
             config.worker_image,
+            f"peering {config.peering!r} (priority {priority}, standing by until it acts)"
+            if config.peering
+            else "standalone",
         )
         await kopf.operator(
             registry=registry,
-            settings=settings_for(config),
-            standalone=True,
+            settings=settings_for(config, priority),
+            standalone=config.peering is None,
             clusterwide=config.namespace is None,
             namespaces=[config.namespace] if config.namespace else (),
             ready_flag=ready,
             stop_flag=stop_flag,
         )
     finally:
+        peering.detach()
         await server.stop()
         if api is not None:
             await api.close()

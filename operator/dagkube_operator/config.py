@@ -35,6 +35,13 @@ Every variable, its meaning and its default:
 - DAGKUBE_DEFAULT_TIMEOUT: seconds a run may take when its Workflow sets no
   spec.timeoutSeconds; past it the run is cancelled and ends Failed; 0: no limit (3600).
   Worker Pods get an activeDeadlineSeconds of the run's timeout plus a margin
+- DAGKUBE_PEERING: the name of the kopf peering object (a KopfPeering in the watched
+  namespace, a ClusterKopfPeering when watching every namespace) the operator's replicas
+  share; only one replica acts at a time, the oldest; empty: no peering, this operator acts
+  alone (empty)
+- DAGKUBE_PEERING_LIFETIME: seconds a replica's peering record stays valid without a
+  keep-alive; a replica killed without a goodbye is replaced by a standby this long after its
+  last keep-alive (8; keep-alives come every 1-3 s at 8)
 - DAGKUBE_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR (INFO)
 """
 
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,6 +61,10 @@ from dagkube.kubernetes.pods import DEFAULT_EPHEMERAL_STORAGE_MIB
 from dagkube.resources import parse_memory
 
 N = TypeVar("N", int, float)
+# A DNS-1123 subdomain, what the API server accepts as an object's name.
+PEERING_NAME = re.compile(
+    r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+)
 
 
 class ConfigError(DagkubeError):
@@ -83,6 +95,8 @@ class OperatorConfig:
     pending_timeout_s: float = 300.0
     pending_report_after_s: float = 3.0  # a Pod stuck this long is reported (not a blip)
     default_timeout_s: float = 3600.0  # runs without spec.timeoutSeconds; 0: no limit
+    peering: str | None = None  # kopf peering object shared by replicas; None: standalone
+    peering_lifetime_s: int = 8
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -148,7 +162,21 @@ class OperatorConfig:
             watch_timeout_s=_number(env, "DAGKUBE_WATCH_TIMEOUT", 300, int, 1),
             pending_timeout_s=_number(env, "DAGKUBE_PENDING_TIMEOUT", 300.0, float, 1.0),
             default_timeout_s=_number(env, "DAGKUBE_DEFAULT_TIMEOUT", 3600.0, float, 0.0),
+            peering=_peering_name(env.get("DAGKUBE_PEERING", "")),
+            peering_lifetime_s=_number(env, "DAGKUBE_PEERING_LIFETIME", 8, int, 2),
         )
+
+
+def _peering_name(text: str) -> str | None:
+    name = text.strip()
+    if not name:
+        return None
+    if not PEERING_NAME.fullmatch(name):
+        raise ConfigError(
+            f"DAGKUBE_PEERING={text!r} is not an object name: lowercase letters, digits, '-' "
+            "and '.', starting and ending with a letter or digit, at most 253 characters"
+        )
+    return name
 
 
 def _number(

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -81,6 +81,12 @@ class OperatorMetrics:
             "dagkube_operator_planning_seconds",
             "Time from a Workflow's first sight to its launched run (build, plan, launch)",
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.active = Gauge(
+            "dagkube_operator_active",
+            "1 while this operator replica acts on Workflows, 0 while it stands by for an "
+            "older one (kopf peering); the run history is served by the acting one only",
             registry=self.registry,
         )
 

@@ -49,6 +49,8 @@ NO_BUILTIN_SCHEMA = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): (
         "a Prometheus Operator CRD, not a Kubernetes built-in: kubernetes-validate ships no schema"
     ),
+    ("kopf.dev/v1", "KopfPeering"): "kopf's CRD, installed from the chart's crds/ directory",
+    ("kopf.dev/v1", "ClusterKopfPeering"): "kopf's CRD, installed from the chart's crds/ directory",
 }
 
 VALUE_SETS: dict[str, list[str]] = {
@@ -129,6 +131,10 @@ def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
 
 
+def load_yaml_all(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
 def _b64(text: str) -> str:
     return base64.b64decode(text).decode()
 
@@ -177,7 +183,7 @@ def test_strict_kubernetes_validation_catches_a_misspelt_field(
 
 
 def test_kinds_without_builtin_schema(rendered: dict[str, list[dict]]) -> None:
-    docs = rendered["clusterwide-external-redis-servicemonitor"]
+    docs = [doc for value_set in rendered.values() for doc in value_set]
     for api_version, kind in NO_BUILTIN_SCHEMA:
         doc = next(d for d in docs if (d["apiVersion"], d["kind"]) == (api_version, kind))
         with pytest.raises(kubernetes_validate.SchemaNotFoundError):
@@ -272,7 +278,15 @@ def test_rbac_is_cluster_wide_only_when_asked(rendered: dict[str, list[dict]]) -
     assert binding["roleRef"]["kind"] == "ClusterRole"
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert _operator_env(docs)["DAGKUBE_WATCH_NAMESPACE"] == ""
-    assert role["rules"] == only(rendered["default"], "Role")["rules"]
+    # The same grants, with the cluster-scoped peering object instead of the namespaced one.
+    namespaced = only(rendered["default"], "Role")["rules"]
+    cluster_peering = [
+        {**rule, "resources": ["clusterkopfpeerings"]}
+        if rule["resources"] == ["kopfpeerings"]
+        else rule
+        for rule in namespaced
+    ]
+    assert role["rules"] == cluster_peering
 
 
 def test_operator_permissions_are_least_privilege(rendered: dict[str, list[dict]]) -> None:
@@ -289,6 +303,7 @@ def test_operator_permissions_are_least_privilege(rendered: dict[str, list[dict]
         "dagkube.io/workflows/finalizers": {"update"},
         "/pods": {"create", "get", "list", "delete"},
         "/events": {"create"},
+        "kopf.dev/kopfpeerings": {"list", "watch", "patch"},
     }
 
 
@@ -306,7 +321,11 @@ def test_operator_deployment(rendered: dict[str, list[dict]]) -> None:
     docs = rendered["default"]
     deployment = only(docs, "Deployment")
     assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Peering: a new Pod stands by until the old one has exited, so an update has no gap.
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == only(docs, "ServiceAccount")["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -326,6 +345,54 @@ def test_operator_deployment(rendered: dict[str, list[dict]]) -> None:
     assert labels["app.kubernetes.io/component"] == "operator"
     assert labels["helm.sh/chart"] == "dagkube-0.1.0"
     assert labels["app.kubernetes.io/managed-by"] == "Helm"
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_operator_replicas_share_a_peering_object(
+    rendered: dict[str, list[dict]], value_set: str
+) -> None:
+    docs = rendered[value_set]
+    cluster_wide = value_set != "default"
+    peering = only(docs, "ClusterKopfPeering" if cluster_wide else "KopfPeering")
+    env = _operator_env(docs)
+    assert env["DAGKUBE_PEERING"] == peering["metadata"]["name"]
+    assert env["DAGKUBE_PEERING_LIFETIME"] == "8"
+    assert env["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert ("namespace" in peering["metadata"]) is not cluster_wide
+    if cluster_wide:  # one cluster-scoped object per release namespace
+        assert peering["metadata"]["name"] == f"{NAMESPACE}-rel-dagkube"
+
+
+def test_the_chart_installs_kopfs_peering_crds(tools: Tools) -> None:
+    crds = {
+        doc["metadata"]["name"]: doc for doc in load_yaml_all(CHART / "crds" / "kopf-peering.yaml")
+    }
+    assert set(crds) == {"kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+    for crd in crds.values():
+        kubernetes_validate.validate(crd, KUBERNETES_VERSION, strict=True)
+        [version] = crd["spec"]["versions"]
+        # kopf writes the keep-alives into .status through the object itself: no subresource.
+        assert "subresources" not in version
+    with_crds = tools.template("--include-crds")
+    names = {d["metadata"]["name"] for d in with_crds if d["kind"] == "CustomResourceDefinition"}
+    assert set(crds) <= names
+
+
+def test_several_operator_replicas_need_peering(tools: Tools) -> None:
+    two = tools.template("--set", "operator.replicas=2")
+    assert only(two, "Deployment")["spec"]["replicas"] == 2
+    result = tools.run(
+        "helm", "template", "rel", CHART, "-n", NAMESPACE,
+        "--set", "operator.replicas=2", "--set", "operator.peering.enabled=false",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "operator.replicas=2 needs operator.peering.enabled=true" in result.stderr
+    alone = tools.template("--set", "operator.peering.enabled=false")
+    assert only(alone, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert "DAGKUBE_PEERING" not in _operator_env(alone)
+    assert "KopfPeering" not in {doc["kind"] for doc in alone}
+    grants = {r for rule in only(alone, "Role")["rules"] for r in rule["resources"]}
+    assert "kopfpeerings" not in grants
 
 
 def test_operator_reaches_the_bundled_redis(rendered: dict[str, list[dict]]) -> None:

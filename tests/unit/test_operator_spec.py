@@ -293,3 +293,59 @@ def test_hard_limit_settings():
         with pytest.raises(ConfigError, match=words):
             OperatorConfig.from_env({**redis, **env})
             pytest.fail(case)
+
+
+def test_peering_settings():
+    from dagkube_operator.__main__ import peering_priority, settings_for
+
+    redis = {"DAGKUBE_REDIS_URL": "redis://r"}
+    alone = OperatorConfig.from_env(redis)
+    assert alone.peering is None
+    assert settings_for(alone).peering.standalone is True
+    config = OperatorConfig.from_env(
+        {**redis, "DAGKUBE_PEERING": " ns-dagkube ", "DAGKUBE_PEERING_LIFETIME": "5"}
+    )
+    assert (config.peering, config.peering_lifetime_s) == ("ns-dagkube", 5)
+    settings = settings_for(config, priority=-7)
+    assert settings.peering.standalone is False
+    assert settings.peering.mandatory is True  # starts paused until it knows its peers
+    assert (settings.peering.name, settings.peering.priority) == ("ns-dagkube", -7)
+    assert settings.peering.lifetime == 5
+    # The older a replica, the higher its priority: a newcomer stands by.
+    older = peering_priority()
+    assert peering_priority() < older
+    for env, named in [
+        ({"DAGKUBE_PEERING": "Not_A_Name"}, "DAGKUBE_PEERING='Not_A_Name' is not an object name"),
+        ({"DAGKUBE_PEERING": "p", "DAGKUBE_PEERING_LIFETIME": "1"}, "must be >= 2"),
+    ]:
+        with pytest.raises(ConfigError, match=named):
+            OperatorConfig.from_env({**redis, **env})
+
+
+def test_the_run_history_is_served_by_the_acting_replica_only():
+    import logging
+
+    from dagkube_operator.__main__ import PEERING_LOGGER, PeeringState, WhenActive
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)  # as in an operator run with DAGKUBE_LOG_LEVEL=WARNING
+
+    class History:
+        def collect(self):
+            yield "history"
+
+    state = PeeringState(peering=True)
+    served = WhenActive(History(), lambda: state.active)
+    kopf_peering = logging.getLogger(PEERING_LOGGER)
+    state.attach()
+    try:
+        assert list(served.collect()) == []  # kopf starts paused until it knows its peers
+        kopf_peering.info("Resuming operations after the pause. Conflicting operators ...")
+        assert list(served.collect()) == ["history"]
+        kopf_peering.info("Pausing operations in favour of [<Peer older-pod: ...>].")
+        assert list(served.collect()) == []
+    finally:
+        state.detach()
+        root.setLevel(level)
+    assert PeeringState(peering=False).active

@@ -107,4 +107,19 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- if .Values.operator.peering.enabled }}
+{{- /* kopf peering: each replica lists and watches the peering object and patches its own
+       keep-alive into it. */}}
+- apiGroups: [kopf.dev]
+  resources: [{{ ternary "clusterkopfpeerings" "kopfpeerings" .Values.rbac.clusterWide }}]
+  verbs: [list, watch, patch]
+{{- end }}
+{{- end -}}
+
+{{- define "dagkube.peeringName" -}}
+{{- if .Values.rbac.clusterWide -}}
+{{- printf "%s-%s" .Release.Namespace (include "dagkube.fullname" .) | trunc 253 -}}
+{{- else -}}
+{{- include "dagkube.fullname" . -}}
+{{- end -}}
 {{- end -}}
