@@ -140,6 +140,14 @@ def installed(kube: Kube, values: dict[str, Any] | None = None) -> Iterator[Rele
         **(values or {}),
     }
     sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    # The Workflow CRD outlives an uninstall (resource-policy keep) with the ownership of the
+    # release that made it: a release in another namespace adopts it, as a user reinstalling
+    # elsewhere would (helm refuses to take over what names another release's namespace).
+    if kube.get("crd", "workflows.dagkube.io", "") is not None:
+        kube.kubectl(
+            "annotate", "crd", "workflows.dagkube.io", "--overwrite",
+            f"meta.helm.sh/release-name={RELEASE}", f"meta.helm.sh/release-namespace={namespace}",
+        )  # fmt: skip
     done = subprocess.run(
         [str(helm_binary()), "install", RELEASE, str(CHART), "-n", namespace, "--create-namespace",
          "--wait", "--timeout", "240s", *sets],

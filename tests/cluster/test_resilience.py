@@ -7,22 +7,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dagkube.runtime.keys import hist_run
+from dagkube.runtime.keys import RunKeys, hist_run, worker_proc
 from tests.cluster.test_operator import pod_pids, sleepy
 from tests.kube import Kube, wait_for
-from tests.release import RELEASE, Release, installed
+from tests.release import RELEASE, Release, installed, redis_of
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -235,3 +236,133 @@ def test_fifty_concurrent_workflows_all_succeed(release: Release) -> None:
         f"{first_task[0]:.1f}s, median {first_task[len(first_task) // 2]:.1f}s, p90 "
         f"{first_task[int(len(first_task) * 0.9)]:.1f}s, max {first_task[-1]:.1f}s"
     )
+
+
+CHAOS_S = 120.0  # the issue's two minutes
+KILL_EVERY_S = 2.0
+MIN_AGE_S = 3.0  # a worker Pod up this long at least (one starting is not yet doing work)
+
+
+class PodKiller:
+    """SIGKILLs the processes of a random worker Pod of the namespace (one up for MIN_AGE_S at
+    least) every KILL_EVERY_S, in a thread, as a node losing a Pod's container would."""
+
+    def __init__(self, release: Release) -> None:
+        self.release = release
+        self.kills = 0
+        self.random = random.Random(18)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(KILL_EVERY_S):
+            with contextlib.suppress(Exception):  # a Pod that went away meanwhile
+                pods = self.release.kube.list(
+                    "pods", self.release.namespace, "dagkube.io/component=worker"
+                )
+                now = datetime.now(UTC)
+                old = [
+                    p
+                    for p in pods
+                    if p["status"].get("phase") == "Running"
+                    and p["status"].get("startTime")
+                    and (now - datetime.fromisoformat(p["status"]["startTime"])).total_seconds()
+                    >= MIN_AGE_S
+                ]
+                if old:
+                    for pid in pod_pids(self.random.choice(old)):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    self.kills += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_workers_killed_every_two_seconds_for_two_minutes(release: Release) -> None:
+    """Three workflows run round after round for two minutes while a random worker Pod is
+    SIGKILLed every 2 s: every run succeeds with the right result, nothing is lost."""
+    killer = PodKiller(release)
+    ends = time.monotonic() + CHAOS_S
+    runs: list[str] = []
+    try:
+        while time.monotonic() < ends:
+            names = [f"chaos-{lane}-{len(runs) // 3}" for lane in "abc"]
+            for name in names:
+                release.apply(
+                    release.workflow(
+                        name, {"inline": sleepy(name, 0.5, 8)}, resources={"maxWorkers": 2}
+                    )
+                )
+            for name in names:
+                status = release.wait_phase(name)
+                assert status["phase"] == "Succeeded", (name, status)
+                assert release.output_of(status["runId"], "total#0") == sum(i * i for i in range(8))
+                runs.append(name)
+    finally:
+        killer.stop()
+    lost = sum(
+        int(
+            float(
+                release.store.hget(hist_run(release.status(n)["runId"], "meta"), "workers_lost")
+                or 0
+            )
+        )
+        for n in runs
+    )
+    print(f"\nchaos: {len(runs)} runs, {killer.kills} worker Pods killed, {lost} counted lost")
+    assert killer.kills >= CHAOS_S / KILL_EVERY_S / 4, killer.kills  # Pods old enough
+    assert lost >= 1
+
+
+def test_redis_killed_mid_run_ends_it_within_a_minute(release: Release) -> None:
+    """The chart's Redis SIGKILLed while a run is in its tasks: the StatefulSet starts it
+    again from its append-only file, and the Workflow ends within 60 s of that (resumed, or
+    Failed with a reason saying what happened); runs that had finished are still in the
+    history. Last in the module: the Redis Pod's address changes."""
+    release.apply(release.workflow("before-the-crash", {"inline": sleepy("before", 0.1, 2)}))
+    assert release.wait_phase("before-the-crash")["phase"] == "Succeeded"
+    earlier = release.status("before-the-crash")["runId"]
+    time.sleep(1.5)  # appendfsync everysec: what was written a second ago is on disk
+    release.apply(release.workflow("through-the-crash", {"inline": sleepy("through", 6.0, 2)}))
+    run_id = release.wait_phase("through-the-crash", ("Running",), 60)["runId"]
+    wait_for(
+        lambda: (
+            release.store.hlen(RunKeys(run_id).outputs) == 0
+            and any(
+                release.store.llen(worker_proc(p["metadata"]["name"]))
+                for p in release.run_pods(run_id)
+            )
+        ),
+        60,
+        "a worker in its task",
+    )
+    [redis_pod] = release.kube.list("pods", release.namespace, "app.kubernetes.io/component=redis")
+    for pid in pod_pids(redis_pod):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    release.store = wait_for(lambda: fresh_store(release), 120, "Redis to answer again")
+    back = time.monotonic()
+    status = release.wait_phase("through-the-crash", timeout_s=120)
+    ended = time.monotonic()
+    print(
+        f"\nRedis killed: back after {back - killed:.1f}s; the run ended {status['phase']} "
+        f"{ended - back:.1f}s later ({status.get('reason')}: {status.get('message')})"
+    )
+    assert ended - back < 60
+    if status["phase"] == "Succeeded":
+        assert release.output_of(run_id, "total#0") == 0 + 1
+    else:
+        assert status.get("reason") and status.get("message"), status
+    assert release.store.hget(hist_run(earlier, "meta"), "status") == b"succeeded"
+
+
+def fresh_store(release: Release) -> Any:
+    with contextlib.suppress(Exception):
+        store = redis_of(release.kube, release.namespace)
+        if store.ping():
+            return store
+    return None
