@@ -104,10 +104,6 @@ def settings_for(config: OperatorConfig, priority: int = 0) -> kopf.OperatorSett
         settings.peering.stealth = True  # no log line per keep-alive
     # Namespaces are given, not discovered (the chart's Role is namespaced).
     settings.scanning.disabled = True
-    # kopf waits this long for more events of one object before handling them (0.1 s by
-    # default), once for the event that adds the finalizer and once more for the create: a
-    # Workflow changes rarely, so 20 ms coalesces enough and takes ~0.16 s off each start.
-    settings.batching.batch_window = 0.02
     # Watches end server-side after this long and are renewed; the client gives up a little
     # later, so a connection that silently stalls is noticed and replaced.
     settings.watching.server_timeout = config.watch_timeout_s

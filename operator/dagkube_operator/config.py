@@ -16,6 +16,11 @@ Every variable, its meaning and its default:
   spec.resources.maxWorkers; above it the Workflow fails (MaxWorkersAboveLimit) (200)
 - DAGKUBE_ALLOWED_IMAGES: spec.image values Workflows may use, comma-separated prefixes or
   glob patterns (registry.example.org/team/*); the worker image is always allowed (any image)
+- DAGKUBE_ALLOWED_SOURCES: the spec.source kinds Workflows may use, comma-separated, of
+  inline, module and ref; another ends the Workflow Failed (SourceNotAllowed) (all three)
+- DAGKUBE_ALLOWED_MODULES: spec.source.module names Workflows may use, comma-separated:
+  packages or modules (`team.flows` allows `team.flows.etl:build`), exact `mod:function`
+  names or glob patterns; another ends the Workflow Failed (ModuleNotAllowed) (any module)
 - DAGKUBE_WORKER_EPHEMERAL_STORAGE: ephemeral storage (request = limit, and the size limit
   of its /tmp emptyDir) of each worker Pod, a quantity like 512Mi or 2Gi (1Gi)
 - DAGKUBE_IDLE_TIMEOUT: seconds an idle worker Pod waits for work before it exits (30)
@@ -61,6 +66,8 @@ from dagkube.kubernetes.pods import DEFAULT_EPHEMERAL_STORAGE_MIB
 from dagkube.resources import parse_memory
 
 N = TypeVar("N", int, float)
+# A module allowlist entry: dotted names, an optional ':function', glob characters.
+MODULE_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+(:[A-Za-z0-9_*?\[\]!-]+)?")
 # A DNS-1123 subdomain, what the API server accepts as an object's name.
 PEERING_NAME = re.compile(
     r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
@@ -81,6 +88,8 @@ class OperatorConfig:
     max_workers: int = 50
     max_workers_limit: int = 200
     allowed_images: list[str] | None = None
+    allowed_sources: frozenset[str] | None = None  # None: inline, module and ref
+    allowed_modules: list[str] | None = None  # None: any module
     worker_ephemeral_storage_mib: int = DEFAULT_EPHEMERAL_STORAGE_MIB
     idle_timeout_s: float = 30.0
     startup_delay_s: float = 0.0
@@ -125,6 +134,15 @@ class OperatorConfig:
                     f"DAGKUBE_ALLOWED_IMAGES={images!r}: {pattern!r} is not an image prefix or "
                     "pattern (no spaces; separate patterns with commas)"
                 )
+        allowed_sources = _allowed_sources(env.get("DAGKUBE_ALLOWED_SOURCES", ""))
+        modules = env.get("DAGKUBE_ALLOWED_MODULES", "")
+        allowed_modules = [pattern.strip() for pattern in modules.split(",") if pattern.strip()]
+        for pattern in allowed_modules:
+            if not MODULE_PATTERN.fullmatch(pattern):
+                raise ConfigError(
+                    f"DAGKUBE_ALLOWED_MODULES={modules!r}: {pattern!r} is not a module, "
+                    "'module:function' or glob pattern (separate them with commas)"
+                )
         storage = env.get("DAGKUBE_WORKER_EPHEMERAL_STORAGE", "").strip()
         try:
             ephemeral_storage_mib = (
@@ -151,6 +169,8 @@ class OperatorConfig:
             max_workers=max_workers,
             max_workers_limit=max_workers_limit,
             allowed_images=allowed_images or None,
+            allowed_sources=allowed_sources,
+            allowed_modules=allowed_modules or None,
             worker_ephemeral_storage_mib=ephemeral_storage_mib,
             idle_timeout_s=_number(env, "DAGKUBE_IDLE_TIMEOUT", 30.0, float, 0.1),
             startup_delay_s=_number(env, "DAGKUBE_STARTUP_DELAY", 0.0, float, 0.0),
@@ -165,6 +185,19 @@ class OperatorConfig:
             peering=_peering_name(env.get("DAGKUBE_PEERING", "")),
             peering_lifetime_s=_number(env, "DAGKUBE_PEERING_LIFETIME", 8, int, 2),
         )
+
+
+def _allowed_sources(text: str) -> frozenset[str] | None:
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    if not kinds:
+        return None
+    unknown = [kind for kind in kinds if kind not in ("inline", "module", "ref")]
+    if unknown:
+        raise ConfigError(
+            f"DAGKUBE_ALLOWED_SOURCES={text!r}: {unknown[0]!r} is not a source kind; give "
+            "some of inline, module and ref, comma-separated"
+        )
+    return frozenset(kinds)
 
 
 def _peering_name(text: str) -> str | None:

@@ -304,6 +304,8 @@ class Operator:
                 max_workers_limit=self.config.max_workers_limit,
                 allowed_images=self.config.allowed_images,
                 default_image=self.config.worker_image,
+                allowed_sources=self.config.allowed_sources,
+                allowed_modules=self.config.allowed_modules,
             )
             run_id = status.get("runId")
             if not run_id:

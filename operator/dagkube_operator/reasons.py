@@ -32,6 +32,8 @@ class Reason(enum.StrEnum):
     CLASS_NOT_ALLOWED = "ClassNotAllowed"
     MAX_WORKERS_ABOVE_LIMIT = "MaxWorkersAboveLimit"
     IMAGE_NOT_ALLOWED = "ImageNotAllowed"
+    SOURCE_NOT_ALLOWED = "SourceNotAllowed"
+    MODULE_NOT_ALLOWED = "ModuleNotAllowed"
     MODULE_NOT_FOUND = "ModuleNotFound"
     MODULE_IMPORT_FAILED = "ModuleImportFailed"
     FUNCTION_NOT_FOUND = "FunctionNotFound"

@@ -19,6 +19,7 @@ from dagkube.errors import DagkubeError
 from dagkube.planning import PLANNERS, check_optimizations
 from dagkube.planning.sla import parse_sla
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_memory
+from dagkube.runtime.keys import stored_dag
 from dagkube_operator.reasons import Reason, WorkflowFailed
 
 DEFAULT_CLASSES = ("512Mi", "1Gi", "2Gi")
@@ -123,9 +124,53 @@ def parse_source(value: Any) -> Source:
     if not isinstance(dag, str) or not _DAG_ID.match(dag):
         raise SpecError(f"spec.source.ref.dag={dag!r} is not a stored DAG id (16-64 hex digits)")
     redis_key = ref.get("redisKey")
-    if redis_key is not None and (not isinstance(redis_key, str) or not redis_key):
-        raise SpecError(f"spec.source.ref.redisKey={redis_key!r} must be a non-empty string")
+    # The operator reads only the key Workflow.submit() writes for this DAG, never another
+    # key a Workflow names (the CRD has the same rule).
+    if redis_key is not None and redis_key != stored_dag(dag):
+        raise SpecError(
+            f"spec.source.ref.redisKey={redis_key!r} is not where Workflow.submit() stores DAG "
+            f"{dag}: leave it out, or give {stored_dag(dag)!r}"
+        )
     return Source(dag=dag, redis_key=redis_key)
+
+
+SOURCE_KINDS = ("inline", "module", "ref")
+
+
+def module_allowed(module: str, pattern: str) -> bool:
+    """Whether ``module`` ("pkg.mod:function") matches one allowlist ``pattern``: a glob when
+    it has ``*``, ``?`` or ``[``, else a package or module prefix (``pkg`` allows
+    ``pkg.mod:build`` and ``pkg:build``, not ``pkgx:build``) or the exact ``mod:function``."""
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(module, pattern)
+    if ":" in pattern:
+        return module == pattern
+    path = module.split(":", 1)[0]
+    return path == pattern or path.startswith(pattern + ".")
+
+
+def check_source(
+    source: Source, allowed_sources: frozenset[str] | None, allowed_modules: list[str] | None
+) -> None:
+    """Raise a SpecError for a source kind the operator does not take (SourceNotAllowed) or a
+    module outside its allowlist (ModuleNotAllowed); None: any."""
+    if allowed_sources is not None and source.kind not in allowed_sources:
+        kinds = ", ".join(k for k in SOURCE_KINDS if k in allowed_sources)
+        raise SpecError(
+            f"spec.source.{source.kind} is not allowed by this operator; allowed sources: "
+            f"{kinds or 'none'}",
+            reason=Reason.SOURCE_NOT_ALLOWED,
+        )
+    if (
+        source.module
+        and allowed_modules
+        and not any(module_allowed(source.module, pattern) for pattern in allowed_modules)
+    ):
+        raise SpecError(
+            f"spec.source.module.name={source.module!r} is not allowed by this operator; "
+            f"allowed modules: {', '.join(allowed_modules)}",
+            reason=Reason.MODULE_NOT_ALLOWED,
+        )
 
 
 def check_class(mib: int, allowed: list[int] | None) -> None:
@@ -191,12 +236,15 @@ def parse_spec(
     max_workers_limit: int = MAX_WORKERS,
     allowed_images: list[str] | None = None,
     default_image: str | None = None,
+    allowed_sources: frozenset[str] | None = None,
+    allowed_modules: list[str] | None = None,
 ) -> WorkflowSpec:
     """Parse a Workflow's spec (a plain dict), applying the CRD's defaults and the operator's
     limits: its allowed classes, its ceiling of workers per run, its allowed images (any
-    when None; ``default_image`` always)."""
+    when None; ``default_image`` always), source kinds and modules (any when None)."""
     spec = _mapping(spec, "spec")
     source = parse_source(spec.get("source"))
+    check_source(source, allowed_sources, allowed_modules)
     planner = _mapping(spec.get("planner"), "spec.planner")
     name = planner.get("name", "wukong")
     if name not in PLANNERS:

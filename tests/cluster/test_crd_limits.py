@@ -83,7 +83,7 @@ def valid_specs() -> list[dict[str, Any]]:
             "retries": 3,
             "ttlSecondsAfterFinished": 60,
         },
-        {"source": {"ref": {"dag": "f" * 64, "redisKey": "dk:dag:custom"}}},
+        {"source": {"ref": {"dag": "f" * 64, "redisKey": "dk:dag:" + "f" * 64}}},
     ]
 
 
@@ -228,6 +228,14 @@ OVER_LIMIT = {
         "spec.source", "exactly one of module, inline or ref must be set",
     ),
     "no-source": ({"source": {}}, "spec.source", "exactly one of module, inline or ref"),
+    "ref-to-another-key": (
+        {"source": {"ref": {"dag": HEX_ID, "redisKey": "dk:run:x:out"}}},
+        "spec.source.ref.redisKey", "should match",
+    ),
+    "ref-to-another-dag": (
+        {"source": {"ref": {"dag": HEX_ID, "redisKey": "dk:dag:" + "0" * 32}}},
+        "spec.source.ref", "redisKey can only be where Workflow.submit() stores the DAG",
+    ),
 }  # fmt: skip
 AT_LIMIT = {
     "long-module-name": over(MODULE, "source.module.name", "a" * 247 + ":build"),

@@ -662,12 +662,12 @@ def test_unexpected_errors_end_the_workflow_failed_once(release: Release) -> Non
     state vanished from Redis each end their Workflow Failed, with a reason and an Event, once:
     the operator does not run the build again."""
     store = release.store
-    store.hset("dk:test:not-a-dag", "field", "value")
+    store.hset("dk:dag:0123456789abcdef", "field", "value")  # a hash where a DAG would be
     exits = COUNTED.format(counter="dk:test:builds", then="os._exit(0)")
     release.apply(release.workflow("exits-in-build", {"inline": exits}))
     release.apply(
         release.workflow(
-            "ref-to-a-hash", {"ref": {"dag": "0123456789abcdef", "redisKey": "dk:test:not-a-dag"}}
+            "ref-to-a-hash", {"ref": {"dag": "0123456789abcdef"}}
         )
     )
     release.apply(release.workflow("state-lost", {"inline": sleepy("state-lost", 60.0, 1)}))
@@ -684,7 +684,7 @@ def test_unexpected_errors_end_the_workflow_failed_once(release: Release) -> Non
     ref = release.wait_phase("ref-to-a-hash", timeout_s=60)
     assert ref["phase"] == "Failed", ref
     assert succeeded_condition(ref)["reason"] == "DagNotFound"
-    assert "Redis key 'dk:test:not-a-dag' holds a hash, not a stored DAG" in ref["message"]
+    assert "Redis key 'dk:dag:0123456789abcdef' holds a hash, not a stored DAG" in ref["message"]
     assert ("Warning", "DagNotFound") in {(k, r) for k, r, _ in release.events("ref-to-a-hash")}
 
     gone = release.wait_phase("state-lost", timeout_s=30)

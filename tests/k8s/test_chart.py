@@ -822,11 +822,15 @@ def test_hard_limits_reach_the_operator(tools: Tools) -> None:
     assert env["DAGKUBE_MAX_WORKERS_LIMIT"] == "200"
     assert env["DAGKUBE_ALLOWED_IMAGES"] == ""
     assert env["DAGKUBE_WORKER_EPHEMERAL_STORAGE"] == "1Gi"
+    assert env["DAGKUBE_ALLOWED_SOURCES"] == "inline,module,ref"
+    assert env["DAGKUBE_ALLOWED_MODULES"] == ""
     env = _operator_env(
         tools.template(
             "--set", "operator.maxWorkersLimit=80",
             "--set-json", 'operator.allowedImages=["registry.example.org/team/*","ghcr.io/x"]',
             "--set", "worker.ephemeralStorage=512Mi",
+            "--set-json", 'operator.allowedSources=["module","ref"]',
+            "--set-json", 'operator.allowedModules=["team.flows","examples.*:build"]',
         )
     )  # fmt: skip
     assert env["DAGKUBE_MAX_WORKERS_LIMIT"] == "80"
@@ -836,6 +840,8 @@ def test_hard_limits_reach_the_operator(tools: Tools) -> None:
     assert config.max_workers_limit == 80
     assert config.allowed_images == ["registry.example.org/team/*", "ghcr.io/x"]
     assert config.worker_ephemeral_storage_mib == 512
+    assert config.allowed_sources == frozenset({"module", "ref"})
+    assert config.allowed_modules == ["team.flows", "examples.*:build"]
 
 
 @pytest.mark.parametrize(
@@ -846,6 +852,8 @@ def test_hard_limits_reach_the_operator(tools: Tools) -> None:
         ("operator.allowedImages={a b}", "/operator/allowedImages/0"),
         ("worker.ephemeralStorage=lots", "/worker/ephemeralStorage"),
         ("worker.ephemeralStorage=1G", "/worker/ephemeralStorage"),
+        ("operator.allowedSources={inline,pickle}", "/operator/allowedSources/1"),
+        ("operator.allowedModules={a b:c}", "/operator/allowedModules/0"),
     ],
 )
 def test_values_schema_rejects_bad_hard_limits(tools: Tools, setting: str, named: str) -> None:

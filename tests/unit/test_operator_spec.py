@@ -349,3 +349,50 @@ def test_the_run_history_is_served_by_the_acting_replica_only():
         state.detach()
         root.setLevel(level)
     assert PeeringState(peering=False).active
+
+
+def test_source_kinds_and_modules_the_operator_allows():
+    from dagkube_operator.spec import module_allowed
+
+    inline = {"source": {"inline": "x = 1"}}
+    module = {"source": {"module": {"name": "team.flows.etl:build"}}}
+    only_modules = frozenset({"module", "ref"})
+    assert parse_spec(module, allowed_sources=only_modules).source.kind == "module"
+    with pytest.raises(SpecError, match=r"spec\.source\.inline is not allowed") as refused:
+        parse_spec(inline, allowed_sources=only_modules)
+    assert refused.value.reason == "SourceNotAllowed"
+    assert "allowed sources: module, ref" in str(refused.value)
+    assert (
+        parse_spec(module, allowed_modules=["team.flows"]).source.module == "team.flows.etl:build"
+    )
+    for patterns in (["team"], ["team.flows.etl:build"], ["team.*:build"]):
+        parse_spec(module, allowed_modules=patterns)
+    for patterns in (["team.flow"], ["teamx"], ["team.flows.etl:other"], ["other.*"]):
+        with pytest.raises(SpecError, match="is not allowed by this operator") as refused:
+            parse_spec(module, allowed_modules=patterns)
+        assert refused.value.reason == "ModuleNotAllowed"
+    # A module allowlist says nothing about inline sources (allowed_sources does).
+    assert parse_spec(inline, allowed_modules=["team"]).source.kind == "inline"
+    assert module_allowed("subprocess:getoutput", "team") is False
+    redis = {"DAGKUBE_REDIS_URL": "redis://r"}
+    config = OperatorConfig.from_env(
+        {**redis, "DAGKUBE_ALLOWED_SOURCES": "module, ref", "DAGKUBE_ALLOWED_MODULES": "a.b, c:d"}
+    )
+    assert config.allowed_sources == only_modules
+    assert config.allowed_modules == ["a.b", "c:d"]
+    assert OperatorConfig.from_env(redis).allowed_sources is None
+    for env, named in [
+        ({"DAGKUBE_ALLOWED_SOURCES": "inline,pickle"}, "'pickle' is not a source kind"),
+        ({"DAGKUBE_ALLOWED_MODULES": "a b"}, "'a b' is not a module"),
+    ]:
+        with pytest.raises(ConfigError, match=named):
+            OperatorConfig.from_env({**redis, **env})
+
+
+def test_a_ref_reads_only_the_key_the_sdk_writes():
+    dag = "0123456789abcdef"
+    ref = parse_spec({"source": {"ref": {"dag": dag, "redisKey": f"dk:dag:{dag}"}}}).source
+    assert ref.redis_key == f"dk:dag:{dag}"
+    for key in ("dk:run:x:out", "dk:dag:fedcba9876543210", "dk:hist:all"):
+        with pytest.raises(SpecError, match=r"is not where Workflow\.submit\(\) stores DAG"):
+            parse_spec({"source": {"ref": {"dag": dag, "redisKey": key}}})
