@@ -28,6 +28,7 @@ from dagkube.kubernetes.pods import (
     LABEL_POOL,
     WORKER_CONTAINER,
     build_worker_pod,
+    pool_label,
     pool_selector,
     worker_pod_name,
     worker_pod_serial,
@@ -293,7 +294,7 @@ class KubernetesBackend:
         pods = {
             pod["metadata"]["name"]: pod
             for pod in items
-            if (pod["metadata"].get("labels") or {}).get(LABEL_POOL) == self.pool
+            if (pod["metadata"].get("labels") or {}).get(LABEL_POOL) == pool_label(self.pool)
         }
         for name, pod in pods.items():
             if name not in self._workers and name not in self._ended:
@@ -315,7 +316,7 @@ class KubernetesBackend:
             self.core.read_namespaced_pod(name, self.namespace, _preload_content=False),
         )
         owner_pool = ((existing or {}).get("metadata", {}).get("labels") or {}).get(LABEL_POOL)
-        if owner_pool != self.pool:
+        if owner_pool != pool_label(self.pool):
             raise KubernetesBackendError(
                 f"Cannot create worker Pod {name!r} in namespace {self.namespace!r}: a Pod of "
                 f"that name exists with {LABEL_POOL}={owner_pool!r}, not {self.pool!r}"

@@ -20,6 +20,7 @@ from dagkube.resources import (
     cpu_millicores,
     format_memory,
 )
+from dagkube.runtime.keys import local_part, namespace_of
 
 LABEL_RUN = "dagkube.io/run"
 LABEL_CLASS = "dagkube.io/class"
@@ -84,16 +85,23 @@ def worker_labels(*, pool: str, run_id: str | None, memory_mib: int) -> dict[str
         "app.kubernetes.io/name": "dagkube",
         "app.kubernetes.io/component": "worker",
         "app.kubernetes.io/managed-by": "dagkube-operator",
-        LABEL_RUN: _label_value(LABEL_RUN, run_id or SHARED_RUN),
+        LABEL_RUN: _label_value(LABEL_RUN, local_part(run_id) if run_id else SHARED_RUN),
         LABEL_CLASS: format_memory(memory_mib),
         LABEL_COMPONENT: "worker",
-        LABEL_POOL: _label_value(LABEL_POOL, pool),
+        LABEL_POOL: pool_label(pool),
     }
+
+
+def pool_label(pool: str) -> str:
+    """The pool label of its Pods. Run ids and pool names of a namespace begin with
+    ``<namespace>.`` (dagkube.runtime.keys); labels carry the rest, unique within the Pods'
+    own namespace, so that they fit a label value's 63 characters."""
+    return _label_value(LABEL_POOL, local_part(pool))
 
 
 def pool_selector(pool: str) -> str:
     """Label selector of every worker Pod of a pool."""
-    return f"{LABEL_POOL}={_label_value(LABEL_POOL, pool)}"
+    return f"{LABEL_POOL}={pool_label(pool)}"
 
 
 def build_worker_pod(
@@ -129,6 +137,14 @@ def build_worker_pod(
     Pod's disk (past it the kubelet evicts the Pod); ``active_deadline_s``: the kubelet stops
     the Pod this long after it started (None: no deadline).
     """
+    pool_namespace = namespace_of(pool)
+    if pool_namespace is not None and pool_namespace != namespace:
+        # Its Redis credential (the namespace's worker user) reaches only its own namespace's
+        # keys: a pool of another namespace would fail at its first command.
+        raise ValueError(
+            f"Worker Pod {name!r} in namespace {namespace!r} cannot serve pool {pool!r} of "
+            f"namespace {pool_namespace!r}"
+        )
     secret_name, secret_key = redis_url_secret
     millicores = cpu_millicores(memory_mib, memory_per_cpu_mib, max_cpu)
     threads = str(max(1, math.floor(cpu_for_memory(memory_mib, memory_per_cpu_mib, max_cpu))))
@@ -228,3 +244,28 @@ def build_worker_pod(
     if active_deadline_s is not None:
         pod_spec["activeDeadlineSeconds"] = active_deadline_s
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+WORKER_REDIS_SECRET = "dagkube-worker-redis"  # one per namespace: its worker user's Redis URL
+WORKER_REDIS_SECRET_KEY = "url"
+
+
+def build_worker_redis_secret(namespace: str, url: str) -> dict[str, Any]:
+    """The Secret holding the Redis URL of ``namespace``'s worker user (``acl.worker_user``,
+    password included), for its worker Pods' ``redis_url_secret``: (WORKER_REDIS_SECRET,
+    WORKER_REDIS_SECRET_KEY). The operator creates it with the user."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": WORKER_REDIS_SECRET,
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/name": "dagkube",
+                "app.kubernetes.io/component": "worker-credentials",
+                "app.kubernetes.io/managed-by": "dagkube-operator",
+            },
+        },
+        "stringData": {WORKER_REDIS_SECRET_KEY: url},
+    }

@@ -45,7 +45,7 @@ from redis.exceptions import RedisError
 
 from dagkube.metrics.records import RunRecord, TaskRecord, WorkerRecord
 from dagkube.resources import format_memory
-from dagkube.runtime.keys import HIST_ALL_RUNS, PoolKeys, hist_run
+from dagkube.runtime.keys import PoolKeys, hist_all_runs, hist_run, namespace_of
 
 log = logging.getLogger("dagkube.metrics")
 
@@ -605,7 +605,10 @@ class RunHistoryCollector(Collector):
     state to report; none: no live metrics. ``workers_alive``: a callable returning the
     handles (``worker_id``, ``memory_mib``) of the workers the pools' backends created and
     know alive; without it the ``starting`` state is not reported (only the backend knows a
-    worker that has not registered in Redis yet).
+    worker that has not registered in Redis yet). ``namespaces``: Kubernetes namespaces (or a
+    callable returning them) whose histories to fold besides the local one (each namespace
+    has its own, docs/architecture.md "Key space and Redis users"); one left out for a while
+    is folded on from where it was when it comes back.
     """
 
     def __init__(
@@ -614,6 +617,7 @@ class RunHistoryCollector(Collector):
         pools: Pools = (),
         *,
         workers_alive: Callable[[], Iterable[Any]] | None = None,
+        namespaces: Pools = (),
         index_window: int = INDEX_WINDOW,
         max_runs_per_scrape: int = MAX_RUNS_PER_SCRAPE,
         max_records_per_scrape: int = MAX_RECORDS_PER_SCRAPE,
@@ -626,11 +630,12 @@ class RunHistoryCollector(Collector):
         self.redis = redis
         self._pools = pools if callable(pools) else list(pools)
         self.workers_alive = workers_alive
+        self._namespaces = namespaces if callable(namespaces) else list(namespaces)
         self.index_window = index_window
         self.max_runs_per_scrape = max_runs_per_scrape
         self.max_records_per_scrape = max_records_per_scrape
         self.max_fold_seconds = max_fold_seconds
-        self._seen: set[str] = set()
+        self._seen: dict[str | None, set[str]] = {}  # per namespace (None: local runs)
         self._totals = _Totals()
         self._backlog = 0
         self._folded = 0
@@ -643,6 +648,11 @@ class RunHistoryCollector(Collector):
 
     def pools(self) -> list[str]:
         return list(self._pools() if callable(self._pools) else self._pools)
+
+    def namespaces(self) -> list[str | None]:
+        """The histories folded: the local one, then each namespace's."""
+        named = self._namespaces() if callable(self._namespaces) else self._namespaces
+        return [None, *dict.fromkeys(named)]
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
@@ -671,10 +681,17 @@ class RunHistoryCollector(Collector):
     # ------------------------------------------------------------------ history
     def _fold_new_runs(self) -> None:
         self._settle()
-        window = [i.decode() for i in self.redis.lrange(HIST_ALL_RUNS, 0, self.index_window - 1)]
-        # Ids only move down the index (LPUSH, LTRIM): one that left the window never returns.
-        self._seen.intersection_update(window)
-        new = [run_id for run_id in window if run_id not in self._seen]  # newest first
+        namespaces = self.namespaces()
+        pipe = self.redis.pipeline(transaction=False)
+        for namespace in namespaces:
+            pipe.lrange(hist_all_runs(namespace), 0, self.index_window - 1)
+        new: list[str] = []
+        for namespace, listed in zip(namespaces, pipe.execute(), strict=True):
+            window = [i.decode() for i in listed]
+            # Ids only move down an index (LPUSH, LTRIM): one that left its window never returns.
+            seen = self._seen.setdefault(namespace, set())
+            seen.intersection_update(window)
+            new += [run_id for run_id in window if run_id not in seen]  # newest first
         began, runs, records = time.monotonic(), 0, 0
         while new:
             if (
@@ -731,7 +748,8 @@ class RunHistoryCollector(Collector):
         answers = iter(pipe.execute())
         # Read in full: from here on folding does no I/O, so every run is folded (or skipped
         # as unreadable) exactly once. A Redis error above leaves them for the next scrape.
-        self._seen.update(run_ids)
+        for run_id in run_ids:
+            self._seen.setdefault(namespace_of(run_id), set()).add(run_id)
         parsed = 0
         for run in runs:
             tasks, workers = next(answers), next(answers)

@@ -13,12 +13,13 @@ from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
 from dagkube.planning.planners import CALIBRATION_RUNS
 from dagkube.runtime import scripts
 from dagkube.runtime.keys import (
-    HIST_ALL_RUNS,
-    HIST_STRUCTURES,
-    HIST_USED,
+    hist_all_runs,
     hist_run,
     hist_structure_runs,
+    hist_structures,
+    hist_used,
     hist_workflow_runs,
+    key_root,
 )
 
 
@@ -43,14 +44,16 @@ async def run_ids(
     workflow: str | None = None,
     structure_hash: str | None = None,
     limit: int = 50,
+    namespace: str | None = None,
 ) -> list[str]:
-    """Most recent first."""
+    """Most recent first. ``namespace``: the history of that Kubernetes namespace's runs
+    (each namespace has its own); None: the history of runs without one (local runs)."""
     if structure_hash:
-        key = hist_structure_runs(structure_hash)
+        key = hist_structure_runs(structure_hash, namespace)
     elif workflow:
-        key = hist_workflow_runs(workflow)
+        key = hist_workflow_runs(workflow, namespace)
     else:
-        key = HIST_ALL_RUNS
+        key = hist_all_runs(namespace)
     return [r.decode() for r in await redis.lrange(key, 0, max(0, limit - 1))]
 
 
@@ -161,15 +164,17 @@ async def load_snapshot(
     *,
     runs: int = SNAPSHOT_RUNS,
     cache: dict[str, _RunSamples] | None = None,
+    namespace: str | None = None,
 ) -> HistorySnapshot:
     """The samples planners learn from: task and worker records of the last ``runs``
     successful runs of this structure (failed runs' timings would mislead predictions), at
     most about SNAPSHOT_MAX_TASK_SAMPLES task samples (but at least 3 runs).
 
     ``cache`` (run id -> parsed samples) lets a long-lived caller read each run only once.
+    ``namespace``: learn from that namespace's history (see :func:`run_ids`).
     """
     cache = {} if cache is None else cache
-    ids = await run_ids(redis, structure_hash=structure_hash, limit=runs * 2)
+    ids = await run_ids(redis, structure_hash=structure_hash, limit=runs * 2, namespace=namespace)
     unseen = [run_id for run_id in ids if run_id not in cache]
     if unseen:
         async with redis.pipeline(transaction=False) as pipe:
@@ -228,12 +233,14 @@ async def prune_history(
     finished_before: float | None = None,
     workflow: str | None = None,
     dry_run: bool = False,
+    namespace: str | None = None,
 ) -> PruneReport:
     """Remove, per workflow structure, the runs beyond the newest ``keep_runs`` and those that
     finished before ``finished_before`` (Unix seconds); only runs of ``workflow`` when given.
     Each structure is pruned in one atomic step that removes a run's records with every
     index entry naming it; index entries naming runs whose records are gone go too. A
-    structure left without runs is dropped. ``dry_run``: report only, change nothing."""
+    structure left without runs is dropped. ``dry_run``: report only, change nothing.
+    ``namespace``: prune that namespace's history (see :func:`run_ids`)."""
     if keep_runs is None and finished_before is None:
         raise InvalidOption(
             "Nothing to prune: give the runs to keep per structure (keep_runs >= 0) and/or "
@@ -241,13 +248,14 @@ async def prune_history(
         )
     if keep_runs is not None and keep_runs < 0:
         raise InvalidOption(f"keep_runs={keep_runs} is invalid: use a whole number >= 0")
-    names = {k.decode(): v.decode() for k, v in (await redis.hgetall(HIST_STRUCTURES)).items()}
-    for structure in await redis.zrange(HIST_USED, 0, -1):  # in case the hash lost one
+    structures = await redis.hgetall(hist_structures(namespace))
+    names = {k.decode(): v.decode() for k, v in structures.items()}
+    for structure in await redis.zrange(hist_used(namespace), 0, -1):  # if the hash lost one
         names.setdefault(structure.decode(), "")
     if workflow is None:
         selected = sorted(names)
     else:  # the hash names a structure's latest workflow; its runs may carry others
-        listed = await redis.lrange(hist_workflow_runs(workflow), 0, -1)
+        listed = await redis.lrange(hist_workflow_runs(workflow, namespace), 0, -1)
         async with redis.pipeline(transaction=False) as pipe:
             for run_id in listed:
                 pipe.hget(hist_run(run_id.decode(), "meta"), "structure_hash")
@@ -264,6 +272,7 @@ async def prune_history(
                     "" if finished_before is None else finished_before,
                     1 if dry_run else 0,
                     workflow or "",
+                    key_root(namespace),
                 ]
             )
         )
@@ -277,10 +286,13 @@ async def prune_history(
         if int(reply["left"]) == 0:
             report.structures_emptied.append(structure)
     if workflow is not None:
-        indexes = [hist_workflow_runs(workflow)]
+        indexes = [hist_workflow_runs(workflow, namespace)]
     else:
         named = {name for name in names.values() if name} | {r.workflow for r in report.removed}
-        indexes = [HIST_ALL_RUNS, *(hist_workflow_runs(name) for name in sorted(named))]
+        indexes = [
+            hist_all_runs(namespace),
+            *(hist_workflow_runs(name, namespace) for name in sorted(named)),
+        ]
     unindex = redis.register_script(scripts.PRUNE_INDEXES)
     missing = await unindex(keys=indexes, args=[1 if dry_run else 0])
     report.missing.update(run_id.decode() for run_id in missing)

@@ -1,13 +1,67 @@
-"""Redis key names. Everything of a run lives under ``dk:run:<run-id>``; history under ``dk:hist``.
+"""Redis key names. Everything of a run lives under ``<root>run:<run-id>``; history under
+``<root>hist``.
 
 Per-run keys are few and fixed (outputs and dependency counts are hash fields, not keys), so a
 finished run expires all of them without scanning; the only dynamic ones (per logical worker
 inbox/claim) are registered in the run's ``keys`` set when created.
+
+**Namespaces** (docs/architecture.md, "Key space and Redis users"): a run id or pool name of
+the form ``<namespace>.<rest>`` belongs to that Kubernetes namespace, and every key derived
+from it lives under ``dk:ns:<namespace>:``; the history its runs write too, and the keys of the
+workers serving its pool. One ACL key pattern, ``~dk:ns:<namespace>:*``, then names all a
+namespace's worker may touch. Ids without a '.' (local runs) keep the root ``dk:``. A
+namespace name (a DNS-1123 label) has no '.', ':' or glob character, so the first '.' ends
+it and the pattern matches no other namespace's keys.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+NAMESPACE_SEPARATOR = "."
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def check_namespace(namespace: str) -> str:
+    """A Kubernetes namespace name (DNS-1123 label), else ValueError: it becomes part of key
+    names and of an ACL key pattern, where '.', ':' or a glob character would widen it."""
+    if not _NAMESPACE.match(namespace):
+        raise ValueError(
+            f"Namespace {namespace!r} is not a valid Kubernetes namespace name: use at most 63 "
+            "lowercase letters, digits or '-', starting and ending with a letter or digit"
+        )
+    return namespace
+
+
+def namespaced(namespace: str, local_id: str) -> str:
+    """The id (run id, pool name) of ``local_id`` in a namespace: ``<namespace>.<local_id>``."""
+    if not local_id:
+        raise ValueError(f"An id in namespace {namespace!r} needs a non-empty local part")
+    return f"{check_namespace(namespace)}{NAMESPACE_SEPARATOR}{local_id}"
+
+
+def namespace_of(scoped_id: str) -> str | None:
+    """The namespace a run id or pool name belongs to (the part before its first '.'), None
+    for an id without one. The Lua scripts' ``root`` applies the same rule."""
+    head, separator, _ = scoped_id.partition(NAMESPACE_SEPARATOR)
+    return head if separator and head else None
+
+
+def local_part(scoped_id: str) -> str:
+    """The id without its namespace (as it is unique within the namespace: Pod labels)."""
+    return scoped_id.partition(NAMESPACE_SEPARATOR)[2] if namespace_of(scoped_id) else scoped_id
+
+
+def key_root(namespace: str | None) -> str:
+    """Where the keys of a namespace begin: ``dk:ns:<namespace>:``; ``dk:`` without one."""
+    return "dk:" if namespace is None else f"dk:ns:{check_namespace(namespace)}:"
+
+
+def namespace_pattern(namespace: str) -> str:
+    """The ACL key pattern of every key of a namespace's runs, pools, workers and history."""
+    return f"{key_root(namespace)}*"
+
 
 HIST = "dk:hist"
 
@@ -18,7 +72,7 @@ class RunKeys:
 
     @property
     def prefix(self) -> str:
-        return f"dk:run:{self.run_id}"
+        return f"{key_root(namespace_of(self.run_id))}run:{self.run_id}"
 
     @property
     def meta(self) -> str:  # hash: status, counters, totals, provenance
@@ -79,13 +133,14 @@ class RunKeys:
 
 @dataclass(frozen=True)
 class PoolKeys:
-    """Keys of one worker pool (one scaler): invocation queues and idle sets per class."""
+    """Keys of one worker pool (one scaler): invocation queues and idle sets per class. A pool
+    serves runs of its own namespace only (its name's, see :func:`namespace_of`)."""
 
     pool: str
 
     @property
     def prefix(self) -> str:
-        return f"dk:pool:{self.pool}"
+        return f"{key_root(namespace_of(self.pool))}pool:{self.pool}"
 
     def queue(self, memory_mib: int) -> str:
         return f"{self.prefix}:q:{memory_mib}"
@@ -114,41 +169,67 @@ class PoolKeys:
         return f"{self.prefix}:wake"
 
 
-def worker_proc(worker_id: str) -> str:
-    """List of the work a worker holds (re-queued if the worker dies)."""
-    return f"dk:w:{worker_id}:proc"
+def _worker_key(worker_id: str, pool: str, part: str) -> str:
+    # A worker's keys share its pool's namespace: worker ids are Pod names, unique per
+    # namespace only, and carry none.
+    return f"{key_root(namespace_of(pool))}w:{worker_id}:{part}"
 
 
-def worker_task(worker_id: str) -> str:
+def worker_proc(worker_id: str, pool: str = "") -> str:
+    """List of the work a worker of ``pool`` holds (re-queued if the worker dies)."""
+    return _worker_key(worker_id, pool, "proc")
+
+
+def worker_task(worker_id: str, pool: str = "") -> str:
     """JSON {run, task, function}: the task the worker is running (read if it is lost)."""
-    return f"dk:w:{worker_id}:task"
+    return _worker_key(worker_id, pool, "task")
 
 
-def worker_heartbeat(worker_id: str) -> str:
-    return f"dk:w:{worker_id}:hb"
+def worker_heartbeat(worker_id: str, pool: str = "") -> str:
+    return _worker_key(worker_id, pool, "hb")
+
+
+def hist_root(namespace: str | None = None) -> str:
+    """Where a namespace's history begins (``dk:hist`` without a namespace)."""
+    return f"{key_root(namespace)}hist"
 
 
 def hist_run(run_id: str, part: str) -> str:
     """History of one run: part is meta (hash), tasks (hash), workers (hash), plan or edges
-    (JSON: task id -> its upstream task ids)."""
-    return f"{HIST}:r:{run_id}:{part}"
+    (JSON: task id -> its upstream task ids). In its run's namespace."""
+    return f"{hist_root(namespace_of(run_id))}:r:{run_id}:{part}"
 
 
-def hist_structure_runs(structure_hash: str) -> str:
-    return f"{HIST}:s:{structure_hash}:runs"
+def hist_structure_runs(structure_hash: str, namespace: str | None = None) -> str:
+    return f"{hist_root(namespace)}:s:{structure_hash}:runs"
 
 
-def hist_workflow_runs(name: str) -> str:
-    return f"{HIST}:wf:{name}:runs"
+def hist_workflow_runs(name: str, namespace: str | None = None) -> str:
+    return f"{hist_root(namespace)}:wf:{name}:runs"
 
 
-HIST_ALL_RUNS = f"{HIST}:all"
-HIST_STRUCTURES = f"{HIST}:structures"  # hash structure hash -> workflow name
-HIST_USED = f"{HIST}:used"  # sorted set structure hash -> when a run of it last ended
+def hist_all_runs(namespace: str | None = None) -> str:
+    return f"{hist_root(namespace)}:all"
+
+
+def hist_structures(namespace: str | None = None) -> str:
+    """Hash structure hash -> workflow name."""
+    return f"{hist_root(namespace)}:structures"
+
+
+def hist_used(namespace: str | None = None) -> str:
+    """Sorted set structure hash -> when a run of it last ended."""
+    return f"{hist_root(namespace)}:used"
+
+
+HIST_ALL_RUNS = hist_all_runs()
+HIST_STRUCTURES = hist_structures()
+HIST_USED = hist_used()
 
 
 def stored_dag(dag_id: str) -> str:
-    """A DAG the SDK stored for a Kubernetes Workflow (``spec.source.ref``): its body."""
+    """A DAG the SDK stored for a Kubernetes Workflow (``spec.source.ref``): its body. Read by
+    the operator only (workers get the run's copy)."""
     return f"dk:dag:{dag_id}"
 
 

@@ -191,11 +191,11 @@ class Scaler:
         REQUEUE script fails the run instead at the largest class, or when the same task has
         lost its worker more than ``MAX_REQUEUES`` times."""
         handle = ended.handle
-        held = await self.redis.llen(worker_proc(handle.worker_id))
+        held = await self.redis.llen(worker_proc(handle.worker_id, self.keys.pool))
         requeued = await self._requeue(
             args=[
                 self.keys.prefix,
-                worker_proc(handle.worker_id),
+                worker_proc(handle.worker_id, self.keys.pool),
                 handle.worker_id,
                 time.time(),
                 handle.memory_mib,
@@ -230,9 +230,9 @@ class Scaler:
         # removes both at once, after the HGETALL above; it is gone, not lost.
         async with self.redis.pipeline(transaction=True) as pipe:
             for worker_id in ids:
-                pipe.exists(worker_heartbeat(worker_id.decode()))
+                pipe.exists(worker_heartbeat(worker_id.decode(), self.keys.pool))
                 pipe.hexists(self.keys.workers, worker_id)
-                pipe.get(worker_task(worker_id.decode()))
+                pipe.get(worker_task(worker_id.decode(), self.keys.pool))
             answers = await pipe.execute()
         known = {h.worker_id: h for h in self.backend.alive()}
         now = time.time()

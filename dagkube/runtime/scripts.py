@@ -4,7 +4,10 @@ A worker that dies between two scripts leaves a consistent state: its unfinished
 in its ``proc`` list (re-queued by the scaler), completed tasks are in the run's ``done`` set,
 and dependency counting is guarded per (upstream, downstream) edge, so re-running a task
 cannot over-count. Key names are derived inside the scripts from the run id and must match
-:mod:`dagkube.runtime.keys` (standalone Redis; see docs/architecture.md).
+:mod:`dagkube.runtime.keys` (standalone Redis; see docs/architecture.md), namespace included:
+every key a script touches for a run of namespace N lies under ``dk:ns:N:``, so a worker whose
+Redis user may touch only those keys can run every script it calls (a key outside them would
+fail the script half-way with NOPERM).
 """
 
 from __future__ import annotations
@@ -21,8 +24,15 @@ HISTORY_EVICT_BATCH = 8  # structures one finalize drops at most (the rest: the 
 
 # Shared Lua helpers: key builders mirroring keys.py.
 _PRELUDE = r"""
-local function runkey(run, part) return 'dk:run:' .. run .. ':' .. part end
-local function histkey(run, part) return 'dk:hist:r:' .. run .. ':' .. part end
+-- keys.key_root(keys.namespace_of(id)): an id '<namespace>.<rest>' keeps its keys under
+-- dk:ns:<namespace>:, any other under dk:
+local function root(id)
+  local namespace = string.match(id, '^([^.]+)%.')
+  if namespace then return 'dk:ns:' .. namespace .. ':' end
+  return 'dk:'
+end
+local function runkey(run, part) return root(run) .. 'run:' .. run .. ':' .. part end
+local function histkey(run, part) return root(run) .. 'hist:r:' .. run .. ':' .. part end
 -- A record written into a run's history: while the run is live, or into its history once
 -- written (a worker finishing after the end), expiring with it. Never into a history that was
 -- dropped: that would re-create a key no index names and no TTL ends.
@@ -222,9 +232,11 @@ return 0
 """
 )
 
-# The history's keys and limits (keys.py: hist_run, hist_structure_runs, HIST_*): writing a
-# run's records at its end, and dropping runs and structures, always with the index entries
-# naming them and all five record keys of a run together.
+# The history's keys and limits (keys.py: hist_run, hist_structure_runs, hist_all_runs, ...):
+# writing a run's records at its end, and dropping runs and structures, always with the index
+# entries naming them and all five record keys of a run together. Each namespace has its own
+# history (its indexes under its root; ``H`` below holds their names), so a run's end never
+# reads or drops another namespace's records.
 _HISTORY = (
     f"""
 local DEFAULT_RETENTION_S = {DEFAULT_HISTORY_RETENTION_S}
@@ -232,10 +244,13 @@ local DEFAULT_STRUCTURES = {DEFAULT_HISTORY_STRUCTURES}
 local EXPIRY_GRACE_S, EVICT_BATCH = {HISTORY_EXPIRY_GRACE_S}, {HISTORY_EVICT_BATCH}
 """
     + r"""
-local HIST_ALL, HIST_STRUCTURES, HIST_USED = 'dk:hist:all', 'dk:hist:structures', 'dk:hist:used'
 local HIST_PARTS = {'meta', 'tasks', 'workers', 'plan', 'edges'}
-local function structure_runs(structure) return 'dk:hist:s:' .. structure .. ':runs' end
-local function workflow_runs(name) return 'dk:hist:wf:' .. name .. ':runs' end
+local function history_keys(key_root)
+  local h = key_root .. 'hist:'
+  return {all = h .. 'all', structures = h .. 'structures', used = h .. 'used', prefix = h}
+end
+local function structure_runs(H, structure) return H.prefix .. 's:' .. structure .. ':runs' end
+local function workflow_runs(H, name) return H.prefix .. 'wf:' .. name .. ':runs' end
 
 -- Removes the ids in ``gone`` (a set of ``count`` ids) from an index list: one LREM each for a
 -- few; else one pass rewriting the list, as each LREM reads the whole list.
@@ -259,44 +274,44 @@ end
 
 -- Everything these runs left in the history and every index entry naming them, in one step.
 -- ``indexes``: lists that may name them besides those their records name.
-local function drop_runs(ids, indexes)
+local function drop_runs(H, ids, indexes)
   if #ids == 0 then return end
   local lists, listed, gone = {}, {}, {}
   local function index(key)
     if not listed[key] then listed[key] = true; table.insert(lists, key) end
   end
-  index(HIST_ALL)
+  index(H.all)
   for _, key in ipairs(indexes) do index(key) end
   for _, id in ipairs(ids) do
     gone[id] = true
     local found = redis.call('HMGET', histkey(id, 'meta'), 'structure_hash', 'workflow')
-    if found[1] then index(structure_runs(found[1])) end
-    if found[2] then index(workflow_runs(found[2])) end
+    if found[1] then index(structure_runs(H, found[1])) end
+    if found[2] then index(workflow_runs(H, found[2])) end
     for _, part in ipairs(HIST_PARTS) do redis.call('DEL', histkey(id, part)) end
   end
   for _, key in ipairs(lists) do unindex(key, gone, #ids) end
 end
 
-local function drop_structure(structure)
-  local runs = structure_runs(structure)
-  local name = redis.call('HGET', HIST_STRUCTURES, structure)
+local function drop_structure(H, structure)
+  local runs = structure_runs(H, structure)
+  local name = redis.call('HGET', H.structures, structure)
   local indexes = {runs}
-  if name then table.insert(indexes, workflow_runs(name)) end
-  drop_runs(redis.call('LRANGE', runs, 0, -1), indexes)
+  if name then table.insert(indexes, workflow_runs(H, name)) end
+  drop_runs(H, redis.call('LRANGE', runs, 0, -1), indexes)
   redis.call('DEL', runs)
-  redis.call('HDEL', HIST_STRUCTURES, structure)
-  redis.call('ZREM', HIST_USED, structure)
+  redis.call('HDEL', H.structures, structure)
+  redis.call('ZREM', H.used, structure)
 end
 
--- Structures recorded before HIST_USED existed join it, as last used when their newest run
+-- Structures recorded before the used set existed join it, as last used when their newest run
 -- ended, so that the caps apply to them too.
-local function adopt_structures()
-  if redis.call('HLEN', HIST_STRUCTURES) <= redis.call('ZCARD', HIST_USED) then return end
-  for _, structure in ipairs(redis.call('HKEYS', HIST_STRUCTURES)) do
-    if not redis.call('ZSCORE', HIST_USED, structure) then
-      local newest = redis.call('LINDEX', structure_runs(structure), 0)
+local function adopt_structures(H)
+  if redis.call('HLEN', H.structures) <= redis.call('ZCARD', H.used) then return end
+  for _, structure in ipairs(redis.call('HKEYS', H.structures)) do
+    if not redis.call('ZSCORE', H.used, structure) then
+      local newest = redis.call('LINDEX', structure_runs(H, structure), 0)
       local at = newest and redis.call('HGET', histkey(newest, 'meta'), 'finished_at')
-      redis.call('ZADD', HIST_USED, tonumber(at or '') or 0, structure)
+      redis.call('ZADD', H.used, tonumber(at or '') or 0, structure)
     end
   end
 end
@@ -305,6 +320,7 @@ end
 -- ``cap`` dropped; its structure's records kept for the retention from now; then the least
 -- recently used structures beyond the cap, and those unused for the retention, dropped.
 local function record_history(run, meta, now, cap)
+  local H = history_keys(root(run))
   local retention = tonumber(redis.call('HGET', meta, 'history_retention_s') or '')
     or DEFAULT_RETENTION_S
   local max_structures = tonumber(redis.call('HGET', meta, 'history_structures') or '')
@@ -313,30 +329,30 @@ local function record_history(run, meta, now, cap)
   redis.call('HSET', histkey(run, 'meta'), unpack(redis.call('HGETALL', meta)))
   local structure = redis.call('HGET', meta, 'structure_hash')
   local name = redis.call('HGET', meta, 'workflow')
-  adopt_structures()
-  redis.call('HSET', HIST_STRUCTURES, structure, name)
-  redis.call('ZADD', HIST_USED, now, structure)
-  local runs, named = structure_runs(structure), workflow_runs(name)
+  adopt_structures(H)
+  redis.call('HSET', H.structures, structure, name)
+  redis.call('ZADD', H.used, now, structure)
+  local runs, named = structure_runs(H, structure), workflow_runs(H, name)
   redis.call('LPUSH', runs, run)
   redis.call('LPUSH', named, run)
   redis.call('LTRIM', named, 0, 10 * cap - 1)
-  redis.call('LPUSH', HIST_ALL, run)
-  redis.call('LTRIM', HIST_ALL, 0, 9999)
-  drop_runs(redis.call('LRANGE', runs, cap, -1), {runs})
+  redis.call('LPUSH', H.all, run)
+  redis.call('LTRIM', H.all, 0, 9999)
+  drop_runs(H, redis.call('LRANGE', runs, cap, -1), {runs})
   for _, id in ipairs(redis.call('LRANGE', runs, 0, -1)) do
     for _, part in ipairs(HIST_PARTS) do redis.call('EXPIRE', histkey(id, part), keep_s) end
   end
-  for _, key in ipairs({runs, named, HIST_ALL, HIST_STRUCTURES, HIST_USED}) do
+  for _, key in ipairs({runs, named, H.all, H.structures, H.used}) do
     redis.call('EXPIRE', key, keep_s)
   end
   for _ = 1, EVICT_BATCH do
-    local oldest = redis.call('ZRANGE', HIST_USED, 0, 0, 'WITHSCORES')
+    local oldest = redis.call('ZRANGE', H.used, 0, 0, 'WITHSCORES')
     if #oldest == 0 or oldest[1] == structure then break end
-    if redis.call('ZCARD', HIST_USED) <= max_structures
+    if redis.call('ZCARD', H.used) <= max_structures
         and tonumber(oldest[2]) >= now - retention then
       break
     end
-    drop_structure(oldest[1])
+    drop_structure(H, oldest[1])
   end
 end
 """
@@ -445,7 +461,10 @@ local pool, proc, wid, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local mem, spawned = tonumber(ARGV[5]), tonumber(ARGV[6])
 local oom, peak, code = ARGV[7] == '1', tonumber(ARGV[8]), tonumber(ARGV[9])
 local max_requeues = tonumber(ARGV[10])
-local current = redis.call('GET', 'dk:w:' .. wid .. ':task')
+-- the worker's keys share its pool's root (keys.worker_task, worker_heartbeat)
+local worker_root = string.match(pool, '^(.-)pool:') .. 'w:' .. wid
+local task_key, beat_key = worker_root .. ':task', worker_root .. ':hb'
+local current = redis.call('GET', task_key)
 current = current and cjson.decode(current) or {}
 local function mib(bytes) return string.format('%d MiB', math.floor(bytes / 1048576 + 0.5)) end
 local items = redis.call('LRANGE', proc, 0, -1)
@@ -539,7 +558,7 @@ for _, item in ipairs(items) do
     end
   end
 end
-redis.call('DEL', proc, 'dk:w:' .. wid .. ':hb', 'dk:w:' .. wid .. ':task')
+redis.call('DEL', proc, beat_key, task_key)
 redis.call('HDEL', pool .. ':workers', wid)
 redis.call('SREM', pool .. ':idle:' .. mem, wid)
 redis.call('SREM', pool .. ':waiting', wid)
@@ -566,7 +585,7 @@ if redis.call('HGET', meta, 'status') == 'running' then
 end
 local pool = redis.call('HGET', meta, 'pool')
 if pool then
-  pool = 'dk:pool:' .. pool
+  pool = root(pool) .. 'pool:' .. pool
   for _, mem in ipairs(redis.call('SMEMBERS', pool .. ':classes')) do
     local queue = pool .. ':q:' .. mem
     for _, item in ipairs(redis.call('LRANGE', queue, 0, -1)) do
@@ -597,7 +616,8 @@ return 1
 )
 
 # ARGV: structure hash, runs to keep ("" = any number), finished before (Unix seconds, "" = any
-#       time), dry run 0/1, workflow ("" = any: a structure's runs may carry several names).
+#       time), dry run 0/1, workflow ("" = any: a structure's runs may carry several names),
+#       key root of the history's namespace (keys.key_root; absent: "dk:").
 #       Drops (or, dry, lists) the structure's runs (of that workflow) beyond the newest
 #       ``keep`` and those that finished before the time, with the entries of its index naming
 #       a run whose records are gone; a structure left without runs is dropped. Returns JSON
@@ -609,7 +629,8 @@ PRUNE_STRUCTURE = (
     + r"""
 local structure, keep, before = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local workflow = ARGV[5]
-local runs = structure_runs(structure)
+local H = history_keys(ARGV[6] or 'dk:')
+local runs = structure_runs(H, structure)
 local removed, doomed, missing, kept, left = {}, {}, {}, 0, 0
 for _, id in ipairs(redis.call('LRANGE', runs, 0, -1)) do
   local m = redis.call('HMGET', histkey(id, 'meta'), 'workflow', 'status', 'finished_at',
@@ -632,13 +653,13 @@ for _, id in ipairs(redis.call('LRANGE', runs, 0, -1)) do
   end
 end
 if ARGV[4] ~= '1' then
-  local name = redis.call('HGET', HIST_STRUCTURES, structure)
+  local name = redis.call('HGET', H.structures, structure)
   local indexes = {runs}
-  if name then table.insert(indexes, workflow_runs(name)) end
-  drop_runs(doomed, indexes)
+  if name then table.insert(indexes, workflow_runs(H, name)) end
+  drop_runs(H, doomed, indexes)
   if redis.call('EXISTS', runs) == 0 then
-    redis.call('HDEL', HIST_STRUCTURES, structure)
-    redis.call('ZREM', HIST_USED, structure)
+    redis.call('HDEL', H.structures, structure)
+    redis.call('ZREM', H.used, structure)
   end
 end
 return cjson.encode({removed = removed, missing = missing, kept = kept, left = left})

@@ -152,7 +152,7 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.pool = PoolKeys(config.pool)
-        self.proc_key = worker_proc(config.worker_id)
+        self.proc_key = worker_proc(config.worker_id, config.pool)
         self.runs: OrderedDict[str, RunState] = OrderedDict()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagkube-task")
         # Pre-loaded inputs are deserialized here, never on the thread that runs tasks.
@@ -167,7 +167,8 @@ class Worker:
         self.beats: Any = None  # the heartbeat's own client
         self.stopping = False
         self._scripts: dict[str, Any] = {}
-        self.task_key = worker_task(config.worker_id)
+        self.task_key = worker_task(config.worker_id, config.pool)
+        self.heartbeat_key = worker_heartbeat(config.worker_id, config.pool)
         self.meter = PeakMeter()
         self._escalations: dict[str, list[OomAttempt]] = {}  # task -> OOM-killed attempts
         # Serving an invocation re-queued from a lost worker: store every output it makes, so
@@ -218,7 +219,7 @@ class Worker:
                         pipe.hdel(self.pool.workers, self.config.worker_id)
                         pipe.srem(self.pool.idle(self.config.memory_mib), self.config.worker_id)
                         pipe.srem(self.pool.waiting, self.config.worker_id)
-                        pipe.delete(worker_heartbeat(self.config.worker_id), self.task_key)
+                        pipe.delete(self.heartbeat_key, self.task_key)
                         pipe.lpush(self.pool.wake, "1")
                         pipe.ltrim(self.pool.wake, 0, 0)
                         await pipe.execute()
@@ -261,7 +262,7 @@ class Worker:
 
     async def _beat(self) -> None:
         ttl_ms = int(self.config.heartbeat_ttl_s * 1000)
-        await self.beats.set(worker_heartbeat(self.config.worker_id), "1", px=ttl_ms)
+        await self.beats.set(self.heartbeat_key, "1", px=ttl_ms)
 
     async def _heartbeat(self) -> None:
         """Beat every ``heartbeat_s`` on a connection of its own (opened at the start, so a
