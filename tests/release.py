@@ -16,8 +16,8 @@ from typing import Any
 import redis
 import yaml
 
-from dagkube.kubernetes.pods import LABEL_RUN
-from dagkube.runtime.keys import RunKeys
+from dagkube.kubernetes.pods import LABEL_POOL, LABEL_RUN
+from dagkube.runtime.keys import RunKeys, local_part, namespaced, worker_proc
 from tests.kube import Kube, PodRecorder, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,11 +88,17 @@ class Release:
 
     def run_pods(self, run_id: str) -> list[dict[str, Any]]:
         """The run's worker Pods in the API now."""
-        return self.kube.list("pods", self.namespace, f"{LABEL_RUN}={run_id}")
+        # (labels carry the run id without its namespace: it fits a label value)
+        return self.kube.list("pods", self.namespace, f"{LABEL_RUN}={local_part(run_id)}")
 
     def seen_pods(self, run_id: str) -> list[dict[str, Any]]:
         """Every worker Pod the run had, as last seen (also those removed since)."""
-        return self.recorder.with_label(LABEL_RUN, run_id)
+        return self.recorder.with_label(LABEL_RUN, local_part(run_id))
+
+    def worker_proc_of(self, pod: dict[str, Any]) -> str:
+        """The Redis list of the work a worker Pod holds (its pool's keys, in the namespace)."""
+        pool = namespaced(self.namespace, pod["metadata"]["labels"][LABEL_POOL])
+        return worker_proc(pod["metadata"]["name"], pool)
 
     def output_of(self, run_id: str, task_id: str) -> Any:
         blob = self.store.hget(RunKeys(run_id).outputs, task_id)

@@ -236,3 +236,8 @@ def stored_dag(dag_id: str) -> str:
 def stored_dag_constants(dag_key: str) -> str:
     """Hash of the large constants of the DAG stored at ``dag_key``."""
     return f"{dag_key}:const"
+
+
+# Set of the namespaces whose Workflows ran (the operator adds each when it first serves it):
+# whose histories /metrics folds. The operator's own key, outside every namespace's prefix.
+NAMESPACES = "dk:namespaces"

@@ -25,6 +25,7 @@ from dagkube.kubernetes.backend import connect as connect_api
 from dagkube.metrics.exporter import RunHistoryCollector
 from dagkube.runtime.connection import connect as connect_redis
 from dagkube.runtime.connection import redact, sync_client
+from dagkube.runtime.keys import NAMESPACES
 from dagkube_operator import config as config_module
 from dagkube_operator.config import ConfigError, OperatorConfig
 from dagkube_operator.handlers import Operator, register
@@ -151,8 +152,16 @@ async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None) ->
         redis = holder["redis"] = await _redis_when_ready(config)
         # The run history of every Workflow (and local runs sharing this Redis) on /metrics,
         # with the live state of the pools of Running Workflows.
+        store = sync_client(config.redis_url)
         history = RunHistoryCollector(
-            sync_client(config.redis_url), metrics.pools, workers_alive=metrics.workers_alive
+            store,
+            metrics.pools,
+            workers_alive=metrics.workers_alive,
+            # Each namespace's runs write their history under its prefix (their workers'
+            # Redis users may touch nothing else): fold every namespace that ran Workflows.
+            namespaces=lambda: sorted(
+                n.decode() if isinstance(n, bytes) else n for n in store.smembers(NAMESPACES)
+            ),
         )
         metrics.registry.register(WhenActive(history, lambda: peering.active))
         api = await connect_api(config.kube_api_url, user_agent=f"{USER_AGENT}/{__version__}")

@@ -4,8 +4,12 @@ Every variable, its meaning and its default:
 
 - DAGKUBE_REDIS_URL: the Redis the operator and its workers share (required)
 - DAGKUBE_REDIS_PASSWORD: its password, when not in the URL (from the chart's Secret)
+- DAGKUBE_WORKER_USERS: true: the workers of each namespace get a Redis user of their own,
+  limited to that namespace's keys, made by the operator with a Secret `dagkube-worker-redis`
+  in the namespace; false: every worker Pod gets the shared URL below (a Redis without ACL
+  users) (true)
 - DAGKUBE_REDIS_URL_SECRET, DAGKUBE_REDIS_URL_SECRET_KEY: the Secret (name, key) holding the
-  full URL for worker Pods (dagkube-redis, redis-url)
+  full URL for worker Pods without worker users (dagkube-redis, redis-url)
 - DAGKUBE_WATCH_NAMESPACE: the namespace to watch; empty: every namespace (cluster-wide RBAC)
 - DAGKUBE_WORKER_IMAGE: the worker image of Workflows without spec.image
   (ghcr.io/dagkube/worker:<version>)
@@ -82,6 +86,7 @@ class ConfigError(DagkubeError):
 class OperatorConfig:
     redis_url: str
     redis_url_secret: tuple[str, str] = ("dagkube-redis", "redis-url")
+    worker_users: bool = True  # a Redis user per namespace for its workers (else the shared URL)
     namespace: str | None = None
     worker_image: str = f"ghcr.io/dagkube/worker:{__version__}"
     allowed_classes: list[int] | None = None
@@ -182,9 +187,19 @@ class OperatorConfig:
             watch_timeout_s=_number(env, "DAGKUBE_WATCH_TIMEOUT", 300, int, 1),
             pending_timeout_s=_number(env, "DAGKUBE_PENDING_TIMEOUT", 300.0, float, 1.0),
             default_timeout_s=_number(env, "DAGKUBE_DEFAULT_TIMEOUT", 3600.0, float, 0.0),
+            worker_users=_boolean(env, "DAGKUBE_WORKER_USERS", True),
             peering=_peering_name(env.get("DAGKUBE_PEERING", "")),
             peering_lifetime_s=_number(env, "DAGKUBE_PEERING_LIFETIME", 8, int, 2),
         )
+
+
+def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    text = env.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text not in ("true", "false"):
+        raise ConfigError(f"{name}={env[name]!r}: give true or false")
+    return text == "true"
 
 
 def _allowed_sources(text: str) -> frozenset[str] | None:

@@ -23,6 +23,7 @@ its Pods released. Messages are bounded; a long one is kept whole in Redis.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import math
@@ -43,10 +44,22 @@ from dagkube.kubernetes.backend import (
     StuckPod,
     stuck_pods,
 )
+from dagkube.kubernetes.pods import (
+    WORKER_REDIS_SECRET,
+    WORKER_REDIS_SECRET_KEY,
+    build_worker_redis_secret,
+)
 from dagkube.metrics.history import load_snapshot
 from dagkube.planning.model import Plan
-from dagkube.runtime import launcher
-from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run, worker_proc
+from dagkube.runtime import acl, launcher
+from dagkube.runtime.keys import (
+    NAMESPACES,
+    PoolKeys,
+    RunKeys,
+    hist_run,
+    namespaced,
+    worker_proc,
+)
 from dagkube.runtime.scaler import Scaler, WorkerHandle
 from dagkube_operator import status as st
 from dagkube_operator.config import OperatorConfig
@@ -69,17 +82,24 @@ GROUP, VERSION, PLURAL = "dagkube.io", "v1alpha1", "workflows"
 # at the deadline and deletes its Pods after a grace; the kubelet's activeDeadlineSeconds only
 # stops the ones it could not (an operator that is down, a Pod it failed to delete).
 WORKER_DEADLINE_MARGIN_S = 120
+# A namespace's worker user is looked for in Redis this often while its runs go on, and made
+# again from its Secret when Redis lost it (a restart): workers re-authenticate when they
+# reconnect, so that must happen within their reconnection window.
+CREDENTIALS_CHECK_S = 5.0
 log = logging.getLogger("dagkube.operator")
 
 
-def run_id_for(name: str, uid: str) -> str:
-    """The run id of a Workflow: stable across operator restarts, a valid label value."""
-    return f"{name[:40].rstrip('-.')}-{uid.replace('-', '')[:8]}"
+def run_id_for(namespace: str, name: str, uid: str) -> str:
+    """The run id of a Workflow: stable across operator restarts, ``<namespace>.<rest>`` so
+    that its keys live under its namespace's prefix (the one its workers' Redis user may
+    touch), the rest a valid label value without a '.'."""
+    stem = name[:40].replace(".", "-").rstrip("-")
+    return namespaced(namespace, f"{stem}-{uid.replace('-', '')[:8]}")
 
 
-def pool_for(uid: str) -> str:
-    """Each Workflow has its own worker pool (its Pods serve only its run)."""
-    return f"wf-{uid}"
+def pool_for(namespace: str, uid: str) -> str:
+    """Each Workflow has its own worker pool (its Pods serve only its run), in its namespace."""
+    return namespaced(namespace, f"wf-{uid}")
 
 
 def message_key(run_id: str) -> str:
@@ -171,9 +191,74 @@ class Operator:
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     ready: bool = False
     builds: asyncio.Semaphore = field(init=False)  # builds running at once
+    # Namespace -> when its worker user was last seen in Redis (see worker_credentials).
+    _credentials: dict[str, float] = field(init=False, default_factory=dict)
+    _credentials_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.builds = asyncio.Semaphore(self.config.max_concurrent_builds)
+
+    # ------------------------------------------------------------------ worker credentials
+    async def worker_credentials(self, namespace: str) -> tuple[str, str]:
+        """The Secret (name, key) with the Redis URL of ``namespace``'s worker user, which may
+        touch that namespace's keys only (dagkube.runtime.acl): made with the user the first
+        time, its user re-applied from it after that (a new version's rules, or a Redis that
+        restarted and forgot its users: ACL users live in memory). Checked at most every
+        CREDENTIALS_CHECK_S per namespace; worker Pods read the URL from the Secret."""
+        if not self.config.worker_users:  # one shared credential (a Redis without ACL users)
+            return self.config.redis_url_secret
+        secret = (WORKER_REDIS_SECRET, WORKER_REDIS_SECRET_KEY)
+        if time.monotonic() - self._credentials.get(namespace, -1e9) < CREDENTIALS_CHECK_S:
+            return secret
+        async with self._credentials_lock:
+            if time.monotonic() - self._credentials.get(namespace, -1e9) < CREDENTIALS_CHECK_S:
+                return secret
+            user = acl.worker_user(namespace).name
+            known = namespace in self._credentials
+            if known and await self.redis.execute_command("ACL", "GETUSER", user) is not None:
+                self._credentials[namespace] = time.monotonic()
+                return secret
+            core: Any = client.CoreV1Api(self.api)
+            if await self._user_from_secret(core, namespace):
+                if known:
+                    log.warning("Redis had lost worker user %s: applied it again", user)
+            else:
+                _, url = await acl.ensure_worker_user(self.redis, self.config.redis_url, namespace)
+                with during(f"creating Secret {WORKER_REDIS_SECRET} in namespace {namespace}"):
+                    try:
+                        await core.create_namespaced_secret(
+                            namespace, build_worker_redis_secret(namespace, url)
+                        )
+                    except client.ApiException as exc:
+                        if exc.status != 409:
+                            raise
+                        # Another operator made it meanwhile: its password is the one handed out.
+                        await self._user_from_secret(core, namespace)
+                log.info("namespace %s: made Redis user %s and Secret %s", namespace, user,
+                         WORKER_REDIS_SECRET)  # fmt: skip
+            if not known:
+                await self.redis.sadd(NAMESPACES, namespace)  # its history on /metrics
+            self._credentials[namespace] = time.monotonic()
+        return secret
+
+    async def _user_from_secret(self, core: Any, namespace: str) -> bool:
+        """Apply the namespace's worker user with the password in its Secret; False when there
+        is no such Secret yet."""
+        with during(f"reading Secret {WORKER_REDIS_SECRET} in namespace {namespace}"):
+            try:
+                found = await core.read_namespaced_secret(WORKER_REDIS_SECRET, namespace)
+            except client.ApiException as exc:
+                if exc.status == 404:
+                    return False
+                raise
+        encoded = (found.data or {}).get(WORKER_REDIS_SECRET_KEY)
+        if not encoded:
+            return False
+        url = base64.b64decode(encoded).decode()
+        await acl.ensure_worker_user(
+            self.redis, self.config.redis_url, namespace, [acl.url_password(url)]
+        )
+        return True
 
     # ------------------------------------------------------------------ Kubernetes
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
@@ -231,14 +316,24 @@ class Operator:
             await api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
     def backend(
-        self, spec: WorkflowSpec | None, *, namespace: str, name: str, uid: str, run_id: str
+        self,
+        spec: WorkflowSpec | None,
+        *,
+        namespace: str,
+        name: str,
+        uid: str,
+        run_id: str,
+        redis_url_secret: tuple[str, str] | None = None,
     ) -> CountingBackend:
+        """The run's pool of worker Pods; ``redis_url_secret``: where they read their Redis
+        URL (the namespace's worker user, :meth:`worker_credentials`), needed only by a backend
+        that creates Pods."""
         backend = CountingBackend(
             self.api,
             namespace=namespace,
-            pool=pool_for(uid),
+            pool=pool_for(namespace, uid),
             image=(spec.image if spec else None) or self.config.worker_image,
-            redis_url_secret=self.config.redis_url_secret,
+            redis_url_secret=redis_url_secret or (WORKER_REDIS_SECRET, WORKER_REDIS_SECRET_KEY),
             max_workers=(spec.max_workers if spec else None) or self.config.max_workers,
             run_id=run_id,
             owner={"name": name, "uid": uid},
@@ -325,7 +420,7 @@ class Operator:
         when the source does not build or the plan is rejected)."""
         meta = body["metadata"]
         name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
-        run_id = run_id_for(name, uid)
+        run_id = run_id_for(namespace, name, uid)
         began = time.monotonic()
         now = time.time()
         status = {**status, **st.planning_status(status.get("conditions"), now)}
@@ -345,13 +440,13 @@ class Operator:
             with during(f"loading the DAG from spec.source.{spec.source.kind}"):
                 dag = await self._load_dag(spec, name)
             with during("planning"):
-                plan = await self._plan(dag, spec)
+                plan = await self._plan(dag, spec, namespace)
             with during(f"launching run {run_id}"):
                 await launcher.launch(
                     self.redis,
                     dag,
                     plan,
-                    pool_for(uid),
+                    pool_for(namespace, uid),
                     run_id=run_id,
                     ttl_s=self.config.run_ttl_s,
                     startup_delay_s=self.config.startup_delay_s,
@@ -380,8 +475,9 @@ class Operator:
                 task.retries = max(task.retries, spec.retries)
         return dag
 
-    async def _plan(self, dag: DagSpec, spec: WorkflowSpec) -> Plan:
-        history = await load_snapshot(self.redis, dag.structure_hash)
+    async def _plan(self, dag: DagSpec, spec: WorkflowSpec, namespace: str) -> Plan:
+        # The history of the Workflow's namespace: its runs' workers write it there.
+        history = await load_snapshot(self.redis, dag.structure_hash, namespace=namespace)
         options = planning.PlanningOptions(
             classes_mib=spec.classes_mib,
             sla=spec.sla,
@@ -411,10 +507,14 @@ class Operator:
         """Scale the run's pool and mirror its progress until it ends or the daemon stops."""
         meta = body["metadata"]
         name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
-        backend = self.backend(spec, namespace=namespace, name=name, uid=uid, run_id=run_id)
-        scaler = Scaler(self.redis, pool_for(uid), backend)
+        with during(f"making the Redis credentials of namespace {namespace}"):
+            secret = await self.worker_credentials(namespace)
+        backend = self.backend(
+            spec, namespace=namespace, name=name, uid=uid, run_id=run_id, redis_url_secret=secret
+        )
+        scaler = Scaler(self.redis, pool_for(namespace, uid), backend)
         scaling = asyncio.create_task(scaler.run(), name=f"scaler {namespace}/{name}")
-        self.metrics.live_pools[pool_for(uid)] = backend  # its live state on /metrics
+        self.metrics.live_pools[pool_for(namespace, uid)] = backend  # its live state on /metrics
         # The deadline counts from the start written in .status, the cancellation's grace from
         # the moment written in Redis: a restarted daemon enforces the same times.
         started = st.parse_timestamp(status.get("startTime")) or time.time()
@@ -455,6 +555,7 @@ class Operator:
                 if ended is not None:
                     break
                 await self._check_run_state(run_id)
+                await self.worker_credentials(namespace)  # Redis may have restarted
                 with during(f"reading the progress of run {run_id}"):
                     record = await launcher.fetch_run_record(self.redis, run_id)
                 progress = st.progress_status(record)
@@ -466,7 +567,7 @@ class Operator:
                     else:
                         shown = progress
         finally:
-            self.metrics.live_pools.pop(pool_for(uid), None)
+            self.metrics.live_pools.pop(pool_for(namespace, uid), None)
             scaler.stop()
             scaling.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -573,6 +674,7 @@ class Operator:
     ) -> None:
         """Remove the pool's Pods (except Failed ones kept for ``kubectl logs`` until the
         Workflow goes) and its Redis keys; the run's own keys expire with their TTL."""
+        pool = backend.pool
         try:
             pods = await backend.pods()
             doomed = [
@@ -583,13 +685,13 @@ class Operator:
             await asyncio.gather(*(backend.discard(pod_name) for pod_name in doomed))
         except KubernetesBackendError as exc:
             self.metrics.api_errors.labels("delete_pods").inc()
-            log.warning("cannot remove the worker Pods of pool %s: %s", pool_for(uid), exc)
-        keys = PoolKeys(pool_for(uid))
+            log.warning("cannot remove the worker Pods of pool %s: %s", pool, exc)
+        keys = PoolKeys(pool)
         classes = [int(c) for c in await self.redis.smembers(keys.classes)]
         workers = [w.decode() for w in await self.redis.hkeys(keys.workers)]
         names = [keys.classes, keys.workers, keys.wake, keys.waiting, keys.prewarm]
         names += [keys.queue(m) for m in classes] + [keys.idle(m) for m in classes]
-        names += [worker_proc(w) for w in workers]
+        names += [worker_proc(w, pool) for w in workers]
         await self.redis.delete(*names)
 
     async def _fail(
@@ -605,7 +707,7 @@ class Operator:
         meta = body["metadata"]
         name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
         status = dict(body.get("status") or {})
-        run_id = status.get("runId") or run_id_for(name, uid)
+        run_id = status.get("runId") or run_id_for(namespace, name, uid)
         full_text_in = None
         if await self.redis.exists(RunKeys(run_id).meta, hist_run(run_id, "meta")):
             full_text_in = await self.keep_full_text(run_id, str(error))
@@ -666,7 +768,7 @@ class Operator:
         (the history stays: it is what the planner learns from)."""
         meta = body["metadata"]
         name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
-        run_id = (body.get("status") or {}).get("runId") or run_id_for(name, uid)
+        run_id = (body.get("status") or {}).get("runId") or run_id_for(namespace, name, uid)
         running = await self.redis.hget(RunKeys(run_id).meta, "status")
         if running in (b"running", b"cancelling"):
             await launcher.cancel(self.redis, run_id, "the Workflow was deleted")

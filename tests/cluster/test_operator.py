@@ -22,7 +22,7 @@ from localcluster.agent.quantity import cpu_millis, memory_bytes
 from dagkube.kubernetes.pods import LABEL_CLASS
 from dagkube.metrics.records import TaskRecord, WorkerRecord
 from dagkube.resources import cpu_millicores, parse_memory
-from dagkube.runtime.keys import RunKeys, hist_run, worker_proc
+from dagkube.runtime.keys import RunKeys, hist_run
 from tests.kube import Kube, wait_for
 from tests.release import (
     OPERATOR_IMAGE,
@@ -323,7 +323,7 @@ def test_a_killed_worker_still_gives_the_right_result(release: Release) -> None:
 
     def busy() -> dict[str, Any] | None:  # a worker holding an invocation (in its task)
         for pod in release.run_pods(run_id):
-            if release.store.llen(worker_proc(pod["metadata"]["name"])):
+            if release.store.llen(release.worker_proc_of(pod)):
                 return pod
         return None
 
@@ -665,15 +665,11 @@ def test_unexpected_errors_end_the_workflow_failed_once(release: Release) -> Non
     store.hset("dk:dag:0123456789abcdef", "field", "value")  # a hash where a DAG would be
     exits = COUNTED.format(counter="dk:test:builds", then="os._exit(0)")
     release.apply(release.workflow("exits-in-build", {"inline": exits}))
-    release.apply(
-        release.workflow(
-            "ref-to-a-hash", {"ref": {"dag": "0123456789abcdef"}}
-        )
-    )
+    release.apply(release.workflow("ref-to-a-hash", {"ref": {"dag": "0123456789abcdef"}}))
     release.apply(release.workflow("state-lost", {"inline": sleepy("state-lost", 60.0, 1)}))
     run_id = release.wait_phase("state-lost", ("Running",), 60)["runId"]
     wait_for(lambda: release.run_pods(run_id), 60, "the run's first Pod")
-    store.delete(*store.scan_iter(f"dk:run:{run_id}:*"), hist_run(run_id, "meta"))
+    store.delete(*store.scan_iter(f"{RunKeys(run_id).prefix}:*"), hist_run(run_id, "meta"))
 
     exited = release.wait_phase("exits-in-build", timeout_s=60)
     assert exited["phase"] == "Failed", exited
@@ -780,3 +776,51 @@ def test_a_build_leaving_a_process_on_its_stderr_ends_at_its_timeout(release: Re
         ]
 
     wait_for(lambda: not left_behind(), 10, "the build's grandchild to be killed")
+
+
+def test_worker_pods_get_a_redis_user_of_their_namespace_only(release: Release) -> None:
+    """The run's keys live under its namespace's prefix; its worker Pods read the URL of the
+    namespace's own Redis user (made by the operator, in a Secret of the namespace), which
+    runs the workflow but is refused anything else."""
+    import base64
+    import urllib.parse
+
+    import redis
+
+    release.apply(release.workflow("own-credentials", {"inline": sleepy("own", 0.1, 2)}))
+    status = release.wait_phase("own-credentials")
+    assert status["phase"] == "Succeeded", status
+    run_id = status["runId"]
+    assert run_id.startswith(f"{release.namespace}.")
+    assert RunKeys(run_id).prefix == f"dk:ns:{release.namespace}:run:{run_id}"
+    pods = release.seen_pods(run_id)
+    assert pods
+    for pod in pods:
+        [container] = pod["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        ref = env["DAGKUBE_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "dagkube-worker-redis", "key": "url"}, ref
+    secret = release.kube.get("secret", "dagkube-worker-redis", release.namespace)
+    assert secret is not None
+    url = urllib.parse.urlsplit(base64.b64decode(secret["data"]["url"]).decode())
+    assert url.username == f"dagkube-worker-{release.namespace}"
+    admin = release.store.connection_pool.connection_kwargs
+    worker = redis.Redis(
+        host=admin["host"], port=admin["port"], username=url.username,
+        password=urllib.parse.unquote(url.password or ""), socket_timeout=10,
+    )  # fmt: skip
+    try:
+        assert worker.hget(RunKeys(run_id).meta, "status") == b"succeeded"
+        release.store.set("dk:ns:another-team:run:another-team.x:meta", "theirs")
+        for command in (
+            ("CONFIG", "GET", "maxmemory"),
+            ("FLUSHALL",),
+            ("KEYS", "*"),
+            ("GET", "dk:ns:another-team:run:another-team.x:meta"),
+            ("GET", "dk:dag:0123456789abcdef"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                worker.execute_command(*command)
+    finally:
+        worker.close()
+    assert release.store.get("dk:ns:another-team:run:another-team.x:meta") == b"theirs"

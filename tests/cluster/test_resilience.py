@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dagkube.runtime.keys import RunKeys, hist_run, worker_proc
+from dagkube.runtime.keys import RunKeys, hist_run
 from tests.cluster.test_operator import pod_pids, sleepy
 from tests.kube import Kube, wait_for
 from tests.release import RELEASE, Release, installed, redis_of
@@ -331,10 +331,7 @@ def test_redis_killed_mid_run_ends_it_within_a_minute(release: Release) -> None:
     wait_for(
         lambda: (
             release.store.hlen(RunKeys(run_id).outputs) == 0
-            and any(
-                release.store.llen(worker_proc(p["metadata"]["name"]))
-                for p in release.run_pods(run_id)
-            )
+            and any(release.store.llen(release.worker_proc_of(p)) for p in release.run_pods(run_id))
         ),
         60,
         "a worker in its task",

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 import dagkube
+from dagkube.kubernetes.pods import worker_labels
 from dagkube_operator.config import OperatorConfig
 
 pytestmark = pytest.mark.k8s
@@ -303,6 +304,7 @@ def test_operator_permissions_are_least_privilege(rendered: dict[str, list[dict]
         "dagkube.io/workflows/finalizers": {"update"},
         "/pods": {"create", "get", "list", "delete"},
         "/events": {"create"},
+        "/secrets": {"create", "get"},
         "kopf.dev/kopfpeerings": {"list", "watch", "patch"},
     }
 
@@ -870,3 +872,43 @@ def test_default_workers_above_the_ceiling_stop_the_install(tools: Tools) -> Non
     )  # fmt: skip
     assert result.returncode != 0
     assert "operator.maxWorkersPerRun=300 is above operator.maxWorkersLimit=200" in result.stderr
+
+
+def test_network_policies_let_only_dagkube_reach_redis_and_prometheus_the_metrics(
+    rendered: dict[str, list[dict]], tools: Tools
+) -> None:
+    docs = rendered["default"]
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"rel-dagkube-redis", "rel-dagkube-operator"}
+    redis_pod = only(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    redis = policies["rel-dagkube-redis"]
+    assert redis["podSelector"]["matchLabels"].items() <= redis_pod.items()
+    [rule] = redis["ingress"]
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    operator_pod = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    worker_pod = worker_labels(pool="ns.wf-1", run_id="ns.run-1", memory_mib=512)
+    peers = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert any(p.items() <= operator_pod.items() for p in peers)
+    assert any(p.items() <= worker_pod.items() for p in peers)
+    assert all("namespaceSelector" not in peer for peer in rule["from"])  # its namespace only
+    metrics = policies["rel-dagkube-operator"]
+    assert metrics["podSelector"]["matchLabels"].items() <= operator_pod.items()
+    [rule] = metrics["ingress"]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert rule["from"] == [
+        {
+            "namespaceSelector": {},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
+    # Cluster-wide: workers of every namespace; an external Redis: no policy for it.
+    wide = [
+        d for d in tools.template("--set", "rbac.clusterWide=true") if d["kind"] == "NetworkPolicy"
+    ]
+    redis = next(d for d in wide if d["metadata"]["name"] == "rel-dagkube-redis")
+    assert {"namespaceSelector": {}}.items() <= redis["spec"]["ingress"][0]["from"][1].items()
+    external = rendered["clusterwide-external-redis-servicemonitor"]
+    names = {d["metadata"]["name"] for d in external if d["kind"] == "NetworkPolicy"}
+    assert names == {"rel-dagkube-operator"}
+    off = tools.template("--set", "networkPolicy.enabled=false")
+    assert "NetworkPolicy" not in {d["kind"] for d in off}

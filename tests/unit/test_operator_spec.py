@@ -135,11 +135,22 @@ def test_allowed_classes_list():
         parse_spec(spec, allowed_classes=[512, 1024])
 
 
-def test_run_id_and_pool_are_stable_label_values():
+def test_run_id_and_pool_are_in_their_namespace_and_label_values():
+    from dagkube.kubernetes.pods import pool_label
+    from dagkube.runtime.keys import RunKeys, local_part, namespace_of
+
     uid = "0f1e2d3c-aaaa-bbbb-cccc-000000000001"
-    assert run_id_for("tree-reduction", uid) == "tree-reduction-0f1e2d3c"
-    assert run_id_for("a" * 60, uid) == "a" * 40 + "-0f1e2d3c"
-    assert pool_for(uid) == f"wf-{uid}"
+    assert run_id_for("team-a", "tree-reduction", uid) == "team-a.tree-reduction-0f1e2d3c"
+    assert run_id_for("ns", "a" * 60, uid) == "ns." + "a" * 40 + "-0f1e2d3c"
+    assert pool_for("ns", uid) == f"ns.wf-{uid}"
+    # A '.' in a Workflow's name must not read as a namespace (nor leave its prefix).
+    dotted = run_id_for("team-a", "etl.daily", uid)
+    assert dotted == "team-a.etl-daily-0f1e2d3c"
+    assert namespace_of(dotted) == "team-a"
+    assert RunKeys(dotted).prefix.startswith("dk:ns:team-a:")
+    for scoped in (dotted, pool_for("team-a", uid)):
+        label = pool_label(scoped) if scoped.startswith("team-a.wf") else local_part(scoped)
+        assert len(label) <= 63 and "." not in label
 
 
 def test_conditions_keep_their_transition_time_until_the_status_changes():

@@ -107,6 +107,17 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- if .Values.redis.workerUsers }}
+{{- /* Each namespace's worker Redis user: its URL in a Secret the operator makes there once
+       and reads back (only that name; create cannot be limited to a name). */}}
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create]
+- apiGroups: [""]
+  resources: [secrets]
+  resourceNames: [dagkube-worker-redis]
+  verbs: [get]
+{{- end }}
 {{- if .Values.operator.peering.enabled }}
 {{- /* kopf peering: each replica lists and watches the peering object and patches its own
        keep-alive into it. */}}
