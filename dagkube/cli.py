@@ -1,8 +1,9 @@
 """The ``dagkube`` command line.
 
 Exit codes: 0 success; 1 the run failed (a task raised, or the workflow's own ``verify``
-rejected the result); 2 bad input (file, option, workflow); 3 Redis unreachable or refused us;
-130 interrupted (Ctrl-C): the run is cancelled and every worker and server it started stops.
+rejected the result); 2 bad input (file, option, workflow); 3 Redis unreachable, refused us,
+gone past the reconnection grace, or restarted mid-run (the run is then failed); 130
+interrupted (Ctrl-C): the run is cancelled and every worker and server it started stops.
 """
 
 from __future__ import annotations

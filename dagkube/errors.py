@@ -19,6 +19,10 @@ class RedisUnavailable(DagkubeError):
     """The configured Redis cannot be reached or refused our credentials."""
 
 
+class RedisRestarted(RedisUnavailable):
+    """The Redis server restarted while a run was going: the run was failed, not resumed."""
+
+
 class RunTimeout(DagkubeError):
     """A run did not finish within the time the caller allowed."""
 

@@ -1,16 +1,28 @@
-"""Opening Redis connections from a URL, with one clear error line when that fails."""
+"""Opening Redis connections from a URL, with one clear error line when that fails, and
+:class:`ServerWatch`: what a process does when its server goes away or restarts."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry as SyncRetry
 
 from dagkube.errors import RedisUnavailable
+
+log = logging.getLogger("dagkube.runtime")
+T = TypeVar("T")
 
 # Every blocking command (BLPOP, BLMOVE) waits at most MAX_BLOCK_S per call and its callers
 # loop, so one finite read timeout covers every command: a stopped or hung server is noticed
@@ -19,6 +31,16 @@ MAX_BLOCK_S = 5.0
 SOCKET_TIMEOUT_S = MAX_BLOCK_S + 5.0
 CONNECT_TIMEOUT_S = 5.0
 HEALTH_CHECK_S = 30
+# A server that stops answering or refuses connections is retried (with backoff) this long
+# after the first failure before a watched client gives up: a pause, a network blip or a
+# supervisor restarting the same server goes unnoticed, and a server gone for good is given
+# up on within SOCKET_TIMEOUT_S + RECONNECT_GRACE_S + SOCKET_TIMEOUT_S (35 s) at worst.
+RECONNECT_GRACE_S = 15.0
+
+
+def _default_user(url: str) -> bool:
+    """The URL logs in as Redis's default user (no user name, or "default")."""
+    return urlsplit(url).username in (None, "", "default")
 
 
 def redact(url: str) -> str:
@@ -26,20 +48,232 @@ def redact(url: str) -> str:
     return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
 
 
-def sync_client(url: str) -> redis.Redis:
+class ServerReplaced(redis_errors.RedisError):
+    """The server at the URL is not the one this process began with (its ``run_id`` changed):
+    it restarted, and what it was told after its last fsync may be lost. Never retried."""
+
+
+class ServerWatch:
+    """One process's Redis server, followed through outages: driver, scaler and worker (and
+    the operator) make their clients here and share the verdict.
+
+    A lost connection (refused, reset, a read timeout) is retried with backoff for up to
+    ``grace_s`` after the first failure, then given up for good (:attr:`lost`; later calls
+    fail at once, so clean-up does not wait again). Every new connection asks the server its
+    ``run_id`` (``INFO server``): the same one, the same server, so work goes on; another, a
+    restart, and :class:`ServerReplaced` is raised (:attr:`replaced`), since what the process
+    knows may be ahead of what the restarted server kept. Clients made without a watch keep
+    redis-py's default: no retries, no identity check.
+
+    ``identify``: ask for the ``run_id``. By default only as Redis's default user (a URL
+    without a user name): the ACL users of :mod:`dagkube.runtime.acl` may not send INFO, and
+    a refused command is an error in the ACL log. Without it outages are still ridden out,
+    but a restart goes unnoticed.
+    """
+
+    def __init__(
+        self, url: str, grace_s: float = RECONNECT_GRACE_S, *, identify: bool | None = None
+    ) -> None:
+        self.url = url
+        self.grace_s = grace_s
+        self.identify = identify if identify is not None else _default_user(url)
+        self.run_id: str | None = None  # the server's, once a connection was made
+        self.replaced = False
+        self.lost = False
+
+    def __deepcopy__(self, memo: dict) -> ServerWatch:
+        return self  # redis-py copies a client's Retry per connection: they share this watch
+
+    @property
+    def gone(self) -> bool:
+        """The server restarted or was given up on: nothing more to say to it."""
+        return self.replaced or self.lost
+
+    async def connect(self) -> aioredis.Redis:
+        """An asyncio client that follows this watch (see :func:`connect`)."""
+        return await connect(self.url, watch=self)
+
+    def sync_client(self) -> redis.Redis:
+        """A synchronous client that follows this watch (see :func:`sync_client`)."""
+        return sync_client(self.url, watch=self)
+
+    def describe(self, during: str = "") -> str:
+        """What happened to the server, in words, for a message or a log line (``during``:
+        e.g. "during run X")."""
+        when = f" {during}" if during else ""
+        if self.replaced:
+            return (
+                f"Redis at {redact(self.url)} restarted{when} (state written after its last "
+                "fsync may be lost)"
+            )
+        return f"Redis at {redact(self.url)} did not answer for {self.grace_s:g}s{when}"
+
+    def _check(self, info: bytes | str | dict) -> None:
+        if isinstance(info, dict):
+            run_id = str(info.get("run_id", ""))
+        else:
+            text = info.decode() if isinstance(info, bytes) else info
+            found = re.search(r"^run_id:(\w+)", text, re.M)
+            run_id = found.group(1) if found else ""
+        if self.run_id is None:
+            self.run_id = run_id
+        elif run_id != self.run_id:
+            self.replaced = True
+            raise ServerReplaced(f"{self.describe()}: server {self.run_id} is now {run_id}")
+
+    def _unchecked(self) -> None:
+        if self.run_id is None:  # outages are still ridden out; restarts cannot be told
+            self.run_id = ""
+            log.warning(
+                "the Redis user may not send INFO: restarts of %s go unnoticed", redact(self.url)
+            )
+
+    async def _on_connect(self, conn: Any) -> None:
+        await conn.on_connect()
+        if self.replaced:  # a restart is final: no connection to the new server
+            raise ServerReplaced(self.describe())
+        if not self.identify:
+            self.run_id = ""
+            return
+        try:
+            await conn.send_command("INFO", "server")
+            self._check(await conn.read_response())
+        except redis_errors.NoPermissionError:
+            self._unchecked()
+
+    def _on_connect_sync(self, conn: Any) -> None:
+        conn.on_connect()
+        if self.replaced:
+            raise ServerReplaced(self.describe())
+        if not self.identify:
+            self.run_id = ""
+            return
+        try:
+            conn.send_command("INFO", "server")
+            self._check(conn.read_response())
+        except redis_errors.NoPermissionError:
+            self._unchecked()
+
+    def _left_s(self, since: float | None) -> float:
+        """Seconds of grace left for an outage that began at ``since`` (<= 0: give up)."""
+        if self.gone or self.run_id is None:  # never reached: no grace, say so at once
+            return 0.0
+        left = (since or time.monotonic()) + self.grace_s - time.monotonic()
+        if left <= 0:
+            self.lost = True
+            log.warning("%s: giving up", self.describe())
+        return left
+
+
+_BACKOFF_CAP_S = 2.0
+_RETRIES = 1 << 30  # bounded by the grace, not by a count (redis-py reads it for its metrics)
+
+
+class _GraceRetry(AsyncRetry):
+    """redis-py's retry of a command or connection, bounded by the watch's grace. One per
+    connection (redis-py copies it): the command and the reconnection inside it share the
+    outage's start, so nesting does not extend the grace."""
+
+    def __init__(self, watch: ServerWatch) -> None:
+        super().__init__(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.1), _RETRIES)
+        self.watch = watch
+        self.outage_since: float | None = None
+        self.depth = 0  # a command's retry holds its (re)connection's: only the outer one ends
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        self._backoff.reset()
+        failures = 0
+        self.depth += 1
+        try:
+            while True:
+                try:
+                    return await do()
+                except self._supported_errors as error:
+                    if is_retryable and not is_retryable(error):
+                        raise
+                    failures += 1
+                    await (fail(error, failures) if with_failure_count else fail(error))
+                    self.outage_since = self.outage_since or time.monotonic()
+                    left = self.watch._left_s(self.outage_since)
+                    if left <= 0:
+                        raise
+                    await asyncio.sleep(min(self._backoff.compute(failures), left))
+        finally:
+            self.depth -= 1
+            if not self.depth:
+                self.outage_since = None
+
+
+class _SyncGraceRetry(SyncRetry):
+    """:class:`_GraceRetry` for the synchronous client (BulkReader)."""
+
+    def __init__(self, watch: ServerWatch) -> None:
+        super().__init__(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.1), _RETRIES)
+        self.watch = watch
+        self.outage_since: float | None = None
+        self.depth = 0  # a command's retry holds its (re)connection's: only the outer one ends
+
+    def call_with_retry(
+        self,
+        do: Callable[[], T],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        self._backoff.reset()
+        failures = 0
+        self.depth += 1
+        try:
+            while True:
+                try:
+                    return do()
+                except self._supported_errors as error:
+                    if is_retryable and not is_retryable(error):
+                        raise
+                    failures += 1
+                    fail(error, failures) if with_failure_count else fail(error)
+                    self.outage_since = self.outage_since or time.monotonic()
+                    left = self.watch._left_s(self.outage_since)
+                    if left <= 0:
+                        raise
+                    time.sleep(min(self._backoff.compute(failures), left))
+        finally:
+            self.depth -= 1
+            if not self.depth:
+                self.outage_since = None
+
+
+def sync_client(url: str, *, watch: ServerWatch | None = None) -> redis.Redis:
     """A synchronous client with the same timeouts as :func:`connect` (not yet connected;
     raises ValueError for a malformed URL)."""
+    followed: dict[str, Any] = {}
+    if watch is not None:
+        followed = {"retry": _SyncGraceRetry(watch), "redis_connect_func": watch._on_connect_sync}
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_keepalive=True,
         health_check_interval=HEALTH_CHECK_S,
+        **followed,
     )
 
 
-async def connect(url: str, *, timeout_s: float = CONNECT_TIMEOUT_S) -> aioredis.Redis:
-    """Connect and PING; raise :class:`RedisUnavailable` naming the server and the cause."""
+async def connect(
+    url: str, *, timeout_s: float = CONNECT_TIMEOUT_S, watch: ServerWatch | None = None
+) -> aioredis.Redis:
+    """Connect and PING; raise :class:`RedisUnavailable` naming the server and the cause.
+    With a ``watch``, the client retries lost connections and checks the server's identity
+    (:class:`ServerWatch`)."""
+    followed: dict[str, Any] = {}
+    if watch is not None:
+        followed = {"retry": _GraceRetry(watch), "redis_connect_func": watch._on_connect}
     try:
         client = aioredis.Redis.from_url(
             url,
@@ -48,6 +282,7 @@ async def connect(url: str, *, timeout_s: float = CONNECT_TIMEOUT_S) -> aioredis
             socket_keepalive=True,
             health_check_interval=HEALTH_CHECK_S,
             decode_responses=False,
+            **followed,
         )
     except ValueError as exc:
         raise RedisUnavailable(f"Redis URL {redact(url)!r} is invalid: {exc}") from None
@@ -66,6 +301,9 @@ async def connect(url: str, *, timeout_s: float = CONNECT_TIMEOUT_S) -> aioredis
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         await client.aclose()
         raise RedisUnavailable(f"Cannot reach Redis at {redact(url)}: {exc}") from None
+    except ServerReplaced as exc:
+        await client.aclose()
+        raise RedisUnavailable(str(exc)) from None
     return client
 
 
@@ -77,8 +315,8 @@ class BulkReader:
     a thread also keeps big downloads off the event loop.
     """
 
-    def __init__(self, url: str, threads: int = 1) -> None:
-        self._client = sync_client(url)
+    def __init__(self, url: str, threads: int = 1, *, watch: ServerWatch | None = None) -> None:
+        self._client = sync_client(url, watch=watch)
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dagkube-io")
 
     async def hmget_many(self, requests: list[tuple[str, list[str]]]) -> list[list[bytes | None]]:

@@ -1,12 +1,15 @@
 """The embedded default: a private ``redis-server`` on a free loopback port under $DAGKUBE_HOME.
 
-Its data directory keeps persistence on (RDB snapshots every minute with changes, and at
-shutdown), so the run history survives between separate CLI invocations. Several processes
-with the same home share one server: each holds a shared lock on ``users.lock`` while it uses
-it, and the last one to leave stops it. ``start.lock`` serializes starting and stopping, so
-two processes never run two servers on one directory. A user killed outright (SIGKILL) cannot
-stop it, but the kernel releases its lock: a small guard process started with the server
-(``python -m dagkube.runtime.embedded --guard``) stops the server once no lock is held.
+Its data directory keeps persistence on: an append-only file fsynced every second
+(:data:`PERSISTENCE`), so the run history survives between separate CLI invocations, and a
+crash of the server or of the machine loses at most about the last second of writes.
+
+Several processes with the same home share one server: each holds a shared lock on
+``users.lock`` while it uses it, and the last one to leave stops it. ``start.lock``
+serializes starting and stopping, so two processes never run two servers on one directory. A
+user killed outright (SIGKILL) cannot stop it, but the kernel releases its lock: a small guard
+process started with the server (``python -m dagkube.runtime.embedded --guard``) stops the
+server once no lock is held.
 """
 
 from __future__ import annotations
@@ -29,6 +32,25 @@ import redis
 from dagkube.errors import DagkubeError
 
 SERVER_FILE = "server.json"
+AOF_FILE = "dagkube.aof"
+RDB_FILE = "dagkube.rdb"  # what servers before the append-only file kept (read once, then AOF)
+# Every write is appended to dagkube.aof and fsynced once a second: a killed server (or machine)
+# loses at most about a second of writes, so a run that ended a second before it is kept.
+# Rewrites start from an RDB preamble (a compact snapshot, then the log since), once the file
+# doubled and is past 256 MB: runs write and drop many large intermediate outputs, and a
+# rewrite (a fork that snapshots the data) is then rare and cheap, since what is left is small.
+# Measured against the former per-minute snapshots in docs/benchmarks.md ("Persistence").
+PERSISTENCE = (
+    f"appendfilename {AOF_FILE}",
+    "appendfsync everysec",
+    "aof-use-rdb-preamble yes",
+    "auto-aof-rewrite-percentage 100",
+    "auto-aof-rewrite-min-size 256mb",
+    "aof-rewrite-incremental-fsync yes",
+    "aof-load-truncated yes",  # a file cut short by a crash loads up to its last whole command
+    'save ""',  # the log is the data; no snapshots besides it
+    f"dbfilename {RDB_FILE}",
+)
 GUARD_POLL_S = 1.0  # how often the guard looks for users of the server
 
 
@@ -109,6 +131,53 @@ def _ping(url: str) -> bool:
         return False
 
 
+def server_conf(
+    port: int,
+    password: str,
+    data_dir: Path,
+    *,
+    appendonly: bool = True,
+    persistence: tuple[str, ...] = PERSISTENCE,
+) -> str:
+    """The embedded server's redis.conf (``persistence``: its persistence lines; the
+    persistence benchmark passes others to compare)."""
+    return "\n".join(
+        [
+            "bind 127.0.0.1",
+            f"port {port}",
+            f"dir {data_dir}",
+            f"appendonly {'yes' if appendonly else 'no'}",
+            *persistence,
+            "protected-mode yes",
+            f"requirepass {password}",
+            "daemonize no",
+            f"logfile {data_dir / 'redis.log'}",
+            "maxclients 10000",
+            "tcp-keepalive 60",
+        ]
+    )
+
+
+def _enable_aof(url: str, data_dir: Path, deadline: float) -> None:
+    """Turn the append-only file on in a server that loaded an older home's snapshot, and wait
+    for its first rewrite: from then on the next start loads the append-only file."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        client.config_set("appendonly", "yes")
+        while True:
+            info = client.info("persistence")
+            busy = info.get("aof_rewrite_in_progress") or info.get("aof_rewrite_scheduled")
+            if info.get("aof_enabled") and not busy and (data_dir / AOF_FILE).exists():
+                return
+            if time.monotonic() > deadline:
+                raise DagkubeError(
+                    f"The embedded redis-server did not write its append-only file in {data_dir}"
+                )
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
 class EmbeddedRedis:
     """Acquire a URL to the shared embedded server; release it when done (context manager)."""
 
@@ -173,29 +242,12 @@ class EmbeddedRedis:
         binary = find_redis_server()
         password = secrets.token_hex(16)
         port = _free_port()
+        # A home from before the append-only file has only its snapshot: started with
+        # appendonly on, Redis would ignore the snapshot and begin empty. It loads the snapshot
+        # with appendonly off, then writes its first append-only file (below).
+        migrate = (self.data_dir / RDB_FILE).exists() and not (self.data_dir / AOF_FILE).exists()
         conf = self.data_dir / "redis.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    "bind 127.0.0.1",
-                    f"port {port}",
-                    f"dir {self.data_dir}",
-                    # Snapshots, not an append-only log: runs write many intermediate bytes
-                    # that expire soon; logging each one made data-heavy runs slow and
-                    # erratic. History is snapshotted within a minute and on shutdown.
-                    "appendonly no",
-                    "save 60 1",
-                    "dbfilename dagkube.rdb",
-                    "protected-mode yes",
-                    f"requirepass {password}",
-                    "daemonize no",
-                    f"logfile {self.data_dir / 'redis.log'}",
-                    "maxclients 10000",
-                    "tcp-keepalive 60",
-                    "",
-                ]
-            )
-        )
+        conf.write_text(server_conf(port, password, self.data_dir, appendonly=not migrate) + "\n")
         os.chmod(conf, 0o600)
         process = subprocess.Popen(
             [binary, str(conf)],
@@ -218,6 +270,8 @@ class EmbeddedRedis:
                     f"{log_tail.strip() or 'no log output'}"
                 )
             time.sleep(0.02)
+        if migrate:
+            _enable_aof(url, self.data_dir, deadline)
         info_path = self.home / SERVER_FILE
         tmp = info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": process.pid, "url": url, "port": port}))

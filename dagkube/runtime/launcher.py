@@ -201,6 +201,18 @@ async def force_end(redis: Any, run_id: str) -> str:
     return (await script(args=[run_id, time.time()])).decode()
 
 
+async def fail_run(redis: Any, run_id: str, message: str) -> str:
+    """End a run as failed without its workers, whatever state it is in (the Redis it ran on
+    restarted: its state may have lost writes, so it is not resumed). Returns the status it
+    ended with, "" if it had already ended or the server does not know it."""
+    meta = RunKeys(run_id).meta
+    if await redis.hget(meta, "status") in (b"running", b"cancelling"):
+        await redis.hset(
+            meta, mapping={"status": "failed", "error": json.dumps({"message": message})}
+        )
+    return await force_end(redis, run_id)
+
+
 async def cancel_and_end(redis: Any, run_id: str, reason: str, *, grace_s: float) -> str:
     """Cancel a run, give its workers ``grace_s`` to stop at a task boundary, then force-end
     it: the run has ended when this returns, whatever its workers do. Returns its final

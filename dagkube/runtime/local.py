@@ -18,7 +18,7 @@ from redis import exceptions as redis_errors
 
 from dagkube import planning
 from dagkube.dag import DagSpec
-from dagkube.errors import DagkubeError, RedisUnavailable, RunTimeout
+from dagkube.errors import DagkubeError, RedisRestarted, RedisUnavailable, RunTimeout
 from dagkube.metrics.history import load_snapshot, read_record
 from dagkube.metrics.records import RunRecord
 from dagkube.planning import PlanningOptions
@@ -26,7 +26,7 @@ from dagkube.planning.model import Plan
 from dagkube.planning.planners import DEFAULT_CLUSTER_SIZE
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_classes
 from dagkube.runtime import launcher, scripts
-from dagkube.runtime.connection import BulkReader, connect, redact
+from dagkube.runtime.connection import BulkReader, ServerReplaced, ServerWatch, redact
 from dagkube.runtime.embedded import EmbeddedRedis, dagkube_home, make_private_dir
 from dagkube.runtime.keys import PoolKeys, worker_proc
 from dagkube.runtime.local_backend import LocalBackend
@@ -110,6 +110,7 @@ class LocalRuntime:
         self.pool = f"local-{os.getpid()}-{secrets.token_hex(3)}"
         self.url: str | None = None  # the server in use, once started
         self._redis_lost = False  # it stopped answering: clean-up skips its Redis steps
+        self.watch: ServerWatch | None = None  # rides out outages, notices restarts
         self._embedded: EmbeddedRedis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -146,13 +147,14 @@ class LocalRuntime:
             target=self._loop.run_forever, name="dagkube-runtime", daemon=True
         )
         self._thread.start()
+        self.watch = ServerWatch(url)
         try:
-            self.redis = self.call(connect(url))
+            self.redis = self.call(self.watch.connect())
         except BaseException:
             self.close()
             raise
         self.url = url
-        self.reader = BulkReader(url)
+        self.reader = BulkReader(url, watch=self.watch)
         self.backend = LocalBackend(
             url,
             self.pool,
@@ -221,15 +223,34 @@ class LocalRuntime:
             log.warning("cannot %s at %s: %s", what, redact(self.url or ""), reason)
             return False
 
-    async def _forget_pool(self) -> None:
+    def _end_after_restart(self, message: str) -> None:
+        """The server restarted under the runs being waited for: its append-only file may
+        still hold them as running, with their queued work. End them there as failed (history
+        written, keys expiring) and forget this runtime's pool, so that nothing waits for them
+        or hands their work to a worker. Its workers exit on their own (their watch saw the
+        restart) or are stopped by close()."""
+        assert self.url is not None
+        try:
+            redis = self.call(ServerWatch(self.url).connect(), timeout_s=CLEANUP_STEP_S)
+        except (RedisUnavailable, TimeoutError) as exc:
+            log.warning("cannot end the runs on the restarted Redis: %s", exc or "no answer")
+            return
+        for run_id in list(self._active_runs):
+            if self._cleanup(launcher.fail_run(redis, run_id, message), f"fail run {run_id}"):
+                self._active_runs.discard(run_id)
+        self._cleanup(self._forget_pool(redis), f"remove pool {self.pool}")
+        self._cleanup(redis.aclose(), "close the connection")
+
+    async def _forget_pool(self, redis: Any = None) -> None:
+        redis = redis or self.redis
         keys = PoolKeys(self.pool)
-        classes = [int(c) for c in await self.redis.smembers(keys.classes)]
+        classes = [int(c) for c in await redis.smembers(keys.classes)]
         names = [keys.classes, keys.workers, keys.wake, keys.waiting]
         if self.backend is not None:
             names += [worker_proc(wid) for wid in self.backend.spawned_ids]
         for memory in classes:
             names += [keys.queue(memory), keys.idle(memory)]
-        await self.redis.delete(*names)
+        await redis.delete(*names)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         """Run a coroutine on the runtime's loop from this thread; Ctrl-C stays responsive."""
@@ -244,12 +265,16 @@ class LocalRuntime:
                     if timeout_s is not None:
                         raise
         except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            # A server that died, restarted away or stopped answering mid-run: one clear
-            # error (the CLI exits 3), not a traceback from inside redis-py.
+            # A server that died or stopped answering for longer than the watch's grace: one
+            # clear error (the CLI exits 3), not a traceback from inside redis-py.
             self._redis_lost = True
+            waited = f" (retried for {self.watch.grace_s:g}s)" if self.watch else ""
             raise RedisUnavailable(
-                f"Lost the connection to Redis at {redact(self.url or '')}: {exc}"
+                f"Lost the connection to Redis at {redact(self.url or '')}{waited}: {exc}"
             ) from None
+        except ServerReplaced as exc:
+            self._redis_lost = True  # the old server's state is gone: nothing to clean there
+            raise RedisRestarted(str(exc)) from None
         except BaseException:
             future.cancel()
             raise
@@ -306,6 +331,13 @@ class LocalRuntime:
                 status = self.call(
                     launcher.cancel_and_end(self.redis, run_id, reason, grace_s=self.cancel_grace_s)
                 )
+        except RedisRestarted:
+            assert self.watch is not None
+            message = (
+                f"{self.watch.describe(f'during run {run_id}')}: the run was failed; run it again"
+            )
+            self._end_after_restart(message)
+            raise RedisRestarted(message) from None
         except BaseException:
             self._cleanup(
                 launcher.cancel(self.redis, run_id, "the waiting client stopped"),

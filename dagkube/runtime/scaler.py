@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from dagkube.runtime import scripts
+from dagkube.runtime.connection import ServerReplaced
 from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.keys import PoolKeys, worker_heartbeat, worker_proc, worker_task
 
@@ -116,6 +117,11 @@ class Scaler:
                 failures = 0
             except asyncio.CancelledError:
                 raise
+            except ServerReplaced as exc:
+                # Its state may be behind what this scaler did: whoever owns the runs decides
+                # (the local driver fails them); nothing here is reconciled with it.
+                log.error("scaler: %s; stopping", exc)
+                return
             except (RedisError, OSError) as exc:
                 if self._stopped.is_set():
                     return  # its connection was closed under it: the runtime is closing

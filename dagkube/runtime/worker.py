@@ -33,7 +33,7 @@ from dagkube.dag import DagSpec, TaskSpec, resolve
 from dagkube.metrics.records import OomAttempt, TaskError, TaskRecord, WorkerRecord
 from dagkube.planning.model import OptimizationIndex, Plan, output_must_be_stored
 from dagkube.runtime import scripts
-from dagkube.runtime.connection import MAX_BLOCK_S, BulkReader, connect
+from dagkube.runtime.connection import MAX_BLOCK_S, BulkReader, ServerReplaced, ServerWatch
 from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc, worker_task
 from dagkube.runtime.memory import PeakMeter
@@ -43,6 +43,7 @@ log = logging.getLogger("dagkube.worker")
 
 RUN_CACHE_SIZE = 4
 TASK_TIMEOUT_EXIT = 124  # the exit code of a worker stopped by its task's timeout (as timeout(1))
+EXIT_REDIS = 3  # its Redis restarted or stayed away past the grace (as the CLI's exit code)
 RETRY_BACKOFF_S = 0.1  # first pause between attempts of a raising task; doubles each time
 RETRY_BACKOFF_MAX_S = 10.0
 STOP_DEADLINE_S = 15  # after SIGTERM a worker is gone within this, whatever its task does
@@ -159,6 +160,9 @@ class Worker:
         self.preload_executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="dagkube-preload"
         )
+        # Every client of this worker rides out a short outage of its server and gives up on
+        # one that restarted or stays away past the grace: the worker then exits (EXIT_REDIS).
+        self.watch = ServerWatch(config.redis_url)
         self.redis: Any = None
         self.registered_at: float | None = None
         self.served_any = False
@@ -189,9 +193,9 @@ class Worker:
         try:
             if startup_delay_s > 0:  # emulate a Pod's start-up: local cold starts cost as much
                 await asyncio.sleep(startup_delay_s)
-            self.redis = await connect(self.config.redis_url)
-            self.beats = await connect(self.config.redis_url)
-            self.reader = BulkReader(self.config.redis_url)
+            self.redis = await self.watch.connect()
+            self.beats = await self.watch.connect()
+            self.reader = BulkReader(self.config.redis_url, watch=self.watch)
             for name in ("COMPLETE", "FAIL", "FINISH"):
                 self._scripts[name] = self.redis.register_script(getattr(scripts, name))
             # A heartbeat first: the scaler takes a registered worker without one for lost.
@@ -210,10 +214,11 @@ class Worker:
             if heartbeat is not None:
                 heartbeat.cancel()
             try:
-                await self._report_unused()
+                if not self.watch.gone:  # a restarted server is told nothing more
+                    await self._report_unused()
             except (redis_exceptions.RedisError, OSError) as exc:
                 log.warning("worker %s: cannot report being unused: %s", self.config.worker_id, exc)
-            if self.redis is not None:
+            if self.redis is not None and not self.watch.gone:
                 try:
                     async with self.redis.pipeline(transaction=True) as pipe:
                         pipe.hdel(self.pool.workers, self.config.worker_id)
@@ -225,6 +230,7 @@ class Worker:
                         await pipe.execute()
                 except (redis_exceptions.RedisError, OSError) as exc:  # the scaler expires us
                     log.warning("worker %s: cannot deregister: %s", self.config.worker_id, exc)
+            if self.redis is not None:
                 await self.redis.aclose()
             if self.beats is not None:
                 await self.beats.aclose()
@@ -251,7 +257,7 @@ class Worker:
         gb_s = (time.time() - self.config.spawned_at) * self.config.memory_mib / 1024
         kind = "prewarm_wasted" if self.config.prewarm_run else "workers_unused"
         # Stopped while starting up, it has no connection yet: open one to report.
-        redis = self.redis if self.redis is not None else await connect(self.config.redis_url)
+        redis = self.redis if self.redis is not None else await self.watch.connect()
         try:
             add = redis.register_script(scripts.ADD_TO_RUN)
             await add(args=[run, kind, 1, f"{kind}_gb_s", gb_s])
@@ -1177,6 +1183,13 @@ def main(argv: Iterable[str] | None = None) -> NoReturn:
         code = 130
     except asyncio.CancelledError:  # SIGTERM once running: cleaned up, a normal stop
         code = 0
+    except (ServerReplaced, redis_exceptions.ConnectionError, redis_exceptions.TimeoutError):
+        if not worker.watch.gone:
+            raise
+        # Restarted (what this worker knows may be ahead of what it kept) or away past the
+        # grace: exit, one line; whoever owns the run decides its fate.
+        log.error("%s: exiting", worker.watch.describe())
+        code = EXIT_REDIS
     # Exit now: a normal interpreter exit would wait for the task thread, which may be in a
     # task that never returns (the worker has cleaned up; only that thread is left).
     logging.shutdown()

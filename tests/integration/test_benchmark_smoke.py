@@ -1,4 +1,4 @@
-"""The Dask comparison benchmark still runs (smoke test; numbers live in docs/benchmarks.md)."""
+"""The benchmarks still run (smoke tests; numbers live in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -38,3 +38,17 @@ def test_compare_dask_quick(tmp_path):
         assert row["ratio_dagkube_over_dask"] == pytest.approx(
             row["dagkube_median_s"] / row["dask_median_s"]
         )
+
+
+def test_persistence_quick():
+    """benchmarks/persistence.py: one measured run per arm, every arm in its table."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "persistence.py"), "--runs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "s |" in line]
+    assert len(rows) == 3 and any("AOF everysec" in row for row in rows), result.stdout

@@ -9,13 +9,14 @@ import subprocess
 import sys
 
 import pytest
+import redis
 
 import dagkube
 from dagkube.metrics.history import list_runs
 from dagkube.runtime.connection import connect
-from dagkube.runtime.embedded import EmbeddedRedis, _ping
+from dagkube.runtime.embedded import AOF_FILE, RDB_FILE, EmbeddedRedis, _ping, find_redis_server
 from dagkube.runtime.embedded import pid_alive as _alive
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 from tests.tasks import add
 
 pytestmark = pytest.mark.integration
@@ -88,3 +89,35 @@ def test_concurrent_cli_processes_share_one_home(tmp_path):
                 await client.aclose()
 
     assert asyncio.run(count()) == 3
+
+
+def test_a_home_from_before_the_append_only_file_keeps_its_history(tmp_path):
+    """A data directory with only the snapshot older versions wrote: the server loads it (with
+    appendonly on from the start it would begin empty), writes its append-only file, and the
+    next start loads that."""
+    data = tmp_path / "home" / "redis"
+    data.mkdir(parents=True)
+    old = subprocess.Popen(
+        [
+            find_redis_server(),
+            *("--port", "0", "--unixsocket", str(data / "old.sock"), "--dir", str(data)),
+            *("--dbfilename", RDB_FILE, "--appendonly", "no", "--save", ""),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(unix_socket_path=str(data / "old.sock"))
+    wait_until(lambda: (data / "old.sock").exists() and client.ping(), 15, "the old server")
+    client.set("dk:probe", "kept")
+    client.shutdown(save=True)
+    old.wait(timeout=10)
+    assert not (data / AOF_FILE).exists()
+    for _ in range(2):  # the snapshot, then the append-only file
+        embedded = EmbeddedRedis(tmp_path / "home")
+        store = redis.Redis.from_url(embedded.acquire())
+        try:
+            assert store.get("dk:probe") == b"kept"
+            assert store.config_get("appendonly") == {"appendonly": "yes"}
+        finally:
+            store.close()
+            embedded.release()
+        assert (data / AOF_FILE).exists()
