@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import AbstractBackoff, ExponentialBackoff
 from redis.retry import Retry as SyncRetry
 
 from dagkube.errors import RedisUnavailable
@@ -169,16 +169,41 @@ _BACKOFF_CAP_S = 2.0
 _RETRIES = 1 << 30  # bounded by the grace, not by a count (redis-py reads it for its metrics)
 
 
-class _GraceRetry(AsyncRetry):
-    """redis-py's retry of a command or connection, bounded by the watch's grace. One per
-    connection (redis-py copies it): the command and the reconnection inside it share the
-    outage's start, so nesting does not extend the grace."""
+class _Grace:
+    """What the asyncio and the synchronous retry share: one outage's start, bounded by the
+    watch's grace. One per connection (redis-py copies it): the command and the reconnection
+    inside it share the outage's start, so nesting does not extend the grace."""
 
-    def __init__(self, watch: ServerWatch) -> None:
-        super().__init__(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.1), _RETRIES)
+    watch: ServerWatch
+    _backoff: AbstractBackoff
+
+    def _follow(self, watch: ServerWatch) -> None:
         self.watch = watch
         self.outage_since: float | None = None
         self.depth = 0  # a command's retry holds its (re)connection's: only the outer one ends
+
+    def _begin(self) -> None:
+        self._backoff.reset()
+        self.depth += 1
+
+    def _end(self) -> None:
+        self.depth -= 1
+        if not self.depth:
+            self.outage_since = None
+
+    def _pause_s(self, failures: int) -> float | None:
+        """How long to wait before the next attempt; None: the grace is over, give up."""
+        self.outage_since = self.outage_since or time.monotonic()
+        left = self.watch._left_s(self.outage_since)
+        return min(self._backoff.compute(failures), left) if left > 0 else None
+
+
+class _GraceRetry(_Grace, AsyncRetry):
+    """redis-py's retry of a command or connection (asyncio), bounded by the watch's grace."""
+
+    def __init__(self, watch: ServerWatch) -> None:
+        super().__init__(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.1), _RETRIES)
+        self._follow(watch)
 
     async def call_with_retry(
         self,
@@ -187,9 +212,8 @@ class _GraceRetry(AsyncRetry):
         is_retryable: Callable[[Exception], bool] | None = None,
         with_failure_count: bool = False,
     ) -> T:
-        self._backoff.reset()
+        self._begin()
         failures = 0
-        self.depth += 1
         try:
             while True:
                 try:
@@ -199,25 +223,20 @@ class _GraceRetry(AsyncRetry):
                         raise
                     failures += 1
                     await (fail(error, failures) if with_failure_count else fail(error))
-                    self.outage_since = self.outage_since or time.monotonic()
-                    left = self.watch._left_s(self.outage_since)
-                    if left <= 0:
+                    pause = self._pause_s(failures)
+                    if pause is None:
                         raise
-                    await asyncio.sleep(min(self._backoff.compute(failures), left))
+                    await asyncio.sleep(pause)
         finally:
-            self.depth -= 1
-            if not self.depth:
-                self.outage_since = None
+            self._end()
 
 
-class _SyncGraceRetry(SyncRetry):
+class _SyncGraceRetry(_Grace, SyncRetry):
     """:class:`_GraceRetry` for the synchronous client (BulkReader)."""
 
     def __init__(self, watch: ServerWatch) -> None:
         super().__init__(ExponentialBackoff(cap=_BACKOFF_CAP_S, base=0.1), _RETRIES)
-        self.watch = watch
-        self.outage_since: float | None = None
-        self.depth = 0  # a command's retry holds its (re)connection's: only the outer one ends
+        self._follow(watch)
 
     def call_with_retry(
         self,
@@ -226,9 +245,8 @@ class _SyncGraceRetry(SyncRetry):
         is_retryable: Callable[[Exception], bool] | None = None,
         with_failure_count: bool = False,
     ) -> T:
-        self._backoff.reset()
+        self._begin()
         failures = 0
-        self.depth += 1
         try:
             while True:
                 try:
@@ -238,15 +256,12 @@ class _SyncGraceRetry(SyncRetry):
                         raise
                     failures += 1
                     fail(error, failures) if with_failure_count else fail(error)
-                    self.outage_since = self.outage_since or time.monotonic()
-                    left = self.watch._left_s(self.outage_since)
-                    if left <= 0:
+                    pause = self._pause_s(failures)
+                    if pause is None:
                         raise
-                    time.sleep(min(self._backoff.compute(failures), left))
+                    time.sleep(pause)
         finally:
-            self.depth -= 1
-            if not self.depth:
-                self.outage_since = None
+            self._end()
 
 
 def sync_client(url: str, *, watch: ServerWatch | None = None) -> redis.Redis:

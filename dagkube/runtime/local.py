@@ -254,9 +254,10 @@ class LocalRuntime:
 
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         """Run a coroutine on the runtime's loop from this thread; Ctrl-C stays responsive."""
-        if self._loop is None:
+        loop = self._loop
+        if loop is None:
             raise DagkubeError("The runtime is not started: use it as a context manager")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
         try:
             while True:
                 try:
@@ -264,6 +265,9 @@ class LocalRuntime:
                 except TimeoutError:
                     if timeout_s is not None:
                         raise
+                    if not loop.is_running():  # closed by another thread: nothing will answer
+                        future.cancel()
+                        raise DagkubeError("The runtime was closed while this waited") from None
         except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
             # A server that died or stopped answering for longer than the watch's grace: one
             # clear error (the CLI exits 3), not a traceback from inside redis-py.

@@ -23,6 +23,7 @@ from dagkube.kubernetes.pods import LABEL_CLASS
 from dagkube.metrics.records import TaskRecord, WorkerRecord
 from dagkube.resources import cpu_millicores, parse_memory
 from dagkube.runtime.keys import RunKeys, hist_run
+from dagkube_operator.handlers import run_id_for
 from tests.kube import Kube, wait_for
 from tests.release import (
     OPERATOR_IMAGE,
@@ -435,16 +436,18 @@ def test_ttl_after_finished_deletes_the_workflow_its_pods_and_keys(release: Rele
         resources={"maxWorkers": 1},
     )
     release.apply(body)
-    status = release.wait_phase("short-lived")
-    assert status["phase"] == "Succeeded"
-    run_id = status["runId"]
+    # Its run id from its uid: it may end and be deleted (2 s later) between two polls of its
+    # phase on a loaded machine.
+    applied = release.kube.get("workflow", "short-lived", release.namespace)
+    assert applied is not None
+    run_id = run_id_for(release.namespace, "short-lived", applied["metadata"]["uid"])
     wait_for(
         lambda: (
             release.kube.get("workflow", "short-lived", release.namespace) is None
             and not release.run_pods(run_id)
         ),
-        60,
-        "the Workflow to be deleted after its TTL",
+        120,
+        "the Workflow to end and be deleted after its TTL",
     )
     assert not release.store.exists(RunKeys(run_id).meta, RunKeys(run_id).outputs)
     assert release.store.hget(hist_run(run_id, "meta"), "status") == b"succeeded"
