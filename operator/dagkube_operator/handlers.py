@@ -575,7 +575,7 @@ class Operator:
         if ended is None:  # the daemon stops (operator shutdown, Workflow deleted)
             return status
         # The ended run's Pods go first: freeing them must not wait on a status write.
-        await self._release_pool(backend, uid, keep_failed=True)
+        await self._release_pool(backend, keep_failed=True)
         await self._check_run_state(run_id)
         with during(f"reading the record of the ended run {run_id}"):
             record = await launcher.fetch_run_record(self.redis, run_id)
@@ -669,9 +669,7 @@ class Operator:
     async def _force_end(self, run_id: str) -> None:
         await launcher.force_end(self.redis, run_id)
 
-    async def _release_pool(
-        self, backend: KubernetesBackend, uid: str, *, keep_failed: bool
-    ) -> None:
+    async def _release_pool(self, backend: KubernetesBackend, *, keep_failed: bool) -> None:
         """Remove the pool's Pods (except Failed ones kept for ``kubectl logs`` until the
         Workflow goes) and its Redis keys; the run's own keys expire with their TTL."""
         pool = backend.pool
@@ -717,7 +715,7 @@ class Operator:
                 self.redis, run_id, message, grace_s=self.config.cancel_grace_s
             )
         backend = self.backend(None, namespace=namespace, name=name, uid=uid, run_id=run_id)
-        await self._release_pool(backend, uid, keep_failed=True)
+        await self._release_pool(backend, keep_failed=True)
         failed = st.failed_status(error.reason, message, status.get("conditions"), time.time())
         await self.patch_status(namespace, name, failed)
         self.metrics.set_phase(uid, st.FAILED)
@@ -773,7 +771,7 @@ class Operator:
         if running in (b"running", b"cancelling"):
             await launcher.cancel(self.redis, run_id, "the Workflow was deleted")
         backend = self.backend(None, namespace=namespace, name=name, uid=uid, run_id=run_id)
-        await self._release_pool(backend, uid, keep_failed=False)
+        await self._release_pool(backend, keep_failed=False)
         if running in (b"running", b"cancelling"):
             await self._force_end(run_id)  # records it as cancelled in the history
         await delete_run_keys(self.redis, run_id)
