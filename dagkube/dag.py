@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import itertools
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -337,6 +337,16 @@ def _raise_unserializable(task_id: str, fn: Callable[..., Any], template: tuple)
     raise InvalidWorkflow(f"Task '{task_id}': its arguments cannot be serialized")
 
 
+def structure_hash(tasks: Iterable[TaskSpec], output_ids: list[str]) -> str:
+    """The shape of a DAG (task ids, function names, edges, outputs) as 20 hex digits: runs of
+    the same shape share a history."""
+    hasher = hashlib.sha256()
+    for task in tasks:
+        hasher.update(f"{task.id}|{task.function}|{','.join(task.deps)}\n".encode())
+    hasher.update(("outputs:" + ",".join(output_ids)).encode())
+    return hasher.hexdigest()[:20]
+
+
 def build_dag(
     outputs: Any, name: str, inline_budget_bytes: int = DEFAULT_INLINE_BUDGET_BYTES
 ) -> DagSpec:
@@ -362,7 +372,6 @@ def build_dag(
     signatures: dict[int, inspect.Signature | None] = {}  # read once per function, not per task
     constants: dict[str, bytes] = {}
     tasks: dict[str, TaskSpec] = {}
-    hasher = hashlib.sha256()
     for node in nodes:
         task_fn: TaskFunction[Any, Any] = node.function
         task_id = ids[id(node)]
@@ -410,7 +419,6 @@ def build_dag(
         tasks[task_id] = spec
         for dep in deps:
             tasks[dep].downstream.append(task_id)
-        hasher.update(f"{task_id}|{spec.function}|{','.join(deps)}\n".encode())
 
     def output_ref(leaf: Any) -> Any:
         return Ref(ids[id(leaf)])
@@ -424,10 +432,9 @@ def build_dag(
     else:
         output_template = [output_ref(v) for v in outputs]
     output_ids = list(dict.fromkeys(ids[id(n)] for n in output_nodes))
-    hasher.update(("outputs:" + ",".join(output_ids)).encode())
     return DagSpec(
         name=name,
-        structure_hash=hasher.hexdigest()[:20],
+        structure_hash=structure_hash(tasks.values(), output_ids),
         tasks=tasks,
         functions=functions,
         output_template=output_template,

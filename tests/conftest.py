@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psutil
@@ -50,11 +50,15 @@ def wait_until(
 
 
 class RedisServer:
-    """A real redis-server on a free loopback port, with a password."""
+    """A real redis-server on a free loopback port, with a password; ``args``: more
+    configuration after the defaults (e.g. the chart's), ``password``: the default user's."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self, directory: Path, *, password: str | None = None, args: Sequence[str] = ()
+    ) -> None:
         self.directory = directory
-        self.password = secrets.token_hex(8)
+        self.password = password or secrets.token_hex(8)
+        self.args = list(args)
         self.port = _free_port()
         self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
         self.start()
@@ -76,6 +80,7 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "no",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

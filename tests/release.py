@@ -95,6 +95,10 @@ class Release:
         """Every worker Pod the run had, as last seen (also those removed since)."""
         return self.recorder.with_label(LABEL_RUN, local_part(run_id))
 
+    def build_pods(self) -> list[dict[str, Any]]:
+        """The build Pods in the API now."""
+        return self.kube.list("pods", self.namespace, "dagkube.io/component=build")
+
     def worker_proc_of(self, pod: dict[str, Any]) -> str:
         """The Redis list of the work a worker Pod holds (its pool's keys, in the namespace)."""
         pool = namespaced(self.namespace, pod["metadata"]["labels"][LABEL_POOL])

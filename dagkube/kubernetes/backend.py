@@ -163,6 +163,7 @@ class KubernetesBackend:
         startup_delay_s: float = 0.0,
         ephemeral_storage_mib: int = DEFAULT_EPHEMERAL_STORAGE_MIB,
         active_deadline_s: int | None = None,
+        redis_ca_secret: tuple[str, str] | None = None,
     ) -> None:
         self.core = client.CoreV1Api(api)
         self.namespace = namespace
@@ -179,6 +180,7 @@ class KubernetesBackend:
         self.startup_delay_s = startup_delay_s
         self.ephemeral_storage_mib = ephemeral_storage_mib
         self.active_deadline_s = active_deadline_s
+        self.redis_ca_secret = redis_ca_secret  # a TLS Redis' CA (see build_worker_pod)
         self.selector = pool_selector(pool)
         # Pod names derive from the owner's uid (a shared pool: from namespace and pool), so a
         # restarted operator names its Pods as before and adopts the ones that exist.
@@ -219,6 +221,7 @@ class KubernetesBackend:
             demand_for=demand_for,
             ephemeral_storage_mib=self.ephemeral_storage_mib,
             active_deadline_s=self.active_deadline_s,
+            redis_ca_secret=self.redis_ca_secret,
         )
         created = await self._call(
             f"create worker Pod {name!r}",

@@ -9,6 +9,7 @@ limit on its ``/tmp`` emptyDir) and so is its life, when given (``activeDeadline
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -31,6 +32,9 @@ WORKER_CONTAINER = "worker"
 WORKER_UID = 10001  # matches the user of worker-image/Dockerfile
 TERMINATION_GRACE_S = 10
 DEFAULT_EPHEMERAL_STORAGE_MIB = 1024  # a worker's /tmp, logs and writable layer together
+# Where worker and build Pods find the CA of a TLS Redis (the ``ssl_ca_certs`` of their
+# rediss:// URL), mounted from their ``redis_ca_secret``; the chart mounts the operator's there.
+REDIS_CA_FILE = "/etc/dagkube/redis-tls/ca.crt"
 
 _LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
@@ -104,6 +108,68 @@ def pool_selector(pool: str) -> str:
     return f"{LABEL_POOL}={pool_label(pool)}"
 
 
+def _locked_down_container() -> dict[str, Any]:
+    return {
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _locked_down_pod() -> dict[str, Any]:
+    """What worker and build Pods share: never restarted, no service-account token or service
+    links, non-root with the image's user, the runtime's default seccomp profile."""
+    return {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "fsGroup": WORKER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
+def _mounts(
+    storage: str, redis_ca_secret: tuple[str, str] | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The volumes of a worker or build Pod and its container's mounts: ``/tmp`` (an
+    emptyDir of ``storage``) and, with ``redis_ca_secret`` (Secret name, key), the Redis CA
+    at REDIS_CA_FILE, read-only."""
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": storage}}]
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    if redis_ca_secret is not None:
+        secret_name, secret_key = redis_ca_secret
+        directory, _, file_name = REDIS_CA_FILE.rpartition("/")
+        volumes.append(
+            {
+                "name": "redis-ca",
+                "secret": {
+                    "secretName": secret_name,
+                    "items": [{"key": secret_key, "path": file_name}],
+                },
+            }
+        )
+        mounts.append({"name": "redis-ca", "mountPath": directory, "readOnly": True})
+    return volumes, mounts
+
+
+def _owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
+    """The Workflow a Pod belongs to: garbage-collected with it."""
+    return {
+        "apiVersion": "dagkube.io/v1alpha1",
+        "kind": "Workflow",
+        "name": owner["name"],
+        "uid": owner["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
 def build_worker_pod(
     *,
     name: str,
@@ -124,6 +190,7 @@ def build_worker_pod(
     demand_for: str | None = None,
     ephemeral_storage_mib: int = DEFAULT_EPHEMERAL_STORAGE_MIB,
     active_deadline_s: int | None = None,
+    redis_ca_secret: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """The Pod manifest of one worker of class ``memory_mib`` serving ``pool``.
 
@@ -135,7 +202,8 @@ def build_worker_pod(
     is the Workflow the Pod belongs to (garbage-collected with it); ``labels`` are extra
     labels, which cannot override the fixed vocabulary. ``ephemeral_storage_mib`` bounds the
     Pod's disk (past it the kubelet evicts the Pod); ``active_deadline_s``: the kubelet stops
-    the Pod this long after it started (None: no deadline).
+    the Pod this long after it started (None: no deadline). ``redis_ca_secret``: (Secret
+    name, key) of the CA of a TLS Redis, mounted at REDIS_CA_FILE (the URL's ``ssl_ca_certs``).
     """
     pool_namespace = namespace_of(pool)
     if pool_namespace is not None and pool_namespace != namespace:
@@ -154,6 +222,7 @@ def build_worker_pod(
             f"none), got {ephemeral_storage_mib} MiB and {active_deadline_s!r} s"
         )
     storage = format_memory(ephemeral_storage_mib)
+    volumes, mounts = _mounts(storage, redis_ca_secret)
     quantities = {
         "cpu": f"{millicores}m",
         "memory": f"{memory_mib}Mi",
@@ -188,28 +257,9 @@ def build_worker_pod(
         },
     }
     if owner is not None:
-        metadata["ownerReferences"] = [
-            {
-                "apiVersion": "dagkube.io/v1alpha1",
-                "kind": "Workflow",
-                "name": owner["name"],
-                "uid": owner["uid"],
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ]
+        metadata["ownerReferences"] = [_owner_reference(owner)]
     pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": WORKER_UID,
-            "runAsGroup": WORKER_UID,
-            "fsGroup": WORKER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        **_locked_down_pod(),
         "containers": [
             {
                 "name": WORKER_CONTAINER,
@@ -231,15 +281,11 @@ def build_worker_pod(
                 ],
                 "env": env,
                 "resources": {"requests": dict(quantities), "limits": dict(quantities)},
-                "securityContext": {
-                    "readOnlyRootFilesystem": True,
-                    "allowPrivilegeEscalation": False,
-                    "capabilities": {"drop": ["ALL"]},
-                },
-                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                "securityContext": _locked_down_container(),
+                "volumeMounts": mounts,
             }
         ],
-        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": storage}}],
+        "volumes": volumes,
     }
     if active_deadline_s is not None:
         pod_spec["activeDeadlineSeconds"] = active_deadline_s
@@ -248,12 +294,19 @@ def build_worker_pod(
 
 WORKER_REDIS_SECRET = "dagkube-worker-redis"  # one per namespace: its worker user's Redis URL
 WORKER_REDIS_SECRET_KEY = "url"
+WORKER_REDIS_CA_KEY = "ca.crt"  # a TLS Redis' CA (PEM), for the Pods' ``redis_ca_secret``
 
 
-def build_worker_redis_secret(namespace: str, url: str) -> dict[str, Any]:
+def build_worker_redis_secret(
+    namespace: str, url: str, ca_pem: str | None = None
+) -> dict[str, Any]:
     """The Secret holding the Redis URL of ``namespace``'s worker user (``acl.worker_user``,
     password included), for its worker Pods' ``redis_url_secret``: (WORKER_REDIS_SECRET,
-    WORKER_REDIS_SECRET_KEY). The operator creates it with the user."""
+    WORKER_REDIS_SECRET_KEY), and with ``ca_pem`` the CA of a TLS Redis under
+    WORKER_REDIS_CA_KEY. The operator creates it with the user."""
+    data = {WORKER_REDIS_SECRET_KEY: url}
+    if ca_pem is not None:
+        data[WORKER_REDIS_CA_KEY] = ca_pem
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -267,5 +320,91 @@ def build_worker_redis_secret(namespace: str, url: str) -> dict[str, Any]:
                 "app.kubernetes.io/managed-by": "dagkube-operator",
             },
         },
-        "stringData": {WORKER_REDIS_SECRET_KEY: url},
+        "stringData": data,
     }
+
+
+BUILD_CONTAINER = "build"
+BUILD_REQUEST_ENV = "DAGKUBE_BUILD_REQUEST"  # dagkube.kubernetes.build.REQUEST_ENV
+
+
+def build_pod_name(owner_uid: str) -> str:
+    """The one build Pod of a Workflow: ``dk-1a2b3c4d-build`` (a retried create finds it)."""
+    return f"{_name_prefix(owner_uid)}build"
+
+
+def build_build_pod(
+    *,
+    name: str,
+    namespace: str,
+    image: str,
+    key: str,
+    request: dict[str, Any],
+    redis_url_secret: tuple[str, str],
+    memory_mib: int,
+    cpu_millicores: int,
+    ephemeral_storage_mib: int,
+    deadline_s: int,
+    owner: dict[str, Any] | None = None,
+    redis_ca_secret: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """The Pod that builds a Workflow's DAG from its inline or module source (user code):
+    ``python -m dagkube.kubernetes.build`` in the Workflow's image and namespace, locked down
+    as a worker is (no token, non-root, read-only root, no privilege), with memory, CPU and
+    disk limits and ``activeDeadlineSeconds``. ``request`` (the source) travels in an
+    environment variable; the DAG comes back through Redis at ``key`` (the namespace's worker
+    credential, from ``redis_url_secret``; a TLS Redis' CA from ``redis_ca_secret``, as for
+    :func:`build_worker_pod`)."""
+    if memory_mib < 1 or cpu_millicores < 1 or ephemeral_storage_mib < 1 or deadline_s < 1:
+        raise ValueError(
+            f"Build Pod {name!r} needs memory >= 1 MiB, CPU >= 1m, disk >= 1 MiB and a deadline "
+            f">= 1 s, got {memory_mib} MiB, {cpu_millicores}m, {ephemeral_storage_mib} MiB, "
+            f"{deadline_s} s"
+        )
+    secret_name, secret_key = redis_url_secret
+    storage = format_memory(ephemeral_storage_mib)
+    volumes, mounts = _mounts(storage, redis_ca_secret)
+    quantities = {
+        "cpu": f"{cpu_millicores}m",
+        "memory": f"{memory_mib}Mi",
+        "ephemeral-storage": storage,
+    }
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": {
+            "app.kubernetes.io/name": "dagkube",
+            "app.kubernetes.io/component": "build",
+            "app.kubernetes.io/managed-by": "dagkube-operator",
+            LABEL_COMPONENT: "build",
+        },
+    }
+    if owner is not None:
+        metadata["ownerReferences"] = [_owner_reference(owner)]
+    pod_spec: dict[str, Any] = {
+        **_locked_down_pod(),
+        "terminationGracePeriodSeconds": 0,  # nothing to save: a stopped build is killed
+        "activeDeadlineSeconds": deadline_s,
+        "containers": [
+            {
+                "name": BUILD_CONTAINER,
+                "image": image,
+                "command": ["python", "-m", "dagkube.kubernetes.build", "--key", key],
+                "env": [
+                    {
+                        "name": "DAGKUBE_REDIS_URL",
+                        "valueFrom": {"secretKeyRef": {"name": secret_name, "key": secret_key}},
+                    },
+                    {"name": BUILD_REQUEST_ENV, "value": json.dumps(request)},
+                    {"name": "TMPDIR", "value": "/tmp"},
+                    {"name": "HOME", "value": "/tmp"},
+                    {"name": "PYTHONUNBUFFERED", "value": "1"},
+                ],
+                "resources": {"requests": dict(quantities), "limits": dict(quantities)},
+                "securityContext": _locked_down_container(),
+                "volumeMounts": mounts,
+            }
+        ],
+        "volumes": volumes,
+    }
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}

@@ -10,16 +10,16 @@ and returns the outputs, read from Redis, or raises :class:`TaskFailed`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from dagkube import description
 from dagkube.dag import DagSpec
 from dagkube.errors import DagkubeError, RunTimeout
 from dagkube.resources import format_memory
-from dagkube.runtime.keys import stored_dag, stored_dag_constants
+from dagkube.runtime.keys import stored_dag
 
 GROUP, VERSION, PLURAL, KIND = "dagkube.io", "v1alpha1", "workflows", "Workflow"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -33,23 +33,16 @@ class SubmitError(DagkubeError):
 
 
 def dag_id(dag: DagSpec) -> str:
-    """Content id of a DAG (its body and constants): 32 hex digits."""
-    digest = hashlib.sha256(dag.to_bytes())
-    for key in sorted(dag.constants):
-        digest.update(key.encode())
-        digest.update(dag.constants[key])
-    return digest.hexdigest()[:32]
+    """Content id of a DAG (its description, code, arguments and constants): 32 hex digits."""
+    return description.content_id(dag)
 
 
 async def store_dag(redis: Any, dag: DagSpec, ttl_s: int = STORED_DAG_TTL_S) -> str:
-    """Store a DAG for ``spec.source.ref`` (idempotent: same DAG, same id); returns its id."""
+    """Store a DAG for ``spec.source.ref`` (idempotent: same DAG, same id); returns its id. It
+    is stored as a description the operator reads without unpickling (dagkube.description)."""
     identifier = dag_id(dag)
-    key = stored_dag(identifier)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(key, dag.to_bytes(), ex=ttl_s)
-        if dag.constants:
-            pipe.hset(stored_dag_constants(key), mapping=dag.constants)
-            pipe.expire(stored_dag_constants(key), ttl_s)
+        description.store(pipe, stored_dag(identifier), dag, ttl_s=ttl_s)
         await pipe.execute()
     return identifier
 

@@ -70,6 +70,7 @@ WORKER_COMMANDS = (
     "blpop",
     "blmove",
     "zadd",
+    "expire",  # a build Pod's keys (dagkube.description.store) live for a while only
 )
 # Commands the operator sends itself: launching and following runs (launcher), the scaler,
 # the Workflow handlers (clean-up, stored DAGs), the history and the /metrics exporter.
@@ -227,3 +228,15 @@ async def ensure_worker_user(
     passwords = list(passwords) or [new_password()]
     await apply_user(redis, user, passwords)
     return passwords[-1], user_url(url, user.name, passwords[-1])
+
+
+def main() -> None:
+    """``python -m dagkube.runtime.acl``: the operator user's rules on one line, for an ACL
+    file (``user dagkube-operator on >PASSWORD <rules>``) or ``ACL SETUSER dagkube-operator
+    reset on >PASSWORD <rules>`` on a Redis of your own. The chart's bundled Redis reads the
+    same line from charts/dagkube/files/redis-operator-rules.txt (a test keeps them equal)."""
+    print(" ".join(operator_user().rules()))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -46,6 +46,19 @@ def _default_user(url: str) -> bool:
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+
+def with_ca_file(url: str, ca_file: str) -> str:
+    """A rediss:// ``url`` whose clients verify the server against the CA in ``ca_file`` (its
+    ``ssl_ca_certs``, which redis-py takes from the query), other query arguments kept."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        raise ValueError(
+            f"Redis URL {redact(url)!r} does not use TLS: a CA file needs a rediss:// URL"
+        )
+    query = [(name, value) for name, value in parse_qsl(parts.query) if name != "ssl_ca_certs"]
+    query.append(("ssl_ca_certs", ca_file))
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/")))
 
 
 class ServerReplaced(redis_errors.RedisError):

@@ -233,11 +233,6 @@ def stored_dag(dag_id: str) -> str:
     return f"dk:dag:{dag_id}"
 
 
-def stored_dag_constants(dag_key: str) -> str:
-    """Hash of the large constants of the DAG stored at ``dag_key``."""
-    return f"{dag_key}:const"
-
-
 # Set of the namespaces whose Workflows ran (the operator adds each when it first serves it):
 # whose histories /metrics folds. The operator's own key, outside every namespace's prefix.
 NAMESPACES = "dk:namespaces"

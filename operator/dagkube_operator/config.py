@@ -2,12 +2,17 @@
 
 Every variable, its meaning and its default:
 
-- DAGKUBE_REDIS_URL: the Redis the operator and its workers share (required)
-- DAGKUBE_REDIS_PASSWORD: its password, when not in the URL (from the chart's Secret)
+- DAGKUBE_REDIS_URL: the Redis the operator and its workers share, with the operator's user
+  name when it has one (the chart: redis://dagkube-operator@<release>-redis...) (required)
+- DAGKUBE_REDIS_PASSWORD: the password of the URL's user (else the default user), when not in
+  the URL (from the chart's Secret)
 - DAGKUBE_WORKER_USERS: true: the workers of each namespace get a Redis user of their own,
   limited to that namespace's keys, made by the operator with a Secret `dagkube-worker-redis`
   in the namespace; false: every worker Pod gets the shared URL below (a Redis without ACL
   users) (true)
+- DAGKUBE_REDIS_CA_FILE: with a TLS Redis (a rediss:// URL), the CA file (PEM) that signed
+  its certificate: the operator copies it into each namespace's `dagkube-worker-redis` Secret
+  (key ca.crt) and its worker and build Pods verify Redis with it; needs worker users (none)
 - DAGKUBE_REDIS_URL_SECRET, DAGKUBE_REDIS_URL_SECRET_KEY: the Secret (name, key) holding the
   full URL for worker Pods without worker users (dagkube-redis, redis-url)
 - DAGKUBE_WATCH_NAMESPACE: the namespace to watch; empty: every namespace (cluster-wide RBAC)
@@ -29,9 +34,12 @@ Every variable, its meaning and its default:
   of its /tmp emptyDir) of each worker Pod, a quantity like 512Mi or 2Gi (1Gi)
 - DAGKUBE_IDLE_TIMEOUT: seconds an idle worker Pod waits for work before it exits (30)
 - DAGKUBE_STARTUP_DELAY: extra seconds each worker waits before serving, for experiments (0)
-- DAGKUBE_BUILD_TIMEOUT: seconds a module or inline source may take to build its DAG (120)
-- DAGKUBE_MAX_CONCURRENT_BUILDS: builds (child processes running user code) at once; more
+- DAGKUBE_BUILD_TIMEOUT: seconds a module or inline source may take to build its DAG in its
+  build Pod, the Pod's start included (120)
+- DAGKUBE_MAX_CONCURRENT_BUILDS: build Pods (user code building a DAG) at once; more
   Workflows wait for their turn in phase Planning (2)
+- DAGKUBE_BUILD_MEMORY, DAGKUBE_BUILD_CPU: memory (a quantity, 512Mi) and CPU (cores, 0.5) of
+  each build Pod, request = limit
 - DAGKUBE_RUN_TTL: seconds a finished run's keys (its outputs) stay in Redis (3600)
 - DAGKUBE_METRICS_PORT: port of /metrics and /healthz (8080)
 - DAGKUBE_KUBE_API_URL: an API server URL without credentials, e.g. `kubectl proxy`'s
@@ -87,6 +95,8 @@ class OperatorConfig:
     redis_url: str
     redis_url_secret: tuple[str, str] = ("dagkube-redis", "redis-url")
     worker_users: bool = True  # a Redis user per namespace for its workers (else the shared URL)
+    # A TLS Redis' CA (PEM file): copied into each namespace's worker Secret for its Pods.
+    redis_ca_file: str | None = None
     namespace: str | None = None
     worker_image: str = f"ghcr.io/dagkube/worker:{__version__}"
     allowed_classes: list[int] | None = None
@@ -100,6 +110,8 @@ class OperatorConfig:
     startup_delay_s: float = 0.0
     build_timeout_s: float = 120.0
     max_concurrent_builds: int = 2
+    build_memory_mib: int = 512
+    build_cpu: float = 0.5
     run_ttl_s: int = 3600
     metrics_port: int = 8080
     kube_api_url: str | None = None
@@ -155,12 +167,25 @@ class OperatorConfig:
             )
         except DagkubeError as exc:
             raise ConfigError(f"DAGKUBE_WORKER_EPHEMERAL_STORAGE={storage!r}: {exc}") from exc
+        build_memory = env.get("DAGKUBE_BUILD_MEMORY", "").strip()
+        try:
+            build_memory_mib = parse_memory(build_memory) if build_memory else cls.build_memory_mib
+        except DagkubeError as exc:
+            raise ConfigError(f"DAGKUBE_BUILD_MEMORY={build_memory!r}: {exc}") from exc
         max_workers = _number(env, "DAGKUBE_MAX_WORKERS", 50, int, 1)
         max_workers_limit = _number(env, "DAGKUBE_MAX_WORKERS_LIMIT", 200, int, 1)
         if max_workers > max_workers_limit:
             raise ConfigError(
                 f"DAGKUBE_MAX_WORKERS={max_workers} is above DAGKUBE_MAX_WORKERS_LIMIT="
                 f"{max_workers_limit}: the default workers per run must be within the limit"
+            )
+        worker_users = _boolean(env, "DAGKUBE_WORKER_USERS", True)
+        redis_ca_file = env.get("DAGKUBE_REDIS_CA_FILE", "").strip() or None
+        if redis_ca_file and not worker_users:
+            # The CA reaches worker Pods in the namespace's worker Secret, made with its user.
+            raise ConfigError(
+                f"DAGKUBE_REDIS_CA_FILE={redis_ca_file!r} needs DAGKUBE_WORKER_USERS=true: "
+                "worker Pods get the TLS Redis' CA with their namespace's worker user"
             )
         return cls(
             redis_url=with_password(url, password),
@@ -181,13 +206,16 @@ class OperatorConfig:
             startup_delay_s=_number(env, "DAGKUBE_STARTUP_DELAY", 0.0, float, 0.0),
             build_timeout_s=_number(env, "DAGKUBE_BUILD_TIMEOUT", 120.0, float, 1.0),
             max_concurrent_builds=_number(env, "DAGKUBE_MAX_CONCURRENT_BUILDS", 2, int, 1),
+            build_memory_mib=build_memory_mib,
+            build_cpu=_number(env, "DAGKUBE_BUILD_CPU", 0.5, float, 0.001),
             run_ttl_s=_number(env, "DAGKUBE_RUN_TTL", 3600, int, 1),
             metrics_port=_number(env, "DAGKUBE_METRICS_PORT", 8080, int, 0),
             kube_api_url=env.get("DAGKUBE_KUBE_API_URL") or None,
             watch_timeout_s=_number(env, "DAGKUBE_WATCH_TIMEOUT", 300, int, 1),
             pending_timeout_s=_number(env, "DAGKUBE_PENDING_TIMEOUT", 300.0, float, 1.0),
             default_timeout_s=_number(env, "DAGKUBE_DEFAULT_TIMEOUT", 3600.0, float, 0.0),
-            worker_users=_boolean(env, "DAGKUBE_WORKER_USERS", True),
+            worker_users=worker_users,
+            redis_ca_file=redis_ca_file,
             peering=_peering_name(env.get("DAGKUBE_PEERING", "")),
             peering_lifetime_s=_number(env, "DAGKUBE_PEERING_LIFETIME", 8, int, 2),
         )
@@ -246,11 +274,13 @@ def _number(
 
 
 def with_password(url: str, password: str) -> str:
-    """``url`` with ``password`` filled in, unless the URL carries credentials already."""
+    """``url`` with ``password`` filled in for the URL's user (``redis://dagkube-operator@host``)
+    or the default one, unless the URL carries a password already."""
     if not password:
         return url
     parts = urllib.parse.urlsplit(url)
-    if parts.password or "@" in parts.netloc:
+    if parts.password is not None:
         return url
+    user, _, host = parts.netloc.rpartition("@")
     quoted = urllib.parse.quote(password, safe="")
-    return urllib.parse.urlunsplit(parts._replace(netloc=f":{quoted}@{parts.netloc}"))
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{quoted}@{host}"))

@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -45,6 +46,8 @@ from dagkube.kubernetes.backend import (
     stuck_pods,
 )
 from dagkube.kubernetes.pods import (
+    REDIS_CA_FILE,
+    WORKER_REDIS_CA_KEY,
     WORKER_REDIS_SECRET,
     WORKER_REDIS_SECRET_KEY,
     build_worker_redis_secret,
@@ -52,6 +55,7 @@ from dagkube.kubernetes.pods import (
 from dagkube.metrics.history import load_snapshot
 from dagkube.planning.model import Plan
 from dagkube.runtime import acl, launcher
+from dagkube.runtime.connection import with_ca_file
 from dagkube.runtime.keys import (
     NAMESPACES,
     PoolKeys,
@@ -73,7 +77,7 @@ from dagkube_operator.reasons import (
     bounded_status,
     reason_of,
 )
-from dagkube_operator.source import build_dag, load_stored_dag
+from dagkube_operator.source import BuildSettings, build_dag, load_stored_dag
 from dagkube_operator.spec import SpecError, WorkflowSpec, parse_spec
 from dagkube_operator.transient import StatusNotWritten, backoff_delay_s, is_transient
 
@@ -224,10 +228,15 @@ class Operator:
                     log.warning("Redis had lost worker user %s: applied it again", user)
             else:
                 _, url = await acl.ensure_worker_user(self.redis, self.config.redis_url, namespace)
+                ca_pem = None
+                if self.config.redis_ca_file:  # TLS: the Pods verify Redis with the CA
+                    with during(f"reading the Redis CA {self.config.redis_ca_file}"):
+                        ca_pem = Path(self.config.redis_ca_file).read_text()
+                    url = with_ca_file(url, REDIS_CA_FILE)
                 with during(f"creating Secret {WORKER_REDIS_SECRET} in namespace {namespace}"):
                     try:
                         await core.create_namespaced_secret(
-                            namespace, build_worker_redis_secret(namespace, url)
+                            namespace, build_worker_redis_secret(namespace, url, ca_pem)
                         )
                     except client.ApiException as exc:
                         if exc.status != 409:
@@ -255,10 +264,22 @@ class Operator:
         if not encoded:
             return False
         url = base64.b64decode(encoded).decode()
+        if self.worker_ca_secret and WORKER_REDIS_CA_KEY not in (found.data or {}):
+            log.warning(
+                "Secret %s in namespace %s has no %s (made before Redis had TLS): its Pods cannot "
+                "reach Redis; delete the Secret and the operator makes it again",
+                WORKER_REDIS_SECRET, namespace, WORKER_REDIS_CA_KEY,
+            )  # fmt: skip
         await acl.ensure_worker_user(
             self.redis, self.config.redis_url, namespace, [acl.url_password(url)]
         )
         return True
+
+    @property
+    def worker_ca_secret(self) -> tuple[str, str] | None:
+        """Where worker and build Pods find a TLS Redis' CA (their namespace's worker Secret,
+        see :meth:`worker_credentials`); None without TLS."""
+        return (WORKER_REDIS_SECRET, WORKER_REDIS_CA_KEY) if self.config.redis_ca_file else None
 
     # ------------------------------------------------------------------ Kubernetes
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
@@ -334,6 +355,7 @@ class Operator:
             pool=pool_for(namespace, uid),
             image=(spec.image if spec else None) or self.config.worker_image,
             redis_url_secret=redis_url_secret or (WORKER_REDIS_SECRET, WORKER_REDIS_SECRET_KEY),
+            redis_ca_secret=self.worker_ca_secret,
             max_workers=(spec.max_workers if spec else None) or self.config.max_workers,
             run_id=run_id,
             owner={"name": name, "uid": uid},
@@ -438,7 +460,7 @@ class Operator:
             logger.info("run %s was launched before a restart: following it", run_id)
         else:
             with during(f"loading the DAG from spec.source.{spec.source.kind}"):
-                dag = await self._load_dag(spec, name)
+                dag = await self._load_dag(spec, namespace=namespace, name=name, uid=uid)
             with during("planning"):
                 plan = await self._plan(dag, spec, namespace)
             with during(f"launching run {run_id}"):
@@ -464,12 +486,31 @@ class Operator:
         self.event(body, Reason.STARTED, f"run {run_id}: {status['message']}")
         return status, run_id
 
-    async def _load_dag(self, spec: WorkflowSpec, name: str) -> DagSpec:
+    async def _load_dag(
+        self, spec: WorkflowSpec, *, namespace: str, name: str, uid: str
+    ) -> DagSpec:
         if spec.source.kind == "ref":
             dag = await load_stored_dag(self.redis, spec.source)
         else:
-            async with self.builds:  # user code, CPU and memory: a few at a time
-                dag = await build_dag(spec.source, name=name, timeout_s=self.config.build_timeout_s)
+            with during(f"making the Redis credentials of namespace {namespace}"):
+                secret = await self.worker_credentials(namespace)
+            async with self.builds:  # build Pods: a few at a time
+                dag = await build_dag(
+                    self.api,
+                    self.redis,
+                    spec.source,
+                    namespace=namespace,
+                    name=name,
+                    uid=uid,
+                    image=spec.image or self.config.worker_image,
+                    redis_url_secret=secret,
+                    redis_ca_secret=self.worker_ca_secret,
+                    settings=BuildSettings(
+                        timeout_s=self.config.build_timeout_s,
+                        memory_mib=self.config.build_memory_mib,
+                        cpu=self.config.build_cpu,
+                    ),
+                )
         if spec.retries is not None:
             for task in dag.tasks.values():
                 task.retries = max(task.retries, spec.retries)

@@ -396,22 +396,29 @@ def mutate(spec: dict[str, Any], rng: random.Random, declared: list[tuple[str, .
     return spec
 
 
-async def test_seeded_mutations_are_refused_or_parse_without_crashing(
-    workflows: WorkflowApi,
-) -> None:
-    """2,000 damaged specs: each refused by the API server naming a field, or accepted and
-    then parsed by the operator into a spec or a SpecError (never another exception)."""
-    rng = random.Random(17)
+def seeded_mutants(seed: int = 17, count: int = MUTATIONS) -> list[Any]:
+    """``count`` damaged specs, the same for the same seed: a valid spec, damaged 1 to 3 times
+    (tests/cluster/test_mutations.py applies the same ones to a running operator)."""
+    rng = random.Random(seed)
     bases = valid_specs()
     declared = list(schema_paths(crd_spec_schema()))
     mutants = []
-    for _ in range(MUTATIONS):
+    for _ in range(count):
         mutant = rng.choice(bases)
         for _ in range(rng.choice([1, 1, 1, 2, 3])):
             if not isinstance(mutant, dict):
                 break
             mutant = mutate(mutant, rng, declared)
         mutants.append(mutant)
+    return mutants
+
+
+async def test_seeded_mutations_are_refused_or_parse_without_crashing(
+    workflows: WorkflowApi,
+) -> None:
+    """2,000 damaged specs: each refused by the API server naming a field, or accepted and
+    then parsed by the operator into a spec or a SpecError (never another exception)."""
+    mutants = seeded_mutants()
     gate = asyncio.Semaphore(CONCURRENT_REQUESTS)
 
     async def submit(mutant: Any) -> tuple[int, dict[str, Any]]:

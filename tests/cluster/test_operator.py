@@ -629,15 +629,14 @@ def test_the_operator_made_only_calls_its_role_grants(release: Release) -> None:
     assert used - granted == set(), f"calls the Role does not grant: {sorted(used - granted)}"
 
 
-# Inline sources that count their builds in the operator's Redis (a build child inherits the
-# operator's environment), so a test sees whether the operator ran one again.
+# Inline sources that count their builds in Redis (a build Pod has its namespace's worker
+# credential: the counter is a key of that namespace), so a test sees whether the operator
+# ran one again.
 COUNTED = """
 import os
 import redis
 
-redis.Redis.from_url(
-    os.environ["DAGKUBE_REDIS_URL"], password=os.environ.get("DAGKUBE_REDIS_PASSWORD") or None
-).incr("{counter}")
+redis.Redis.from_url(os.environ["DAGKUBE_REDIS_URL"]).lpush("{counter}", "built")
 {then}
 """
 
@@ -666,7 +665,8 @@ def test_unexpected_errors_end_the_workflow_failed_once(release: Release) -> Non
     the operator does not run the build again."""
     store = release.store
     store.hset("dk:dag:0123456789abcdef", "field", "value")  # a hash where a DAG would be
-    exits = COUNTED.format(counter="dk:test:builds", then="os._exit(0)")
+    counter = f"dk:ns:{release.namespace}:test:builds"
+    exits = COUNTED.format(counter=counter, then="os._exit(0)")
     release.apply(release.workflow("exits-in-build", {"inline": exits}))
     release.apply(release.workflow("ref-to-a-hash", {"ref": {"dag": "0123456789abcdef"}}))
     release.apply(release.workflow("state-lost", {"inline": sleepy("state-lost", 60.0, 1)}))
@@ -677,13 +677,16 @@ def test_unexpected_errors_end_the_workflow_failed_once(release: Release) -> Non
     exited = release.wait_phase("exits-in-build", timeout_s=60)
     assert exited["phase"] == "Failed", exited
     assert succeeded_condition(exited)["reason"] == "BuildFailed"
-    assert "exited with status 0 without writing its DAG" in exited["message"], exited
+    assert "exited with status 0 without writing its outcome" in exited["message"], exited
     assert ("Warning", "BuildFailed") in {(k, r) for k, r, _ in release.events("exits-in-build")}
 
     ref = release.wait_phase("ref-to-a-hash", timeout_s=60)
     assert ref["phase"] == "Failed", ref
     assert succeeded_condition(ref)["reason"] == "DagNotFound"
-    assert "Redis key 'dk:dag:0123456789abcdef' holds a hash, not a stored DAG" in ref["message"]
+    assert (
+        "Redis key 'dk:dag:0123456789abcdef': holds a hash, not a DAG description"
+        in (ref["message"])
+    )
     assert ("Warning", "DagNotFound") in {(k, r) for k, r, _ in release.events("ref-to-a-hash")}
 
     gone = release.wait_phase("state-lost", timeout_s=30)
@@ -695,7 +698,7 @@ def test_unexpected_errors_end_the_workflow_failed_once(release: Release) -> Non
 
     # kopf retried a failed daemon every 5 s, building again each time: wait past that.
     time.sleep(6)
-    assert int(store.get("dk:test:builds") or 0) == 1
+    assert store.llen(counter) == 1
     for name in ("exits-in-build", "ref-to-a-hash", "state-lost"):
         assert release.status(name)["phase"] == "Failed"
         warnings = [r for k, r, _ in release.events(name) if k == "Warning"]
@@ -721,23 +724,25 @@ def test_a_task_error_of_megabytes_is_truncated_and_the_pods_released(release: R
 def test_a_build_writing_600_mib_to_stderr_costs_the_operator_little_memory(
     release: Release,
 ) -> None:
+    """The build runs in a Pod: its log is the node's to keep, and the operator reads only its
+    last lines, bounded, for the message."""
     operator = release.operator_pod()
     assert operator is not None
     flood = (
-        "import sys\nchunk = b'e' * (1 << 20)\nfor _ in range(600):\n"
+        "import sys\nchunk = b'e' * 1023 + b'\\n'\nfor _ in range(600 * 1024):\n"
         "    sys.stderr.buffer.write(chunk)\nsys.stderr.buffer.write(b'the last words')\n"
         "sys.stderr.flush()\nos._exit(1)"
     )
+    counter = f"dk:ns:{release.namespace}:test:floods"
     release.apply(
-        release.workflow(
-            "stderr-flood", {"inline": COUNTED.format(counter="dk:test:floods", then=flood)}
-        )
+        release.workflow("stderr-flood", {"inline": COUNTED.format(counter=counter, then=flood)})
     )
-    status = release.wait_phase("stderr-flood", timeout_s=90)
+    status = release.wait_phase("stderr-flood", timeout_s=120)
     assert status["phase"] == "Failed", status
     assert succeeded_condition(status)["reason"] == "BuildFailed"
     assert "exit code 1" in status["message"] and "the last words" in status["message"]
     assert len(status["message"].encode()) <= 4096 and "(truncated, " in status["message"]
+    assert release.store.llen(counter) == 1
     after = release.operator_pod()
     assert after is not None and after["metadata"]["uid"] == operator["metadata"]["uid"]
     assert (
@@ -753,7 +758,9 @@ def test_a_build_writing_600_mib_to_stderr_costs_the_operator_little_memory(
     assert max(peaks) < 300, f"the operator's peak RSS is {max(peaks)} MiB"
 
 
-def test_a_build_leaving_a_process_on_its_stderr_ends_at_its_timeout(release: Release) -> None:
+def test_a_build_leaving_a_process_behind_ends_at_its_timeout(release: Release) -> None:
+    """A build that never returns and starts a process of its own: at the timeout its Pod is
+    deleted, and every process of it goes."""
     marker = f"dagkube-grandchild-{release.namespace}"
     source = (
         "import subprocess, sys, time\n"
@@ -778,7 +785,8 @@ def test_a_build_leaving_a_process_on_its_stderr_ends_at_its_timeout(release: Re
             if any(marker in part for part in p.info["cmdline"] or [])
         ]
 
-    wait_for(lambda: not left_behind(), 10, "the build's grandchild to be killed")
+    wait_for(lambda: not left_behind(), 15, "the build's grandchild to be killed")
+    wait_for(lambda: not release.build_pods(), 30, "the build Pod to be deleted")
 
 
 def test_worker_pods_get_a_redis_user_of_their_namespace_only(release: Release) -> None:
@@ -827,3 +835,132 @@ def test_worker_pods_get_a_redis_user_of_their_namespace_only(release: Release) 
     finally:
         worker.close()
     assert release.store.get("dk:ns:another-team:run:another-team.x:meta") == b"theirs"
+
+
+# Hostile inline sources (issue 17): each tries one thing at build time, in the build Pod, and
+# records what happened, with the host it ran on, under its namespace's keys (the only ones
+# its credential reaches); then it defines a workflow, so a Workflow that gets nothing it
+# tried still succeeds.
+PROBE = """
+import json, os, socket, sys
+import dagkube, redis
+from urllib.parse import urlsplit
+
+client = redis.Redis.from_url(os.environ["DAGKUBE_REDIS_URL"])
+
+
+def record(value):
+    found = {{"host": socket.gethostname(), "value": value}}
+    client.set("dk:ns:{namespace}:probe:{what}", json.dumps(found))
+
+
+{attempt}
+
+
+@dagkube.task
+def one() -> int:
+    return 1
+
+
+workflow = dagkube.Workflow(one(), name="{what}")
+"""
+
+ATTEMPTS = {
+    "token": """
+try:
+    with open("/var/run/secrets/kubernetes.io/serviceaccount/token") as handle:
+        record("read " + str(len(handle.read())) + " characters")
+except OSError as exc:
+    record(type(exc).__name__)
+""",
+    "password": """
+record({{
+    "password": os.environ.get("DAGKUBE_REDIS_PASSWORD"),
+    "user": urlsplit(os.environ["DAGKUBE_REDIS_URL"]).username,
+}})
+""",
+    "pod": """
+import ssl, urllib.error, urllib.request
+pod = {{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "pwned"}},
+       "spec": {{"containers": [{{"name": "x", "image": "busybox", "command": ["sleep", "60"]}}]}}}}
+address = os.environ["KUBERNETES_SERVICE_HOST"] + ":" + os.environ["KUBERNETES_SERVICE_PORT"]
+request = urllib.request.Request(
+    f"https://{{address}}/api/v1/namespaces/{namespace}/pods", data=json.dumps(pod).encode(),
+    method="POST", headers={{"Content-Type": "application/json"}},
+)
+try:
+    with urllib.request.urlopen(request, context=ssl._create_unverified_context(), timeout=10):
+        record("created")
+except urllib.error.HTTPError as exc:
+    record(exc.code)
+""",
+    "pickle": """
+import atexit
+
+
+class Payload:
+    # unpickled with the operator's environment, it would set dk:pwned
+    def __reduce__(self):
+        code = (
+            "import os, redis; redis.Redis.from_url(os.environ['DAGKUBE_REDIS_URL'], "
+            "password=os.environ.get('DAGKUBE_REDIS_PASSWORD') or None).set('dk:pwned', '1')"
+        )
+        return (exec, (code,))
+
+
+import pickle
+payload = pickle.dumps(Payload())
+key = sys.argv[sys.argv.index("--key") + 1]
+refused = []
+for target in ("dk:dag:0123456789abcdef0123456789abcdef", "dk:pwned-target"):
+    try:
+        client.set(target, payload)
+    except redis.exceptions.NoPermissionError:
+        refused.append(target)
+record({{"key": key, "refused": refused}})
+# once the build stored its DAG, put the payload where the operator reads the description
+atexit.register(lambda: client.set(key, payload))
+""",
+}
+
+
+def test_hostile_inline_sources_get_nothing_of_the_operators_power(release: Release) -> None:
+    """Issue 17's acceptance: an inline source that tries to read the ServiceAccount token,
+    the Redis password, to create a Pod or to plant a pickle ends Failed or succeeds without
+    any of it working, and none of it ran in the operator's process (the host it ran on is
+    the Workflow's build Pod)."""
+    store = release.store
+    store.delete("dk:pwned")
+    ns = release.namespace
+    for what, attempt in ATTEMPTS.items():
+        source = PROBE.format(namespace=ns, what=what, attempt=attempt.format(namespace=ns))
+        release.apply(release.workflow(f"hostile-{what}", {"inline": source}, retries=0))
+    ended = {what: release.wait_phase(f"hostile-{what}", timeout_s=120) for what in ATTEMPTS}
+    operator = release.operator_pod()
+    assert operator is not None
+    found = {}
+    for what, status in ended.items():
+        raw = store.get(f"dk:ns:{ns}:probe:{what}")
+        assert raw is not None, f"the {what} probe never ran: {status}"
+        found[what] = json.loads(raw)
+        workflow = release.kube.get("workflow", f"hostile-{what}", ns)
+        assert workflow is not None
+        build_pod = f"dk-{workflow['metadata']['uid'].replace('-', '')[:8]}-build"
+        assert found[what]["host"] == build_pod, (what, found[what], operator["metadata"]["name"])
+    assert found["token"]["value"] == "FileNotFoundError"
+    assert found["password"]["value"]["password"] is None
+    assert found["password"]["value"]["user"] == f"dagkube-worker-{ns}"
+    assert found["pod"]["value"] in (401, 403), found["pod"]
+    assert release.kube.get("pod", "pwned", ns) is None
+    assert sorted(found["pickle"]["value"]["refused"]) == [
+        "dk:dag:0123456789abcdef0123456789abcdef",
+        "dk:pwned-target",
+    ]
+    for what in ("token", "password", "pod"):
+        assert ended[what]["phase"] == "Succeeded", ended[what]
+    planted = ended["pickle"]
+    assert planted["phase"] == "Failed", planted
+    assert succeeded_condition(planted)["reason"] == "BuildFailed"
+    assert "not a dagkube DAG description" in planted["message"], planted["message"]
+    assert store.get("dk:pwned") is None
+    wait_for(lambda: not release.build_pods(), 30, "the build Pods to be deleted")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from dagkube.runtime.keys import (
 from dagkube.runtime.local_backend import LocalBackend
 from dagkube.runtime.scaler import Scaler, WorkerExit, WorkerHandle
 from tests.conftest import RedisServer
+from tests.k8s.test_chart import Tools, only, tools  # noqa: F401  (the fixture)
 from tests.tasks import add, total
 
 pytestmark = pytest.mark.integration
@@ -449,3 +451,70 @@ async def _can_ping(url: str) -> bool:
         return False
     await client.aclose()
     return True
+
+
+# ---------------------------------------------------------------- the chart's bundled Redis
+def test_the_charts_redis_gives_the_operator_a_user_of_its_own(tools: Tools, tmp_path):  # noqa: F811
+    """The chart's Redis as `helm template` renders it (its arguments, with Kubernetes'
+    $(VAR) filled from the Secret's passwords) on a real redis-server: the operator's user makes
+    worker users and launches runs under dk:, and is refused FLUSHALL, CONFIG and KEYS; the
+    default user keeps the admin password and every right."""
+    [container] = only(tools.template(), "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    passwords = {
+        "REDIS_PASSWORD": acl.new_password(),
+        "REDIS_OPERATOR_PASSWORD": f"{acl.new_password()} with 'quotes\" and spaces",
+    }
+    args = [re.sub(r"\$\((\w+)\)", lambda m: passwords[m[1]], arg) for arg in container["args"]]
+    args[args.index("--dir") + 1] = str(tmp_path)  # the volume's mount
+    server = RedisServer(tmp_path, password=passwords["REDIS_PASSWORD"], args=args)
+    operator_url = acl.user_url(server.url, acl.OPERATOR_USER, passwords["REDIS_OPERATOR_PASSWORD"])
+    admin = server.client()
+    admin.acl_log_reset()
+
+    async def as_the_operator() -> tuple[str, bool]:
+        operator = await connect(operator_url)
+        try:
+            _, worker_url = await acl.ensure_worker_user(operator, server.url, NS_A)
+            wf = fan_out_in(2, "chart-redis")
+            run_id = await launcher.launch(
+                operator,
+                wf.dag,
+                planning.plan(wf.dag, "wukong"),
+                namespaced(NS_A, "wf-chart"),
+                run_id=namespaced(NS_A, "chart"),
+            )
+        finally:
+            await operator.aclose()
+        return run_id, await _can_ping(worker_url)
+
+    try:
+        run_id, worker_can_ping = asyncio.run(as_the_operator())
+        assert worker_can_ping
+        assert admin.hget(RunKeys(run_id).meta, "status") is not None
+        assert refused_so_far(admin) == set()
+        client = redis.Redis.from_url(operator_url)
+        try:
+            assert client.hget(RunKeys(run_id).meta, "status") is not None
+            for command in (
+                ("FLUSHALL",),
+                ("CONFIG", "GET", "maxmemory"),
+                ("KEYS", "*"),
+                ("GET", "not-dagkube"),
+            ):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    client.execute_command(*command)
+        finally:
+            client.close()
+        # the default user: the admin password, every right; not the operator's password
+        assert admin.acl_whoami() == "default"
+        assert admin.config_get("maxmemory") == {"maxmemory": str(768 * 1024 * 1024)}
+        assert admin.set("not-dagkube", "1") and admin.exists(RunKeys(run_id).meta)
+        wrong = redis.Redis(port=server.port, password=passwords["REDIS_OPERATOR_PASSWORD"])
+        try:
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                wrong.ping()
+        finally:
+            wrong.close()
+    finally:
+        admin.close()
+        server.stop()

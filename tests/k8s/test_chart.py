@@ -24,9 +24,11 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from redis import connection as redis_connection
 
 import dagkube
-from dagkube.kubernetes.pods import worker_labels
+from dagkube.kubernetes.pods import REDIS_CA_FILE, build_build_pod, worker_labels
+from dagkube.runtime import acl
 from dagkube_operator.config import OperatorConfig
 
 pytestmark = pytest.mark.k8s
@@ -138,6 +140,18 @@ def load_yaml_all(path: Path) -> list[Any]:
 
 def _b64(text: str) -> str:
     return base64.b64decode(text).decode()
+
+
+def redis_options(args: list[str]) -> dict[str, list[str]]:
+    """redis-server's command-line options (``--name value...``): name -> its values."""
+    options: dict[str, list[str]] = {}
+    for arg in args:
+        if arg.startswith("--"):
+            name = arg
+            options[name] = []
+        else:
+            options[name].append(arg)
+    return options
 
 
 # ---------------------------------------------------------------- helm lint and render
@@ -297,12 +311,13 @@ def test_operator_permissions_are_least_privilege(rendered: dict[str, list[dict]
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 granted.setdefault(f"{group}/{resource}", set()).update(rule["verbs"])
-    # tests/k8s/test_operator.py checks these against the calls the operator really makes.
+    # tests/cluster/test_operator.py checks these against the calls the operator really makes.
     assert granted == {
         "dagkube.io/workflows": {"list", "watch", "patch", "delete"},
         "dagkube.io/workflows/status": {"patch"},
         "dagkube.io/workflows/finalizers": {"update"},
         "/pods": {"create", "get", "list", "delete"},
+        "/pods/log": {"get"},  # a failed build Pod's last words
         "/events": {"create"},
         "/secrets": {"create", "get"},
         "kopf.dev/kopfpeerings": {"list", "watch", "patch"},
@@ -402,9 +417,12 @@ def test_operator_reaches_the_bundled_redis(rendered: dict[str, list[dict]]) -> 
     env = _operator_env(docs)
     secret, service = only(docs, "Secret"), only(docs, "StatefulSet")["spec"]["serviceName"]
     name = secret["metadata"]["name"]
-    assert env["DAGKUBE_REDIS_URL"] == f"redis://{service}.{NAMESPACE}.svc:6379/0"
+    # as its own user, with its own password (the default user's is for people)
+    assert env["DAGKUBE_REDIS_URL"] == (
+        f"redis://{acl.OPERATOR_USER}@{service}.{NAMESPACE}.svc:6379/0"
+    )
     assert env["DAGKUBE_REDIS_PASSWORD"] == {
-        "secretKeyRef": {"name": name, "key": "redis-password"}
+        "secretKeyRef": {"name": name, "key": "redis-operator-password"}
     }
     assert (env["DAGKUBE_REDIS_URL_SECRET"], env["DAGKUBE_REDIS_URL_SECRET_KEY"]) == (
         name,
@@ -413,6 +431,8 @@ def test_operator_reaches_the_bundled_redis(rendered: dict[str, list[dict]]) -> 
     assert env["DAGKUBE_WORKER_IMAGE"] == "registry.example.org/dagkube/worker:0.1.0"
     password = _b64(secret["data"]["redis-password"])
     assert re.fullmatch(r"[A-Za-z0-9]{32}", password)
+    operator_password = _b64(secret["data"]["redis-operator-password"])
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", operator_password) and operator_password != password
     assert _b64(secret["data"]["redis-url"]) == (
         f"redis://:{password}@{service}.{NAMESPACE}.svc:6379/0"
     )
@@ -809,11 +829,120 @@ def test_redis_refuses_writes_past_maxmemory_rather_than_evict(
     them: the chart's Redis stops below its container limit with noeviction, and keeps an
     append-only file fsync'd every second."""
     statefulset = only(rendered["default"], "StatefulSet")
-    args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
-    settings = dict(zip(args[::2], args[1::2], strict=True))
-    assert settings["--maxmemory"] == "768mb"
-    assert settings["--maxmemory-policy"] == "noeviction"
-    assert settings["--appendonly"] == "yes" and settings["--appendfsync"] == "everysec"
+    settings = redis_options(statefulset["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert settings["--maxmemory"] == ["768mb"]
+    assert settings["--maxmemory-policy"] == ["noeviction"]
+    assert settings["--appendonly"] == ["yes"] and settings["--appendfsync"] == ["everysec"]
+
+
+# ---------------------------------------------------------------- Redis users (issue 17)
+def _secret_refs(container: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Env name -> the Secret key it reads."""
+    return {
+        item["name"]: item["valueFrom"]["secretKeyRef"]
+        for item in container["env"]
+        if "secretKeyRef" in item.get("valueFrom", {})
+    }
+
+
+def _redis_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    [container] = only(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_the_bundled_redis_starts_with_the_operator_user_of_acl_py(
+    rendered: dict[str, list[dict]],
+) -> None:
+    docs = rendered["default"]
+    container = _redis_container(docs)
+    name, state, password, *rules = redis_options(container["args"])["--user"]
+    assert (name, state, password) == (acl.OPERATOR_USER, "on", ">$(REDIS_OPERATOR_PASSWORD)")
+    assert rules == acl.operator_user().rules(), (
+        "the chart's operator rules drifted from dagkube/runtime/acl.py: run "
+        "python -m dagkube.runtime.acl > charts/dagkube/files/redis-operator-rules.txt"
+    )
+    secret = only(docs, "Secret")["metadata"]["name"]
+    refs = _secret_refs(container)
+    assert refs["REDIS_OPERATOR_PASSWORD"] == {"name": secret, "key": "redis-operator-password"}
+    assert (
+        refs["REDIS_PASSWORD"]
+        == refs["REDISCLI_AUTH"]
+        == {
+            "name": secret,
+            "key": "redis-password",
+        }
+    )
+    assert redis_options(container["args"])["--requirepass"] == ["$(REDIS_PASSWORD)"]
+
+
+@pytest.mark.parametrize("worker_users", [True, False])
+def test_the_operator_pod_gets_only_the_operator_credential(
+    tools: Tools, worker_users: bool
+) -> None:
+    """Its only Secret reference is its own user's password; without worker users it names
+    (never reads) the default user's URL that worker Pods get."""
+    docs = tools.template("--set", f"redis.workerUsers={str(worker_users).lower()}")
+    secret = only(docs, "Secret")
+    container = _operator_container(docs)
+    assert list(_secret_refs(container).values()) == [
+        {"name": secret["metadata"]["name"], "key": "redis-operator-password"}
+    ]
+    admin_password = _b64(secret["data"]["redis-password"])
+    values = [str(item.get("value", "")) for item in container["env"]]
+    assert not any(admin_password in value for value in values)
+    env = _operator_env(docs)
+    assert (env["DAGKUBE_REDIS_URL_SECRET"], env["DAGKUBE_REDIS_URL_SECRET_KEY"]) == (
+        secret["metadata"]["name"],
+        "redis-url",
+    )
+    literal = {name: value for name, value in env.items() if isinstance(value, str)}
+    config = OperatorConfig.from_env({**literal, "DAGKUBE_REDIS_PASSWORD": "s3cret/+"})
+    assert config.redis_url == (
+        f"redis://{acl.OPERATOR_USER}:s3cret%2F%2B@rel-dagkube-redis.{NAMESPACE}.svc:6379/0"
+    )
+    assert config.worker_users is worker_users
+
+
+def test_an_existing_secret_holds_the_bundled_redis_passwords(tools: Tools) -> None:
+    """redis.auth.existingSecret: the chart makes no Secret and renders no random value (the
+    same output every time), and every password comes from the named Secret and keys."""
+    settings = (
+        "--set", "redis.auth.existingSecret=my-redis",
+        "--set", "redis.auth.existingSecretPasswordKey=admin",
+        "--set", "redis.auth.existingSecretOperatorPasswordKey=operator",
+        "--set", "redis.auth.existingSecretUrlKey=admin-url",
+    )  # fmt: skip
+    docs = tools.template(*settings)
+    assert "Secret" not in {doc["kind"] for doc in docs}
+    assert tools.template(*settings) == docs
+    assert only(tools.template(), "Secret") != only(tools.template(), "Secret")  # random
+    assert _secret_refs(_redis_container(docs)) == {
+        "REDIS_PASSWORD": {"name": "my-redis", "key": "admin"},
+        "REDIS_OPERATOR_PASSWORD": {"name": "my-redis", "key": "operator"},
+        "REDISCLI_AUTH": {"name": "my-redis", "key": "admin"},
+    }
+    assert _secret_refs(_operator_container(docs)) == {
+        "DAGKUBE_REDIS_PASSWORD": {"name": "my-redis", "key": "operator"}
+    }
+    env = _operator_env(docs)
+    assert (env["DAGKUBE_REDIS_URL_SECRET"], env["DAGKUBE_REDIS_URL_SECRET_KEY"]) == (
+        "my-redis",
+        "admin-url",
+    )
+    assert env["DAGKUBE_REDIS_URL"].startswith(f"redis://{acl.OPERATOR_USER}@")
+
+
+def test_external_redis_with_an_operator_user(tools: Tools) -> None:
+    external = VALUE_SETS["clusterwide-external-redis-servicemonitor"]
+    env = _operator_env(tools.template(*external, "--set", "redis.external.username=dk-op"))
+    assert env["DAGKUBE_REDIS_URL"] == "redis://dk-op@redis.example.org:6379/0"
+    assert env["DAGKUBE_REDIS_PASSWORD"] == {
+        "secretKeyRef": {"name": "shared-redis", "key": "redis-password"}
+    }
+    result = tools.run(
+        "helm", "template", "rel", CHART, *external, "--set", "redis.external.username=a@b"
+    )
+    assert result.returncode != 0 and "/redis/external/username" in result.stderr
 
 
 # ---------------------------------------------------------------- hard limits (issue 17)
@@ -874,6 +1003,17 @@ def test_default_workers_above_the_ceiling_stop_the_install(tools: Tools) -> Non
     assert "operator.maxWorkersPerRun=300 is above operator.maxWorkersLimit=200" in result.stderr
 
 
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions with In) selects ``labels``."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
 def test_network_policies_let_only_dagkube_reach_redis_and_prometheus_the_metrics(
     rendered: dict[str, list[dict]], tools: Tools
 ) -> None:
@@ -887,9 +1027,16 @@ def test_network_policies_let_only_dagkube_reach_redis_and_prometheus_the_metric
     assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
     operator_pod = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     worker_pod = worker_labels(pool="ns.wf-1", run_id="ns.run-1", memory_mib=512)
-    peers = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
-    assert any(p.items() <= operator_pod.items() for p in peers)
-    assert any(p.items() <= worker_pod.items() for p in peers)
+    build_pod = build_build_pod(
+        name="dk-1-build", namespace="ns", image="i", key="k", request={},
+        redis_url_secret=("s", "u"),
+        memory_mib=512, cpu_millicores=500, ephemeral_storage_mib=256, deadline_s=60,
+    )["metadata"]["labels"]  # fmt: skip
+    peers = [peer["podSelector"] for peer in rule["from"]]
+    for labels in (operator_pod, worker_pod, build_pod):
+        assert any(selects(p, labels) for p in peers), labels
+    assert not any(selects(p, {"app.kubernetes.io/name": "dagkube"}) for p in peers)
+    assert not any(selects(p, {"app": "other", "dagkube.io/component": "worker"}) for p in peers)
     assert all("namespaceSelector" not in peer for peer in rule["from"])  # its namespace only
     metrics = policies["rel-dagkube-operator"]
     assert metrics["podSelector"]["matchLabels"].items() <= operator_pod.items()
@@ -912,3 +1059,137 @@ def test_network_policies_let_only_dagkube_reach_redis_and_prometheus_the_metric
     assert names == {"rel-dagkube-operator"}
     off = tools.template("--set", "networkPolicy.enabled=false")
     assert "NetworkPolicy" not in {d["kind"] for d in off}
+
+
+# ---------------------------------------------------------------- TLS for Redis (issue 17)
+TLS = ("--set", "redis.tls.enabled=true", "--set", "redis.tls.existingSecret=dagkube-redis-tls")
+
+
+@pytest.fixture(scope="module")
+def tls_docs(tools: Tools) -> list[dict[str, Any]]:
+    return tools.template(*TLS)
+
+
+def test_tls_renders_valid_manifests(tools: Tools, tls_docs: list[dict[str, Any]]) -> None:
+    result = tools.run("helm", "lint", CHART, "--strict", *TLS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for doc in tls_docs:
+        if (doc["apiVersion"], doc["kind"]) not in NO_BUILTIN_SCHEMA:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_tls_redis_listens_with_tls_only(
+    rendered: dict[str, list[dict]], tls_docs: list[dict[str, Any]]
+) -> None:
+    """The Secret's certificate, key and CA, mounted read-only; no plaintext port; clients
+    present no certificate; the readiness probe speaks TLS and checks the server with the CA."""
+    directory = REDIS_CA_FILE.rpartition("/")[0]
+    container = _redis_container(tls_docs)
+    options = redis_options(container["args"])
+    assert {name: options[name] for name in options if "port" in name or "tls" in name} == {
+        "--port": ["0"],
+        "--tls-port": ["6379"],
+        "--tls-cert-file": [f"{directory}/tls.crt"],
+        "--tls-key-file": [f"{directory}/tls.key"],
+        "--tls-ca-cert-file": [f"{directory}/ca.crt"],
+        "--tls-auth-clients": ["no"],
+    }
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    assert mounts["tls"] == {"name": "tls", "mountPath": directory, "readOnly": True}
+    pod = only(tls_docs, "StatefulSet")["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["tls"]["secret"] == {
+        "secretName": "dagkube-redis-tls",
+        "items": [
+            {"key": "tls.crt", "path": "tls.crt"},
+            {"key": "tls.key", "path": "tls.key"},
+            {"key": "ca.crt", "path": "ca.crt"},
+        ],
+    }
+    probe = container["readinessProbe"]["exec"]["command"]
+    assert probe[-1] == f"redis-cli --tls --cacert {directory}/ca.crt ping | grep -q PONG"
+    assert container["livenessProbe"] == _redis_container(rendered["default"])["livenessProbe"]
+    # without TLS: no TLS option, no certificate
+    plain = _redis_container(rendered["default"])
+    assert not [arg for arg in plain["args"] if "tls" in arg or arg == "--port"]
+    assert "tls" not in {mount["name"] for mount in plain["volumeMounts"]}
+
+
+def test_tls_clients_verify_redis_with_the_ca(tls_docs: list[dict[str, Any]]) -> None:
+    """The operator's URL is rediss:// with the CA it mounts (only the CA, not the server's
+    key), at the path worker and build Pods mount theirs; its config hands the CA on."""
+    service = only(tls_docs, "StatefulSet")["spec"]["serviceName"]
+    env = _operator_env(tls_docs)
+    assert env["DAGKUBE_REDIS_URL"] == (
+        f"rediss://{acl.OPERATOR_USER}@{service}.{NAMESPACE}.svc:6379/0"
+        f"?ssl_ca_certs={REDIS_CA_FILE}"
+    )
+    assert env["DAGKUBE_REDIS_CA_FILE"] == REDIS_CA_FILE
+    container = _operator_container(tls_docs)
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    assert mounts["redis-ca"] == {
+        "name": "redis-ca",
+        "mountPath": REDIS_CA_FILE.rpartition("/")[0],
+        "readOnly": True,
+    }
+    pod = only(tls_docs, "Deployment")["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["redis-ca"]["secret"] == {
+        "secretName": "dagkube-redis-tls",
+        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+    }
+    literal = {name: value for name, value in env.items() if isinstance(value, str)}
+    config = OperatorConfig.from_env({**literal, "DAGKUBE_REDIS_PASSWORD": "pw"})
+    assert config.redis_ca_file == REDIS_CA_FILE
+    assert config.redis_url.startswith(f"rediss://{acl.OPERATOR_USER}:pw@")
+    assert redis_connection.parse_url(config.redis_url)["ssl_ca_certs"] == REDIS_CA_FILE
+    # the default user's URL (administration) is rediss:// too
+    secret = only(tls_docs, "Secret")
+    assert _b64(secret["data"]["redis-url"]).startswith("rediss://:")
+
+
+def test_tls_secret_key_names_are_configurable(tools: Tools) -> None:
+    docs = tools.template(
+        *TLS,
+        "--set", "redis.tls.certKey=server.pem",
+        "--set", "redis.tls.privateKeyKey=server-key.pem",
+        "--set", "redis.tls.caKey=root.pem",
+    )  # fmt: skip
+    redis_volumes = only(docs, "StatefulSet")["spec"]["template"]["spec"]["volumes"]
+    [tls] = [volume for volume in redis_volumes if volume["name"] == "tls"]
+    assert tls["secret"]["items"] == [
+        {"key": "server.pem", "path": "tls.crt"},
+        {"key": "server-key.pem", "path": "tls.key"},
+        {"key": "root.pem", "path": "ca.crt"},
+    ]
+    operator_volumes = only(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    [ca] = [volume for volume in operator_volumes if volume["name"] == "redis-ca"]
+    assert ca["secret"]["items"] == [{"key": "root.pem", "path": "ca.crt"}]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            ["--set", "redis.tls.enabled=true"],
+            "redis.tls.enabled=true needs redis.tls.existingSecret: a Secret in the release "
+            "namespace with the server certificate (tls.crt), its key (tls.key) and the CA",
+        ),
+        (
+            [*TLS, "--set", "redis.workerUsers=false"],
+            "redis.tls.enabled=true needs redis.workerUsers=true: worker Pods get the Redis CA",
+        ),
+        (
+            [*TLS, *VALUE_SETS["clusterwide-external-redis-servicemonitor"]],
+            "redis.tls.enabled=true is for the bundled Redis: with redis.external.url, give a "
+            "rediss:// URL instead",
+        ),
+    ],
+    ids=["no-secret", "no-worker-users", "external"],
+)
+def test_tls_that_cannot_work_stops_the_render(
+    tools: Tools, settings: list[str], message: str
+) -> None:
+    result = tools.run("helm", "template", "rel", CHART, "-n", NAMESPACE, *settings)
+    assert result.returncode != 0
+    assert message in result.stderr

@@ -13,7 +13,7 @@ import pytest
 HEAVY = ["dagkube.planning", "dagkube.cli", "rich", "click", "redis", "kubernetes_asyncio"]
 
 
-@pytest.mark.parametrize("module", ["dagkube", "dagkube.loader", "dagkube_operator.build"])
+@pytest.mark.parametrize("module", ["dagkube", "dagkube.loader", "dagkube.kubernetes.build"])
 def test_building_a_dag_does_not_import_the_planners_or_the_cli(module):
     probe = (
         f"import sys, json, {module}; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"

@@ -8,7 +8,12 @@ from typing import Any
 import pytest
 
 from dagkube.kubernetes.pods import (
+    REDIS_CA_FILE,
+    WORKER_REDIS_CA_KEY,
+    WORKER_REDIS_SECRET,
+    build_build_pod,
     build_worker_pod,
+    build_worker_redis_secret,
     pool_selector,
     worker_pod_name,
     worker_pod_serial,
@@ -246,3 +251,47 @@ def test_serial_is_read_back_only_from_this_owners_names():
 def test_bad_name_parts_are_rejected(uid, memory_mib, serial):
     with pytest.raises(ValueError, match=r"uid|memory class"):
         worker_pod_name(uid, memory_mib, serial)
+
+
+# ---------------------------------------------------------------- a TLS Redis' CA (issue 17)
+def build_pod(**overrides: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "name": "dk-1a2b3c4d-build",
+        "namespace": "jobs",
+        "image": "ghcr.io/example/dagkube-worker:1.0",
+        "key": "dk:ns:jobs:build:x",
+        "request": {"module": "team.flows:build", "args": {}},
+        "redis_url_secret": (WORKER_REDIS_SECRET, "url"),
+        "memory_mib": 512,
+        "cpu_millicores": 500,
+        "ephemeral_storage_mib": 256,
+        "deadline_s": 130,
+    }
+    options.update(overrides)
+    return build_build_pod(**options)
+
+
+@pytest.mark.parametrize("builder", [pod, build_pod], ids=["worker", "build"])
+def test_a_tls_redis_ca_is_mounted_read_only_where_the_url_names_it(builder):
+    plain = builder()
+    assert [v["name"] for v in plain["spec"]["volumes"]] == ["tmp"]  # no TLS: no CA
+    manifest = builder(redis_ca_secret=(WORKER_REDIS_SECRET, WORKER_REDIS_CA_KEY))
+    volumes = {volume["name"]: volume for volume in manifest["spec"]["volumes"]}
+    directory, _, file_name = REDIS_CA_FILE.rpartition("/")
+    assert volumes["redis-ca"]["secret"] == {
+        "secretName": WORKER_REDIS_SECRET,
+        "items": [{"key": WORKER_REDIS_CA_KEY, "path": file_name}],
+    }
+    mounts = {mount["name"]: mount for mount in container(manifest)["volumeMounts"]}
+    assert mounts["redis-ca"] == {"name": "redis-ca", "mountPath": directory, "readOnly": True}
+    assert mounts["tmp"] == {"name": "tmp", "mountPath": "/tmp"}
+    assert volumes["tmp"] == plain["spec"]["volumes"][0]
+
+
+def test_the_worker_secret_carries_the_ca_only_with_tls():
+    url = "rediss://dagkube-worker-jobs:pw@redis.dk.svc:6379/0?ssl_ca_certs=" + REDIS_CA_FILE
+    plain = build_worker_redis_secret("jobs", "redis://dagkube-worker-jobs:pw@redis:6379/0")
+    assert set(plain["stringData"]) == {"url"}
+    tls = build_worker_redis_secret("jobs", url, "-----BEGIN CERTIFICATE-----\n")
+    assert tls["stringData"] == {"url": url, WORKER_REDIS_CA_KEY: "-----BEGIN CERTIFICATE-----\n"}
+    assert tls["metadata"]["name"] == WORKER_REDIS_SECRET

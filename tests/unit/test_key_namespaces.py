@@ -8,8 +8,11 @@ import fnmatch
 import re
 
 import pytest
+import redis.asyncio.connection
+import redis.connection
 
 from dagkube.kubernetes.pods import (
+    REDIS_CA_FILE,
     WORKER_REDIS_SECRET,
     WORKER_REDIS_SECRET_KEY,
     build_worker_pod,
@@ -18,6 +21,7 @@ from dagkube.kubernetes.pods import (
     worker_labels,
 )
 from dagkube.runtime import acl, scripts
+from dagkube.runtime.connection import with_ca_file
 from dagkube.runtime.keys import (
     HIST_ALL_RUNS,
     PoolKeys,
@@ -125,6 +129,26 @@ def test_user_url_replaces_the_credentials():
     url = acl.user_url("redis://:admin@redis.dagkube:6379/0", "dagkube-worker-a", "p/w@x")
     assert url == "redis://dagkube-worker-a:p%2Fw%40x@redis.dagkube:6379/0"
     assert acl.user_url("rediss://u:p@[::1]:6380", "w", "s") == "rediss://w:s@[::1]:6380"
+
+
+def test_a_tls_url_keeps_its_scheme_and_ca_for_the_worker_user():
+    """The worker Secret's URL is the operator's with another user: rediss:// and the CA the
+    worker Pods mount (``ssl_ca_certs``, which redis-py hands to its TLS connection)."""
+    operator_url = "rediss://dagkube-operator:pw@redis.dk.svc:6379/0?ssl_ca_certs=/op/ca.crt"
+    worker_url = with_ca_file(acl.user_url(operator_url, "dagkube-worker-a", "p/w"), REDIS_CA_FILE)
+    assert worker_url == (
+        f"rediss://dagkube-worker-a:p%2Fw@redis.dk.svc:6379/0?ssl_ca_certs={REDIS_CA_FILE}"
+    )
+    assert acl.user_url(operator_url, "w", "s").endswith("/0?ssl_ca_certs=/op/ca.crt")
+    for parse in (redis.connection.parse_url, redis.asyncio.connection.parse_url):
+        kwargs = parse(worker_url)
+        assert kwargs["ssl_ca_certs"] == REDIS_CA_FILE
+        assert kwargs["connection_class"].__name__ == "SSLConnection"
+        assert (kwargs["username"], kwargs["password"]) == ("dagkube-worker-a", "p/w")
+    other = "rediss://h:1/0?health_check_interval=3&ssl_ca_certs=/old"
+    assert with_ca_file(other, "/new") == "rediss://h:1/0?health_check_interval=3&ssl_ca_certs=/new"
+    with pytest.raises(ValueError, match="does not use TLS: a CA file needs a rediss:// URL"):
+        with_ca_file("redis://:secret@h:6379/0", REDIS_CA_FILE)
 
 
 def test_pod_labels_carry_the_local_part_of_namespaced_ids():

@@ -229,6 +229,12 @@ def test_config_from_env_reports_bad_values():
     assert config.redis_url == "redis://:p%40ss%20word@r:6379/0"
     assert config.allowed_classes == [512, 1024] and config.namespace == "jobs"
     assert with_password("redis://:x@r:1/0", "y") == "redis://:x@r:1/0"
+    # the chart's operator user: the password goes to the URL's user, not the default one
+    operator = OperatorConfig.from_env(
+        {"DAGKUBE_REDIS_URL": "redis://dagkube-operator@r:6379/0", "DAGKUBE_REDIS_PASSWORD": "p w"}
+    )
+    assert operator.redis_url == "redis://dagkube-operator:p%20w@r:6379/0"
+    assert with_password("redis://u:x@r:1/0", "y") == "redis://u:x@r:1/0"
     with pytest.raises(ConfigError, match="DAGKUBE_REDIS_URL is not set"):
         OperatorConfig.from_env({})
     with pytest.raises(ConfigError, match="DAGKUBE_IDLE_TIMEOUT='soon' is not a number"):
@@ -407,3 +413,15 @@ def test_a_ref_reads_only_the_key_the_sdk_writes():
     for key in ("dk:run:x:out", "dk:dag:fedcba9876543210", "dk:hist:all"):
         with pytest.raises(SpecError, match=r"is not where Workflow\.submit\(\) stores DAG"):
             parse_spec({"source": {"ref": {"dag": dag, "redisKey": key}}})
+
+
+def test_a_tls_redis_ca_needs_worker_users():
+    """The CA reaches worker Pods with their namespace's worker user (its Secret)."""
+    env = {"DAGKUBE_REDIS_URL": "rediss://dagkube-operator@r:6379/0?ssl_ca_certs=/tls/ca.crt"}
+    config = OperatorConfig.from_env({**env, "DAGKUBE_REDIS_CA_FILE": "/tls/ca.crt"})
+    assert config.redis_ca_file == "/tls/ca.crt"
+    assert OperatorConfig.from_env(env).redis_ca_file is None
+    with pytest.raises(ConfigError, match=r"DAGKUBE_REDIS_CA_FILE='/tls/ca\.crt' needs DAGKUBE_"):
+        OperatorConfig.from_env(
+            {**env, "DAGKUBE_REDIS_CA_FILE": "/tls/ca.crt", "DAGKUBE_WORKER_USERS": "false"}
+        )

@@ -59,30 +59,94 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- printf "%s-redis" (include "dagkube.fullname" .) -}}
 {{- end -}}
 
+{{/* "true" when the bundled Redis speaks TLS (redis.tls.enabled), else empty. Stops the
+     render when TLS cannot work: no redis.tls.existingSecret, an external Redis (give it a
+     rediss:// URL), or no worker users (worker Pods get the CA with their namespace's user). */}}
+{{- define "dagkube.redisTls" -}}
+{{- if .Values.redis.tls.enabled -}}
+{{- if include "dagkube.redisExternal" . -}}
+{{- fail "redis.tls.enabled=true is for the bundled Redis: with redis.external.url, give a rediss:// URL instead" -}}
+{{- end -}}
+{{- if not .Values.redis.tls.existingSecret -}}
+{{- fail "redis.tls.enabled=true needs redis.tls.existingSecret: a Secret in the release namespace with the server certificate (tls.crt), its key (tls.key) and the CA (ca.crt), e.g. a cert-manager Certificate's" -}}
+{{- end -}}
+{{- if not .Values.redis.workerUsers -}}
+{{- fail "redis.tls.enabled=true needs redis.workerUsers=true: worker Pods get the Redis CA in their namespace's dagkube-worker-redis Secret, which the operator makes with their Redis user" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Where the bundled Redis and the operator mount the TLS Secret; the operator's CA is at
+     <dir>/ca.crt, the path of dagkube.kubernetes.pods.REDIS_CA_FILE in worker Pods too. */}}
+{{- define "dagkube.redisTlsDir" -}}
+/etc/dagkube/redis-tls
+{{- end -}}
+
+{{/* The scheme of the bundled Redis' URLs: rediss with TLS. */}}
+{{- define "dagkube.redisScheme" -}}
+{{- ternary "rediss" "redis" (eq (include "dagkube.redisTls" .) "true") -}}
+{{- end -}}
+
 {{/* The Redis URL without its password: the external one, or the bundled Redis' Service. */}}
 {{- define "dagkube.redisUrl" -}}
 {{- if include "dagkube.redisExternal" . -}}
 {{- .Values.redis.external.url -}}
 {{- else -}}
-{{- printf "redis://%s.%s.svc:6379/0" (include "dagkube.redisName" .) .Release.Namespace -}}
+{{- printf "%s://%s.%s.svc:6379/0" (include "dagkube.redisScheme" .) (include "dagkube.redisName" .) .Release.Namespace -}}
 {{- end -}}
 {{- end -}}
 
-{{/* The Secret holding the Redis password and the full URL (password included). */}}
+{{/* The Secret holding the Redis passwords and the full URL (password included): the
+     external one's, redis.auth.existingSecret, or the one the chart makes. */}}
 {{- define "dagkube.redisSecretName" -}}
 {{- if include "dagkube.redisExternal" . -}}
 {{- required "redis.external.existingSecret is required when redis.external.url is set" .Values.redis.external.existingSecret -}}
 {{- else -}}
-{{- include "dagkube.redisName" . -}}
+{{- default (include "dagkube.redisName" .) .Values.redis.auth.existingSecret -}}
 {{- end -}}
 {{- end -}}
 
+{{/* The bundled Redis' default user's (admin) password: requirepass. */}}
 {{- define "dagkube.redisPasswordKey" -}}
-{{- if include "dagkube.redisExternal" . }}{{ .Values.redis.external.existingSecretPasswordKey }}{{ else }}redis-password{{ end -}}
+{{- if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretPasswordKey }}{{ else }}redis-password{{ end -}}
 {{- end -}}
 
+{{/* The password the operator logs in with: its own user's in the bundled Redis; in an
+     external one, the password of redis.external.username (or of the URL's default user). */}}
+{{- define "dagkube.redisOperatorPasswordKey" -}}
+{{- if include "dagkube.redisExternal" . }}{{ .Values.redis.external.existingSecretPasswordKey }}
+{{- else if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretOperatorPasswordKey }}
+{{- else }}redis-operator-password{{ end -}}
+{{- end -}}
+
+{{/* The full URL with the default user's password: worker Pods read it without worker users. */}}
 {{- define "dagkube.redisUrlKey" -}}
-{{- if include "dagkube.redisExternal" . }}{{ .Values.redis.external.existingSecretUrlKey }}{{ else }}redis-url{{ end -}}
+{{- if include "dagkube.redisExternal" . }}{{ .Values.redis.external.existingSecretUrlKey }}
+{{- else if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretUrlKey }}
+{{- else }}redis-url{{ end -}}
+{{- end -}}
+
+{{/* The Redis user of the operator in the bundled Redis (dagkube.runtime.acl.OPERATOR_USER). */}}
+{{- define "dagkube.redisOperatorUser" -}}
+dagkube-operator
+{{- end -}}
+
+{{/* The operator's Redis URL, without the password: its own user in the bundled Redis; in an
+     external one redis.external.username, when set. */}}
+{{- define "dagkube.redisOperatorUrl" -}}
+{{- if include "dagkube.redisExternal" . -}}
+{{- $url := .Values.redis.external.url -}}
+{{- with .Values.redis.external.username -}}
+{{- $url = regexReplaceAll "^(rediss?://)" $url (printf "${1}%s@" .) -}}
+{{- end -}}
+{{- $url -}}
+{{- else -}}
+{{- printf "%s://%s@%s.%s.svc:6379/0" (include "dagkube.redisScheme" .) (include "dagkube.redisOperatorUser" .) (include "dagkube.redisName" .) .Release.Namespace -}}
+{{- if include "dagkube.redisTls" . -}}
+{{- printf "?ssl_ca_certs=%s/ca.crt" (include "dagkube.redisTlsDir" .) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The operator's permissions, shared by the Role and the ClusterRole. */}}
@@ -104,6 +168,10 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 - apiGroups: [""]
   resources: [pods]
   verbs: [create, get, list, delete]
+# The tail of a failed build Pod's log, for the Workflow's message.
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]

@@ -34,6 +34,9 @@ RENEW_EVERY_S = 10.0
 STATUS_EVERY_S = 30.0
 
 
+TAIL_WINDOW_BYTES = 4 << 20  # a tailLines request reads at most this much of the log
+
+
 class Ipam:
     """Pod addresses from the cluster's Pod range (the bridge keeps the first), handed out in
     turn after the last one given, as the host-local IPAM plugin does: an address freed by a
@@ -410,9 +413,18 @@ class NodeRunner:
         if path is None:
             return web.Response(status=404, text=f"no logs of container {container}")
         lines = request.query.get("tailLines")
-        text = path.read_text(errors="replace")
+        with open(path, "rb") as handle:
+            if lines and lines.isdigit():
+                # The tail of a log of any size: its last few MiB hold the lines asked for
+                # (unless they are longer than that, which a kubelet would not cut).
+                handle.seek(max(0, path.stat().st_size - TAIL_WINDOW_BYTES))
+            data = handle.read()
+        text = data.decode(errors="replace")
         if lines and lines.isdigit():
             text = "".join(text.splitlines(keepends=True)[-int(lines) :])
+        limit = request.query.get("limitBytes")
+        if limit and limit.isdigit():  # the first bytes of what is left, as a kubelet does
+            text = text.encode()[: int(limit)].decode(errors="ignore")
         if request.query.get("follow") not in ("true", "1"):
             return web.Response(text=text)
         response = web.StreamResponse()
