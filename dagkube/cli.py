@@ -24,7 +24,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dagkube.errors import DagkubeError, InvalidOption, InvalidWorkflow, RedisUnavailable
+from dagkube.errors import (
+    DagkubeError,
+    InvalidOption,
+    InvalidWorkflow,
+    RedisUnavailable,
+    TaskFailed,
+)
 from dagkube.loader import WorkflowFileError, load_workflow_file
 from dagkube.planning import OPTIMIZATIONS, PLANNER_NAMES, check_optimizations, check_planner
 from dagkube.planning.sla import ACCEPTED_SLAS, parse_sla
@@ -1216,12 +1222,13 @@ def status(name: str, namespace: str, kube_api_url: str | None, watch: bool, as_
 
     Exit code 1 when the Workflow failed, 0 otherwise (also while it runs).
     """
-    from dagkube.kubernetes.submit import SubmittedWorkflow
+    from dagkube.kubernetes.submit import SubmitError, SubmittedWorkflow
 
     with _errors():
         handle = SubmittedWorkflow(name, namespace, kube_api_url=kube_api_url)
         if watch:
-            with contextlib.suppress(DagkubeError):
+            # A Workflow that failed ends the watch with its error: the status below shows it.
+            with contextlib.suppress(TaskFailed, SubmitError):
                 _follow(handle, None)
         current = handle.status()
         if as_json:

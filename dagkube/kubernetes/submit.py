@@ -10,6 +10,7 @@ and returns the outputs, read from Redis, or raises :class:`TaskFailed`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Callable, Coroutine
@@ -26,6 +27,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 STORED_DAG_TTL_S = 7 * 24 * 3600
 ENDED_PHASES = ("Succeeded", "Failed")
 T = TypeVar("T")
+log = logging.getLogger("dagkube.kubernetes")
 
 
 class SubmitError(DagkubeError):
@@ -256,6 +258,8 @@ class SubmittedWorkflow:
             reader.close()
 
     async def _failure(self, run_id: str) -> Exception | None:
+        from redis.exceptions import RedisError
+
         from dagkube.runtime import launcher
         from dagkube.runtime.connection import connect
 
@@ -263,7 +267,10 @@ class SubmittedWorkflow:
         redis = await connect(self.redis_url)
         try:
             record = await launcher.fetch_run_record(redis, run_id)
-        except Exception:
+        # Its record expired (ValueError: an empty one does not validate) or Redis refused the
+        # read: the SubmitError with the Workflow's status message says why the run failed.
+        except (RedisError, ValueError) as exc:
+            log.warning("cannot read the record of run %s (%s): reporting the status", run_id, exc)
             return None
         finally:
             await redis.aclose()

@@ -52,9 +52,11 @@ def sweep_stale_cgroups(hierarchy: cgroups.Hierarchy) -> int:
             continue
         if pid_alive(int(parts[1])):
             continue
-        with contextlib.suppress(cgroups.CgroupError, OSError):
+        try:
             hierarchy.create(f"{CGROUP_ROOT}/{folder.name}", cgroups.Limits()).remove()
             removed += 1
+        except (cgroups.CgroupError, OSError) as exc:  # e.g. still busy: the next sweep retries
+            log.debug("cannot remove stale cgroup %s: %s", folder, exc)
     return removed
 
 

@@ -72,7 +72,7 @@ def serialize(value: Any) -> bytes:
     """Fast path with pickle; cloudpickle for lambdas, local classes and the like."""
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
+    except Exception:  # not swallowed: what pickle refuses goes to cloudpickle, which raises too
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 

@@ -9,7 +9,6 @@ Settings come from the environment (see :mod:`dagkube_operator.config`); ``--hel
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
@@ -173,11 +172,12 @@ async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None) ->
         def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
             if config.kube_api_url:
                 return kopf.ConnectionInfo(server=config.kube_api_url, insecure=True)
-            with contextlib.suppress(Exception):
+            try:  # None outside a Pod (no token file): a kubeconfig then
                 info = kopf.login_with_service_account(**kwargs)
-                if info is not None:
-                    return info
-            return kopf.login_with_kubeconfig(**kwargs)
+            except OSError as exc:  # its token or namespace file unreadable
+                log.warning("cannot read the service account (%s): trying a kubeconfig", exc)
+                info = None
+            return info if info is not None else kopf.login_with_kubeconfig(**kwargs)
 
         log.info(
             "dagkube operator: watching %s, Redis %s, worker image %s, %s",

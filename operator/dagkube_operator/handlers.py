@@ -90,6 +90,8 @@ WORKER_DEADLINE_MARGIN_S = 120
 # again from its Secret when Redis lost it (a restart): workers re-authenticate when they
 # reconnect, so that must happen within their reconnection window.
 CREDENTIALS_CHECK_S = 5.0
+TTL_DELETE_ATTEMPTS = 10  # a finished Workflow's deletion, retried with backoff this often
+
 log = logging.getLogger("dagkube.operator")
 
 
@@ -332,9 +334,16 @@ class Operator:
         return f"Redis key {key}"
 
     async def delete_workflow(self, namespace: str, name: str) -> None:
+        """Delete the Workflow; one already gone counts as deleted. Any other refusal (a 403
+        until the operator's Role allows it, a 5xx) is raised: the caller retries it."""
         api = client.CustomObjectsApi(self.api)
-        with contextlib.suppress(client.ApiException):
+        try:
             await api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                self.metrics.api_errors.labels("delete_workflow").inc()
+                raise
+            log.debug("Workflow %s/%s was already deleted", namespace, name)
 
     def backend(
         self,
@@ -611,8 +620,14 @@ class Operator:
             self.metrics.live_pools.pop(pool_for(namespace, uid), None)
             scaler.stop()
             scaling.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await scaling
+            try:
+                with contextlib.suppress(asyncio.CancelledError):  # cancelled just above
+                    await scaling
+            # Scaler.run retries its own errors, so one here is a bug of the scaler: said, and
+            # not raised from this finally, where it would hide how the run ended.
+            except Exception as exc:
+                self.metrics.reconcile_errors.inc()
+                logger.error("run %s: the scaler failed: %s", run_id, exc, exc_info=exc)
         if ended is None:  # the daemon stops (operator shutdown, Workflow deleted)
             return status
         # The ended run's Pods go first: freeing them must not wait on a status write.
@@ -785,7 +800,32 @@ class Operator:
             return
         meta = body["metadata"]
         logger.info("ttlSecondsAfterFinished=%d passed: deleting the Workflow", ttl)
-        await self.delete_workflow(meta["namespace"], meta["name"])
+        # Retried here, not by supervise: that would repeat _fail's status, Event and counters;
+        # a bounded number of times (about 3 minutes), then said and left to the user.
+        attempt = 0
+        while not stopped:
+            try:
+                await self.delete_workflow(meta["namespace"], meta["name"])
+                return
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt >= TTL_DELETE_ATTEMPTS:
+                    logger.error(
+                        "cannot delete the Workflow after %d attempts (%s: %s): delete it "
+                        "yourself (kubectl delete workflow %s)",
+                        attempt, type(exc).__name__, exc, meta["name"],
+                    )  # fmt: skip
+                    return
+                delay = backoff_delay_s(attempt)
+                attempt += 1
+                logger.warning(
+                    "cannot delete the Workflow (%s: %s); retried in %gs",
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                await stopped.wait(delay)
 
     # ------------------------------------------------------------------ deletion
     async def cleanup(self, body: kopf.Body, logger: logging.Logger, retry: int = 0) -> None:

@@ -8,7 +8,6 @@ worker Pods), under that namespace's Redis credential.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -245,7 +244,7 @@ async def _ended_without_outcome(
     else:
         what = f"failed (exit code {code}{', ' + why if why else ''})"
     tail = ""
-    with contextlib.suppress(Exception):  # the log is a courtesy: its absence is no error
+    try:
         text = await core.read_namespaced_pod_log(
             pod_name,
             namespace,
@@ -254,6 +253,8 @@ async def _ended_without_outcome(
             limit_bytes=8 * LOG_TAIL_BYTES,
         )
         tail = str(text)[-LOG_TAIL_BYTES:].strip()
+    except Exception as exc:  # the log is a courtesy: its absence is no error
+        log.debug("no log of build Pod %s/%s: %s", namespace, pod_name, exc)
     return SpecError(
         bounded(
             f"building the workflow from spec.source.{source.kind} {what}"
