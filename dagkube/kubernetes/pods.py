@@ -158,6 +158,12 @@ def _mounts(
     return volumes, mounts
 
 
+def _guaranteed(cpu: str, memory: str, storage: str) -> dict[str, Any]:
+    """Requests equal to limits (the Guaranteed QoS class): what a Pod asks is what it gets."""
+    quantities = {"cpu": cpu, "memory": memory, "ephemeral-storage": storage}
+    return {"requests": dict(quantities), "limits": dict(quantities)}
+
+
 def _owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
     """The Workflow a Pod belongs to: garbage-collected with it."""
     return {
@@ -223,11 +229,7 @@ def build_worker_pod(
         )
     storage = format_memory(ephemeral_storage_mib)
     volumes, mounts = _mounts(storage, redis_ca_secret)
-    quantities = {
-        "cpu": f"{millicores}m",
-        "memory": f"{memory_mib}Mi",
-        "ephemeral-storage": storage,
-    }
+    resources = _guaranteed(f"{millicores}m", f"{memory_mib}Mi", storage)
     env: list[dict[str, Any]] = [
         {
             "name": "DAGKUBE_REDIS_URL",
@@ -280,7 +282,7 @@ def build_worker_pod(
                     f"{idle_timeout_s:g}",
                 ],
                 "env": env,
-                "resources": {"requests": dict(quantities), "limits": dict(quantities)},
+                "resources": resources,
                 "securityContext": _locked_down_container(),
                 "volumeMounts": mounts,
             }
@@ -364,11 +366,7 @@ def build_build_pod(
     secret_name, secret_key = redis_url_secret
     storage = format_memory(ephemeral_storage_mib)
     volumes, mounts = _mounts(storage, redis_ca_secret)
-    quantities = {
-        "cpu": f"{cpu_millicores}m",
-        "memory": f"{memory_mib}Mi",
-        "ephemeral-storage": storage,
-    }
+    resources = _guaranteed(f"{cpu_millicores}m", f"{memory_mib}Mi", storage)
     metadata: dict[str, Any] = {
         "name": name,
         "namespace": namespace,
@@ -400,7 +398,7 @@ def build_build_pod(
                     {"name": "HOME", "value": "/tmp"},
                     {"name": "PYTHONUNBUFFERED", "value": "1"},
                 ],
-                "resources": {"requests": dict(quantities), "limits": dict(quantities)},
+                "resources": resources,
                 "securityContext": _locked_down_container(),
                 "volumeMounts": mounts,
             }

@@ -39,6 +39,7 @@ LOG_TAIL_LINES = 40  # of a failed build's log, the last lines are read,
 LOG_TAIL_BYTES = 8 * 1024  # and the last this many bytes of them go into the message
 BUILD_DISK_MIB = 256  # the build Pod's /tmp and writable layers
 DEADLINE_MARGIN_S = 5  # the Pod's activeDeadlineSeconds: the operator's timeout, and this
+EXIT_GRACE_S = 10.0  # a build that wrote its outcome has this long to exit
 GONE_TIMEOUT_S = 30.0  # an earlier build Pod of the same Workflow must be gone by then
 # A Pod waiting for one of these will not start by itself: the build fails at once.
 HOPELESS_WAITING = frozenset(
@@ -163,6 +164,9 @@ async def _wait(
     while True:
         found = await redis.get(result_key(key))
         if found is not None:
+            # What the build stored is read once nothing of it runs any more (an atexit hook or
+            # a process it left could still write its keys).
+            await _until_stopped(core, pod_name, namespace)
             return bytes(found)
         now = time.monotonic()
         if now - began > timeout_s:
@@ -199,6 +203,25 @@ async def _wait(
                     ),
                     reason=Reason.BUILD_FAILED,
                 )
+        await asyncio.sleep(POLL_S)
+
+
+async def _until_stopped(core: Any, name: str, namespace: str) -> None:
+    """Wait until the build Pod's container has ended (it exits right after its outcome);
+    one still running after EXIT_GRACE_S is deleted and waited for as long again."""
+    deadline = time.monotonic() + EXIT_GRACE_S
+    deleted = False
+    while True:
+        pod = await _read_pod(core, name, namespace)
+        if pod is None or _container_state(pod)[0] in ("Succeeded", "Failed"):
+            return
+        if time.monotonic() > deadline:
+            if deleted:
+                log.warning("build Pod %s/%s is still running after its deletion", namespace, name)
+                return
+            log.info("build Pod %s/%s still runs after its outcome: deleting it", namespace, name)
+            await _delete(core, name, namespace)
+            deleted, deadline = True, time.monotonic() + EXIT_GRACE_S
         await asyncio.sleep(POLL_S)
 
 

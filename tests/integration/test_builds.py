@@ -23,7 +23,6 @@ import pytest
 
 import dagkube
 from dagkube.kubernetes.build import result_key
-from dagkube.runtime import acl
 from dagkube.runtime.connection import connect
 from dagkube_operator.reasons import Reason
 from dagkube_operator.source import _read, build_key
@@ -42,18 +41,7 @@ PWNED = "dk:pwned"  # what the payload sets when something unpickles it
 @pytest.fixture(scope="module")
 def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
     server = RedisServer(tmp_path_factory.mktemp("build-redis"))
-    setup = AclRedis(server)
-
-    async def create_users() -> None:
-        admin = await connect(server.url)
-        try:
-            for user in (acl.operator_user(), acl.worker_user(NS)):
-                setup.passwords[user.name] = acl.new_password()
-                await acl.apply_user(admin, user, [setup.passwords[user.name]])
-        finally:
-            await admin.aclose()
-
-    asyncio.run(create_users())
+    setup = AclRedis.with_users(server, NS)
     yield setup
     server.stop()
 

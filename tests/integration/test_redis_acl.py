@@ -87,22 +87,29 @@ class AclRedis:
     def admin(self) -> redis.Redis:
         return self.server.client()
 
+    @classmethod
+    def with_users(cls, server: RedisServer, *namespaces: str) -> AclRedis:
+        """The operator's user and a worker user per namespace, each with a new password, made
+        on ``server`` with its admin (default) user."""
+        setup = cls(server)
+
+        async def create_users() -> None:
+            admin = await connect(server.url)
+            try:
+                for user in (acl.operator_user(), *map(acl.worker_user, namespaces)):
+                    setup.passwords[user.name] = acl.new_password()
+                    await acl.apply_user(admin, user, [setup.passwords[user.name]])
+            finally:
+                await admin.aclose()
+
+        asyncio.run(create_users())
+        return setup
+
 
 @pytest.fixture(scope="module")
 def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
     server = RedisServer(tmp_path_factory.mktemp("acl-redis"))
-    setup = AclRedis(server)
-
-    async def create_users() -> None:
-        admin = await connect(server.url)
-        try:
-            for user in (acl.operator_user(), acl.worker_user(NS_A), acl.worker_user(NS_B)):
-                setup.passwords[user.name] = acl.new_password()
-                await acl.apply_user(admin, user, [setup.passwords[user.name]])
-        finally:
-            await admin.aclose()
-
-    asyncio.run(create_users())
+    setup = AclRedis.with_users(server, NS_A, NS_B)
     yield setup
     server.stop()
 

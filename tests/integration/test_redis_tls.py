@@ -224,18 +224,7 @@ def test_a_workflow_runs_over_tls_with_a_worker_user(tls_redis: TlsRedis, tmp_pa
     """As the operator does with TLS: its user (from the chart's rules) makes the namespace's
     worker user; the worker URL keeps rediss:// and names the CA; worker processes run a whole
     workflow with it (their asyncio client and their synchronous BulkReader)."""
-    setup = AclRedis(server=tls_redis)  # type: ignore[arg-type]  # only .url is used
-
-    async def make_users() -> None:
-        admin = await connect(tls_redis.url)
-        try:
-            for user in (acl.operator_user(), acl.worker_user(NS)):
-                setup.passwords[user.name] = acl.new_password()
-                await acl.apply_user(admin, user, [setup.passwords[user.name]])
-        finally:
-            await admin.aclose()
-
-    asyncio.run(make_users())
+    setup = AclRedis.with_users(tls_redis, NS)  # type: ignore[arg-type]  # only .url is used
     worker_url = setup.worker_url(NS)
     assert worker_url.startswith("rediss://dagkube-worker-team-tls:")
     assert worker_url.endswith(f"?ssl_ca_certs={tls_redis.certificates / 'ca.crt'}")
