@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         for planner in PLANNERS:
             times, result = [], None
             for _ in range(args.repeat):
-                options = PlanningOptions(CLASSES, history=history)
+                options = PlanningOptions.for_run(CLASSES, history=history)
                 started = time.perf_counter()
                 result = plan(wf.dag, planner, options)
                 times.append(time.perf_counter() - started)

@@ -473,13 +473,14 @@ def plan(
     with _errors():
         wf = load_workflow_file(file).workflow
         history = _with_redis(redis_url, lambda r: load_snapshot(r, wf.structure_hash))
-        options = planning.PlanningOptions(
-            classes_mib=classes or parse_classes(None),
+        # Planned for the local runtime without starting one: its worker cap, and CPU-limited
+        # where its workers would be; no warm pool (no workers are running).
+        options = planning.PlanningOptions.for_run(
+            classes or None,
             sla=sla,
             history=history,
             max_workers=max_workers or default_max_workers(),
             idle_timeout_s=idle_timeout,
-            # planned for the local runtime: CPU-limited where its workers would be
             cpu_enforced=enforce if enforce is not None else cgroups.detect() is not None,
             optimizations=optimizations,
         )
@@ -1223,6 +1224,7 @@ def status(name: str, namespace: str, kube_api_url: str | None, watch: bool, as_
     Exit code 1 when the Workflow failed, 0 otherwise (also while it runs).
     """
     from dagkube.kubernetes.submit import SubmitError, SubmittedWorkflow
+    from dagkube.kubernetes.workflow_cr import Phase
 
     with _errors():
         handle = SubmittedWorkflow(name, namespace, kube_api_url=kube_api_url)
@@ -1235,13 +1237,15 @@ def status(name: str, namespace: str, kube_api_url: str | None, watch: bool, as_
             out.print_json(json.dumps(current))
         else:
             _print_status(name, namespace, current)
-        if current.get("phase") == "Failed":
+        if current.get("phase") == Phase.FAILED:
             sys.exit(EXIT_FAILED)
 
 
 def _print_status(name: str, namespace: str, status: dict[str, Any]) -> None:
-    phase = status.get("phase") or "Pending"
-    style = {"Succeeded": "green", "Failed": "red"}.get(phase, "yellow")
+    from dagkube.kubernetes.workflow_cr import Phase
+
+    phase = status.get("phase") or Phase.PENDING
+    style = {Phase.SUCCEEDED: "green", Phase.FAILED: "red"}.get(phase, "yellow")
     tasks = status.get("tasks") or {}
     workers = status.get("workers") or {}
     resources = status.get("resources") or {}

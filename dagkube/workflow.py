@@ -62,15 +62,11 @@ class Workflow:
         With a ``runtime``, the planner learns from that runtime's run history and sees its
         warm workers; without one, it plans from documented defaults (no history).
         """
-        from dagkube.planning import PlanningOptions, check_optimizations, plan
+        from dagkube.planning import PlanningOptions, plan
 
         if runtime is not None:
             return runtime.plan(self.dag, planner, sla, classes, optimizations=optimizations)
-        options = PlanningOptions(
-            classes_mib=parse_classes(classes),
-            sla=sla,
-            optimizations=check_optimizations(optimizations),
-        )
+        options = PlanningOptions.for_run(classes, sla=sla, optimizations=optimizations)
         return plan(self.dag, planner, options)
 
     def run(

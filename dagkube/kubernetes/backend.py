@@ -38,7 +38,9 @@ from dagkube.runtime.scaler import WorkerExit, WorkerHandle
 
 log = logging.getLogger("dagkube.kubernetes")
 
-ENDED_PHASES = ("Succeeded", "Failed")
+# A Pod's phases (not a Workflow's: those are dagkube.kubernetes.workflow_cr.Phase) after
+# which its containers do not run again.
+ENDED_POD_PHASES = ("Succeeded", "Failed")
 # Why a Pod can stay Pending for good, as the kubelet reports it in a container's waiting state.
 STUCK_WAITING = frozenset(
     {
@@ -249,7 +251,7 @@ class KubernetesBackend:
         for name, handle in list(self._workers.items()):
             pod = pods.get(name)
             phase = (pod.get("status") or {}).get("phase") if pod else None
-            if pod is not None and phase not in ENDED_PHASES:
+            if pod is not None and phase not in ENDED_POD_PHASES:
                 continue
             code = pod_exit_code(pod) if pod else None
             del self._workers[name]

@@ -14,6 +14,7 @@ import math
 import re
 from typing import Any
 
+from dagkube.kubernetes.workflow_cr import API_VERSION, KIND
 from dagkube.resources import (
     DEFAULT_MAX_CPU,
     DEFAULT_MEMORY_PER_CPU_MIB,
@@ -167,8 +168,8 @@ def _guaranteed(cpu: str, memory: str, storage: str) -> dict[str, Any]:
 def _owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
     """The Workflow a Pod belongs to: garbage-collected with it."""
     return {
-        "apiVersion": "dagkube.io/v1alpha1",
-        "kind": "Workflow",
+        "apiVersion": API_VERSION,
+        "kind": KIND,
         "name": owner["name"],
         "uid": owner["uid"],
         "controller": True,

@@ -19,13 +19,19 @@ from typing import Any, TypeVar
 from dagkube import description
 from dagkube.dag import DagSpec
 from dagkube.errors import DagkubeError, RunTimeout
+from dagkube.kubernetes.workflow_cr import (
+    API_VERSION,
+    ENDED_PHASES,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    Phase,
+)
 from dagkube.resources import format_memory
 from dagkube.runtime.keys import stored_dag
 
-GROUP, VERSION, PLURAL, KIND = "dagkube.io", "v1alpha1", "workflows", "Workflow"
-API_VERSION = f"{GROUP}/{VERSION}"
 STORED_DAG_TTL_S = 7 * 24 * 3600
-ENDED_PHASES = ("Succeeded", "Failed")
 T = TypeVar("T")
 log = logging.getLogger("dagkube.kubernetes")
 
@@ -174,7 +180,7 @@ class SubmittedWorkflow:
         task, :class:`SubmitError` for a Workflow that could not run, :class:`RunTimeout`."""
         require_client()
         status = _run(self._follow(timeout_s, on_status))
-        if status.get("phase") == "Succeeded":
+        if status.get("phase") == Phase.SUCCEEDED:
             if self.dag is None or not self.redis_url:
                 return status
             return _run(self._outputs(status["runId"]))

@@ -60,7 +60,7 @@ def plan(dag: DagSpec, planner: str = "wukong", options: PlanningOptions | None 
     :data:`OPT_VARIANTS` switched on, besides any in ``options.optimizations``."""
     label = check_planner(planner)
     planner, implied = split_planner(label)
-    options = options or PlanningOptions(classes_mib=parse_classes(None))
+    options = options or PlanningOptions.for_run()
     options.optimizations = check_optimizations([*options.optimizations, *implied])
     options.label = label
     options.sla = parse_sla(options.sla)

@@ -24,7 +24,7 @@ from dagkube.metrics.records import RunRecord
 from dagkube.planning import PlanningOptions
 from dagkube.planning.model import Plan
 from dagkube.planning.planners import DEFAULT_CLUSTER_SIZE
-from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_classes
+from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB
 from dagkube.runtime import launcher, scripts
 from dagkube.runtime.connection import BulkReader, ServerReplaced, ServerWatch, redact
 from dagkube.runtime.embedded import EmbeddedRedis, dagkube_home, make_private_dir
@@ -372,8 +372,8 @@ class LocalRuntime:
     ) -> Plan:
         """Plan with this runtime's history, its warm workers, worker cap and timeouts."""
         self.start()
-        options = PlanningOptions(
-            classes_mib=parse_classes(classes),
+        options = PlanningOptions.for_run(
+            classes,
             sla=sla,
             history=self.call(
                 load_snapshot(self.redis, dag.structure_hash, cache=self._history_cache)
@@ -386,7 +386,7 @@ class LocalRuntime:
             startup_delay_s=self.startup_delay_s,
             cluster_size=cluster_size,
             cpu_enforced=self.enforced,  # with cgroups, a class's CPU share is all it gets
-            optimizations=planning.check_optimizations(optimizations),
+            optimizations=optimizations,
         )
         return planning.plan(dag, planner, options)
 

@@ -52,6 +52,7 @@ from dagkube.kubernetes.pods import (
     WORKER_REDIS_SECRET_KEY,
     build_worker_redis_secret,
 )
+from dagkube.kubernetes.workflow_cr import ENDED_PHASES, GROUP, PLURAL, VERSION, Phase
 from dagkube.metrics.history import load_snapshot
 from dagkube.planning.model import Plan
 from dagkube.runtime import acl, launcher
@@ -81,7 +82,6 @@ from dagkube_operator.source import BuildSettings, build_dag, load_stored_dag
 from dagkube_operator.spec import SpecError, WorkflowSpec, parse_spec
 from dagkube_operator.transient import StatusNotWritten, backoff_delay_s, is_transient
 
-GROUP, VERSION, PLURAL = "dagkube.io", "v1alpha1", "workflows"
 # Worker Pods outlive their run's deadline by this much at most: the operator cancels the run
 # at the deadline and deletes its Pods after a grace; the kubelet's activeDeadlineSeconds only
 # stops the ones it could not (an operator that is down, a Pod it failed to delete).
@@ -421,9 +421,9 @@ class Operator:
     ) -> None:
         uid = body["metadata"]["uid"]
         status = dict(body.get("status") or {})
-        phase = status.get("phase") or st.PENDING
+        phase = status.get("phase") or Phase.PENDING
         self.metrics.set_phase(uid, phase)
-        if phase not in st.ENDED:
+        if phase not in ENDED_PHASES:
             spec = parse_spec(
                 body.get("spec"),
                 allowed_classes=self.config.allowed_classes,
@@ -437,7 +437,7 @@ class Operator:
             if not run_id:
                 status, run_id = await self._start(body, spec, status, logger)
             status = await self._follow(body, spec, run_id, status, stopped, logger)
-        if status.get("phase") in st.ENDED:
+        if status.get("phase") in ENDED_PHASES:
             await self._expire(body, status, stopped, logger)
 
     async def _start(
@@ -457,7 +457,7 @@ class Operator:
         status = {**status, **st.planning_status(status.get("conditions"), now)}
         with during("writing the Planning status"):
             await self.patch_status(namespace, name, status)
-        self.metrics.set_phase(uid, st.PLANNING)
+        self.metrics.set_phase(uid, Phase.PLANNING)
         existing = await self.redis.get(RunKeys(run_id).plan) or await self.redis.get(
             hist_run(run_id, "plan")
         )
@@ -491,7 +491,7 @@ class Operator:
         }
         with during("writing the Running status"):
             await self.patch_status(namespace, name, status)
-        self.metrics.set_phase(uid, st.RUNNING)
+        self.metrics.set_phase(uid, Phase.RUNNING)
         self.event(body, Reason.STARTED, f"run {run_id}: {status['message']}")
         return status, run_id
 
@@ -528,8 +528,8 @@ class Operator:
     async def _plan(self, dag: DagSpec, spec: WorkflowSpec, namespace: str) -> Plan:
         # The history of the Workflow's namespace: its runs' workers write it there.
         history = await load_snapshot(self.redis, dag.structure_hash, namespace=namespace)
-        options = planning.PlanningOptions(
-            classes_mib=spec.classes_mib,
+        options = planning.PlanningOptions.for_run(
+            spec.classes_mib,
             sla=spec.sla,
             history=history,
             memory_per_cpu_mib=spec.memory_per_cpu_mib,
@@ -537,8 +537,10 @@ class Operator:
             max_workers=spec.max_workers or self.config.max_workers,
             idle_timeout_s=self.config.idle_timeout_s,
             startup_delay_s=self.config.startup_delay_s,
+            # Unlike local workers, a worker Pod's CPU limit is enforced: say so even though it
+            # is the default, since the local runtime and `dagkube plan` decide it per machine.
             cpu_enforced=True,
-            optimizations=list(spec.optimizations),
+            optimizations=spec.optimizations,
         )
         try:  # a large DAG plans for seconds: off the event loop, which serves every Workflow
             return await asyncio.to_thread(planning.plan, dag, spec.planner, options)
@@ -646,7 +648,7 @@ class Operator:
         status = {**status, **final}
         self.metrics.set_phase(uid, final["phase"])
         self.metrics.finished.labels(final["phase"]).inc()
-        succeeded = final["phase"] == st.SUCCEEDED
+        succeeded = final["phase"] == Phase.SUCCEEDED
         self.event(
             body,
             Reason.SUCCEEDED if succeeded else Reason.FAILED,
@@ -774,8 +776,8 @@ class Operator:
         await self._release_pool(backend, keep_failed=True)
         failed = st.failed_status(error.reason, message, status.get("conditions"), time.time())
         await self.patch_status(namespace, name, failed)
-        self.metrics.set_phase(uid, st.FAILED)
-        self.metrics.finished.labels(st.FAILED).inc()
+        self.metrics.set_phase(uid, Phase.FAILED)
+        self.metrics.finished.labels(Phase.FAILED).inc()
         self.metrics.errors.labels(error.reason.value).inc()
         self.event(body, error.reason, message, warning=True, full_text_in=full_text_in)
         logger.warning("failed (%s): %s", error.reason.value, message)

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-PHASES = ("Pending", "Planning", "Running", "Succeeded", "Failed")
+from dagkube.kubernetes.workflow_cr import Phase
 
 
 class _PhaseCollector:
@@ -30,7 +30,7 @@ class _PhaseCollector:
             "Workflows the operator watches, by phase",
             labels=["phase"],
         )
-        for phase in PHASES:
+        for phase in Phase:
             family.add_metric([phase], counts.get(phase, 0))
         yield family
 

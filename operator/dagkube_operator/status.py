@@ -10,17 +10,9 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from dagkube.kubernetes.workflow_cr import Phase
 from dagkube.metrics.records import RunRecord
 from dagkube.planning.model import Plan
-
-PENDING, PLANNING, RUNNING, SUCCEEDED, FAILED = (
-    "Pending",
-    "Planning",
-    "Running",
-    "Succeeded",
-    "Failed",
-)
-ENDED = (SUCCEEDED, FAILED)
 
 
 def timestamp(epoch_s: float) -> str:
@@ -68,7 +60,7 @@ def with_condition(
 
 def planning_status(conditions: list[dict[str, Any]] | None, now: float) -> dict[str, Any]:
     return {
-        "phase": PLANNING,
+        "phase": Phase.PLANNING,
         "conditions": with_condition(
             conditions, "Planned", False, "Planning", "loading history and planning", now
         ),
@@ -93,7 +85,7 @@ def launched_status(
     conditions = with_condition(conditions, "Planned", True, "Planned", message, started_at)
     conditions = with_condition(conditions, "Running", True, "Launched", "run started", started_at)
     status: dict[str, Any] = {
-        "phase": RUNNING,
+        "phase": Phase.RUNNING,
         "runId": run_id,
         "planner": plan.planner,
         "sla": plan.sla,
@@ -152,7 +144,7 @@ def final_status(
     (``reason`` overrides the failure's reason, e.g. a worker Pod that never started)."""
     succeeded = record.status == "succeeded"
     status = progress_status(record)
-    status["phase"] = SUCCEEDED if succeeded else FAILED
+    status["phase"] = Phase.SUCCEEDED if succeeded else Phase.FAILED
     status["completionTime"] = timestamp(record.finished_at or now)
     status["resources"] = {
         "gbSeconds": round(record.gb_s, 3),
@@ -201,7 +193,7 @@ def failed_status(
     """A Workflow that cannot run (bad spec, source that does not build, plan rejected)."""
     conditions = with_condition(conditions, "Succeeded", False, reason, message, now)
     return {
-        "phase": FAILED,
+        "phase": Phase.FAILED,
         "message": message,
         "completionTime": timestamp(now),
         "conditions": conditions,
