@@ -4,7 +4,7 @@
 
 Cases: ``file`` (a workflow file, deleted before the run: the worker cannot read it), ``module``
 (a function of an importable module), ``inline`` (a Workflow's ``spec.source.inline``, built by
-the operator's build child in a folder that is gone before the run), ``exec`` (source run by
+a build Pod's command in a folder that is gone before the run), ``exec`` (source run by
 ``exec`` with no file behind it), ``cell`` (a notebook cell: ``exec`` of source that IPython has
 put into linecache). A separate process, so the suite can run it under another cloudpickle.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import linecache
+import os
 import shutil
 import subprocess
 import sys
@@ -20,8 +21,10 @@ import tempfile
 from pathlib import Path
 
 import cloudpickle
+import redis
 
 import dagkube
+from dagkube import description
 from dagkube.dag import DagSpec
 from dagkube.runtime.launcher import task_failed_from
 
@@ -46,7 +49,7 @@ workflow = dagkube.Workflow(clean(3), name="probe-{case}")
 """
 
 
-def build(case: str, scratch: Path) -> DagSpec:
+def build(case: str, scratch: Path, redis_url: str) -> DagSpec:
     source = FAILING_SOURCE.replace("{case}", case)
     if case == "file":
         from dagkube.loader import load_workflow_file
@@ -61,14 +64,21 @@ def build(case: str, scratch: Path) -> DagSpec:
         from tests.integration.test_runtime import add, boom
 
         return dagkube.Workflow(boom(add(1, 2)), name="probe-module").dag
-    if case == "inline":
-        request = scratch / "request.json"
-        out = scratch / "dag.pickle"
-        request.write_text(json.dumps({"inline": source, "name": "probe-inline"}))
-        subprocess.run(
-            [sys.executable, "-m", "dagkube_operator.build", str(request), str(out)], check=True
-        )
-        return DagSpec.from_bytes(out.read_bytes())
+    if case == "inline":  # as a build Pod builds it, and as the operator reads it back
+        key = f"dk:probe:build:{scratch.name}"
+        request = json.dumps({"inline": source, "name": "probe-inline"})
+        env = {**os.environ, "DAGKUBE_REDIS_URL": redis_url, "DAGKUBE_BUILD_REQUEST": request}
+        command = [sys.executable, "-m", "dagkube.kubernetes.build", "--key", key, "--ttl", "600"]
+        subprocess.run(command, check=True, env=env)
+        client = redis.Redis.from_url(redis_url)
+        try:
+            found = [
+                {name.decode(): blob for name, blob in client.hgetall(hash_key).items()}
+                for hash_key in (description.blobs_key(key), description.constants_key(key))
+            ]
+            return description.parse(client.get(key) or b"", *found, where=key)
+        finally:
+            client.close()
     if case in ("exec", "cell"):
         filename = "<notebook-cell>" if case == "exec" else "<ipython-input-7-0123456789ab>"
         if case == "cell":  # what IPython does with every cell it runs
@@ -87,7 +97,7 @@ def main() -> None:
         for case in cases:
             scratch = Path(tempfile.mkdtemp(prefix="dagkube-probe-"))
             try:
-                dag = build(case, scratch)
+                dag = build(case, scratch, redis_url)
             finally:
                 shutil.rmtree(scratch)
             result = runtime.run(dag, runtime.plan(dag))
