@@ -138,8 +138,11 @@ def test_taskdup_reruns_a_stalled_upstream_and_keeps_the_result(make_runtime, tm
     marker = tmp_path / "stalled"
 
     def build(path: Path) -> dagkube.Workflow:
+        # The consumer's own upstream takes 1 s: by the time it looks for slow_once (and
+        # duplicates it), the original has started and stalls, even when its worker is slow to
+        # start (under load, a duplicate fired earlier once ran first and stalled instead).
         return dagkube.Workflow(
-            combine_pair(long_step(0.3), slow_once(str(path), 4.0)), name="opt-straggler"
+            combine_pair(long_step(1.0), slow_once(str(path), 4.0)), name="opt-straggler"
         )
 
     wf = build(marker)
