@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", required=True, help="Redis key of the description")
     parser.add_argument("--ttl", type=int, default=RESULT_TTL_S, help="seconds the keys live")
     options = parser.parse_args(argv)
+    missing = [name for name in ("DAGKUBE_REDIS_URL", REQUEST_ENV) if not os.environ.get(name)]
+    if missing:
+        parser.error(f"{' and '.join(missing)} not set (the operator's build Pod sets both)")
     import redis
 
     from dagkube import description

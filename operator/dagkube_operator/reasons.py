@@ -1,9 +1,8 @@
 """Why a Workflow failed, said within bounds: the fixed set of reasons the operator posts (as
 Event and condition reasons) and the limit on the messages that go with them.
 
-User text (a build's stderr, a task's error) only ever reaches a message, cut to a few KiB;
-a reason is always one of :class:`Reason`, whatever the text says. Light on imports: the
-build child uses it too.
+User text (a build Pod's log or outcome, a task's error) only ever reaches a message, cut to a
+few KiB; a reason is always one of :class:`Reason`, whatever the text says.
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ class Reason(enum.StrEnum):
     CREATE_CONTAINER_ERROR = "CreateContainerError"
 
 
-# What the build child may report (anything else it says is a BuildFailed).
+# What a build may report as its outcome (anything else it says is a BuildFailed).
 BUILD_REASONS = frozenset(
     {
         Reason.MODULE_NOT_FOUND,

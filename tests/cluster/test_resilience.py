@@ -150,7 +150,7 @@ def test_a_killed_acting_replica_is_replaced_within_its_peering_lifetime(
 
 class Sampler:
     """Peak resident memory of a Pod's processes, sampled in a thread: the main process (the
-    one that is there all along) and all of them (with the build children)."""
+    one that is there all along) and all of them (any child it starts; builds run in Pods)."""
 
     def __init__(self, pod: dict[str, Any]) -> None:
         self.pod = pod
@@ -230,7 +230,7 @@ def test_fifty_concurrent_workflows_all_succeed(release: Release) -> None:
     first_task.sort()
     print(
         f"\n50 Workflows: all done in {done - applied:.1f}s; operator peak RSS "
-        f"{sampler.main_peak / 2**20:.0f} MiB (with build children "
+        f"{sampler.main_peak / 2**20:.0f} MiB (all its processes "
         f"{sampler.total_peak / 2**20:.0f} MiB); API requests {requests} "
         f"({requests / (done - applied):.1f}/s); apply -> first task: min "
         f"{first_task[0]:.1f}s, median {first_task[len(first_task) // 2]:.1f}s, p90 "
