@@ -39,7 +39,7 @@ from dagkube.metrics.exporter import (
 )
 from dagkube.runtime.embedded import _free_port
 from tests import history_records
-from tests.conftest import ROOT, run_cli, wait_until
+from tests.conftest import ROOT, run_cli, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -131,12 +131,7 @@ class Prometheus:
         return answer["data"]["result"]
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout_s=20)
 
 
 @dagkube.task

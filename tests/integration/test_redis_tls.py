@@ -31,7 +31,7 @@ from dagkube.errors import RedisUnavailable
 from dagkube.runtime import acl
 from dagkube.runtime.connection import BulkReader, connect, sync_client, with_ca_file
 from dagkube.runtime.embedded import _free_port
-from tests.conftest import wait_until
+from tests.conftest import stop_process, wait_until
 from tests.integration.test_redis_acl import AclRedis, fan_out_in, run_in_namespace
 from tests.k8s.test_chart import TLS, Tools, only, tools  # noqa: F401  (the fixture)
 
@@ -120,12 +120,7 @@ class TlsRedis:
         )
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 def _answers(url: str) -> bool:

@@ -147,14 +147,20 @@ class Stopped:
         self.waits.append(delay_s)
 
 
-async def test_the_ttl_deletion_is_retried_while_it_is_refused(monkeypatch, caplog):
-    api = FakeCustomObjects(403, refusals=2)
+async def expire(monkeypatch, caplog, api: FakeCustomObjects) -> Stopped:
+    """The TTL step of a Workflow "wf" whose TTL has passed, against ``api``; its waits."""
     operator = operator_with(monkeypatch, api)
     body = {"metadata": {"namespace": "ns", "name": "wf"}, "spec": {"ttlSecondsAfterFinished": 0}}
     stopped = Stopped()
     logger = logging.getLogger("test.ttl")
     with caplog.at_level(logging.WARNING, logger="test.ttl"):
         await operator._expire(body, {}, stopped, logger)  # type: ignore[arg-type]
+    return stopped
+
+
+async def test_the_ttl_deletion_is_retried_while_it_is_refused(monkeypatch, caplog):
+    api = FakeCustomObjects(403, refusals=2)
+    stopped = await expire(monkeypatch, caplog, api)
     assert api.deleted == [("ns", "wf")]
     assert stopped.waits == [1.0, 2.0]
     assert caplog.text.count("cannot delete the Workflow (ApiException") == 2
@@ -162,12 +168,7 @@ async def test_the_ttl_deletion_is_retried_while_it_is_refused(monkeypatch, capl
 
 async def test_the_ttl_deletion_gives_up_after_its_attempts_saying_so(monkeypatch, caplog):
     api = FakeCustomObjects(403, refusals=1000)
-    operator = operator_with(monkeypatch, api)
-    body = {"metadata": {"namespace": "ns", "name": "wf"}, "spec": {"ttlSecondsAfterFinished": 0}}
-    stopped = Stopped()
-    logger = logging.getLogger("test.ttl")
-    with caplog.at_level(logging.WARNING, logger="test.ttl"):
-        await operator._expire(body, {}, stopped, logger)  # type: ignore[arg-type]
+    stopped = await expire(monkeypatch, caplog, api)
     assert api.deleted == []
     assert len(stopped.waits) == handlers.TTL_DELETE_ATTEMPTS
     assert "cannot delete the Workflow after 10 attempts" in caplog.text
