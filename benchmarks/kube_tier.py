@@ -44,7 +44,7 @@ import redis.asyncio as aioredis
 
 import dagkube
 from dagkube.metrics.history import RunHistory, read_run
-from dagkube.metrics.records import WorkerRecord
+from dagkube.store.records import WorkerRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(ROOT / "tools" / "cluster")]

@@ -357,7 +357,30 @@ def build_dag(
         raise InvalidWorkflow(f"inline_budget_bytes={inline_budget_bytes} must be >= 0")
     output_nodes = _collect_outputs(outputs)
     nodes = _topological(output_nodes)
+    ids = _task_ids(nodes)
+    code = _FunctionCode()
+    constants: dict[str, bytes] = {}
+    tasks: dict[str, TaskSpec] = {}
+    for node in nodes:
+        spec = _task_spec(node, ids, code, inline_budget_bytes, constants)
+        tasks[spec.id] = spec
+        for dep in spec.deps:
+            tasks[dep].downstream.append(spec.id)
+    output_ids = list(dict.fromkeys(ids[id(n)] for n in output_nodes))
+    return DagSpec(
+        name=name,
+        structure_hash=structure_hash(tasks.values(), output_ids),
+        tasks=tasks,
+        functions=code.functions,
+        output_template=_output_template(outputs, ids),
+        output_ids=output_ids,
+        constants=constants,
+        source_lines=code.source_lines,
+    )
 
+
+def _task_ids(nodes: list[TaskNode]) -> dict[int, str]:
+    """Per node (by ``id()``): ``<name>#<n>``, numbered per task name in topological order."""
     ids: dict[int, str] = {}
     per_name: dict[str, int] = {}
     for node in nodes:
@@ -365,83 +388,92 @@ def build_dag(
         index = per_name.get(display, 0)
         per_name[display] = index + 1
         ids[id(node)] = f"{display}#{index}"
+    return ids
 
-    functions: dict[str, bytes] = {}
-    source_lines: SourceLines = {}
-    fn_keys: dict[int, str] = {}
-    signatures: dict[int, inspect.Signature | None] = {}  # read once per function, not per task
-    constants: dict[str, bytes] = {}
-    tasks: dict[str, TaskSpec] = {}
-    for node in nodes:
-        task_fn: TaskFunction[Any, Any] = node.function
-        task_id = ids[id(node)]
-        fn_key = fn_keys.get(id(task_fn))
-        if fn_key is None:
-            try:
-                code, lines = dumps_function(task_fn.fn)
-            except Exception as exc:
-                raise InvalidWorkflow(
-                    f"Task function '{task_fn.options.name}' cannot be serialized "
-                    f"({type(exc).__name__}: {exc})"
-                ) from None
-            fn_key = f"{task_fn.options.name}-{hashlib.sha256(code).hexdigest()[:12]}"
-            functions[fn_key] = code
-            merge_sources(source_lines, lines)
-            fn_keys[id(task_fn)] = fn_key
-            signatures[id(task_fn)] = _signature(task_fn.fn)
-        _arguments(task_fn.fn, signatures[id(task_fn)], node.args, node.kwargs, task_id)
 
-        # An insertion-ordered dict as the set of upstream ids: a fan-in of n nodes stays O(n).
-        deps: dict[str, None] = {}
+@dataclass
+class _FunctionCode:
+    """The task functions of a DAG, each serialized (and its signature read) once, however
+    many tasks call it."""
 
-        def to_ref(leaf: Any, deps: dict[str, None] = deps) -> Any:
-            if isinstance(leaf, TaskNode):
-                dep_id = ids[id(leaf)]
-                deps[dep_id] = None
-                return Ref(dep_id)
-            return leaf
+    functions: dict[str, bytes] = field(default_factory=dict)  # fn_key -> pickled code
+    source_lines: SourceLines = field(default_factory=dict)
+    keys: dict[int, str] = field(default_factory=dict)  # id(task function) -> fn_key
+    signatures: dict[int, inspect.Signature | None] = field(default_factory=dict)
 
-        template = map_structure((node.args, node.kwargs), to_ref)
-        args_blob, task_const_keys = _serialize_arguments(
-            task_id, task_fn.fn, template, inline_budget_bytes, constants
-        )
-        spec = TaskSpec(
-            id=task_id,
-            function=task_fn.options.name,
-            fn_key=fn_key,
-            args_blob=args_blob,
-            deps=tuple(deps),
-            retries=task_fn.options.retries,
-            min_memory_mib=task_fn.options.min_memory_mib,
-            const_keys=task_const_keys,
-            timeout_s=task_fn.options.timeout_s,
-        )
-        tasks[task_id] = spec
-        for dep in deps:
-            tasks[dep].downstream.append(task_id)
+    def key_of(self, task_fn: TaskFunction[Any, Any]) -> str:
+        """The function's key in :attr:`functions`, serializing it on first sight."""
+        fn_key = self.keys.get(id(task_fn))
+        if fn_key is not None:
+            return fn_key
+        try:
+            code, lines = dumps_function(task_fn.fn)
+        except Exception as exc:
+            raise InvalidWorkflow(
+                f"Task function '{task_fn.options.name}' cannot be serialized "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+        fn_key = f"{task_fn.options.name}-{hashlib.sha256(code).hexdigest()[:12]}"
+        self.functions[fn_key] = code
+        merge_sources(self.source_lines, lines)
+        self.keys[id(task_fn)] = fn_key
+        self.signatures[id(task_fn)] = _signature(task_fn.fn)
+        return fn_key
+
+
+def _task_spec(
+    node: TaskNode,
+    ids: dict[int, str],
+    code: _FunctionCode,
+    inline_budget_bytes: int,
+    constants: dict[str, bytes],
+) -> TaskSpec:
+    """One node as a :class:`TaskSpec`: its call checked against the function's signature,
+    task nodes among its arguments replaced by :class:`Ref`, the arguments serialized."""
+    task_fn: TaskFunction[Any, Any] = node.function
+    task_id = ids[id(node)]
+    fn_key = code.key_of(task_fn)
+    _arguments(task_fn.fn, code.signatures[id(task_fn)], node.args, node.kwargs, task_id)
+    # An insertion-ordered dict as the set of upstream ids: a fan-in of n nodes stays O(n).
+    deps: dict[str, None] = {}
+
+    def to_ref(leaf: Any) -> Any:
+        if isinstance(leaf, TaskNode):
+            dep_id = ids[id(leaf)]
+            deps[dep_id] = None
+            return Ref(dep_id)
+        return leaf
+
+    template = map_structure((node.args, node.kwargs), to_ref)
+    args_blob, const_keys = _serialize_arguments(
+        task_id, task_fn.fn, template, inline_budget_bytes, constants
+    )
+    return TaskSpec(
+        id=task_id,
+        function=task_fn.options.name,
+        fn_key=fn_key,
+        args_blob=args_blob,
+        deps=tuple(deps),
+        retries=task_fn.options.retries,
+        min_memory_mib=task_fn.options.min_memory_mib,
+        const_keys=const_keys,
+        timeout_s=task_fn.options.timeout_s,
+    )
+
+
+def _output_template(outputs: Any, ids: dict[int, str]) -> Any:
+    """The run's result shape (a node, a dict, tuple or list of them) with :class:`Ref`s."""
 
     def output_ref(leaf: Any) -> Any:
         return Ref(ids[id(leaf)])
 
     if isinstance(outputs, TaskNode):
-        output_template: Any = Ref(ids[id(outputs)])
-    elif isinstance(outputs, dict):
-        output_template = {k: output_ref(v) for k, v in outputs.items()}
-    elif isinstance(outputs, tuple):
-        output_template = tuple(output_ref(v) for v in outputs)
-    else:
-        output_template = [output_ref(v) for v in outputs]
-    output_ids = list(dict.fromkeys(ids[id(n)] for n in output_nodes))
-    return DagSpec(
-        name=name,
-        structure_hash=structure_hash(tasks.values(), output_ids),
-        tasks=tasks,
-        functions=functions,
-        output_template=output_template,
-        output_ids=output_ids,
-        constants=constants,
-        source_lines=source_lines,
-    )
+        return Ref(ids[id(outputs)])
+    if isinstance(outputs, dict):
+        return {k: output_ref(v) for k, v in outputs.items()}
+    if isinstance(outputs, tuple):
+        return tuple(output_ref(v) for v in outputs)
+    return [output_ref(v) for v in outputs]
 
 
 def resolve(template: Any, values: dict[str, Any], constants: dict[str, Any]) -> Any:

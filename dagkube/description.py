@@ -138,13 +138,30 @@ def parse(
 ) -> DagSpec:
     """The DagSpec of a description and its bytes, or InvalidDescription naming ``where`` (the
     key or the build it came from) and the first broken rule."""
+    found = _read(data, where)
+    tasks, functions = _tasks(found.tasks, blobs, constants, where)
+    template, output_ids = _output(found.output, tasks, where)
+    return DagSpec(
+        name=found.name,
+        structure_hash=structure_hash(tasks.values(), output_ids),
+        tasks=tasks,
+        functions=functions,
+        output_template=template,
+        output_ids=output_ids,
+        constants=dict(constants),
+        source_lines=_source_lines(found.sources, where),
+    )
+
+
+def _read(data: bytes, where: str) -> Description:
+    """The description's JSON against the schema and its bounds."""
     if len(data) > MAX_DESCRIPTION_BYTES:
         raise _refuse(
             where,
             f"the description is {len(data)} bytes, over the limit of {MAX_DESCRIPTION_BYTES}",
         )
     try:
-        found = Description.model_validate_json(data)
+        return Description.model_validate_json(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         location = ".".join(str(part) for part in first["loc"]) or "(top)"
@@ -153,9 +170,19 @@ def parse(
             f"not a dagkube DAG description ({exc.error_count()} problem(s); first at "
             f"{location}: {first['msg']})",
         ) from None
+
+
+def _tasks(
+    described: list[TaskDescription],
+    blobs: dict[str, bytes],
+    constants: dict[str, bytes],
+    where: str,
+) -> tuple[dict[str, TaskSpec], dict[str, bytes]]:
+    """The tasks (downstream lists rebuilt from the upstream ids) and the functions they call;
+    every upstream listed before its consumer, every blob and constant present."""
     tasks: dict[str, TaskSpec] = {}
     functions: dict[str, bytes] = {}
-    for task in found.tasks:
+    for task in described:
         if task.id in tasks:
             raise _refuse(where, f"task {task.id!r} appears twice")
         unknown = [dep for dep in task.deps if dep not in tasks]
@@ -189,7 +216,13 @@ def parse(
         )
         for dep in task.deps:
             tasks[dep].downstream.append(task.id)
-    output = found.output
+    return tasks, functions
+
+
+def _output(
+    output: OutputDescription, tasks: dict[str, TaskSpec], where: str
+) -> tuple[Any, list[str]]:
+    """The output template (:class:`Ref`s in the described shape) and the output task ids."""
     if output.kind == "ref" and (output.ref is None or output.refs or output.keys):
         raise _refuse(where, "output of kind 'ref' needs exactly 'ref'")
     ids = [output.ref] if output.ref is not None else list(output.refs)
@@ -216,12 +249,16 @@ def parse(
         template = tuple(Ref(ref) for ref in ids)
     else:
         template = [Ref(ref) for ref in ids]
-    output_ids = list(dict.fromkeys(ids))
+    return template, list(dict.fromkeys(ids))
+
+
+def _source_lines(sources: dict[str, dict[str, str]], where: str) -> dict[str, dict[int, str]]:
+    """Source lines by file and line number, within the bounds on files and lines."""
     source_lines: dict[str, dict[int, str]] = {}
     total_lines = 0
-    if len(found.sources) > MAX_SOURCE_FILES:
+    if len(sources) > MAX_SOURCE_FILES:
         raise _refuse(where, f"source lines of more than {MAX_SOURCE_FILES} files")
-    for path, lines in found.sources.items():
+    for path, lines in sources.items():
         total_lines += len(lines)
         if total_lines > MAX_SOURCE_LINES:
             raise _refuse(where, f"more than {MAX_SOURCE_LINES} source lines")
@@ -229,16 +266,7 @@ def parse(
             source_lines[path] = {int(line): text for line, text in lines.items()}
         except ValueError:
             raise _refuse(where, f"source lines of {path!r}: a line number is not one") from None
-    return DagSpec(
-        name=found.name,
-        structure_hash=structure_hash(tasks.values(), output_ids),
-        tasks=tasks,
-        functions=functions,
-        output_template=template,
-        output_ids=output_ids,
-        constants=dict(constants),
-        source_lines=source_lines,
-    )
+    return source_lines
 
 
 def blobs_key(key: str) -> str:

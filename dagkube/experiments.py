@@ -14,6 +14,7 @@ from typing import Any
 from dagkube.errors import InvalidOption, TaskFailed
 from dagkube.planning import PLANNER_NAMES, check_planner
 from dagkube.planning.sla import parse_sla
+from dagkube.store.records import RunStatus
 from dagkube.workflow import Workflow
 
 
@@ -80,7 +81,7 @@ class Experiment:
             cells.setdefault((sample.planner, sample.sla), []).append(sample)
         result = []
         for (planner, sla), samples in cells.items():
-            ok = [s for s in samples if s.status == "succeeded"]
+            ok = [s for s in samples if s.status == RunStatus.SUCCEEDED]
             errors = [e for s in ok if (e := s.prediction_error) is not None]
             within = [w for s in ok if (w := s.within_prediction) is not None]
             result.append(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from dagkube.dag import DEFAULT_INLINE_BUDGET_BYTES, DagSpec, build_dag
 from dagkube.errors import TaskFailed
 from dagkube.resources import parse_classes
+from dagkube.store.records import RunStatus
 
 if TYPE_CHECKING:
     from dagkube.planning import Plan
@@ -104,7 +105,7 @@ class Workflow:
             if owned:
                 rt.close()
         self.last_run = result
-        if result.status != "succeeded":
+        if result.status != RunStatus.SUCCEEDED:
             from dagkube.runtime.launcher import task_failed_from
 
             error = task_failed_from(result.record)
@@ -139,22 +140,22 @@ class Workflow:
         module in the worker ``image``.
         """
         from dagkube.kubernetes.submit import submit
-        from dagkube.planning import check_optimizations
+        from dagkube.kubernetes.workflow_cr import Source, WorkflowSpec
 
-        return submit(
-            self.dag,
-            namespace=namespace,
-            image=image,
+        spec = WorkflowSpec.from_options(
+            Source(),  # replaced by the stored DAG
             planner=planner,
             sla=sla,
-            optimizations=check_optimizations(optimizations),
+            optimizations=optimizations,
             classes_mib=parse_classes(classes) if classes is not None else None,
             max_workers=max_workers,
+            image=image,
             timeout_s=timeout_s,
             retries=retries,
             ttl_after_finished_s=ttl_after_finished_s,
-            redis_url=redis_url,
-            kube_api_url=kube_api_url,
+        )
+        return submit(
+            self.dag, spec, namespace=namespace, redis_url=redis_url, kube_api_url=kube_api_url
         )
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import redis
 
 from dagkube.metrics.history import RunHistory
-from dagkube.metrics.records import OomAttempt, RunRecord, TaskRecord, WorkerRecord
-from dagkube.runtime.keys import HIST_ALL_RUNS, hist_run, hist_structure_runs, hist_workflow_runs
+from dagkube.store.keys import HIST_ALL_RUNS, hist_run, hist_structure_runs, hist_workflow_runs
+from dagkube.store.records import OomAttempt, RunRecord, TaskRecord, WorkerRecord
 
 MIB = 1024 * 1024
 T0 = 1_760_000_000.0

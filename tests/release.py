@@ -17,7 +17,7 @@ import redis
 import yaml
 
 from dagkube.kubernetes.pods import LABEL_POOL, LABEL_RUN
-from dagkube.runtime.keys import RunKeys, local_part, namespaced, worker_proc
+from dagkube.store.keys import RunKeys, local_part, namespaced, worker_proc
 from tests.kube import Kube, PodRecorder, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from dagkube.report import SECTIONS, load_histories, render
-from dagkube.runtime.connection import connect
 from dagkube.runtime.embedded import EmbeddedRedis
+from dagkube.store.connection import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from dagkube.resources import (
     cpu_millicores,
     format_memory,
 )
-from dagkube.runtime.keys import local_part, namespace_of
+from dagkube.store.keys import local_part, namespace_of
 
 LABEL_RUN = "dagkube.io/run"
 LABEL_CLASS = "dagkube.io/class"
@@ -99,7 +99,7 @@ def worker_labels(*, pool: str, run_id: str | None, memory_mib: int) -> dict[str
 
 def pool_label(pool: str) -> str:
     """The pool label of its Pods. Run ids and pool names of a namespace begin with
-    ``<namespace>.`` (dagkube.runtime.keys); labels carry the rest, unique within the Pods'
+    ``<namespace>.`` (dagkube.store.keys); labels carry the rest, unique within the Pods'
     own namespace, so that they fit a label value's 63 characters."""
     return _label_value(LABEL_POOL, local_part(pool))
 
@@ -177,6 +177,16 @@ def _owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _metadata(
+    name: str, namespace: str, labels: dict[str, str], owner: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A Pod's metadata, owned by ``owner`` (garbage-collected with it) when one is given."""
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
+    if owner is not None:
+        metadata["ownerReferences"] = [_owner_reference(owner)]
+    return metadata
+
+
 def build_worker_pod(
     *,
     name: str,
@@ -220,9 +230,8 @@ def build_worker_pod(
             f"Worker Pod {name!r} in namespace {namespace!r} cannot serve pool {pool!r} of "
             f"namespace {pool_namespace!r}"
         )
-    secret_name, secret_key = redis_url_secret
     millicores = cpu_millicores(memory_mib, memory_per_cpu_mib, max_cpu)
-    threads = str(max(1, math.floor(cpu_for_memory(memory_mib, memory_per_cpu_mib, max_cpu))))
+    threads = max(1, math.floor(cpu_for_memory(memory_mib, memory_per_cpu_mib, max_cpu)))
     if ephemeral_storage_mib < 1 or (active_deadline_s is not None and active_deadline_s < 1):
         raise ValueError(
             f"Worker Pod {name!r} needs ephemeral storage >= 1 MiB and a deadline >= 1 s (or "
@@ -230,7 +239,44 @@ def build_worker_pod(
         )
     storage = format_memory(ephemeral_storage_mib)
     volumes, mounts = _mounts(storage, redis_ca_secret)
-    resources = _guaranteed(f"{millicores}m", f"{memory_mib}Mi", storage)
+    fixed = worker_labels(pool=pool, run_id=run_id, memory_mib=memory_mib)
+    metadata = _metadata(name, namespace, {**(labels or {}), **fixed}, owner)
+    container = {
+        "name": WORKER_CONTAINER,
+        "image": image,
+        "command": [
+            *("python", "-m", "dagkube.worker", "--pool", pool),
+            *("--memory-mib", str(memory_mib), "--worker-id", name),
+            *("--cpu", f"{millicores / 1000:g}", "--idle-timeout", f"{idle_timeout_s:g}"),
+        ],
+        "env": _worker_env(
+            redis_url_secret, spawned_at, threads, startup_delay_s, prewarm_for, demand_for
+        ),
+        "resources": _guaranteed(f"{millicores}m", f"{memory_mib}Mi", storage),
+        "securityContext": _locked_down_container(),
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        **_locked_down_pod(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if active_deadline_s is not None:
+        pod_spec["activeDeadlineSeconds"] = active_deadline_s
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def _worker_env(
+    redis_url_secret: tuple[str, str],
+    spawned_at: float,
+    threads: int,
+    startup_delay_s: float,
+    prewarm_for: str | None,
+    demand_for: str | None,
+) -> list[dict[str, Any]]:
+    """A worker's environment: the Redis URL from its Secret, when it was asked for, native
+    thread pools sized to its CPU, and the run it is charged to if it never serves."""
+    secret_name, secret_key = redis_url_secret
     env: list[dict[str, Any]] = [
         {
             "name": "DAGKUBE_REDIS_URL",
@@ -238,9 +284,9 @@ def build_worker_pod(
         },
         {"name": "DAGKUBE_SPAWNED_AT", "value": repr(float(spawned_at))},
         # Native thread pools (BLAS, OpenMP) sized to the CPU limit, not to the node's cores.
-        {"name": "OMP_NUM_THREADS", "value": threads},
-        {"name": "OPENBLAS_NUM_THREADS", "value": threads},
-        {"name": "MKL_NUM_THREADS", "value": threads},
+        {"name": "OMP_NUM_THREADS", "value": str(threads)},
+        {"name": "OPENBLAS_NUM_THREADS", "value": str(threads)},
+        {"name": "MKL_NUM_THREADS", "value": str(threads)},
         # The root filesystem is read-only: temporary files and caches go to the emptyDir.
         {"name": "TMPDIR", "value": "/tmp"},
         {"name": "HOME", "value": "/tmp"},
@@ -251,48 +297,7 @@ def build_worker_pod(
         env.append({"name": "DAGKUBE_PREWARM_RUN", "value": prewarm_for})
     elif demand_for:
         env.append({"name": "DAGKUBE_DEMAND_RUN", "value": demand_for})
-    metadata: dict[str, Any] = {
-        "name": name,
-        "namespace": namespace,
-        "labels": {
-            **(labels or {}),
-            **worker_labels(pool=pool, run_id=run_id, memory_mib=memory_mib),
-        },
-    }
-    if owner is not None:
-        metadata["ownerReferences"] = [_owner_reference(owner)]
-    pod_spec: dict[str, Any] = {
-        **_locked_down_pod(),
-        "containers": [
-            {
-                "name": WORKER_CONTAINER,
-                "image": image,
-                "command": [
-                    "python",
-                    "-m",
-                    "dagkube.worker",
-                    "--pool",
-                    pool,
-                    "--memory-mib",
-                    str(memory_mib),
-                    "--worker-id",
-                    name,
-                    "--cpu",
-                    f"{millicores / 1000:g}",
-                    "--idle-timeout",
-                    f"{idle_timeout_s:g}",
-                ],
-                "env": env,
-                "resources": resources,
-                "securityContext": _locked_down_container(),
-                "volumeMounts": mounts,
-            }
-        ],
-        "volumes": volumes,
-    }
-    if active_deadline_s is not None:
-        pod_spec["activeDeadlineSeconds"] = active_deadline_s
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+    return env
 
 
 WORKER_REDIS_SECRET = "dagkube-worker-redis"  # one per namespace: its worker user's Redis URL
@@ -368,18 +373,13 @@ def build_build_pod(
     storage = format_memory(ephemeral_storage_mib)
     volumes, mounts = _mounts(storage, redis_ca_secret)
     resources = _guaranteed(f"{cpu_millicores}m", f"{memory_mib}Mi", storage)
-    metadata: dict[str, Any] = {
-        "name": name,
-        "namespace": namespace,
-        "labels": {
-            "app.kubernetes.io/name": "dagkube",
-            "app.kubernetes.io/component": "build",
-            "app.kubernetes.io/managed-by": "dagkube-operator",
-            LABEL_COMPONENT: "build",
-        },
+    labels = {
+        "app.kubernetes.io/name": "dagkube",
+        "app.kubernetes.io/component": "build",
+        "app.kubernetes.io/managed-by": "dagkube-operator",
+        LABEL_COMPONENT: "build",
     }
-    if owner is not None:
-        metadata["ownerReferences"] = [_owner_reference(owner)]
+    metadata = _metadata(name, namespace, labels, owner)
     pod_spec: dict[str, Any] = {
         **_locked_down_pod(),
         "terminationGracePeriodSeconds": 0,  # nothing to save: a stopped build is killed

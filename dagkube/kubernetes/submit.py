@@ -4,7 +4,8 @@
 a TTL) and creates a Workflow whose ``spec.source.ref`` names it; the returned
 :class:`SubmittedWorkflow` follows the object's ``.status`` (a watch, renewed until the end)
 and returns the outputs, read from Redis, or raises :class:`TaskFailed`.
-``workflow_manifest`` is the pure builder of the object, also used by ``dagkube manifest``.
+The object itself is built from a typed :class:`~dagkube.kubernetes.workflow_cr.WorkflowSpec`
+by ``workflow_cr.workflow_manifest``, which ``dagkube manifest`` uses too.
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ from dagkube import description
 from dagkube.dag import DagSpec
 from dagkube.errors import DagkubeError, RunTimeout
 from dagkube.kubernetes.workflow_cr import (
-    API_VERSION,
     ENDED_PHASES,
     GROUP,
-    KIND,
     PLURAL,
     VERSION,
     Phase,
+    Source,
+    WorkflowSpec,
+    workflow_manifest,
 )
-from dagkube.resources import format_memory
-from dagkube.runtime.keys import stored_dag
+from dagkube.store.keys import stored_dag
 
 STORED_DAG_TTL_S = 7 * 24 * 3600
 T = TypeVar("T")
@@ -59,60 +60,6 @@ def name_stem(name: str) -> str:
     """A DNS-1123 prefix for ``metadata.generateName`` from a workflow's name."""
     stem = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:50].strip("-")
     return f"{stem or 'workflow'}-"
-
-
-def workflow_manifest(
-    *,
-    source: dict[str, Any],
-    name: str | None = None,
-    generate_name: str | None = None,
-    namespace: str | None = None,
-    planner: str = "wukong",
-    sla: str = "avg",
-    optimizations: list[str] | None = None,
-    classes_mib: list[int] | None = None,
-    max_workers: int | None = None,
-    image: str | None = None,
-    timeout_s: int | None = None,
-    retries: int | None = None,
-    ttl_after_finished_s: int | None = None,
-) -> dict[str, Any]:
-    """A Workflow object (plain dict). ``source``: ``{"ref": {"dag": id}}``,
-    ``{"inline": "..."}`` or ``{"module": {"name": "pkg.mod:fn", "args": {...}}}``.
-    ``planner`` may be an ``-opt`` variant: it becomes the base planner plus its optimizations."""
-    from dagkube.planning import check_optimizations, check_planner, split_planner
-    from dagkube.planning.sla import parse_sla
-
-    base, implied = split_planner(check_planner(planner))
-    chosen = check_optimizations([*(optimizations or []), *implied])
-    metadata: dict[str, Any] = {}
-    if name:
-        metadata["name"] = name
-    else:
-        metadata["generateName"] = generate_name or "workflow-"
-    if namespace:
-        metadata["namespace"] = namespace
-    spec: dict[str, Any] = {
-        "source": source,
-        "planner": {"name": base, "sla": parse_sla(sla)},
-    }
-    if chosen:
-        spec["planner"]["optimizations"] = chosen
-    resources: dict[str, Any] = {}
-    if classes_mib:
-        resources["classes"] = [format_memory(c) for c in sorted(classes_mib)]
-    if max_workers is not None:
-        resources["maxWorkers"] = max_workers
-    if resources:
-        spec["resources"] = resources
-    optional = {
-        "image": image,
-        "timeoutSeconds": timeout_s,
-        "retries": retries,
-        "ttlSecondsAfterFinished": ttl_after_finished_s,
-    }
-    spec.update({k: v for k, v in optional.items() if v is not None})
-    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -254,7 +201,7 @@ class SubmittedWorkflow:
 
     async def _outputs(self, run_id: str) -> Any:
         from dagkube.runtime import launcher
-        from dagkube.runtime.connection import BulkReader
+        from dagkube.store.connection import BulkReader
 
         assert self.dag is not None and self.redis_url
         reader = BulkReader(self.redis_url)
@@ -267,7 +214,7 @@ class SubmittedWorkflow:
         from redis.exceptions import RedisError
 
         from dagkube.runtime import launcher
-        from dagkube.runtime.connection import connect
+        from dagkube.store.connection import connect
 
         assert self.redis_url
         redis = await connect(self.redis_url)
@@ -329,24 +276,18 @@ def _api_message(exc: Any) -> str:
 
 def submit(
     dag: DagSpec,
+    spec: WorkflowSpec,
     *,
     namespace: str = "default",
-    image: str | None = None,
-    planner: str = "wukong",
-    sla: str = "avg",
-    optimizations: list[str] | None = None,
-    classes_mib: list[int] | None = None,
-    max_workers: int | None = None,
-    timeout_s: int | None = None,
-    retries: int | None = None,
-    ttl_after_finished_s: int | None = None,
     redis_url: str | None = None,
     kube_api_url: str | None = None,
 ) -> SubmittedWorkflow:
-    """Store ``dag`` in Redis and create a Workflow that runs it; returns its handle."""
+    """Store ``dag`` in Redis and create a Workflow that runs it with ``spec`` (its source
+    becomes the stored DAG); returns its handle."""
+    import dataclasses
     import os
 
-    from dagkube.runtime.connection import connect
+    from dagkube.store.connection import connect
 
     require_client()
     url = redis_url or os.environ.get("DAGKUBE_REDIS_URL")
@@ -365,18 +306,9 @@ def submit(
         finally:
             await redis.aclose()
         body = workflow_manifest(
-            source={"ref": {"dag": identifier}},
+            dataclasses.replace(spec, source=Source(dag=identifier)),
             generate_name=name_stem(dag.name),
             namespace=namespace,
-            planner=planner,
-            sla=sla,
-            optimizations=optimizations,
-            classes_mib=classes_mib,
-            max_workers=max_workers,
-            image=image,
-            timeout_s=timeout_s,
-            retries=retries,
-            ttl_after_finished_s=ttl_after_finished_s,
         )
         return await create_workflow(body, namespace, api_url)
 

@@ -15,23 +15,20 @@ history), ``dagkube run --metrics-port`` and the operator's ``/metrics``. It is 
 * reads the live state of the worker pools it was told about: queue depth per class and
   workers by state (see :meth:`RunHistoryCollector._live` for how states are derived).
 
-Labels are bounded: workflow name, planner (as run: ``uniform`` or ``uniform + preload`` when
-optimizations were switched on by hand; ``-opt`` planners keep their name), SLA, memory class,
-function, status, start kind, optimization name, outcome, state. Never run, task or worker ids.
-docs/metrics.md lists every metric and defines the derived ones.
+What each metric is, with its labels and buckets, is in :mod:`dagkube.metrics.catalogue`;
+how the records are folded into values is in :mod:`dagkube.metrics.aggregation`. This module
+does the reading and the exposing. docs/metrics.md lists every metric and defines the
+derived ones.
 """
 
 from __future__ import annotations
 
-import bisect
-import json
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -43,21 +40,30 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from redis.exceptions import RedisError
 
-from dagkube.metrics.records import RunRecord, TaskRecord, WorkerRecord
+from dagkube.metrics.aggregation import Histogram, Totals, plan_marks
+from dagkube.metrics.catalogue import (
+    ALLOWED_LABELS,
+    HISTORY_SPECS,
+    LATE_FIELDS,
+    SPECS,
+    WORKER_STATES,
+    LabelValues,
+    Spec,
+    exposed_names,
+)
 from dagkube.resources import format_memory
-from dagkube.runtime.keys import PoolKeys, hist_all_runs, hist_run, namespace_of
+from dagkube.store.keys import PoolKeys, hist_all_runs, hist_run, namespace_of
+from dagkube.store.records import RunRecord, TaskRecord, WorkerRecord
+
+__all__ = [
+    "ALLOWED_LABELS",
+    "SPECS",
+    "WORKER_STATES",
+    "RunHistoryCollector",
+    "exposed_names",
+]
 
 log = logging.getLogger("dagkube.metrics")
-
-# Buckets (upper bounds; +Inf is added).
-SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
-MAKESPAN = (0.5, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 45, 60, 120, 300, 600, 1800, 3600)
-RATIOS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5)
-GB_SECONDS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 1000, 10_000, 100_000)
-COUNTS = (0, 1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100, 250, 1000)
-# Powers of two from 64 MiB to 16 GiB: the bounds fall on the usual memory classes, so a
-# bucket reads "fits in a class of this size".
-MEMORY_BYTES = tuple(float(2**power * 1024 * 1024) for power in range(6, 15))  # 64Mi..16Gi
 
 # Work per scrape: what is left waits for the next scrape (dagkube_exporter_runs_backlog).
 INDEX_WINDOW = 2000  # how far down the run index a scrape looks for runs it has not seen
@@ -65,358 +71,13 @@ MAX_RUNS_PER_SCRAPE = 200
 MAX_RECORDS_PER_SCRAPE = 50_000  # task + worker records parsed
 MAX_FOLD_SECONDS = 5.0
 CHUNK = 25  # runs per Redis round trip
-# Counters a run's history meta may still receive after the run ended: a pre-warm request
-# due late, a worker created for the run that exits unused (a pre-warmed one, or one created
-# for an invocation another worker took first). Finished runs are re-read for these fields
-# (one HMGET each) until SETTLE_S after they finished.
-LATE_FIELDS = {
-    "prewarm_requested": "dagkube_prewarm_requests",
-    "prewarm_started": "dagkube_prewarm_started",
-    "prewarm_wasted": "dagkube_prewarm_wasted",
-    "prewarm_wasted_gb_s": "dagkube_prewarm_wasted_gigabyte_seconds",
-    "workers_unused": "dagkube_workers_unused",
-    "workers_unused_gb_s": "dagkube_workers_unused_gigabyte_seconds",
-}
+# How long a finished run's LATE_FIELDS are re-read, and for how many runs at most.
 SETTLE_S = 900.0
 MAX_SETTLING_RUNS = 2000
 
-LabelValues = tuple[str, ...]
-Kind = Literal["counter", "histogram", "gauge"]
 
-
-@dataclass(frozen=True)
-class Spec:
-    name: str  # without the _total of counters
-    kind: Kind
-    doc: str
-    labels: tuple[str, ...]
-    buckets: Sequence[float] = ()
-
-    def exposed(self) -> set[str]:
-        """Sample names in the exposition."""
-        if self.kind == "counter":
-            return {f"{self.name}_total"}
-        if self.kind == "histogram":
-            return {f"{self.name}_bucket", f"{self.name}_sum", f"{self.name}_count"}
-        return {self.name}
-
-
-RUN = ("workflow", "planner", "sla")
-TASK = ("workflow", "planner", "function")
-WORKER = ("planner", "memory_class")
-
-HISTORY_SPECS: tuple[Spec, ...] = (
-    # runs
-    Spec("dagkube_runs", "counter", "Finished runs by status", (*RUN, "status")),
-    Spec(
-        "dagkube_run_makespan_seconds",
-        "histogram",
-        "Measured makespan of succeeded runs (submission to last task completed)",
-        RUN,
-        MAKESPAN,
-    ),
-    Spec(
-        "dagkube_run_predicted_makespan_seconds",
-        "histogram",
-        "Makespan the plan predicted at the run's SLA",
-        RUN,
-        MAKESPAN,
-    ),
-    Spec(
-        "dagkube_run_prediction_error_ratio",
-        "histogram",
-        "Absolute difference of predicted and measured makespan over measured (succeeded runs)",
-        RUN,
-        RATIOS,
-    ),
-    Spec(
-        "dagkube_run_sla",
-        "counter",
-        "Succeeded runs that finished within (met) or after (missed) their predicted makespan",
-        (*RUN, "outcome"),
-    ),
-    Spec(
-        "dagkube_run_execution_seconds",
-        "histogram",
-        "Sum of the execution times of a succeeded run's tasks (duplicates included)",
-        RUN,
-        MAKESPAN,
-    ),
-    Spec(
-        "dagkube_run_gigabyte_seconds",
-        "histogram",
-        "Memory held by a run's workers, GB x seconds per run",
-        RUN,
-        GB_SECONDS,
-    ),
-    # tasks
-    Spec(
-        "dagkube_task_duration_seconds",
-        "histogram",
-        "Execution time of tasks (last attempt; duplicates included)",
-        TASK,
-        SECONDS,
-    ),
-    Spec(
-        "dagkube_task_input_wait_seconds",
-        "histogram",
-        "From a task taken by its worker to its inputs in hand",
-        TASK,
-        SECONDS,
-    ),
-    Spec(
-        "dagkube_task_download_seconds",
-        "histogram",
-        "Time tasks that downloaded inputs spent downloading them",
-        TASK,
-        SECONDS,
-    ),
-    Spec(
-        "dagkube_task_upload_seconds",
-        "histogram",
-        "Time tasks that stored their output spent uploading it",
-        TASK,
-        SECONDS,
-    ),
-    Spec("dagkube_task_download_bytes", "counter", "Input bytes tasks downloaded", TASK),
-    Spec("dagkube_task_upload_bytes", "counter", "Output bytes tasks stored", TASK),
-    Spec("dagkube_task_failures", "counter", "Tasks that raised after their retries", TASK),
-    Spec("dagkube_task_retries", "counter", "Task attempts beyond the first", TASK),
-    Spec(
-        "dagkube_task_peak_memory_bytes",
-        "histogram",
-        "Peak resident memory of the worker process while a task ran (tasks where measured)",
-        TASK,
-        MEMORY_BYTES,
-    ),
-    Spec(
-        "dagkube_task_oom_kills",
-        "counter",
-        "Earlier attempts of tasks whose worker was OOM-killed (the task then ran one class up)",
-        TASK,
-    ),
-    # workers
-    Spec(
-        "dagkube_worker_starts",
-        "counter",
-        "Invocations served, by how their worker started: cold, warm, prewarmed",
-        (*WORKER, "start"),
-    ),
-    Spec(
-        "dagkube_worker_startup_seconds",
-        "histogram",
-        "From an invocation queued to its first task started",
-        (*WORKER, "start"),
-        SECONDS,
-    ),
-    Spec("dagkube_workers_lost", "counter", "Workers lost mid-invocation (work re-queued)", WORKER),
-    Spec(
-        "dagkube_workers_unused",
-        "counter",
-        "Workers created for a run's queued invocation that another worker took first, and "
-        "that exited without serving anything",
-        RUN,
-    ),
-    Spec(
-        "dagkube_workers_unused_gigabyte_seconds",
-        "counter",
-        "Lifetime of those unused workers, GB x seconds (charged to the run, not in its GB-s)",
-        RUN,
-    ),
-    Spec(
-        "dagkube_workers_oom_killed",
-        "counter",
-        "Workers killed for exceeding their class's memory limit (runs with enforced limits)",
-        RUN,
-    ),
-    Spec(
-        "dagkube_oom_escalations",
-        "counter",
-        "Work of OOM-killed workers re-queued one memory class up (at the largest class the "
-        "run fails instead)",
-        RUN,
-    ),
-    # resources
-    Spec(
-        "dagkube_gigabyte_seconds",
-        "counter",
-        "Memory held by workers for runs, GB x seconds (from spawn for cold and pre-warmed "
-        "starts, else from taking the invocation, to its end)",
-        WORKER,
-    ),
-    Spec(
-        "dagkube_cpu_seconds_allocated",
-        "counter",
-        "CPU held by workers for runs, allocated CPUs x seconds (same periods as GB-seconds)",
-        WORKER,
-    ),
-    Spec("dagkube_cpu_seconds_used", "counter", "CPU time workers used for runs", WORKER),
-    # optimizations
-    Spec(
-        "dagkube_optimizations_applied",
-        "counter",
-        "Runs with each optimization switched on in their plan",
-        ("planner", "optimization"),
-    ),
-    Spec(
-        "dagkube_run_optimization_marks",
-        "histogram",
-        "Marks of an optimization in a run's plan, per run that switched it on",
-        ("workflow", "planner", "optimization"),
-        COUNTS,
-    ),
-    Spec("dagkube_prewarm_requests", "counter", "Workers asked for by pre-warm requests", RUN),
-    Spec(
-        "dagkube_prewarm_started",
-        "counter",
-        "Pre-warm workers the scaler created (within the worker cap)",
-        RUN,
-    ),
-    Spec("dagkube_prewarm_used", "counter", "Pre-warmed workers that served their run", RUN),
-    Spec("dagkube_prewarm_wasted", "counter", "Pre-warmed workers that exited unused", RUN),
-    Spec(
-        "dagkube_prewarm_wasted_gigabyte_seconds",
-        "counter",
-        "Lifetime of pre-warmed workers that exited unused, GB x seconds",
-        RUN,
-    ),
-    Spec(
-        "dagkube_prewarm_lead_seconds",
-        "histogram",
-        "From a pre-warmed worker ready (registered) to taking the invocation it served",
-        WORKER,
-        SECONDS,
-    ),
-    Spec(
-        "dagkube_prewarm_trigger_to_start_seconds",
-        "histogram",
-        "From a pre-warm request due to its target task's start (targets started after it)",
-        ("planner",),
-        SECONDS,
-    ),
-    Spec(
-        "dagkube_prewarm_targets",
-        "counter",
-        "Target tasks of pre-warm requests that started after (ahead) or before (late) the "
-        "request was due",
-        ("planner", "outcome"),
-    ),
-    Spec(
-        "dagkube_preloaded_inputs",
-        "counter",
-        "Inputs fetched in the background before their fan-in task started (preload)",
-        TASK,
-    ),
-    Spec(
-        "dagkube_preload_saved_seconds",
-        "counter",
-        "Background fetch and deserialize time of pre-loaded inputs: input-wait moved off the "
-        "task (an upper bound of the wait saved)",
-        TASK,
-    ),
-    Spec(
-        "dagkube_tasks_duplicated",
-        "counter",
-        "Duplicates of late upstream tasks started by a waiting worker (taskdup)",
-        RUN,
-    ),
-    Spec("dagkube_duplicates_won", "counter", "Duplicates that finished before the original", RUN),
-    Spec(
-        "dagkube_taskdup_saved_seconds",
-        "counter",
-        "Original's end minus its duplicate's end, where both finished and the duplicate was "
-        "first: how much sooner consumers had the output",
-        RUN,
-    ),
-    Spec(
-        "dagkube_delayed_io_outputs",
-        "counter",
-        "Outputs under delayed I/O: kept local (upload skipped) or uploaded",
-        ("planner", "outcome"),
-    ),
-)
-
-LIVE_SPECS: tuple[Spec, ...] = (
-    Spec(
-        "dagkube_queue_depth",
-        "gauge",
-        "Invocations queued for a worker, by class (live pools)",
-        ("memory_class",),
-    ),
-    Spec(
-        "dagkube_workers",
-        "gauge",
-        "Workers by state (live pools): starting, idle, busy, waiting (bound, blocked on inputs)",
-        ("state", "memory_class"),
-    ),
-    Spec("dagkube_exporter_redis_up", "gauge", "1 if the last scrape could read Redis", ()),
-    Spec(
-        "dagkube_exporter_runs_backlog",
-        "gauge",
-        "Runs in the history index not folded yet (left for the next scrapes)",
-        (),
-    ),
-    Spec(
-        "dagkube_exporter_runs_folded",
-        "counter",
-        "Runs of the history folded into these metrics since the exporter started",
-        (),
-    ),
-)
-
-SPECS = {spec.name: spec for spec in (*HISTORY_SPECS, *LIVE_SPECS)}
-ALLOWED_LABELS = frozenset(label for spec in SPECS.values() for label in spec.labels)
-WORKER_STATES = ("starting", "idle", "busy", "waiting")
-
-
-def exposed_names() -> set[str]:
-    """Every sample name the exporter can expose (dashboards may only use these)."""
-    return {name for spec in SPECS.values() for name in spec.exposed()}
-
-
-@dataclass
-class _Histogram:
-    buckets: Sequence[float]
-    counts: dict[LabelValues, list[int]] = field(default_factory=dict)
-    sums: dict[LabelValues, float] = field(default_factory=lambda: defaultdict(float))
-
-    def observe(self, labels: LabelValues, value: float) -> None:
-        counts = self.counts.setdefault(labels, [0] * (len(self.buckets) + 1))
-        counts[bisect.bisect_left(self.buckets, value)] += 1  # le: upper bounds inclusive
-        self.sums[labels] += value
-
-    def family(self, spec: Spec, born: Callable[[LabelValues], bool]) -> HistogramMetricFamily:
-        family = HistogramMetricFamily(spec.name, spec.doc, labels=list(spec.labels))
-        bounds = [floatToGoString(b) for b in spec.buckets] + ["+Inf"]
-        for labels, counts in sorted(self.counts.items()):
-            if not born(labels):
-                family.add_metric(list(labels), [(b, 0) for b in bounds], 0.0)
-                continue
-            cumulative, running = [], 0
-            for bound, count in zip(bounds, counts, strict=True):
-                running += count
-                cumulative.append((bound, running))
-            family.add_metric(list(labels), cumulative, self.sums[labels])
-        return family
-
-
-def _marks(plan_json: bytes | None) -> dict[str, int]:
-    """Optimization marks per name in a stored plan."""
-    counts: dict[str, int] = defaultdict(int)
-    if not plan_json:
-        return counts
-    try:
-        tasks = json.loads(plan_json).get("tasks") or {}
-    except ValueError:
-        return counts
-    for task in tasks.values():
-        for mark in task.get("optimizations") or ():
-            counts[str(mark.get("name"))] += 1
-    return counts
-
-
-class _Totals:
-    """Running totals over every run folded in so far (counts only grow).
+class _Exposition:
+    """The running totals as metric families.
 
     A label set that appears after the first exposition is exposed at zero once before its
     values: Prometheus then sees it go from 0 to its first runs, and ``rate()``/``increase()``
@@ -426,152 +87,8 @@ class _Totals:
     def __init__(self) -> None:
         self._exposed: set[tuple[str, LabelValues]] = set()
         self._first = True
-        self.counters: dict[str, dict[LabelValues, float]] = {
-            s.name: defaultdict(float) for s in HISTORY_SPECS if s.kind == "counter"
-        }
-        self.histograms: dict[str, _Histogram] = {
-            s.name: _Histogram(s.buckets) for s in HISTORY_SPECS if s.kind == "histogram"
-        }
 
-    def add(self, name: str, labels: LabelValues, value: float = 1.0) -> None:
-        self.counters[name][labels] += value
-
-    def count(self, name: str, labels: LabelValues, value: str, values: Sequence[str]) -> None:
-        """Count one ``value`` of the last label, starting its siblings at zero: a ratio
-        such as met / all then exists for every label set, also at 0."""
-        for other in values:
-            self.counters[name][(*labels, other)] += 1.0 if other == value else 0.0
-
-    def observe(self, name: str, labels: LabelValues, value: float) -> None:
-        self.histograms[name].observe(labels, max(0.0, value))
-
-    def fold(
-        self,
-        run: RunRecord,
-        tasks: list[TaskRecord],
-        workers: list[WorkerRecord],
-        marks: dict[str, int],
-    ) -> None:
-        planner = run.planner_label
-        rl = (run.workflow, planner, run.sla)
-        self._fold_run(run, rl, tasks, marks)
-        self._fold_tasks(run, planner, tasks)
-        self._fold_workers(planner, workers)
-
-    def _fold_run(
-        self, run: RunRecord, rl: LabelValues, tasks: list[TaskRecord], marks: dict[str, int]
-    ) -> None:
-        planner = rl[1]
-        self.count("dagkube_runs", rl, run.status, sorted({"succeeded", "failed", run.status}))
-        if run.predicted_makespan_s:
-            self.observe("dagkube_run_predicted_makespan_seconds", rl, run.predicted_makespan_s)
-        if run.status == "succeeded" and run.makespan_s is not None:
-            self.observe("dagkube_run_makespan_seconds", rl, run.makespan_s)
-            self.observe(
-                "dagkube_run_execution_seconds", rl, sum(t.ended_at - t.started_at for t in tasks)
-            )
-            if run.predicted_makespan_s and run.makespan_s > 0:
-                error = abs(run.predicted_makespan_s - run.makespan_s) / run.makespan_s
-                self.observe("dagkube_run_prediction_error_ratio", rl, error)
-                met = run.makespan_s <= run.predicted_makespan_s
-                self.count("dagkube_run_sla", rl, "met" if met else "missed", ("met", "missed"))
-        self.observe("dagkube_run_gigabyte_seconds", rl, run.gb_s)
-        for name, value in (
-            ("dagkube_prewarm_requests", run.prewarm_requested),
-            ("dagkube_prewarm_started", run.prewarm_started),
-            ("dagkube_prewarm_used", run.workers_prewarmed),
-            ("dagkube_prewarm_wasted", run.prewarm_wasted),
-            ("dagkube_prewarm_wasted_gigabyte_seconds", run.prewarm_wasted_gb_s),
-            ("dagkube_workers_unused", run.workers_unused),
-            ("dagkube_workers_unused_gigabyte_seconds", run.workers_unused_gb_s),
-            ("dagkube_tasks_duplicated", run.tasks_duplicated),
-            ("dagkube_duplicates_won", run.duplicates_won),
-            ("dagkube_workers_oom_killed", run.oom_kills),
-            ("dagkube_oom_escalations", run.escalations),
-        ):
-            self.add(name, rl, value)
-        for optimization in run.optimizations:
-            self.add("dagkube_optimizations_applied", (planner, optimization))
-            self.observe(
-                "dagkube_run_optimization_marks",
-                (run.workflow, planner, optimization),
-                marks.get(optimization, 0),
-            )
-
-    def _fold_tasks(self, run: RunRecord, planner: str, tasks: list[TaskRecord]) -> None:
-        rl = (run.workflow, planner, run.sla)
-        originals = {t.task_id: t for t in tasks if not t.duplicate}
-        saved = 0.0
-        for task in tasks:
-            tl = (run.workflow, planner, task.function)
-            self.add("dagkube_task_failures", tl, 1 if task.error is not None else 0)
-            self.add("dagkube_task_retries", tl, task.retries)
-            self.add("dagkube_task_oom_kills", tl, len(task.oom_attempts))
-            if task.peak_memory_bytes is not None:
-                self.observe("dagkube_task_peak_memory_bytes", tl, task.peak_memory_bytes)
-            self.observe("dagkube_task_duration_seconds", tl, task.ended_at - task.started_at)
-            self.observe("dagkube_task_input_wait_seconds", tl, task.input_wait_s)
-            if task.download_bytes or task.download_s:
-                self.observe("dagkube_task_download_seconds", tl, task.download_s)
-                self.add("dagkube_task_download_bytes", tl, task.download_bytes)
-            if task.output_stored:
-                self.observe("dagkube_task_upload_seconds", tl, task.upload_s)
-                self.add("dagkube_task_upload_bytes", tl, task.output_bytes)
-            if task.preloaded:
-                self.add("dagkube_preloaded_inputs", tl, len(task.preloaded))
-                self.add("dagkube_preload_saved_seconds", tl, task.preload_s)
-            if task.delayed_io is not None:
-                self.count(
-                    "dagkube_delayed_io_outputs", (planner,), task.delayed_io, ("kept", "uploaded")
-                )
-            if task.duplicate:
-                original = originals.get(task.task_id)
-                if original is not None and original.error is None:
-                    saved += max(0.0, original.ended_at - task.ended_at)
-            if task.prewarm_at is not None:
-                for target_id in task.prewarm_targets:
-                    target = originals.get(target_id)
-                    if target is None:
-                        continue
-                    lead = target.started_at - task.prewarm_at
-                    outcome = "ahead" if lead >= 0 else "late"
-                    self.count("dagkube_prewarm_targets", (planner,), outcome, ("ahead", "late"))
-                    if lead >= 0:
-                        self.observe("dagkube_prewarm_trigger_to_start_seconds", (planner,), lead)
-        self.add("dagkube_taskdup_saved_seconds", rl, saved)
-
-    def _fold_workers(self, planner: str, workers: list[WorkerRecord]) -> None:
-        for worker in workers:
-            wl = (planner, format_memory(worker.memory_mib))
-            gb = worker.memory_mib / 1024
-            if worker.outcome == "lost":
-                self.add("dagkube_workers_lost", wl)
-                if worker.spawned_at is not None:
-                    self.add(
-                        "dagkube_gigabyte_seconds",
-                        wl,
-                        max(0.0, worker.finished_at - worker.spawned_at) * gb,
-                    )
-                continue
-            start = "prewarmed" if worker.prewarmed else "cold" if worker.cold else "warm"
-            self.count("dagkube_worker_starts", wl, start, ("cold", "warm", "prewarmed"))
-            if worker.startup_s is not None:
-                self.observe("dagkube_worker_startup_seconds", (*wl, start), worker.startup_s)
-            if worker.prewarmed and worker.registered_at and worker.ready_at:
-                lead = worker.ready_at - worker.registered_at
-                self.observe("dagkube_prewarm_lead_seconds", wl, lead)
-            # The periods the worker charged the run (dagkube/runtime/worker.py, _serve).
-            held_from = (
-                worker.spawned_at
-                if (worker.cold or worker.prewarmed) and worker.spawned_at
-                else worker.ready_at or worker.finished_at
-            )
-            held_s = max(0.0, worker.finished_at - held_from)
-            self.add("dagkube_gigabyte_seconds", wl, held_s * gb)
-            self.add("dagkube_cpu_seconds_allocated", wl, held_s * worker.cpu)
-            self.add("dagkube_cpu_seconds_used", wl, worker.cpu_s_used)
-
-    def families(self) -> Iterator[Metric]:
+    def families(self, totals: Totals) -> Iterator[Metric]:
         first, self._first = self._first, False  # the history before the first exposition
 
         def born(name: str) -> Callable[[LabelValues], bool]:
@@ -585,13 +102,31 @@ class _Totals:
 
         for spec in HISTORY_SPECS:
             if spec.kind == "histogram":
-                yield self.histograms[spec.name].family(spec, born(spec.name))
+                yield _histogram_family(spec, totals.histograms[spec.name], born(spec.name))
                 continue
             family = CounterMetricFamily(spec.name, spec.doc, labels=list(spec.labels))
             shown = born(spec.name)
-            for values, total in sorted(self.counters[spec.name].items()):
+            for values, total in sorted(totals.counters[spec.name].items()):
                 family.add_metric(list(values), total if shown(values) else 0.0)
             yield family
+
+
+def _histogram_family(
+    spec: Spec, histogram: Histogram, born: Callable[[LabelValues], bool]
+) -> HistogramMetricFamily:
+    """The cumulative buckets of each label set (all zero for one not ``born`` yet)."""
+    family = HistogramMetricFamily(spec.name, spec.doc, labels=list(spec.labels))
+    bounds = [floatToGoString(b) for b in spec.buckets] + ["+Inf"]
+    for labels, counts in sorted(histogram.counts.items()):
+        if not born(labels):
+            family.add_metric(list(labels), [(b, 0) for b in bounds], 0.0)
+            continue
+        cumulative, running = [], 0
+        for bound, count in zip(bounds, counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        family.add_metric(list(labels), cumulative, histogram.sums[labels])
+    return family
 
 
 Pools = Iterable[str] | Callable[[], Iterable[str]]
@@ -624,7 +159,7 @@ class RunHistoryCollector(Collector):
         max_fold_seconds: float = MAX_FOLD_SECONDS,
     ) -> None:
         if isinstance(redis, str):
-            from dagkube.runtime.connection import sync_client
+            from dagkube.store.connection import sync_client
 
             redis = sync_client(redis)
         self.redis = redis
@@ -636,7 +171,8 @@ class RunHistoryCollector(Collector):
         self.max_records_per_scrape = max_records_per_scrape
         self.max_fold_seconds = max_fold_seconds
         self._seen: dict[str | None, set[str]] = {}  # per namespace (None: local runs)
-        self._totals = _Totals()
+        self._totals = Totals()
+        self._exposition = _Exposition()
         self._backlog = 0
         self._folded = 0
         # run id -> (labels, late fields as last folded, re-read until): recently finished runs
@@ -663,7 +199,7 @@ class RunHistoryCollector(Collector):
             except (RedisError, OSError) as exc:  # Redis away: serve what is folded, say so
                 log.warning("metrics: cannot read Redis: %s: %s", type(exc).__name__, exc)
                 up, live = 0, []
-            yield from self._totals.families()
+            yield from self._exposition.families(self._totals)
             yield from live
             for name, value in (
                 ("dagkube_exporter_redis_up", up),
@@ -753,7 +289,7 @@ class RunHistoryCollector(Collector):
         parsed = 0
         for run in runs:
             tasks, workers = next(answers), next(answers)
-            marks = _marks(next(answers)) if run.optimizations else {}
+            marks = plan_marks(next(answers)) if run.optimizations else {}
             parsed += len(tasks) + len(workers)
             try:
                 self._totals.fold(

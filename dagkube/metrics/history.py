@@ -8,19 +8,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dagkube.errors import InvalidOption
-from dagkube.metrics.records import RunRecord, TaskRecord, WorkerRecord
+from dagkube.planning.assembly import CALIBRATION_RUNS
 from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
-from dagkube.planning.planners import CALIBRATION_RUNS
-from dagkube.runtime import scripts
-from dagkube.runtime.keys import (
+from dagkube.store.calls import PrunedRun, PruneIndexesCall, PruneStructureCall
+from dagkube.store.keys import (
     hist_all_runs,
     hist_run,
     hist_structure_runs,
     hist_structures,
     hist_used,
     hist_workflow_runs,
-    key_root,
 )
+from dagkube.store.records import RunRecord, RunStatus, TaskRecord, WorkerRecord
+from dagkube.store.scripts import Scripts
 
 
 @dataclass
@@ -120,7 +120,7 @@ class _RunSamples:
 
 def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes]) -> _RunSamples:
     record = RunRecord.from_hash(_decode(meta))
-    if record.status != "succeeded":
+    if record.status != RunStatus.SUCCEEDED:
         return _RunSamples(succeeded=False)
     found = _RunSamples(succeeded=True)
     # Only an informed plan's error says something about the model: the first runs of a
@@ -206,16 +206,6 @@ async def load_snapshot(
     return snapshot
 
 
-@dataclass(frozen=True)
-class PrunedRun:
-    """A run ``prune_history`` removed (or, dry, would remove)."""
-
-    run_id: str
-    workflow: str
-    status: str
-    finished_at: float
-
-
 @dataclass
 class PruneReport:
     """What ``prune_history`` removed (or, dry, would remove)."""
@@ -261,29 +251,23 @@ async def prune_history(
                 pipe.hget(hist_run(run_id.decode(), "meta"), "structure_hash")
             found = {s.decode() for s in await pipe.execute() if s}
         selected = sorted({s for s, name in names.items() if name == workflow} | found)
-    prune = redis.register_script(scripts.PRUNE_STRUCTURE)
+    scripts = Scripts(redis)
     report = PruneReport()
     for structure in selected:
-        reply = json.loads(
-            await prune(
-                args=[
-                    structure,
-                    "" if keep_runs is None else keep_runs,
-                    "" if finished_before is None else finished_before,
-                    1 if dry_run else 0,
-                    workflow or "",
-                    key_root(namespace),
-                ]
+        reply = await scripts.prune_structure(
+            PruneStructureCall(
+                namespace=namespace,
+                structure_hash=structure,
+                keep_runs=keep_runs,
+                finished_before=finished_before,
+                dry_run=dry_run,
+                workflow=workflow,
             )
         )
-        removed = reply["removed"] or []  # Lua's cjson writes an empty list as {}
-        report.removed += [
-            PrunedRun(r["run"], r["workflow"], r["status"], float(r["finished_at"]))
-            for r in removed
-        ]
-        report.missing.update(reply["missing"] or [])
-        report.runs_kept += int(reply["kept"])
-        if int(reply["left"]) == 0:
+        report.removed += reply.removed
+        report.missing.update(reply.missing)
+        report.runs_kept += reply.kept
+        if reply.left == 0:
             report.structures_emptied.append(structure)
     if workflow is not None:
         indexes = [hist_workflow_runs(workflow, namespace)]
@@ -293,8 +277,9 @@ async def prune_history(
             hist_all_runs(namespace),
             *(hist_workflow_runs(name, namespace) for name in sorted(named)),
         ]
-    unindex = redis.register_script(scripts.PRUNE_INDEXES)
-    missing = await unindex(keys=indexes, args=[1 if dry_run else 0])
-    report.missing.update(run_id.decode() for run_id in missing)
+    pruned = await scripts.prune_indexes(
+        PruneIndexesCall(namespace=namespace, indexes=indexes, dry_run=dry_run)
+    )
+    report.missing.update(pruned.missing)
     report.removed.sort(key=lambda r: r.finished_at)
     return report

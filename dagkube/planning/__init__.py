@@ -8,16 +8,28 @@ from collections.abc import Callable
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
 from dagkube.planning.history import HistorySnapshot
-from dagkube.planning.model import OPT_VARIANTS, OPTIMIZATIONS, Optimization, Plan, TaskPlan
-from dagkube.planning.optimizations import check_optimizations, split_planner
-from dagkube.planning.planners import (
-    PlanningOptions,
-    plan_non_uniform,
-    plan_uniform,
-    plan_wukong,
-    validate_plan,
+from dagkube.planning.model import (
+    OPT_VARIANTS,
+    OPTIMIZATIONS,
+    Clustering,
+    ClusteringParams,
+    DelayedIo,
+    DelayedIoParams,
+    Optimization,
+    Plan,
+    Preload,
+    PreloadParams,
+    Prewarm,
+    PrewarmParams,
+    Taskdup,
+    TaskdupParams,
+    TaskPlan,
 )
+from dagkube.planning.optimizations import check_optimizations, split_planner
+from dagkube.planning.options import PlanningOptions
+from dagkube.planning.planners import plan_non_uniform, plan_uniform, plan_wukong
 from dagkube.planning.sla import parse_sla
+from dagkube.planning.validation import validate_plan
 from dagkube.resources import parse_classes
 
 PLANNER_FUNCTIONS: dict[str, Callable[[DagSpec, PlanningOptions], Plan]] = {
@@ -32,11 +44,21 @@ __all__ = [
     "OPTIMIZATIONS",
     "PLANNERS",
     "PLANNER_NAMES",
+    "Clustering",
+    "ClusteringParams",
+    "DelayedIo",
+    "DelayedIoParams",
     "HistorySnapshot",
     "Optimization",
     "Plan",
     "PlanningOptions",
+    "Preload",
+    "PreloadParams",
+    "Prewarm",
+    "PrewarmParams",
     "TaskPlan",
+    "Taskdup",
+    "TaskdupParams",
     "check_optimizations",
     "check_planner",
     "plan",

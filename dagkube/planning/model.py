@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dagkube.dag import DagSpec
 
@@ -46,22 +46,109 @@ def output_must_be_stored(
     return any(worker_of(d) != me for d in spec.downstream)
 
 
-class Optimization(BaseModel):
-    """An optimization switched on for one task, with its parameters (e.g. a pre-warm time).
+class _Params(BaseModel):
+    """Parameters of one optimization mark: every field required, no unknown ones, so a plan
+    with a misspelled or missing parameter is refused when it is parsed."""
 
-    * ``preload`` on a fan-in: ``inputs`` fetched in the background by ``host`` (a logical
-      worker id, or ``@<task>`` for the flexible worker that runs that task);
-    * ``prewarm`` on the task whose start triggers it: ``memory_mib``, ``count``, ``delay_s``
-      after the task's start, and the ``target`` task the warm worker is meant for;
-    * ``taskdup`` on a consumer: ``upstream`` it may re-run itself, with the predictions the
-      worker decides from (``exec_s`` here, ``original_end_s``, ``original_exec_s``);
-    * ``clustering`` on a fan-out: its ``children`` run on its own worker;
-    * ``delayed-io`` on a fan-in input: wait up to ``wait_s`` for the other inputs of
-      ``fan_in`` and run it here instead of uploading.
-    """
+    model_config = ConfigDict(extra="forbid")
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    def named_tasks(self) -> list[str]:
+        """The task ids these parameters name (validation checks the workflow has them)."""
+        return []
+
+
+class ClusteringParams(_Params):
+    """``clustering`` on a fan-out: its ``children`` run on its own worker."""
+
+    children: list[str]
+
+    def named_tasks(self) -> list[str]:
+        return list(self.children)
+
+
+class DelayedIoParams(_Params):
+    """``delayed-io`` on a fan-in input: wait up to ``wait_s`` for the other inputs of
+    ``fan_in`` and run it here instead of uploading."""
+
+    fan_in: str
+    wait_s: float
+
+    def named_tasks(self) -> list[str]:
+        return [self.fan_in]
+
+
+class PreloadParams(_Params):
+    """``preload`` on a fan-in: ``inputs`` fetched in the background by ``host`` (a logical
+    worker id, or ``@<task>`` for the flexible worker that runs that task)."""
+
+    host: str
+    inputs: list[str]
+
+    def named_tasks(self) -> list[str]:
+        return list(self.inputs)
+
+
+class TaskdupParams(_Params):
+    """``taskdup`` on a consumer: the ``upstream`` it may re-run itself, with the predictions
+    the worker decides from: the duplicate's time here (``exec_s``), and the original's
+    predicted end and execution time."""
+
+    upstream: str
+    exec_s: float
+    original_end_s: float
+    original_exec_s: float
+
+    def named_tasks(self) -> list[str]:
+        return [self.upstream]
+
+
+class PrewarmParams(_Params):
+    """``prewarm`` on the task whose start triggers it: ``count`` workers of ``memory_mib``,
+    requested ``delay_s`` after the task's start, for the ``targets`` they are meant for."""
+
+    memory_mib: int
+    count: int
+    delay_s: float
+    targets: list[str]
+
+
+class _Mark(BaseModel):
+    """One mark as stored, ``{"name": ..., "params": {...}}``: one subclass per optimization,
+    its name fixed, so the name picks the parameters' model when a plan is parsed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Clustering(_Mark):
+    name: Literal["clustering"] = "clustering"
+    params: ClusteringParams
+
+
+class DelayedIo(_Mark):
+    name: Literal["delayed-io"] = "delayed-io"
+    params: DelayedIoParams
+
+
+class Preload(_Mark):
+    name: Literal["preload"] = "preload"
+    params: PreloadParams
+
+
+class Taskdup(_Mark):
+    name: Literal["taskdup"] = "taskdup"
+    params: TaskdupParams
+
+
+class Prewarm(_Mark):
+    name: Literal["prewarm"] = "prewarm"
+    params: PrewarmParams
+
+
+Optimization = Annotated[
+    Clustering | DelayedIo | Preload | Taskdup | Prewarm, Field(discriminator="name")
+]
+"""An optimization switched on for one task, with its typed parameters (the same JSON the
+untyped ``params`` dict of earlier releases had, so stored plans still parse)."""
 
 
 @dataclass
@@ -74,30 +161,30 @@ class OptimizationIndex:
     preload: dict[str, tuple[str, set[str]]] = field(default_factory=dict)  # fan-in -> host, ins
     preload_host: dict[tuple[str, str], str] = field(default_factory=dict)  # (input, fan-in)
     hosts: set[str] = field(default_factory=set)
-    dups: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # consumer -> params
+    dups: dict[str, list[TaskdupParams]] = field(default_factory=dict)  # consumer -> params
     dup_targets: set[str] = field(default_factory=set)
-    prewarm: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # trigger -> params
+    prewarm: dict[str, list[PrewarmParams]] = field(default_factory=dict)  # trigger -> params
 
     @classmethod
     def of(cls, marks: Mapping[str, Iterable[Optimization]]) -> OptimizationIndex:
         found = cls()
         for task_id, entries in marks.items():
             for entry in entries:
-                params = entry.params
-                if entry.name == "clustering":
-                    found.clustered.add(task_id)
-                elif entry.name == "delayed-io":
-                    found.delayed[task_id] = (params["fan_in"], float(params["wait_s"]))
-                elif entry.name == "preload":
-                    found.preload[task_id] = (params["host"], set(params["inputs"]))
-                    found.hosts.add(params["host"])
-                    for dep in params["inputs"]:
-                        found.preload_host[(dep, task_id)] = params["host"]
-                elif entry.name == "taskdup":
-                    found.dups.setdefault(task_id, []).append(params)
-                    found.dup_targets.add(params["upstream"])
-                elif entry.name == "prewarm":
-                    found.prewarm.setdefault(task_id, []).append(params)
+                match entry:
+                    case Clustering():
+                        found.clustered.add(task_id)
+                    case DelayedIo(params=delayed):
+                        found.delayed[task_id] = (delayed.fan_in, delayed.wait_s)
+                    case Preload(params=preload):
+                        found.preload[task_id] = (preload.host, set(preload.inputs))
+                        found.hosts.add(preload.host)
+                        for dep in preload.inputs:
+                            found.preload_host[(dep, task_id)] = preload.host
+                    case Taskdup(params=dup):
+                        found.dups.setdefault(task_id, []).append(dup)
+                        found.dup_targets.add(dup.upstream)
+                    case Prewarm(params=prewarm):
+                        found.prewarm.setdefault(task_id, []).append(prewarm)
         return found
 
 

@@ -15,9 +15,24 @@ from dataclasses import dataclass
 
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
-from dagkube.planning.model import OPT_VARIANTS, OPTIMIZATIONS, Optimization, output_must_be_stored
-from dagkube.planning.predictions import Predictor
-from dagkube.planning.timing import Estimates, Timing
+from dagkube.planning.model import (
+    OPT_VARIANTS,
+    OPTIMIZATIONS,
+    Clustering,
+    ClusteringParams,
+    DelayedIo,
+    DelayedIoParams,
+    Optimization,
+    Preload,
+    PreloadParams,
+    Prewarm,
+    PrewarmParams,
+    Taskdup,
+    TaskdupParams,
+    output_must_be_stored,
+)
+from dagkube.planning.predictions import Estimates, Predictor
+from dagkube.planning.timing import Timing
 
 PREWARM_LEAD_S = 0.25  # a pre-warmed worker should be ready this long before it is needed,
 PREWARM_LEAD_SHARE = 0.2  # plus this share of its cold start (starts together are slower)
@@ -75,8 +90,8 @@ def mark(names: list[str], given: RuleInput) -> Marks:
     return marks
 
 
-def _add(marks: Marks, task_id: str, name: str, **params: object) -> None:
-    marks.setdefault(task_id, []).append(Optimization(name=name, params=params))
+def _add(marks: Marks, task_id: str, entry: Optimization) -> None:
+    marks.setdefault(task_id, []).append(entry)
 
 
 def _clustering(given: RuleInput, marks: Marks) -> None:
@@ -93,7 +108,7 @@ def _clustering(given: RuleInput, marks: Marks) -> None:
         remote = 2 * transfer + p.startup_s(given.memory[children[0]], False)
         serial = sum(sizes.exec_s[c] for c in children) - max(sizes.exec_s[c] for c in children)
         if serial <= remote:
-            _add(marks, task_id, "clustering", children=list(children))
+            _add(marks, task_id, Clustering(params=ClusteringParams(children=list(children))))
 
 
 def _delayed_io(given: RuleInput, marks: Marks) -> None:
@@ -116,7 +131,8 @@ def _delayed_io(given: RuleInput, marks: Marks) -> None:
                 best = (saved, dep, wait)
         if best is not None:
             _, dep, wait = best
-            _add(marks, dep, "delayed-io", fan_in=task_id, wait_s=round(wait + DELAY_MARGIN_S, 6))
+            params = DelayedIoParams(fan_in=task_id, wait_s=round(wait + DELAY_MARGIN_S, 6))
+            _add(marks, dep, DelayedIo(params=params))
 
 
 def _preload(given: RuleInput, marks: Marks) -> None:
@@ -137,7 +153,7 @@ def _preload(given: RuleInput, marks: Marks) -> None:
             inputs = [d for d in spec.deps if d != last]
         fetched = given.predictor.transfer_s(sum(given.sizes.out_bytes[d] for d in inputs))
         if inputs and fetched >= MIN_SAVING_S:
-            _add(marks, task_id, "preload", host=host, inputs=inputs)
+            _add(marks, task_id, Preload(params=PreloadParams(host=host, inputs=inputs)))
 
 
 def _taskdup(given: RuleInput, marks: Marks) -> None:
@@ -156,23 +172,18 @@ def _taskdup(given: RuleInput, marks: Marks) -> None:
             if not all(_stored(given, marks, d) for d in upstream.deps):
                 continue
             fetched = sum(sizes.out_bytes[d] for d in upstream.deps if given.worker_of[d] != me)
-            _add(
-                marks,
-                task_id,
-                "taskdup",
+            here_s = p.exec_s(upstream.function, sizes.input_bytes[dep], given.memory[task_id], dep)
+            params = TaskdupParams(
                 upstream=dep,
-                exec_s=round(
-                    p.exec_s(upstream.function, sizes.input_bytes[dep], given.memory[task_id], dep)
-                    + p.transfer_s(fetched),
-                    6,
-                ),
+                exec_s=round(here_s + p.transfer_s(fetched), 6),
                 original_end_s=round(timing.tasks[dep].end_s, 6),
                 original_exec_s=round(sizes.exec_s[dep], 6),
             )
+            _add(marks, task_id, Taskdup(params=params))
 
 
 def _stored(given: RuleInput, marks: Marks, task_id: str) -> bool:
-    clustered = any(o.name == "clustering" for o in marks.get(task_id, ()))
+    clustered = any(isinstance(o, Clustering) for o in marks.get(task_id, ()))
     return output_must_be_stored(given.dag, task_id, given.worker_of.__getitem__, clustered)
 
 
@@ -204,15 +215,13 @@ def mark_prewarm(given: RuleInput, marks: Marks) -> int:
         requests.setdefault((trigger, activity.memory_mib), []).append((fire_at, activity.tasks[0]))
     for (trigger, memory_mib), wanted in requests.items():
         fire_at = min(f for f, _ in wanted)
-        _add(
-            marks,
-            trigger,
-            "prewarm",
+        params = PrewarmParams(
             memory_mib=memory_mib,
             count=len(wanted),
             delay_s=round(max(0.0, fire_at - timing.tasks[trigger].start_s), 6),
             targets=sorted(t for _, t in wanted),
         )
+        _add(marks, trigger, Prewarm(params=params))
     return sum(len(w) for w in requests.values())
 
 
@@ -229,8 +238,8 @@ def check_conflicts(dag: DagSpec, tasks: dict[str, list[Optimization]], stored: 
                 "to run a fan-in instead"
             )
         for entry in entries:
-            if entry.name == "delayed-io":
-                fan_in = str(entry.params["fan_in"])
+            if isinstance(entry, DelayedIo):
+                fan_in = entry.params.fan_in
                 other = delayed_by_fan_in.setdefault(fan_in, task_id)
                 if other != task_id:
                     raise InvalidOption(
@@ -238,20 +247,20 @@ def check_conflicts(dag: DagSpec, tasks: dict[str, list[Optimization]], stored: 
                         "conflict: both workers would wait to run it (each waiting for the other)"
                     )
     delayed = {
-        e.params["fan_in"]: t for t, es in tasks.items() for e in es if e.name == "delayed-io"
+        e.params.fan_in: t for t, es in tasks.items() for e in es if isinstance(e, DelayedIo)
     }
     for task_id, entries in tasks.items():
         for entry in entries:
-            if entry.name == "preload":
+            if isinstance(entry, Preload):
                 held = delayed.get(task_id)
-                if held is not None and held in entry.params["inputs"]:
+                if held is not None and held in entry.params.inputs:
                     raise InvalidOption(
                         f"Task {task_id!r}: optimizations 'preload' and 'delayed-io' conflict: "
                         f"preload fetches its input {held!r} as soon as it is stored, while "
                         f"delayed-io holds {held!r} back to run {task_id!r} on its own worker"
                     )
-            elif entry.name == "taskdup":
-                upstream = str(entry.params["upstream"])
+            elif isinstance(entry, Taskdup):
+                upstream = entry.params.upstream
                 for dep in dag.tasks[upstream].deps:
                     if stored(dep):
                         continue

@@ -37,6 +37,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from dagkube.dag import DagSpec
 from dagkube.planning.history import HistorySnapshot, TaskSample
 from dagkube.planning.sla import sla_percentile
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, cpu_for_memory
@@ -329,3 +330,31 @@ class Predictor:
 def _bucket(nbytes: int) -> int:
     """Input sizes within ~3% predict alike: bucket them for caching."""
     return 0 if nbytes <= 0 else round(math.log(nbytes) * 32)
+
+
+@dataclass
+class Estimates:
+    """Per task, in topological order: predicted input bytes, output bytes, execution time."""
+
+    input_bytes: dict[str, int]
+    out_bytes: dict[str, int]
+    exec_s: dict[str, float]
+
+
+def estimate(dag: DagSpec, predictor: Predictor, memory: dict[str, int]) -> Estimates:
+    """A task's input is its upstream outputs, its large constants and its inline arguments
+    (the same sum the worker records as ``input_bytes``)."""
+    input_bytes: dict[str, int] = {}
+    out_bytes: dict[str, int] = {}
+    exec_s: dict[str, float] = {}
+    const_bytes = {k: len(v) for k, v in dag.constants.items()}
+    for task_id, spec in dag.tasks.items():
+        size = (
+            len(spec.args_blob)
+            + sum(out_bytes[d] for d in spec.deps)
+            + sum(const_bytes.get(k, 0) for k in spec.const_keys)
+        )
+        input_bytes[task_id] = size
+        out_bytes[task_id] = predictor.output_bytes(spec.function, size)
+        exec_s[task_id] = predictor.exec_s(spec.function, size, memory[task_id], task_id)
+    return Estimates(input_bytes, out_bytes, exec_s)

@@ -1,7 +1,8 @@
 """The timing model: predicted start/end of every task, worker activity, makespan, GB-seconds.
 
 It is a discrete-event simulation of the runtime's own rules, so it predicts what the runtime
-will do rather than an idealized schedule:
+will do rather than an idealized schedule (the routing and charging rules are the very
+functions the worker follows, :mod:`dagkube.planning.rules`):
 
 * an invocation is queued per class; an idle worker of the class takes it (warm start-up),
   or a new worker is spawned (cold start-up) while under the worker cap, else it waits;
@@ -30,7 +31,8 @@ from dataclasses import dataclass, field
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
 from dagkube.planning.model import Optimization, OptimizationIndex, output_must_be_stored
-from dagkube.planning.predictions import Predictor
+from dagkube.planning.predictions import Predictor, estimate
+from dagkube.planning.rules import Route, flexible_next, route, start_charge
 from dagkube.resources import cpu_for_memory
 
 TASK_OVERHEAD_S = 0.0005  # per task: one Redis round trip and bookkeeping (measured ~0.5 ms)
@@ -87,34 +89,6 @@ class _Worker:
     idle_since: float | None = None
     spawned_s: float | None = None  # spawned and not used yet (None for warm-pool workers)
     prewarmed: bool = False  # spawned by a pre-warm request
-
-
-@dataclass
-class Estimates:
-    """Per task, in topological order: predicted input bytes, output bytes, execution time."""
-
-    input_bytes: dict[str, int]
-    out_bytes: dict[str, int]
-    exec_s: dict[str, float]
-
-
-def estimate(dag: DagSpec, predictor: Predictor, memory: dict[str, int]) -> Estimates:
-    """A task's input is its upstream outputs, its large constants and its inline arguments
-    (the same sum the worker records as ``input_bytes``)."""
-    input_bytes: dict[str, int] = {}
-    out_bytes: dict[str, int] = {}
-    exec_s: dict[str, float] = {}
-    const_bytes = {k: len(v) for k, v in dag.constants.items()}
-    for task_id, spec in dag.tasks.items():
-        size = (
-            len(spec.args_blob)
-            + sum(out_bytes[d] for d in spec.deps)
-            + sum(const_bytes.get(k, 0) for k in spec.const_keys)
-        )
-        input_bytes[task_id] = size
-        out_bytes[task_id] = predictor.output_bytes(spec.function, size)
-        exec_s[task_id] = predictor.exec_s(spec.function, size, memory[task_id], task_id)
-    return Estimates(input_bytes, out_bytes, exec_s)
 
 
 class DeadlockError(InvalidOption):
@@ -268,16 +242,21 @@ class _Simulation:
             self._spawn(memory_mib, time_s, prewarm=True)
 
     def _take(self, worker: _Worker, time_s: float, ready_s: float) -> None:
-        """The worker takes the head of its class queue. Like the runtime's records: a new
-        worker's first invocation is cold if queued before the worker was spawned, and a cold
-        or pre-warmed worker is charged from its spawn."""
+        """The worker takes the head of its class queue, counted as the runtime counts it
+        (:func:`dagkube.planning.rules.start_charge`; a worker spawned by the simulation is on
+        its first invocation until it takes one)."""
         logical, roots, trigger, queued_s = self.queues[worker.memory_mib].popleft()
         spawned, worker.spawned_s = worker.spawned_s, None
-        cold = spawned is not None and spawned >= queued_s
         prewarmed = spawned is not None and worker.prewarmed
         worker.prewarmed = False
-        charged_from = spawned if spawned is not None and (cold or prewarmed) else time_s
-        self._begin(worker, logical, roots, cold, charged_from, ready_s, trigger)
+        charge = start_charge(
+            first=spawned is not None,
+            spawned_s=spawned,
+            queued_s=queued_s,
+            prewarmed=prewarmed,
+            taken_s=time_s,
+        )
+        self._begin(worker, logical, roots, charge.cold, charge.charged_from_s, ready_s, trigger)
         assert worker.activity is not None
         worker.activity.prewarmed = prewarmed
         worker.activity.queued_s = queued_s
@@ -352,10 +331,10 @@ class _Simulation:
         self.producer[task_id] = worker
         for request in self.prewarm.get(task_id, ()):
             self.push(
-                time_s + float(request["delay_s"]),
+                time_s + request.delay_s,
                 "prewarm",
-                int(request["memory_mib"]),
-                int(request["count"]),
+                request.memory_mib,
+                request.count,
             )
         if task_id in self.delayed:
             self.push(timing.end_s, "ended", worker, task_id)
@@ -411,36 +390,44 @@ class _Simulation:
             if self.remaining_deps[down]:
                 continue
             logical = self.worker_of[down]
-            if logical is None:
-                if worker.logical is None and continuation is None:
-                    continuation = down
-                elif worker.logical is None and task_id in self.clustered:
-                    clustered.append(down)
-                else:
-                    self.push(time_s, "queue", self.memory[down], None, [down], task_id)
-            elif logical == worker.logical:
-                worker.ready.append(down)
-            elif logical in self.logical_worker:
-                owner = self.logical_worker[logical]
-                if owner is None:  # queued, not started yet
-                    self.inbox.setdefault(logical, []).append(down)
-                else:
-                    owner.ready.append(down)
-                    if not owner.running:
-                        self._next_bound(owner, time_s, task_id)
+            where = route(
+                producer_worker=worker.logical,
+                consumer_worker=logical,
+                clustered=task_id in self.clustered,
+                continuation_taken=continuation is not None,
+            )
+            if where is Route.CONTINUE:
+                continuation = down
+            elif where is Route.LOCAL:
+                (clustered if logical is None else worker.ready).append(down)
+            elif where is Route.QUEUE:
+                self.push(time_s, "queue", self.memory[down], None, [down], task_id)
             else:
-                self.logical_worker[logical] = None
-                self.inbox[logical] = [down]
-                self.push(time_s, "queue", self.memory[down], logical, [], task_id)
-        if continuation is not None:
-            worker.ready.extendleft(reversed(clustered))  # the runtime's order: see worker.py
-            self._start_task(worker, continuation, time_s, task_id)
-        elif worker.logical is not None:
+                assert logical is not None
+                self._to_inbox(logical, down, time_s, task_id)
+        if worker.logical is not None:
             self._next_bound(worker, time_s, task_id)
-        elif worker.ready:  # clustered siblings still to run here
+            return
+        worker.ready = deque(flexible_next(continuation, clustered, worker.ready))
+        if worker.ready:
             self._start_task(worker, worker.ready.popleft(), time_s, task_id)
         else:
             self._finish(worker, time_s)
+
+    def _to_inbox(self, logical: str, task_id: str, time_s: float, trigger: str) -> None:
+        """A ready task for a bound worker: its invocation is queued with the first one."""
+        if logical not in self.logical_worker:
+            self.logical_worker[logical] = None
+            self.inbox[logical] = [task_id]
+            self.push(time_s, "queue", self.memory[task_id], logical, [], trigger)
+            return
+        owner = self.logical_worker[logical]
+        if owner is None:  # queued, not started yet
+            self.inbox.setdefault(logical, []).append(task_id)
+        else:
+            owner.ready.append(task_id)
+            if not owner.running:
+                self._next_bound(owner, time_s, trigger)
 
     def _finish(self, worker: _Worker, time_s: float) -> None:
         assert worker.activity is not None

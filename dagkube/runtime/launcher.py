@@ -20,12 +20,13 @@ from typing import Any
 
 from dagkube.dag import DagSpec, resolve
 from dagkube.errors import InvalidOption, RunTimeout, TaskFailed
-from dagkube.metrics.records import RunRecord
 from dagkube.planning.model import Plan
-from dagkube.runtime import scripts
-from dagkube.runtime.connection import MAX_BLOCK_S, BulkReader
 from dagkube.runtime.invocation import Invocation
-from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run
+from dagkube.store import scripts
+from dagkube.store.calls import CancelCall, ForceEndCall, RenewCall
+from dagkube.store.connection import MAX_BLOCK_S, BulkReader
+from dagkube.store.keys import PoolKeys, RunKeys, hist_run
+from dagkube.store.records import RunRecord, RunStatus, is_live
 
 DEFAULT_RUN_TTL_S = 3600
 RENEW_EVERY_S = 60.0  # a waiter renews its run's lease this often (the lease is the run TTL)
@@ -92,7 +93,7 @@ async def launch(
         "planner": plan.planner,
         "sla": plan.sla,
         "pool": pool,
-        "status": "running",
+        "status": RunStatus.RUNNING,
         "submitted_at": now,
         "tasks_total": len(dag.tasks),
         "tasks_done": 0,
@@ -138,7 +139,8 @@ async def renew(redis: Any, run_id: str) -> bool:
     """Extend a live run's lease (its keys expire one run TTL after this); False once it
     ended."""
     shortest = 3 * RENEW_EVERY_S  # a short run TTL must not let a waited-for run expire
-    return bool(await redis.register_script(scripts.RENEW)(args=[run_id, shortest]))
+    reply = await scripts.Scripts(redis).renew(RenewCall(run_id=run_id, shortest_lease_s=shortest))
+    return reply.renewed
 
 
 async def wait_for_end(
@@ -189,16 +191,16 @@ def check_timeout(value: object) -> float:
 
 async def cancel(redis: Any, run_id: str, reason: str = "cancelled by the user") -> bool:
     """Ask every worker of the run to stop at its next task boundary."""
-    script = redis.register_script(scripts.CANCEL)
-    return bool(await script(args=[run_id, json.dumps({"message": reason}), time.time()]))
+    call = CancelCall(run_id=run_id, reason_json=json.dumps({"message": reason}), now=time.time())
+    return (await scripts.Scripts(redis).cancel(call)).cancelled
 
 
 async def force_end(redis: Any, run_id: str) -> str:
     """End a run without waiting for its workers (busy in a long task, stopped, or none took
     it): recorded as cancelled (failed if it had failed), its keys expiring, its queued
     invocations dropped. Returns the status it ended with, "" if it had already ended."""
-    script = redis.register_script(scripts.FORCE_END)
-    return (await script(args=[run_id, time.time()])).decode()
+    reply = await scripts.Scripts(redis).force_end(ForceEndCall(run_id=run_id, now=time.time()))
+    return reply.status or ""
 
 
 async def fail_run(redis: Any, run_id: str, message: str) -> str:
@@ -206,9 +208,9 @@ async def fail_run(redis: Any, run_id: str, message: str) -> str:
     restarted: its state may have lost writes, so it is not resumed). Returns the status it
     ended with, "" if it had already ended or the server does not know it."""
     meta = RunKeys(run_id).meta
-    if await redis.hget(meta, "status") in (b"running", b"cancelling"):
+    if is_live(await redis.hget(meta, "status")):
         await redis.hset(
-            meta, mapping={"status": "failed", "error": json.dumps({"message": message})}
+            meta, mapping={"status": RunStatus.FAILED, "error": json.dumps({"message": message})}
         )
     return await force_end(redis, run_id)
 
@@ -259,7 +261,7 @@ async def fetch_run_record(redis: Any, run_id: str) -> RunRecord:
 def task_failed_from(record: RunRecord) -> TaskFailed | None:
     """The TaskFailed a failed run raises, from its stored error."""
     error = record.error or {}
-    if record.status == "succeeded":
+    if record.status == RunStatus.SUCCEEDED:
         return None
     return TaskFailed(
         run_id=record.run_id,

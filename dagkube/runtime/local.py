@@ -20,17 +20,19 @@ from dagkube import planning
 from dagkube.dag import DagSpec
 from dagkube.errors import DagkubeError, RedisRestarted, RedisUnavailable, RunTimeout
 from dagkube.metrics.history import load_snapshot, read_record
-from dagkube.metrics.records import RunRecord
 from dagkube.planning import PlanningOptions
 from dagkube.planning.model import Plan
-from dagkube.planning.planners import DEFAULT_CLUSTER_SIZE
+from dagkube.planning.options import DEFAULT_CLUSTER_SIZE
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB
-from dagkube.runtime import launcher, scripts
-from dagkube.runtime.connection import BulkReader, ServerReplaced, ServerWatch, redact
+from dagkube.runtime import launcher
 from dagkube.runtime.embedded import EmbeddedRedis, dagkube_home, make_private_dir
-from dagkube.runtime.keys import PoolKeys, worker_proc
 from dagkube.runtime.local_backend import LocalBackend
 from dagkube.runtime.scaler import Scaler
+from dagkube.store import scripts
+from dagkube.store.cleanup import delete_pool_keys
+from dagkube.store.connection import BulkReader, ServerReplaced, ServerWatch, redact
+from dagkube.store.keys import PoolKeys
+from dagkube.store.records import RunRecord, RunStatus
 
 log = logging.getLogger("dagkube.runtime")
 T = TypeVar("T")
@@ -242,15 +244,8 @@ class LocalRuntime:
         self._cleanup(redis.aclose(), "close the connection")
 
     async def _forget_pool(self, redis: Any = None) -> None:
-        redis = redis or self.redis
-        keys = PoolKeys(self.pool)
-        classes = [int(c) for c in await redis.smembers(keys.classes)]
-        names = [keys.classes, keys.workers, keys.wake, keys.waiting]
-        if self.backend is not None:
-            names += [worker_proc(wid) for wid in self.backend.spawned_ids]
-        for memory in classes:
-            names += [keys.queue(memory), keys.idle(memory)]
-        await redis.delete(*names)
+        spawned = self.backend.spawned_ids if self.backend is not None else ()
+        await delete_pool_keys(redis or self.redis, self.pool, spawned)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         """Run a coroutine on the runtime's loop from this thread; Ctrl-C stays responsive."""
@@ -349,11 +344,11 @@ class LocalRuntime:
             )
             raise
         self._active_runs.discard(run_id)
-        if timed_out and status == "cancelled":
+        if timed_out and status == RunStatus.CANCELLED:
             raise RunTimeout(f"Run {run_id} timed out after {timeout_s:g}s and was cancelled")
         record = self.call(launcher.fetch_run_record(self.redis, run_id))
         outputs = None
-        if status == "succeeded":
+        if status == RunStatus.SUCCEEDED:
             assert self.reader is not None
             outputs = self.call(launcher.fetch_outputs(self.reader, dag, run_id))
         # This caller is the run's only consumer: its data need not wait for the TTL.

@@ -18,10 +18,11 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
-from dagkube.runtime import scripts
-from dagkube.runtime.connection import ServerReplaced
 from dagkube.runtime.invocation import Invocation
-from dagkube.runtime.keys import PoolKeys, worker_heartbeat, worker_proc, worker_task
+from dagkube.store.calls import AddToRunCall, RequeueCall
+from dagkube.store.connection import ServerReplaced
+from dagkube.store.keys import PoolKeys, worker_heartbeat, worker_proc, worker_task
+from dagkube.store.scripts import Scripts
 
 log = logging.getLogger("dagkube.scaler")
 
@@ -99,8 +100,7 @@ class Scaler:
         self.backend = backend
         self.heartbeat_check_s = heartbeat_check_s
         self.tick_s = tick_s
-        self._requeue = redis.register_script(scripts.REQUEUE)
-        self._add_to_run = redis.register_script(scripts.ADD_TO_RUN)
+        self._scripts = Scripts(redis)
         self._last_heartbeat_check = 0.0
         self._stopped = asyncio.Event()
         self.workers_started = 0
@@ -168,14 +168,11 @@ class Scaler:
                 self.workers_started += 1
                 started += 1
             room -= started
-            await self._add_to_run(
-                args=[
-                    request["run"],
-                    "prewarm_requested",
-                    request["count"],
-                    "prewarm_started",
-                    started,
-                ]
+            await self._scripts.add_to_run(
+                AddToRunCall(
+                    run_id=request["run"],
+                    increments={"prewarm_requested": request["count"], "prewarm_started": started},
+                )
             )
             log.info(
                 "pre-warm for run %s (trigger %s): %d of %d worker(s) of %d MiB started",
@@ -198,20 +195,20 @@ class Scaler:
         lost its worker more than ``MAX_REQUEUES`` times."""
         handle = ended.handle
         held = await self.redis.llen(worker_proc(handle.worker_id, self.keys.pool))
-        requeued = await self._requeue(
-            args=[
-                self.keys.prefix,
-                worker_proc(handle.worker_id, self.keys.pool),
-                handle.worker_id,
-                time.time(),
-                handle.memory_mib,
-                handle.spawned_at,
-                1 if ended.oom_killed else 0,
-                "" if ended.peak_memory_bytes is None else ended.peak_memory_bytes,
-                "" if ended.code is None else ended.code,
-                MAX_REQUEUES,
-            ]
+        reply = await self._scripts.requeue(
+            RequeueCall(
+                pool=self.keys.pool,
+                worker_id=handle.worker_id,
+                memory_mib=handle.memory_mib,
+                spawned_at=handle.spawned_at,
+                now=time.time(),
+                oom_killed=ended.oom_killed,
+                peak_memory_bytes=ended.peak_memory_bytes,
+                exit_code=ended.code,
+                max_requeues=MAX_REQUEUES,
+            )
         )
+        requeued = reply.requeued
         if held:
             self.workers_lost += 1
             cause = "was killed for exceeding its memory" if ended.oom_killed else "exited"

@@ -22,12 +22,13 @@ from dagkube import __version__
 from dagkube.errors import DagkubeError
 from dagkube.kubernetes.backend import connect as connect_api
 from dagkube.metrics.exporter import RunHistoryCollector
-from dagkube.runtime.connection import connect as connect_redis
-from dagkube.runtime.connection import redact, sync_client
-from dagkube.runtime.keys import NAMESPACES
+from dagkube.store.connection import connect as connect_redis
+from dagkube.store.connection import redact, sync_client
+from dagkube.store.keys import NAMESPACES
 from dagkube_operator import config as config_module
 from dagkube_operator.config import ConfigError, OperatorConfig
-from dagkube_operator.handlers import Operator, register
+from dagkube_operator.core import Operator
+from dagkube_operator.handlers import register
 from dagkube_operator.metrics import HealthServer, OperatorMetrics
 
 log = logging.getLogger("dagkube.operator")

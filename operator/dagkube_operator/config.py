@@ -126,6 +126,8 @@ class OperatorConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
+        """The settings from ``environ`` (default: the process' environment); a ConfigError
+        names the first variable that is missing or malformed and what it accepts."""
         env = os.environ if environ is None else environ
         url = env.get("DAGKUBE_REDIS_URL", "").strip()
         if not url:
@@ -143,50 +145,25 @@ class OperatorConfig:
             )
         except DagkubeError as exc:
             raise ConfigError(f"DAGKUBE_ALLOWED_CLASSES={allowed!r}: {exc}") from exc
-        images = env.get("DAGKUBE_ALLOWED_IMAGES", "")
-        allowed_images = [pattern.strip() for pattern in images.split(",") if pattern.strip()]
-        for pattern in allowed_images:
-            if any(c.isspace() for c in pattern):
-                raise ConfigError(
-                    f"DAGKUBE_ALLOWED_IMAGES={images!r}: {pattern!r} is not an image prefix or "
-                    "pattern (no spaces; separate patterns with commas)"
-                )
+        allowed_images = _patterns(
+            env,
+            "DAGKUBE_ALLOWED_IMAGES",
+            lambda pattern: not any(c.isspace() for c in pattern),
+            "an image prefix or pattern (no spaces; separate patterns with commas)",
+        )
         allowed_sources = _allowed_sources(env.get("DAGKUBE_ALLOWED_SOURCES", ""))
-        modules = env.get("DAGKUBE_ALLOWED_MODULES", "")
-        allowed_modules = [pattern.strip() for pattern in modules.split(",") if pattern.strip()]
-        for pattern in allowed_modules:
-            if not MODULE_PATTERN.fullmatch(pattern):
-                raise ConfigError(
-                    f"DAGKUBE_ALLOWED_MODULES={modules!r}: {pattern!r} is not a module, "
-                    "'module:function' or glob pattern (separate them with commas)"
-                )
-        storage = env.get("DAGKUBE_WORKER_EPHEMERAL_STORAGE", "").strip()
-        try:
-            ephemeral_storage_mib = (
-                parse_memory(storage) if storage else DEFAULT_EPHEMERAL_STORAGE_MIB
-            )
-        except DagkubeError as exc:
-            raise ConfigError(f"DAGKUBE_WORKER_EPHEMERAL_STORAGE={storage!r}: {exc}") from exc
-        build_memory = env.get("DAGKUBE_BUILD_MEMORY", "").strip()
-        try:
-            build_memory_mib = parse_memory(build_memory) if build_memory else cls.build_memory_mib
-        except DagkubeError as exc:
-            raise ConfigError(f"DAGKUBE_BUILD_MEMORY={build_memory!r}: {exc}") from exc
-        max_workers = _number(env, "DAGKUBE_MAX_WORKERS", 50, int, 1)
-        max_workers_limit = _number(env, "DAGKUBE_MAX_WORKERS_LIMIT", 200, int, 1)
-        if max_workers > max_workers_limit:
-            raise ConfigError(
-                f"DAGKUBE_MAX_WORKERS={max_workers} is above DAGKUBE_MAX_WORKERS_LIMIT="
-                f"{max_workers_limit}: the default workers per run must be within the limit"
-            )
-        worker_users = _boolean(env, "DAGKUBE_WORKER_USERS", True)
-        redis_ca_file = env.get("DAGKUBE_REDIS_CA_FILE", "").strip() or None
-        if redis_ca_file and not worker_users:
-            # The CA reaches worker Pods in the namespace's worker Secret, made with its user.
-            raise ConfigError(
-                f"DAGKUBE_REDIS_CA_FILE={redis_ca_file!r} needs DAGKUBE_WORKER_USERS=true: "
-                "worker Pods get the TLS Redis' CA with their namespace's worker user"
-            )
+        allowed_modules = _patterns(
+            env,
+            "DAGKUBE_ALLOWED_MODULES",
+            lambda pattern: MODULE_PATTERN.fullmatch(pattern) is not None,
+            "a module, 'module:function' or glob pattern (separate them with commas)",
+        )
+        ephemeral_storage_mib = _memory_mib(
+            env, "DAGKUBE_WORKER_EPHEMERAL_STORAGE", DEFAULT_EPHEMERAL_STORAGE_MIB
+        )
+        build_memory_mib = _memory_mib(env, "DAGKUBE_BUILD_MEMORY", cls.build_memory_mib)
+        max_workers, max_workers_limit = _worker_counts(env)
+        worker_users, redis_ca_file = _worker_users_and_ca(env)
         return cls(
             redis_url=with_password(url, password),
             redis_url_secret=(
@@ -219,6 +196,52 @@ class OperatorConfig:
             peering=_peering_name(env.get("DAGKUBE_PEERING", "")),
             peering_lifetime_s=_number(env, "DAGKUBE_PEERING_LIFETIME", 8, int, 2),
         )
+
+
+def _patterns(
+    env: Mapping[str, str], name: str, valid: Callable[[str], bool], expected: str
+) -> list[str]:
+    """A comma-separated allowlist; a ConfigError names the first entry that is not
+    ``expected``."""
+    text = env.get(name, "")
+    patterns = [pattern.strip() for pattern in text.split(",") if pattern.strip()]
+    for pattern in patterns:
+        if not valid(pattern):
+            raise ConfigError(f"{name}={text!r}: {pattern!r} is not {expected}")
+    return patterns
+
+
+def _memory_mib(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name, "").strip()
+    try:
+        return parse_memory(text) if text else default
+    except DagkubeError as exc:
+        raise ConfigError(f"{name}={text!r}: {exc}") from exc
+
+
+def _worker_counts(env: Mapping[str, str]) -> tuple[int, int]:
+    """The worker Pods per run by default, and the most a Workflow may ask for."""
+    max_workers = _number(env, "DAGKUBE_MAX_WORKERS", 50, int, 1)
+    max_workers_limit = _number(env, "DAGKUBE_MAX_WORKERS_LIMIT", 200, int, 1)
+    if max_workers > max_workers_limit:
+        raise ConfigError(
+            f"DAGKUBE_MAX_WORKERS={max_workers} is above DAGKUBE_MAX_WORKERS_LIMIT="
+            f"{max_workers_limit}: the default workers per run must be within the limit"
+        )
+    return max_workers, max_workers_limit
+
+
+def _worker_users_and_ca(env: Mapping[str, str]) -> tuple[bool, str | None]:
+    """Whether each namespace's workers get their own Redis user, and a TLS Redis' CA file."""
+    worker_users = _boolean(env, "DAGKUBE_WORKER_USERS", True)
+    redis_ca_file = env.get("DAGKUBE_REDIS_CA_FILE", "").strip() or None
+    if redis_ca_file and not worker_users:
+        # The CA reaches worker Pods in the namespace's worker Secret, made with its user.
+        raise ConfigError(
+            f"DAGKUBE_REDIS_CA_FILE={redis_ca_file!r} needs DAGKUBE_WORKER_USERS=true: "
+            "worker Pods get the TLS Redis' CA with their namespace's worker user"
+        )
+    return worker_users, redis_ca_file
 
 
 def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:

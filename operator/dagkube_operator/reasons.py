@@ -2,12 +2,16 @@
 Event and condition reasons) and the limit on the messages that go with them.
 
 User text (a build Pod's log or outcome, a task's error) only ever reaches a message, cut to a
-few KiB; a reason is always one of :class:`Reason`, whatever the text says.
+few KiB; a reason is always one of :class:`Reason`, whatever the text says. An error nobody
+foresaw fails its Workflow as ``InternalError``, its message naming the step it happened in
+(:func:`during`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
 from typing import Any
 
 from dagkube.errors import DagkubeError
@@ -86,6 +90,27 @@ class WorkflowFailed(DagkubeError):
     def __init__(self, message: str, reason: Reason = Reason.INVALID_SPEC) -> None:
         super().__init__(message)
         self.reason = Reason(reason)
+
+
+@contextlib.contextmanager
+def during(step: str) -> Iterator[None]:
+    """Name the step an error happened in: an InternalError's message says it."""
+    try:
+        yield
+    except Exception as exc:
+        if not getattr(exc, "__notes__", None):
+            exc.add_note(step)
+        raise
+
+
+def internal_error(exc: BaseException) -> WorkflowFailed:
+    """An error nobody foresaw, as the failure of its Workflow (not a retry loop)."""
+    step = (getattr(exc, "__notes__", None) or ["handling the Workflow"])[0]
+    return WorkflowFailed(
+        f"the operator failed while {step}: {type(exc).__name__}: {exc} (an error it does "
+        "not handle; its log has the traceback)",
+        reason=Reason.INTERNAL_ERROR,
+    )
 
 
 def bounded(

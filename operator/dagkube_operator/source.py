@@ -21,7 +21,8 @@ from dagkube import description
 from dagkube.dag import DagSpec
 from dagkube.kubernetes.build import result_key
 from dagkube.kubernetes.pods import BUILD_CONTAINER, build_build_pod, build_pod_name
-from dagkube.runtime.keys import key_root, stored_dag
+from dagkube.kubernetes.workflow_cr import Source
+from dagkube.store.keys import key_root, stored_dag
 from dagkube_operator.reasons import (
     BUILD_REASONS,
     MESSAGE_LIMIT_BYTES,
@@ -29,7 +30,7 @@ from dagkube_operator.reasons import (
     bounded,
     reason_of,
 )
-from dagkube_operator.spec import Source, SpecError
+from dagkube_operator.spec import SpecError
 
 log = logging.getLogger("dagkube.operator")
 

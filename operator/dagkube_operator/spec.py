@@ -1,4 +1,5 @@
-"""A Workflow's ``spec`` as the operator uses it: parsed, defaulted and checked, without I/O.
+"""A Workflow's ``spec`` as the operator uses it: parsed, defaulted and checked, without I/O,
+into the typed :class:`~dagkube.kubernetes.workflow_cr.WorkflowSpec` the submitting side writes.
 
 The CRD schema rejects malformed specs at the API server; this is the second line, for what a
 schema cannot know (classes, worker counts and images the operator allows, planner names a
@@ -12,14 +13,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from dagkube.errors import DagkubeError
+from dagkube.kubernetes.workflow_cr import Source, WorkflowSpec
 from dagkube.planning import PLANNERS, check_optimizations
 from dagkube.planning.sla import parse_sla
-from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_memory
-from dagkube.runtime.keys import stored_dag
+from dagkube.resources import DEFAULT_MAX_CPU, parse_memory
+from dagkube.store.keys import stored_dag
 from dagkube_operator.reasons import Reason, WorkflowFailed
 
 DEFAULT_CLASSES = ("512Mi", "1Gi", "2Gi")
@@ -38,38 +39,6 @@ _DAG_ID = re.compile(r"^[0-9a-f]{16,64}$")
 class SpecError(WorkflowFailed):
     """A Workflow spec the operator cannot run (a source that does not build, a plan the
     planner rejects); ``reason`` says which, as an Event reason."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """Exactly one of: ``module`` ("pkg.mod:function" + JSON ``args``), ``inline`` Python
-    source, or ``dag`` (the id of a DAG the SDK stored, at ``redis_key`` when given)."""
-
-    module: str | None = None
-    args: dict[str, Any] = field(default_factory=dict)
-    inline: str | None = None
-    dag: str | None = None
-    redis_key: str | None = None
-
-    @property
-    def kind(self) -> str:
-        return "module" if self.module else "inline" if self.inline is not None else "ref"
-
-
-@dataclass(frozen=True)
-class WorkflowSpec:
-    source: Source
-    planner: str = "wukong"
-    sla: str = "avg"
-    optimizations: list[str] = field(default_factory=list)
-    classes_mib: list[int] = field(default_factory=lambda: [512, 1024, 2048])
-    memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB
-    max_cpu: float = DEFAULT_MAX_CPU
-    max_workers: int | None = None
-    image: str | None = None
-    timeout_s: int | None = None
-    retries: int | None = None
-    ttl_after_finished_s: int | None = None
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -245,7 +214,47 @@ def parse_spec(
     spec = _mapping(spec, "spec")
     source = parse_source(spec.get("source"))
     check_source(source, allowed_sources, allowed_modules)
-    planner = _mapping(spec.get("planner"), "spec.planner")
+    planner, sla, optimizations = _parse_planner(spec.get("planner"))
+    resources = _mapping(spec.get("resources"), "spec.resources")
+    classes = _parse_classes(resources.get("classes", list(DEFAULT_CLASSES)), allowed_classes)
+    try:
+        memory_per_cpu = parse_memory(resources.get("memoryPerCpu", "1792Mi"))
+    except DagkubeError as exc:
+        raise SpecError(f"spec.resources.memoryPerCpu: {exc}") from exc
+    max_cpu = resources.get("maxCpu", DEFAULT_MAX_CPU)
+    if isinstance(max_cpu, bool) or not isinstance(max_cpu, int | float) or max_cpu < 0.1:
+        raise SpecError(f"spec.resources.maxCpu={max_cpu!r} must be a number >= 0.1")
+    image = spec.get("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise SpecError(f"spec.image={image!r} must be a non-empty image reference")
+    if image is not None:
+        check_image(image, allowed_images, default_image)
+    max_workers = _integer(resources.get("maxWorkers"), "spec.resources.maxWorkers", 1, MAX_WORKERS)
+    check_max_workers(max_workers, max_workers_limit)
+    return WorkflowSpec(
+        source=source,
+        planner=planner,
+        sla=sla,
+        optimizations=optimizations,
+        classes_mib=classes,
+        memory_per_cpu_mib=memory_per_cpu,
+        max_cpu=float(max_cpu),
+        max_workers=max_workers,
+        image=image,
+        timeout_s=_integer(spec.get("timeoutSeconds"), "spec.timeoutSeconds", 1, MAX_TIMEOUT_S),
+        retries=_integer(spec.get("retries"), "spec.retries", 0, 10),
+        ttl_after_finished_s=_integer(
+            spec.get("ttlSecondsAfterFinished"),
+            "spec.ttlSecondsAfterFinished",
+            0,
+            MAX_TTL_AFTER_FINISHED_S,
+        ),
+    )
+
+
+def _parse_planner(value: Any) -> tuple[str, str, list[str]]:
+    """``spec.planner``: the planner's name, the SLA and the optimizations, checked."""
+    planner = _mapping(value, "spec.planner")
     name = planner.get("name", "wukong")
     if name not in PLANNERS:
         raise SpecError(
@@ -263,9 +272,11 @@ def parse_spec(
         optimizations = check_optimizations(optimizations)
     except DagkubeError as exc:
         raise SpecError(f"spec.planner.optimizations: {exc}") from exc
+    return name, sla, optimizations
 
-    resources = _mapping(spec.get("resources"), "spec.resources")
-    raw_classes = resources.get("classes", list(DEFAULT_CLASSES))
+
+def _parse_classes(raw_classes: Any, allowed_classes: list[int] | None) -> list[int]:
+    """``spec.resources.classes`` as sorted MiB, each one the operator allows."""
     if not isinstance(raw_classes, list) or not raw_classes:
         raise SpecError(f"spec.resources.classes={raw_classes!r} must be a non-empty list")
     if len(raw_classes) > MAX_CLASSES:
@@ -282,36 +293,4 @@ def parse_spec(
             ) from exc
         check_class(mib, allowed_classes)
         classes.add(mib)
-    try:
-        memory_per_cpu = parse_memory(resources.get("memoryPerCpu", "1792Mi"))
-    except DagkubeError as exc:
-        raise SpecError(f"spec.resources.memoryPerCpu: {exc}") from exc
-    max_cpu = resources.get("maxCpu", DEFAULT_MAX_CPU)
-    if isinstance(max_cpu, bool) or not isinstance(max_cpu, int | float) or max_cpu < 0.1:
-        raise SpecError(f"spec.resources.maxCpu={max_cpu!r} must be a number >= 0.1")
-    image = spec.get("image")
-    if image is not None and (not isinstance(image, str) or not image.strip()):
-        raise SpecError(f"spec.image={image!r} must be a non-empty image reference")
-    if image is not None:
-        check_image(image, allowed_images, default_image)
-    max_workers = _integer(resources.get("maxWorkers"), "spec.resources.maxWorkers", 1, MAX_WORKERS)
-    check_max_workers(max_workers, max_workers_limit)
-    return WorkflowSpec(
-        source=source,
-        planner=name,
-        sla=sla,
-        optimizations=optimizations,
-        classes_mib=sorted(classes),
-        memory_per_cpu_mib=memory_per_cpu,
-        max_cpu=float(max_cpu),
-        max_workers=max_workers,
-        image=image,
-        timeout_s=_integer(spec.get("timeoutSeconds"), "spec.timeoutSeconds", 1, MAX_TIMEOUT_S),
-        retries=_integer(spec.get("retries"), "spec.retries", 0, 10),
-        ttl_after_finished_s=_integer(
-            spec.get("ttlSecondsAfterFinished"),
-            "spec.ttlSecondsAfterFinished",
-            0,
-            MAX_TTL_AFTER_FINISHED_S,
-        ),
-    )
+    return sorted(classes)

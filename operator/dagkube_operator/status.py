@@ -11,8 +11,8 @@ import datetime
 from typing import Any
 
 from dagkube.kubernetes.workflow_cr import Phase
-from dagkube.metrics.records import RunRecord
 from dagkube.planning.model import Plan
+from dagkube.store.records import RunRecord, RunStatus
 
 
 def timestamp(epoch_s: float) -> str:
@@ -142,7 +142,7 @@ def final_status(
 ) -> dict[str, Any]:
     """The status of an ended run: phase, measured makespan, resource use, SLA, failure
     (``reason`` overrides the failure's reason, e.g. a worker Pod that never started)."""
-    succeeded = record.status == "succeeded"
+    succeeded = record.status == RunStatus.SUCCEEDED
     status = progress_status(record)
     status["phase"] = Phase.SUCCEEDED if succeeded else Phase.FAILED
     status["completionTime"] = timestamp(record.finished_at or now)
@@ -166,7 +166,7 @@ def final_status(
         )
         return status
     error = record.error or {}
-    if record.status == "cancelled":
+    if record.status == RunStatus.CANCELLED:
         failure = "Cancelled"
         message = str(error.get("message") or "the run was cancelled")
     elif error.get("task_id") or record.failed_task:

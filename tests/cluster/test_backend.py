@@ -19,8 +19,8 @@ from kubernetes_asyncio import config
 from dagkube.kubernetes.backend import KubernetesBackend, KubernetesBackendError
 from dagkube.kubernetes.pods import build_worker_pod, worker_pod_name
 from dagkube.runtime.invocation import Invocation
-from dagkube.runtime.keys import PoolKeys
 from dagkube.runtime.scaler import Scaler, WorkerExit
+from dagkube.store.keys import PoolKeys
 from tests.kube import Kube, wait_for
 
 pytestmark = pytest.mark.cluster

@@ -25,7 +25,7 @@ from kubernetes_asyncio import config
 
 from dagkube import description
 from dagkube.kubernetes.submit import dag_id
-from dagkube.runtime.keys import stored_dag
+from dagkube.store.keys import stored_dag
 from dagkube_operator.reasons import Reason
 from examples import tree_reduction
 from tests.cluster.test_crd_limits import GROUP, PLURAL, VERSION, refused_fields, seeded_mutants

@@ -20,9 +20,9 @@ import pytest
 from localcluster.agent.quantity import cpu_millis, memory_bytes
 
 from dagkube.kubernetes.pods import LABEL_CLASS
-from dagkube.metrics.records import TaskRecord, WorkerRecord
 from dagkube.resources import cpu_millicores, parse_memory
-from dagkube.runtime.keys import RunKeys, hist_run
+from dagkube.store.keys import RunKeys, hist_run
+from dagkube.store.records import TaskRecord, WorkerRecord
 from dagkube_operator.handlers import run_id_for
 from tests.kube import Kube, wait_for
 from tests.release import (

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dagkube.runtime.keys import RunKeys, hist_run
+from dagkube.store.keys import RunKeys, hist_run
 from tests.cluster.test_operator import pod_pids, sleepy
 from tests.kube import Kube, wait_for
 from tests.release import RELEASE, Release, installed, redis_of

@@ -23,7 +23,7 @@ import pytest
 
 import dagkube
 from dagkube.kubernetes.build import result_key
-from dagkube.runtime.connection import connect
+from dagkube.store.connection import connect
 from dagkube_operator.reasons import Reason
 from dagkube_operator.source import _read, build_key
 from dagkube_operator.spec import Source, SpecError

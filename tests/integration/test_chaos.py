@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 import dagkube
-from dagkube.runtime.keys import hist_run
+from dagkube.store.keys import hist_run
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ import redis
 
 import dagkube
 from dagkube.metrics.history import list_runs
-from dagkube.runtime.connection import connect
 from dagkube.runtime.embedded import AOF_FILE, RDB_FILE, EmbeddedRedis, _ping, find_redis_server
 from dagkube.runtime.embedded import pid_alive as _alive
+from dagkube.store.connection import connect
 from tests.conftest import ROOT, wait_until
 from tests.tasks import add
 

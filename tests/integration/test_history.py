@@ -14,15 +14,10 @@ import redis
 
 import dagkube
 from dagkube.metrics.history import list_runs, read_run
-from dagkube.metrics.records import (
-    ERROR_MESSAGE_MAX_BYTES,
-    ERROR_TRACEBACK_MAX_BYTES,
-    RunRecord,
-    TaskRecord,
-)
-from dagkube.runtime import scripts
-from dagkube.runtime.connection import connect
-from dagkube.runtime.keys import (
+from dagkube.store import scripts
+from dagkube.store.calls import FinishCall, ForceEndCall, PruneStructureCall
+from dagkube.store.connection import connect
+from dagkube.store.keys import (
     HIST_ALL_RUNS,
     HIST_STRUCTURES,
     HIST_USED,
@@ -31,6 +26,13 @@ from dagkube.runtime.keys import (
     hist_structure_runs,
     hist_workflow_runs,
 )
+from dagkube.store.records import (
+    ERROR_MESSAGE_MAX_BYTES,
+    ERROR_TRACEBACK_MAX_BYTES,
+    RunRecord,
+    TaskRecord,
+)
+from dagkube.store.scripts import call_sync
 from tests.conftest import ROOT, run_cli, wait_until
 from tests.integration.test_runtime import _run_in_thread, boom, slow_step
 from tests.tasks import add, total
@@ -315,37 +317,42 @@ def test_a_late_record_joins_its_history_but_never_recreates_a_dropped_one(caps_
             "structure_hash": "late-structure",
         },
     )
-    assert caps_db.register_script(scripts.FORCE_END)(args=[run, time.time()]) == b"cancelled"
-    finish = caps_db.register_script(scripts.FINISH)
+    ended = call_sync(caps_db, ForceEndCall(run_id=run, now=time.time()))
+    assert ended.status == "cancelled"
 
     def finish_late(worker: str) -> None:
         record = json.dumps({"worker_id": worker})
-        finish(
-            args=[
-                run,
-                "dk:pool:late",
-                "proc:late",
-                worker,
-                record,
-                0.1,
-                0.1,
-                0.1,
-                1,
-                time.time(),
-                60,
-                10,
-                "",
-                0,
-                0,
-            ]
+        call = FinishCall(
+            run_id=run,
+            pool="late",
+            worker_id=worker,
+            worker_field=worker,
+            worker_record_json=record,
+            gb_s=0.1,
+            cpu_s_allocated=0.1,
+            cpu_s_used=0.1,
+            cold=True,
+            prewarmed=False,
+            now=time.time(),
+            run_ttl_s=60,
+            history_cap=10,
+            next_queue=None,
         )
+        call_sync(caps_db, call)
 
     finish_late("w-1")
     assert caps_db.hkeys(hist_run(run, "workers")) == [b"w-1"]
     assert caps_db.ttl(hist_run(run, "workers")) > scripts.HISTORY_EXPIRY_GRACE_S
-    prune = caps_db.register_script(scripts.PRUNE_STRUCTURE)
-    removed = json.loads(prune(args=["late-structure", 0, "", 0, ""]))["removed"]
-    assert [r["run"] for r in removed] == [run]
+    prune = PruneStructureCall(
+        namespace=None,
+        structure_hash="late-structure",
+        keep_runs=0,
+        finished_before=None,
+        dry_run=False,
+        workflow=None,
+    )
+    removed = call_sync(caps_db, prune).removed
+    assert [r.run_id for r in removed] == [run]
     assert run_parts(caps_db, run) == []
     finish_late("w-2")
     assert run_parts(caps_db, run) == []

@@ -16,9 +16,9 @@ import pytest
 
 import dagkube
 from dagkube.metrics.history import read_run
-from dagkube.metrics.records import OomAttempt
 from dagkube.runtime import cgroups
 from dagkube.runtime.scaler import MAX_REQUEUES
+from dagkube.store.records import OomAttempt
 
 pytestmark = [
     pytest.mark.integration,

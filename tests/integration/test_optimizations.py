@@ -11,7 +11,16 @@ import pytest
 
 import dagkube
 from dagkube.metrics.history import read_run
-from dagkube.planning.model import Optimization
+from dagkube.planning.model import (
+    Clustering,
+    ClusteringParams,
+    DelayedIo,
+    DelayedIoParams,
+    Prewarm,
+    PrewarmParams,
+    Taskdup,
+    TaskdupParams,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -93,14 +102,14 @@ def test_preload_fetches_fan_in_inputs_in_the_background(make_runtime):
         wf.run("uniform", "avg", "1Gi", runtime=rt)
     planned = wf.plan("uniform", "avg", "1Gi", runtime=rt, optimizations=["preload"])
     (entry,) = planned.task_optimizations("checksum#0", "preload")
-    assert entry.params["host"] == planned.tasks["make_block#3"].worker_id
+    assert entry.params.host == planned.tasks["make_block#3"].worker_id
     result = rt.run(wf.dag, planned)
     assert result.outputs == [0, 2_000_000, 4_000_000, 6_000_000]
     merge = {t.task_id: t for t in history_of(rt, result.run_id).tasks}["checksum#0"]
     # The short producers of other workers finished while the long one ran on the fan-in's
     # worker: they were fetched in the background (one may have run in the same process,
     # which then holds it already), so nothing was left to fetch when the fan-in started.
-    assert merge.preloaded and set(merge.preloaded) <= set(entry.params["inputs"])
+    assert merge.preloaded and set(merge.preloaded) <= set(entry.params.inputs)
     assert merge.preload_s > 0
     assert merge.download_bytes == 0
 
@@ -115,9 +124,8 @@ def test_prewarm_request_creates_workers_that_serve_the_fan_out(make_runtime):
     planned = wf.plan("wukong", "avg", "512Mi", runtime=rt)
     planned.optimizations = ["prewarm"]
     planned.tasks["slow_split#0"].optimizations = [
-        Optimization(
-            name="prewarm",
-            params={"memory_mib": 512, "count": 2, "delay_s": 0.0, "targets": ["slow_square#1"]},
+        Prewarm(
+            params=PrewarmParams(memory_mib=512, count=2, delay_s=0.0, targets=["slow_square#1"])
         )
     ]
     result = rt.run(wf.dag, planned)
@@ -152,14 +160,10 @@ def test_taskdup_reruns_a_stalled_upstream_and_keeps_the_result(make_runtime, tm
     assert planned.tasks["slow_once#0"].worker_id != consumer.worker_id
     planned.optimizations = ["taskdup"]
     consumer.optimizations = [
-        Optimization(
-            name="taskdup",
-            params={
-                "upstream": "slow_once#0",
-                "exec_s": 0.05,
-                "original_end_s": 0.2,
-                "original_exec_s": 0.1,
-            },
+        Taskdup(
+            params=TaskdupParams(
+                upstream="slow_once#0", exec_s=0.05, original_end_s=0.2, original_exec_s=0.1
+            )
         )
     ]
     started = time.monotonic()
@@ -187,10 +191,10 @@ def test_clustering_and_delayed_io_keep_outputs_local(make_runtime):
     planned = wf.plan("wukong", "avg", "512Mi", runtime=rt)
     planned.optimizations = ["clustering", "delayed-io"]
     planned.tasks["split#0"].optimizations = [
-        Optimization(name="clustering", params={"children": [f"square#{i}" for i in range(3)]})
+        Clustering(params=ClusteringParams(children=[f"square#{i}" for i in range(3)]))
     ]
     planned.tasks["square#2"].optimizations = [
-        Optimization(name="delayed-io", params={"fan_in": "total#0", "wait_s": 5.0})
+        DelayedIo(params=DelayedIoParams(fan_in="total#0", wait_s=5.0))
     ]
     result = rt.run(wf.dag, planned)
     assert result.outputs == 0 + 1 + 4

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import dagkube
-from dagkube.runtime.keys import hist_run
+from dagkube.store.keys import hist_run
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.integration

@@ -367,7 +367,8 @@ def test_prometheus_sees_the_matrix_numbers(matrix) -> None:
 def test_late_prewarm_counts_are_folded(matrix) -> None:
     """An unused pre-warmed worker idles out after its run ended and charges the run's
     history then (ADD_TO_RUN): the exporter re-reads such runs while they settle."""
-    from dagkube.runtime import scripts
+    from dagkube.store.calls import AddToRunCall
+    from dagkube.store.scripts import call_sync
 
     client = redis.Redis.from_url(matrix["url"])
     [run] = [r for r in matrix["runs"] if r["planner"] == "wukong-opt"]
@@ -387,11 +388,12 @@ def test_late_prewarm_counts_are_folded(matrix) -> None:
 
     try:
         before = wasted()
-        add = client.register_script(scripts.ADD_TO_RUN)
-        assert add(args=[run["id"], "prewarm_wasted", 1, "prewarm_wasted_gb_s", 2.5]) == 1
+        wasted_once = {"prewarm_wasted": 1, "prewarm_wasted_gb_s": 2.5}
+        assert call_sync(client, AddToRunCall(run_id=run["id"], increments=wasted_once)).added
         assert wasted() == (before[0] + 1, before[1] + 2.5)
     finally:
-        add(args=[run["id"], "prewarm_wasted", -1, "prewarm_wasted_gb_s", -2.5])
+        undo = {"prewarm_wasted": -1, "prewarm_wasted_gb_s": -2.5}
+        call_sync(client, AddToRunCall(run_id=run["id"], increments=undo))
         client.close()
 
 

@@ -26,11 +26,15 @@ from dagkube.errors import RedisUnavailable
 from dagkube.kubernetes.submit import store_dag
 from dagkube.metrics.exporter import RunHistoryCollector
 from dagkube.metrics.history import load_snapshot, run_ids
-from dagkube.planning.planners import PlanningOptions
+from dagkube.planning.options import PlanningOptions
 from dagkube.resources import parse_classes
-from dagkube.runtime import acl, launcher, scripts
-from dagkube.runtime.connection import BulkReader, connect
-from dagkube.runtime.keys import (
+from dagkube.runtime import launcher
+from dagkube.runtime.local_backend import LocalBackend
+from dagkube.runtime.scaler import Scaler, WorkerExit, WorkerHandle
+from dagkube.store import acl
+from dagkube.store.calls import AddToRunCall, FailCall
+from dagkube.store.connection import BulkReader, connect
+from dagkube.store.keys import (
     HIST_ALL_RUNS,
     PoolKeys,
     RunKeys,
@@ -42,8 +46,7 @@ from dagkube.runtime.keys import (
     worker_heartbeat,
     worker_proc,
 )
-from dagkube.runtime.local_backend import LocalBackend
-from dagkube.runtime.scaler import Scaler, WorkerExit, WorkerHandle
+from dagkube.store.scripts import call_sync
 from tests.conftest import RedisServer
 from tests.k8s.test_chart import Tools, only, tools  # noqa: F401  (the fixture)
 from tests.tasks import add, total
@@ -265,8 +268,8 @@ def refusals(client: redis.Redis, other_run: str) -> dict[str, str | None]:
     """Each probe: the error it got (None: allowed). Dangerous commands, listing keys, and
     reading, writing or scripting another namespace's run."""
     other = RunKeys(other_run)
-    fail = client.register_script(scripts.FAIL)
-    add_to_run = client.register_script(scripts.ADD_TO_RUN)
+    fail = FailCall(run_id=other_run, task_id="t", record_json="{}", error_json="{}")
+    add_to_run = AddToRunCall(run_id=other_run, increments={"gb_s": 1})
     probes = {
         "CONFIG GET": lambda: client.config_get("*"),
         "FLUSHALL": lambda: client.execute_command("FLUSHALL", "ASYNC"),
@@ -281,8 +284,8 @@ def refusals(client: redis.Redis, other_run: str) -> dict[str, str | None]:
         "HGETALL other history": lambda: client.hgetall(hist_run(other_run, "meta")),
         "RPUSH other result": lambda: client.rpush(other.result, "succeeded"),
         "DEL other meta": lambda: client.delete(other.meta),
-        "EVALSHA FAIL on other run": lambda: fail(args=[other_run, "t", "{}", "{}"]),
-        "EVALSHA ADD_TO_RUN on other run": lambda: add_to_run(args=[other_run, "gb_s", 1]),
+        "EVALSHA FAIL on other run": lambda: call_sync(client, fail),
+        "EVALSHA ADD_TO_RUN on other run": lambda: call_sync(client, add_to_run),
         "GET stored DAG": lambda: client.get(stored_dag("any")),
         "GET local run": lambda: client.hgetall(RunKeys("local-run").meta),
         "LRANGE local history": lambda: client.lrange(HIST_ALL_RUNS, 0, -1),

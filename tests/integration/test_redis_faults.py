@@ -19,9 +19,9 @@ import psutil
 import pytest
 import redis
 
-from dagkube.runtime.connection import RECONNECT_GRACE_S, SOCKET_TIMEOUT_S
 from dagkube.runtime.embedded import EmbeddedRedis, find_redis_server, server_conf
-from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run
+from dagkube.store.connection import RECONNECT_GRACE_S, SOCKET_TIMEOUT_S
+from dagkube.store.keys import PoolKeys, RunKeys, hist_run
 from tests.conftest import _free_port, run_cli, wait_until
 from tests.slow_cli import BLIP, SlowRun, embedded_server, gone, workers_of
 

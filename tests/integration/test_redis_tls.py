@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dagkube.errors import RedisUnavailable
-from dagkube.runtime import acl
-from dagkube.runtime.connection import BulkReader, connect, sync_client, with_ca_file
 from dagkube.runtime.embedded import _free_port
+from dagkube.store import acl
+from dagkube.store.connection import BulkReader, connect, sync_client, with_ca_file
 from tests.conftest import stop_process, wait_until
 from tests.integration.test_redis_acl import AclRedis, fan_out_in, run_in_namespace
 from tests.k8s.test_chart import TLS, Tools, only, tools  # noqa: F401  (the fixture)

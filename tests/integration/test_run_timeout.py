@@ -17,8 +17,8 @@ import redis
 
 import dagkube
 from dagkube import InvalidOption, LocalRuntime, RunTimeout
-from dagkube.metrics.records import RunRecord
-from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run, hist_workflow_runs
+from dagkube.store.keys import PoolKeys, RunKeys, hist_run, hist_workflow_runs
+from dagkube.store.records import RunRecord
 from tests.conftest import run_cli, wait_until
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 import dagkube
-from dagkube.runtime.keys import PoolKeys, RunKeys, hist_run, worker_heartbeat
+from dagkube.store.calls import FinishCall, FinishReply, RequeueCall
+from dagkube.store.keys import PoolKeys, RunKeys, hist_run, worker_heartbeat, worker_proc
+from dagkube.store.scripts import call_sync
 from tests.conftest import wait_until
 from tests.tasks import add, total
 
@@ -169,7 +171,7 @@ def test_retries_rerun_a_failing_task(runtime, tmp_path, redis_client):
     counter = tmp_path / "attempts"
     wf = dagkube.Workflow(flaky(str(counter), 2), name="it-retry")
     assert wf.run(runtime=runtime) == 3
-    from dagkube.metrics.records import TaskRecord
+    from dagkube.store.records import TaskRecord
 
     raw = redis_client.hget(hist_run(wf.last_run.run_id, "tasks"), "flaky#0")
     assert TaskRecord.model_validate_json(raw).retries == 2
@@ -209,7 +211,7 @@ def test_a_base_exception_from_a_task_fails_it_and_spares_the_worker(
     assert counter.read_text() == "2"  # the first attempt and its retry
     record = wf.last_run.record
     assert (record.status, record.failed_task, record.workers_lost) == ("failed", "escape#0", 0)
-    from dagkube.metrics.records import TaskRecord
+    from dagkube.store.records import TaskRecord
 
     raw = redis_client.hget(hist_run(record.run_id, "tasks"), "escape#0")
     task = TaskRecord.model_validate_json(raw)
@@ -315,7 +317,7 @@ def test_finished_run_keys_expire_and_closing_mid_run_cancels(make_runtime, redi
     rt.close()
     thread.join(30)
     assert not thread.is_alive()
-    from dagkube.metrics.records import RunRecord
+    from dagkube.store.records import RunRecord
 
     meta = redis_client.hgetall(hist_run(run_id, "meta"))
     record = RunRecord.from_hash({k.decode(): v.decode() for k, v in meta.items()})
@@ -330,7 +332,7 @@ def test_startup_delay_makes_local_cold_starts_cost_what_pods_do(make_runtime, r
     assert wf.run(runtime=rt) == 3
     record = wf.last_run.record
     assert record.startup_delay_s == 1.0 and record.workers_cold == 1
-    from dagkube.metrics.records import WorkerRecord
+    from dagkube.store.records import WorkerRecord
 
     (raw,) = redis_client.hvals(hist_run(wf.last_run.run_id, "workers"))
     worker = WorkerRecord.model_validate_json(raw)
@@ -350,9 +352,9 @@ def test_workers_created_for_a_run_but_never_used_are_charged_to_it(make_runtime
     the workers the scaler created for them are ready. Those exit unused after their idle
     timeout and charge their lifetime to the run (not to its GB-s), and the report counts it."""
     from dagkube.metrics.history import read_run
-    from dagkube.metrics.records import RunRecord
     from dagkube.report import charged_gb_s
-    from dagkube.runtime.connection import connect
+    from dagkube.store.connection import connect
+    from dagkube.store.records import RunRecord
 
     rt = make_runtime(max_workers=4, startup_delay_s=1.0, idle_timeout_s=0.5)
     root = nap(0)
@@ -388,12 +390,11 @@ def test_workers_created_for_a_run_but_never_used_are_charged_to_it(make_runtime
 def test_a_requeued_invocation_is_counted_once_when_its_first_worker_finishes_too(redis_client):
     """A worker the scaler took for lost (heartbeat expired) may still finish: its invocation
     was re-queued meanwhile, so only the copy may end it; the run must not end early."""
-    from dagkube.runtime import scripts
-
-    run, pool = "requeue-race", "dk:pool:requeue-race"
-    keys = RunKeys(run)
+    run, pool = "requeue-race", "requeue-race"
+    keys, queue = RunKeys(run), PoolKeys(pool).queue(512)
+    first, copy = worker_proc("first", pool), worker_proc("copy", pool)
     invocation = '{"run": "requeue-race", "mem": 512, "roots": ["a#0"], "queued_at": 1}'
-    redis_client.delete(keys.meta, keys.result, "proc:first", "proc:copy")
+    redis_client.delete(keys.meta, keys.result, first, copy)
     redis_client.hset(
         keys.meta,
         mapping={
@@ -405,21 +406,45 @@ def test_a_requeued_invocation_is_counted_once_when_its_first_worker_finishes_to
             "structure_hash": "requeue-race",
         },
     )
-    redis_client.rpush("proc:first", invocation)
-    requeue = redis_client.register_script(scripts.REQUEUE)
-    finish = redis_client.register_script(scripts.FINISH)
-    assert requeue(args=[pool, "proc:first", "first", 2, 512, 1, 0, "", "", 3]) == 1
-    redis_client.lmove(f"{pool}:q:512", "proc:copy", "LEFT", "RIGHT")
+    redis_client.rpush(first, invocation)
+    requeue = RequeueCall(
+        pool=pool,
+        worker_id="first",
+        memory_mib=512,
+        spawned_at=1,
+        now=2,
+        oom_killed=False,
+        peak_memory_bytes=None,
+        exit_code=None,
+        max_requeues=3,
+    )
+    assert call_sync(redis_client, requeue).requeued == 1
+    redis_client.lmove(queue, copy, "LEFT", "RIGHT")
 
-    def finish_args(proc: str, worker: str) -> list:
+    def finish(worker: str) -> FinishReply:
         record = json.dumps({"worker_id": worker})
-        return [run, pool, proc, worker, record, 0.1, 0.1, 0.1, 1, 3, 60, 10, "", 0, 0]
+        call = FinishCall(
+            run_id=run,
+            pool=pool,
+            worker_id=worker,
+            worker_field=worker,
+            worker_record_json=record,
+            gb_s=0.1,
+            cpu_s_allocated=0.1,
+            cpu_s_used=0.1,
+            cold=True,
+            prewarmed=False,
+            now=3,
+            run_ttl_s=60,
+            history_cap=10,
+            next_queue=None,
+        )
+        return call_sync(redis_client, call)
 
-    finalized, status, _, _ = finish(args=finish_args("proc:first", "first"))
-    assert (finalized, status) == (0, b"running")
+    reply = finish("first")
+    assert (reply.finalized, reply.status) == (False, "running")
     assert redis_client.hget(keys.meta, "active") == b"1"
-    finalized, _, _, _ = finish(args=finish_args("proc:copy", "copy"))
-    assert finalized == 1 and redis_client.hget(keys.meta, "active") == b"0"
+    assert finish("copy").finalized and redis_client.hget(keys.meta, "active") == b"0"
     # This run is no workflow of the suite's: leave the shared history as it was.
     redis_client.lrem("dk:hist:all", 0, run)
     redis_client.hdel("dk:hist:structures", "requeue-race")
@@ -429,5 +454,5 @@ def test_a_requeued_invocation_is_counted_once_when_its_first_worker_finishes_to
         "dk:hist:wf:requeue-race:runs",
         *(hist_run(run, part) for part in ("meta", "tasks", "workers", "plan")),
         *(f"{keys.prefix}:{part}" for part in ("meta", "result", "keys")),
-        f"{pool}:q:512",
+        queue,
     )

@@ -16,8 +16,8 @@ import pytest
 
 import dagkube
 from dagkube import InvalidWorkflow, TaskFailed
-from dagkube.runtime.keys import hist_run
 from dagkube.runtime.worker import TASK_TIMEOUT_EXIT
+from dagkube.store.keys import hist_run
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration

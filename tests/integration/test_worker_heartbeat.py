@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-from dagkube.runtime.connection import connect
-from dagkube.runtime.keys import worker_heartbeat
 from dagkube.runtime.worker import Worker, WorkerConfig
+from dagkube.store.connection import connect
+from dagkube.store.keys import worker_heartbeat
 from tests.conftest import RedisServer
 
 

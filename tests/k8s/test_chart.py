@@ -28,7 +28,7 @@ from redis import connection as redis_connection
 
 import dagkube
 from dagkube.kubernetes.pods import REDIS_CA_FILE, build_build_pod, worker_labels
-from dagkube.runtime import acl
+from dagkube.store import acl
 from dagkube_operator.config import OperatorConfig
 
 pytestmark = pytest.mark.k8s
@@ -858,8 +858,8 @@ def test_the_bundled_redis_starts_with_the_operator_user_of_acl_py(
     name, state, password, *rules = redis_options(container["args"])["--user"]
     assert (name, state, password) == (acl.OPERATOR_USER, "on", ">$(REDIS_OPERATOR_PASSWORD)")
     assert rules == acl.operator_user().rules(), (
-        "the chart's operator rules drifted from dagkube/runtime/acl.py: run "
-        "python -m dagkube.runtime.acl > charts/dagkube/files/redis-operator-rules.txt"
+        "the chart's operator rules drifted from dagkube/store/acl.py: run "
+        "python -m dagkube.store.acl > charts/dagkube/files/redis-operator-rules.txt"
     )
     secret = only(docs, "Secret")["metadata"]["name"]
     refs = _secret_refs(container)

@@ -10,11 +10,12 @@ import pytest
 import redis.exceptions
 from kubernetes_asyncio import client
 
-import dagkube.runtime.connection
+import dagkube.store.connection
 from dagkube.errors import TaskFailed
 from dagkube.kubernetes.submit import SubmittedWorkflow
-from dagkube_operator import handlers
+from dagkube_operator import teardown
 from dagkube_operator.config import OperatorConfig
+from dagkube_operator.core import Operator
 from dagkube_operator.transient import is_transient
 
 
@@ -38,7 +39,7 @@ async def failure_with(monkeypatch: pytest.MonkeyPatch, fake: FakeRedis) -> Exce
     async def connect(url: str, **kwargs: Any) -> FakeRedis:
         return fake
 
-    monkeypatch.setattr(dagkube.runtime.connection, "connect", connect)
+    monkeypatch.setattr(dagkube.store.connection, "connect", connect)
     handle = SubmittedWorkflow("wf", "ns", redis_url="redis://r:6379/0")
     return await handle._failure("ns.run-1")
 
@@ -101,13 +102,13 @@ class FakeCustomObjects:
         self.deleted.append((namespace, name))
 
 
-def operator_with(monkeypatch: pytest.MonkeyPatch, api: FakeCustomObjects) -> handlers.Operator:
-    monkeypatch.setattr(handlers.client, "CustomObjectsApi", lambda _: api)
+def operator_with(monkeypatch: pytest.MonkeyPatch, api: FakeCustomObjects) -> Operator:
+    monkeypatch.setattr(client, "CustomObjectsApi", lambda _: api)
     config = OperatorConfig.from_env({"DAGKUBE_REDIS_URL": "redis://r:6379/0"})
-    return handlers.Operator(config=config, redis=None, api=None)  # type: ignore[arg-type]
+    return Operator(config=config, redis=None, api=None)  # type: ignore[arg-type]
 
 
-def api_errors(operator: handlers.Operator) -> float:
+def api_errors(operator: Operator) -> float:
     value = operator.metrics.registry.get_sample_value(
         "dagkube_operator_api_errors_total", {"operation": "delete_workflow"}
     )
@@ -154,7 +155,7 @@ async def expire(monkeypatch, caplog, api: FakeCustomObjects) -> Stopped:
     stopped = Stopped()
     logger = logging.getLogger("test.ttl")
     with caplog.at_level(logging.WARNING, logger="test.ttl"):
-        await operator._expire(body, {}, stopped, logger)  # type: ignore[arg-type]
+        await teardown.expire(operator, body, {}, stopped, logger)  # type: ignore[arg-type]
     return stopped
 
 
@@ -170,6 +171,6 @@ async def test_the_ttl_deletion_gives_up_after_its_attempts_saying_so(monkeypatc
     api = FakeCustomObjects(403, refusals=1000)
     stopped = await expire(monkeypatch, caplog, api)
     assert api.deleted == []
-    assert len(stopped.waits) == handlers.TTL_DELETE_ATTEMPTS
+    assert len(stopped.waits) == teardown.TTL_DELETE_ATTEMPTS
     assert "cannot delete the Workflow after 10 attempts" in caplog.text
     assert "kubectl delete workflow wf" in caplog.text

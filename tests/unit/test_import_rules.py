@@ -23,13 +23,12 @@ PLANNING_MAY_IMPORT = (
 )
 # The command line is the top: only itself (and a ``python -m dagkube`` entry) import it.
 CLI_IMPORTERS = ("dagkube.cli", "dagkube.__main__")
+# The store (the Redis contract) is the bottom room: itself and the errors only.
+STORE_MAY_IMPORT = ("dagkube.store", "dagkube.errors")
 # runtime -> metrics is the backward direction of the pair: metrics reads what the runtime
-# stores under its keys. Issue 12 moves the records and the history reads into dagkube/store/;
-# until then these edges, and no others, are allowed.
+# stores under its keys. The records and keys live in dagkube/store/ now; the history reads
+# remain in metrics, so this edge, and no other, is allowed.
 RUNTIME_TO_METRICS_EXCEPTIONS = {
-    ("dagkube.runtime.launcher", "dagkube.metrics.records"),  # RunRecord of a run it waits for
-    ("dagkube.runtime.worker", "dagkube.metrics.records"),  # the task and worker records it writes
-    ("dagkube.runtime.local", "dagkube.metrics.records"),  # run_record() returns a RunRecord
     ("dagkube.runtime.local", "dagkube.metrics.history"),  # plan() reads the history snapshot
 }
 
@@ -97,6 +96,9 @@ RULES = {
     "the operator does not import the command line": lambda m, i: (
         within(m, "dagkube_operator") and within(i, "dagkube.cli")
     ),
+    "the store imports nothing above it": lambda m, i: (
+        within(m, "dagkube.store") and within(i, "dagkube") and not within(i, STORE_MAY_IMPORT)
+    ),
     "the runtime does not import metrics (but for the listed exceptions)": lambda m, i: (
         within(m, "dagkube.runtime")
         and within(i, "dagkube.metrics")
@@ -106,7 +108,8 @@ RULES = {
 
 
 def test_the_scan_sees_every_room_and_its_lazy_imports():
-    assert {"dagkube.cli", "dagkube.planning.planners", "dagkube_operator.handlers"} <= set(MODULES)
+    rooms = {"dagkube.cli", "dagkube.planning.planners", "dagkube.store.scripts"}
+    assert rooms | {"dagkube_operator.handlers"} <= set(MODULES)
     # dagkube.workflow imports the runtime inside a method: it is seen.
     assert ("dagkube.workflow", "dagkube.runtime.local") in PAIRS
     # ``from package import module`` is resolved to the module (relative imports likewise).

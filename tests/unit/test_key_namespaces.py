@@ -20,10 +20,11 @@ from dagkube.kubernetes.pods import (
     pool_selector,
     worker_labels,
 )
-from dagkube.runtime import acl, scripts
-from dagkube.runtime.connection import with_ca_file
-from dagkube.runtime.keys import (
+from dagkube.store import acl
+from dagkube.store.connection import with_ca_file
+from dagkube.store.keys import (
     HIST_ALL_RUNS,
+    KeySpace,
     PoolKeys,
     RunKeys,
     hist_all_runs,
@@ -32,6 +33,7 @@ from dagkube.runtime.keys import (
     hist_structures,
     hist_used,
     hist_workflow_runs,
+    key_root,
     local_part,
     namespace_of,
     namespace_pattern,
@@ -40,6 +42,7 @@ from dagkube.runtime.keys import (
     worker_proc,
     worker_task,
 )
+from dagkube.store.scripts import LUA_FOLDER
 
 
 def namespace_keys(namespace: str) -> list[str]:
@@ -96,10 +99,38 @@ def test_names_that_would_widen_a_pattern_are_refused(bad):
         acl.worker_user(bad)
 
 
-def test_the_lua_root_mirrors_keys_py():
-    # the scripts build keys from the run id with this rule; keys.py with namespace_of
-    assert "string.match(id, '^([^.]+)%.')" in scripts.COMPLETE
-    assert "'dk:ns:' .. namespace .. ':'" in scripts.COMPLETE
+# What would spell a key name in Lua: a root, a kind of key, a worker key's part.
+KEY_NAME_LITERALS = re.compile(r"'[^']*(dk:|run:|hist:|pool:|w:|:hb|:proc|:task)[^']*'")
+
+
+def test_the_lua_spells_no_key_name():
+    """The scripts get their namespace's prefixes as arguments (keys.KeySpace), so key names
+    are spelled in keys.py alone."""
+    files = sorted(LUA_FOLDER.iterdir())
+    assert {f.name for f in files} >= {"prelude.lua", "complete.lua", "finish.lua"}
+    for lua in files:
+        for number, line in enumerate(lua.read_text().splitlines(), 1):
+            code = line.split("--", 1)[0]
+            assert not KEY_NAME_LITERALS.search(code), f"{lua.name}:{number}: {line.strip()}"
+
+
+@pytest.mark.parametrize("namespace", [None, "team-a"])
+def test_the_key_space_the_scripts_get_builds_keys_py_names(namespace):
+    """The Lua builds a run's key as runs .. id .. ':' .. part, a run's history record as
+    history_runs .. id .. ':' .. part, a pool's as pools .. name: the same names as keys.py."""
+    run = namespaced(namespace, "etl-1") if namespace else "etl-1"
+    pool = namespaced(namespace, "wf-1") if namespace else "local-1"
+    runs, history, history_runs, pools = KeySpace(namespace).script_args()
+    assert KeySpace.of(run) == KeySpace.of(pool) == KeySpace(namespace)
+    assert f"{runs}{run}:meta" == RunKeys(run).meta
+    assert f"{history_runs}{run}:tasks" == hist_run(run, "tasks")
+    assert f"{history}all" == hist_all_runs(namespace)
+    assert f"{history}structures" == hist_structures(namespace)
+    assert f"{history}used" == hist_used(namespace)
+    assert f"{history}s:abc:runs" == hist_structure_runs("abc", namespace)
+    assert f"{history}wf:etl:runs" == hist_workflow_runs("etl", namespace)
+    assert f"{pools}{pool}" == PoolKeys(pool).prefix
+    assert all(arg.startswith(key_root(namespace)) for arg in (runs, history, pools))
 
 
 def test_worker_user_rules():
@@ -182,3 +213,23 @@ def test_the_worker_secret_holds_the_namespace_users_url():
     assert secret["stringData"] == {WORKER_REDIS_SECRET_KEY: url}
     assert secret["metadata"]["name"] == WORKER_REDIS_SECRET
     assert acl.url_password(url) == "p/w@x"
+
+
+def test_the_fixed_keys_of_a_run_are_its_keys_but_the_dynamic_ones():
+    """What a run's end expires (keys.RUN_PARTS, handed to the scripts) and what a teardown
+    deletes is every fixed key RunKeys names."""
+    keys = RunKeys(namespaced("team-a", "etl-1"))
+    named = {
+        keys.meta,
+        keys.dag,
+        keys.plan,
+        keys.outputs,
+        keys.constants,
+        keys.done,
+        keys.edges,
+        keys.dep_counts,
+        keys.started,
+        keys.keyset,
+        keys.result,
+    }
+    assert set(keys.fixed) == named and len(keys.fixed) == len(named)

@@ -11,15 +11,16 @@ from kubernetes_asyncio import client
 
 from dagkube.kubernetes.backend import STUCK_WAITING
 from dagkube_operator.config import ConfigError, OperatorConfig
-from dagkube_operator.handlers import WORKER_DEADLINE_MARGIN_S, internal_error, worker_deadline_s
 from dagkube_operator.reasons import (
     BUILD_REASONS,
     MESSAGE_LIMIT_BYTES,
     Reason,
     bounded,
     bounded_status,
+    internal_error,
     reason_of,
 )
+from dagkube_operator.runs import WORKER_DEADLINE_MARGIN_S, worker_deadline_s
 from dagkube_operator.spec import SpecError, parse_spec
 from dagkube_operator.transient import StatusNotWritten, backoff_delay_s, is_transient
 

@@ -19,9 +19,9 @@ from dagkube.kubernetes.pods import (
     WORKER_REDIS_SECRET_KEY,
     build_worker_pod,
 )
-from dagkube.runtime import acl
-from dagkube_operator import handlers
+from dagkube.store import acl
 from dagkube_operator.config import OperatorConfig
+from dagkube_operator.core import Operator
 
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 OPERATOR_URL = "rediss://dagkube-operator:pw@redis.dk.svc:6379/0?ssl_ca_certs=/op/ca.crt"
@@ -63,8 +63,8 @@ def test_the_worker_secret_and_pods_carry_the_ca_with_tls(
     url = OPERATOR_URL if tls else "redis://dagkube-operator:pw@redis.dk.svc:6379/0"
     config = OperatorConfig(redis_url=url, redis_ca_file=str(ca_file) if tls else None)
     FakeCore.created = []
-    monkeypatch.setattr(handlers.client, "CoreV1Api", FakeCore)
-    operator = handlers.Operator(config=config, redis=FakeRedis(), api=object())  # type: ignore[arg-type]
+    monkeypatch.setattr(client, "CoreV1Api", FakeCore)
+    operator = Operator(config=config, redis=FakeRedis(), api=object())  # type: ignore[arg-type]
 
     secret = asyncio.run(operator.worker_credentials("team-a"))
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dagkube.metrics.records import RunRecord
+from dagkube.store.records import RunRecord
 from dagkube_operator import spec as operator_spec
 from dagkube_operator import status as st
 from dagkube_operator.config import ConfigError, OperatorConfig, with_password
-from dagkube_operator.handlers import Deadline, pool_for, run_deadline, run_id_for
+from dagkube_operator.runs import Deadline, pool_for, run_deadline, run_id_for
 from dagkube_operator.spec import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,7 +137,7 @@ def test_allowed_classes_list():
 
 def test_run_id_and_pool_are_in_their_namespace_and_label_values():
     from dagkube.kubernetes.pods import pool_label
-    from dagkube.runtime.keys import RunKeys, local_part, namespace_of
+    from dagkube.store.keys import RunKeys, local_part, namespace_of
 
     uid = "0f1e2d3c-aaaa-bbbb-cccc-000000000001"
     assert run_id_for("team-a", "tree-reduction", uid) == "team-a.tree-reduction-0f1e2d3c"

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
+from pydantic import ValidationError
 
 import dagkube
 from dagkube.errors import InvalidOption
 from dagkube.planning import PlanningOptions, plan
 from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
-from dagkube.planning.model import Optimization
+from dagkube.planning.model import (
+    Clustering,
+    ClusteringParams,
+    DelayedIo,
+    DelayedIoParams,
+    Optimization,
+    Plan,
+    Preload,
+    PreloadParams,
+    PrewarmParams,
+    Taskdup,
+    TaskdupParams,
+)
 from dagkube.planning.optimizations import check_optimizations, split_planner
-from dagkube.planning.planners import validate_plan
+from dagkube.planning.validation import validate_plan
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -88,11 +102,11 @@ def test_opt_planner_records_its_name_and_optimizations():
     assert result.planner == "uniform-opt"
     assert result.optimizations == ["preload", "taskdup", "prewarm"]
     (entry,) = result.task_optimizations("merge#0", "preload")
-    assert sorted(entry.params["inputs"]) == ["produce#0", "produce#1", "produce#2"]
+    assert sorted(entry.params.inputs) == ["produce#0", "produce#1", "produce#2"]
     dups = result.task_optimizations("merge#0", "taskdup")
-    assert {d.params["upstream"] for d in dups} == {"produce#0", "produce#1", "produce#2"}
+    assert {d.params.upstream for d in dups} == {"produce#0", "produce#1", "produce#2"}
     # With preload, the fan-in stays with its critical (longest) input's worker.
-    assert entry.params["host"] == result.tasks["produce#3"].worker_id
+    assert entry.params.host == result.tasks["produce#3"].worker_id
     without_history = plan(large_fanin.build().dag, "uniform-opt", options())
     assert any("taskdup: off until the workflow has history" in n for n in without_history.notes)
 
@@ -103,8 +117,8 @@ def test_prewarm_targets_the_fan_out_and_shortens_the_predicted_run():
     base = plan(dag, "wukong", options(**setting))
     warmed = plan(dag, "wukong", options(optimizations=["prewarm"], **setting))
     (entry,) = warmed.tasks["prepare#0"].optimizations
-    assert entry.name == "prewarm" and entry.params["memory_mib"] == 1024
-    assert entry.params["count"] >= 1 and entry.params["targets"]
+    assert entry.name == "prewarm" and entry.params.memory_mib == 1024
+    assert entry.params.count >= 1 and entry.params.targets
     assert any(w.prewarmed and not w.cold for w in warmed.workers)
     assert warmed.model_makespan_s < base.model_makespan_s
 
@@ -122,12 +136,9 @@ def test_preload_and_delayed_io_on_the_same_fan_in_are_rejected():
         plan(dag, "wukong", options()),
         {
             "gather#0": [
-                Optimization(
-                    name="preload",
-                    params={"host": "@grow#3", "inputs": ["grow#0", "grow#1"]},
-                )
+                Preload(params=PreloadParams(host="@grow#3", inputs=["grow#0", "grow#1"]))
             ],
-            "grow#0": [Optimization(name="delayed-io", params={"fan_in": "gather#0", "wait_s": 1})],
+            "grow#0": [DelayedIo(params=DelayedIoParams(fan_in="gather#0", wait_s=1))],
         },
         ["delayed-io", "preload"],
     )
@@ -140,12 +151,12 @@ def test_preload_and_delayed_io_on_the_same_fan_in_are_rejected():
 
 def test_two_delayed_inputs_of_one_fan_in_are_rejected():
     dag = fan_in().dag
-    delayed = {"fan_in": "gather#0", "wait_s": 1}
+    delayed = DelayedIoParams(fan_in="gather#0", wait_s=1)
     result = _with_marks(
         plan(dag, "wukong", options()),
         {
-            "grow#0": [Optimization(name="delayed-io", params=delayed)],
-            "grow#1": [Optimization(name="delayed-io", params=delayed)],
+            "grow#0": [DelayedIo(params=delayed)],
+            "grow#1": [DelayedIo(params=delayed)],
         },
         ["delayed-io"],
     )
@@ -163,17 +174,13 @@ def test_taskdup_of_an_upstream_whose_input_clustering_keeps_local_is_rejected()
         result,
         {
             "source#0": [
-                Optimization(name="clustering", params={"children": ["grow#0", "grow#1", "grow#2"]})
+                Clustering(params=ClusteringParams(children=["grow#0", "grow#1", "grow#2"]))
             ],
             "gather#0": [
-                Optimization(
-                    name="taskdup",
-                    params={
-                        "upstream": "grow#0",
-                        "exec_s": 0.1,
-                        "original_end_s": 1,
-                        "original_exec_s": 0.1,
-                    },
+                Taskdup(
+                    params=TaskdupParams(
+                        upstream="grow#0", exec_s=0.1, original_end_s=1, original_exec_s=0.1
+                    )
                 )
             ],
         },
@@ -187,11 +194,139 @@ def test_marks_must_be_switched_on_and_name_real_tasks():
     dag = fan_in().dag
     result = plan(dag, "wukong", options())
     result.tasks["grow#0"].optimizations = [
-        Optimization(name="delayed-io", params={"fan_in": "gather#0", "wait_s": 1})
+        DelayedIo(params=DelayedIoParams(fan_in="gather#0", wait_s=1))
     ]
     with pytest.raises(InvalidOption, match="'delayed-io' is not switched on"):
         validate_plan(dag, result)
     result.optimizations = ["delayed-io"]
-    result.tasks["grow#0"].optimizations[0].params["fan_in"] = "nope#9"
+    result.tasks["grow#0"].optimizations[0].params.fan_in = "nope#9"
     with pytest.raises(InvalidOption, match="names task 'nope#9'"):
         validate_plan(dag, result)
+
+
+# A plan as the previous release stored it in Redis and the history (parameters were a free
+# dict then): it must still parse, into typed parameters, and keep its JSON shape.
+STORED_PLAN = {
+    "planner": "wukong-opt",
+    "sla": "avg",
+    "classes_mib": [512, 1024],
+    "memory_per_cpu_mib": 1024,
+    "max_cpu": 2.0,
+    "tasks": {
+        "split#0": {
+            "memory_mib": 512,
+            "worker_id": None,
+            "optimizations": [
+                {"name": "clustering", "params": {"children": ["square#0", "square#1"]}},
+                {
+                    "name": "prewarm",
+                    "params": {
+                        "memory_mib": 512,
+                        "count": 2,
+                        "delay_s": 0.25,
+                        "targets": ["total#0"],
+                    },
+                },
+            ],
+            "predicted_start_s": 0.0,
+            "predicted_end_s": 0.3,
+            "predicted_download_s": 0.0,
+            "predicted_exec_s": 0.2,
+            "predicted_upload_s": 0.1,
+            "critical_path": True,
+        },
+        "square#0": {
+            "memory_mib": 512,
+            "worker_id": "w0",
+            "optimizations": [
+                {"name": "delayed-io", "params": {"fan_in": "total#0", "wait_s": 0.4}}
+            ],
+            "predicted_start_s": None,
+            "predicted_end_s": None,
+            "predicted_download_s": None,
+            "predicted_exec_s": None,
+            "predicted_upload_s": None,
+            "critical_path": False,
+        },
+        "total#0": {
+            "memory_mib": 512,
+            "worker_id": "w1",
+            "optimizations": [
+                {"name": "preload", "params": {"host": "w1", "inputs": ["square#0"]}},
+                {
+                    "name": "taskdup",
+                    "params": {
+                        "upstream": "square#0",
+                        "exec_s": 0.12,
+                        "original_end_s": 1.5,
+                        "original_exec_s": 0.1,
+                    },
+                },
+            ],
+            "predicted_start_s": None,
+            "predicted_end_s": None,
+            "predicted_download_s": None,
+            "predicted_exec_s": None,
+            "predicted_upload_s": None,
+            "critical_path": False,
+        },
+    },
+    "workers": [],
+    "predicted_makespan_s": 1.9,
+    "model_makespan_s": 1.8,
+    "predicted_gb_s": 0.5,
+    "history_runs": 3,
+    "history_samples": 40,
+    "optimizations": ["clustering", "delayed-io", "preload", "taskdup", "prewarm"],
+    "notes": [],
+}
+
+
+def test_a_stored_plan_parses_into_typed_parameters_and_keeps_its_json_shape():
+    parsed = Plan.model_validate_json(json.dumps(STORED_PLAN))
+    clustering, prewarm = parsed.tasks["split#0"].optimizations
+    assert isinstance(clustering.params, ClusteringParams)
+    assert clustering.params.children == ["square#0", "square#1"]
+    assert isinstance(prewarm.params, PrewarmParams)
+    assert (prewarm.params.memory_mib, prewarm.params.count) == (512, 2)
+    (delayed,) = parsed.tasks["square#0"].optimizations
+    assert isinstance(delayed.params, DelayedIoParams) and delayed.params.wait_s == 0.4
+    preload, dup = parsed.tasks["total#0"].optimizations
+    assert isinstance(preload.params, PreloadParams) and preload.params.host == "w1"
+    assert isinstance(dup.params, TaskdupParams) and dup.params.original_end_s == 1.5
+    assert json.loads(parsed.model_dump_json()) == STORED_PLAN
+
+
+@pytest.mark.parametrize(
+    ("task_id", "mark", "expected"),
+    [
+        (
+            "square#0",
+            {"name": "delayed-io", "params": {"fan_in": "total#0"}},
+            r"optimizations\.0\.delayed-io\.params\.wait_s\n  Field required",
+        ),
+        (
+            "total#0",
+            {"name": "preload", "params": {"hots": "w1", "inputs": ["square#0"]}},
+            r"preload\.params\.hots\n  Extra inputs are not permitted",
+        ),
+        (
+            "split#0",
+            {
+                "name": "prewarm",
+                "params": {"memory_mib": 512, "count": "two", "delay_s": 0, "targets": []},
+            },
+            r"prewarm\.params\.count\n  Input should be a valid integer",
+        ),
+        (
+            "split#0",
+            {"name": "turbo", "params": {}},
+            r"tag 'turbo' .* does not match any of the expected tags: 'clustering'",
+        ),
+    ],
+)
+def test_a_plan_with_a_wrong_or_missing_parameter_is_refused_when_parsed(task_id, mark, expected):
+    stored = json.loads(json.dumps(STORED_PLAN))
+    stored["tasks"][task_id]["optimizations"] = [mark]
+    with pytest.raises(ValidationError, match=expected):
+        Plan.model_validate_json(json.dumps(stored))

@@ -11,9 +11,10 @@ from dagkube.errors import InvalidOption
 from dagkube.planning import PlanningOptions, plan
 from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
 from dagkube.planning.model import Plan
-from dagkube.planning.planners import assign_workers, validate_plan
+from dagkube.planning.planners import assign_workers
 from dagkube.planning.predictions import Predictor, statistic
 from dagkube.planning.timing import TASK_OVERHEAD_S, simulate
+from dagkube.planning.validation import validate_plan
 
 COLD, WARM = 0.3, 0.01
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from dagkube.metrics.records import (
+from dagkube.store.records import (
     ERROR_MESSAGE_MAX_BYTES,
     ERROR_TRACEBACK_MAX_BYTES,
     TaskError,

@@ -127,7 +127,7 @@ true
 {{- else }}redis-url{{ end -}}
 {{- end -}}
 
-{{/* The Redis user of the operator in the bundled Redis (dagkube.runtime.acl.OPERATOR_USER). */}}
+{{/* The Redis user of the operator in the bundled Redis (dagkube.store.acl.OPERATOR_USER). */}}
 {{- define "dagkube.redisOperatorUser" -}}
 dagkube-operator
 {{- end -}}

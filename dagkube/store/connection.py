@@ -79,7 +79,7 @@ class ServerWatch:
     redis-py's default: no retries, no identity check.
 
     ``identify``: ask for the ``run_id``. By default only as Redis's default user (a URL
-    without a user name): the ACL users of :mod:`dagkube.runtime.acl` may not send INFO, and
+    without a user name): the ACL users of :mod:`dagkube.store.acl` may not send INFO, and
     a refused command is an error in the ACL log. Without it outages are still ridden out,
     but a restart goes unnoticed.
     """

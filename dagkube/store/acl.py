@@ -1,7 +1,7 @@
 """Redis ACL users: least privilege for the operator and for the workers of each namespace.
 
 A worker of namespace N gets a user of its own, ``dagkube-worker-N``: the keys under
-``dk:ns:N:`` only (:func:`dagkube.runtime.keys.namespace_pattern`) and only the commands the
+``dk:ns:N:`` only (:func:`dagkube.store.keys.namespace_pattern`) and only the commands the
 worker sends, itself and inside the scripts it calls. The operator's user may touch every
 ``dk:`` key with the commands the operator, its scaler and its exporter send, and create,
 change and delete users (that is how it hands out worker users). See docs/architecture.md,
@@ -23,25 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from dagkube.runtime import scripts
-from dagkube.runtime.keys import check_namespace, namespace_pattern
+from dagkube.store.keys import check_namespace, namespace_pattern
+from dagkube.store.scripts import SOURCES, WORKER_SCRIPTS
 
 OPERATOR_USER = "dagkube-operator"
 WORKER_USER_PREFIX = "dagkube-worker-"
-
-# The scripts a worker calls (worker.py: COMPLETE, FAIL, FINISH; ADD_TO_RUN when it was
-# created for a run it never served) and the rest, which the operator and the local driver
-# call (launcher, scaler, history pruning).
-WORKER_SCRIPTS = (scripts.COMPLETE, scripts.FAIL, scripts.FINISH, scripts.ADD_TO_RUN)
-ALL_SCRIPTS = (
-    *WORKER_SCRIPTS,
-    scripts.RENEW,
-    scripts.CANCEL,
-    scripts.REQUEUE,
-    scripts.FORCE_END,
-    scripts.PRUNE_STRUCTURE,
-    scripts.PRUNE_INDEXES,
-)
 
 # Commands a client sends whatever it does: PING (connect, health checks), transactions
 # (pipelines with transaction=True), scripts by SHA and loading them again after a Redis
@@ -145,7 +131,7 @@ def worker_user(namespace: str) -> AclUser:
     the worker's commands, nothing else (no KEYS/SCAN, CONFIG, FLUSHALL, DEBUG, ACL, EVAL)."""
     return AclUser(
         name=WORKER_USER_PREFIX + check_namespace(namespace),
-        commands=_commands(WORKER_COMMANDS, WORKER_SCRIPTS),
+        commands=_commands(WORKER_COMMANDS, (SOURCES[name] for name in WORKER_SCRIPTS)),
         key_patterns=(namespace_pattern(namespace),),
     )
 
@@ -156,7 +142,7 @@ def operator_user(name: str = OPERATOR_USER) -> AclUser:
     and the ACL subcommands that manage worker users. Not CONFIG, FLUSHALL, KEYS, DEBUG."""
     return AclUser(
         name=name,
-        commands=_commands(OPERATOR_COMMANDS, ALL_SCRIPTS),
+        commands=_commands(OPERATOR_COMMANDS, SOURCES.values()),
         key_patterns=("dk:*",),
     )
 
@@ -231,7 +217,7 @@ async def ensure_worker_user(
 
 
 def main() -> None:
-    """``python -m dagkube.runtime.acl``: the operator user's rules on one line, for an ACL
+    """``python -m dagkube.store.acl``: the operator user's rules on one line, for an ACL
     file (``user dagkube-operator on >PASSWORD <rules>``) or ``ACL SETUSER dagkube-operator
     reset on >PASSWORD <rules>`` on a Redis of your own. The chart's bundled Redis reads the
     same line from charts/dagkube/files/redis-operator-rules.txt (a test keeps them equal)."""

@@ -6,6 +6,7 @@ Timestamps are Unix seconds (float); durations carry ``_s``; sizes ``_bytes``; m
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
@@ -135,6 +136,28 @@ class WorkerRecord(BaseModel):
     lost_task: str = ""  # lost: the task it was running
 
 
+class RunStatus(StrEnum):
+    """A run's ``status`` in its meta hash and its record (the Lua scripts write these
+    strings; a script's reply says ``missing`` for a run that does not exist)."""
+
+    RUNNING = "running"
+    CANCELLING = "cancelling"  # cancelled: its workers stop at their next task boundary
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# A run in one of these states has not ended yet.
+LIVE_STATUSES = (RunStatus.RUNNING, RunStatus.CANCELLING)
+
+
+def is_live(status: bytes | str | None) -> bool:
+    """Whether a ``status`` read from a run's meta (bytes, as Redis returns it) has not ended."""
+    if isinstance(status, bytes):
+        status = status.decode()
+    return status in LIVE_STATUSES
+
+
 class RunRecord(BaseModel):
     """A run's totals, copied from its live state when it ends."""
 
@@ -143,7 +166,7 @@ class RunRecord(BaseModel):
     structure_hash: str
     planner: str
     sla: str
-    status: str
+    status: RunStatus
     pool: str = ""
     submitted_at: float
     finished_at: float | None = None  # the run was finalized (every worker finished)

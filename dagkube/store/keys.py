@@ -43,7 +43,7 @@ def namespaced(namespace: str, local_id: str) -> str:
 
 def namespace_of(scoped_id: str) -> str | None:
     """The namespace a run id or pool name belongs to (the part before its first '.'), None
-    for an id without one. The Lua scripts' ``root`` applies the same rule."""
+    for an id without one."""
     head, separator, _ = scoped_id.partition(NAMESPACE_SEPARATOR)
     return head if separator and head else None
 
@@ -63,7 +63,65 @@ def namespace_pattern(namespace: str) -> str:
     return f"{key_root(namespace)}*"
 
 
-HIST = "dk:hist"
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """The prefixes of one namespace's keys (None: local runs). Every key builder below starts
+    from these, and the Lua scripts get them as their first arguments (:meth:`script_args`)
+    and append ids and part names: a key is spelled in one place, and every key a script
+    touches for a run of namespace N lies under ``dk:ns:N:``."""
+
+    namespace: str | None = None
+
+    @classmethod
+    def of(cls, scoped_id: str) -> KeySpace:
+        """The key space of a run id or pool name (its namespace's, :func:`namespace_of`)."""
+        return cls(namespace_of(scoped_id))
+
+    @property
+    def root(self) -> str:
+        return key_root(self.namespace)
+
+    @property
+    def runs(self) -> str:  # + run id: RunKeys.prefix
+        return f"{self.root}run:"
+
+    @property
+    def pools(self) -> str:  # + pool name: PoolKeys.prefix
+        return f"{self.root}pool:"
+
+    @property
+    def workers(self) -> str:  # + worker id + ":" + part
+        return f"{self.root}w:"
+
+    @property
+    def history(self) -> str:  # + index name: the history's indexes
+        return f"{hist_root(self.namespace)}:"
+
+    @property
+    def history_runs(self) -> str:  # + run id + ":" + part: hist_run
+        return f"{self.history}r:"
+
+    def script_args(self) -> list[str]:
+        """The first four arguments of every script (lua/prelude.lua reads them there)."""
+        return [self.runs, self.history, self.history_runs, self.pools]
+
+
+# The keys every run has (RunKeys' properties below, as parts after its prefix); the dynamic
+# ones (inboxes, claims, preloads, duplicates) are listed in its ``keys`` set. The scripts
+# expire these at the run's end (scripts.py hands them this list).
+RUN_PARTS = (
+    "meta",
+    "dag",
+    "plan",
+    "out",
+    "const",
+    "done",
+    "edges",
+    "depcount",
+    "started",
+    "keys",
+    "result",
+)
 
 
 @dataclass(frozen=True)
@@ -71,8 +129,13 @@ class RunKeys:
     run_id: str
 
     @property
+    def fixed(self) -> tuple[str, ...]:
+        """Every key of the run but the dynamic ones its ``keyset`` lists."""
+        return tuple(f"{self.prefix}:{part}" for part in RUN_PARTS)
+
+    @property
     def prefix(self) -> str:
-        return f"{key_root(namespace_of(self.run_id))}run:{self.run_id}"
+        return f"{KeySpace.of(self.run_id).runs}{self.run_id}"
 
     @property
     def meta(self) -> str:  # hash: status, counters, totals, provenance
@@ -140,7 +203,7 @@ class PoolKeys:
 
     @property
     def prefix(self) -> str:
-        return f"{key_root(namespace_of(self.pool))}pool:{self.pool}"
+        return f"{KeySpace.of(self.pool).pools}{self.pool}"
 
     def queue(self, memory_mib: int) -> str:
         return f"{self.prefix}:q:{memory_mib}"
@@ -172,7 +235,7 @@ class PoolKeys:
 def _worker_key(worker_id: str, pool: str, part: str) -> str:
     # A worker's keys share its pool's namespace: worker ids are Pod names, unique per
     # namespace only, and carry none.
-    return f"{key_root(namespace_of(pool))}w:{worker_id}:{part}"
+    return f"{KeySpace.of(pool).workers}{worker_id}:{part}"
 
 
 def worker_proc(worker_id: str, pool: str = "") -> str:
@@ -197,7 +260,7 @@ def hist_root(namespace: str | None = None) -> str:
 def hist_run(run_id: str, part: str) -> str:
     """History of one run: part is meta (hash), tasks (hash), workers (hash), plan or edges
     (JSON: task id -> its upstream task ids). In its run's namespace."""
-    return f"{hist_root(namespace_of(run_id))}:r:{run_id}:{part}"
+    return f"{KeySpace.of(run_id).history_runs}{run_id}:{part}"
 
 
 def hist_structure_runs(structure_hash: str, namespace: str | None = None) -> str:

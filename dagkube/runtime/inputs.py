@@ -1,0 +1,225 @@
+"""A worker's inputs: the run state it holds, fetching a task's inputs (re-running lost
+upstreams from their lineage), and pre-loading a fan-in's inputs in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pickle
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+from redis import exceptions as redis_exceptions
+
+from dagkube.dag import TaskSpec, resolve
+from dagkube.runtime.workercore.run import RunView
+from dagkube.store.connection import BulkReader
+from dagkube.store.keys import RunKeys
+
+log = logging.getLogger("dagkube.worker")
+
+
+def serialize(value: Any) -> bytes:
+    """Fast path with pickle; cloudpickle for lambdas, local classes and the like."""
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # not swallowed: what pickle refuses goes to cloudpickle, which raises too
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+@dataclass
+class RunState(RunView):
+    """What a worker keeps of one run besides what its core sees: loaded code and the
+    values it holds."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # serialized sizes of held values
+    constants: dict[str, Any] = field(default_factory=dict)
+    functions: dict[str, Any] = field(default_factory=dict)
+    loading: dict[str, asyncio.Future] = field(default_factory=dict)  # pre-loads in flight
+    preloaded: dict[str, float] = field(default_factory=dict)  # input -> background seconds
+
+    def function(self, fn_key: str) -> Any:
+        fn = self.functions.get(fn_key)
+        if fn is None:
+            fn = self.functions[fn_key] = pickle.loads(self.dag.functions[fn_key])
+        return fn
+
+
+@dataclass
+class Inputs:
+    """A task's inputs not held locally: raw bytes by task (``const:<key>`` for constants),
+    the upstreams re-run here, and the foreground download."""
+
+    raw: dict[str, bytes]
+    recomputed: list[str]
+    download_s: float
+    download_bytes: int
+
+
+async def gather(
+    state: RunState, spec: TaskSpec, reader: BulkReader, redis: Any, executor: ThreadPoolExecutor
+) -> Inputs:
+    """Fetch the inputs not held locally; re-run upstreams whose outputs were lost."""
+    keys = RunKeys(state.run_id)
+    loading = {state.loading[d] for d in spec.deps if d in state.loading}
+    if loading:  # pre-loads of these inputs are in flight: they finish sooner than a fetch
+        await asyncio.gather(*loading)
+    missing = [d for d in spec.deps if d not in state.values]
+    wanted_consts = [k for k in spec.const_keys if k not in state.constants]
+    raw: dict[str, bytes] = {}
+    download_s = 0.0
+    nbytes = 0
+    if missing or wanted_consts:
+        started = time.perf_counter()
+        requests = []
+        if missing:
+            requests.append((keys.outputs, missing))
+        if wanted_consts:
+            requests.append((keys.constants, wanted_consts))
+        replies = await reader.hmget_many(requests)
+        download_s = time.perf_counter() - started
+        if missing:
+            for dep, blob in zip(missing, replies[0], strict=True):
+                if blob is not None:
+                    raw[dep] = blob
+                    nbytes += len(blob)
+        if wanted_consts:
+            consts = replies[-1]
+            for key, blob in zip(wanted_consts, consts, strict=True):
+                if blob is None:
+                    raise RuntimeError(f"run {state.run_id}: constant {key} is missing")
+                raw["const:" + key] = blob
+                nbytes += len(blob)
+    lost = [d for d in missing if d not in raw]
+    recomputed = await recompute(state, lost, reader, redis, executor) if lost else []
+    return Inputs(raw, recomputed, download_s, nbytes)
+
+
+async def recompute(
+    state: RunState,
+    lost: list[str],
+    reader: BulkReader,
+    redis: Any,
+    executor: ThreadPoolExecutor,
+) -> list[str]:
+    """Re-run upstream tasks whose outputs are gone (their worker died before a consumer
+    elsewhere needed them). Walks lineage breadth-first, then runs in topological order."""
+    keys = RunKeys(state.run_id)
+    needed: set[str] = set()
+    frontier = list(lost)
+    fetched: dict[str, bytes] = {}
+    while frontier:
+        needed.update(frontier)
+        parents = sorted(
+            {d for t in frontier for d in state.dag.tasks[t].deps}
+            - needed
+            - set(state.values)
+            - set(fetched)
+        )
+        frontier = []
+        if parents:
+            (blobs,) = await reader.hmget_many([(keys.outputs, parents)])
+            for parent, blob in zip(parents, blobs, strict=True):
+                if blob is None:
+                    frontier.append(parent)
+                else:
+                    fetched[parent] = blob
+    order = sorted(needed, key=state.task_index.__getitem__)
+    log.warning(
+        "run %s: re-running %d task(s) whose outputs were lost: %s",
+        state.run_id,
+        len(order),
+        ", ".join(order[:5]),
+    )
+    loop = asyncio.get_running_loop()
+    outputs: dict[str, bytes] = {}
+
+    def rerun() -> None:
+        for dep, blob in fetched.items():
+            state.values[dep] = pickle.loads(blob)
+        for task_id in order:
+            spec = state.dag.tasks[task_id]
+            args, kwargs = resolve(pickle.loads(spec.args_blob), state.values, state.constants)
+            state.values[task_id] = state.function(spec.fn_key)(*args, **kwargs)
+            outputs[task_id] = serialize(state.values[task_id])
+            state.sizes[task_id] = len(outputs[task_id])
+
+    await loop.run_in_executor(executor, rerun)
+    # Stored now: should this worker be lost too, the next one does not re-run them again.
+    await redis.hset(keys.outputs, mapping=outputs)
+    return order
+
+
+class Preloader:
+    """preload: fetches a host's fan-in inputs as their producers store them (the COMPLETE
+    script lists them for the host), downloading on the I/O thread and deserializing on the
+    preload thread, so the task thread keeps running. A task that needs an input still in
+    flight awaits it instead of fetching it again."""
+
+    def __init__(
+        self,
+        redis: Any,
+        reader: BulkReader,
+        executor: ThreadPoolExecutor,
+        state: RunState,
+        host: str,
+    ) -> None:
+        self.redis = redis
+        self.reader = reader
+        self.executor = executor
+        self.state = state
+        self.key = RunKeys(state.run_id).preload(host)
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            first = await self.redis.blpop(self.key, timeout=1.0)
+            if first is None:
+                continue
+            ids = [first[1].decode()]
+            more = await self.redis.lpop(self.key, 100)
+            ids += [m.decode() for m in more or ()]
+            try:
+                await self._load(ids)
+            except (redis_exceptions.RedisError, pickle.UnpicklingError, OSError) as exc:
+                # The task fetches the input itself, as without pre-loading.
+                log.warning("run %s: pre-load of %s failed: %s", self.state.run_id, ids, exc)
+
+    async def _load(self, ids: list[str]) -> None:
+        state = self.state
+        ids = [i for i in dict.fromkeys(ids) if i not in state.values and i not in state.loading]
+        if not ids:
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        for input_id in ids:
+            state.loading[input_id] = future
+        started = time.perf_counter()
+        try:
+            (blobs,) = await self.reader.hmget_many([(RunKeys(state.run_id).outputs, ids)])
+
+            def deserialize() -> None:
+                for input_id, blob in zip(ids, blobs, strict=True):
+                    if blob is not None:
+                        state.values[input_id] = pickle.loads(blob)
+                        state.sizes[input_id] = len(blob)
+
+            await loop.run_in_executor(self.executor, deserialize)
+            share = (time.perf_counter() - started) / len(ids)
+            for input_id in ids:
+                if input_id in state.values:
+                    state.preloaded[input_id] = share
+        finally:
+            for input_id in ids:
+                state.loading.pop(input_id, None)
+            future.set_result(None)

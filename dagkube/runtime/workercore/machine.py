@@ -1,0 +1,289 @@
+"""The worker's decisions while it serves one invocation, as a state machine with no I/O.
+
+The I/O shell (``dagkube.runtime.worker``) calls :meth:`InvocationMachine.start`, carries
+out the instructions in order, and hands each event they produce to
+:meth:`InvocationMachine.handle`, until a :class:`Finish`. The machine decides what runs
+next, whether an output is stored, when an upload is delayed, whether an upstream is late
+and what to duplicate, and where the ready consumers the COMPLETE step routed to this worker
+go in its order (:func:`dagkube.planning.rules.flexible_next`).
+
+================  ==========================  ============================================
+event             state                       instructions
+================  ==========================  ============================================
+(start)           flexible                    ReadDone (resumed) or the first task's
+                                              StartPreload, RequestPrewarm, Execute
+(start)           bound                       ReadDone (resumed), StartPreload, then the
+                                              first ready task or WaitInbox
+DoneRead          flexible / bound starting   skip a completed task / set what remains
+TaskReady         bound, waiting              CheckDuplicated (a duplicate target) or
+                                              RequestPrewarm, Execute
+Stop              bound, waiting              Finish
+WorkerIdle        bound, waiting              ReadUpstreams (taskdup) or ReadStatus
+UpstreamsRead     bound, idle                 ClaimDuplicate (a late upstream) or ReadStatus
+DuplicateClaimed  bound, idle                 Execute(duplicate) if won, else the next claim
+DuplicatedChecked bound                       Execute, or skip the task
+StatusRead        bound, idle                 Finish (run ended) or WaitInbox / next task
+Executed          any                         Fail, DelayUpload (delayed-io) or Complete
+UploadDelayed     flexible                    Complete
+Completed         any                         StoreOutput (kept for another fan-in), then
+                                              the next task, ReadStatus or Finish
+Failed            any                         Finish (a duplicate's: ReadStatus)
+================  ==========================  ============================================
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from dagkube.planning.model import TaskdupParams
+from dagkube.planning.rules import flexible_next
+from dagkube.runtime.workercore import hooks
+from dagkube.runtime.workercore.messages import (
+    CheckDuplicated,
+    ClaimDuplicate,
+    Complete,
+    Completed,
+    DoneRead,
+    DuplicateClaimed,
+    DuplicatedChecked,
+    Event,
+    Execute,
+    Executed,
+    Fail,
+    Failed,
+    Finish,
+    Instruction,
+    ReadDone,
+    ReadStatus,
+    ReadUpstreams,
+    StatusRead,
+    Stop,
+    StoreOutput,
+    TaskReady,
+    UploadDelayed,
+    UpstreamsRead,
+    WaitInbox,
+    WorkerIdle,
+)
+from dagkube.runtime.workercore.run import RunView
+
+
+class InvocationMachine:
+    """One invocation: a flexible one runs its roots depth first with their continuations and
+    clustered children; a bound one (``worker`` set) runs the tasks planned for its logical
+    worker as their inputs arrive in its inbox, and may duplicate a late upstream."""
+
+    def __init__(
+        self,
+        run: RunView,
+        *,
+        roots: Iterable[str],
+        worker: str | None,
+        resume: bool,
+        block_s: float,
+    ) -> None:
+        self.run = run
+        self.me = worker
+        self.resume = resume  # re-queued from a lost worker: store every output (a checkpoint)
+        self.block_s = block_s  # the longest inbox wait without taskdup candidates
+        self.queue: deque[str] = deque(roots)  # flexible: pending roots; bound: ready tasks
+        self.remaining: set[str] = set()  # bound: planned tasks not run yet
+        self.may_duplicate = False
+        self.blocked_since: float | None = None
+        self.current: str | None = None
+        self.duplicate = False  # the current task is a duplicate of a late upstream
+        self.kept_for: str | None = None  # delayed-io kept the current output for this fan-in
+        self.claims: deque[tuple[str, TaskdupParams]] = deque()
+        self.served = 0
+        self.first_task_at: float | None = None
+
+    # ------------------------------------------------------------------ entry points
+    def start(self) -> list[Instruction]:
+        if self.me is None:
+            return self._next_flexible()
+        if self.resume:
+            return [ReadDone(task_id=None)]
+        return self._start_bound(frozenset())
+
+    def handle(self, event: Event) -> list[Instruction]:
+        """The instructions that follow ``event``, in the order they are to be carried out."""
+        match event:
+            case DoneRead():
+                return self._on_done_read(event)
+            case TaskReady():
+                self.blocked_since = self.blocked_since or event.waited_from
+                self.queue.append(event.task_id)
+                return self._next_bound()
+            case Stop():
+                return [self._finish()]
+            case WorkerIdle():
+                self.blocked_since = self.blocked_since or event.waited_from
+                return self._on_idle()
+            case UpstreamsRead():
+                return self._on_upstreams(event)
+            case DuplicateClaimed():
+                return self._on_claimed(event)
+            case DuplicatedChecked():
+                if event.done:  # a consumer's duplicate already completed it
+                    self.remaining.discard(event.task_id)
+                    return self._next_bound()
+                return self._execute_bound(event.task_id)
+            case StatusRead():
+                return self._next_bound() if event.running else [self._finish()]
+            case Executed():
+                return self._on_executed(event)
+            case UploadDelayed():
+                if event.kept:
+                    self.kept_for = self.run.opts.delayed[event.task_id][0]
+                return [self._complete(event.task_id)]
+            case Completed():
+                return self._on_completed(event)
+            case Failed():
+                return [ReadStatus()] if self.duplicate else [self._finish()]
+        raise TypeError(f"the worker core has no rule for {event!r}")
+
+    # ------------------------------------------------------------------ flexible
+    def _next_flexible(self) -> list[Instruction]:
+        if not self.queue:
+            return [self._finish()]
+        self.current = self.queue.popleft()
+        if self.resume:  # re-queued from a lost worker that may have completed it
+            return [ReadDone(task_id=self.current)]
+        return self._begin_flexible(self.current)
+
+    def _begin_flexible(self, task_id: str) -> list[Instruction]:
+        return [
+            *hooks.preload(self.run, "@" + task_id),
+            *hooks.prewarm(self.run, task_id),
+            self._execute(task_id),
+        ]
+
+    # ------------------------------------------------------------------ bound
+    def _start_bound(self, done: frozenset[str]) -> list[Instruction]:
+        assert self.me is not None
+        assigned = self.run.worker_tasks(self.me)
+        self.remaining = {t for t in assigned if t not in done}
+        if self.resume:
+            deps = self.run.dag.tasks
+            self.queue.extend(
+                t for t in assigned if t in self.remaining and all(d in done for d in deps[t].deps)
+            )
+        self.may_duplicate = bool(self.remaining.intersection(self.run.opts.dups))
+        return [*hooks.preload(self.run, self.me), *self._next_bound()]
+
+    def _next_bound(self) -> list[Instruction]:
+        while self.remaining:
+            if not self.queue:
+                return [
+                    WaitInbox(timeout_s=hooks.DUP_POLL_S if self.may_duplicate else self.block_s)
+                ]
+            task_id = self.queue.popleft()
+            if task_id not in self.remaining:
+                continue
+            self.current, self.duplicate = task_id, False
+            if task_id in self.run.opts.dup_targets:
+                return [CheckDuplicated(task_id=task_id)]
+            return self._execute_bound(task_id)
+        return [self._finish()]
+
+    def _execute_bound(self, task_id: str) -> list[Instruction]:
+        blocked_since, self.blocked_since = self.blocked_since, None
+        return [
+            *hooks.prewarm(self.run, task_id),
+            self._execute(task_id, blocked_since=blocked_since),
+        ]
+
+    def _on_idle(self) -> list[Instruction]:
+        if not self.may_duplicate:
+            return [ReadStatus()]
+        candidates = hooks.duplicate_candidates(self.run, self.remaining)
+        upstreams = tuple(sorted({params.upstream for _, params in candidates}))
+        if not upstreams:  # the waiting tasks left have no upstream to duplicate
+            return [ReadStatus()]
+        self.claims = deque(candidates)
+        return [ReadUpstreams(upstreams=upstreams)]
+
+    def _on_upstreams(self, event: UpstreamsRead) -> list[Instruction]:
+        """Keep, in order, the candidates whose upstream is late; claim the first."""
+        submitted = self.run.submitted_at
+        now_s = event.at - submitted
+        late = [
+            (consumer, params)
+            for consumer, params in self.claims
+            if params.upstream not in event.done
+            and hooks.late(params, _relative(event.started.get(params.upstream), submitted), now_s)
+        ]
+        self.claims = deque(late)
+        return self._claim_next()
+
+    def _claim_next(self) -> list[Instruction]:
+        if not self.claims:
+            return [ReadStatus()]
+        consumer, params = self.claims[0]
+        return [ClaimDuplicate(upstream=params.upstream, consumer=consumer)]
+
+    def _on_claimed(self, event: DuplicateClaimed) -> list[Instruction]:
+        consumer, _ = self.claims.popleft()
+        if not event.won:
+            return self._claim_next()
+        self.claims.clear()
+        self.run.duplicated.setdefault(consumer, []).append(event.upstream)
+        self.current, self.duplicate = event.upstream, True
+        return [*hooks.prewarm(self.run, event.upstream), self._execute(event.upstream)]
+
+    # ------------------------------------------------------------------ any task
+    def _execute(self, task_id: str, blocked_since: float | None = None) -> Execute:
+        store = self.run.must_store(task_id) or self.resume
+        return Execute(
+            task_id=task_id, store=store, duplicate=self.duplicate, blocked_since=blocked_since
+        )
+
+    def _on_done_read(self, event: DoneRead) -> list[Instruction]:
+        if self.me is not None:
+            return self._start_bound(event.done)
+        assert self.current is not None
+        if self.current in event.done:
+            return self._next_flexible()
+        return self._begin_flexible(self.current)
+
+    def _on_executed(self, event: Executed) -> list[Instruction]:
+        self.served += 1
+        if not self.duplicate:
+            self.first_task_at = self.first_task_at or event.started_at
+            self.remaining.discard(event.task_id)
+        if not event.ok:
+            return [Fail(task_id=event.task_id)]
+        delay = hooks.delayed_io(self.run, event.task_id, self.me)
+        return [delay] if delay is not None else [self._complete(event.task_id)]
+
+    def _complete(self, task_id: str) -> Complete:
+        pending = tuple(self.queue) if self.me is None else ()
+        return Complete(task_id=task_id, pending=pending)
+
+    def _on_completed(self, event: Completed) -> list[Instruction]:
+        running = event.status == "running"
+        kept_for, self.kept_for = self.kept_for, None
+        instructions: list[Instruction] = []
+        if kept_for is not None and running and event.continuation != kept_for:
+            # Not this worker's fan-in after all (cannot happen unless a duplicate raced):
+            # store the output so whoever runs it can read it.
+            instructions.append(StoreOutput(task_id=event.task_id))
+        if self.duplicate:
+            if running:
+                self.queue.extend(event.local_ready)
+            return [*instructions, ReadStatus()]
+        if not running:
+            return [*instructions, self._finish()]
+        if self.me is None:
+            self.queue = deque(flexible_next(event.continuation, event.local_ready, self.queue))
+            return [*instructions, *self._next_flexible()]
+        self.queue.extend(event.local_ready)
+        return [*instructions, *self._next_bound()]
+
+    def _finish(self) -> Finish:
+        return Finish(served=self.served, first_task_at=self.first_task_at)
+
+
+def _relative(started_at: float | None, submitted_at: float) -> float | None:
+    return None if started_at is None else started_at - submitted_at

@@ -1,0 +1,486 @@
+"""The worker's core without Redis: events in, instructions out (as dask/distributed tests its
+worker state machine), the optimization hooks' order, and the rules the timing model shares."""
+
+from __future__ import annotations
+
+import pytest
+
+from dagkube.dag import DagSpec, TaskSpec
+from dagkube.planning.history import HistorySnapshot, TaskSample
+from dagkube.planning.model import (
+    Clustering,
+    ClusteringParams,
+    DelayedIo,
+    DelayedIoParams,
+    OptimizationIndex,
+    Plan,
+    Preload,
+    PreloadParams,
+    Prewarm,
+    PrewarmParams,
+    Taskdup,
+    TaskdupParams,
+    TaskPlan,
+)
+from dagkube.planning.predictions import Predictor
+from dagkube.planning.rules import Route, flexible_next, route, start_charge
+from dagkube.planning.timing import simulate
+from dagkube.runtime.workercore import hooks
+from dagkube.runtime.workercore.machine import InvocationMachine
+from dagkube.runtime.workercore.messages import (
+    CheckDuplicated,
+    ClaimDuplicate,
+    Complete,
+    Completed,
+    DelayUpload,
+    DoneRead,
+    DuplicateClaimed,
+    DuplicatedChecked,
+    Execute,
+    Executed,
+    Fail,
+    Failed,
+    Finish,
+    PrewarmRequest,
+    ReadDone,
+    ReadStatus,
+    ReadUpstreams,
+    RequestPrewarm,
+    StartPreload,
+    StatusRead,
+    Stop,
+    StoreOutput,
+    TaskReady,
+    UploadDelayed,
+    UpstreamsRead,
+    WaitInbox,
+    WorkerIdle,
+)
+from dagkube.runtime.workercore.run import RunView
+
+BLOCK_S = 5.0
+SUBMITTED = 1000.0
+
+
+def dag_of(deps: dict[str, list[str]], outputs: list[str] | None = None) -> DagSpec:
+    """A DAG of tasks of function ``work`` (ids in topological order), sinks as outputs."""
+    tasks = {
+        task_id: TaskSpec(task_id, "work", "work", b"", tuple(upstream))
+        for task_id, upstream in deps.items()
+    }
+    for task_id, spec in tasks.items():
+        for upstream in spec.deps:
+            tasks[upstream].downstream.append(task_id)
+    sinks = [t for t, spec in tasks.items() if not spec.downstream]
+    return DagSpec("test", "h", tasks, {}, None, outputs if outputs is not None else sinks)
+
+
+def run_of(
+    deps: dict[str, list[str]],
+    workers: dict[str, str] | None = None,
+    optimizations: dict[str, list] | None = None,
+) -> RunView:
+    workers, optimizations = workers or {}, optimizations or {}
+    dag = dag_of(deps)
+    plan = Plan(
+        planner="test",
+        sla="avg",
+        classes_mib=[512],
+        memory_per_cpu_mib=1024,
+        max_cpu=1.0,
+        tasks={
+            t: TaskPlan(
+                memory_mib=512, worker_id=workers.get(t), optimizations=optimizations.get(t, [])
+            )
+            for t in dag.tasks
+        },
+    )
+    return RunView(
+        run_id="r",
+        dag=dag,
+        plan=plan,
+        ttl_s=60,
+        history_cap=10,
+        task_index={t: i for i, t in enumerate(dag.tasks)},
+        submitted_at=SUBMITTED,
+        opts=OptimizationIndex.of({t: p.optimizations for t, p in plan.tasks.items()}),
+    )
+
+
+def flexible(run: RunView, *roots: str, resume: bool = False) -> InvocationMachine:
+    return InvocationMachine(run, roots=roots, worker=None, resume=resume, block_s=BLOCK_S)
+
+
+def bound(run: RunView, me: str, *roots: str, resume: bool = False) -> InvocationMachine:
+    return InvocationMachine(run, roots=roots, worker=me, resume=resume, block_s=BLOCK_S)
+
+
+def running(task_id: str, continuation: str | None = None, *local: str) -> Completed:
+    return Completed(
+        task_id=task_id, status="running", continuation=continuation, local_ready=local
+    )
+
+
+CHAIN = {"a": [], "b": ["a"], "c": ["b"]}
+
+
+# ------------------------------------------------------------------ flexible invocations
+def test_a_flexible_worker_runs_its_root_then_each_continuation_and_finishes():
+    core = flexible(run_of(CHAIN), "a")
+    # a's output stays local (one flexible consumer); c is the run's output: stored
+    assert core.start() == [Execute(task_id="a", store=False)]
+    assert core.handle(Executed(task_id="a", ok=True, started_at=10.0)) == [
+        Complete(task_id="a", pending=())
+    ]
+    assert core.handle(running("a", "b")) == [Execute.match(task_id="b", store=False)]
+    core.handle(Executed(task_id="b", ok=True, started_at=11.0))
+    assert core.handle(running("b", "c")) == [Execute.match(task_id="c", store=True)]
+    core.handle(Executed(task_id="c", ok=True, started_at=12.0))
+    assert core.handle(running("c")) == [Finish(served=3, first_task_at=10.0)]
+
+
+def test_clustered_children_run_here_after_the_continuation_and_travel_as_pending():
+    run = run_of(
+        {"a": [], "b": ["a"], "c": ["a"], "d": ["a"]},
+        optimizations={"a": [Clustering(params=ClusteringParams(children=["b", "c", "d"]))]},
+    )
+    core = flexible(run, "a", "z")  # z: a second root of the invocation
+    assert core.start() == [Execute(task_id="a", store=False)]  # clustering keeps it local
+    core.handle(Executed(task_id="a", ok=True, started_at=1.0))
+    # COMPLETE chose b as the continuation and routed c and d here: depth first, before z
+    assert core.handle(running("a", "b", "c", "d")) == [Execute.match(task_id="b")]
+    assert core.handle(Executed(task_id="b", ok=True, started_at=2.0)) == [
+        Complete(task_id="b", pending=("c", "d", "z"))
+    ]
+
+
+def test_a_resumed_invocation_skips_completed_roots_and_stores_every_output():
+    core = flexible(run_of(CHAIN), "a", "b", resume=True)
+    assert core.start() == [ReadDone(task_id="a")]
+    assert core.handle(DoneRead(done=frozenset({"a"}))) == [ReadDone(task_id="b")]
+    # a checkpoint: b's output is stored although its consumer would run here
+    assert core.handle(DoneRead(done=frozenset())) == [Execute(task_id="b", store=True)]
+
+
+def test_a_failed_task_fails_the_run_and_ends_the_invocation():
+    core = flexible(run_of(CHAIN), "a")
+    core.start()
+    assert core.handle(Executed(task_id="a", ok=False, started_at=5.0)) == [Fail(task_id="a")]
+    assert core.handle(Failed(task_id="a")) == [Finish(served=1, first_task_at=5.0)]
+
+
+def test_a_run_that_stopped_running_ends_the_invocation_after_the_completion():
+    core = flexible(run_of(CHAIN), "a")
+    core.start()
+    core.handle(Executed(task_id="a", ok=True, started_at=5.0))
+    ended = Completed(task_id="a", status="cancelled", continuation=None)
+    assert core.handle(ended) == [Finish(served=1, first_task_at=5.0)]
+
+
+# ------------------------------------------------------------------ the hooks and their order
+def test_before_a_task_preload_then_prewarm_then_the_task():
+    run = run_of(
+        {"a": [], "b": [], "f": ["a", "b"]},
+        optimizations={
+            "f": [Preload(params=PreloadParams(host="@a", inputs=["b"]))],
+            "a": [
+                Prewarm(params=PrewarmParams(memory_mib=1024, count=2, delay_s=0.5, targets=["f"]))
+            ],
+        },
+    )
+    assert flexible(run, "a").start() == [
+        StartPreload(host="@a"),
+        RequestPrewarm(
+            trigger="a",
+            requests=(PrewarmRequest(memory_mib=1024, count=2, delay_s=0.5, targets=("f",)),),
+        ),
+        Execute(task_id="a", store=True),
+    ]
+
+
+def delayed_run() -> RunView:
+    return run_of(
+        {"a": [], "b": [], "f": ["a", "b"]},
+        optimizations={"a": [DelayedIo(params=DelayedIoParams(fan_in="f", wait_s=0.3))]},
+    )
+
+
+def test_delayed_io_waits_for_the_fan_ins_other_inputs_before_completing():
+    core = flexible(delayed_run(), "a")
+    core.start()
+    assert core.handle(Executed(task_id="a", ok=True, started_at=1.0)) == [
+        DelayUpload(task_id="a", fan_in="f", others=("b",), wait_s=0.3)
+    ]
+    assert core.handle(UploadDelayed(task_id="a", kept=True)) == [Complete(task_id="a")]
+    # the fan-in came here: nothing more to upload
+    assert core.handle(running("a", "f")) == [Execute.match(task_id="f")]
+
+
+def test_a_kept_output_is_stored_after_all_when_the_fan_in_goes_elsewhere():
+    core = flexible(delayed_run(), "a")
+    core.start()
+    core.handle(Executed(task_id="a", ok=True, started_at=1.0))
+    core.handle(UploadDelayed(task_id="a", kept=True))
+    assert core.handle(running("a")) == [StoreOutput(task_id="a"), Finish.match(served=1)]
+
+
+def test_an_uploaded_output_is_not_stored_twice():
+    core = flexible(delayed_run(), "a")
+    core.start()
+    core.handle(Executed(task_id="a", ok=True, started_at=1.0))
+    core.handle(UploadDelayed(task_id="a", kept=False))
+    assert core.handle(running("a")) == [Finish.match(served=1)]
+
+
+def test_delayed_io_is_a_flexible_workers_hook_only():
+    run = run_of(
+        {"a": [], "b": [], "f": ["a", "b"]},
+        workers={"a": "w1", "f": "w1"},
+        optimizations={"a": [DelayedIo(params=DelayedIoParams(fan_in="f", wait_s=0.3))]},
+    )
+    assert hooks.delayed_io(run, "a", None) == DelayUpload(
+        task_id="a", fan_in="f", others=("b",), wait_s=0.3
+    )
+    assert hooks.delayed_io(run, "a", "w1") is None
+    assert hooks.delayed_io(run, "b", None) is None
+
+
+# ------------------------------------------------------------------ bound invocations
+PAIR = {"a": [], "b": [], "c": ["a", "b"]}
+
+
+def test_a_bound_worker_waits_for_its_inbox_and_counts_the_blocked_time():
+    run = run_of(PAIR, workers={"a": "w1", "b": "w2", "c": "w1"})
+    core = bound(run, "w1", "a")
+    assert core.start() == [Execute(task_id="a", store=False, blocked_since=None)]
+    core.handle(Executed(task_id="a", ok=True, started_at=1.0))
+    assert core.handle(running("a")) == [WaitInbox(timeout_s=BLOCK_S)]
+    # nothing yet: the run still runs, so wait again, blocked since the first wait
+    assert core.handle(WorkerIdle(waited_from=2.0)) == [ReadStatus()]
+    assert core.handle(StatusRead(running=True)) == [WaitInbox(timeout_s=BLOCK_S)]
+    assert core.handle(TaskReady(task_id="c", waited_from=7.0)) == [
+        Execute(task_id="c", store=True, blocked_since=2.0)
+    ]
+    core.handle(Executed(task_id="c", ok=True, started_at=8.0))
+    assert core.handle(running("c")) == [Finish(served=2, first_task_at=1.0)]
+
+
+def test_the_stop_token_or_an_ended_run_ends_a_waiting_bound_worker():
+    run = run_of(PAIR, workers={"a": "w1", "b": "w2", "c": "w1"})
+    core = bound(run, "w1")
+    assert core.start() == [WaitInbox(timeout_s=BLOCK_S)]
+    assert core.handle(Stop()) == [Finish(served=0, first_task_at=None)]
+    core = bound(run, "w1")
+    core.start()
+    core.handle(WorkerIdle(waited_from=1.0))
+    assert core.handle(StatusRead(running=False)) == [Finish.match(served=0)]
+
+
+def test_a_resumed_bound_worker_runs_what_is_left_whose_inputs_are_done():
+    run = run_of(
+        {"a": [], "b": ["a"], "c": ["b"], "d": ["c"]},
+        workers={"a": "w1", "b": "w1", "c": "w1", "d": "w1"},
+    )
+    core = bound(run, "w1", resume=True)
+    assert core.start() == [ReadDone(task_id=None)]
+    assert core.handle(DoneRead(done=frozenset({"a", "b"}))) == [Execute(task_id="c", store=True)]
+
+
+def test_a_bound_worker_hosting_preloads_starts_them_first():
+    run = run_of(
+        PAIR,
+        workers={"a": "w1", "b": "w2", "c": "w1"},
+        optimizations={"c": [Preload(params=PreloadParams(host="w1", inputs=["b"]))]},
+    )
+    assert bound(run, "w1", "a").start() == [
+        StartPreload(host="w1"),
+        Execute.match(task_id="a"),
+    ]
+
+
+# ------------------------------------------------------------------ taskdup
+def dup_run(**params: float) -> RunView:
+    values = {"exec_s": 0.05, "original_end_s": 0.2, "original_exec_s": 0.1, **params}
+    return run_of(
+        PAIR,
+        workers={"a": "w1", "b": "w2", "c": "w1"},
+        optimizations={"c": [Taskdup(params=TaskdupParams(upstream="b", **values))]},
+    )
+
+
+def idle_dup_worker(run: RunView) -> InvocationMachine:
+    core = bound(run, "w1", "a")
+    core.start()
+    core.handle(Executed(task_id="a", ok=True, started_at=SUBMITTED))
+    assert core.handle(running("a")) == [WaitInbox(timeout_s=hooks.DUP_POLL_S)]
+    assert core.handle(WorkerIdle(waited_from=SUBMITTED + 0.1)) == [ReadUpstreams(upstreams=("b",))]
+    return core
+
+
+def test_a_straggling_upstream_is_claimed_and_run_here_as_a_duplicate():
+    run = dup_run()
+    core = idle_dup_worker(run)
+    # b started 0.1 s after submission and still runs 1 s later: 10 times its prediction
+    late = UpstreamsRead(done=frozenset(), started={"b": SUBMITTED + 0.1}, at=SUBMITTED + 1.1)
+    assert core.handle(late) == [ClaimDuplicate(upstream="b", consumer="c")]
+    assert core.handle(DuplicateClaimed(upstream="b", won=True)) == [
+        Execute(task_id="b", store=True, duplicate=True)
+    ]
+    assert run.duplicated == {"c": ["b"]}
+    core.handle(Executed(task_id="b", ok=True, started_at=SUBMITTED + 1.2))
+    assert core.handle(running("b", None, "c")) == [ReadStatus()]
+    assert core.handle(StatusRead(running=True)) == [
+        Execute(task_id="c", store=True, blocked_since=SUBMITTED + 0.1)
+    ]
+    core.handle(Executed(task_id="c", ok=True, started_at=SUBMITTED + 1.3))
+    # the duplicate is served but not the invocation's first task
+    assert core.handle(running("c")) == [Finish(served=3, first_task_at=SUBMITTED)]
+
+
+def test_a_lost_claim_or_an_upstream_on_time_means_no_duplicate():
+    core = idle_dup_worker(dup_run())
+    late = UpstreamsRead(done=frozenset(), started={"b": SUBMITTED + 0.1}, at=SUBMITTED + 1.1)
+    core.handle(late)
+    assert core.handle(DuplicateClaimed(upstream="b", won=False)) == [ReadStatus()]
+    # predicted to end long after now, and a re-run here would not be sooner: not late
+    core = idle_dup_worker(dup_run(exec_s=20.0, original_end_s=10.0, original_exec_s=10.0))
+    on_time = UpstreamsRead(done=frozenset(), started={"b": SUBMITTED}, at=SUBMITTED + 1.0)
+    assert core.handle(on_time) == [ReadStatus()]
+    core = idle_dup_worker(dup_run())
+    done = UpstreamsRead(done=frozenset({"b"}), started={}, at=SUBMITTED + 9.0)
+    assert core.handle(done) == [ReadStatus()]
+
+
+def test_a_task_a_consumer_may_duplicate_is_checked_first_and_skipped_if_done():
+    run = run_of(
+        {"a": [], "b": [], "c": ["a", "b"]},
+        workers={"a": "w2", "b": "w2", "c": "w1"},
+        optimizations={
+            "c": [
+                Taskdup(
+                    params=TaskdupParams(
+                        upstream="b", exec_s=0.1, original_end_s=0.2, original_exec_s=0.1
+                    )
+                )
+            ]
+        },
+    )
+    core = bound(run, "w2", "a", "b")
+    assert core.start() == [Execute.match(task_id="a")]
+    core.handle(Executed(task_id="a", ok=True, started_at=1.0))
+    assert core.handle(running("a")) == [CheckDuplicated(task_id="b")]
+    assert core.handle(DuplicatedChecked(task_id="b", done=True)) == [Finish.match(served=1)]
+
+
+@pytest.mark.parametrize(
+    ("started_s", "now_s", "exec_here_s", "late"),
+    [
+        (0.0, 0.25, 0.1, True),  # running 2.5 times its predicted 0.1 s: a straggler
+        (0.0, 0.1, 0.1, False),  # on time, and a re-run here would end later
+        (None, 0.3, 0.5, True),  # not started past its predicted end (0.2 s)
+        (None, 0.0, 0.3, False),  # not started, not due yet, a re-run here would end later
+        (None, 0.0, 0.1, True),  # not started, and a re-run here ends before its predicted end
+    ],
+)
+def test_lateness(started_s, now_s, exec_here_s, late):
+    params = TaskdupParams(
+        upstream="b", exec_s=exec_here_s, original_end_s=0.2, original_exec_s=0.1
+    )
+    assert hooks.late(params, started_s, now_s) is late
+
+
+# ------------------------------------------------------------------ the shared rules
+@pytest.mark.parametrize(
+    ("producer", "consumer", "clustered", "taken", "expected"),
+    [
+        (None, None, False, False, Route.CONTINUE),
+        (None, None, False, True, Route.QUEUE),
+        (None, None, True, True, Route.LOCAL),
+        ("w1", None, False, False, Route.QUEUE),
+        ("w1", "w1", False, False, Route.LOCAL),
+        ("w1", "w2", False, False, Route.INBOX),
+        (None, "w2", False, False, Route.INBOX),
+    ],
+)
+def test_routing_of_a_ready_consumer(producer, consumer, clustered, taken, expected):
+    found = route(
+        producer_worker=producer,
+        consumer_worker=consumer,
+        clustered=clustered,
+        continuation_taken=taken,
+    )
+    assert found is expected
+
+
+def test_a_flexible_worker_goes_depth_first():
+    assert flexible_next("b", ["c", "d"], ["z"]) == ["b", "c", "d", "z"]
+    assert flexible_next(None, [], ["z"]) == ["z"]
+
+
+@pytest.mark.parametrize(
+    ("first", "spawned", "queued", "prewarmed", "cold", "charged_from", "spawn_recorded"),
+    [
+        (True, 10.0, 9.0, False, True, 10.0, 10.0),  # spawned for this demand
+        (True, 10.0, 12.0, False, False, 20.0, None),  # idle since an earlier spawn
+        (True, 10.0, 12.0, True, False, 10.0, 10.0),  # pre-warmed: its wait is the run's
+        (False, 10.0, 9.0, False, False, 20.0, None),  # a later invocation: warm
+        (True, None, 12.0, False, True, 20.0, None),  # spawn unknown: cold, from the take
+        (True, 10.0, 0.0, False, True, 10.0, 10.0),  # queueing unknown: cold
+    ],
+)
+def test_start_charge(first, spawned, queued, prewarmed, cold, charged_from, spawn_recorded):
+    charge = start_charge(
+        first=first, spawned_s=spawned, queued_s=queued, prewarmed=prewarmed, taken_s=20.0
+    )
+    assert (charge.cold, charge.charged_from_s, charge.spawned_s) == (
+        cold,
+        charged_from,
+        spawn_recorded,
+    )
+
+
+def completion(run: RunView, task_id: str, me: str | None, remaining: dict[str, int]) -> Completed:
+    """What the COMPLETE step replies, by the shared routing rule (one worker's view)."""
+    continuation = None
+    local: list[str] = []
+    for down in run.dag.tasks[task_id].downstream:
+        remaining[down] -= 1
+        if remaining[down]:
+            continue
+        where = route(
+            producer_worker=me,
+            consumer_worker=run.plan.tasks[down].worker_id,
+            clustered=task_id in run.opts.clustered,
+            continuation_taken=continuation is not None,
+        )
+        if where is Route.CONTINUE:
+            continuation = down
+        elif where is Route.LOCAL:
+            local.append(down)
+    return running(task_id, continuation, *local)
+
+
+def test_the_timing_model_predicts_the_order_a_flexible_worker_runs_its_tasks_in():
+    deps = {"a": [], "b": ["a"], "c": ["a"], "d": ["a"], "e": ["b"], "f": ["c"]}
+    marks = {"a": [Clustering(params=ClusteringParams(children=["b", "c", "d"]))]}
+    run = run_of(deps, optimizations=marks)
+    remaining = {t: len(spec.deps) for t, spec in run.dag.tasks.items()}
+    core = flexible(run, "a")
+    ran: list[str] = []
+    instructions = core.start()
+    while not isinstance(instructions[-1], Finish):
+        (execute,) = instructions
+        assert isinstance(execute, Execute)
+        ran.append(execute.task_id)
+        core.handle(Executed(task_id=execute.task_id, ok=True, started_at=0.0))
+        instructions = core.handle(completion(run, execute.task_id, None, remaining))
+    predictor = Predictor(HistorySnapshot("h", 3, [TaskSample("work", 512, 100, 100, 0.1)] * 3))
+    timing = simulate(
+        run.dag,
+        dict.fromkeys(deps, 512),
+        dict.fromkeys(deps),
+        predictor,
+        optimizations={t: p.optimizations for t, p in run.plan.tasks.items()},
+    )
+    (activity,) = timing.activities
+    assert ran == activity.tasks == ["a", "b", "e", "c", "f", "d"]
