@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/make_dashboards.py
 
-Every panel queries the exporter's metrics (docs/metrics.md, dagkube/metrics/exporter.py)
+Every panel queries the exporter's metrics (docs/metrics.md, dagkube/metrics/catalogue.py)
 through the `datasource` template variable. tests/integration/test_prometheus.py evaluates
 every expression against a real Prometheus after a matrix of real runs and requires data;
 tests/unit/test_dashboards.py checks the structure and that the files match this script.

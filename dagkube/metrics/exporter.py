@@ -42,26 +42,16 @@ from redis.exceptions import RedisError
 
 from dagkube.metrics.aggregation import Histogram, Totals, plan_marks
 from dagkube.metrics.catalogue import (
-    ALLOWED_LABELS,
     HISTORY_SPECS,
     LATE_FIELDS,
     SPECS,
     WORKER_STATES,
     LabelValues,
     Spec,
-    exposed_names,
 )
 from dagkube.resources import format_memory
 from dagkube.store.keys import PoolKeys, hist_all_runs, hist_run, namespace_of
 from dagkube.store.records import RunRecord, TaskRecord, WorkerRecord
-
-__all__ = [
-    "ALLOWED_LABELS",
-    "SPECS",
-    "WORKER_STATES",
-    "RunHistoryCollector",
-    "exposed_names",
-]
 
 log = logging.getLogger("dagkube.metrics")
 

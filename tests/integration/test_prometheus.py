@@ -30,13 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 import dagkube
-from dagkube.metrics.exporter import (
-    ALLOWED_LABELS,
-    SPECS,
-    WORKER_STATES,
-    RunHistoryCollector,
-    exposed_names,
-)
+from dagkube.metrics.catalogue import ALLOWED_LABELS, SPECS, WORKER_STATES, exposed_names
+from dagkube.metrics.exporter import RunHistoryCollector
 from dagkube.runtime.embedded import _free_port
 from tests import history_records
 from tests.conftest import ROOT, run_cli, stop_process, wait_until

@@ -15,7 +15,7 @@ from typing import Any
 import promql_parser
 import pytest
 
-from dagkube.metrics.exporter import exposed_names
+from dagkube.metrics.catalogue import exposed_names
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "charts/dagkube/dashboards").glob("*.json"))
