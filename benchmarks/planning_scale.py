@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import benchlib
 from rich.console import Console
@@ -82,7 +83,19 @@ def snapshot() -> HistorySnapshot:
     return HistorySnapshot("bench", 5, samples, startups)
 
 
-def main(argv: list[str] | None = None) -> int:
+class Row(NamedTuple):
+    """One planner on one DAG size: the timings and what the plan uses."""
+
+    tasks: int
+    planner: str
+    median_s: float
+    max_s: float
+    build_s: float
+    workers: int
+    classes_mib: list[int]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000", help="task counts, comma-separated")
     parser.add_argument(
@@ -90,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeat", type=int, default=3, help="timed plans per size and planner")
     parser.add_argument("--markdown", type=Path, help="write the results into this page")
-    args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    return parser.parse_args(argv)
+
+
+def measure(sizes: list[int], repeat: int) -> list[Row]:
+    """Build each DAG once, then plan it ``repeat`` times with every planner."""
     history = snapshot()
     rows = []
     for size in sizes:
@@ -100,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - started
         for planner in PLANNERS:
             times, result = [], None
-            for _ in range(args.repeat):
+            for _ in range(repeat):
                 options = PlanningOptions.for_run(CLASSES, history=history)
                 started = time.perf_counter()
                 result = plan(wf.dag, planner, options)
@@ -108,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             assert result is not None
             workers = len({t.worker_id for t in result.tasks.values()})
             rows.append(
-                (
+                Row(
                     len(wf.dag.tasks),
                     planner,
                     statistics.median(times),
@@ -118,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                     result.classes_used(),
                 )
             )
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
     table = Table(title="Planning time (median of repeats)")
     for column in (
         "tasks",
@@ -140,35 +160,50 @@ def main(argv: list[str] | None = None) -> int:
             ", ".join(map(str, classes)),
         )
     Console().print(table)
+
+
+def markdown_section(
+    rows: list[Row], args: argparse.Namespace, fan_in_s: float | None, argv: list[str] | None
+) -> str:
+    """The "planning" section of the benchmarks page, with how it was produced."""
+    lines = [
+        "## Planning time on large DAGs",
+        "",
+        "N/3 two-task chains reduced by a pairwise tree; history samples for every "
+        "function; no worker cap. *build* is `Workflow(...)` (the SDK), timed apart from "
+        f"planning. Median of {args.repeat} plans.",
+        "",
+        "| tasks | planner | plan median (s) | plan max (s) | build (s) | logical workers "
+        "| classes used (MiB) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    lines += [
+        f"| {tasks:,} | {planner} | {median:.3f} | {worst:.3f} | {build_s:.2f} | "
+        f"{workers:,} | {', '.join(map(str, classes))} |"
+        for tasks, planner, median, worst, build_s, workers, classes in rows
+    ]
+    if fan_in_s is not None:
+        lines += [
+            "",
+            f"Building a wide fan-in: `Workflow(gather([leaf(i) for i in range(N)]))` with "
+            f"N = {args.fan_in:,}, one task over N upstream nodes, takes {fan_in_s:.2f} s "
+            "(the nodes made beforehand).",
+        ]
+    lines += ["", *benchlib.provenance(__file__, argv)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = measure([int(s) for s in args.sizes.split(",")], args.repeat)
+    print_table(rows)
     fan_in_s = fan_in_build_s(args.fan_in) if args.fan_in else None
     if fan_in_s is not None:
         Console().print(f"Building one task over {args.fan_in:,} upstream nodes: {fan_in_s:.2f} s")
     if args.markdown:
-        lines = [
-            "## Planning time on large DAGs",
-            "",
-            "N/3 two-task chains reduced by a pairwise tree; history samples for every "
-            "function; no worker cap. *build* is `Workflow(...)` (the SDK), timed apart from "
-            f"planning. Median of {args.repeat} plans.",
-            "",
-            "| tasks | planner | plan median (s) | plan max (s) | build (s) | logical workers "
-            "| classes used (MiB) |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
-        ]
-        lines += [
-            f"| {tasks:,} | {planner} | {median:.3f} | {worst:.3f} | {build_s:.2f} | "
-            f"{workers:,} | {', '.join(map(str, classes))} |"
-            for tasks, planner, median, worst, build_s, workers, classes in rows
-        ]
-        if fan_in_s is not None:
-            lines += [
-                "",
-                f"Building a wide fan-in: `Workflow(gather([leaf(i) for i in range(N)]))` with "
-                f"N = {args.fan_in:,}, one task over N upstream nodes, takes {fan_in_s:.2f} s "
-                "(the nodes made beforehand).",
-            ]
-        lines += ["", *benchlib.provenance(__file__, argv)]
-        benchlib.write_section(args.markdown, "planning", "\n".join(lines))
+        benchlib.write_section(
+            args.markdown, "planning", markdown_section(rows, args, fan_in_s, argv)
+        )
     return 0
 
 

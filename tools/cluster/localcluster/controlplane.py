@@ -22,6 +22,7 @@ from pathlib import Path
 
 from localcluster import images, network
 from localcluster.config import ROOT, ClusterConfig, ClusterState
+from localcluster.credentials import Credentials, issue_credentials
 from localcluster.pki import ClusterPKI, KeyPair
 
 BUILD_SCRIPT = ROOT / "tools" / "cluster" / "build.sh"
@@ -55,38 +56,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def write_kubeconfig(
-    path: Path, server: str, ca: Path, client: KeyPair, user: str, namespace: str = "default"
-) -> Path:
-    """A kubeconfig with one cluster, one user (a client certificate) and one context."""
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {"name": "local", "cluster": {"server": server, "certificate-authority": str(ca)}}
-        ],
-        "users": [
-            {
-                "name": user,
-                "user": {
-                    "client-certificate": str(client.cert),
-                    "client-key": str(client.key),
-                },
-            }
-        ],
-        "contexts": [
-            {
-                "name": "local",
-                "context": {"cluster": "local", "user": user, "namespace": namespace},
-            }
-        ],
-        "current-context": "local",
-    }
-    path.write_text(json.dumps(config, indent=2))  # JSON is YAML; kubectl and helm read it
-    path.chmod(0o600)
-    return path
 
 
 def _spawn(name: str, argv: list[str], config: ClusterConfig, env: dict | None = None) -> int:
@@ -192,6 +161,21 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
         raise ClusterError(str(exc)) from None
     bins = binaries()
     pki = ClusterPKI(config.path("pki"))
+    state = _new_state(config)
+    credentials = issue_credentials(config, pki, f"https://127.0.0.1:{state.ports['apiserver']}")
+    _start_etcd(state, bins)
+    _start_apiserver(state, bins, pki, credentials)
+    _start_controllers(state, bins, pki, credentials)
+    _start_node(state, bins, credentials)
+    _wait_components(state)
+    _wait_ready(state, timeout_s=max(10.0, timeout_s - (time.monotonic() - began)))
+    state.ready_s = round(time.monotonic() - began, 2)
+    state.save()
+    return state
+
+
+def _new_state(config: ClusterConfig) -> ClusterState:
+    """The state of a cluster about to start, with a free loopback port for every listener."""
     state = ClusterState(config=config, started_at=time.time())
     for name in (
         "etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler",
@@ -199,44 +183,12 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
     ):  # fmt: skip
         state.ports[name] = free_port()
     state.save()
-    bridge_ip = config.bridge_ip
-    apiserver_cert = pki.issue(
-        "apiserver",
-        "kube-apiserver",
-        hosts=(
-            "127.0.0.1",
-            "localhost",
-            bridge_ip,
-            config.kubernetes_service_ip,
-            "kubernetes",
-            "kubernetes.default",
-            "kubernetes.default.svc",
-            f"kubernetes.default.svc.{config.cluster_domain}",
-        ),
-        server=True,
-    )
-    admin = pki.issue("admin", "admin", organizations=("system:masters",))
-    apiserver_client = pki.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client")
-    server = f"https://127.0.0.1:{state.ports['apiserver']}"
-    write_kubeconfig(config.kubeconfig, server, pki.ca.cert, admin, "admin")
-    component_configs = {}
-    for component, user in (
-        ("controller-manager", "system:kube-controller-manager"),
-        ("scheduler", "system:kube-scheduler"),
-        ("kube-proxy", "system:kube-proxy"),
-    ):
-        pair = pki.issue(component, user)
-        component_configs[component] = write_kubeconfig(
-            config.path(f"{component}.kubeconfig"), server, pki.ca.cert, pair, user
-        )
-    for node in config.nodes:
-        pair = pki.issue(
-            f"node-{node.name}", f"system:node:{node.name}", organizations=("system:nodes",)
-        )
-        write_kubeconfig(
-            config.path(f"node-{node.name}.kubeconfig"), server, pki.ca.cert, pair, node.name
-        )
+    return state
 
+
+def _start_etcd(state: ClusterState, bins: dict[str, Path]) -> None:
+    """Start etcd (a single member, no fsync: the cluster is disposable) and wait for health."""
+    config = state.config
     etcd_dir = config.path("etcd")
     state.pids["etcd"] = _spawn(
         "etcd",
@@ -266,6 +218,12 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
         "etcd",
     )
 
+
+def _start_apiserver(
+    state: ClusterState, bins: dict[str, Path], pki: ClusterPKI, credentials: Credentials
+) -> None:
+    """Start kube-apiserver (Node and RBAC authorization, an audit log) and wait for readyz."""
+    config = state.config
     audit_policy = config.path("audit-policy.yaml")
     audit_policy.write_text(AUDIT_POLICY)
     state.pids["apiserver"] = _spawn(
@@ -274,11 +232,11 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
             str(bins["kube-apiserver"]),
             f"--etcd-servers=http://127.0.0.1:{state.ports['etcd']}",
             "--bind-address=127.0.0.1",
-            f"--advertise-address={bridge_ip}",
+            f"--advertise-address={config.bridge_ip}",
             f"--secure-port={state.ports['apiserver']}",
             f"--cert-dir={config.path('pki', 'apiserver-generated')}",
-            f"--tls-cert-file={apiserver_cert.cert}",
-            f"--tls-private-key-file={apiserver_cert.key}",
+            f"--tls-cert-file={credentials.apiserver.cert}",
+            f"--tls-private-key-file={credentials.apiserver.key}",
             f"--client-ca-file={pki.ca.cert}",
             f"--service-account-issuer=https://kubernetes.default.svc.{config.cluster_domain}",
             f"--service-account-key-file={pki.service_account_pub}",
@@ -286,8 +244,8 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
             f"--service-cluster-ip-range={config.service_cidr}",
             "--authorization-mode=Node,RBAC",
             "--allow-privileged=true",
-            f"--kubelet-client-certificate={apiserver_client.cert}",
-            f"--kubelet-client-key={apiserver_client.key}",
+            f"--kubelet-client-certificate={credentials.kubelet_client.cert}",
+            f"--kubelet-client-key={credentials.kubelet_client.key}",
             f"--kubelet-certificate-authority={pki.ca.cert}",
             "--kubelet-preferred-address-types=InternalIP",
             f"--audit-log-path={config.path('logs', 'audit.log')}",
@@ -301,19 +259,26 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
     state.save()
     _wait(
         "kube-apiserver",
-        lambda: _https_ok(f"{server}/readyz", pki.ca.cert, admin),
+        lambda: _https_ok(f"{credentials.server}/readyz", pki.ca.cert, credentials.admin),
         90,
         state,
         "apiserver",
     )
 
+
+def _start_controllers(
+    state: ClusterState, bins: dict[str, Path], pki: ClusterPKI, credentials: Credentials
+) -> None:
+    """Start kube-controller-manager and kube-scheduler; they are waited for with kube-proxy."""
+    config = state.config
+    controller_manager = credentials.kubeconfigs["controller-manager"]
     state.pids["controller-manager"] = _spawn(
         "controller-manager",
         [
             str(bins["kube-controller-manager"]),
-            f"--kubeconfig={component_configs['controller-manager']}",
-            f"--authentication-kubeconfig={component_configs['controller-manager']}",
-            f"--authorization-kubeconfig={component_configs['controller-manager']}",
+            f"--kubeconfig={controller_manager}",
+            f"--authentication-kubeconfig={controller_manager}",
+            f"--authorization-kubeconfig={controller_manager}",
             "--bind-address=127.0.0.1",
             f"--secure-port={state.ports['controller-manager']}",
             f"--cert-dir={config.path('pki', 'controller-manager-generated')}",
@@ -329,13 +294,14 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
         ],
         config,
     )
+    scheduler = credentials.kubeconfigs["scheduler"]
     state.pids["scheduler"] = _spawn(
         "scheduler",
         [
             str(bins["kube-scheduler"]),
-            f"--kubeconfig={component_configs['scheduler']}",
-            f"--authentication-kubeconfig={component_configs['scheduler']}",
-            f"--authorization-kubeconfig={component_configs['scheduler']}",
+            f"--kubeconfig={scheduler}",
+            f"--authentication-kubeconfig={scheduler}",
+            f"--authorization-kubeconfig={scheduler}",
             "--bind-address=127.0.0.1",
             f"--secure-port={state.ports['scheduler']}",
             f"--cert-dir={config.path('pki', 'scheduler-generated')}",
@@ -346,6 +312,10 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
     )
     state.save()
 
+
+def _start_node(state: ClusterState, bins: dict[str, Path], credentials: Credentials) -> None:
+    """Prepare the images and the host's Pod network, then start the node agent and kube-proxy."""
+    config = state.config
     images.prepare()
     network.setup_host(config)
     state.pids["agent"] = _spawn(
@@ -358,7 +328,7 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
         "kube-proxy",
         [
             str(bins["kube-proxy"]),
-            f"--kubeconfig={component_configs['kube-proxy']}",
+            f"--kubeconfig={credentials.kubeconfigs['kube-proxy']}",
             "--proxy-mode=iptables",
             f"--hostname-override={config.nodes[0].name}",
             f"--cluster-cidr={config.pod_cidr}",
@@ -371,6 +341,10 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
         config,
     )
     state.save()
+
+
+def _wait_components(state: ClusterState) -> None:
+    """Wait for the controller manager's, the scheduler's and kube-proxy's health endpoints."""
     for component in ("controller-manager", "scheduler"):
         url = f"https://127.0.0.1:{state.ports[component]}/healthz"
         _wait(
@@ -387,10 +361,6 @@ def start(config: ClusterConfig, *, timeout_s: float = 120.0) -> ClusterState:
         state,
         "kube-proxy",
     )
-    _wait_ready(state, timeout_s=max(10.0, timeout_s - (time.monotonic() - began)))
-    state.ready_s = round(time.monotonic() - began, 2)
-    state.save()
-    return state
 
 
 def api_get(state: ClusterState, path: str) -> dict:

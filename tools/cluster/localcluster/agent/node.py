@@ -22,7 +22,8 @@ from dagkube.runtime import cgroups
 from localcluster import network
 from localcluster.agent import dns, proxy, storage
 from localcluster.agent.api import Api, ApiError, informer
-from localcluster.agent.pod import PodWorker, now_rfc3339
+from localcluster.agent.pod import PodWorker
+from localcluster.agent.podstatus import now_rfc3339
 from localcluster.config import ClusterConfig, ClusterState, NodeSpec
 from localcluster.pki import ClusterPKI
 

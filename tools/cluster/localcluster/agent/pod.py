@@ -1,74 +1,42 @@
 """One Pod on the local node: its network namespace and volumes, a process per container in
 a cgroup with the container's limits, probes, restarts, ``pods/status`` like a kubelet writes
-it, and deletion with a grace period."""
+it, and deletion with a grace period. What a container is started with, and its process, are
+:mod:`localcluster.agent.launch`'s; the status body is built by
+:mod:`localcluster.agent.podstatus`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import logging
 import os
 import signal
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dagkube.runtime.cgroups import Cgroup, CgroupError, Limits
 from localcluster import images, network
-from localcluster.agent import probes, volumes
+from localcluster.agent import launch, probes, volumes
 from localcluster.agent.api import ApiError
-from localcluster.agent.quantity import cpu_millis, memory_bytes
+from localcluster.agent.podstatus import (
+    ContainerState,
+    comparable,
+    keep_transition_times,
+    now_rfc3339,
+    pod_status,
+    terminated_state,
+)
 
 if TYPE_CHECKING:
     from localcluster.agent.node import NodeRunner
 
 log = logging.getLogger("localcluster.agent")
 
-ENTER = Path(__file__).resolve().parent.parent / "enter.py"
 BACKOFF_START_S = 10.0
 BACKOFF_MAX_S = 300.0
 DEFAULT_GRACE_S = 30
-IMAGE_USERS = {"dagkube": 10001}  # the USER of the project's Dockerfiles
-
-
-def now_rfc3339(moment: float | None = None) -> str:
-    when = datetime.datetime.fromtimestamp(moment or time.time(), tz=datetime.UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass
-class ContainerState:
-    """What the status reports for one container."""
-
-    name: str
-    image: str
-    restarts: int = 0
-    state: dict = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
-    last_state: dict = field(default_factory=dict)
-    ready: bool = False
-    started: bool = False
-    pid: int | None = None
-    container_id: str = ""
-    done: bool = False  # terminated and not to be restarted
-
-    def as_status(self) -> dict:
-        status = {
-            "name": self.name,
-            "image": self.image,
-            "imageID": f"local://{self.image}",
-            "ready": self.ready,
-            "started": self.started,
-            "restartCount": self.restarts,
-            "state": self.state,
-            "lastState": self.last_state,
-        }
-        if self.container_id:
-            status["containerID"] = self.container_id
-        return status
 
 
 class PodWorker:
@@ -196,27 +164,9 @@ class PodWorker:
 
     def _write_etc(self) -> None:
         spec, cluster = self.spec, self.node.cluster
-        hostname = spec.get("hostname") or self.name
-        names = [hostname]
-        if spec.get("subdomain"):
-            names.insert(
-                0, f"{hostname}.{spec['subdomain']}.{self.namespace}.svc.{cluster.cluster_domain}"
-            )
-        hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-        hosts.append(f"{self.pod_ip}\t{' '.join(names)}")
-        for alias in spec.get("hostAliases") or []:
-            hosts.append(f"{alias['ip']}\t{' '.join(alias.get('hostnames') or [])}")
-        (self.folder / "hosts").write_text("\n".join(hosts) + "\n")
-        policy = spec.get("dnsPolicy") or "ClusterFirst"
-        if spec.get("hostNetwork") or policy == "Default":
-            resolv = Path("/etc/resolv.conf").read_text()
-        else:
-            domain = cluster.cluster_domain
-            resolv = (
-                f"search {self.namespace}.svc.{domain} svc.{domain} {domain}\n"
-                f"nameserver {cluster.bridge_ip}\noptions ndots:5\n"
-            )
-        (self.folder / "resolv.conf").write_text(resolv)
+        hosts = launch.hosts_file(spec, cluster, self.namespace, self.name, self.pod_ip)
+        (self.folder / "hosts").write_text(hosts)
+        (self.folder / "resolv.conf").write_text(launch.resolv_conf(spec, cluster, self.namespace))
         for name in ("hosts", "resolv.conf"):
             os.chmod(self.folder / name, 0o644)
 
@@ -324,31 +274,20 @@ class PodWorker:
             oom = (await asyncio.to_thread(group.usage)).oom_kills > 0
             with contextlib.suppress(CgroupError):
                 await asyncio.to_thread(group.remove)
-        exit_code = code if code >= 0 else 128 - code
-        if oom:
-            reason = "OOMKilled"
-        elif exit_code == 0:
-            reason = "Completed"
-        else:
-            reason = "Error"
-        terminated = {
-            "exitCode": exit_code,
-            "reason": reason,
-            "startedAt": now_rfc3339(started),
-            "finishedAt": now_rfc3339(),
-            "containerID": state.container_id,
-        }
-        if code < 0:
-            terminated["signal"] = -code
+        terminated = terminated_state(
+            code, oom=oom, started=started, container_id=state.container_id
+        )
         state.ready = False
         state.pid = None
         state.state = {"terminated": terminated}
         await self._report()
-        return exit_code
+        return int(terminated["exitCode"])
 
     async def _start(
         self, container: dict, image: images.Image, state: ContainerState
     ) -> tuple[asyncio.subprocess.Process, dict[str, str], int | None, int | None]:
+        """Start this attempt of the container: enter.py with the attempt's launch spec, in a
+        cgroup with the container's limits, its output in the attempt's log."""
         spec = self.spec
         resolver = volumes.Resolver(self.node.api, self.pod)
         env = await volumes.environment(
@@ -360,82 +299,45 @@ class PodWorker:
         ]
         if not argv:
             raise volumes.ConfigError("no command specified")
-        pod_security = spec.get("securityContext") or {}
-        security = {**pod_security, **(container.get("securityContext") or {})}
-        image_user = next((uid for key, uid in IMAGE_USERS.items() if key in image.name), None)
-        uid = security.get("runAsUser", image_user)
-        gid = security.get("runAsGroup", uid)
-        if security.get("runAsNonRoot") and not uid:
-            raise volumes.ConfigError(
-                "container has runAsNonRoot and image will run as root "
-                f"(pod: {self.namespace}/{self.name}, container: {container['name']})"
-            )
-        groups = [*(pod_security.get("supplementalGroups") or [])]
-        if pod_security.get("fsGroup") is not None:
-            groups.append(pod_security["fsGroup"])
-        mounts = [
-            {"source": str(source), "target": target, "readonly": True}
-            for target, source in image.files.items()
-        ]
-        for mount in container.get("volumeMounts") or []:
-            source = self.mounts.get(mount["name"])
-            if source is None:
-                raise volumes.ConfigError(f"volume {mount['name']!r} is not a volume of the Pod")
-            if mount.get("subPath"):
-                source = source / mount["subPath"]
-                source.mkdir(parents=True, exist_ok=True)
-            mounts.append(
-                {
-                    "source": str(source),
-                    "target": mount["mountPath"],
-                    "readonly": bool(mount.get("readOnly")),
-                }
-            )
-        mounts.append({"source": str(self.folder / "hosts"), "target": "/etc/hosts"})
-        mounts.append({"source": str(self.folder / "resolv.conf"), "target": "/etc/resolv.conf"})
-        limits = (container.get("resources") or {}).get("limits") or {}
-        group = None
-        hierarchy = self.node.agent.cgroups
+        security = launch.container_security(
+            spec, container, image, pod=f"{self.namespace}/{self.name}"
+        )
+        mounts = launch.container_mounts(container, image, self.mounts, self.folder)
         attempt = f"{container['name']}-{state.restarts}"
-        if hierarchy is not None:
-            group = await asyncio.to_thread(
-                hierarchy.create,
-                self._cgroup_path(attempt),
-                Limits(
-                    memory_bytes=memory_bytes(limits["memory"]) if "memory" in limits else None,
-                    cpu_millis=cpu_millis(limits["cpu"]) if "cpu" in limits else None,
-                ),
-            )
-            self.container_groups[state.name] = group
-        launch = {
-            "argv": argv,
-            "env": env,
-            "cwd": container.get("workingDir") or image.workdir,
-            "uid": uid,
-            "gid": gid if uid is not None else None,
-            "groups": groups,
-            "mounts": mounts,
-            "read_only_root": bool(security.get("readOnlyRootFilesystem")),
-            "hostname": None
-            if spec.get("hostNetwork")
-            else (spec.get("hostname") or self.name)[:63],
-            "netns": f"/run/netns/{self.netns}" if self.netns else None,
-            "cgroup_procs": [str(p) for p in group.procs_files] if group else [],
-        }
+        group = await self._container_cgroup(container, state, attempt)
+        hostname = None if spec.get("hostNetwork") else (spec.get("hostname") or self.name)[:63]
+        launch_spec = launch.launch_spec(
+            argv=argv,
+            env=env,
+            cwd=container.get("workingDir") or image.workdir,
+            security=security,
+            mounts=mounts,
+            hostname=hostname,
+            netns=self.netns,
+            cgroup=group,
+        )
         spec_file = self.folder / f"{attempt}.json"
-        spec_file.write_text(json.dumps(launch))
+        spec_file.write_text(json.dumps(launch_spec))
         spec_file.chmod(0o600)
         log_file = self.log_folder / container["name"] / f"{state.restarts}.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "ab") as output:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-S", str(ENTER), str(spec_file),
-                stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+        process = await launch.spawn(spec_file, log_file)
         self.processes[state.name] = process
         state.container_id = f"dagkube-local://{self.uid[:8]}-{attempt}"
-        return process, env, uid, gid
+        return process, env, security.uid, security.gid
+
+    async def _container_cgroup(
+        self, container: dict, state: ContainerState, attempt: str
+    ) -> Cgroup | None:
+        """A cgroup for this attempt with the container's limits (None: the agent has no
+        cgroups); :meth:`_stop` kills what is left in it."""
+        hierarchy = self.node.agent.cgroups
+        if hierarchy is None:
+            return None
+        group = await asyncio.to_thread(
+            hierarchy.create, self._cgroup_path(attempt), launch.container_limits(container)
+        )
+        self.container_groups[state.name] = group
+        return group
 
     async def _probe(
         self,
@@ -516,13 +418,7 @@ class PodWorker:
             await asyncio.wait_for(process.wait(), grace_s)
         group = self.container_groups.get(name)
         if process.returncode is None or (group is not None and group.pids()):
-            if group is not None:
-                for pid in group.pids():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+            await launch.kill(process, group)
 
     async def _stop_all(self, grace_s: float | None = None) -> None:
         if grace_s is None:
@@ -566,82 +462,20 @@ class PodWorker:
                 log.warning("pod %s/%s: final delete failed: %s", self.namespace, self.name, exc)
 
     # ------------------------------------------------------------------ status
-    def _status(self) -> dict:
-        spec = self.spec
-        init_names = [c["name"] for c in spec.get("initContainers") or []]
-        main_names = [c["name"] for c in spec["containers"]]
-        mains = [self.containers[n] for n in main_names]
-        inits = [self.containers[n] for n in init_names]
-        terminated = [c.state.get("terminated") for c in mains]
-        all_done = all(c.done for c in mains) or (
-            spec.get("restartPolicy") == "Never"
-            and any(c.done for c in inits)
-            and not self.initialized
-        )
-        if all_done:
-            codes = [t["exitCode"] if t else 1 for t in terminated]
-            phase = (
-                "Succeeded" if all(code == 0 for code in codes) and self.initialized else "Failed"
-            )
-        elif any(c.started for c in mains):
-            phase = "Running"
-        else:
-            phase = "Pending"
-        ready = phase == "Running" and all(c.ready for c in mains)
-        stamp = now_rfc3339()
-
-        def condition(kind: str, value: bool, reason: str | None = None) -> dict:
-            entry = {
-                "type": kind,
-                "status": "True" if value else "False",
-                "lastTransitionTime": stamp,
-            }
-            if reason and not value:
-                entry["reason"] = reason
-            return entry
-
-        status: dict[str, Any] = {
-            "phase": phase,
-            "hostIP": "127.0.0.1",
-            "hostIPs": [{"ip": "127.0.0.1"}],
-            "startTime": now_rfc3339(self.started_at),
-            "conditions": [
-                condition("PodReadyToStartContainers", self.pod_ip is not None),
-                condition(
-                    "Initialized", self.initialized or not init_names, "ContainersNotInitialized"
-                ),
-                condition("ContainersReady", ready, "ContainersNotReady"),
-                condition("Ready", ready, "ContainersNotReady"),
-            ],
-            "containerStatuses": [c.as_status() for c in mains],
-        }  # qosClass is the API server's: set when the Pod is created, immutable since
-        if inits:
-            status["initContainerStatuses"] = [c.as_status() for c in inits]
-        if self.pod_ip:
-            status["podIP"] = self.pod_ip
-            status["podIPs"] = [{"ip": self.pod_ip}]
-        return status
-
     async def _report(self) -> None:
+        """Patch ``pods/status`` if it changed since the last patch (transition times aside)."""
         async with self._report_lock:
-            status = self._status()
-            comparable = json.dumps(
-                {
-                    **status,
-                    "conditions": [
-                        {k: v for k, v in c.items() if k != "lastTransitionTime"}
-                        for c in status["conditions"]
-                    ],
-                },
-                sort_keys=True,
+            status = pod_status(
+                self.spec,
+                self.containers,
+                initialized=self.initialized,
+                pod_ip=self.pod_ip,
+                started_at=self.started_at,
             )
-            if self._reported is not None and self._reported.get("_key") == comparable:
+            key = comparable(status)
+            if self._reported is not None and self._reported.get("_key") == key:
                 return
-            previous = {c["type"]: c for c in (self._reported or {}).get("conditions", [])}
-            for entry in status["conditions"]:
-                old = previous.get(entry["type"])
-                if old and old["status"] == entry["status"]:
-                    entry["lastTransitionTime"] = old["lastTransitionTime"]
+            keep_transition_times(status, self._reported)
             path = f"/api/v1/namespaces/{self.namespace}/pods/{self.name}/status"
             try:
                 await self.node.api.patch(path, {"status": status})
@@ -651,7 +485,7 @@ class PodWorker:
                     return
                 log.warning("pod %s/%s: status patch failed: %s", self.namespace, self.name, exc)
                 return
-            self._reported = {**status, "_key": comparable}
+            self._reported = {**status, "_key": key}
 
     def log_file(self, container: str, previous: bool = False) -> Path | None:
         folder = self.log_folder / container
