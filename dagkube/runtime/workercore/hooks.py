@@ -52,9 +52,9 @@ def prewarm(run: RunView, task_id: str) -> list[RequestPrewarm]:
         return []
     wanted = tuple(
         PrewarmRequest(
-            memory_mib=int(params.memory_mib),
-            count=int(params.count),
-            delay_s=float(params.delay_s),
+            memory_mib=params.memory_mib,
+            count=params.count,
+            delay_s=params.delay_s,
             targets=tuple(params.targets),
         )
         for params in requests
@@ -82,9 +82,8 @@ def late(params: TaskdupParams, started_at: float | None, now_s: float) -> bool:
     """taskdup's test, on times relative to the run's submission: is the upstream a
     straggler (running ``LATE_FACTOR`` times its prediction, or not started past its
     predicted end), or does the prediction say a re-run here ends before the original?"""
-    original_exec = float(params.original_exec_s)
-    original_end = float(params.original_end_s)
-    here = now_s + float(params.exec_s)
+    original_exec, original_end = params.original_exec_s, params.original_end_s
+    here = now_s + params.exec_s
     if started_at is not None:
         if now_s - started_at > LATE_FACTOR * original_exec + LATE_GRACE_S:
             return True
