@@ -1,13 +1,15 @@
 """dagkube's LocalRuntime against Dask distributed's LocalCluster, side by side on this machine.
 
 Both engines get the same number of single-threaded worker processes (``--workers``, default:
-the machine's cores) and run the same four graphs:
+the machine's cores) and run the same five graphs:
 
 * ``fanout-noop``: 1 source -> N no-op tasks (source output + index) -> 1 sink over all N;
 * ``tree-L``: pairwise tree reduction (sum) of L leaf values, L - 1 ``add`` tasks;
 * ``chain-C``: C tasks, each adding 1 to the previous one's output;
 * ``matmul``: chunked numpy matrix multiply (B x B block products + 1 ``np.block`` assembly),
-  checked with ``np.allclose`` against ``numpy.matmul``.
+  checked with ``np.allclose`` against ``numpy.matmul``;
+* ``fanin-PxM``: P producers of an M MiB float64 array each -> 1 consumer summing them
+  (the data plane: every array crosses from its producer's worker to the consumer's).
 
 Protocol: each engine is started once; every workload runs once untimed on each engine (warm
 worker processes); then every workload runs ``--repeat`` times per engine, the engines
@@ -28,14 +30,13 @@ BLAS is pinned to one thread (OMP/OPENBLAS/MKL_NUM_THREADS=1) in the driver and,
 inheritance, in dagkube's workers, as Dask's nanny does for its workers by default: W workers
 then use W cores, and the serial work measured in the driver is single-threaded too.
 
-Usage: python benchmarks/compare_dask.py [--repeat N] [--quick] [--json F] [--markdown F]
+Usage: python benchmarks/compare_dask.py [--repeat N] [--quick] [--workloads A,B] [--json F]
+[--markdown F]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -50,13 +51,23 @@ from typing import TYPE_CHECKING, Any
 
 import benchlib
 import psutil
-from dask_engines import Result, console, measure, started_engines, warm_up
+from dask_engines import (
+    BLAS_THREAD_VARIABLES,
+    Result,
+    console,
+    descendants,
+    leftover_processes,
+    machine_info,
+    measure,
+    print_machine,
+    started_engines,
+    warm_up,
+)
 from dask_report import (
-    OVERHEAD_DEFINITION,
     detail_table,
-    markdown_report,
     results_table,
     verdict,
+    write_outputs,
 )
 
 import dagkube
@@ -66,7 +77,6 @@ if TYPE_CHECKING:
     from dask.delayed import Delayed
 
 
-BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MATMUL_SEED = 0
 TREE_SEED = 42
 
@@ -105,6 +115,19 @@ def assemble(blocks: list[list[np.ndarray]]) -> np.ndarray:
     return np.block(blocks)
 
 
+def produce(index: int, elements: int) -> np.ndarray:
+    import numpy as np
+
+    return np.full(elements, float(index + 1))
+
+
+def reduce_sum(arrays: list[np.ndarray]) -> np.ndarray:
+    total = arrays[0].copy()
+    for array in arrays[1:]:
+        total += array
+    return total
+
+
 # --------------------------------------------------------------------------- workloads
 
 
@@ -117,10 +140,28 @@ class Sizes:
     chain: int
     matmul_n: int
     matmul_blocks: int
+    fanin_producers: int
+    fanin_mib: int
 
 
-FULL_SIZES = Sizes(fanout=1000, tree_leaves=1024, chain=200, matmul_n=1024, matmul_blocks=4)
-QUICK_SIZES = Sizes(fanout=100, tree_leaves=128, chain=50, matmul_n=256, matmul_blocks=4)
+FULL_SIZES = Sizes(
+    fanout=1000,
+    tree_leaves=1024,
+    chain=200,
+    matmul_n=1024,
+    matmul_blocks=4,
+    fanin_producers=16,
+    fanin_mib=16,
+)
+QUICK_SIZES = Sizes(
+    fanout=100,
+    tree_leaves=128,
+    chain=50,
+    matmul_n=256,
+    matmul_blocks=4,
+    fanin_producers=16,
+    fanin_mib=1,
+)
 
 
 @dataclass
@@ -276,78 +317,60 @@ def matmul_workload(n: int, blocks: int) -> Workload:
     )
 
 
-def make_workloads(sizes: Sizes) -> list[Workload]:
-    return [
-        fanout_workload(sizes.fanout),
-        tree_workload(sizes.tree_leaves),
-        chain_workload(sizes.chain),
-        matmul_workload(sizes.matmul_n, sizes.matmul_blocks),
-    ]
+def serial_fanin_s(producers: int, elements: int, runs: int = 3) -> float:
+    """The pure computation time of the fan-in graph, run serially in the driver (median)."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        reduce_sum([produce(i, elements) for i in range(producers)])
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
-# --------------------------------------------------------------------------- machine
+def fanin_workload(producers: int, mib: int) -> Workload:
+    import numpy as np
 
+    elements = mib * 2**20 // 8
+    expected = float(producers * (producers + 1) // 2)
 
-def machine_info() -> dict[str, Any]:
-    import dask
-    import distributed
-    import numpy
+    def build_dagkube() -> dagkube.Workflow:
+        task = dagkube.task(produce)
+        arrays = [task(i, elements) for i in range(producers)]
+        return dagkube.Workflow(dagkube.task(reduce_sum)(arrays), "fanin")
 
-    return {
-        **benchlib.machine_info(),
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "numpy": numpy.__version__,
-        "blas_threads": {v: os.environ.get(v) for v in BLAS_THREAD_VARIABLES},
-    }
+    def build_dask() -> Delayed:
+        task = delayed(produce)
+        return delayed(reduce_sum)([task(i, elements) for i in range(producers)])
 
+    def check(result: Any) -> None:
+        assert isinstance(result, np.ndarray), f"expected an ndarray, got {type(result)}"
+        assert result.shape == (elements,), f"shape {result.shape} != ({elements},)"
+        assert bool((result == expected).all()), f"the sum is not {expected} everywhere"
 
-def print_machine(machine: dict[str, Any]) -> None:
-    console.print(
-        f"[bold]machine[/]: {machine['cpu']}, {machine['cores_logical']} cores, "
-        f"{machine['ram_gib']} GiB RAM; Python {machine['python']}; dagkube "
-        f"{machine['dagkube']}, dask {machine['dask']}, distributed {machine['distributed']}, "
-        f"numpy {machine['numpy']}; {machine['date']}"
+    return Workload(
+        name=f"fanin-{producers}x{mib}MiB",
+        shape=f"{producers} x {mib} MiB float64 -> 1 sum",
+        tasks=producers + 1,
+        build_dagkube=build_dagkube,
+        build_dask=build_dask,
+        check=check,
+        work_s=serial_fanin_s(producers, elements),
     )
 
 
-# --------------------------------------------------------------------------- processes
+WORKLOAD_KINDS = ("fanout", "tree", "chain", "matmul", "fanin")
 
 
-def descendants() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
-
-
-def is_ours_to_stop(proc: psutil.Process) -> bool:
-    """redis-server, dagkube workers and Dask worker/nanny processes; not multiprocessing's
-    resource tracker, which lives until this process exits."""
-    try:
-        cmdline = " ".join(proc.cmdline())
-    except psutil.Error:
-        return False
-    return "resource_tracker" not in cmdline
-
-
-def running(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def leftover_processes(started: list[psutil.Process], timeout_s: float = 10.0) -> list[str]:
-    """Processes started during the benchmark and still running after the engines closed."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = [p for p in started if running(p) and is_ours_to_stop(p)]
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    found = []
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            found.append(f"pid {proc.pid}: {' '.join(proc.cmdline())}")
-    return found
+def make_workloads(sizes: Sizes, kinds: Sequence[str] = WORKLOAD_KINDS) -> list[Workload]:
+    """The workloads of ``kinds`` (built lazily: matmul and fan-in measure their serial work)."""
+    builders: dict[str, Callable[[], Workload]] = {
+        "fanout": lambda: fanout_workload(sizes.fanout),
+        "tree": lambda: tree_workload(sizes.tree_leaves),
+        "chain": lambda: chain_workload(sizes.chain),
+        "matmul": lambda: matmul_workload(sizes.matmul_n, sizes.matmul_blocks),
+        "fanin": lambda: fanin_workload(sizes.fanin_producers, sizes.fanin_mib),
+    }
+    return [builders[kind]() for kind in kinds]
 
 
 # --------------------------------------------------------------------------- main
@@ -366,9 +389,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python benchmarks/compare_dask.py",
         description=(
             "Run dagkube's LocalRuntime and Dask's LocalCluster side by side on this machine "
-            "(same worker count, warm workers) on four graphs: fanout-noop, tree, chain and "
-            "a chunked numpy matmul. Reports median makespans, the per-task overhead "
-            "(median makespan - work / W) / tasks in ms, and the dagkube / Dask ratio."
+            "(same worker count, warm workers) on five graphs: fanout-noop, tree, chain, "
+            "a chunked numpy matmul and a fan-in of numpy arrays. Reports median makespans, "
+            "the per-task overhead (median makespan - work / W) / tasks in ms, and the "
+            "dagkube / Dask ratio."
         ),
         epilog=(
             "examples: python benchmarks/compare_dask.py --quick (smoke test, well under a "
@@ -386,7 +410,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: smaller graphs (fanout 100, tree 128, chain 50, matmul 256) "
+        help="smoke test: smaller graphs (fanout 100, tree 128, chain 50, matmul 256, "
+        "fan-in 16 x 1 MiB) "
         "and 2 repetitions unless --repeat is given",
     )
     parser.add_argument(
@@ -396,6 +421,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="W",
         help="worker processes per engine, one thread each (default: this machine's cores, "
         "at least 2)",
+    )
+    parser.add_argument(
+        "--workloads",
+        type=workload_kinds,
+        default=WORKLOAD_KINDS,
+        metavar="A,B",
+        help=f"the workloads to run, comma-separated (default: all of {','.join(WORKLOAD_KINDS)})",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every sample as JSON")
     parser.add_argument(
@@ -420,10 +452,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def workload_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in WORKLOAD_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown workload(s) {', '.join(unknown) or repr(text)}: choose from "
+            f"{', '.join(WORKLOAD_KINDS)}"
+        )
+    return kinds
+
+
 def run_benchmark(args: argparse.Namespace, home: Path) -> tuple[list[Result], list[str]]:
     """Start both engines, warm up, measure; returns the results and any leftover process."""
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
-    workloads = make_workloads(sizes)
+    workloads = make_workloads(sizes, args.workloads)
     seen: dict[int, psutil.Process] = {}
     try:
         with started_engines(args.workers, home) as engines:
@@ -436,24 +479,6 @@ def run_benchmark(args: argparse.Namespace, home: Path) -> tuple[list[Result], l
     finally:
         leftovers = leftover_processes(list(seen.values()))
     return results, leftovers
-
-
-def write_outputs(results: list[Result], machine: dict[str, Any], args: argparse.Namespace) -> None:
-    if args.json:
-        payload = {
-            "machine": machine,
-            "command": args.command,
-            "workers": args.workers,
-            "repeat": args.repeat,
-            "quick": args.quick,
-            "overhead_definition": OVERHEAD_DEFINITION,
-            "results": [r.summary() for r in results],
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        console.print(f"wrote {args.json}")
-    if args.markdown:
-        benchlib.write_section(args.markdown, "dask", markdown_report(results, machine, args))
-        console.print(f"wrote {args.markdown}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import statistics
 import sys
 import time
@@ -15,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import benchlib
+import psutil
 from rich.console import Console
 
 import dagkube
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
 
     from dagkube.runtime.local import LocalRuntime
 
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 DAGKUBE_IDLE_TIMEOUT_S = 3600.0  # warm workers must outlive the whole benchmark
 ENGINES = ("dagkube", "dask")
 # The benchmark's console (the script prints through it too): piped output (CI logs, tests)
@@ -183,3 +187,68 @@ def measure(engines: Engines, workloads: list[Workload], repeat: int) -> list[Re
         )
         results.append(result)
     return results
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict[str, Any]:
+    import dask
+    import distributed
+    import numpy
+
+    return {
+        **benchlib.machine_info(),
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "numpy": numpy.__version__,
+        "blas_threads": {v: os.environ.get(v) for v in BLAS_THREAD_VARIABLES},
+    }
+
+
+def print_machine(machine: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]machine[/]: {machine['cpu']}, {machine['cores_logical']} cores, "
+        f"{machine['ram_gib']} GiB RAM; Python {machine['python']}; dagkube "
+        f"{machine['dagkube']}, dask {machine['dask']}, distributed {machine['distributed']}, "
+        f"numpy {machine['numpy']}; {machine['date']}"
+    )
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def descendants() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+def is_ours_to_stop(proc: psutil.Process) -> bool:
+    """redis-server, dagkube workers and Dask worker/nanny processes; not multiprocessing's
+    resource tracker, which lives until this process exits."""
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return "resource_tracker" not in cmdline
+
+
+def running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def leftover_processes(started: list[psutil.Process], timeout_s: float = 10.0) -> list[str]:
+    """Processes started during the benchmark and still running after the engines closed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [p for p in started if running(p) and is_ours_to_stop(p)]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    found = []
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            found.append(f"pid {proc.pid}: {' '.join(proc.cmdline())}")
+    return found

@@ -5,9 +5,12 @@ results; the measuring stays in ``compare_dask.py``."""
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import benchlib
+from dask_engines import console
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -126,7 +129,7 @@ def markdown_intro(args: argparse.Namespace) -> str:
     return (
         f"This page compares dagkube's `LocalRuntime` with Dask distributed's `LocalCluster`, "
         f"both with W = {w} single-threaded worker processes on the same machine, on the same "
-        "four graphs. Each engine is started once and runs every workload once untimed, so "
+        "graphs. Each engine is started once and runs every workload once untimed, so "
         f"all measured runs use warm workers; each workload then runs {args.repeat} times per "
         "engine, alternating engines, timed from just before the graph is submitted to the "
         "result being back in the driver. Makespans are medians. *Work* is the pure "
@@ -150,8 +153,11 @@ def markdown_method(machine: dict[str, Any], args: argparse.Namespace) -> str:
         "Dask's default).",
         "Both engines run the same plain Python functions. Graphs are rebuilt for every run "
         "(fresh keys, so no run can reuse a previous run's results) and every result is "
-        "asserted: the exact sums for fanout, tree and chain, `np.allclose` against "
+        "asserted: the exact sums for fanout, tree, chain and fan-in, `np.allclose` against "
         "`numpy.matmul` for matmul.",
+        "fan-in: P producers each return an M MiB float64 array (`np.full`), one consumer "
+        "sums them; every array crosses from its producer's worker to the consumer's (in "
+        "dagkube through Redis).",
         "matmul data: dagkube stores each A row block and B column block once (by content "
         "hash) when the run is launched; for Dask each block is one graph key "
         "(`dask.delayed(block)`), also sent once per run. In dagkube every task input and "
@@ -213,3 +219,23 @@ def machine_markdown(machine: dict[str, Any]) -> str:
         ("date", machine["date"]),
     ]
     return "\n".join(f"- **{name}**: {value}" for name, value in rows)
+
+
+def write_outputs(results: list[Result], machine: dict[str, Any], args: argparse.Namespace) -> None:
+    """The ``--json`` samples and the ``--markdown`` section, as the arguments ask."""
+    if args.json:
+        payload = {
+            "machine": machine,
+            "command": args.command,
+            "workers": args.workers,
+            "repeat": args.repeat,
+            "quick": args.quick,
+            "workloads": list(args.workloads),
+            "overhead_definition": OVERHEAD_DEFINITION,
+            "results": [r.summary() for r in results],
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        console.print(f"wrote {args.json}")
+    if args.markdown:
+        benchlib.write_section(args.markdown, "dask", markdown_report(results, machine, args))
+        console.print(f"wrote {args.markdown}")

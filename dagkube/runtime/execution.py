@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dagkube.dag import TaskSpec, resolve
-from dagkube.runtime.inputs import RunState, serialize
+from dagkube.runtime.inputs import RunState, deserialize, serialize
 from dagkube.runtime.memory import PeakMeter
 from dagkube.sources import format_exception
 from dagkube.store.records import TaskError
@@ -62,10 +62,10 @@ def run_in_thread(
     meter.reset()
     for key, blob in raw.items():
         if key.startswith("const:"):
-            state.constants[key[6:]] = pickle.loads(blob)
+            state.constants[key[6:]] = deserialize(blob)
             state.sizes[key] = len(blob)
         else:
-            state.values[key] = pickle.loads(blob)
+            state.values[key] = deserialize(blob)
             state.sizes[key] = len(blob)
     input_bytes = (
         len(spec.args_blob)

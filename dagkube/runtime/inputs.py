@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import pickle
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,12 +24,54 @@ from dagkube.store.keys import RunKeys
 log = logging.getLogger("dagkube.worker")
 
 
+# A value whose pickle has out-of-band buffers (NumPy arrays and the like) is framed as
+# OOB_MAGIC, the buffer count (u32), each buffer's length (u64), the pickle, the buffers. Any
+# other value is a plain pickle, which starts with pickle's PROTO opcode (0x80), never with
+# the magic.
+OOB_MAGIC = b"DKB5"
+_COUNT = struct.Struct("<I")
+
+
 def serialize(value: Any) -> bytes:
-    """Fast path with pickle; cloudpickle for lambdas, local classes and the like."""
+    """Pickle protocol 5 with the large buffers out of band: the pickler then never copies
+    an array's data into its own growing output (measured on a 16 MiB array: 17 ms in band,
+    2.4 ms out of band, the single copy of the join included). Fast path with pickle;
+    cloudpickle for lambdas, local classes and the like."""
+    buffers: list[pickle.PickleBuffer] = []
     try:
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        head = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     except Exception:  # not swallowed: what pickle refuses goes to cloudpickle, which raises too
-        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        buffers.clear()
+        head = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    if not buffers:
+        return head
+    raws = [buffer.raw() for buffer in buffers]
+    lengths = struct.pack(f"<{len(raws)}Q", *(raw.nbytes for raw in raws))
+    # One value: a hash field holds one string, so the parts are joined (one copy).
+    return b"".join((OOB_MAGIC, _COUNT.pack(len(raws)), lengths, head, *raws))
+
+
+def deserialize(blob: bytes) -> Any:
+    """A value from :func:`serialize`'s bytes (or any plain pickle). Each out-of-band buffer
+    is copied into a bytearray of its own, so arrays come back writeable, as in-band ones
+    do: tasks may change a NumPy input in place."""
+    if not blob.startswith(OOB_MAGIC):
+        return pickle.loads(blob)
+    view = memoryview(blob)
+    (count,) = _COUNT.unpack_from(blob, len(OOB_MAGIC))
+    head_at = len(OOB_MAGIC) + _COUNT.size + 8 * count
+    lengths = struct.unpack_from(f"<{count}Q", blob, len(OOB_MAGIC) + _COUNT.size)
+    buffers_at = len(blob) - sum(lengths)
+    if buffers_at < head_at:
+        raise pickle.UnpicklingError(
+            f"out-of-band value of {len(blob)} bytes is shorter than its {count} buffer "
+            f"lengths ({sum(lengths)} bytes) say"
+        )
+    buffers = []
+    for length in lengths:
+        buffers.append(bytearray(view[buffers_at : buffers_at + length]))
+        buffers_at += length
+    return pickle.loads(view[head_at : len(blob) - sum(lengths)], buffers=buffers)
 
 
 @dataclass
@@ -141,7 +184,7 @@ async def recompute(
 
     def rerun() -> None:
         for dep, blob in fetched.items():
-            state.values[dep] = pickle.loads(blob)
+            state.values[dep] = deserialize(blob)
         for task_id in order:
             spec = state.dag.tasks[task_id]
             args, kwargs = resolve(pickle.loads(spec.args_blob), state.values, state.constants)
@@ -159,7 +202,16 @@ class Preloader:
     """preload: fetches a host's fan-in inputs as their producers store them (the COMPLETE
     script lists them for the host), downloading on the I/O thread and deserializing on the
     preload thread, so the task thread keeps running. A task that needs an input still in
-    flight awaits it instead of fetching it again."""
+    flight awaits it instead of fetching it again.
+
+    Stopping cannot rely on one cancellation: redis-py (on Python 3.11) may swallow it while
+    the loop (re)connects or sends its BLPOP, and the loop would then poll forever, holding
+    the invocation open (a flexible plan, which starts a pre-loader per task and stops them
+    soon after, hung this way). So :meth:`stop` cancels again until the loop ends, and the
+    loop also ends at its next poll once stopped."""
+
+    POLL_S = 1.0  # the BLPOP's timeout: a stopped loop whose cancellation was lost ends by then
+    RECANCEL_S = 0.05  # how long stop waits for a cancellation to land before repeating it
 
     def __init__(
         self,
@@ -174,16 +226,20 @@ class Preloader:
         self.executor = executor
         self.state = state
         self.key = RunKeys(state.run_id).preload(host)
+        self._stopped = False
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        self._task.cancel()
+        self._stopped = True
+        while not self._task.done():
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=self.RECANCEL_S)
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
     async def _loop(self) -> None:
-        while True:
-            first = await self.redis.blpop(self.key, timeout=1.0)
+        while not self._stopped:
+            first = await self.redis.blpop(self.key, timeout=self.POLL_S)
             if first is None:
                 continue
             ids = [first[1].decode()]
@@ -208,13 +264,13 @@ class Preloader:
         try:
             (blobs,) = await self.reader.hmget_many([(RunKeys(state.run_id).outputs, ids)])
 
-            def deserialize() -> None:
+            def load_all() -> None:
                 for input_id, blob in zip(ids, blobs, strict=True):
                     if blob is not None:
-                        state.values[input_id] = pickle.loads(blob)
+                        state.values[input_id] = deserialize(blob)
                         state.sizes[input_id] = len(blob)
 
-            await loop.run_in_executor(self.executor, deserialize)
+            await loop.run_in_executor(self.executor, load_all)
             share = (time.perf_counter() - started) / len(ids)
             for input_id in ids:
                 if input_id in state.values:

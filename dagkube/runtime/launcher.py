@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 import numbers
-import pickle
 import secrets
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 from dagkube.dag import DagSpec, resolve
 from dagkube.errors import InvalidOption, RunTimeout, TaskFailed
 from dagkube.planning.model import Plan
+from dagkube.runtime.inputs import deserialize
 from dagkube.runtime.invocation import Invocation
 from dagkube.store import scripts
 from dagkube.store.calls import CancelCall, ForceEndCall, RenewCall
@@ -240,7 +240,7 @@ async def fetch_outputs(reader: BulkReader, dag: DagSpec, run_id: str) -> Any:
     for task_id, blob in zip(dag.output_ids, blobs, strict=True):
         if blob is None:
             raise RuntimeError(f"Run {run_id}: output of {task_id} is missing (expired?)")
-        values[task_id] = pickle.loads(blob)
+        values[task_id] = deserialize(blob)
     return resolve(dag.output_template, values, {})
 
 

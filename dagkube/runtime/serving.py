@@ -348,7 +348,8 @@ class Serving:
         )
         self.amendments.clear()
         if store:
-            # The upload rode on this call: amend the record in the next call with its time.
+            # The upload rode on this call (a large output: in the same round trip, just
+            # before it): amend the record in the next call with its time.
             record.upload_s = time.perf_counter() - started
             self.amendments.append((field_name, record.model_dump_json()))
         return Completed(

@@ -109,7 +109,7 @@ class Worker:
             self.redis = await self.watch.connect()
             self.beats = await self.watch.connect()
             self.reader = BulkReader(self.config.redis_url, watch=self.watch)
-            self.scripts = Scripts(self.redis)
+            self.scripts = Scripts(self.redis, bulk=self.reader)
             # A heartbeat first: the scaler takes a registered worker without one for lost.
             await self._beat()
             heartbeat = asyncio.create_task(self._heartbeat())

@@ -22,6 +22,12 @@ from dagkube.store.keys import KeySpace, PoolKeys, worker_heartbeat, worker_proc
 
 ReplyT = TypeVar("ReplyT")
 
+# Outputs up to this size ride on the COMPLETE call as an argument (one command, the cheapest
+# for the many small outputs); a larger one is written by a plain HSETNX pipelined just before
+# the call (same round trip), since a script argument is copied into Lua and out again inside
+# Redis's single thread, holding up every other client while it passes.
+OUTPUT_INLINE_MAX_BYTES = 64 * 1024
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -97,11 +103,12 @@ class CompleteReply:
 
 @dataclass(frozen=True, slots=True)
 class CompleteCall(Call[CompleteReply]):
-    """A task completed: its record, its output (None: not stored), its consumers' inputs
-    counted and the ready ones routed. ``record_field`` is the task id, or ``<id>@dup`` for a
-    duplicate's record. ``amended_records`` (record field, record JSON) replace records sent
-    earlier; ``pending_roots`` are a flexible worker's tasks still to run, kept in its proc
-    list with what this completion adds."""
+    """A task completed: its record, its output (None: not stored; a large one is written
+    apart, :attr:`output_apart`), its consumers' inputs counted and the ready ones routed.
+    ``record_field`` is the task id, or ``<id>@dup`` for a duplicate's record.
+    ``amended_records`` (record field, record JSON) replace records sent earlier;
+    ``pending_roots`` are a flexible worker's tasks still to run, kept in its proc list with
+    what this completion adds."""
 
     script: ClassVar[str] = "complete"
 
@@ -119,16 +126,28 @@ class CompleteCall(Call[CompleteReply]):
     amended_records: Sequence[tuple[str, str]] = ()
     pending_roots: Sequence[str] = ()
 
+    @property
+    def output_apart(self) -> bool:
+        """The output is too large to ride on the call: the caller writes it just before
+        (:meth:`dagkube.store.scripts.Scripts.complete`), and the call only says so."""
+        return self.output is not None and len(self.output) > OUTPUT_INLINE_MAX_BYTES
+
     def space(self) -> KeySpace:
         return KeySpace.of(self.run_id)
 
     def arguments(self) -> list[Any]:
+        if self.output is None:
+            mode, inline = "none", b""
+        elif self.output_apart:
+            mode, inline = "apart", b""
+        else:
+            mode, inline = "inline", self.output
         return [
             self.run_id,
             PoolKeys(self.pool).prefix,
             self.task_id,
-            _flag(self.output is not None),
-            b"" if self.output is None else self.output,
+            mode,
+            inline,
             self.record_json,
             self.record_field,
             worker_proc(self.worker_id, self.pool),
@@ -488,3 +507,31 @@ class PruneIndexesCall(Call[PruneIndexesReply]):
 
     def decode(self, raw: Any) -> PruneIndexesReply:
         return PruneIndexesReply(missing=tuple(_text(run_id) for run_id in raw))
+
+
+# -------------------------------------------------------------------------------- LENGTHS
+@dataclass(frozen=True, slots=True)
+class LengthsReply:
+    lengths: tuple[int, ...]  # in the order asked; 0 for an absent field
+
+
+@dataclass(frozen=True, slots=True)
+class LengthsCall(Call[LengthsReply]):
+    """The lengths of hash fields, (hash key, field) pairs (:class:`connection.BulkReader`
+    reads several values in batches by their lengths)."""
+
+    script: ClassVar[str] = "lengths"
+
+    fields: Sequence[tuple[str, str]]
+
+    def space(self) -> KeySpace:
+        return KeySpace(None)  # the keys come whole, in KEYS
+
+    def arguments(self) -> list[Any]:
+        return [field for _, field in self.fields]
+
+    def keys(self) -> list[str]:
+        return [key for key, _ in self.fields]
+
+    def decode(self, raw: Any) -> LengthsReply:
+        return LengthsReply(lengths=tuple(int(length) for length in raw))

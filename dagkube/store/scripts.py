@@ -18,7 +18,7 @@ called through typed calls (:mod:`dagkube.store.calls`) on a :class:`Scripts`.
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dagkube.store.calls import (
     AddToRunCall,
@@ -43,7 +43,10 @@ from dagkube.store.calls import (
     RequeueCall,
     RequeueReply,
 )
-from dagkube.store.keys import RUN_PARTS
+from dagkube.store.keys import RUN_PARTS, RunKeys
+
+if TYPE_CHECKING:
+    from dagkube.store.connection import BulkReader
 
 ReplyT = TypeVar("ReplyT")
 
@@ -84,6 +87,7 @@ _PARTS = {
     "force_end": ("history", "finalize", "force_end"),
     "prune_structure": ("history", "prune_structure"),
     "prune_indexes": ("history", "prune_indexes"),
+    "lengths": ("lengths",),
 }
 
 
@@ -99,17 +103,19 @@ def _source(name: str) -> str:
 # Every script's whole text, by name (the ACL users read the commands they send from these).
 SOURCES = {name: _source(name) for name in _PARTS}
 # The scripts a worker calls (COMPLETE, FAIL, FINISH; ADD_TO_RUN when it was created for a
-# run it never served); the rest are called by the operator and the local driver (launcher,
-# scaler, history pruning).
-WORKER_SCRIPTS = ("complete", "fail", "finish", "add_to_run")
+# run it never served; LENGTHS before reading several inputs); the rest are called by the
+# operator and the local driver (launcher, scaler, history pruning).
+WORKER_SCRIPTS = ("complete", "fail", "finish", "add_to_run", "lengths")
 
 
 class Scripts:
     """The scripts, registered on one client as they are first called (redis-py's ``Script``:
-    EVALSHA, loaded again when a restarted Redis lost its script cache)."""
+    EVALSHA, loaded again when a restarted Redis lost its script cache). ``bulk``: the
+    synchronous connection that sends large outputs with their COMPLETE (workers)."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, bulk: BulkReader | None = None) -> None:
         self.redis = redis
+        self.bulk = bulk
         self._registered: dict[str, Any] = {}
 
     async def call(self, call: Call[ReplyT]) -> ReplyT:
@@ -121,7 +127,26 @@ class Scripts:
         return call.decode(await script(keys=call.keys(), args=call.encode()))
 
     async def complete(self, call: CompleteCall) -> CompleteReply:
-        return await self.call(call)
+        """COMPLETE. A large output (:attr:`CompleteCall.output_apart`) is written by an
+        HSETNX sent on ``bulk`` just before the script, in the same round trip: the first
+        completion of a task wins (tasks are deterministic: a duplicate's output is the
+        same), and the script takes the field back should the run be over (complete.lua)."""
+        if call.output is None or not call.output_apart:
+            return await self.call(call)
+        if self.bulk is None:
+            raise ValueError(
+                f"task {call.task_id}: an output of {len(call.output)} bytes is written apart "
+                "from COMPLETE, which needs Scripts(redis, bulk=BulkReader(...))"
+            )
+        raw = await self.bulk.hsetnx_then_script(
+            RunKeys(call.run_id).outputs,
+            call.task_id,
+            call.output,
+            SOURCES[call.script],
+            call.keys(),
+            call.encode(),
+        )
+        return call.decode(raw)
 
     async def fail(self, call: FailCall) -> FailReply:
         return await self.call(call)

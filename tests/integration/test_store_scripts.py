@@ -22,6 +22,7 @@ from dagkube.store.calls import (
     FailCall,
     FinishCall,
     ForceEndCall,
+    LengthsCall,
     PruneIndexesCall,
     PruneStructureCall,
     RenewCall,
@@ -350,6 +351,21 @@ async def test_prune_structure_and_indexes_drop_runs_with_their_index_entries(re
     )
     assert (await scripts.prune_indexes(indexes)).missing == (gone,)
     assert await redis.lrange(hist_all_runs(NAMESPACE), 0, -1) == [new.encode()]
+
+
+async def test_lengths_gives_each_fields_length_in_the_order_asked(redis):
+    run = await start_run(redis, "lengths")
+    keys = RunKeys(run)
+    await redis.hset(keys.outputs, mapping={"a": b"x" * 70_000, "b": b"yy"})
+    await redis.hset(keys.constants, "c", b"zzz")
+    asked = [
+        (keys.outputs, "b"),
+        (keys.constants, "c"),
+        (keys.outputs, "gone"),
+        (keys.outputs, "a"),
+    ]
+    reply = await Scripts(redis).call(LengthsCall(asked))
+    assert reply.lengths == (2, 3, 0, 70_000)
 
 
 async def test_cleanup_removes_every_key_of_a_pool_and_of_a_run(redis):

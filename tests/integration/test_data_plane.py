@@ -1,0 +1,219 @@
+"""The data plane on a real Redis: large outputs written apart from the COMPLETE script (and
+never left behind by a run that is over), and NumPy outputs serialized with out-of-band
+buffers that come back writeable, through whole runs on worker processes."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import AsyncIterator, Iterator
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+import dagkube
+from dagkube.runtime.inputs import OOB_MAGIC, deserialize, serialize
+from dagkube.store.calls import OUTPUT_INLINE_MAX_BYTES, CompleteCall, Downstream
+from dagkube.store.cleanup import delete_run_keys
+from dagkube.store.connection import READ_BATCH_BYTES, BulkReader
+from dagkube.store.keys import RunKeys, hist_run, namespaced
+from dagkube.store.records import TaskRecord
+from dagkube.store.scripts import Scripts
+
+pytestmark = pytest.mark.integration
+
+DB = 7  # a database of its own: the tests look at every key in it
+NAMESPACE = "team-b"
+POOL = namespaced(NAMESPACE, "wf-1")
+LARGE = b"x" * (OUTPUT_INLINE_MAX_BYTES + 1)
+
+
+@pytest.fixture
+async def redis(redis_server) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + f"/{DB}")
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
+
+
+@pytest.fixture
+def scripts(redis, redis_server) -> Iterator[Scripts]:
+    """The scripts as a worker has them: large outputs go on the synchronous connection."""
+    bulk = BulkReader(redis_server.url.rsplit("/", 1)[0] + f"/{DB}")
+    yield Scripts(redis, bulk=bulk)
+    bulk.close()
+
+
+async def start_run(redis: aioredis.Redis, name: str) -> str:
+    run = namespaced(NAMESPACE, name)
+    await redis.hset(
+        RunKeys(run).meta,
+        mapping={"status": "running", "active": 1, "tasks_total": 3, "tasks_done": 0},
+    )
+    return run
+
+
+def complete(run: str, task_id: str, output: bytes | None) -> CompleteCall:
+    return CompleteCall(
+        run_id=run,
+        pool=POOL,
+        worker_id="w1",
+        task_id=task_id,
+        record_json="{}",
+        record_field=task_id,
+        output=output,
+        logical_worker=None,
+        memory_mib=512,
+        now=5.0,
+        downstream=(Downstream("sum", dependencies=2, memory_mib=512, preload_host="h"),),
+    )
+
+
+async def run_keys(redis: aioredis.Redis, run: str) -> list[bytes]:
+    return sorted(await redis.keys(f"{RunKeys(run).prefix}*"))
+
+
+async def test_a_large_output_is_written_apart_and_a_small_one_rides_on_the_call(redis, scripts):
+    run = await start_run(redis, "apart")
+    keys = RunKeys(run)
+    large, small = complete(run, "a", LARGE), complete(run, "b", b"small")
+    # The script's arguments carry the small output, not the large one.
+    assert LARGE not in large.encode() and b"small" in small.encode()
+    assert (await scripts.complete(large)).running
+    assert (await scripts.complete(small)).running
+    assert await redis.hmget(keys.outputs, ["a", "b"]) == [LARGE, b"small"]
+    # Both count as stored: the fan-in's host pre-loads both, and its input count is done.
+    assert await redis.lrange(keys.preload("h"), 0, -1) == [b"a", b"b"]
+    assert await redis.hget(keys.dep_counts, "sum") == b"2"
+
+
+async def test_the_first_completion_of_a_task_keeps_its_output(redis, scripts):
+    run = await start_run(redis, "dup")
+    await scripts.complete(complete(run, "a", LARGE))
+    again = await scripts.complete(complete(run, "a", LARGE.replace(b"x", b"y")))
+    assert again.duplicate
+    assert await redis.hget(RunKeys(run).outputs, "a") == LARGE
+
+
+async def test_no_output_outlives_a_run_whose_keys_were_deleted(redis, scripts):
+    """A worker completing a task after its run's keys were deleted (one UNLINK of every
+    key) must not leave the output hash its HSETNX made anew: no TTL would ever end it."""
+    run = await start_run(redis, "deleted")
+    await scripts.complete(complete(run, "a", LARGE))
+    await delete_run_keys(redis, run)
+    assert await run_keys(redis, run) == []
+    reply = await scripts.complete(complete(run, "b", LARGE))
+    assert reply.status == "missing"
+    assert await run_keys(redis, run) == []
+
+
+async def test_a_late_output_of_an_ended_run_expires_with_it_or_is_taken_back(redis, scripts):
+    """An ended run's outputs have a TTL and may be what its driver is fetching: a lost
+    worker's late completion leaves them. Once they were dropped, nothing is left behind."""
+    run = await start_run(redis, "ended")
+    keys = RunKeys(run)
+    await scripts.complete(complete(run, "a", LARGE))
+    await redis.hset(keys.meta, "status", "succeeded")
+    for key in await run_keys(redis, run):
+        await redis.expire(key, 600)
+    late = await scripts.complete(complete(run, "a", LARGE))
+    assert late.status == "succeeded"
+    assert await redis.hget(keys.outputs, "a") == LARGE
+    await redis.unlink(keys.outputs)  # the driver dropped the run's data
+    await scripts.complete(complete(run, "a", LARGE))
+    assert not await redis.exists(keys.outputs)
+    assert all([await redis.ttl(key) > 0 for key in await run_keys(redis, run)])
+
+
+async def test_a_large_output_survives_a_flushed_script_cache(redis, scripts):
+    run = await start_run(redis, "noscript")
+    await scripts.complete(complete(run, "a", b"small"))  # registered and loaded
+    await redis.script_flush()
+    assert (await scripts.complete(complete(run, "b", LARGE))).running
+    assert await redis.hget(RunKeys(run).outputs, "b") == LARGE
+    assert await redis.scard(RunKeys(run).done) == 2
+
+
+async def test_a_large_output_needs_the_synchronous_connection(redis):
+    run = await start_run(redis, "no-bulk")
+    with pytest.raises(ValueError, match=f"an output of {len(LARGE)} bytes is written apart"):
+        await Scripts(redis).complete(complete(run, "a", LARGE))
+    assert not await redis.exists(RunKeys(run).outputs)
+
+
+async def test_many_values_are_read_in_batches_in_the_order_asked(redis, redis_server):
+    """Reads of several fields go by length in batches; what comes back is what one HMGET per
+    hash would return, absent fields included."""
+    big = b"b" * (READ_BATCH_BYTES + 1)
+    await redis.hset("h1", mapping={"s1": b"1", "big": big, "s2": b"2"})
+    await redis.hset("h2", mapping={"m1": b"m" * (READ_BATCH_BYTES // 2), "m2": b"n" * 10})
+    requests = [("h1", ["s1", "gone", "big", "s2"]), ("h2", ["m1", "m2"]), ("h3", ["x"])]
+    bulk = BulkReader(redis_server.url.rsplit("/", 1)[0] + f"/{DB}")
+    try:
+        batched = await bulk.hmget_many(requests)
+        assert await bulk.hmget_many([("h1", ["s2"])]) == [[b"2"]]
+    finally:
+        bulk.close()
+    assert batched == [await redis.hmget(key, fields) for key, fields in requests]
+
+
+# ------------------------------------------------------------------------- serialization
+
+
+def test_arrays_travel_out_of_band_and_come_back_writeable():
+    value = {"a": np.arange(100_000, dtype=np.float64), "f": np.ones((300, 200), order="F")}
+    blob = serialize(value)
+    assert blob.startswith(OOB_MAGIC)
+    back = deserialize(blob)
+    assert np.array_equal(back["a"], value["a"]) and np.array_equal(back["f"], value["f"])
+    assert back["f"].flags.f_contiguous
+    for array in back.values():
+        assert array.flags.writeable
+        array += 1  # in place, as a task may change its input
+
+
+def test_values_without_buffers_stay_plain_pickles():
+    for value in ([1, "two", 3.0], b"bytes", np.float64(2.5)):
+        blob = serialize(value)
+        assert not blob.startswith(OOB_MAGIC)
+        assert pickle.loads(blob) == value and deserialize(blob) == value
+
+
+def test_a_truncated_out_of_band_value_is_refused_clearly():
+    blob = serialize(np.zeros(1000))
+    with pytest.raises(pickle.UnpicklingError, match="shorter than its 1 buffer lengths"):
+        deserialize(blob[:100])
+
+
+# ------------------------------------------------------------------------- whole runs
+
+
+@dagkube.task
+def block(index: int, elements: int) -> np.ndarray:
+    return np.full(elements, float(index))
+
+
+@dagkube.task
+def add_in_place(arrays: list[np.ndarray]) -> np.ndarray:
+    total = arrays[0]
+    for array in arrays[1:]:
+        total += array  # the first input, changed in place
+    return total
+
+
+def test_a_fan_in_of_large_arrays_runs_and_returns_a_writeable_array(runtime, redis_client):
+    elements = 4 * OUTPUT_INLINE_MAX_BYTES // 8  # 256 KiB each: written apart
+    wf = dagkube.Workflow(
+        add_in_place([block(i, elements) for i in range(1, 5)]), name="it-data-plane"
+    )
+    result = wf.run(runtime=runtime)
+    assert isinstance(result, np.ndarray) and result.flags.writeable
+    assert result.shape == (elements,) and bool((result == 10.0).all())
+    raw = redis_client.hvals(hist_run(wf.last_run.run_id, "tasks"))
+    records = [TaskRecord.model_validate_json(r) for r in raw]
+    stored = [r for r in records if r.output_stored]
+    # The workflow's output and the inputs the consumer's worker did not produce itself
+    # were uploaded, apart from the COMPLETE call, and timed.
+    assert "add_in_place" in {r.function for r in stored} <= {"block", "add_in_place"}
+    assert all(r.output_bytes > OUTPUT_INLINE_MAX_BYTES and r.upload_s > 0 for r in stored)
