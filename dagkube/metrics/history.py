@@ -9,7 +9,7 @@ from typing import Any
 
 from dagkube.errors import InvalidOption
 from dagkube.planning.assembly import CALIBRATION_RUNS
-from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
+from dagkube.planning.history import HistorySnapshot, Residual, StartupSample, TaskSample
 from dagkube.store.calls import PrunedRun, PruneIndexesCall, PruneStructureCall
 from dagkube.store.keys import (
     hist_all_runs,
@@ -115,7 +115,7 @@ class _RunSamples:
     succeeded: bool
     tasks: list[TaskSample] = field(default_factory=list)
     startups: list[StartupSample] = field(default_factory=list)
-    residual: tuple[str, float] | None = None
+    residual: Residual | None = None
 
 
 def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes]) -> _RunSamples:
@@ -127,7 +127,9 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
     # workflow are planned from defaults and miss by whole seconds.
     informed = record.plan_history_runs >= CALIBRATION_RUNS
     if informed and record.model_makespan_s and record.makespan_s:
-        found.residual = (record.planner, record.makespan_s - record.model_makespan_s)
+        found.residual = Residual(
+            record.planner, record.sla, record.makespan_s - record.model_makespan_s
+        )
     for raw in tasks:
         task = TaskRecord.model_validate_json(raw)
         found.tasks.append(
@@ -144,11 +146,21 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
                 upload_s=task.upload_s,
                 peak_memory_bytes=task.peak_memory_bytes or 0,
                 oom_mib=max((a.memory_mib for a in task.oom_attempts), default=0),
+                cpu_s=task.cpu_s,
+                run_id=task.run_id,
+                started_at=task.started_at,
             )
         )
     for raw in workers:
         worker = WorkerRecord.model_validate_json(raw)
         if worker.outcome != "finished" or worker.resumed or worker.first_task_at is None:
+            continue
+        if worker.prewarmed and worker.spawned_at and worker.registered_at:
+            # Its start-up is its spawn to being ready (then it waits for the demand): the time
+            # prewarm must predict, slower than a start alone when the others of its request
+            # start with it.
+            ready_s = worker.registered_at - worker.spawned_at
+            found.startups.append(StartupSample(worker.memory_mib, True, ready_s))
             continue
         began = worker.spawned_at if worker.cold else worker.ready_at
         if began is not None:

@@ -25,6 +25,9 @@ class TaskSample:
     upload_s: float = 0.0
     peak_memory_bytes: int = 0  # the worker's peak while it ran (0: not measured)
     oom_mib: int = 0  # the largest class an earlier attempt was OOM-killed at (0: none)
+    cpu_s: float = 0.0  # CPU time of the thread that ran it (0: not measured)
+    run_id: str = ""  # with started_at: which tasks of a run computed at the same time
+    started_at: float = 0.0  # execution start, Unix seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,15 @@ class StartupSample:
     startup_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class Residual:
+    """One earlier run's actual makespan minus the timing model's prediction for it."""
+
+    planner: str
+    sla: str  # the SLA the run was planned at: a pNN model already holds the spread
+    seconds: float
+
+
 @dataclass
 class HistorySnapshot:
     """Samples from the last runs of one structure hash (most recent runs first)."""
@@ -45,8 +57,7 @@ class HistorySnapshot:
     runs: int = 0
     tasks: list[TaskSample] = field(default_factory=list)
     startups: list[StartupSample] = field(default_factory=list)
-    # (planner, actual makespan - the timing model's prediction) of earlier runs
-    residuals: list[tuple[str, float]] = field(default_factory=list)
+    residuals: list[Residual] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:

@@ -1,13 +1,16 @@
 """Predictions from the history of one workflow structure, at an SLA (mean or percentile).
 
-* Execution time of a task: task ids are stable within a structure, so a task with at least
-  ``TASK_SAMPLES`` samples of its own is predicted from them (this sees durations that depend
-  on argument values, which sizes cannot show); otherwise from its function's model.
-* Execution time of a function at an input size and memory class: the SLA statistic over the
-  samples nearest in input size (log scale), each scaled to the queried size by the
-  function's fitted log-log slope ``beta``. ``beta`` is fitted only when the inputs seen vary
-  (max/min > 1.5); otherwise it is 0, so constant-time tasks and tasks that ignore their input
-  size are predicted as such (a bytes-per-second ratio alone fails there).
+* Execution time of a function at an input size and memory class: a size model
+  (:mod:`dagkube.planning.fitting`) fitted to the function's samples of that class: the curve
+  that fits best (constant, power law or fixed cost plus a cost per byte), a bias per task id
+  with at least ``TASK_SAMPLES`` samples of its own (durations that depend on argument
+  values, which sizes cannot show), and the SLA statistic of the residual ratios, so that
+  pNN is the pNN of the noise at the queried size, not of samples of other sizes.
+* CPU contention: where CPU is not enforced, local workers share the machine's ``cores``.
+  A function's CPU fraction (its thread's CPU time / wall time) is its demand on them; the
+  samples are learnt from as if their run's other tasks had left them the cores
+  (:mod:`dagkube.planning.cores`), and the timing model shares the cores among the tasks
+  of the run it predicts.
 * Memory classes without samples: scaled from the nearest sampled class by
   ``(cpu_sampled / cpu_wanted) ** alpha``, where a class's CPU counts at most one core: a task
   runs on one thread (native libraries get ``int(cpu)`` threads, one below two cores' worth of
@@ -16,15 +19,19 @@
   with one class it is 1 where the backend enforces CPU limits (Pods, local workers in
   cgroups: twice the CPU, half the time), and 0 where it does not (local worker processes
   without limits all share the machine's cores).
-* Output size: the same nearest-sample rule over (input bytes -> output bytes), any class.
+* Output size: the same kind of size model over (input bytes -> output bytes), any class.
 * Peak memory (the worker's, while the task ran): the SLA statistic over the nearest samples
   in input size, each shifted to the queried size along the function's least-squares line of
   peak bytes on input bytes (memory grows with what a task holds, linearly, on top of the
   interpreter's fixed share; the slope is 0 unless inputs vary). A task's own samples come
   first. :meth:`Predictor.memory_floor_mib` adds ``MEMORY_HEADROOM`` and never goes below a
   class an earlier attempt was OOM-killed at: planners keep every task at or above it.
-* Transfers: a fixed latency (SLA statistic of small transfers) plus bytes over a bandwidth
-  (for percentiles, the matching low percentile of measured bandwidths).
+* Transfers: a base curve ``latency + bytes / bandwidth`` (latency: the median of small
+  transfers; bandwidth: the median of large ones net of it), times a factor per size bucket
+  (powers of two of bytes): the SLA statistic of the measured / base ratios of that bucket,
+  or of the nearest bucket with samples. Small values cost more than the line says
+  (serialization, round trips), large ones less or more depending on the machine: one line
+  alone missed by half.
 * Worker start-up, cold or warm, per class: SLA statistic of the recorded start-ups; a class
   without samples borrows from the nearest sampled class, a cold start scaled by CPU where
   CPU is enforced (starting a worker is CPU-bound: imports; a 1 GiB worker starts about 1.75x
@@ -34,13 +41,18 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from dagkube.dag import DagSpec
+from dagkube.planning.cores import alone_times, cpu_fraction
+from dagkube.planning.fitting import SizeModel, fit_size_model, slope, statistic
 from dagkube.planning.history import HistorySnapshot, TaskSample
 from dagkube.planning.sla import sla_percentile
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, cpu_for_memory
+
+__all__ = ["Defaults", "Estimates", "Predictor", "estimate", "statistic"]
 
 SMALL_TRANSFER_BYTES = 64 * 1024
 TASK_SAMPLES = 3
@@ -62,37 +74,11 @@ class Defaults:
     warm_start_s: float = 0.005
 
 
-def statistic(values: list[float], percentile: float | None) -> float:
-    """The mean, or the given percentile with linear interpolation."""
-    if not values:
-        raise ValueError("statistic of no values")
-    if percentile is None:
-        return sum(values) / len(values)
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * percentile / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def _slope(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of y on x."""
-    n = len(points)
-    mean_x = sum(x for x, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    var = sum((x - mean_x) ** 2 for x, _ in points)
-    if var == 0:
-        return 0.0
-    return sum((x - mean_x) * (y - mean_y) for x, y in points) / var
-
-
 @dataclass
 class _FunctionModel:
-    by_class: dict[int, list[TaskSample]]
-    beta_exec: float
-    beta_output: float
+    exec_by_class: dict[int, SizeModel]
+    output: SizeModel
     alpha: float
-    samples: list[TaskSample]
     slope_memory: float = 0.0  # peak bytes per input byte
 
 
@@ -107,25 +93,30 @@ class Predictor:
     defaults: Defaults = field(default_factory=Defaults)
     startup_delay_s: float = 0.0  # added to default cold starts (LocalBackend's emulation)
     cpu_enforced: bool = True  # do workers get only their class's CPU? (Pods: yes; local: no)
+    # Cores the workers share, for the timing model's CPU contention; None: not modelled.
+    # Unenforced workers are local processes on this machine: its cores unless given.
+    cores: int | None = None
     used_defaults: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.percentile = sla_percentile(self.sla)
+        if self.cores is None and not self.cpu_enforced:
+            self.cores = os.cpu_count() or 1
         grouped: dict[str, list[TaskSample]] = defaultdict(list)
         for sample in self.history.tasks:
             grouped[sample.function].append(sample)
-        self._models = {name: self._fit(samples) for name, samples in grouped.items()}
-        by_task: dict[str, list[TaskSample]] = defaultdict(list)
-        for sample in self.history.tasks:
-            if sample.task_id:
-                by_task[sample.task_id].append(sample)
-        self._task_models = {
-            task_id: self._fit(samples)
-            for task_id, samples in by_task.items()
-            if len(samples) >= TASK_SAMPLES
-        }
-        self._exec_cache: dict[tuple[str, int, int], float] = {}
-        self._output_cache: dict[tuple[str, int], int] = {}
+        self._fractions = {name: cpu_fraction(samples) for name, samples in grouped.items()}
+        alone = (
+            alone_times(self.history.tasks, self._fractions, self.cores)
+            if self.cores is not None
+            else [s.exec_s for s in self.history.tasks]
+        )
+        points: dict[str, list[tuple[TaskSample, float]]] = defaultdict(list)
+        for sample, exec_s in zip(self.history.tasks, alone, strict=True):
+            points[sample.function].append((sample, exec_s))
+        self._models = {name: self._fit(found) for name, found in points.items()}
+        self._exec_cache: dict[tuple[str, str, int, int], float] = {}
+        self._output_cache: dict[tuple[str, str, int], int] = {}
         self._startup_cache: dict[tuple[int, bool], float] = {}
         self._floor_cache: dict[tuple[str, int], int] = {}
         # Memory evidence (peaks measured, OOM kills) by task id and by function.
@@ -139,64 +130,63 @@ class Predictor:
         self._fit_transfers()
 
     # ------------------------------------------------------------------ fitting
-    def _fit(self, samples: list[TaskSample]) -> _FunctionModel:
-        by_class: dict[int, list[TaskSample]] = defaultdict(list)
-        for sample in samples:
-            by_class[sample.memory_mib].append(sample)
-        inputs = [max(s.input_bytes, 1) for s in samples]
-        varied = len(samples) >= 3 and max(inputs) / min(inputs) > 1.5
-        beta_exec = beta_output = 0.0
-        if varied:
-            beta_exec = _slope(
-                [(math.log(max(s.input_bytes, 1)), math.log(max(s.exec_s, 1e-6))) for s in samples]
-            )
-            beta_output = _slope(
-                [
-                    (math.log(max(s.input_bytes, 1)), math.log(max(s.output_bytes, 1)))
-                    for s in samples
-                ]
-            )
+    def _fit(self, found: list[tuple[TaskSample, float]]) -> _FunctionModel:
+        """A function's models from its samples, each with its execution time alone."""
+        samples = [sample for sample, _ in found]
+        by_class: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+        for sample, exec_s in found:
+            by_class[sample.memory_mib].append((sample.input_bytes, exec_s, sample.task_id))
         alpha = 1.0 if self.cpu_enforced else 0.0
         if len(by_class) >= 2:
             points = [
                 (
                     math.log(self._cpu(memory)),
-                    math.log(max(statistic([s.exec_s for s in group], 50), 1e-6)),
+                    math.log(max(statistic([e for _, e, _ in p], 50), 1e-6)),
                 )
-                for memory, group in by_class.items()
+                for memory, p in by_class.items()
             ]
-            alpha = -_slope(points)
+            alpha = -slope(points)
         measured = [s for s in samples if s.peak_memory_bytes > 0]
         slope_memory = 0.0
         if len(measured) >= 3:
             sizes = [max(s.input_bytes, 1) for s in measured]
             if max(sizes) / min(sizes) > 1.5:
                 slope_memory = max(
-                    0.0, _slope([(s.input_bytes, s.peak_memory_bytes) for s in measured])
+                    0.0, slope([(s.input_bytes, s.peak_memory_bytes) for s in measured])
                 )
         return _FunctionModel(
-            slope_memory=slope_memory,
-            by_class=dict(by_class),
-            beta_exec=min(max(beta_exec, 0.0), 2.0),
-            beta_output=min(max(beta_output, 0.0), 2.0),
+            exec_by_class={
+                memory: fit_size_model(points, self.percentile, min_group=TASK_SAMPLES)
+                for memory, points in by_class.items()
+            },
+            output=fit_size_model(
+                [(s.input_bytes, s.output_bytes, s.task_id) for s in samples],
+                self.percentile,
+                min_group=TASK_SAMPLES,
+                floor=1.0,
+            ),
             alpha=min(max(alpha, 0.0), 1.0),
-            samples=samples,
+            slope_memory=slope_memory,
         )
 
     def _fit_transfers(self) -> None:
         pairs = [(s.download_bytes, s.download_s) for s in self.history.tasks if s.download_bytes]
         pairs += [(s.upload_bytes, s.upload_s) for s in self.history.tasks if s.upload_bytes]
+        pairs = [(b, t) for b, t in pairs if t > 0]
         small = [t for b, t in pairs if b < SMALL_TRANSFER_BYTES]
-        large = [b / t for b, t in pairs if b >= SMALL_TRANSFER_BYTES and t > 0]
-        low = None if self.percentile is None else 100 - self.percentile
-        if small:
-            self.latency_s = statistic(small, self.percentile)
-        else:
-            self.latency_s = self.defaults.latency_s
-        if large:
-            self.bandwidth_bytes_s = statistic(large, low)
-        else:
-            self.bandwidth_bytes_s = self.defaults.bandwidth_bytes_s
+        self.latency_s = statistic(small, 50) if small else self.defaults.latency_s
+        large = [b / (t - self.latency_s) for b, t in pairs if b >= SMALL_TRANSFER_BYTES]
+        large = [bandwidth for bandwidth in large if bandwidth > 0]
+        self.bandwidth_bytes_s = statistic(large, 50) if large else self.defaults.bandwidth_bytes_s
+        ratios: dict[int, list[float]] = defaultdict(list)
+        for nbytes, seconds in pairs:
+            ratios[_size_bucket(nbytes)].append(seconds / self._base_transfer_s(nbytes))
+        self._transfer_factor = {
+            bucket: statistic(found, self.percentile) for bucket, found in ratios.items()
+        }
+
+    def _base_transfer_s(self, nbytes: int) -> float:
+        return self.latency_s + nbytes / self.bandwidth_bytes_s
 
     def _cpu(self, memory_mib: int) -> float:
         """The CPU a task can use on this class: its share, at most one core (one thread)."""
@@ -211,33 +201,33 @@ class Predictor:
 
     # ------------------------------------------------------------------ questions
     def exec_s(self, function: str, input_bytes: int, memory_mib: int, task_id: str = "") -> float:
-        model = self._task_models.get(task_id)
-        key = (task_id if model else function, _bucket(input_bytes), memory_mib)
+        """Seconds the task computes when it has the CPU its class gives it to itself (the
+        timing model adds contention for shared cores)."""
+        key = (function, task_id, _bucket(input_bytes), memory_mib)
         cached = self._exec_cache.get(key)
         if cached is not None:
             return cached
-        if model is None:
-            model = self._models.get(function)
+        model = self._models.get(function)
         if model is None:
             self.used_defaults.add("execution time")
             value = self.defaults.exec_s
         else:
             source = memory_mib
-            if source not in model.by_class:
-                source = min(model.by_class, key=lambda m: abs(math.log(m / memory_mib)))
-            near = self._nearest(model.by_class[source], input_bytes)
-            scaled = [
-                s.exec_s * (max(input_bytes, 1) / max(s.input_bytes, 1)) ** model.beta_exec
-                for s in near
-            ]
-            value = statistic(scaled, self.percentile)
+            if source not in model.exec_by_class:
+                source = min(model.exec_by_class, key=lambda m: abs(math.log(m / memory_mib)))
+            value = model.exec_by_class[source].predict(input_bytes, task_id)
             if source != memory_mib:
                 value *= (self._cpu(source) / self._cpu(memory_mib)) ** model.alpha
         self._exec_cache[key] = value
         return value
 
-    def output_bytes(self, function: str, input_bytes: int) -> int:
-        key = (function, _bucket(input_bytes))
+    def cpu_fraction(self, function: str) -> float:
+        """The share of its execution a function's thread spends on a CPU (0: unknown): the
+        demand it puts on shared cores."""
+        return self._fractions.get(function, 0.0)
+
+    def output_bytes(self, function: str, input_bytes: int, task_id: str = "") -> int:
+        key = (function, task_id, _bucket(input_bytes))
         cached = self._output_cache.get(key)
         if cached is not None:
             return cached
@@ -246,12 +236,7 @@ class Predictor:
             self.used_defaults.add("output size")
             value = self.defaults.output_bytes
         else:
-            near = self._nearest(model.samples, input_bytes)
-            scaled = [
-                s.output_bytes * (max(input_bytes, 1) / max(s.input_bytes, 1)) ** model.beta_output
-                for s in near
-            ]
-            value = int(statistic(scaled, self.percentile))
+            value = round(model.output.predict(input_bytes, task_id))
         self._output_cache[key] = value
         return value
 
@@ -265,10 +250,10 @@ class Predictor:
         if not measured:
             return 0
         model = self._models.get(function)
-        slope = model.slope_memory if model is not None else 0.0
+        per_byte = model.slope_memory if model is not None else 0.0
         near = self._nearest(measured, input_bytes)
         shifted = [
-            max(0.0, s.peak_memory_bytes + slope * (input_bytes - s.input_bytes)) for s in near
+            max(0.0, s.peak_memory_bytes + per_byte * (input_bytes - s.input_bytes)) for s in near
         ]
         return int(statistic(shifted, self.percentile))
 
@@ -296,7 +281,13 @@ class Predictor:
         """Seconds to move ``nbytes`` to or from Redis (0 bytes: nothing to move)."""
         if nbytes <= 0:
             return 0.0
-        return self.latency_s + nbytes / self.bandwidth_bytes_s
+        bucket = _size_bucket(nbytes)
+        factor = self._transfer_factor.get(bucket)
+        if factor is None:
+            nearest = min(self._transfer_factor, key=lambda b: abs(b - bucket), default=None)
+            factor = 1.0 if nearest is None else self._transfer_factor[nearest]
+            self._transfer_factor[bucket] = factor
+        return self._base_transfer_s(nbytes) * factor
 
     def startup_s(self, memory_mib: int, cold: bool) -> float:
         key = (memory_mib, cold)
@@ -332,6 +323,11 @@ def _bucket(nbytes: int) -> int:
     return 0 if nbytes <= 0 else round(math.log(nbytes) * 32)
 
 
+def _size_bucket(nbytes: int) -> int:
+    """A transfer's size bucket: sizes within a power of two share a correction factor."""
+    return max(nbytes, 1).bit_length()
+
+
 @dataclass
 class Estimates:
     """Per task, in topological order: predicted input bytes, output bytes, execution time."""
@@ -355,6 +351,6 @@ def estimate(dag: DagSpec, predictor: Predictor, memory: dict[str, int]) -> Esti
             + sum(const_bytes.get(k, 0) for k in spec.const_keys)
         )
         input_bytes[task_id] = size
-        out_bytes[task_id] = predictor.output_bytes(spec.function, size)
+        out_bytes[task_id] = predictor.output_bytes(spec.function, size, task_id)
         exec_s[task_id] = predictor.exec_s(spec.function, size, memory[task_id], task_id)
     return Estimates(input_bytes, out_bytes, exec_s)

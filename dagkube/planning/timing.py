@@ -12,8 +12,11 @@ functions the worker follows, :mod:`dagkube.planning.rules`):
   finishes when all of them are done;
 * a worker that finishes an invocation takes the next queued one of its class at once,
   otherwise it is idle until ``idle_timeout_s``, then exits;
-* inputs produced on the same worker are local; others are downloaded; an output is uploaded
-  when a consumer may run elsewhere or it is a run output (the runtime's rule).
+* inputs the worker produced or fetched earlier in the run are local (the runtime keeps
+  them); others, and large constants it has not fetched yet, are downloaded; an output is
+  uploaded when a consumer may run elsewhere or it is a run output (the runtime's rule);
+* where workers share the machine's cores (``Predictor.cores``: local workers without CPU
+  limits), tasks computing at once share them (:mod:`dagkube.planning.cores`).
 
 Start-up is part of a worker's active period. The seed notes' "circular" computation (warm or
 cold needs the active periods, active periods need the start-ups) does not arise here: events
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
+from dagkube.planning.cores import End, SharedCores
 from dagkube.planning.model import Optimization, OptimizationIndex, output_must_be_stored
 from dagkube.planning.predictions import Predictor, estimate
 from dagkube.planning.rules import Route, flexible_next, route, start_charge
@@ -47,6 +51,7 @@ class TaskTiming:
     download_s: float = 0.0  # fetching inputs in the foreground (pre-loads not counted)
     upload_s: float = 0.0  # storing the output, when it must be stored
     worker: int = -1  # simulated physical worker
+    output_bytes: int = 0  # predicted size of its output
     trigger: str | None = None  # the task whose completion let this one start (critical path)
 
 
@@ -89,6 +94,9 @@ class _Worker:
     idle_since: float | None = None
     spawned_s: float | None = None  # spawned and not used yet (None for warm-pool workers)
     prewarmed: bool = False  # spawned by a pre-warm request
+    # Values it holds for the run (the runtime keeps them): outputs it produced or fetched,
+    # and constants ("const:<key>"); a later task needs none of them fetched again.
+    held: set = field(default_factory=set)
 
 
 class DeadlockError(InvalidOption):
@@ -137,6 +145,8 @@ class _Simulation:
         self.inbox: dict[str, list[str]] = {}
         self.done = 0
         self.last_finish = 0.0
+        self.cores = None if predictor.cores is None else SharedCores(predictor.cores)
+        self.computing_on: dict[str, _Worker] = {}
         self._sizes()
         self._optimizations(optimizations or {})
         for memory_mib, count in (warm_pool or {}).items():
@@ -159,6 +169,9 @@ class _Simulation:
     def _sizes(self) -> None:
         sizes = estimate(self.dag, self.p, self.memory)
         self.out_bytes, self.exec_s = sizes.out_bytes, sizes.exec_s
+        for task_id, timing in self.timing.items():
+            timing.output_bytes = self.out_bytes[task_id]
+        self.const_bytes = {f"const:{k}": len(v) for k, v in self.dag.constants.items()}
 
     # ------------------------------------------------------------------ events
     def push(self, time_s: float, kind: str, *payload: object) -> None:
@@ -310,13 +323,16 @@ class _Simulation:
         self, worker: _Worker, task_id: str, time_s: float, trigger: str | None
     ) -> None:
         spec = self.dag.tasks[task_id]
-        remote = [d for d in spec.deps if self.producer.get(d) is not worker]
+        remote = [d for d in spec.deps if d not in worker.held]
         preloaded = self._preloaded(task_id, worker).intersection(remote)
         timing = self.timing[task_id]
         timing.worker = worker.number
         timing.start_s = time_s
         timing.trigger = trigger
+        constants = [f"const:{k}" for k in spec.const_keys if f"const:{k}" not in worker.held]
         fetched = sum(self.out_bytes[d] for d in remote if d not in preloaded)
+        fetched += sum(self.const_bytes[k] for k in constants)
+        worker.held.update(remote, constants, (task_id,))
         timing.download_s = self.p.transfer_s(fetched)
         timing.exec_start_s = time_s + TASK_OVERHEAD_S + timing.download_s
         available = 0.0  # pre-loads run one after another as their inputs complete
@@ -324,7 +340,6 @@ class _Simulation:
             available = max(available, self.timing[dep].complete_s)
             available += self.p.transfer_s(self.out_bytes[dep])
         timing.exec_start_s = max(timing.exec_start_s, available)
-        timing.end_s = timing.exec_start_s + self.exec_s[task_id]
         worker.running = True
         assert worker.activity is not None
         worker.activity.tasks.append(task_id)
@@ -336,6 +351,35 @@ class _Simulation:
                 request.memory_mib,
                 request.count,
             )
+        demand = self.p.cpu_fraction(spec.function) if self.cores is not None else 0.0
+        if demand > 0:
+            self.push(timing.exec_start_s, "compute", worker, task_id, demand)
+            return
+        timing.end_s = timing.exec_start_s + self.exec_s[task_id]
+        self._executed(worker, task_id)
+
+    def _on_compute(self, time_s: float, worker: _Worker, task_id: str, demand: float) -> None:
+        assert self.cores is not None
+        self.computing_on[task_id] = worker
+        self._retime(self.cores.start(time_s, task_id, self.exec_s[task_id], demand))
+
+    def _on_computed(self, time_s: float, task_id: str, version: int) -> None:
+        assert self.cores is not None
+        moved = self.cores.finish(time_s, task_id, version)
+        if moved is None:
+            return  # re-timed since this event was pushed
+        self.timing[task_id].end_s = time_s
+        self._executed(self.computing_on.pop(task_id), task_id)
+        self._retime(moved)
+
+    def _retime(self, ends: list[End]) -> None:
+        for time_s, task_id, version in ends:
+            self.push(time_s, "computed", task_id, version)
+
+    def _executed(self, worker: _Worker, task_id: str) -> None:
+        """The task's execution ends at its ``end_s``: store its output if it must be stored
+        (delayed-io decides later), then complete it."""
+        timing = self.timing[task_id]
         if task_id in self.delayed:
             self.push(timing.end_s, "ended", worker, task_id)
             return

@@ -264,9 +264,10 @@ def _accuracy_text(series: dict[str, list[float]], avg_sla: dict[str, list[float
             "at that percentile of its samples, so it overshoots a typical run on purpose)."
         )
     return (
-        f"{text} Execution, transfer (downloads + uploads) and start-up (invocation queued "
-        "until a worker takes it) are each run's totals against its plan's; a run that "
-        f"measured under {MIN_MEASURED_S * 1000:.0f} ms of a part is left out of that line."
+        f"{text} Execution, transfer (downloads + uploads), start-up (invocation queued "
+        "until a worker takes it) and output size (bytes every task produced) are each run's "
+        "totals against its plan's; a run that measured under "
+        f"{MIN_MEASURED_S * 1000:.0f} ms of a part is left out of that line."
     )
 
 
@@ -304,8 +305,8 @@ def accuracy_figure(histories: list[RunHistory]) -> Section | None:
         data,
         {
             "title": "|predicted - actual| / actual (%) by run, one panel per metric",
-            "grid": {"rows": 2, "columns": 2, "pattern": "independent"},
-            "height": 620,
+            "grid": {"rows": (len(series) + 1) // 2, "columns": 2, "pattern": "independent"},
+            "height": 310 * ((len(series) + 1) // 2),
             "annotations": titles,
         },
     )

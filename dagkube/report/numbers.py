@@ -15,7 +15,7 @@ from dagkube.metrics.history import RunHistory
 from dagkube.planning.model import Plan
 from dagkube.store.records import RunRecord, RunStatus, TaskRecord
 
-ACCURACY_METRICS = ("makespan", "execution", "transfer", "start-up")
+ACCURACY_METRICS = ("makespan", "execution", "transfer", "start-up", "output size")
 MIN_MEASURED_S = 0.005  # below this a relative error is noise: the run is left out
 MIB = 1024 * 1024
 
@@ -88,9 +88,10 @@ def _relative_error(predicted: float | None, actual: float | None) -> float | No
 
 def prediction_errors(history: RunHistory) -> dict[str, float | None]:
     """Relative errors of one run against its plan: the makespan, and the run's totals of task
-    execution, transfer (downloads + uploads) and worker start-up (invocation queued -> taken).
-    None where the plan predicted no such part (plans from before these were stored) or the
-    run measured less than MIN_MEASURED_S of it."""
+    execution, transfer (downloads + uploads), worker start-up (invocation queued -> taken)
+    and output size (bytes of every task's output). None where the plan predicted no such
+    part (plans from before these were stored) or the run measured less than MIN_MEASURED_S
+    of it (no output byte, for sizes)."""
     run = history.run
     errors: dict[str, float | None] = dict.fromkeys(ACCURACY_METRICS)
     errors["makespan"] = _relative_error(run.predicted_makespan_s, run.makespan_s)
@@ -109,12 +110,57 @@ def prediction_errors(history: RunHistory) -> dict[str, float | None]:
             ),
             sum(t.download_s + t.upload_s for _, t in matched),
         )
+    if matched and all(p.predicted_output_bytes is not None for p, _ in matched):
+        produced = sum(t.output_bytes for _, t in matched)
+        if produced:
+            predicted = sum(p.predicted_output_bytes or 0 for p, _ in matched)
+            errors["output size"] = abs(predicted - produced) / produced
     startups = [w.startup_s for w in history.workers if not w.resumed and w.startup_s is not None]
     if plan.workers and all(w.predicted_startup_s is not None for w in plan.workers):
         errors["start-up"] = _relative_error(
             sum(w.predicted_startup_s or 0.0 for w in plan.workers), sum(startups)
         )
     return errors
+
+
+@dataclass
+class TaskPrediction:
+    """One task of a run against its plan: execution time and output size."""
+
+    task_id: str
+    predicted_exec_s: float | None
+    exec_s: float
+    predicted_output_bytes: int | None
+    output_bytes: int
+
+    @property
+    def exec_error(self) -> float | None:
+        return _relative_error(self.predicted_exec_s, self.exec_s)
+
+    @property
+    def output_error(self) -> float | None:
+        if self.predicted_output_bytes is None or not self.output_bytes:
+            return None
+        return abs(self.predicted_output_bytes - self.output_bytes) / self.output_bytes
+
+
+def task_predictions(history: RunHistory) -> list[TaskPrediction]:
+    """Per task of the run (by start), what its plan predicted and what it measured; empty
+    without a stored plan."""
+    if not history.plan_json:
+        return []
+    plan = Plan.model_validate_json(history.plan_json)
+    return [
+        TaskPrediction(
+            t.task_id,
+            plan.tasks[t.task_id].predicted_exec_s,
+            t.ended_at - t.started_at,
+            plan.tasks[t.task_id].predicted_output_bytes,
+            t.output_bytes,
+        )
+        for t in sorted(history.tasks, key=lambda t: t.started_at)
+        if t.task_id in plan.tasks
+    ]
 
 
 @dataclass

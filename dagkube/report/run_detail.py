@@ -1,5 +1,6 @@
 """The figures of one run in detail: its DAG with the planned and the actual critical path,
-where each task's time went, and its memory per task."""
+where each task's time went, each task's predicted and actual execution time and output
+size, and its memory per task."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from dagkube.report.numbers import (
     critical_path,
     dag_positions,
     limits_text,
+    median,
     memory_lines,
     mib_text,
+    task_predictions,
     time_parts,
 )
 from dagkube.store.records import TaskRecord
@@ -128,8 +131,63 @@ def run_figures(history: RunHistory) -> list[Section]:
     return [
         (text, _dag_figure(history, actual_path)),
         ("Time breakdown per task", _breakdown_figure(ordered, parts)),
+        *([predicted] if (predicted := prediction_figure(history)) else []),
         *([memory] if (memory := memory_figure(ordered)) else []),
     ]
+
+
+def prediction_figure(history: RunHistory) -> Section | None:
+    """Per task, predicted against actual execution time (left) and output size (right, KiB:
+    the bytes its output edges carried); None without a stored plan."""
+    found = task_predictions(history)
+    if not found:
+        return None
+    exec_error = median(p.exec_error for p in found)
+    output_error = median(p.output_error for p in found)
+    text = "Per task, predicted vs actual: execution median error " + (
+        "-" if exec_error is None else f"{exec_error:.1%}"
+    )
+    text += ", output size median error " + (
+        "- (the plan predates output-size predictions)"
+        if output_error is None
+        else f"{output_error:.1%}"
+    )
+    names = [plotly_text(p.task_id) for p in found]
+    bars = [
+        ("predicted execution", [p.predicted_exec_s for p in found], "x", "#9ecae1"),
+        ("actual execution", [p.exec_s for p in found], "x", "#08519c"),
+        (
+            "predicted output",
+            [
+                None if p.predicted_output_bytes is None else p.predicted_output_bytes / 1024
+                for p in found
+            ],
+            "x2",
+            "#fdae6b",
+        ),
+        ("actual output", [p.output_bytes / 1024 for p in found], "x2", "#a63603"),
+    ]
+    return text + f" ({len(found)} tasks)", figure(
+        [
+            {
+                "type": "bar",
+                "orientation": "h",
+                "name": name,
+                "y": names,
+                "x": values,
+                "xaxis": axis,
+                "marker": {"color": color},
+            }
+            for name, values, axis, color in bars
+        ],
+        {
+            "barmode": "group",
+            "title": "Predicted vs actual per task: execution (s) and output size (KiB)",
+            "xaxis": {"domain": [0, 0.48], "title": "execution (s)"},
+            "xaxis2": {"domain": [0.52, 1], "title": "output (KiB)"},
+            "height": max(420, 28 * len(found)),
+        },
+    )
 
 
 def memory_figure(tasks: list[TaskRecord]) -> Section | None:

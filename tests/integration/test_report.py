@@ -16,7 +16,10 @@ import pytest
 import redis
 
 import dagkube
+from dagkube.planning.model import Plan, TaskPlan
 from dagkube.report import SECTIONS, script_json
+from dagkube.report.numbers import prediction_errors, task_predictions
+from dagkube.report.run_detail import prediction_figure
 from tests import history_records
 from tests.conftest import ROOT, run_cli
 
@@ -106,13 +109,19 @@ def test_report_renders_offline_with_every_section(db_url, tmp_path: Path) -> No
     # Prediction accuracy per metric: each line has runs behind it (the plans of this matrix
     # predict every part, and every run measured each); pre-load's start-time comparison.
     accuracy = dom.stdout.split('<section id="accuracy">')[1].split("</section>")[0]
-    for metric in ("makespan", "execution", "transfer", "start-up"):
+    for metric in ("makespan", "execution", "transfer", "start-up", "output size"):
         assert re.search(rf"{metric} median [0-9.]+% \(\d+ runs\)", accuracy), metric
     assert "Pre-load, input-wait: large-fanin" in dom.stdout
     assert "Pre-load, execution start after the run" in dom.stdout
     # The one-run section drew the DAG and the time breakdown of a real run.
     run_section = dom.stdout.split('<section id="run">')[1]
     assert "actual critical path" in run_section and "js-plotly-plot" in run_section
+    # Each task's predicted execution and output size against what it measured.
+    assert re.search(
+        r"Per task, predicted vs actual: execution median error [0-9.]+%, output size median "
+        r"error [0-9.]+% \(\d+ tasks\)",
+        run_section,
+    )
     # Workers measure every task's peak: the run's memory per task is drawn too.
     assert re.search(r"Memory per task: class and peak; highest peak \d+ MiB \(", run_section)
     shot = tmp_path / "report.png"
@@ -170,6 +179,46 @@ def test_report_shows_peak_memory_and_oom_kills(redis_server, tmp_path: Path) ->
     assert f"<p>{html.escape(run_text)}</p>" in plain_section
     assert "Memory per task" not in plain_section and "OOM" not in plain_section
     assert plain_section.count('class="chart"') == 2  # the DAG and the time breakdown only
+
+
+def test_run_detail_compares_each_tasks_predicted_execution_and_output_size() -> None:
+    """Known records against a known plan: per task, the execution and output-size errors,
+    their medians in the run's text, and the run's output-size error (totals)."""
+    history = history_records.oom_run()  # load#0 0.8 s, hog#0 1.5 s, after#0 0.4 s
+    history.tasks = [
+        task.model_copy(update={"output_bytes": size})
+        for task, size in zip(history.tasks, (1000, 4000, 0), strict=True)
+    ]
+    predicted = {"load#0": (1.0, 1100), "hog#0": (1.5, 3000), "after#0": (0.3, 10)}
+    history.plan_json = Plan(
+        planner="wukong",
+        sla="avg",
+        classes_mib=[256, 1024],
+        memory_per_cpu_mib=1792,
+        max_cpu=4.0,
+        tasks={
+            task_id: TaskPlan(memory_mib=256, predicted_exec_s=exec_s, predicted_output_bytes=out)
+            for task_id, (exec_s, out) in predicted.items()
+        },
+    ).model_dump_json()
+    found = {p.task_id: p for p in task_predictions(history)}
+    assert found["load#0"].exec_error == pytest.approx(0.25)
+    assert found["after#0"].exec_error == pytest.approx(0.25)
+    assert found["hog#0"].output_error == pytest.approx(0.25)
+    assert found["after#0"].output_error is None  # it produced nothing: no relative error
+    assert prediction_errors(history)["output size"] == pytest.approx(1 - 4110 / 5000)
+    section = prediction_figure(history)
+    assert section is not None
+    assert section[0] == (
+        "Per task, predicted vs actual: execution median error 25.0%, output size median "
+        "error 17.5% (3 tasks)"
+    )
+    assert [trace["name"] for trace in section[1]["data"]] == [
+        "predicted execution",
+        "actual execution",
+        "predicted output",
+        "actual output",
+    ]
 
 
 def test_script_json_cannot_end_its_script_block() -> None:

@@ -9,7 +9,7 @@ import pytest
 import dagkube
 from dagkube.errors import InvalidOption
 from dagkube.planning import PlanningOptions, plan
-from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
+from dagkube.planning.history import HistorySnapshot, Residual, StartupSample, TaskSample
 from dagkube.planning.model import Plan
 from dagkube.planning.planners import assign_workers
 from dagkube.planning.predictions import Predictor, statistic
@@ -290,14 +290,20 @@ def test_makespan_is_calibrated_by_this_planners_residuals():
     snapshot = history({"prep": 0.1, "work": 1.0, "join": 0.1})
     raw = plan(wf.dag, "wukong", PlanningOptions([2048], history=snapshot))
     assert raw.predicted_makespan_s == raw.model_makespan_s  # no residuals yet
-    snapshot.residuals = [("wukong", r) for r in (0.01, 0.02, 0.03, 0.10)]
-    snapshot.residuals += [("uniform", 5.0)] * 3  # another planner's: ignored
+    snapshot.residuals = [Residual("wukong", "avg", r) for r in (0.01, 0.02, 0.03, 0.10)]
+    snapshot.residuals += [Residual("uniform", "avg", 5.0)] * 3  # another planner's: ignored
     avg = plan(wf.dag, "wukong", PlanningOptions([2048], history=snapshot))
     p90 = plan(wf.dag, "wukong", PlanningOptions([2048], sla="p90", history=snapshot))
     assert avg.model_makespan_s == raw.model_makespan_s
     assert avg.predicted_makespan_s == pytest.approx(raw.model_makespan_s + 0.04)
+    # until runs at p90 exist, the p90 of the avg runs' residuals (on the safe side)
     assert p90.predicted_makespan_s == pytest.approx(
         p90.model_makespan_s + statistic([0.01, 0.02, 0.03, 0.10], 90)
+    )
+    snapshot.residuals += [Residual("wukong", "p90", r) for r in (0.0, 0.01, 0.05)]
+    p90 = plan(wf.dag, "wukong", PlanningOptions([2048], sla="p90", history=snapshot))
+    assert p90.predicted_makespan_s == pytest.approx(
+        p90.model_makespan_s + statistic([0.0, 0.01, 0.05], 90)
     )
     assert any("calibrated" in note for note in avg.notes)
 

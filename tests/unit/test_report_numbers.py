@@ -68,6 +68,7 @@ def test_prediction_errors_are_relative_to_the_measured_makespan():
         "execution": None,
         "transfer": None,
         "start-up": None,
+        "output size": None,
     }
     assert prediction_errors(plain_run())["makespan"] is None  # nothing predicted
     tiny = _with(oom_run(), makespan_s=0.001)
