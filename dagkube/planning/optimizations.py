@@ -34,8 +34,7 @@ from dagkube.planning.model import (
 from dagkube.planning.predictions import Estimates, Predictor
 from dagkube.planning.timing import Timing
 
-PREWARM_LEAD_S = 0.25  # a pre-warmed worker should be ready this long before it is needed,
-PREWARM_LEAD_SHARE = 0.2  # plus this share of its cold start (starts together are slower)
+PREWARM_MARGIN_S = 0.1  # a pre-warmed worker should be ready this long before it is needed
 PREWARM_MIN_WAIT_S = 0.1  # only invocations predicted to wait longer for a worker are targets
 DELAY_MARGIN_S = 0.05  # delayed-io waits this much beyond the predicted arrival of the others
 MIN_SAVING_S = 0.002  # preload / delayed-io only where they save at least this much transfer
@@ -189,11 +188,10 @@ def _stored(given: RuleInput, marks: Marks, task_id: str) -> bool:
 
 def mark_prewarm(given: RuleInput, marks: Marks) -> int:
     """Every invocation predicted to wait for a worker to start (queued after the run began,
-    not taken by an idle or finishing worker within a warm start) is a target: a pre-warm
-    request on the task predicted to be running (or last started) ``cold start-up + lead``
-    before it is queued has a worker ready in time (the lead grows with the start-up: workers
-    starting together take longer than the history's typical single start). Returns how many
-    workers are requested."""
+    not taken by an idle or finishing worker within a warm start) is a target: a worker
+    spawned at ``queued - cold start-up - PREWARM_MARGIN_S`` is ready just before it is needed
+    (the start-up is the Predictor's at the plan's SLA, so the margin stays small: a worker
+    ready early is charged while it waits). Returns how many workers are requested."""
     timing, p = given.timing, given.predictor
     starts = sorted(given.dag.tasks, key=lambda t: timing.tasks[t].start_s)
     requests: dict[tuple[str, int], list[tuple[float, str]]] = {}
@@ -204,12 +202,8 @@ def mark_prewarm(given: RuleInput, marks: Marks) -> int:
         if waited <= p.startup_s(activity.memory_mib, False) + PREWARM_MIN_WAIT_S:
             continue
         cold = p.startup_s(activity.memory_mib, True)
-        fire_at = activity.queued_s - cold * (1 + PREWARM_LEAD_SHARE) - PREWARM_LEAD_S
-        trigger = starts[0]  # too early for any task: the first to start fires it at once
-        for task_id in starts:
-            if timing.tasks[task_id].start_s > fire_at:
-                break
-            trigger = task_id
+        fire_at = activity.queued_s - cold - PREWARM_MARGIN_S
+        trigger = _prewarm_trigger(timing, starts, activity.tasks[0], fire_at)
         if trigger in activity.tasks:
             continue
         requests.setdefault((trigger, activity.memory_mib), []).append((fire_at, activity.tasks[0]))
@@ -223,6 +217,25 @@ def mark_prewarm(given: RuleInput, marks: Marks) -> int:
         )
         _add(marks, trigger, Prewarm(params=params))
     return sum(len(w) for w in requests.values())
+
+
+def _prewarm_trigger(timing: Timing, starts: list[str], target: str, fire_at: float) -> str:
+    """The task whose start anchors a pre-warm request due at ``fire_at``: the nearest task of
+    the chain that makes ``target`` ready (its trigger, the trigger's trigger, ...) predicted
+    to start by then, so the request is timed from the work the demand waits for (its start
+    plus its predicted time) rather than from an unrelated task; else the task predicted to
+    start last by then (the first to start, at once, when none has)."""
+    current = timing.tasks[target].trigger
+    while current is not None:
+        if timing.tasks[current].start_s <= fire_at:
+            return current
+        current = timing.tasks[current].trigger
+    latest = starts[0]
+    for task_id in starts:
+        if timing.tasks[task_id].start_s > fire_at:
+            break
+        latest = task_id
+    return latest
 
 
 def check_conflicts(dag: DagSpec, tasks: dict[str, list[Optimization]], stored: Callable) -> None:

@@ -5,6 +5,8 @@ workers that are not blocked waiting for inputs. The same scaler
 runs inside ``dagkube run`` (LocalBackend) and inside the operator (KubernetesBackend). It also
 re-queues the held work of workers that died (process exit seen by the backend, or heartbeat
 expired) and, at the worker cap, retires an idle worker of another class to make room.
+Pre-warm requests (a sorted set scored by when they are due) become workers when due, unless
+their run ended (dropped at once, due or not) or idle workers will take the demand anyway.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from redis.exceptions import RedisError
 from dagkube.runtime.invocation import Invocation
 from dagkube.store.calls import AddToRunCall, RequeueCall
 from dagkube.store.connection import ServerReplaced
-from dagkube.store.keys import PoolKeys, worker_heartbeat, worker_proc, worker_task
+from dagkube.store.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc, worker_task
+from dagkube.store.records import RunStatus
 from dagkube.store.scripts import Scripts
 
 log = logging.getLogger("dagkube.scaler")
@@ -105,6 +108,12 @@ class Scaler:
         self._stopped = asyncio.Event()
         self.workers_started = 0
         self.workers_lost = 0
+        # Pre-warmed workers reserved for the live run that asked for them (worker -> run):
+        # not spare capacity for other requests while they wait for their demand.
+        self._prewarmed: dict[str, str] = {}
+        # Requests already served, per running run: the same request added again (its trigger
+        # re-run as a duplicate, or re-queued from a lost worker) starts nothing more.
+        self._served: dict[str, set[bytes]] = {}
 
     async def run(self) -> None:
         """Reconcile whenever something is queued or a worker leaves (blocking on the wake
@@ -153,35 +162,110 @@ class Scaler:
         return min(self.tick_s, max(0.01, head[0][1] - time.time()))
 
     async def _prewarm(self) -> None:
-        """Pre-scale: create the workers that due pre-warm requests ask for (within the cap),
-        ahead of the demand they anticipate; counted in the requesting run's metrics."""
-        due = await self.redis.zrangebyscore(self.keys.prewarm, "-inf", time.time())
+        """Pre-scale ahead of the demand that due pre-warm requests anticipate (within the
+        cap), counted in the requesting run's metrics; requests of runs that ended are dropped
+        unstarted, at once (also those not due yet)."""
+        entries = await self.redis.zrange(self.keys.prewarm, 0, -1, withscores=True)
+        if not (entries or self._prewarmed or self._served):
+            return
+        runs = {json.loads(raw)["run"] for raw, _ in entries}
+        runs |= set(self._prewarmed.values()) | set(self._served)
+        live = await self._running(runs)
+        self._release_prewarmed(live)
+        self._served = {run: raws for run, raws in self._served.items() if run in live}
+        now = time.time()
+        due = [raw for raw, score in entries if score <= now or json.loads(raw)["run"] not in live]
         if not due:
             return
         await self.redis.zrem(self.keys.prewarm, *due)
-        room = self.backend.max_workers - await self._active()
+        fresh = []
         for raw in due:
-            request = json.loads(raw)
+            run = json.loads(raw)["run"]
+            if raw not in self._served.get(run, ()):
+                fresh.append(json.loads(raw))
+                if run in live:
+                    self._served.setdefault(run, set()).add(raw)
+        await self._start_prewarmed(fresh, live)
+
+    async def _start_prewarmed(self, requests: list[dict[str, Any]], live: set[str]) -> None:
+        """Create the workers of due requests (``live``: the runs still running). Demand is
+        checked again first: none for a run that ended (cancelled, failed or done before the
+        request fell due), and none where idle workers of the class, beyond what is queued and
+        not reserved by another pre-warm, will take the demand as warm starts."""
+        if not requests:
+            return
+        room = self.backend.max_workers - await self._active()
+        spare = await self._spare_idle()
+        for request in requests:
+            memory, count, run = int(request["mem"]), int(request["count"]), request["run"]
+            wanted = count if run in live else 0
+            covered = min(wanted, spare.get(memory, 0))
+            spare[memory] = spare.get(memory, 0) - covered
             started = 0
-            for _ in range(min(int(request["count"]), max(0, room))):
-                await self.backend.start_worker(int(request["mem"]), prewarm_for=request["run"])
+            for _ in range(min(wanted - covered, max(0, room))):
+                handle = await self.backend.start_worker(memory, prewarm_for=run)
+                self._prewarmed[handle.worker_id] = run
                 self.workers_started += 1
                 started += 1
             room -= started
             await self._scripts.add_to_run(
                 AddToRunCall(
-                    run_id=request["run"],
-                    increments={"prewarm_requested": request["count"], "prewarm_started": started},
+                    run_id=run, increments={"prewarm_requested": count, "prewarm_started": started}
                 )
             )
             log.info(
-                "pre-warm for run %s (trigger %s): %d of %d worker(s) of %d MiB started",
-                request["run"],
+                "pre-warm for run %s (trigger %s): %d of %d worker(s) of %d MiB started%s",
+                run,
                 request["trigger"],
                 started,
-                request["count"],
-                request["mem"],
+                count,
+                memory,
+                "" if run in live else " (the run ended)",
             )
+
+    async def _running(self, runs: set[str]) -> set[str]:
+        """Those of ``runs`` still running (a cancelling run needs no more workers; a run
+        whose meta is gone has ended)."""
+        ordered = sorted(runs)
+        if not ordered:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run in ordered:
+                pipe.hget(RunKeys(run).meta, "status")
+            statuses = await pipe.execute()
+        running = RunStatus.RUNNING.encode()
+        return {run for run, status in zip(ordered, statuses, strict=True) if status == running}
+
+    async def _idle_ids(self) -> dict[int, set[str]]:
+        """The idle workers of each class, by id."""
+        classes = sorted(int(c) for c in await self.redis.smembers(self.keys.classes))
+        if not classes:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for memory in classes:
+                pipe.smembers(self.keys.idle(memory))
+            found = await pipe.execute()
+        return {m: {w.decode() for w in ids} for m, ids in zip(classes, found, strict=True)}
+
+    def _release_prewarmed(self, live: set[str]) -> None:
+        """Pre-warmed workers stop being reserved once they exited or their run ended."""
+        alive = {h.worker_id for h in self.backend.alive()}
+        for worker_id, run in list(self._prewarmed.items()):
+            if worker_id not in alive or run not in live:
+                del self._prewarmed[worker_id]
+
+    async def _spare_idle(self) -> dict[int, int]:
+        """Per class: idle workers beyond what is queued, not counting pre-warmed ones still
+        reserved for their run."""
+        idle = await self._idle_ids()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for memory in idle:
+                pipe.llen(self.keys.queue(memory))
+            queued = await pipe.execute()
+        return {
+            memory: len(ids - set(self._prewarmed)) - waiting
+            for (memory, ids), waiting in zip(idle.items(), queued, strict=True)
+        }
 
     async def _active(self) -> int:
         """Workers that count against the cap: alive and not blocked waiting for inputs."""

@@ -4,13 +4,16 @@ test needs a mark the planner would only make from a longer history."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 import dagkube
-from dagkube.metrics.history import read_run
+from dagkube.metrics.history import load_snapshot, read_run
 from dagkube.planning.model import (
     Clustering,
     ClusteringParams,
@@ -21,6 +24,8 @@ from dagkube.planning.model import (
     Taskdup,
     TaskdupParams,
 )
+from dagkube.store.keys import PoolKeys
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +89,22 @@ def total(values: list[int]) -> int:
     return sum(values)
 
 
+@dagkube.task
+def split_when_idle(count: int, redis_url: str, idle_key: str, idle: int) -> list[int]:
+    """Returns once ``idle`` workers wait in ``idle_key``: the demand it queues comes only
+    when the pre-warmed workers are ready (a bounded wait, so a bug fails rather than hangs)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 60
+        while client.scard(idle_key) < idle:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{idle} idle worker(s) never appeared in {idle_key}")
+            time.sleep(0.02)
+    finally:
+        client.close()
+    return list(range(count))
+
+
 def blocks_workflow() -> dagkube.Workflow:
     blocks = [make_block(i, s) for i, s in enumerate([0.05, 0.1, 0.15, 0.8])]
     return dagkube.Workflow(checksum(blocks), name="opt-blocks")
@@ -114,31 +135,102 @@ def test_preload_fetches_fan_in_inputs_in_the_background(make_runtime):
     assert merge.download_bytes == 0
 
 
-def test_prewarm_request_creates_workers_that_serve_the_fan_out(make_runtime):
-    rt = make_runtime(max_workers=6, startup_delay_s=0.5)
-    items = slow_split(4, 1.5)  # long enough for pre-warmed workers to start meanwhile
-    wf = dagkube.Workflow(
-        total([slow_square(items, i, 0.5) for i in range(4)]),
-        name="opt-prewarm",
+def _fan_out(split_task: Any, *args: Any, width: int = 3) -> dagkube.Workflow:
+    items = split_task(width, *args)
+    return dagkube.Workflow(
+        total([slow_square(items, i, 0.3) for i in range(width)]), name="opt-prewarm"
     )
-    planned = wf.plan("wukong", "avg", "512Mi", runtime=rt)
+
+
+def _prewarm_mark(planned: Any, trigger: str, count: int, delay_s: float) -> None:
     planned.optimizations = ["prewarm"]
-    planned.tasks["slow_split#0"].optimizations = [
-        Prewarm(
-            params=PrewarmParams(memory_mib=512, count=2, delay_s=0.0, targets=["slow_square#1"])
-        )
+    targets = [f"slow_square#{i}" for i in range(1, count + 1)]
+    planned.tasks[trigger].optimizations = [
+        Prewarm(params=PrewarmParams(memory_mib=512, count=count, delay_s=delay_s, targets=targets))
     ]
+
+
+def test_prewarm_request_creates_workers_that_serve_the_fan_out(make_runtime, redis_server):
+    """The request is due ``delay_s`` after the trigger's start; the scaler creates the
+    workers then, and they serve the fan-out. The trigger returns only once both pre-warmed
+    workers wait idle, so the fan-out never races their start-up, however slow it is."""
+    rt = make_runtime(max_workers=6, startup_delay_s=0.5)
+    idle_key = PoolKeys(rt.pool).idle(512)
+    wf = _fan_out(split_when_idle, redis_server.url, idle_key, 2)
+    planned = wf.plan("wukong", "avg", "512Mi", runtime=rt)
+    _prewarm_mark(planned, "split_when_idle#0", count=2, delay_s=0.3)
     result = rt.run(wf.dag, planned)
-    assert result.outputs == 0 + 1 + 4 + 9
+    assert result.outputs == 0 + 1 + 4
     found = history_of(rt, result.run_id)
     assert found.run.prewarm_requested == 2 and found.run.prewarm_started == 2
-    trigger = {t.task_id: t for t in found.tasks}["slow_split#0"]
-    assert trigger.prewarm_at is not None and trigger.prewarm_targets == ["slow_square#1"]
+    trigger = {t.task_id: t for t in found.tasks}["split_when_idle#0"]
+    assert trigger.prewarm_at is not None
+    assert trigger.prewarm_targets == ["slow_square#1", "slow_square#2"]
+    assert trigger.ready_at + 0.3 <= trigger.prewarm_at + 1e-3  # due delay_s after its start
+    assert trigger.prewarm_at <= trigger.started_at + 0.3
     prewarmed = [w for w in found.workers if w.prewarmed]
-    assert found.run.workers_prewarmed == len(prewarmed) >= 1
+    assert found.run.workers_prewarmed == len(prewarmed) == 2
     for worker in prewarmed:
         assert not worker.cold and worker.spawned_at is not None
-        assert worker.spawned_at >= trigger.started_at - 0.01
+        assert worker.spawned_at >= trigger.prewarm_at - 0.01  # created when due, not before
+        assert worker.ready_at is not None and worker.ready_at >= trigger.ended_at
+    # The history learns their start-up (spawn to ready for work) as a cold one: what the
+    # next plan's pre-warm is timed from.
+    snapshot = rt.call(load_snapshot(rt.redis, wf.structure_hash))
+    cold = [s.startup_s for s in snapshot.startups if s.cold]
+    for worker in prewarmed:
+        assert worker.registered_at is not None and worker.spawned_at is not None
+        ready_s = worker.registered_at - worker.spawned_at
+        assert ready_s >= 0.5  # the start-up delay
+        assert any(abs(ready_s - sample) < 1e-6 for sample in cold), (ready_s, cold)
+
+
+def test_prewarm_is_not_started_for_demand_idle_workers_will_take(make_runtime):
+    """Idle workers of the class (a previous run's) will take the fan-out warm: the request
+    falls due while the trigger runs, and the scaler starts nothing for it."""
+    rt = make_runtime(max_workers=6)
+    wf = _fan_out(slow_split, 1.5)
+    rt.run(wf.dag, wf.plan("wukong", "avg", "512Mi", runtime=rt))  # leaves 3 workers idle
+    idle_key = PoolKeys(rt.pool).idle(512)
+    wait_until(lambda: rt.call(rt.redis.scard(idle_key)) >= 3, message="3 idle workers")
+    spawned = list(rt.backend.spawned_ids)
+    planned = wf.plan("wukong", "avg", "512Mi", runtime=rt)
+    _prewarm_mark(planned, "slow_split#0", count=2, delay_s=0.0)
+    result = rt.run(wf.dag, planned)
+    assert result.outputs == 0 + 1 + 4
+    found = history_of(rt, result.run_id)
+    assert found.run.prewarm_requested == 2 and found.run.prewarm_started == 0
+    assert found.run.workers_cold == 0 and found.run.workers_prewarmed == 0
+    assert rt.backend.spawned_ids == spawned
+
+
+def test_prewarm_requests_of_an_ended_run_are_dropped_unstarted(make_runtime):
+    """A request of a run that ended (here added after its end, as a late trigger would) is
+    removed at once, due or not, and no worker is created for it; the run's record counts
+    the workers requested and none started."""
+    rt = make_runtime(max_workers=4)
+    wf = _fan_out(slow_split, 0.0)
+    result = rt.run(wf.dag, wf.plan("wukong", "avg", "512Mi", runtime=rt))
+    spawned = list(rt.backend.spawned_ids)
+    pool = PoolKeys(rt.pool)
+    now = time.time()
+    requests = {
+        json.dumps({"run": result.run_id, "mem": 512, "count": count, "trigger": "slow_split#0"}): (
+            due
+        )
+        for count, due in ((1, now), (2, now + 600))
+    }
+    rt.call(rt.redis.zadd(pool.prewarm, requests))
+    rt.call(rt.redis.lpush(pool.wake, "1"))
+    wait_until(lambda: rt.call(rt.redis.zcard(pool.prewarm)) == 0, message="requests dropped")
+
+    def counted() -> Any:
+        record = rt.run_record(result.run_id)
+        return record if record is not None and record.prewarm_requested == 3 else None
+
+    record = wait_until(counted, message="the requests counted in the run's record")
+    assert record.prewarm_started == 0
+    assert rt.backend.spawned_ids == spawned
 
 
 def test_taskdup_reruns_a_stalled_upstream_and_keeps_the_result(make_runtime, tmp_path):
@@ -204,3 +296,32 @@ def test_clustering_and_delayed_io_keep_outputs_local(make_runtime):
     assert len(workers) == 1  # the fan-out's children and the fan-in ran where split ran
     assert not tasks["split#0"].output_stored
     assert tasks["square#2"].delayed_io == "kept" and not tasks["square#2"].output_stored
+
+
+@dagkube.task
+def add_pair(a: int, b: int) -> int:
+    return a + b
+
+
+@pytest.mark.parametrize("optimizations", [["preload"], ["delayed-io", "preload"]])
+def test_flexible_preload_runs_a_tree_reduction_to_the_end(make_runtime, optimizations):
+    """A wukong plan's fan-ins are pre-loaded by the worker running their last input
+    (host ``@<task>``): every such task starts a pre-loader and its invocation stops them all,
+    however soon after they started. A stop that did not take once left the invocation (and
+    the run) waiting forever."""
+    rt = make_runtime(max_workers=4)
+    values = list(range(48))
+    wf = dagkube.Workflow(dagkube.reduce_tree(values, add_pair), name="opt-flexible-preload")
+    wf.run("wukong", "avg", "1Gi", runtime=rt)  # history: the tasks' times and output sizes
+    for _ in range(3):
+        planned = rt.plan(wf.dag, "wukong", optimizations=optimizations)
+        hosts = {
+            o.params.host
+            for spec in planned.tasks.values()
+            for o in spec.optimizations
+            if o.name == "preload"
+        }
+        assert hosts and all(h.startswith("@") for h in hosts)  # flexible fan-ins are marked
+        result = rt.run(wf.dag, planned, timeout_s=30)
+        assert result.status == "succeeded"
+        assert result.outputs == sum(values)

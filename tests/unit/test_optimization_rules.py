@@ -25,7 +25,12 @@ from dagkube.planning.model import (
     Taskdup,
     TaskdupParams,
 )
-from dagkube.planning.optimizations import check_optimizations, split_planner
+from dagkube.planning.optimizations import (
+    PREWARM_MARGIN_S,
+    check_optimizations,
+    split_planner,
+)
+from dagkube.planning.predictions import Predictor
 from dagkube.planning.validation import validate_plan
 from tests.conftest import ROOT
 
@@ -294,7 +299,13 @@ def test_a_stored_plan_parses_into_typed_parameters_and_keeps_its_json_shape():
     preload, dup = parsed.tasks["total#0"].optimizations
     assert isinstance(preload.params, PreloadParams) and preload.params.host == "w1"
     assert isinstance(dup.params, TaskdupParams) and dup.params.original_end_s == 1.5
-    assert json.loads(parsed.model_dump_json()) == STORED_PLAN
+    # a plan stored before objectives and output-size predictions gets their defaults
+    expected = {**STORED_PLAN, "objective": "makespan", "max_gb_s": None, "alternatives": []}
+    expected["tasks"] = {
+        task_id: {**task, "predicted_output_bytes": None}
+        for task_id, task in STORED_PLAN["tasks"].items()
+    }
+    assert json.loads(parsed.model_dump_json()) == expected
 
 
 @pytest.mark.parametrize(
@@ -330,3 +341,72 @@ def test_a_plan_with_a_wrong_or_missing_parameter_is_refused_when_parsed(task_id
     stored["tasks"][task_id]["optimizations"] = [mark]
     with pytest.raises(ValidationError, match=expected):
         Plan.model_validate_json(json.dumps(stored))
+
+
+def _long_then_wide_cold(cold_s: list[float]) -> HistorySnapshot:
+    """LONG_THEN_WIDE's task samples with these cold start-ups (every class; warm 5 ms)."""
+    startups = [StartupSample(m, True, s) for m in (512, 1024, 2048) for s in cold_s]
+    startups += [StartupSample(m, False, 0.005) for m in (512, 1024, 2048)] * 3
+    return HistorySnapshot("h", 3, LONG_THEN_WIDE.tasks, startups)
+
+
+@pytest.mark.parametrize("sla", ["avg", "p90"])
+def test_prewarm_is_due_the_predicted_start_up_at_the_sla_before_the_fan_out_is_queued(sla):
+    """The request hangs on prepare, whose completion queues the fan-out: due when prepare's
+    predicted time less the cold start-up at the plan's SLA (and the small margin) is over,
+    so the pre-warmed workers are predicted to wait for work no longer than that margin."""
+    history = _long_then_wide_cold([1.6, 1.8, 2.0, 2.2, 2.6])
+    setting = dict(history=history, max_workers=10, sla=sla)
+    warmed = plan(
+        long_then_wide.build().dag, "wukong", options(optimizations=["prewarm"], **setting)
+    )
+    startup = Predictor(history, sla).startup_s(1024, True)
+    mean = Predictor(history, "avg").startup_s(1024, True)
+    assert startup == pytest.approx(2.04) if sla == "avg" else startup > mean + 0.3
+    (entry,) = warmed.tasks["prepare#0"].optimizations
+    prepare = warmed.tasks["prepare#0"]
+    assert prepare.predicted_start_s is not None and prepare.predicted_end_s is not None
+    queued = prepare.predicted_end_s  # its completion queues the other parts
+    expected = queued - startup - PREWARM_MARGIN_S - prepare.predicted_start_s
+    assert entry.params.delay_s == pytest.approx(expected, abs=1e-5)
+    assert entry.params.count == long_then_wide.WIDTH - 1  # prepare's worker continues itself
+    prewarmed = [w for w in warmed.workers if w.prewarmed]
+    assert len(prewarmed) == entry.params.count
+    for worker in prewarmed:  # queued -> taken: the pre-warmed worker was waiting, ready
+        assert worker.predicted_startup_s is not None and worker.predicted_startup_s <= 0.01
+        assert worker.predicted_start_s == pytest.approx(queued - startup - PREWARM_MARGIN_S)
+
+
+def test_prewarm_is_anchored_on_the_chain_that_queues_its_targets():
+    """An unrelated task that starts later (but before the request is due) does not anchor
+    it: the chain that makes the targets ready does, so its predicted time times the request."""
+
+    @dagkube.task
+    def prepare() -> list[int]:
+        return [0]
+
+    @dagkube.task
+    def side() -> int:
+        return 1
+
+    @dagkube.task
+    def part(items: list[int], index: int, extra: int) -> int:
+        return index
+
+    @dagkube.task
+    def combine(parts: list[int]) -> int:
+        return sum(parts)
+
+    items, extra = prepare(), side()
+    wf = dagkube.Workflow(combine([part(items, i, 0) for i in range(4)] + [extra]), name="anchor")
+    samples = [("prepare#0", "prepare", 100, 3.0), ("side#0", "side", 8, 0.2)]
+    samples += [(f"part#{i}", "part", 8, 0.3) for i in range(4)] + [
+        ("combine#0", "combine", 8, 0.01)
+    ]
+    found = plan(
+        wf.dag,
+        "wukong",
+        options(history=history(samples, cold_s=1.0), max_workers=10, optimizations=["prewarm"]),
+    )
+    marked = {t: p.optimizations for t, p in found.tasks.items() if p.optimizations}
+    assert list(marked) == ["prepare#0"], marked
