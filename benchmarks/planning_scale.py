@@ -1,5 +1,6 @@
 """How long planning takes on large DAGs, per planner (issue: 10,000 tasks well under 1 s,
-100,000 in seconds).
+100,000 in seconds). ``auto`` evaluates several candidates within its own simulation budget
+(``planning.choice.AUTO_SIMULATED_TASKS``); its row names the candidate it chose.
 
 The DAG: N/3 independent two-task chains (``leaf -> mid``) reduced by a pairwise tree, so it
 has wide fan-in, chains and depth. Planning runs without a worker cap (as on Kubernetes) and
@@ -123,10 +124,11 @@ def measure(sizes: list[int], repeat: int) -> list[Row]:
                 times.append(time.perf_counter() - started)
             assert result is not None
             workers = len({t.worker_id for t in result.tasks.values()})
+            picked = [a.label for a in result.alternatives if a.chosen]
             rows.append(
                 Row(
                     len(wf.dag.tasks),
-                    planner,
+                    f"{planner} ({picked[0]})" if planner == "auto" else planner,
                     statistics.median(times),
                     max(times),
                     build_s,

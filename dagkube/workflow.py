@@ -51,28 +51,46 @@ class Workflow:
 
     def plan(
         self,
-        planner: str = "wukong",
+        planner: str = "auto",
         sla: str = "avg",
         classes: Any = None,
         *,
         runtime: Any = None,
         optimizations: Any = None,
+        objective: str = "makespan",
+        max_gb_s: float | None = None,
     ) -> Plan:
         """The Plan the named planner makes for this workflow, without running it.
 
         With a ``runtime``, the planner learns from that runtime's run history and sees its
         warm workers; without one, it plans from documented defaults (no history).
+        ``objective`` (``makespan``, ``cost`` or ``balanced``) and ``max_gb_s`` (a GB-s
+        budget) decide between the candidate plans the planner predicts (``plan.alternatives``).
         """
         from dagkube.planning import PlanningOptions, plan
 
         if runtime is not None:
-            return runtime.plan(self.dag, planner, sla, classes, optimizations=optimizations)
-        options = PlanningOptions.for_run(classes, sla=sla, optimizations=optimizations)
+            return runtime.plan(
+                self.dag,
+                planner,
+                sla,
+                classes,
+                optimizations=optimizations,
+                objective=objective,
+                max_gb_s=max_gb_s,
+            )
+        options = PlanningOptions.for_run(
+            classes,
+            sla=sla,
+            optimizations=optimizations,
+            objective=objective,
+            max_gb_s=max_gb_s,
+        )
         return plan(self.dag, planner, options)
 
     def run(
         self,
-        planner: str = "wukong",
+        planner: str = "auto",
         sla: str = "avg",
         classes: Any = None,
         *,
@@ -80,10 +98,13 @@ class Workflow:
         timeout: float | None = None,
         on_progress: Callable[[int, int], None] | None = None,
         optimizations: Any = None,
+        objective: str = "makespan",
+        max_gb_s: float | None = None,
     ) -> Any:
         """Plan (from the runtime's history) and run; returns the outputs in the shape given,
         or raises :class:`TaskFailed`. ``optimizations``: names to switch on besides those a
-        ``-opt`` planner implies (e.g. ``["prewarm"]``). The plan used is kept in ``last_plan``.
+        ``-opt`` planner implies (e.g. ``["prewarm"]``); ``objective`` and ``max_gb_s`` as for
+        :meth:`plan`. The plan used is kept in ``last_plan``.
 
         ``runtime``: a started :class:`dagkube.LocalRuntime` to reuse (warm workers, one Redis);
         without one, a LocalRuntime is opened for this run and closed after it.
@@ -98,7 +119,15 @@ class Workflow:
         owned = runtime is None
         rt = LocalRuntime() if owned else runtime
         try:
-            chosen = rt.plan(self.dag, planner, sla, classes, optimizations=optimizations)
+            chosen = rt.plan(
+                self.dag,
+                planner,
+                sla,
+                classes,
+                optimizations=optimizations,
+                objective=objective,
+                max_gb_s=max_gb_s,
+            )
             self.last_plan = chosen
             result = rt.run(self.dag, chosen, timeout_s=timeout_s, on_progress=on_progress)
         finally:
@@ -117,11 +146,13 @@ class Workflow:
         self,
         namespace: str = "default",
         image: str | None = None,
-        planner: str = "wukong",
+        planner: str = "auto",
         sla: str = "avg",
         classes: Any = None,
         *,
         optimizations: Any = None,
+        objective: str = "makespan",
+        max_gb_s: float | None = None,
         max_workers: int | None = None,
         timeout_s: int | None = None,
         retries: int | None = None,
@@ -147,6 +178,8 @@ class Workflow:
             planner=planner,
             sla=sla,
             optimizations=optimizations,
+            objective=objective,
+            max_gb_s=max_gb_s,
             classes_mib=parse_classes(classes) if classes is not None else None,
             max_workers=max_workers,
             image=image,

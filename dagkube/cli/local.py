@@ -69,6 +69,8 @@ def run(
     file: str,
     planner: str,
     optimizations: list[str],
+    objective: str,
+    max_gb_s: float | None,
     sla: str,
     classes: list[int] | None,
     redis_url: str | None,
@@ -99,10 +101,24 @@ def run(
                 err.print(f"[yellow]note:[/] {rt.enforcement_note}")
             if metrics_port is not None:
                 _serve_run_metrics(rt, metrics_host, metrics_port)
-            chosen = rt.plan(wf.dag, planner, sla, classes, optimizations=optimizations)
+            chosen = rt.plan(
+                wf.dag,
+                planner,
+                sla,
+                classes,
+                optimizations=optimizations,
+                objective=objective,
+                max_gb_s=max_gb_s,
+            )
             result = rt.run(wf.dag, chosen, timeout_s=timeout, on_progress=on_progress)
+            record = result.record
+            if any(w.prewarmed for w in chosen.workers):
+                # a pre-warmed worker left unused is charged when it exits: stop the workers
+                # now so the summary shows what pre-warming wasted
+                rt.cool_down()
+                record = rt.run_record(result.run_id) or record
         verified, verify_error = _verify(loaded.verify, result)
-        summary = run_summary(result, wf.name, chosen, verified)
+        summary = run_summary(result, wf.name, chosen, verified, record)
         failure = task_failed_from(result.record) if result.status != RunStatus.SUCCEEDED else None
         if as_json:
             print_run_json(summary, result.outputs, failure, verify_error)
@@ -153,6 +169,8 @@ def plan(
     file: str,
     planner: str,
     optimizations: list[str],
+    objective: str,
+    max_gb_s: float | None,
     sla: str,
     classes: list[int] | None,
     redis_url: str | None,
@@ -163,7 +181,8 @@ def plan(
     output: str | None,
 ) -> None:
     """Plan the workflow in FILE from its run history, without running it: a table per
-    worker (class, CPU, tasks, predicted busy period, cold or warm) and the run totals."""
+    worker (class, CPU, tasks, predicted busy period, cold or warm), the run totals, and the
+    candidate plans the planner predicted before it chose (see --objective)."""
     from dagkube import planning
     from dagkube.metrics.history import load_snapshot
     from dagkube.runtime import cgroups
@@ -182,6 +201,8 @@ def plan(
             idle_timeout_s=idle_timeout,
             cpu_enforced=enforce if enforce is not None else cgroups.detect() is not None,
             optimizations=optimizations,
+            objective=objective,
+            max_gb_s=max_gb_s,
         )
         result = planning.plan(wf.dag, planner, options)
         if output:

@@ -8,7 +8,16 @@ from typing import Any
 import click
 
 from dagkube.errors import InvalidOption
-from dagkube.planning import OPTIMIZATIONS, PLANNER_NAMES, check_optimizations, check_planner
+from dagkube.planning import (
+    DEFAULT_PLANNER,
+    OBJECTIVES,
+    OPTIMIZATIONS,
+    PLANNER_NAMES,
+    check_max_gb_s,
+    check_objective,
+    check_optimizations,
+    check_planner,
+)
 from dagkube.planning.sla import ACCEPTED_SLAS, parse_sla
 from dagkube.resources import ACCEPTED_FORMS, parse_classes
 
@@ -70,17 +79,37 @@ ENFORCE_OPTION = click.option(
 FILE_ARGUMENT = click.argument("file", type=click.Path(dir_okay=False))
 PLANNER_OPTION = click.option(
     "--planner",
-    default="wukong",
+    default=DEFAULT_PLANNER,
     show_default=True,
     callback=validated(check_planner),
-    help=f"Planner: {', '.join(PLANNER_NAMES)} (-opt: with its optimizations).",
+    help=f"Planner: {', '.join(PLANNER_NAMES)} (-opt: with its optimizations, each kept only "
+    "where the timing model predicts it helps). auto predicts every planner with and without "
+    "each optimization and keeps the best for --objective.",
+)
+OBJECTIVE_OPTION = click.option(
+    "--objective",
+    default="makespan",
+    show_default=True,
+    callback=validated(check_objective),
+    help=f"What choosing between candidate plans optimizes: {', '.join(OBJECTIVES)}. makespan: "
+    "the shortest predicted run, then the fewest GB-s; cost: the fewest predicted GB-s, then "
+    "the shortest; balanced: the smallest makespan x GB-s.",
+)
+MAX_GB_S_OPTION = click.option(
+    "--max-gb-s",
+    type=float,
+    default=None,
+    callback=validated(check_max_gb_s),
+    metavar="GB_S",
+    help="GB-s budget: the best plan for --objective among those predicted within it; if "
+    "none is, the cheapest (the plan's notes say so).",
 )
 OPTIMIZATIONS_OPTION = click.option(
     "--optimizations",
     default="",
     callback=validated(check_optimizations),
     help="Optimizations to switch on, comma-separated (besides those of an -opt "
-    f"planner): {', '.join(OPTIMIZATIONS)}.",
+    f"planner; with auto, the only ones it tries): {', '.join(OPTIMIZATIONS)}.",
 )
 SLA_OPTION = click.option(
     "--sla",
@@ -121,6 +150,8 @@ def local_run_options(function: Any) -> Any:
         FILE_ARGUMENT,
         PLANNER_OPTION,
         OPTIMIZATIONS_OPTION,
+        OBJECTIVE_OPTION,
+        MAX_GB_S_OPTION,
         SLA_OPTION,
         CLASSES_OPTION,
         REDIS_OPTION,

@@ -59,14 +59,18 @@ def progress_bar(enabled: bool, total: int, name: str) -> Iterator[Any]:
         yield lambda done, _total: progress.update(bar, completed=done)
 
 
-def run_summary(result: Any, workflow: str, plan: Any, verified: bool | None) -> dict[str, Any]:
-    """The summary of a local run, as ``run --json`` prints it (and the table shows it)."""
-    record = result.record
+def run_summary(
+    result: Any, workflow: str, plan: Any, verified: bool | None, record: Any = None
+) -> dict[str, Any]:
+    """The summary of a local run, as ``run --json`` prints it (and the table shows it);
+    ``record``: the run's record read again after late charges (default: the result's)."""
+    record = record or result.record
     return {
         "run_id": result.run_id,
         "workflow": workflow,
         "status": result.status,
         "planner": record.planner,
+        "chosen": next((a.label for a in plan.alternatives if a.chosen), None),
         "sla": record.sla,
         "classes": [format_memory(c) for c in plan.classes_used()],
         "tasks": record.tasks_total,
@@ -76,6 +80,8 @@ def run_summary(result: Any, workflow: str, plan: Any, verified: bool | None) ->
         "workers_warm": record.workers_warm,
         "workers_lost": record.workers_lost,
         "workers_prewarmed": record.workers_prewarmed,
+        "prewarm_wasted": record.prewarm_wasted,
+        "prewarm_wasted_gb_s": record.prewarm_wasted_gb_s,
         "tasks_duplicated": record.tasks_duplicated,
         "optimizations": record.optimizations,
         "gb_s": record.gb_s,
@@ -133,7 +139,10 @@ def _run_table(summary: dict) -> Table:
     table.add_column()
     makespan = summary["makespan_s"]
     table.add_row("status", summary["status"])
-    table.add_row("planner / SLA", f"{summary['planner']} / {summary['sla']}")
+    planner, chosen = summary["planner"], summary["chosen"]
+    if chosen and chosen != planner:
+        planner = f"{planner}: {chosen}"
+    table.add_row("planner / SLA", f"{planner} / {summary['sla']}")
     table.add_row("classes", ", ".join(summary["classes"]))
     table.add_row("tasks", f"{summary['tasks_done']} done of {summary['tasks']}")
     table.add_row("makespan", f"{makespan:.3f} s" if makespan is not None else "-")
@@ -162,7 +171,16 @@ def _run_table(summary: dict) -> Table:
         "limits",
         "memory and CPU enforced per worker" if summary["enforced"] else "not enforced",
     )
-    table.add_row("GB-seconds", f"{summary['gb_s']:.3f}")
+    wasted = summary["prewarm_wasted"]
+    table.add_row(
+        "GB-seconds",
+        f"{summary['gb_s']:.3f}"
+        + (
+            f" (+{summary['prewarm_wasted_gb_s']:.3f} by {wasted} pre-warmed worker(s) unused)"
+            if wasted
+            else ""
+        ),
+    )
     table.add_row(
         "CPU-seconds",
         f"{summary['cpu_s_used']:.3f} used of {summary['cpu_s_allocated']:.3f} allocated",
@@ -172,7 +190,8 @@ def _run_table(summary: dict) -> Table:
 
 def print_plan(result: Any, workflow: str, planner: str) -> None:
     """A plan as ``dagkube plan`` shows it: a row per worker, the optimizations per task, the
-    predicted totals, the critical path and the planner's notes."""
+    predicted totals, the candidates the planner chose from, the critical path and the
+    planner's notes."""
     table = Table(title=f"Plan of {workflow!r}: {planner}, SLA {result.sla}")
     for column in ("worker", "class", "CPU", "tasks", "busy from", "busy to", "start"):
         table.add_column(column, justify="left" if column == "worker" else "right")
@@ -203,8 +222,28 @@ def print_plan(result: Any, workflow: str, planner: str) -> None:
         f"[bold]critical path[/] ({len(critical)} tasks): {' -> '.join(critical[:12])}"
         + (" ..." if len(critical) > 12 else "")
     )
+    if len(result.alternatives) > 1:
+        out.print(candidates_table(result))
     for note in result.notes:
         out.print(f"[dim]note:[/] {note}")
+
+
+def candidates_table(result: Any) -> Table:
+    """The candidate plans a planner predicted before choosing, the chosen one marked."""
+    budget = f", GB-s budget {result.max_gb_s:g}" if result.max_gb_s is not None else ""
+    table = Table(title=f"Candidates (objective {result.objective}{budget})")
+    table.add_column("candidate")
+    table.add_column("model makespan", justify="right")
+    table.add_column("GB-s", justify="right")
+    table.add_column("chosen / why not")
+    for alternative in result.alternatives:
+        table.add_row(
+            alternative.label,
+            f"{alternative.model_makespan_s:.3f}s",
+            f"{alternative.predicted_gb_s:.3f}",
+            "[bold green]chosen[/]" if alternative.chosen else (alternative.rejected or ""),
+        )
+    return table
 
 
 def _describe_params(params: dict[str, Any]) -> str:

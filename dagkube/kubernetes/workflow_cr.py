@@ -74,14 +74,17 @@ class Source:
 
 @dataclass(frozen=True)
 class WorkflowSpec:
-    """A Workflow's ``spec``, typed. ``planner`` is a base planner (an ``-opt`` variant is
-    split into its base and ``optimizations`` by :meth:`from_options`); the defaults are the
-    CRD's."""
+    """A Workflow's ``spec``, typed. ``planner`` is a base planner or ``auto`` (an ``-opt``
+    variant is split into its base and ``optimizations`` by :meth:`from_options`);
+    ``objective`` and ``max_gb_s`` (a GB-s budget) decide between candidate plans; the
+    defaults are the CRD's."""
 
     source: Source
-    planner: str = "wukong"
+    planner: str = "auto"
     sla: str = "avg"
     optimizations: list[str] = field(default_factory=list)
+    objective: str = "makespan"
+    max_gb_s: float | None = None
     classes_mib: list[int] = field(default_factory=lambda: list(DEFAULT_CLASSES_MIB))
     memory_per_cpu_mib: int = DEFAULT_MEMORY_PER_CPU_MIB
     max_cpu: float = DEFAULT_MAX_CPU
@@ -96,9 +99,11 @@ class WorkflowSpec:
         cls,
         source: Source,
         *,
-        planner: str = "wukong",
+        planner: str = "auto",
         sla: str = "avg",
         optimizations: Any = None,
+        objective: str = "makespan",
+        max_gb_s: float | None = None,
         classes_mib: list[int] | None = None,
         max_workers: int | None = None,
         image: str | None = None,
@@ -109,7 +114,13 @@ class WorkflowSpec:
         """The spec for what a user asked for (SDK or command line): names checked and
         normalized (:class:`~dagkube.errors.InvalidOption` otherwise), an ``-opt`` planner
         split into its base and optimizations, no classes meaning the default ones."""
-        from dagkube.planning import check_optimizations, check_planner, split_planner
+        from dagkube.planning import (
+            check_max_gb_s,
+            check_objective,
+            check_optimizations,
+            check_planner,
+            split_planner,
+        )
         from dagkube.planning.sla import parse_sla
 
         base, implied = split_planner(check_planner(planner))
@@ -119,6 +130,8 @@ class WorkflowSpec:
             planner=base,
             sla=parse_sla(sla),
             optimizations=chosen,
+            objective=check_objective(objective),
+            max_gb_s=check_max_gb_s(max_gb_s),
             classes_mib=sorted(classes_mib) if classes_mib else list(DEFAULT_CLASSES_MIB),
             max_workers=max_workers,
             image=image,
@@ -133,6 +146,10 @@ class WorkflowSpec:
         planner: dict[str, Any] = {"name": self.planner, "sla": self.sla}
         if self.optimizations:
             planner["optimizations"] = list(self.optimizations)
+        if self.objective != "makespan":
+            planner["objective"] = self.objective
+        if self.max_gb_s is not None:
+            planner["maxGbS"] = self.max_gb_s
         resources: dict[str, Any] = {}
         if list(self.classes_mib) != list(DEFAULT_CLASSES_MIB):
             resources["classes"] = [format_memory(c) for c in sorted(self.classes_mib)]

@@ -3,14 +3,14 @@ snapshot; never does I/O and never imports the runtime."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
+from dagkube.planning.choice import AUTO, SIMPLICITY, plan_auto, plan_named
 from dagkube.planning.history import HistorySnapshot
 from dagkube.planning.model import (
     OPT_VARIANTS,
     OPTIMIZATIONS,
+    Alternative,
     Clustering,
     ClusteringParams,
     DelayedIo,
@@ -25,25 +25,24 @@ from dagkube.planning.model import (
     TaskdupParams,
     TaskPlan,
 )
+from dagkube.planning.objective import OBJECTIVES, check_max_gb_s, check_objective
 from dagkube.planning.optimizations import check_optimizations, split_planner
 from dagkube.planning.options import PlanningOptions
-from dagkube.planning.planners import plan_non_uniform, plan_uniform, plan_wukong
 from dagkube.planning.sla import parse_sla
 from dagkube.planning.validation import validate_plan
 from dagkube.resources import parse_classes
 
-PLANNER_FUNCTIONS: dict[str, Callable[[DagSpec, PlanningOptions], Plan]] = {
-    "wukong": plan_wukong,
-    "uniform": plan_uniform,
-    "non-uniform": plan_non_uniform,
-}
-PLANNERS = tuple(PLANNER_FUNCTIONS)
+DEFAULT_PLANNER = AUTO
+PLANNERS = (*SIMPLICITY, AUTO)
 PLANNER_NAMES = PLANNERS + tuple(f"{name}-opt" for name in OPT_VARIANTS)
 
 __all__ = [
+    "DEFAULT_PLANNER",
+    "OBJECTIVES",
     "OPTIMIZATIONS",
     "PLANNERS",
     "PLANNER_NAMES",
+    "Alternative",
     "Clustering",
     "ClusteringParams",
     "DelayedIo",
@@ -59,6 +58,8 @@ __all__ = [
     "TaskPlan",
     "Taskdup",
     "TaskdupParams",
+    "check_max_gb_s",
+    "check_objective",
     "check_optimizations",
     "check_planner",
     "plan",
@@ -75,17 +76,23 @@ def check_planner(name: str) -> str:
     return normalized
 
 
-def plan(dag: DagSpec, planner: str = "wukong", options: PlanningOptions | None = None) -> Plan:
+def plan(
+    dag: DagSpec, planner: str = DEFAULT_PLANNER, options: PlanningOptions | None = None
+) -> Plan:
     """Plan a DAG with the named planner; validates the options and the resulting plan.
 
     A ``-opt`` variant (e.g. ``uniform-opt``) is its planner with the optimizations of
-    :data:`OPT_VARIANTS` switched on, besides any in ``options.optimizations``."""
+    :data:`OPT_VARIANTS` switched on, besides any in ``options.optimizations``; each is
+    applied only where the timing model predicts it helps ``options.objective``. ``auto``
+    evaluates every planner with and without them and keeps the best (:mod:`.choice`)."""
     label = check_planner(planner)
     planner, implied = split_planner(label)
     options = options or PlanningOptions.for_run()
     options.optimizations = check_optimizations([*options.optimizations, *implied])
     options.label = label
     options.sla = parse_sla(options.sla)
+    options.objective = check_objective(options.objective)
+    options.max_gb_s = check_max_gb_s(options.max_gb_s)
     options.classes_mib = parse_classes(options.classes_mib)
     if options.memory_per_cpu_mib <= 0:
         raise InvalidOption(f"memory_per_cpu={options.memory_per_cpu_mib} MiB must be > 0")
@@ -93,6 +100,6 @@ def plan(dag: DagSpec, planner: str = "wukong", options: PlanningOptions | None 
         raise InvalidOption(f"max_cpu={options.max_cpu} must be > 0")
     if options.cluster_size < 1:
         raise InvalidOption(f"cluster_size={options.cluster_size} must be >= 1")
-    result = PLANNER_FUNCTIONS[planner](dag, options)
+    result = plan_auto(dag, options) if planner == AUTO else plan_named(dag, planner, options)
     validate_plan(dag, result)
     return result

@@ -1,18 +1,34 @@
 """From a planner's choice (a class and a worker per task) to a :class:`Plan`: the timing
-model's schedule, the switched-on optimization rules applied to it, the makespan calibrated
-from this planner's earlier runs, and the notes saying what backed the predictions."""
+model's schedule with the chosen optimizations, the makespan calibrated from this planner's
+earlier runs, the candidates evaluated, and the notes saying what backed the predictions."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from dagkube.dag import DagSpec
-from dagkube.planning.model import Optimization, Plan, TaskPlan, WorkerPlan
-from dagkube.planning.optimizations import RuleInput, mark, mark_prewarm
+from dagkube.planning.model import Alternative, Optimization, Plan, TaskPlan, WorkerPlan
 from dagkube.planning.options import PlanningOptions
-from dagkube.planning.predictions import Predictor, estimate, statistic
+from dagkube.planning.predictions import Estimates, Predictor, statistic
 from dagkube.planning.timing import Timing, simulate
 
-MAKESPAN_TOLERANCE = 0.005  # a downgrade or pre-warm may not grow the makespan beyond this
 CALIBRATION_RUNS = 3  # earlier runs of a planner needed before its makespan is calibrated
+
+
+@dataclass
+class Choice:
+    """What a planner chose before optimizations: a class and a worker per task, the timing
+    model's schedule of it, and the notes saying why. ``sizes`` and ``floors`` are kept when
+    the planner computed them, so later steps need not predict them again."""
+
+    planner: str  # wukong, uniform or non-uniform
+    memory: dict[str, int]
+    worker_of: dict[str, str | None]
+    timing: Timing
+    notes: list[str] = field(default_factory=list)
+    sizes: Estimates | None = None  # the predicted sizes and times at ``memory``
+    floors: dict[str, int] | None = None  # per task, the least class it may have
+    simulations: int = 1  # schedules the timing model simulated to make this choice
 
 
 def simulate_plan(
@@ -36,69 +52,24 @@ def simulate_plan(
     )
 
 
-def _optimize(
-    dag: DagSpec,
-    options: PlanningOptions,
-    memory: dict[str, int],
-    worker_of: dict[str, str | None],
-    predictor: Predictor,
-    timing: Timing,
-    notes: list[str],
-) -> tuple[dict[str, list[Optimization]], Timing]:
-    """Apply the switched-on optimization rules (docs/architecture.md) and re-predict."""
-    names = list(options.optimizations)
-    if not names:
-        return {}, timing
-    if "taskdup" in names and options.history.empty:
-        names.remove("taskdup")  # lateness is judged against predictions: defaults would guess
-        notes.append("taskdup: off until the workflow has history to predict lateness from")
-    given = RuleInput(dag, memory, worker_of, predictor, estimate(dag, predictor, memory), timing)
-    marks = mark(names, given)
-    if marks:
-        timing = given.timing = simulate_plan(dag, memory, worker_of, predictor, options, marks)
-    if "prewarm" in names:
-        trial = {t: list(entries) for t, entries in marks.items()}
-        requested = mark_prewarm(given, trial)
-        if not requested:
-            notes.append("prewarm: no cold start is predicted after the run begins")
-        else:
-            trial_timing = simulate_plan(dag, memory, worker_of, predictor, options, trial)
-            used = sum(1 for a in trial_timing.activities if a.prewarmed)
-            if not used:
-                notes.append("prewarm: no pre-warmed worker would be ready in time; none asked")
-            elif trial_timing.makespan_s > timing.makespan_s * (1 + MAKESPAN_TOLERANCE):
-                notes.append("prewarm: requests would lengthen the predicted makespan; none made")
-            else:
-                marks, timing = trial, trial_timing
-                notes.append(
-                    f"prewarm: {requested} worker(s) requested ahead of demand, {used} predicted "
-                    "to be used"
-                )
-    counts = {name: 0 for name in names}
-    for entries in marks.values():
-        for entry in entries:
-            counts[entry.name] += 1
-    notes.append(
-        "optimizations: "
-        + ", ".join(f"{name} on {count} task(s)" for name, count in counts.items())
-    )
-    return marks, timing
-
-
 def build_plan(
     dag: DagSpec,
-    planner: str,
     options: PlanningOptions,
-    memory: dict[str, int],
-    worker_of: dict[str, str | None],
+    choice: Choice,
     predictor: Predictor,
+    *,
+    marks: dict[str, list[Optimization]],
     timing: Timing,
+    optimizations: list[str],
     notes: list[str],
+    alternatives: list[Alternative],
 ) -> Plan:
-    """The Plan of a planner's choice, its optimizations applied and its predictions noted;
-    ``timing`` is the schedule of the choice without optimizations."""
-    planner = options.label or planner
-    marks, timing = _optimize(dag, options, memory, worker_of, predictor, timing, notes)
+    """The Plan of a planner's choice with its optimization ``marks`` (switched on:
+    ``optimizations``) and their predicted schedule ``timing``; the candidates evaluated on
+    the way are ``alternatives``."""
+    planner = options.label or choice.planner
+    memory, worker_of = choice.memory, choice.worker_of
+    notes = list(notes)
     critical = set(timing.critical_path)
     calibration = _calibration(planner, options, predictor)
     if calibration:
@@ -139,8 +110,11 @@ def build_plan(
         predicted_gb_s=round(timing.gb_s, 6),
         history_runs=options.history.runs,
         history_samples=predictor.sample_count,
-        optimizations=list(options.optimizations),
+        optimizations=optimizations,
         notes=notes,
+        objective=options.objective,
+        max_gb_s=options.max_gb_s,
+        alternatives=alternatives,
     )
 
 
@@ -161,6 +135,7 @@ def _task_plan(
         predicted_download_s=round(predicted.download_s, 6),
         predicted_exec_s=round(predicted.end_s - predicted.exec_start_s, 6),
         predicted_upload_s=round(predicted.upload_s, 6),
+        predicted_output_bytes=predicted.output_bytes,
         critical_path=critical,
         optimizations=marks.get(task_id, []),
     )
@@ -169,9 +144,18 @@ def _task_plan(
 def _calibration(planner: str, options: PlanningOptions, predictor: Predictor) -> float:
     """What the timing model cannot see (per-run scheduling costs, jitter) shows up as the
     difference between earlier actual and modelled makespans of this planner: add its SLA
-    statistic (mean for avg, the percentile for pNN). Residuals are measured against the
-    model's own prediction, so calibration never feeds back on itself."""
-    residuals = [r for name, r in options.history.residuals if name == planner]
-    if len(residuals) < CALIBRATION_RUNS:
-        return 0.0
-    return statistic(residuals, predictor.percentile)
+    statistic. Residuals are measured against the model's own prediction, so calibration
+    never feeds back on itself.
+
+    Runs planned at the same SLA come first: their residuals are what that very model still
+    missed. A pNN model already holds the spread of task times, so the pNN of residuals of
+    runs planned at another SLA counts some spread twice; it is used only until
+    ``CALIBRATION_RUNS`` runs at this SLA exist (erring on the safe side for a percentile).
+    """
+    mine = [r for r in options.history.residuals if r.planner == planner]
+    same = [r.seconds for r in mine if r.sla == options.sla]
+    if len(same) >= CALIBRATION_RUNS:
+        return statistic(same, predictor.percentile)
+    if len(mine) >= CALIBRATION_RUNS:
+        return statistic([r.seconds for r in mine], predictor.percentile)
+    return 0.0

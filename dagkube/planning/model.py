@@ -199,6 +199,7 @@ class TaskPlan(BaseModel):
     predicted_download_s: float | None = None  # fetching its inputs (not the pre-loaded ones)
     predicted_exec_s: float | None = None
     predicted_upload_s: float | None = None  # 0 when the output stays on its worker
+    predicted_output_bytes: int | None = None  # what its output edges carry
     critical_path: bool = False
 
 
@@ -213,6 +214,18 @@ class WorkerPlan(BaseModel):
     predicted_end_s: float
     tasks: int
     predicted_startup_s: float | None = None  # invocation queued -> the worker takes it
+
+
+class Alternative(BaseModel):
+    """A candidate plan the planner evaluated with the timing model before choosing: its label
+    (planner, then the optimizations applied, e.g. ``uniform+prewarm``), its predictions, and
+    why it was not chosen."""
+
+    label: str
+    model_makespan_s: float  # the timing model's, before calibration
+    predicted_gb_s: float
+    chosen: bool = False
+    rejected: str | None = None  # why not, when not chosen
 
 
 class Plan(BaseModel):
@@ -232,6 +245,9 @@ class Plan(BaseModel):
     history_samples: int = 0
     optimizations: list[str] = Field(default_factory=list)  # switched on for this plan
     notes: list[str] = Field(default_factory=list)
+    objective: str = "makespan"  # what the choices between candidates were made for
+    max_gb_s: float | None = None  # the GB-s budget asked for, if any
+    alternatives: list[Alternative] = Field(default_factory=list)  # the candidates evaluated
 
     def worker_tasks(self) -> dict[str, list[str]]:
         """Task ids per logical worker id, in plan order (flexible tasks are left out)."""

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dagkube.planning.history import HistorySnapshot
+from dagkube.planning.objective import Goal, check_max_gb_s, check_objective
 from dagkube.planning.optimizations import check_optimizations
 from dagkube.planning.predictions import Predictor
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, parse_classes
@@ -31,6 +32,8 @@ class PlanningOptions:
     cpu_enforced: bool = True  # False for local workers, which share the machine's cores
     optimizations: list[str] = field(default_factory=list)  # in OPTIMIZATIONS order
     label: str | None = None  # the planner's name as asked for, e.g. "uniform-opt"
+    objective: str = "makespan"  # what choices between plans optimize (planning.objective)
+    max_gb_s: float | None = None  # a GB-s budget the chosen plan should fit
 
     @classmethod
     def for_run(
@@ -48,6 +51,8 @@ class PlanningOptions:
         optimizations: Iterable[str] | str | None = None,
         warm_pool: dict[int, int] | None = None,
         cluster_size: int = DEFAULT_CLUSTER_SIZE,
+        objective: str = "makespan",
+        max_gb_s: float | None = None,
     ) -> PlanningOptions:
         """The options of one planning call, as every caller (library, runtime, command line,
         operator) builds them: ``classes`` parsed (None: the default classes),
@@ -66,7 +71,13 @@ class PlanningOptions:
             cluster_size=cluster_size,
             cpu_enforced=cpu_enforced,
             optimizations=check_optimizations(optimizations),
+            objective=check_objective(objective),
+            max_gb_s=check_max_gb_s(max_gb_s),
         )
+
+    def goal(self) -> Goal:
+        """The objective and budget choices between candidate plans are made by."""
+        return Goal(self.objective, self.max_gb_s)
 
     def predictor(self) -> Predictor:
         return Predictor(

@@ -1,8 +1,8 @@
-"""The planners: ``wukong``, ``uniform`` and ``non-uniform`` (DESIGN "Planners").
+"""The planners' choices: ``wukong``, ``uniform`` and ``non-uniform`` (DESIGN "Planners").
 
-Each chooses a memory class and a worker per task; :mod:`~dagkube.planning.assembly` turns the
-choice into a :class:`Plan` carrying the timing model's predictions (start/end per task,
-critical path, makespan, GB-seconds) and how much history backed them.
+Each chooses a memory class and a worker per task (a :class:`Choice`, with its predicted
+schedule); :mod:`~dagkube.planning.choice` then applies the optimizations that the timing
+model predicts to help, and :mod:`~dagkube.planning.assembly` turns the result into a Plan.
 """
 
 from __future__ import annotations
@@ -13,12 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dagkube.dag import DagSpec
-from dagkube.planning.assembly import (
-    MAKESPAN_TOLERANCE,
-    build_plan,
-    simulate_plan,
-)
-from dagkube.planning.model import Plan
+from dagkube.planning.assembly import Choice, simulate_plan
+from dagkube.planning.objective import MAKESPAN_TOLERANCE, Prediction
 from dagkube.planning.options import PlanningOptions
 from dagkube.planning.predictions import Predictor, estimate
 from dagkube.planning.timing import Timing
@@ -83,9 +79,8 @@ def _floors_at(dag: DagSpec, predictor: Predictor, memory_mib: int) -> dict[str,
 
 
 # ---------------------------------------------------------------------- wukong
-def plan_wukong(dag: DagSpec, options: PlanningOptions) -> Plan:
+def choose_wukong(dag: DagSpec, options: PlanningOptions, predictor: Predictor) -> Choice:
     """One class (the middle one), every task on a flexible worker."""
-    predictor = options.predictor()
     middle = default_class(options.classes_mib)
     floors = _floors_at(dag, predictor, middle)
     memory, fit_notes = _fit_floors(dag, options.classes_mib, middle, floors)
@@ -93,7 +88,7 @@ def plan_wukong(dag: DagSpec, options: PlanningOptions) -> Plan:
     per_task = dict.fromkeys(dag.tasks, memory)
     flexible: dict[str, str | None] = dict.fromkeys(dag.tasks)
     timing = simulate_plan(dag, per_task, flexible, predictor, options)
-    return build_plan(dag, "wukong", options, per_task, flexible, predictor, timing, notes)
+    return Choice("wukong", per_task, flexible, timing, notes)
 
 
 # ---------------------------------------------------------------------- uniform
@@ -168,64 +163,72 @@ def assign_workers(
     return worker_of
 
 
-def _uniform_assignment(
-    dag: DagSpec, options: PlanningOptions, predictor: Predictor, memory_mib: int
-):
-    memory = dict.fromkeys(dag.tasks, memory_mib)
-    sizes = estimate(dag, predictor, memory)
-    worker_of = assign_workers(
-        dag,
-        sizes.exec_s,
-        sizes.out_bytes,
-        options.cluster_size,
-        predictor.transfer_s,
-        preload="preload" in options.optimizations,
-    )
-    return memory, worker_of, sizes.input_bytes
-
-
-def plan_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
-    """One class (the largest given), logical workers assigned from predictions."""
-    predictor = options.predictor()
+def choose_uniform(
+    dag: DagSpec,
+    options: PlanningOptions,
+    predictor: Predictor,
+    *,
+    preload: bool = False,
+    differs_from: Choice | None = None,
+) -> Choice | None:
+    """One class (the largest given), logical workers assigned from predictions; with
+    ``preload``, fan-ins placed for pre-loading (see :func:`assign_workers`). None when the
+    workers are those of ``differs_from``, another uniform choice (nothing to predict again;
+    its sizes, predicted at the same class, are reused)."""
     memory_mib = max(options.classes_mib)  # no floor can raise the largest class
-    memory, worker_of, input_bytes = _uniform_assignment(dag, options, predictor, memory_mib)
-    floors = memory_floors(dag, predictor, input_bytes)
+    memory = dict.fromkeys(dag.tasks, memory_mib)
+    known = differs_from.sizes if differs_from is not None else None
+    sizes = known or estimate(dag, predictor, memory)
+    worker_of = assign_workers(
+        dag, sizes.exec_s, sizes.out_bytes, options.cluster_size, predictor.transfer_s, preload
+    )
+    if differs_from is not None and worker_of == differs_from.worker_of:
+        return None
+    floors = memory_floors(dag, predictor, sizes.input_bytes)
     _, fit_notes = _fit_floors(dag, options.classes_mib, memory_mib, floors)
     timing = simulate_plan(dag, memory, worker_of, predictor, options)
     workers = len(set(worker_of.values()))
     notes = [f"uniform: {workers} logical workers of class {memory_mib} MiB", *fit_notes]
-    return build_plan(dag, "uniform", options, memory, worker_of, predictor, timing, notes)
+    return Choice("uniform", memory, worker_of, timing, notes, sizes=sizes, floors=floors)
 
 
 # ---------------------------------------------------------------------- non-uniform
-def plan_non_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
-    """Start every worker on the largest class, then downgrade workers off the critical path
-    one class at a time while the predicted makespan does not grow, and never below a task's
-    memory floor (its ``min_memory`` hint, its predicted peak plus headroom).
+def choose_non_uniform(
+    dag: DagSpec,
+    options: PlanningOptions,
+    predictor: Predictor,
+    uniform: Choice,
+    max_simulations: int | None = None,
+) -> Choice:
+    """Start from the ``uniform`` choice (every worker on the largest class), then downgrade
+    workers off the critical path one class at a time while the predicted makespan does not
+    grow, and never below a task's memory floor (its ``min_memory`` hint, its predicted peak
+    plus headroom). At most ``max_simulations`` trial schedules (None: no limit).
 
     Candidates are chosen from the slack of their tasks (latest minus earliest finish in the
     predicted schedule), largest GB-seconds first, so one full simulation checks a whole
-    round of downgrades; a round that grows the makespan is halved until it does not.
+    round of downgrades; a round that grows the makespan is halved until it does not. The
+    downgrades are kept only if the objective asked for prefers the result to ``uniform``.
     """
     classes = sorted(options.classes_mib)
-    predictor = options.predictor()
-    memory, worker_of, input_bytes = _uniform_assignment(dag, options, predictor, classes[-1])
+    assert uniform.sizes is not None and uniform.floors is not None
     tasks_of: dict[str, list[str]] = {}
-    for task_id, logical in worker_of.items():
+    for task_id, logical in uniform.worker_of.items():
         tasks_of.setdefault(str(logical), []).append(task_id)
     search = _Downgrades(
         dag=dag,
         options=options,
         predictor=predictor,
         classes=classes,
-        worker_of=worker_of,
+        worker_of=uniform.worker_of,
         tasks_of=tasks_of,
-        input_bytes=input_bytes,
-        floor=memory_floors(dag, predictor, input_bytes),
-        memory=memory,
-        timing=simulate_plan(dag, memory, worker_of, predictor, options),
+        input_bytes=uniform.sizes.input_bytes,
+        floor=uniform.floors,
+        memory=dict(uniform.memory),
+        timing=uniform.timing,
+        max_simulations=max_simulations,
     )
-    baseline = search.timing.makespan_s
+    baseline = uniform.timing.makespan_s
     search.run(limit=baseline * (1 + MAKESPAN_TOLERANCE))
     notes = [
         f"non-uniform: {len(tasks_of)} logical workers; {search.downgraded} downgrade(s) from "
@@ -234,8 +237,22 @@ def plan_non_uniform(dag: DagSpec, options: PlanningOptions) -> Plan:
         *_over_largest(search.floor, classes[-1]),
         *search.notes(),
     ]
-    return build_plan(
-        dag, "non-uniform", options, search.memory, worker_of, predictor, search.timing, notes
+    goal = options.goal()
+    after = Prediction(search.timing.makespan_s, search.timing.gb_s)
+    before = Prediction(uniform.timing.makespan_s, uniform.timing.gb_s)
+    if search.downgraded and not goal.better(after, before):
+        notes.append(
+            f"non-uniform: downgrades not kept: {goal.versus(after, before)} of uniform, "
+            f"no better for {goal.describe()}"
+        )
+        search.memory, search.timing = dict(uniform.memory), uniform.timing
+    return Choice(
+        "non-uniform",
+        search.memory,
+        uniform.worker_of,
+        search.timing,
+        notes,
+        simulations=search.simulations,
     )
 
 
@@ -254,13 +271,15 @@ class _Downgrades:
     floor: dict[str, int]
     memory: dict[str, int]
     timing: Timing
+    max_simulations: int | None = None
+    simulations: int = 0
     downgraded: int = 0
     considered: int = 0
     rejected: list[str] = field(default_factory=list)  # why the last round's were not kept
 
     def run(self, limit: float) -> None:
         """Rounds of downgrades until no candidate is left or a whole round is rejected."""
-        while True:
+        while self.max_simulations is None or self.simulations < self.max_simulations:
             candidates = self._candidates()
             if not candidates:
                 return
@@ -296,7 +315,10 @@ class _Downgrades:
 
     def _round(self, candidates: list[tuple[float, str, int]], limit: float) -> bool:
         """Try the round's downgrades, halving it until one is kept; False if none is."""
-        while candidates:
+        while candidates and (
+            self.max_simulations is None or self.simulations < self.max_simulations
+        ):
+            self.simulations += 1
             trial = dict(self.memory)
             for _, logical, target in candidates:
                 for task_id in self.tasks_of[logical]:
@@ -326,6 +348,11 @@ class _Downgrades:
     def notes(self) -> list[str]:
         """Why nothing was downgraded, and how many tasks their predicted peak held up."""
         notes = []
+        if self.max_simulations is not None and self.simulations >= self.max_simulations:
+            notes.append(
+                f"non-uniform: downgrade search stopped after {self.simulations} trial "
+                "schedule(s) to stay within the planning budget"
+            )
         if not self.downgraded:
             notes.append(
                 "non-uniform: no smaller class pays off here: "

@@ -358,14 +358,17 @@ class LocalRuntime:
     def plan(
         self,
         dag: DagSpec,
-        planner: str = "wukong",
+        planner: str = "auto",
         sla: str = "avg",
         classes: Any = None,
         *,
         cluster_size: int = DEFAULT_CLUSTER_SIZE,
         optimizations: Any = None,
+        objective: str = "makespan",
+        max_gb_s: float | None = None,
     ) -> Plan:
-        """Plan with this runtime's history, its warm workers, worker cap and timeouts."""
+        """Plan with this runtime's history, its warm workers, worker cap and timeouts;
+        ``objective`` and ``max_gb_s`` decide between the candidate plans."""
         self.start()
         options = PlanningOptions.for_run(
             classes,
@@ -382,6 +385,8 @@ class LocalRuntime:
             cluster_size=cluster_size,
             cpu_enforced=self.enforced,  # with cgroups, a class's CPU share is all it gets
             optimizations=optimizations,
+            objective=objective,
+            max_gb_s=max_gb_s,
         )
         return planning.plan(dag, planner, options)
 

@@ -245,6 +245,8 @@ async def _plan(operator: Operator, dag: DagSpec, spec: WorkflowSpec, namespace:
         # is the default, since the local runtime and `dagkube plan` decide it per machine.
         cpu_enforced=True,
         optimizations=spec.optimizations,
+        objective=spec.objective,
+        max_gb_s=spec.max_gb_s,
     )
     try:  # a large DAG plans for seconds: off the event loop, which serves every Workflow
         return await asyncio.to_thread(planning.plan, dag, spec.planner, options)

@@ -17,7 +17,13 @@ from typing import Any
 
 from dagkube.errors import DagkubeError
 from dagkube.kubernetes.workflow_cr import Source, WorkflowSpec
-from dagkube.planning import PLANNERS, check_optimizations
+from dagkube.planning import (
+    DEFAULT_PLANNER,
+    PLANNERS,
+    check_max_gb_s,
+    check_objective,
+    check_optimizations,
+)
 from dagkube.planning.sla import parse_sla
 from dagkube.resources import DEFAULT_MAX_CPU, parse_memory
 from dagkube.store.keys import stored_dag
@@ -214,7 +220,7 @@ def parse_spec(
     spec = _mapping(spec, "spec")
     source = parse_source(spec.get("source"))
     check_source(source, allowed_sources, allowed_modules)
-    planner, sla, optimizations = _parse_planner(spec.get("planner"))
+    planning = _parse_planner(spec.get("planner"))
     resources = _mapping(spec.get("resources"), "spec.resources")
     classes = _parse_classes(resources.get("classes", list(DEFAULT_CLASSES)), allowed_classes)
     try:
@@ -233,9 +239,7 @@ def parse_spec(
     check_max_workers(max_workers, max_workers_limit)
     return WorkflowSpec(
         source=source,
-        planner=planner,
-        sla=sla,
-        optimizations=optimizations,
+        **planning,
         classes_mib=classes,
         memory_per_cpu_mib=memory_per_cpu,
         max_cpu=float(max_cpu),
@@ -252,10 +256,11 @@ def parse_spec(
     )
 
 
-def _parse_planner(value: Any) -> tuple[str, str, list[str]]:
-    """``spec.planner``: the planner's name, the SLA and the optimizations, checked."""
+def _parse_planner(value: Any) -> dict[str, Any]:
+    """``spec.planner``: the planner's name, the SLA, the optimizations, the objective and
+    the GB-s budget, checked; as the :class:`WorkflowSpec` fields they fill."""
     planner = _mapping(value, "spec.planner")
-    name = planner.get("name", "wukong")
+    name = planner.get("name", DEFAULT_PLANNER)
     if name not in PLANNERS:
         raise SpecError(
             f"spec.planner.name={name!r} is unknown: choose one of {', '.join(PLANNERS)} "
@@ -272,7 +277,24 @@ def _parse_planner(value: Any) -> tuple[str, str, list[str]]:
         optimizations = check_optimizations(optimizations)
     except DagkubeError as exc:
         raise SpecError(f"spec.planner.optimizations: {exc}") from exc
-    return name, sla, optimizations
+    try:
+        objective = check_objective(planner.get("objective", "makespan"))
+    except DagkubeError as exc:
+        raise SpecError(f"spec.planner.objective: {exc}") from exc
+    max_gb_s = planner.get("maxGbS")
+    if isinstance(max_gb_s, bool) or not isinstance(max_gb_s, int | float | None):
+        raise SpecError(f"spec.planner.maxGbS={max_gb_s!r} must be a positive number of GB-s")
+    try:
+        max_gb_s = check_max_gb_s(max_gb_s)
+    except DagkubeError as exc:
+        raise SpecError(f"spec.planner.maxGbS: {exc}") from exc
+    return {
+        "planner": name,
+        "sla": sla,
+        "optimizations": optimizations,
+        "objective": objective,
+        "max_gb_s": max_gb_s,
+    }
 
 
 def _parse_classes(raw_classes: Any, allowed_classes: list[int] | None) -> list[int]:

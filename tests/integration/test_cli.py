@@ -311,6 +311,53 @@ def test_plan_prints_workers_and_totals_without_running(redis_server):
     assert bad.returncode == 2 and "SLA 'p100' is not valid" in bad.stderr
 
 
+def test_plan_with_an_objective_shows_the_candidates_it_chose_from(redis_server):
+    import yaml
+
+    from tests.k8s.test_chart import crd_validator, errors_of
+
+    env = {"DAGKUBE_REDIS_URL": redis_server.url}
+    example = str(ROOT / "examples" / "large_fanin.py")
+    table = run_cli("plan", example, "--objective", "cost", env=env)
+    assert table.returncode == 0, table.stderr
+    assert "Plan of 'large-fanin': auto, SLA avg" in table.stdout
+    assert "Candidates (objective cost)" in table.stdout
+    rows = [line for line in table.stdout.splitlines() if line.startswith("│")]
+    assert any(row.split("│")[1].strip() == "wukong" for row in rows)
+    assert any(row.split("│")[1].strip() == "uniform" for row in rows)
+    assert sum("chosen" in row.split("│")[-2] for row in rows if "GB-s" not in row) >= 1
+    plan = json.loads(run_cli("plan", example, "--objective", "cost", "--json", env=env).stdout)
+    assert plan["objective"] == "cost" and plan["max_gb_s"] is None
+    [chosen] = [a for a in plan["alternatives"] if a["chosen"]]
+    assert chosen["predicted_gb_s"] <= 1.005 * min(
+        a["predicted_gb_s"] for a in plan["alternatives"]
+    )
+    assert plan["predicted_gb_s"] == pytest.approx(chosen["predicted_gb_s"], abs=1e-6)
+    assert all(a["rejected"] for a in plan["alternatives"] if not a["chosen"])
+    tight = json.loads(run_cli("plan", example, "--max-gb-s", "0.001", "--json", env=env).stdout)
+    assert tight["max_gb_s"] == 0.001
+    assert any(n.startswith("no candidate fits the GB-s budget 0.001") for n in tight["notes"])
+    bad = run_cli("plan", example, "--objective", "fastest", env=env)
+    assert bad.returncode == 2
+    assert "Objective 'fastest' is unknown: choose one of makespan, cost, balanced" in bad.stderr
+    negative = run_cli("plan", example, "--max-gb-s", "-3", env=env)
+    assert negative.returncode == 2 and "GB-s budget -3.0 is not valid" in negative.stderr
+    ran = run_cli("run", example, "--objective", "cost", "--max-gb-s", "100", "--json", env=env)
+    assert ran.returncode == 0, ran.stderr
+    summary = json.loads(ran.stdout)
+    assert summary["status"] == "succeeded" and summary["planner"] == "auto"
+    written = run_cli("manifest", example, "--objective", "balanced", "--max-gb-s", "20")
+    assert written.returncode == 0, written.stderr
+    body = yaml.safe_load(written.stdout)
+    assert errors_of(crd_validator(), body) == []  # the CRD's own schema accepts them
+    assert body["spec"]["planner"] == {
+        "name": "auto",
+        "sla": "avg",
+        "objective": "balanced",
+        "maxGbS": 20.0,
+    }
+
+
 def test_experiment_compares_planners(redis_server):
     env = {"DAGKUBE_REDIS_URL": redis_server.url}
     example = str(ROOT / "examples" / "tree_reduction.py")

@@ -99,7 +99,8 @@ def test_ten_runs_of_two_workflows_leave_complete_records(make_runtime, redis_se
         assert history is not None, f"run {run_id} left no history"
         run = history.run
         kind = expectations[run_id]
-        assert history.plan_json and '"planner":"wukong"' in history.plan_json
+        assert history.plan_json and '"planner":"auto"' in history.plan_json  # the default
+        planned = json.loads(history.plan_json)["tasks"]
         assert run.makespan_s is not None and run.makespan_s > 0
         assert run.gb_s > 0 and run.cpu_s_allocated > 0
         assert run.finished_at is not None and run.finished_at >= run.submitted_at
@@ -117,7 +118,7 @@ def test_ten_runs_of_two_workflows_leave_complete_records(make_runtime, redis_se
         for task in history.tasks:
             assert task.worker_id in worker_ids, f"{run_id}: no record of {task.worker_id}"
             assert task.ready_at <= task.inputs_ready_at <= task.started_at <= task.ended_at
-            assert task.memory_mib == 1024
+            assert task.memory_mib == planned[task.task_id]["memory_mib"]
             if task.output_stored and task.error is None:
                 assert task.output_bytes > 0
         finished = [w for w in history.workers if w.outcome == "finished"]

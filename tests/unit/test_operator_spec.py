@@ -28,7 +28,8 @@ def test_example_manifests_parse_with_defaults():
     spec = parse_spec(inline["spec"])
     assert spec.source.kind == "inline" and "dagkube" in (spec.source.inline or "")
     bare = parse_spec({"source": {"ref": {"dag": "0123456789abcdef"}}})
-    assert (bare.planner, bare.sla, bare.optimizations) == ("wukong", "avg", [])
+    assert (bare.planner, bare.sla, bare.optimizations) == ("auto", "avg", [])
+    assert (bare.objective, bare.max_gb_s) == ("makespan", None)
     assert bare.classes_mib == [512, 1024, 2048] and bare.memory_per_cpu_mib == 1792
     assert bare.max_workers is None and bare.timeout_s is None
 
@@ -53,6 +54,22 @@ def test_example_manifests_parse_with_defaults():
             "'p100' is not valid",
         ),
         ({"source": {"inline": "x"}, "planner": {"name": "fast"}}, "InvalidSpec", "'fast'"),
+        (
+            {"source": {"inline": "x"}, "planner": {"objective": "cheapest"}},
+            "InvalidSpec",
+            "spec.planner.objective: Objective 'cheapest' is unknown: choose one of makespan, "
+            "cost, balanced",
+        ),
+        (
+            {"source": {"inline": "x"}, "planner": {"maxGbS": -2}},
+            "InvalidSpec",
+            "spec.planner.maxGbS: GB-s budget -2 is not valid: use a positive number",
+        ),
+        (
+            {"source": {"inline": "x"}, "planner": {"maxGbS": "10"}},
+            "InvalidSpec",
+            "spec.planner.maxGbS='10' must be a positive number of GB-s",
+        ),
         (
             {"source": {"inline": "x"}, "planner": {"optimizations": ["warp"]}},
             "InvalidSpec",
@@ -126,6 +143,23 @@ def test_the_parser_limits_are_the_crd_limits():
     assert resources["maxWorkers"]["maximum"] == operator_spec.MAX_WORKERS
     assert schema["timeoutSeconds"]["maximum"] == operator_spec.MAX_TIMEOUT_S
     assert schema["ttlSecondsAfterFinished"]["maximum"] == operator_spec.MAX_TTL_AFTER_FINISHED_S
+
+
+def test_the_crd_lists_the_planners_and_objectives_the_parser_accepts():
+    from dagkube.planning import DEFAULT_PLANNER, OBJECTIVES, PLANNERS
+
+    [version] = yaml.safe_load((ROOT / "crds/workflow.yaml").read_text())["spec"]["versions"]
+    schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    planner = schema["planner"]["properties"]
+    assert set(planner["name"]["enum"]) == set(PLANNERS)
+    assert planner["name"]["default"] == DEFAULT_PLANNER == "auto"
+    assert planner["objective"]["enum"] == list(OBJECTIVES)
+    assert planner["objective"]["default"] == "makespan"
+    assert planner["maxGbS"]["type"] == "number"
+    parsed = parse_spec(
+        {"source": {"inline": "x"}, "planner": {"objective": "Cost", "maxGbS": 12.5}}
+    )
+    assert (parsed.planner, parsed.objective, parsed.max_gb_s) == ("auto", "cost", 12.5)
 
 
 def test_allowed_classes_list():

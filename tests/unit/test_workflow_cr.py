@@ -37,7 +37,7 @@ def test_the_manifest_names_the_custom_resource():
     # Only what differs from the CRD's defaults is written, besides the planner.
     assert body["spec"] == {
         "source": {"ref": {"dag": "ab" * 16}},
-        "planner": {"name": "wukong", "sla": "avg"},
+        "planner": {"name": "auto", "sla": "avg"},
     }
     unnamed = workflow_cr.workflow_manifest(spec, generate_name="etl-", namespace="jobs")
     assert unnamed["metadata"] == {"generateName": "etl-", "namespace": "jobs"}
@@ -60,6 +60,8 @@ def test_what_the_sdk_writes_the_operator_reads_back_unchanged(source):
             "planner": "Non-Uniform-Opt",
             "sla": "p95",
             "optimizations": ["taskdup"],
+            "objective": "Balanced",
+            "max_gb_s": 40,
             "classes_mib": [2048, 256],
             "max_workers": 7,
             "image": "registry.example.org/team/app:1",
@@ -73,6 +75,9 @@ def test_what_the_sdk_writes_the_operator_reads_back_unchanged(source):
         read = parse_spec(json.loads(json.dumps(body["spec"])))
         assert dataclasses.asdict(read) == dataclasses.asdict(written)
     assert written.planner == "non-uniform" and "taskdup" in written.optimizations
+    assert (written.objective, written.max_gb_s) == ("balanced", 40.0)
+    assert body["spec"]["planner"]["objective"] == "balanced"
+    assert body["spec"]["planner"]["maxGbS"] == 40.0
     assert set(written.optimizations) > {"taskdup"}  # the -opt variant's own
 
 
@@ -90,6 +95,10 @@ def test_bad_options_are_refused_before_anything_is_stored():
         WorkflowSpec.from_options(SOURCES[0], planner="fastest")
     with pytest.raises(InvalidOption, match="Optimization 'turbo' is unknown"):
         WorkflowSpec.from_options(SOURCES[0], optimizations=["turbo"])
+    with pytest.raises(InvalidOption, match="Objective 'speed' is unknown: choose one of"):
+        WorkflowSpec.from_options(SOURCES[0], objective="speed")
+    with pytest.raises(InvalidOption, match="GB-s budget 0 is not valid"):
+        WorkflowSpec.from_options(SOURCES[0], max_gb_s=0)
 
 
 def test_phases_are_the_strings_the_api_holds():
