@@ -17,7 +17,7 @@ UV_SYNC    := $(UV) sync --locked --quiet --compile-bytecode --python $(PYTHON)
 
 .PHONY: run test lint typecheck unit integration k8s k8s-tools images e2e-kind bench \
 	bench-optimizations bench-planners clean system-deps lock lock-check cluster-binaries cluster-up \
-	cluster-down cluster-status cluster-test bench-cluster bench-kube e2e-local
+	cluster-down cluster-status cluster-test bench-cluster bench-kube e2e-local bench-shapes
 
 $(UV):
 	@$(PYTHON) -m venv .tools/uv
@@ -155,6 +155,11 @@ bench-optimizations: $(BIN)/.test-deps
 ## class / peak memory, with worker limits enforced (fails when a number misses issue 15's bar).
 bench-planners: $(BIN)/.test-deps
 	$(BIN)/python benchmarks/planners.py --markdown docs/benchmarks.md
+
+## bench-shapes: dagkube's planners and Dask on WfCommons workflow shapes (benchmarks/shapes/),
+## as ratios to the lower bound.
+bench-shapes: $(BIN)/.test-deps
+	$(BIN)/python benchmarks/shapes.py --markdown docs/benchmarks.md
 
 ## bench-cluster: the local control plane's build, start and Pod start-up times.
 bench-cluster: $(BIN)/.test-deps system-deps cluster-binaries
