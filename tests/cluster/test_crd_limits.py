@@ -71,7 +71,13 @@ def valid_specs() -> list[dict[str, Any]]:
             "source": {
                 "module": {"name": "examples.tree_reduction:build", "args": {"width": 8, "x": [1]}}
             },
-            "planner": {"name": "uniform", "sla": "p99.9", "optimizations": ["preload", "prewarm"]},
+            "planner": {
+                "name": "uniform",
+                "sla": "p99.9",
+                "optimizations": ["preload", "prewarm"],
+                "objective": "balanced",
+                "maxGbS": 50,
+            },
             "resources": {
                 "classes": ["256Mi", "4Gi"],
                 "memoryPerCpu": "1Gi",
