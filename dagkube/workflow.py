@@ -119,11 +119,11 @@ class Workflow:
         owned = runtime is None
         rt = LocalRuntime() if owned else runtime
         try:
-            chosen = rt.plan(
-                self.dag,
+            chosen = self.plan(
                 planner,
                 sla,
                 classes,
+                runtime=rt,
                 optimizations=optimizations,
                 objective=objective,
                 max_gb_s=max_gb_s,
