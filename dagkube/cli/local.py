@@ -217,7 +217,7 @@ def plan(
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option(
     "--planners",
-    default="wukong,uniform,non-uniform",
+    default="wukong,uniform,non-uniform,auto",
     show_default=True,
     help=f"Planners to compare, comma-separated: {', '.join(PLANNER_NAMES)}.",
 )

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
-from dagkube.planning.choice import AUTO, SIMPLICITY, plan_auto, plan_named
+from dagkube.planning.choice import plan_auto, plan_named
 from dagkube.planning.history import HistorySnapshot
 from dagkube.planning.model import (
+    AUTO,
     OPT_VARIANTS,
     OPTIMIZATIONS,
+    SIMPLICITY,
     Alternative,
     Clustering,
     ClusteringParams,

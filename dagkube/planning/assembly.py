@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dagkube.dag import DagSpec
+from dagkube.planning.estimates import SharedEstimates
+from dagkube.planning.history import calibration_key
 from dagkube.planning.model import Alternative, Optimization, Plan, TaskPlan, WorkerPlan
 from dagkube.planning.options import PlanningOptions
 from dagkube.planning.predictions import Estimates, Predictor, statistic
@@ -32,23 +34,23 @@ class Choice:
 
 
 def simulate_plan(
-    dag: DagSpec,
+    shared: SharedEstimates,
     memory: dict[str, int],
     worker_of: dict[str, str | None],
-    predictor: Predictor,
     options: PlanningOptions,
     marks: dict[str, list[Optimization]] | None = None,
 ) -> Timing:
     """The timing model's schedule of a class and worker per task under these options."""
     return simulate(
-        dag,
+        shared.dag,
         memory,
         worker_of,
-        predictor,
+        shared.predictor,
         max_workers=options.max_workers,
         idle_timeout_s=options.idle_timeout_s,
         warm_pool=options.warm_pool,
         optimizations=marks,
+        sizes=shared.at(memory),
     )
 
 
@@ -71,7 +73,7 @@ def build_plan(
     memory, worker_of = choice.memory, choice.worker_of
     notes = list(notes)
     critical = set(timing.critical_path)
-    calibration = _calibration(planner, options, predictor)
+    calibration = _calibration(calibration_key(planner, choice.planner), options, predictor)
     if calibration:
         notes.append(
             f"makespan calibrated by {calibration:+.3f}s from this planner's earlier runs "
@@ -143,7 +145,8 @@ def _task_plan(
 
 def _calibration(planner: str, options: PlanningOptions, predictor: Predictor) -> float:
     """What the timing model cannot see (per-run scheduling costs, jitter) shows up as the
-    difference between earlier actual and modelled makespans of this planner: add its SLA
+    difference between earlier actual and modelled makespans of this planner (its
+    :func:`calibration_key`: auto's runs count for the planner they chose): add its SLA
     statistic. Residuals are measured against the model's own prediction, so calibration
     never feeds back on itself.
 

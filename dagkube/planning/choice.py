@@ -17,21 +17,21 @@ from typing import Final
 
 from dagkube.dag import DagSpec
 from dagkube.planning.assembly import Choice, build_plan, simulate_plan
-from dagkube.planning.model import OPTIMIZATIONS, Alternative, Plan
+from dagkube.planning.estimates import SharedEstimates
+from dagkube.planning.model import OPTIMIZATIONS, SIMPLICITY, Alternative, Plan
 from dagkube.planning.objective import Goal, Prediction
 from dagkube.planning.optimizations import Marks, RuleInput, mark, mark_prewarm
 from dagkube.planning.options import PlanningOptions
 from dagkube.planning.planners import choose_non_uniform, choose_uniform, choose_wukong
-from dagkube.planning.predictions import Predictor, estimate
+from dagkube.planning.predictions import Predictor
 from dagkube.planning.timing import Timing
 
-AUTO: Final = "auto"
-SIMPLICITY: Final = ("wukong", "uniform", "non-uniform")  # the simpler planner first
 # taskdup is not modelled (a duplicate runs only when an upstream is later than predicted),
 # so no prediction can show it helps: auto tries the others unless taskdup is asked for.
 MODELLED: Final = tuple(name for name in OPTIMIZATIONS if name != "taskdup")
-# auto simulates about this many tasks in all (10,000 tasks: three schedules, within about
-# a second here), then stops trying candidates and says so; never fewer than AUTO_MIN.
+# auto simulates about this many tasks in all (10,000 tasks: three schedules; see the
+# planning-time table of docs/benchmarks.md), then stops trying candidates and says so;
+# never fewer than AUTO_MIN.
 AUTO_SIMULATED_TASKS: Final = 30_000
 AUTO_MIN_SIMULATIONS: Final = 2
 
@@ -60,9 +60,8 @@ class _Search:
     """One planning call: what it decides by, what it evaluated, and the simulations it may
     still make (None: no limit)."""
 
-    dag: DagSpec
+    shared: SharedEstimates
     options: PlanningOptions
-    predictor: Predictor
     goal: Goal
     budget: int | None = None
     starved: bool = False  # a candidate was not tried for want of budget
@@ -80,19 +79,25 @@ class _Search:
     def affordable(self) -> bool:
         return self.budget is None or self.budget > 0
 
+    @property
+    def dag(self) -> DagSpec:
+        return self.shared.dag
+
+    @property
+    def predictor(self) -> Predictor:
+        return self.shared.predictor
+
     def rules(self, choice: Choice, timing: Timing) -> RuleInput:
         """What the optimization rules read of ``choice``; its sizes predicted once."""
         if choice.sizes is None:
-            choice.sizes = estimate(self.dag, self.predictor, choice.memory)
+            choice.sizes = self.shared.at(choice.memory)
         return RuleInput(
             self.dag, choice.memory, choice.worker_of, self.predictor, choice.sizes, timing
         )
 
     def simulate(self, choice: Choice, marks: Marks) -> Timing:
         self.spend(1)
-        return simulate_plan(
-            self.dag, choice.memory, choice.worker_of, self.predictor, self.options, marks
-        )
+        return simulate_plan(self.shared, choice.memory, choice.worker_of, self.options, marks)
 
 
 Rechoose = Callable[[], Choice | None]  # the choice placed for preload, None if the same
@@ -188,19 +193,18 @@ def _taskdup(search: _Search, current: Candidate, notes: list[str]) -> Candidate
 def plan_named(dag: DagSpec, planner: str, options: PlanningOptions) -> Plan:
     """The named planner's choice with the optimizations switched on that are predicted to
     help; non-uniform's candidates include the uniform plan its downgrades start from."""
-    predictor = options.predictor()
-    search = _Search(dag, options, predictor, options.goal())
+    search = _Search(_shared(dag, options), options, options.goal())
     rechoose: Rechoose | None = None
     if planner == "wukong":
-        base = choose_wukong(dag, options, predictor)
+        base = choose_wukong(search.shared, options)
     else:
-        uniform = choose_uniform(dag, options, predictor)
+        uniform = choose_uniform(search.shared, options)
         assert uniform is not None
         if planner == "uniform":
             base = uniform
         else:
             search.add(Candidate(uniform, uniform.timing))
-            base = choose_non_uniform(dag, options, predictor, uniform)
+            base = choose_non_uniform(search.shared, options, uniform)
         rechoose = _placed_for_preload(search, planner, uniform)
     final, notes = _optimize(search, base, list(options.optimizations), rechoose)
     return _finish(search, final, [*final.choice.notes, *notes], list(options.optimizations))
@@ -209,19 +213,18 @@ def plan_named(dag: DagSpec, planner: str, options: PlanningOptions) -> Plan:
 def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
     """Every planner's plain plan, each with the optimizations (those asked for; else every
     one the timing model predicts) tried on it, then the best for the goal."""
-    predictor = options.predictor()
     tasks = max(1, len(dag.tasks))
     budget = max(AUTO_MIN_SIMULATIONS, AUTO_SIMULATED_TASKS // tasks)
-    search = _Search(dag, options, predictor, options.goal(), budget=budget)
+    search = _Search(_shared(dag, options), options, options.goal(), budget=budget)
     names = list(options.optimizations) or list(MODELLED)
     search_notes: list[str] = []
-    uniform = choose_uniform(dag, options, predictor)
+    uniform = choose_uniform(search.shared, options)
     assert uniform is not None
-    bases = [choose_wukong(dag, options, predictor), uniform]
+    bases = [choose_wukong(search.shared, options), uniform]
     search.spend(2)
     if search.affordable():
         non_uniform = choose_non_uniform(
-            dag, options, predictor, uniform, max_simulations=search.budget
+            search.shared, options, uniform, max_simulations=search.budget
         )
         search.spend(non_uniform.simulations)
         if non_uniform.memory != uniform.memory:
@@ -261,6 +264,12 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
     )
 
 
+def _shared(dag: DagSpec, options: PlanningOptions) -> SharedEstimates:
+    """The estimates every candidate of this planning call shares (sizes at the largest
+    class first: uniform, which every planner but wukong starts from, is planned there)."""
+    return SharedEstimates(dag, options.predictor(), max(options.classes_mib))
+
+
 def _simplicity(candidate: Candidate) -> tuple[int, int]:
     return SIMPLICITY.index(candidate.choice.planner), len(candidate.applied)
 
@@ -270,16 +279,16 @@ def _placed_for_preload(search: _Search, planner: str, uniform: Choice) -> Recho
     when preload is tried; None where the placement is the plain one's."""
 
     def placed(planner: str) -> Choice | None:
-        dag, options, predictor = search.dag, search.options, search.predictor
+        shared, options = search.shared, search.options
         if planner == "uniform":
-            found = choose_uniform(dag, options, predictor, preload=True, differs_from=uniform)
+            found = choose_uniform(shared, options, preload=True, differs_from=uniform)
             if found is not None:
                 search.spend(1)
             return found
         start = rechoose_for("uniform")
         if start is None:
             return None
-        found = choose_non_uniform(dag, options, predictor, start, max_simulations=search.budget)
+        found = choose_non_uniform(shared, options, start, max_simulations=search.budget)
         search.spend(found.simulations)
         return found
 

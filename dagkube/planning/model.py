@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dagkube.dag import DagSpec
 
+AUTO = "auto"  # the planner that picks among the others (planning.choice)
+SIMPLICITY = ("wukong", "uniform", "non-uniform")  # the simpler planner first
 OPTIMIZATIONS = ("clustering", "delayed-io", "preload", "taskdup", "prewarm")
 """Every optimization, in the order their planning rules are applied and their runtime hooks
 decide (docs/architecture.md, "Optimizations")."""
@@ -248,6 +250,14 @@ class Plan(BaseModel):
     objective: str = "makespan"  # what the choices between candidates were made for
     max_gb_s: float | None = None  # the GB-s budget asked for, if any
     alternatives: list[Alternative] = Field(default_factory=list)  # the candidates evaluated
+
+    def chosen_planner(self) -> str | None:
+        """The planner of the candidate chosen ("wukong" for ``wukong+prewarm``); None for a
+        plan without candidates (stored before they were)."""
+        for alternative in self.alternatives:
+            if alternative.chosen:
+                return alternative.label.split("+")[0] or None
+        return None
 
     def worker_tasks(self) -> dict[str, list[str]]:
         """Task ids per logical worker id, in plan order (flexible tasks are left out)."""

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from dagkube.dag import DagSpec
 from dagkube.planning.assembly import Choice, simulate_plan
+from dagkube.planning.estimates import SharedEstimates
 from dagkube.planning.objective import MAKESPAN_TOLERANCE, Prediction
 from dagkube.planning.options import PlanningOptions
-from dagkube.planning.predictions import Predictor, estimate
 from dagkube.planning.timing import Timing
 
 MIN_GB_S_SAVING = 0.01  # non-uniform: a downgrade must save at least this share of the GB-s
@@ -26,18 +26,6 @@ def default_class(classes_mib: list[int]) -> int:
     """The class a single-class planner uses: the middle one (the lower middle for even counts)."""
     ordered = sorted(classes_mib)
     return ordered[(len(ordered) - 1) // 2]
-
-
-def memory_floors(
-    dag: DagSpec, predictor: Predictor, input_bytes: dict[str, int]
-) -> dict[str, int]:
-    """Per task, the least memory its class must have: its ``min_memory`` hint, and its
-    predicted peak plus headroom (or more than a class it was OOM-killed at)."""
-    floors: dict[str, int] = {}
-    for task_id, spec in dag.tasks.items():
-        predicted = predictor.memory_floor_mib(spec.function, input_bytes[task_id], task_id)
-        floors[task_id] = max(spec.min_memory_mib or 0, predicted)
-    return floors
 
 
 def _fit_floors(
@@ -73,22 +61,17 @@ def _over_largest(floors: dict[str, int], largest: int) -> list[str]:
     ]
 
 
-def _floors_at(dag: DagSpec, predictor: Predictor, memory_mib: int) -> dict[str, int]:
-    sizes = estimate(dag, predictor, dict.fromkeys(dag.tasks, memory_mib))
-    return memory_floors(dag, predictor, sizes.input_bytes)
-
-
 # ---------------------------------------------------------------------- wukong
-def choose_wukong(dag: DagSpec, options: PlanningOptions, predictor: Predictor) -> Choice:
+def choose_wukong(shared: SharedEstimates, options: PlanningOptions) -> Choice:
     """One class (the middle one), every task on a flexible worker."""
+    dag = shared.dag
     middle = default_class(options.classes_mib)
-    floors = _floors_at(dag, predictor, middle)
-    memory, fit_notes = _fit_floors(dag, options.classes_mib, middle, floors)
+    memory, fit_notes = _fit_floors(dag, options.classes_mib, middle, shared.floors())
     notes = [f"wukong: every task on a flexible worker of class {memory} MiB", *fit_notes]
     per_task = dict.fromkeys(dag.tasks, memory)
     flexible: dict[str, str | None] = dict.fromkeys(dag.tasks)
-    timing = simulate_plan(dag, per_task, flexible, predictor, options)
-    return Choice("wukong", per_task, flexible, timing, notes)
+    timing = simulate_plan(shared, per_task, flexible, options)
+    return Choice("wukong", per_task, flexible, timing, notes, sizes=shared.at_class(memory))
 
 
 # ---------------------------------------------------------------------- uniform
@@ -164,29 +147,32 @@ def assign_workers(
 
 
 def choose_uniform(
-    dag: DagSpec,
+    shared: SharedEstimates,
     options: PlanningOptions,
-    predictor: Predictor,
     *,
     preload: bool = False,
     differs_from: Choice | None = None,
 ) -> Choice | None:
     """One class (the largest given), logical workers assigned from predictions; with
     ``preload``, fan-ins placed for pre-loading (see :func:`assign_workers`). None when the
-    workers are those of ``differs_from``, another uniform choice (nothing to predict again;
-    its sizes, predicted at the same class, are reused)."""
+    workers are those of ``differs_from``, another uniform choice (nothing to predict again)."""
+    dag = shared.dag
     memory_mib = max(options.classes_mib)  # no floor can raise the largest class
     memory = dict.fromkeys(dag.tasks, memory_mib)
-    known = differs_from.sizes if differs_from is not None else None
-    sizes = known or estimate(dag, predictor, memory)
+    sizes = shared.at_class(memory_mib)
     worker_of = assign_workers(
-        dag, sizes.exec_s, sizes.out_bytes, options.cluster_size, predictor.transfer_s, preload
+        dag,
+        sizes.exec_s,
+        sizes.out_bytes,
+        options.cluster_size,
+        shared.predictor.download_s,
+        preload,
     )
     if differs_from is not None and worker_of == differs_from.worker_of:
         return None
-    floors = memory_floors(dag, predictor, sizes.input_bytes)
+    floors = shared.floors()
     _, fit_notes = _fit_floors(dag, options.classes_mib, memory_mib, floors)
-    timing = simulate_plan(dag, memory, worker_of, predictor, options)
+    timing = simulate_plan(shared, memory, worker_of, options)
     workers = len(set(worker_of.values()))
     notes = [f"uniform: {workers} logical workers of class {memory_mib} MiB", *fit_notes]
     return Choice("uniform", memory, worker_of, timing, notes, sizes=sizes, floors=floors)
@@ -194,9 +180,8 @@ def choose_uniform(
 
 # ---------------------------------------------------------------------- non-uniform
 def choose_non_uniform(
-    dag: DagSpec,
+    shared: SharedEstimates,
     options: PlanningOptions,
-    predictor: Predictor,
     uniform: Choice,
     max_simulations: int | None = None,
 ) -> Choice:
@@ -216,13 +201,11 @@ def choose_non_uniform(
     for task_id, logical in uniform.worker_of.items():
         tasks_of.setdefault(str(logical), []).append(task_id)
     search = _Downgrades(
-        dag=dag,
+        shared=shared,
         options=options,
-        predictor=predictor,
         classes=classes,
         worker_of=uniform.worker_of,
         tasks_of=tasks_of,
-        input_bytes=uniform.sizes.input_bytes,
         floor=uniform.floors,
         memory=dict(uniform.memory),
         timing=uniform.timing,
@@ -261,13 +244,11 @@ class _Downgrades:
     """The non-uniform search: the classes chosen so far (``memory``), their predicted
     schedule, and what was tried."""
 
-    dag: DagSpec
+    shared: SharedEstimates
     options: PlanningOptions
-    predictor: Predictor
     classes: list[int]  # ascending
     worker_of: dict[str, str | None]
     tasks_of: dict[str, list[str]]  # logical worker -> its tasks
-    input_bytes: dict[str, int]
     floor: dict[str, int]
     memory: dict[str, int]
     timing: Timing
@@ -292,9 +273,9 @@ class _Downgrades:
         """(GB-seconds weight, logical worker, next smaller class) of every worker off the
         critical path whose tasks have the slack for the next smaller class above their
         floors."""
-        dag, timing, predictor = self.dag, self.timing, self.predictor
+        timing = self.timing
         critical = set(timing.critical_path)
-        slack = _slack(dag, timing)
+        slack = _slack(self.shared.dag, timing)
         candidates = []
         for logical, tasks in self.tasks_of.items():
             current = self.memory[tasks[0]]
@@ -303,11 +284,8 @@ class _Downgrades:
             if not smaller or critical.intersection(tasks):
                 continue
             target = smaller[-1]
-            added = sum(
-                predictor.exec_s(dag.tasks[t].function, self.input_bytes[t], target, t)
-                - predictor.exec_s(dag.tasks[t].function, self.input_bytes[t], current, t)
-                for t in tasks
-            )
+            after, before = self.shared.exec_at(target), self.shared.exec_at(current)
+            added = sum(after[t] - before[t] for t in tasks)
             if added <= min(slack[t] for t in tasks):
                 weight = sum(timing.tasks[t].complete_s - timing.tasks[t].start_s for t in tasks)
                 candidates.append((weight * current, logical, target))
@@ -323,9 +301,7 @@ class _Downgrades:
             for _, logical, target in candidates:
                 for task_id in self.tasks_of[logical]:
                     trial[task_id] = target
-            trial_timing = simulate_plan(
-                self.dag, trial, self.worker_of, self.predictor, self.options
-            )
+            trial_timing = simulate_plan(self.shared, trial, self.worker_of, self.options)
             # Kept only if it is no slower and cheaper: where limits are enforced, a smaller
             # class starts slower and runs CPU-bound work slower, which can cost GB-seconds.
             if trial_timing.makespan_s > limit:
@@ -363,7 +339,7 @@ class _Downgrades:
                 )
             )
         smallest = self.classes[0]
-        hinted = {t for t, spec in self.dag.tasks.items() if spec.min_memory_mib}
+        hinted = {t for t, spec in self.shared.dag.tasks.items() if spec.min_memory_mib}
         held = sum(1 for t, f in self.floor.items() if f > smallest and t not in hinted)
         if held:
             notes.append(f"predicted peak memory kept {held} task(s) above {smallest} MiB")

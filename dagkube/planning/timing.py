@@ -29,74 +29,23 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-from dagkube.dag import DagSpec
+from dagkube.dag import DagSpec, TaskSpec
 from dagkube.errors import InvalidOption
 from dagkube.planning.cores import End, SharedCores
 from dagkube.planning.model import Optimization, OptimizationIndex, output_must_be_stored
-from dagkube.planning.predictions import Predictor, estimate
+from dagkube.planning.predictions import Estimates, Predictor, estimate
 from dagkube.planning.rules import Route, flexible_next, route, start_charge
-from dagkube.resources import cpu_for_memory
+from dagkube.planning.timing_state import (
+    SimWorker,
+    TaskTiming,
+    Timing,
+    WorkerActivity,
+    summarize,
+)
 
 TASK_OVERHEAD_S = 0.0005  # per task: one Redis round trip and bookkeeping (measured ~0.5 ms)
-
-
-@dataclass
-class TaskTiming:
-    start_s: float = 0.0  # the worker began the task (inputs not yet local)
-    exec_start_s: float = 0.0
-    end_s: float = 0.0  # execution ended
-    complete_s: float = 0.0  # output uploaded (if needed) and dependencies counted
-    download_s: float = 0.0  # fetching inputs in the foreground (pre-loads not counted)
-    upload_s: float = 0.0  # storing the output, when it must be stored
-    worker: int = -1  # simulated physical worker
-    output_bytes: int = 0  # predicted size of its output
-    trigger: str | None = None  # the task whose completion let this one start (critical path)
-
-
-@dataclass
-class WorkerActivity:
-    """One simulated worker activation: spawn (cold) or take (warm) until it finished."""
-
-    worker: int
-    logical_id: str | None
-    memory_mib: int
-    cold: bool
-    start_s: float
-    end_s: float = 0.0
-    tasks: list[str] = field(default_factory=list)
-    prewarmed: bool = False  # spawned ahead of demand by a pre-warm request
-    queued_s: float = 0.0  # its invocation was queued
-    ready_s: float = 0.0  # the worker began working on it (after start-up)
-
-
-@dataclass
-class Timing:
-    tasks: dict[str, TaskTiming]
-    activities: list[WorkerActivity]
-    makespan_s: float
-    gb_s: float
-    cpu_s: float
-    critical_path: list[str]
-
-
-@dataclass
-class _Worker:
-    number: int
-    memory_mib: int
-    logical: str | None = None
-    activity: WorkerActivity | None = None
-    ready: deque = field(default_factory=deque)
-    remaining: set = field(default_factory=set)
-    running: bool = False
-    waiting: bool = False
-    idle_since: float | None = None
-    spawned_s: float | None = None  # spawned and not used yet (None for warm-pool workers)
-    prewarmed: bool = False  # spawned by a pre-warm request
-    # Values it holds for the run (the runtime keeps them): outputs it produced or fetched,
-    # and constants ("const:<key>"); a later task needs none of them fetched again.
-    held: set = field(default_factory=set)
 
 
 class DeadlockError(InvalidOption):
@@ -117,6 +66,7 @@ class _Simulation:
         memory_per_cpu_mib: int,
         max_cpu: float,
         optimizations: dict[str, list[Optimization]] | None = None,
+        sizes: Estimates | None = None,
     ) -> None:
         self.dag = dag
         self.memory = memory
@@ -129,15 +79,18 @@ class _Simulation:
         self.events: list = []
         self.seq = itertools.count()
         self.queues: dict[int, deque] = {}
-        self.idle: dict[int, list[_Worker]] = {}
+        self.idle: dict[int, list[SimWorker]] = {}
         self.alive = 0
         self.waiting = 0
         self.numbers = itertools.count()
         self.activities: list[WorkerActivity] = []
-        self.timing = {t: TaskTiming() for t in dag.tasks}
+        sizes = sizes or estimate(dag, predictor, memory)
+        self.out_bytes, self.exec_s = sizes.out_bytes, sizes.exec_s
+        self.timing = {t: TaskTiming(output_bytes=self.out_bytes[t]) for t in dag.tasks}
+        self.const_bytes = {f"const:{k}": len(v) for k, v in dag.constants.items()}
         self.remaining_deps = {t: len(spec.deps) for t, spec in dag.tasks.items()}
-        self.producer: dict[str, _Worker] = {}
-        self.logical_worker: dict[str, _Worker | None] = {}  # claimed logical ids
+        self.producer: dict[str, SimWorker] = {}
+        self.logical_worker: dict[str, SimWorker | None] = {}  # claimed logical ids
         self.logical_tasks: dict[str, set[str]] = {}
         for task_id, logical in worker_of.items():
             if logical is not None:
@@ -146,12 +99,11 @@ class _Simulation:
         self.done = 0
         self.last_finish = 0.0
         self.cores = None if predictor.cores is None else SharedCores(predictor.cores)
-        self.computing_on: dict[str, _Worker] = {}
-        self._sizes()
+        self.computing_on: dict[str, SimWorker] = {}
         self._optimizations(optimizations or {})
         for memory_mib, count in (warm_pool or {}).items():
             for _ in range(count):
-                worker = _Worker(next(self.numbers), memory_mib, idle_since=0.0)
+                worker = SimWorker(next(self.numbers), memory_mib, idle_since=0.0)
                 self.idle.setdefault(memory_mib, []).append(worker)
                 self.alive += 1
 
@@ -163,35 +115,30 @@ class _Simulation:
         self.delayed = marks.delayed
         self.preload = marks.preload
         self.prewarm = marks.prewarm
-        self.starting: dict[int, list[_Worker]] = {}  # spawned, not ready yet
-        self.delay_waiting: dict[str, tuple[_Worker, str]] = {}  # fan-in -> delayed input
-
-    def _sizes(self) -> None:
-        sizes = estimate(self.dag, self.p, self.memory)
-        self.out_bytes, self.exec_s = sizes.out_bytes, sizes.exec_s
-        for task_id, timing in self.timing.items():
-            timing.output_bytes = self.out_bytes[task_id]
-        self.const_bytes = {f"const:{k}": len(v) for k, v in self.dag.constants.items()}
+        self.starting: dict[int, list[SimWorker]] = {}  # spawned, not ready yet
+        self.delay_waiting: dict[str, tuple[SimWorker, str]] = {}  # fan-in -> delayed input
 
     # ------------------------------------------------------------------ events
-    def push(self, time_s: float, kind: str, *payload: object) -> None:
-        heapq.heappush(self.events, (time_s, next(self.seq), kind, payload))
+    def push(self, time_s: float, handler: Callable[..., None], *payload: object) -> None:
+        """``handler(time_s, *payload)`` is called at ``time_s`` (ties: in the order pushed)."""
+        heapq.heappush(self.events, (time_s, next(self.seq), handler, payload))
 
     def run(self) -> None:
         claimed: dict[str, list[str]] = {}
         for task_id in self.dag.sources:
             logical = self.worker_of[task_id]
             if logical is None:
-                self.push(0.0, "queue", self.memory[task_id], None, [task_id], None)
+                self.push(0.0, self._on_queue, self.memory[task_id], None, [task_id], None)
             else:
                 claimed.setdefault(logical, []).append(task_id)
         for logical, roots in claimed.items():
             self.logical_worker[logical] = None
             self.inbox[logical] = list(roots)
-            self.push(0.0, "queue", self.memory[roots[0]], logical, [], None)
-        while self.events:
-            time_s, _, kind, payload = heapq.heappop(self.events)
-            getattr(self, f"_on_{kind}")(time_s, *payload)
+            self.push(0.0, self._on_queue, self.memory[roots[0]], logical, [], None)
+        events, pop = self.events, heapq.heappop
+        while events:
+            time_s, _, handler, payload = pop(events)
+            handler(time_s, *payload)
         if self.done < len(self.dag.tasks):
             stuck = [
                 t for t, n in self.remaining_deps.items() if n == 0 and self.timing[t].worker < 0
@@ -235,12 +182,12 @@ class _Simulation:
         return self.max_workers is None or self.alive - self.waiting < self.max_workers
 
     def _spawn(self, memory_mib: int, time_s: float, prewarm: bool) -> None:
-        worker = _Worker(next(self.numbers), memory_mib, spawned_s=time_s, prewarmed=prewarm)
+        worker = SimWorker(next(self.numbers), memory_mib, spawned_s=time_s, prewarmed=prewarm)
         self.alive += 1
         self.starting.setdefault(memory_mib, []).append(worker)
-        self.push(time_s + self.p.startup_s(memory_mib, True), "ready", worker)
+        self.push(time_s + self.p.startup_s(memory_mib, True), self._on_ready, worker)
 
-    def _on_ready(self, time_s: float, worker: _Worker) -> None:
+    def _on_ready(self, time_s: float, worker: SimWorker) -> None:
         self.starting[worker.memory_mib].remove(worker)
         if self.queues.get(worker.memory_mib):
             self._take(worker, time_s, time_s)
@@ -254,7 +201,7 @@ class _Simulation:
                 return
             self._spawn(memory_mib, time_s, prewarm=True)
 
-    def _take(self, worker: _Worker, time_s: float, ready_s: float) -> None:
+    def _take(self, worker: SimWorker, time_s: float, ready_s: float) -> None:
         """The worker takes the head of its class queue, counted as the runtime counts it
         (:func:`dagkube.planning.rules.start_charge`; a worker spawned by the simulation is on
         its first invocation until it takes one)."""
@@ -286,7 +233,7 @@ class _Simulation:
 
     def _begin(
         self,
-        worker: _Worker,
+        worker: SimWorker,
         logical: str | None,
         roots: list[str],
         cold: bool,
@@ -306,7 +253,7 @@ class _Simulation:
         worker.ready.extend(self.inbox.pop(logical, []))
         self._next_bound(worker, ready_s, trigger)
 
-    def _next_bound(self, worker: _Worker, time_s: float, trigger: str | None) -> None:
+    def _next_bound(self, worker: SimWorker, time_s: float, trigger: str | None) -> None:
         if worker.waiting and (worker.ready or not worker.remaining):
             worker.waiting = False
             self.waiting -= 1
@@ -320,45 +267,59 @@ class _Simulation:
             self._dispatch_all(time_s)
 
     def _start_task(
-        self, worker: _Worker, task_id: str, time_s: float, trigger: str | None
+        self, worker: SimWorker, task_id: str, time_s: float, trigger: str | None
     ) -> None:
         spec = self.dag.tasks[task_id]
-        remote = [d for d in spec.deps if d not in worker.held]
-        preloaded = self._preloaded(task_id, worker).intersection(remote)
         timing = self.timing[task_id]
         timing.worker = worker.number
         timing.start_s = time_s
         timing.trigger = trigger
-        constants = [f"const:{k}" for k in spec.const_keys if f"const:{k}" not in worker.held]
-        fetched = sum(self.out_bytes[d] for d in remote if d not in preloaded)
-        fetched += sum(self.const_bytes[k] for k in constants)
-        worker.held.update(remote, constants, (task_id,))
-        timing.download_s = self.p.transfer_s(fetched)
-        timing.exec_start_s = time_s + TASK_OVERHEAD_S + timing.download_s
-        available = 0.0  # pre-loads run one after another as their inputs complete
-        for dep in sorted(preloaded, key=lambda d: self.timing[d].complete_s):
-            available = max(available, self.timing[dep].complete_s)
-            available += self.p.transfer_s(self.out_bytes[dep])
-        timing.exec_start_s = max(timing.exec_start_s, available)
+        timing.download_s, preloaded_s = self._fetch(worker, spec)
+        exec_start_s = time_s + TASK_OVERHEAD_S + timing.download_s
+        timing.exec_start_s = exec_start_s if exec_start_s >= preloaded_s else preloaded_s
         worker.running = True
         assert worker.activity is not None
         worker.activity.tasks.append(task_id)
         self.producer[task_id] = worker
-        for request in self.prewarm.get(task_id, ()):
-            self.push(
-                time_s + request.delay_s,
-                "prewarm",
-                request.memory_mib,
-                request.count,
-            )
-        demand = self.p.cpu_fraction(spec.function) if self.cores is not None else 0.0
-        if demand > 0:
-            self.push(timing.exec_start_s, "compute", worker, task_id, demand)
-            return
+        if self.prewarm:
+            for request in self.prewarm.get(task_id, ()):
+                self.push(
+                    time_s + request.delay_s, self._on_prewarm, request.memory_mib, request.count
+                )
+        if self.cores is not None:
+            demand = self.p.cpu_fraction(spec.function)
+            if demand > 0:
+                self.push(timing.exec_start_s, self._on_compute, worker, task_id, demand)
+                return
         timing.end_s = timing.exec_start_s + self.exec_s[task_id]
         self._executed(worker, task_id)
 
-    def _on_compute(self, time_s: float, worker: _Worker, task_id: str, demand: float) -> None:
+    def _fetch(self, worker: SimWorker, spec: TaskSpec) -> tuple[float, float]:
+        """The task's inputs and constants the worker does not hold, now held: the seconds
+        it downloads them in the foreground, and when its pre-loads are done (0: none)."""
+        held, out_bytes = worker.held, self.out_bytes
+        remote = [d for d in spec.deps if d not in held]
+        preloaded: set[str] = set()
+        if remote and spec.id in self.preload:
+            preloaded = self._preloaded(spec.id, worker).intersection(remote)
+        fetched = 0
+        for dep in remote:
+            if dep not in preloaded:
+                fetched += out_bytes[dep]
+        held.update(remote)
+        held.add(spec.id)
+        if spec.const_keys:
+            constants = [f"const:{k}" for k in spec.const_keys if f"const:{k}" not in held]
+            fetched += sum(self.const_bytes[k] for k in constants)
+            held.update(constants)
+        available = 0.0  # pre-loads run one after another as their inputs complete
+        if preloaded:
+            for dep in sorted(preloaded, key=lambda d: self.timing[d].complete_s):
+                available = max(available, self.timing[dep].complete_s)
+                available += self.p.download_s(out_bytes[dep])
+        return (self.p.download_s(fetched) if fetched else 0.0), available
+
+    def _on_compute(self, time_s: float, worker: SimWorker, task_id: str, demand: float) -> None:
         assert self.cores is not None
         self.computing_on[task_id] = worker
         self._retime(self.cores.start(time_s, task_id, self.exec_s[task_id], demand))
@@ -374,26 +335,26 @@ class _Simulation:
 
     def _retime(self, ends: list[End]) -> None:
         for time_s, task_id, version in ends:
-            self.push(time_s, "computed", task_id, version)
+            self.push(time_s, self._on_computed, task_id, version)
 
-    def _executed(self, worker: _Worker, task_id: str) -> None:
+    def _executed(self, worker: SimWorker, task_id: str) -> None:
         """The task's execution ends at its ``end_s``: store its output if it must be stored
         (delayed-io decides later), then complete it."""
         timing = self.timing[task_id]
         if task_id in self.delayed:
-            self.push(timing.end_s, "ended", worker, task_id)
+            self.push(timing.end_s, self._on_ended, worker, task_id)
             return
         stored = output_must_be_stored(
             self.dag, task_id, self.worker_of.__getitem__, task_id in self.clustered
         )
-        timing.upload_s = self.p.transfer_s(self.out_bytes[task_id]) if stored else 0.0
+        timing.upload_s = self.p.upload_s(self.out_bytes[task_id]) if stored else 0.0
         self._complete_at(timing.end_s + timing.upload_s, worker, task_id)
 
-    def _complete_at(self, time_s: float, worker: _Worker, task_id: str) -> None:
+    def _complete_at(self, time_s: float, worker: SimWorker, task_id: str) -> None:
         self.timing[task_id].complete_s = time_s
-        self.push(time_s, "complete", worker, task_id)
+        self.push(time_s, self._on_complete, worker, task_id)
 
-    def _preloaded(self, task_id: str, worker: _Worker) -> set[str]:
+    def _preloaded(self, task_id: str, worker: SimWorker) -> set[str]:
         """Inputs pre-loaded for this task, if it runs where its pre-load host is."""
         entry = self.preload.get(task_id)
         if entry is None:
@@ -403,7 +364,7 @@ class _Simulation:
             return inputs if self.producer.get(host[1:]) is worker else set()
         return inputs if host == worker.logical else set()
 
-    def _on_ended(self, time_s: float, worker: _Worker, task_id: str) -> None:
+    def _on_ended(self, time_s: float, worker: SimWorker, task_id: str) -> None:
         """delayed-io: complete without uploading once the fan-in's other inputs are done
         (this worker then runs the fan-in), or upload after the planned wait."""
         fan_in, wait_s = self.delayed[task_id]
@@ -411,27 +372,30 @@ class _Simulation:
             self._complete_at(time_s, worker, task_id)
         else:
             self.delay_waiting[fan_in] = (worker, task_id)
-            self.push(time_s + wait_s, "delay_timeout", worker, task_id, fan_in)
+            self.push(time_s + wait_s, self._on_delay_timeout, worker, task_id, fan_in)
 
-    def _on_delay_timeout(self, time_s: float, worker: _Worker, task_id: str, fan_in: str) -> None:
+    def _on_delay_timeout(
+        self, time_s: float, worker: SimWorker, task_id: str, fan_in: str
+    ) -> None:
         if self.delay_waiting.get(fan_in) == (worker, task_id):
             del self.delay_waiting[fan_in]
-            upload_s = self.p.transfer_s(self.out_bytes[task_id])
+            upload_s = self.p.upload_s(self.out_bytes[task_id])
             self.timing[task_id].upload_s = upload_s
             self._complete_at(time_s + upload_s, worker, task_id)
 
-    def _on_complete(self, time_s: float, worker: _Worker, task_id: str) -> None:
+    def _on_complete(self, time_s: float, worker: SimWorker, task_id: str) -> None:
         self.done += 1
         worker.running = False
         worker.remaining.discard(task_id)
         continuation = None
         clustered: list[str] = []
+        remaining = self.remaining_deps
         for down in self.dag.tasks[task_id].downstream:
-            self.remaining_deps[down] -= 1
-            if self.remaining_deps[down] == 1 and down in self.delay_waiting:
+            left = remaining[down] = remaining[down] - 1
+            if left == 1 and down in self.delay_waiting:
                 waiting_worker, delayed = self.delay_waiting.pop(down)
                 self._complete_at(time_s, waiting_worker, delayed)
-            if self.remaining_deps[down]:
+            if left:
                 continue
             logical = self.worker_of[down]
             where = route(
@@ -445,14 +409,15 @@ class _Simulation:
             elif where is Route.LOCAL:
                 (clustered if logical is None else worker.ready).append(down)
             elif where is Route.QUEUE:
-                self.push(time_s, "queue", self.memory[down], None, [down], task_id)
+                self.push(time_s, self._on_queue, self.memory[down], None, [down], task_id)
             else:
                 assert logical is not None
                 self._to_inbox(logical, down, time_s, task_id)
         if worker.logical is not None:
             self._next_bound(worker, time_s, task_id)
             return
-        worker.ready = deque(flexible_next(continuation, clustered, worker.ready))
+        if continuation is not None or clustered:
+            worker.ready = deque(flexible_next(continuation, clustered, worker.ready))
         if worker.ready:
             self._start_task(worker, worker.ready.popleft(), time_s, task_id)
         else:
@@ -463,7 +428,7 @@ class _Simulation:
         if logical not in self.logical_worker:
             self.logical_worker[logical] = None
             self.inbox[logical] = [task_id]
-            self.push(time_s, "queue", self.memory[task_id], logical, [], trigger)
+            self.push(time_s, self._on_queue, self.memory[task_id], logical, [], trigger)
             return
         owner = self.logical_worker[logical]
         if owner is None:  # queued, not started yet
@@ -473,7 +438,7 @@ class _Simulation:
             if not owner.running:
                 self._next_bound(owner, time_s, trigger)
 
-    def _finish(self, worker: _Worker, time_s: float) -> None:
+    def _finish(self, worker: SimWorker, time_s: float) -> None:
         assert worker.activity is not None
         worker.activity.end_s = time_s
         self.last_finish = max(self.last_finish, time_s)
@@ -485,17 +450,17 @@ class _Simulation:
         self._idle(worker, time_s)
         self._dispatch_all(time_s)  # its slot may serve another class
 
-    def _idle(self, worker: _Worker, time_s: float) -> None:
+    def _idle(self, worker: SimWorker, time_s: float) -> None:
         worker.idle_since = time_s
         self.idle.setdefault(worker.memory_mib, []).append(worker)
-        self.push(time_s + self.idle_timeout_s, "expire", worker, time_s)
+        self.push(time_s + self.idle_timeout_s, self._on_expire, worker, time_s)
 
     def _dispatch_all(self, time_s: float) -> None:
         for memory_mib, queue in self.queues.items():
             if queue:
                 self._dispatch(memory_mib, time_s)
 
-    def _on_expire(self, time_s: float, worker: _Worker, idle_since: float) -> None:
+    def _on_expire(self, time_s: float, worker: SimWorker, idle_since: float) -> None:
         if worker.idle_since == idle_since and worker in self.idle.get(worker.memory_mib, []):
             self.idle[worker.memory_mib].remove(worker)
             self.alive -= 1
@@ -503,26 +468,13 @@ class _Simulation:
 
     # ------------------------------------------------------------------ results
     def result(self) -> Timing:
-        gb_s = cpu_s = 0.0
-        for activity in self.activities:
-            seconds = activity.end_s - activity.start_s
-            gb_s += seconds * activity.memory_mib / 1024
-            cpu_s += seconds * cpu_for_memory(
-                activity.memory_mib, self.memory_per_cpu_mib, self.max_cpu
-            )
-        last = max(self.dag.tasks, key=lambda t: self.timing[t].complete_s)
-        path = []
-        current: str | None = last
-        while current is not None:
-            path.append(current)
-            current = self.timing[current].trigger
-        return Timing(
-            tasks=self.timing,
-            activities=self.activities,
-            makespan_s=self.last_finish,
-            gb_s=gb_s,
-            cpu_s=cpu_s,
-            critical_path=list(reversed(path)),
+        return summarize(
+            self.dag,
+            self.timing,
+            self.activities,
+            self.last_finish,
+            self.memory_per_cpu_mib,
+            self.max_cpu,
         )
 
 
@@ -536,8 +488,10 @@ def simulate(
     idle_timeout_s: float = 30.0,
     warm_pool: dict[int, int] | None = None,
     optimizations: dict[str, list[Optimization]] | None = None,
+    sizes: Estimates | None = None,
 ) -> Timing:
-    """Predict the run of ``dag`` with this class, worker and optimizations per task."""
+    """Predict the run of ``dag`` with this class, worker and optimizations per task;
+    ``sizes``: its tasks' estimates at these classes, when already made."""
     simulation = _Simulation(
         dag,
         memory,
@@ -549,6 +503,7 @@ def simulate(
         memory_per_cpu_mib=predictor.memory_per_cpu_mib,
         max_cpu=predictor.max_cpu,
         optimizations=optimizations,
+        sizes=sizes,
     )
     simulation.run()
     return simulation.result()

@@ -393,6 +393,11 @@ def test_experiment_compares_planners(redis_server):
         env=env,
     )
     assert table.returncode == 0 and "within prediction" in table.stdout
+    # Without --planners: every planner, auto (the default planner) among them.
+    default = run_cli("experiment", example, "--slas", "avg", "--repeat", "1", "--json", env=env)
+    assert default.returncode == 0, default.stderr
+    planners = {s["planner"] for s in json.loads(default.stdout)["summaries"]}
+    assert planners == {"wukong", "uniform", "non-uniform", "auto"}
     cold = run_cli(
         "experiment",
         example,
