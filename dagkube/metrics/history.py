@@ -9,7 +9,13 @@ from typing import Any
 
 from dagkube.errors import InvalidOption
 from dagkube.planning.assembly import CALIBRATION_RUNS
-from dagkube.planning.history import HistorySnapshot, Residual, StartupSample, TaskSample
+from dagkube.planning.history import (
+    HistorySnapshot,
+    Residual,
+    StartupSample,
+    TaskSample,
+    calibration_key,
+)
 from dagkube.store.calls import PrunedRun, PruneIndexesCall, PruneStructureCall
 from dagkube.store.keys import (
     hist_all_runs,
@@ -128,7 +134,9 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
     informed = record.plan_history_runs >= CALIBRATION_RUNS
     if informed and record.model_makespan_s and record.makespan_s:
         found.residual = Residual(
-            record.planner, record.sla, record.makespan_s - record.model_makespan_s
+            calibration_key(record.planner, record.candidate or None),
+            record.sla,
+            record.makespan_s - record.model_makespan_s,
         )
     for raw in tasks:
         task = TaskRecord.model_validate_json(raw)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dagkube.planning.model import AUTO
+
 
 @dataclass(frozen=True, slots=True)
 class TaskSample:
@@ -44,9 +46,17 @@ class StartupSample:
 class Residual:
     """One earlier run's actual makespan minus the timing model's prediction for it."""
 
-    planner: str
+    planner: str  # see calibration_key
     sla: str  # the SLA the run was planned at: a pNN model already holds the spread
     seconds: float
+
+
+def calibration_key(planner: str, chosen: str | None) -> str:
+    """The planner a run's makespan residual is kept under: an ``auto`` run's under the
+    planner of the candidate it chose (``chosen``: "wukong", "uniform" or "non-uniform"), as
+    its timing model's miss is that plan's; any other run's under its own name. Without a
+    known choice (runs recorded before the candidates were stored): "auto"."""
+    return chosen if planner == AUTO and chosen else planner
 
 
 @dataclass

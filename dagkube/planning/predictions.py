@@ -26,12 +26,10 @@
   interpreter's fixed share; the slope is 0 unless inputs vary). A task's own samples come
   first. :meth:`Predictor.memory_floor_mib` adds ``MEMORY_HEADROOM`` and never goes below a
   class an earlier attempt was OOM-killed at: planners keep every task at or above it.
-* Transfers: a base curve ``latency + bytes / bandwidth`` (latency: the median of small
-  transfers; bandwidth: the median of large ones net of it), times a factor per size bucket
-  (powers of two of bytes): the SLA statistic of the measured / base ratios of that bucket,
-  or of the nearest bucket with samples. Small values cost more than the line says
-  (serialization, round trips), large ones less or more depending on the machine: one line
-  alone missed by half.
+* Transfers (:mod:`dagkube.planning.transfers`): downloads and uploads each by their own
+  ``latency + bytes / bandwidth`` times a factor per size bucket, learnt from that
+  direction's samples (they take different paths: batched reads, writes with the completion
+  script); a task's download is one fetch of all the values it lacks, as the worker does it.
 * Worker start-up, cold or warm, per class: SLA statistic of the recorded start-ups; a class
   without samples borrows from the nearest sampled class, a cold start scaled by CPU where
   CPU is enforced (starting a worker is CPU-bound: imports; a 1 GiB worker starts about 1.75x
@@ -50,11 +48,11 @@ from dagkube.planning.cores import alone_times, cpu_fraction
 from dagkube.planning.fitting import SizeModel, fit_size_model, slope, statistic
 from dagkube.planning.history import HistorySnapshot, TaskSample
 from dagkube.planning.sla import sla_percentile
+from dagkube.planning.transfers import TransferModel, fit_transfers
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, cpu_for_memory
 
 __all__ = ["Defaults", "Estimates", "Predictor", "estimate", "statistic"]
 
-SMALL_TRANSFER_BYTES = 64 * 1024
 TASK_SAMPLES = 3
 # A class must exceed a task's predicted peak by this share: the limit also counts the page
 # cache and allocator slack that the resident-set peak does not show.
@@ -170,23 +168,32 @@ class Predictor:
         )
 
     def _fit_transfers(self) -> None:
-        pairs = [(s.download_bytes, s.download_s) for s in self.history.tasks if s.download_bytes]
-        pairs += [(s.upload_bytes, s.upload_s) for s in self.history.tasks if s.upload_bytes]
-        pairs = [(b, t) for b, t in pairs if t > 0]
-        small = [t for b, t in pairs if b < SMALL_TRANSFER_BYTES]
-        self.latency_s = statistic(small, 50) if small else self.defaults.latency_s
-        large = [b / (t - self.latency_s) for b, t in pairs if b >= SMALL_TRANSFER_BYTES]
-        large = [bandwidth for bandwidth in large if bandwidth > 0]
-        self.bandwidth_bytes_s = statistic(large, 50) if large else self.defaults.bandwidth_bytes_s
-        ratios: dict[int, list[float]] = defaultdict(list)
-        for nbytes, seconds in pairs:
-            ratios[_size_bucket(nbytes)].append(seconds / self._base_transfer_s(nbytes))
-        self._transfer_factor = {
-            bucket: statistic(found, self.percentile) for bucket, found in ratios.items()
-        }
+        """A model per direction; a direction without samples borrows the joint one (never
+        a direction with samples: a few downloads at the uploads' rate were priced 4x too
+        slow). The joint model (for callers that do not say which way) is fitted once asked."""
+        downloads = [(s.download_bytes, s.download_s) for s in self.history.tasks]
+        uploads = [(s.upload_bytes, s.upload_s) for s in self.history.tasks]
+        self._transfer_samples = [(b, t) for b, t in downloads + uploads if b > 0 and t > 0]
+        self._transfers: TransferModel | None = None
+        downloads = [(b, t) for b, t in downloads if b > 0 and t > 0]
+        uploads = [(b, t) for b, t in uploads if b > 0 and t > 0]
+        self.downloads = self._fit_transfer(downloads) if downloads else self.transfers
+        self.uploads = self._fit_transfer(uploads) if uploads else self.transfers
 
-    def _base_transfer_s(self, nbytes: int) -> float:
-        return self.latency_s + nbytes / self.bandwidth_bytes_s
+    def _fit_transfer(self, samples: list[tuple[int, float]]) -> TransferModel:
+        return fit_transfers(
+            samples,
+            self.percentile,
+            latency_s=self.defaults.latency_s,
+            bandwidth_bytes_s=self.defaults.bandwidth_bytes_s,
+        )
+
+    @property
+    def transfers(self) -> TransferModel:
+        """Downloads and uploads in one model."""
+        if self._transfers is None:
+            self._transfers = self._fit_transfer(self._transfer_samples)
+        return self._transfers
 
     def _cpu(self, memory_mib: int) -> float:
         """The CPU a task can use on this class: its share, at most one core (one thread)."""
@@ -278,16 +285,18 @@ class Predictor:
         return floor
 
     def transfer_s(self, nbytes: int) -> float:
-        """Seconds to move ``nbytes`` to or from Redis (0 bytes: nothing to move)."""
-        if nbytes <= 0:
-            return 0.0
-        bucket = _size_bucket(nbytes)
-        factor = self._transfer_factor.get(bucket)
-        if factor is None:
-            nearest = min(self._transfer_factor, key=lambda b: abs(b - bucket), default=None)
-            factor = 1.0 if nearest is None else self._transfer_factor[nearest]
-            self._transfer_factor[bucket] = factor
-        return self._base_transfer_s(nbytes) * factor
+        """Seconds to move ``nbytes`` to or from Redis, either way (0 bytes: nothing to
+        move); :meth:`download_s` and :meth:`upload_s` know which way."""
+        return self.transfers.seconds(nbytes)
+
+    def download_s(self, nbytes: int) -> float:
+        """Seconds of a task's one fetch of ``nbytes`` of values it lacks (neither held nor
+        pre-loaded; 0: nothing fetched)."""
+        return self.downloads.seconds(nbytes)
+
+    def upload_s(self, nbytes: int) -> float:
+        """Seconds of a task's completion call that stores its ``nbytes`` output."""
+        return self.uploads.seconds(nbytes)
 
     def startup_s(self, memory_mib: int, cold: bool) -> float:
         key = (memory_mib, cold)
@@ -321,11 +330,6 @@ class Predictor:
 def _bucket(nbytes: int) -> int:
     """Input sizes within ~3% predict alike: bucket them for caching."""
     return 0 if nbytes <= 0 else round(math.log(nbytes) * 32)
-
-
-def _size_bucket(nbytes: int) -> int:
-    """A transfer's size bucket: sizes within a power of two share a correction factor."""
-    return max(nbytes, 1).bit_length()
 
 
 @dataclass

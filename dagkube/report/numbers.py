@@ -88,17 +88,24 @@ def _relative_error(predicted: float | None, actual: float | None) -> float | No
 
 def prediction_errors(history: RunHistory) -> dict[str, float | None]:
     """Relative errors of one run against its plan: the makespan, and the run's totals of task
-    execution, transfer (downloads + uploads), worker start-up (invocation queued -> taken)
-    and output size (bytes of every task's output). None where the plan predicted no such
-    part (plans from before these were stored) or the run measured less than MIN_MEASURED_S
-    of it (no output byte, for sizes)."""
+    execution, transfer (each task's one fetch of the inputs it did not hold, plus its
+    output's upload, as the worker measures them), worker start-up (invocation queued ->
+    taken) and output size (bytes of every task's output); duplicates (taskdup) left out.
+    None where the plan predicted no such part (plans from before these were stored) or the
+    run measured less than MIN_MEASURED_S of it (no output byte, for sizes)."""
     run = history.run
     errors: dict[str, float | None] = dict.fromkeys(ACCURACY_METRICS)
     errors["makespan"] = _relative_error(run.predicted_makespan_s, run.makespan_s)
     if not history.plan_json:
         return errors
     plan = Plan.model_validate_json(history.plan_json)
-    matched = [(plan.tasks[t.task_id], t) for t in history.tasks if t.task_id in plan.tasks]
+    # A duplicate (taskdup) is a second execution the plan did not predict: the task's own
+    # prediction is compared with its original execution only.
+    matched = [
+        (plan.tasks[t.task_id], t)
+        for t in history.tasks
+        if t.task_id in plan.tasks and not t.duplicate
+    ]
     if matched and all(p.predicted_exec_s is not None for p, _ in matched):
         errors["execution"] = _relative_error(
             sum(p.predicted_exec_s or 0.0 for p, _ in matched),

@@ -167,6 +167,7 @@ class RunRecord(BaseModel):
     planner: str
     sla: str
     status: RunStatus
+    candidate: str = ""  # the planner of the candidate the plan chose (auto); "": unknown
     pool: str = ""
     submitted_at: float
     finished_at: float | None = None  # the run was finalized (every worker finished)

@@ -95,3 +95,13 @@ def test_cli_runs_an_example_with_the_non_uniform_planner(redis_server):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["verified"] is True and summary["planner"] == "non-uniform"
+
+
+def test_an_auto_run_records_the_candidate_it_ran(make_runtime):
+    rt = make_runtime(max_workers=2)
+    wf = fixed_fanout()
+    assert wf.run(runtime=rt) == [(i, s) for i, s in enumerate(DURATIONS)]
+    record = wf.last_run.record
+    assert record.planner == "auto"
+    assert record.candidate in ("wukong", "uniform", "non-uniform")
+    assert record.candidate == wf.last_plan.chosen_planner()

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 
 from dagkube.metrics.history import RunHistory
+from dagkube.planning.model import Plan, TaskPlan
 from dagkube.report.numbers import (
     charged_gb_s,
     critical_path,
@@ -166,3 +167,27 @@ def test_memory_wording():
         "memory and CPU limits enforced, 1 worker(s) OOM-killed, 1 re-run one class up"
     )
     assert limits_text(plain_run().run) == "memory and CPU limits not enforced"
+
+
+def test_transfer_error_compares_each_task_with_its_own_execution_not_its_duplicate():
+    history = plain_run()
+    (task,) = history.tasks
+    original = task.model_copy(update={"download_bytes": 1000, "download_s": 0.1})
+    duplicate = original.model_copy(update={"duplicate": True, "download_s": 0.3})
+    planned = TaskPlan(
+        memory_mib=512, predicted_download_s=0.1, predicted_exec_s=1.0, predicted_upload_s=0.0
+    )
+    plan = Plan(
+        planner="uniform",
+        sla="avg",
+        classes_mib=[512],
+        memory_per_cpu_mib=1792,
+        max_cpu=1.0,
+        tasks={task.task_id: planned},
+    )
+    both = dataclasses.replace(
+        history, tasks=[original, duplicate], plan_json=plan.model_dump_json()
+    )
+    errors = prediction_errors(both)
+    assert errors["transfer"] == pytest.approx(0.0)  # 0.1 s predicted, 0.1 s measured
+    assert errors["execution"] == pytest.approx(0.0)
