@@ -103,8 +103,8 @@ def _clustering(given: RuleInput, marks: Marks) -> None:
             continue
         if any(len(dag.tasks[c].deps) != 1 or given.worker_of[c] is not None for c in children):
             continue
-        transfer = p.transfer_s(sizes.out_bytes[task_id])
-        remote = 2 * transfer + p.startup_s(given.memory[children[0]], False)
+        out = sizes.out_bytes[task_id]
+        remote = p.upload_s(out) + p.download_s(out) + p.startup_s(given.memory[children[0]], False)
         serial = sum(sizes.exec_s[c] for c in children) - max(sizes.exec_s[c] for c in children)
         if serial <= remote:
             _add(marks, task_id, Clustering(params=ClusteringParams(children=list(children))))
@@ -125,7 +125,7 @@ def _delayed_io(given: RuleInput, marks: Marks) -> None:
                 continue
             others = max(timing.tasks[d].complete_s for d in spec.deps if d != dep)
             wait = max(0.0, others - timing.tasks[dep].end_s)
-            saved = 2 * p.transfer_s(sizes.out_bytes[dep]) - wait
+            saved = p.upload_s(sizes.out_bytes[dep]) + p.download_s(sizes.out_bytes[dep]) - wait
             if saved >= MIN_SAVING_S and (best is None or saved > best[0]):
                 best = (saved, dep, wait)
         if best is not None:
@@ -150,7 +150,7 @@ def _preload(given: RuleInput, marks: Marks) -> None:
             last = max(spec.deps, key=lambda d: timing.tasks[d].complete_s)
             host = "@" + last
             inputs = [d for d in spec.deps if d != last]
-        fetched = given.predictor.transfer_s(sum(given.sizes.out_bytes[d] for d in inputs))
+        fetched = given.predictor.download_s(sum(given.sizes.out_bytes[d] for d in inputs))
         if inputs and fetched >= MIN_SAVING_S:
             _add(marks, task_id, Preload(params=PreloadParams(host=host, inputs=inputs)))
 
@@ -174,7 +174,7 @@ def _taskdup(given: RuleInput, marks: Marks) -> None:
             here_s = p.exec_s(upstream.function, sizes.input_bytes[dep], given.memory[task_id], dep)
             params = TaskdupParams(
                 upstream=dep,
-                exec_s=round(here_s + p.transfer_s(fetched), 6),
+                exec_s=round(here_s + p.download_s(fetched), 6),
                 original_end_s=round(timing.tasks[dep].end_s, 6),
                 original_exec_s=round(sizes.exec_s[dep], 6),
             )
@@ -191,7 +191,9 @@ def mark_prewarm(given: RuleInput, marks: Marks) -> int:
     not taken by an idle or finishing worker within a warm start) is a target: a worker
     spawned at ``queued - cold start-up - PREWARM_MARGIN_S`` is ready just before it is needed
     (the start-up is the Predictor's at the plan's SLA, so the margin stays small: a worker
-    ready early is charged while it waits). Returns how many workers are requested."""
+    ready early is charged while it waits). A request due before its trigger is predicted to
+    start gets a negative ``delay_s`` (never before the run's start): the driver sends it at
+    submission. Returns how many workers are requested."""
     timing, p = given.timing, given.predictor
     starts = sorted(given.dag.tasks, key=lambda t: timing.tasks[t].start_s)
     requests: dict[tuple[str, int], list[tuple[float, str]]] = {}
@@ -212,7 +214,7 @@ def mark_prewarm(given: RuleInput, marks: Marks) -> int:
         params = PrewarmParams(
             memory_mib=memory_mib,
             count=len(wanted),
-            delay_s=round(max(0.0, fire_at - timing.tasks[trigger].start_s), 6),
+            delay_s=round(max(0.0, fire_at) - timing.tasks[trigger].start_s, 6),
             targets=sorted(t for _, t in wanted),
         )
         _add(marks, trigger, Prewarm(params=params))
@@ -224,7 +226,8 @@ def _prewarm_trigger(timing: Timing, starts: list[str], target: str, fire_at: fl
     the chain that makes ``target`` ready (its trigger, the trigger's trigger, ...) predicted
     to start by then, so the request is timed from the work the demand waits for (its start
     plus its predicted time) rather than from an unrelated task; else the task predicted to
-    start last by then (the first to start, at once, when none has)."""
+    start last by then (the first to start when none has: the request is then due before its
+    trigger starts, and sent at submission)."""
     current = timing.tasks[target].trigger
     while current is not None:
         if timing.tasks[current].start_s <= fire_at:

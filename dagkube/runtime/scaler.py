@@ -7,6 +7,8 @@ re-queues the held work of workers that died (process exit seen by the backend, 
 expired) and, at the worker cap, retires an idle worker of another class to make room.
 Pre-warm requests (a sorted set scored by when they are due) become workers when due, unless
 their run ended (dropped at once, due or not) or idle workers will take the demand anyway.
+A request is added by the worker running its trigger task, or by the driver at submission
+when it is due before that task can start (:func:`prewarm_entry` is the one format both use).
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ MAX_REQUEUES = 3
 # A worker past its task's deadline stops itself; one that has not this long after it (its
 # event loop starved by the task) is stopped by the scaler.
 TIMEOUT_GRACE_S = 5.0
+
+
+def prewarm_entry(run_id: str, memory_mib: int, count: int, trigger: str) -> str:
+    """One pre-warm request as a member of the pool's sorted set. The same request added
+    twice (at submission and again at its trigger's start, or by a re-run trigger) is the same
+    member, so the scaler serves it once."""
+    entry = {"run": run_id, "mem": memory_mib, "count": count, "trigger": trigger}
+    return json.dumps(entry, sort_keys=True)
 
 
 @dataclass
@@ -151,8 +161,10 @@ class Scaler:
         if now - self._last_heartbeat_check >= self.heartbeat_check_s:
             self._last_heartbeat_check = now
             await self._check_heartbeats()
-        await self._prewarm()
+        # Queued demand first: a request due as a run starts (sent at submission) must not
+        # take the workers its first invocations need as "starting".
         await self._scale()
+        await self._prewarm()
 
     async def _next_wait_s(self) -> float:
         """Until the next reconcile: the tick, or sooner if a pre-warm request falls due."""
@@ -190,16 +202,16 @@ class Scaler:
     async def _start_prewarmed(self, requests: list[dict[str, Any]], live: set[str]) -> None:
         """Create the workers of due requests (``live``: the runs still running). Demand is
         checked again first: none for a run that ended (cancelled, failed or done before the
-        request fell due), and none where idle workers of the class, beyond what is queued and
-        not reserved by another pre-warm, will take the demand as warm starts."""
+        request fell due), and none where idle or starting workers of the class, beyond what
+        is queued and not reserved by another pre-warm, will take the demand."""
         if not requests:
             return
         room = self.backend.max_workers - await self._active()
-        spare = await self._spare_idle()
+        spare = await self._spare()
         for request in requests:
             memory, count, run = int(request["mem"]), int(request["count"]), request["run"]
             wanted = count if run in live else 0
-            covered = min(wanted, spare.get(memory, 0))
+            covered = min(wanted, max(0, spare.get(memory, 0)))
             spare[memory] = spare.get(memory, 0) - covered
             started = 0
             for _ in range(min(wanted - covered, max(0, room))):
@@ -254,16 +266,22 @@ class Scaler:
             if worker_id not in alive or run not in live:
                 del self._prewarmed[worker_id]
 
-    async def _spare_idle(self) -> dict[int, int]:
-        """Per class: idle workers beyond what is queued, not counting pre-warmed ones still
-        reserved for their run."""
+    async def _spare(self) -> dict[int, int]:
+        """Per class: idle and starting workers beyond what is queued (negative: fewer), not
+        counting pre-warmed ones still reserved for their run."""
         idle = await self._idle_ids()
         async with self.redis.pipeline(transaction=False) as pipe:
             for memory in idle:
                 pipe.llen(self.keys.queue(memory))
-            queued = await pipe.execute()
+            pipe.hkeys(self.keys.workers)
+            *queued, registered = await pipe.execute()
+        known = {w.decode() for w in registered} | set(self._prewarmed)
+        starting: dict[int, int] = {}
+        for handle in self.backend.alive():
+            if handle.worker_id not in known:
+                starting[handle.memory_mib] = starting.get(handle.memory_mib, 0) + 1
         return {
-            memory: len(ids - set(self._prewarmed)) - waiting
+            memory: len(ids - set(self._prewarmed)) + starting.get(memory, 0) - waiting
             for (memory, ids), waiting in zip(idle.items(), queued, strict=True)
         }
 

@@ -145,12 +145,13 @@ def _fan_out(split_task: Any, *args: Any, width: int = 3) -> dagkube.Workflow:
     )
 
 
-def _prewarm_mark(planned: Any, trigger: str, count: int, delay_s: float) -> None:
+def _prewarm_mark(
+    planned: Any, trigger: str, count: int, delay_s: float, memory_mib: int = 512
+) -> None:
     planned.optimizations = ["prewarm"]
     targets = [f"slow_square#{i}" for i in range(1, count + 1)]
-    planned.tasks[trigger].optimizations = [
-        Prewarm(params=PrewarmParams(memory_mib=512, count=count, delay_s=delay_s, targets=targets))
-    ]
+    params = PrewarmParams(memory_mib=memory_mib, count=count, delay_s=delay_s, targets=targets)
+    planned.tasks[trigger].optimizations = [Prewarm(params=params)]
 
 
 def test_prewarm_request_creates_workers_that_serve_the_fan_out(make_runtime, redis_server):
@@ -186,6 +187,64 @@ def test_prewarm_request_creates_workers_that_serve_the_fan_out(make_runtime, re
         ready_s = worker.registered_at - worker.spawned_at
         assert ready_s >= 0.5  # the start-up delay
         assert any(abs(ready_s - sample) < 1e-6 for sample in cold), (ready_s, cold)
+
+
+def test_prewarm_due_before_its_trigger_starts_is_sent_at_submission(make_runtime):
+    """A request due before its trigger can start (negative delay: the trigger's worker is
+    still starting) is sent by the driver at submission: the scaler creates the workers
+    while the first worker starts, and the trigger's own copy of the request, sent when it
+    starts, creates nothing more."""
+    rt = make_runtime(max_workers=6, startup_delay_s=1.0)
+    wf = _fan_out(slow_split, 1.0)
+    planned = wf.plan("wukong", "avg", "512Mi", runtime=rt)
+    trigger = "slow_split#0"
+    planned.tasks[trigger].predicted_start_s = 1.0
+    _prewarm_mark(planned, trigger, count=2, delay_s=-1.0)  # due at submission
+    result = rt.run(wf.dag, planned)
+    assert result.outputs == 0 + 1 + 4
+    found = history_of(rt, result.run_id)
+    assert found.run.prewarm_requested == 2 and found.run.prewarm_started == 2
+    started = {t.task_id: t for t in found.tasks}[trigger]
+    assert started.prewarm_at is not None and started.prewarm_at <= started.ready_at
+    spawned = sorted(rt.backend.spawned_ids)
+    assert len(spawned) == 3  # the first worker and the two pre-warmed: none again
+    prewarmed = [w for w in found.workers if w.prewarmed]
+    for worker in prewarmed:
+        assert worker.spawned_at is not None and worker.spawned_at < started.ready_at
+    assert found.run.workers_prewarmed >= 1
+
+
+def test_unused_prewarmed_workers_exit_early_and_warm_ones_stay(make_runtime):
+    """Pre-warmed workers no demand came for (a class nothing of the run queues) exit soon
+    after their targets were taken, not after the idle timeout, charged to the run as
+    wasted; the workers that served the run stay idle for the next one."""
+    rt = make_runtime(max_workers=6, idle_timeout_s=120)
+    wf = _fan_out(slow_split, 0.5)
+    planned = wf.plan("wukong", "avg", "512Mi", runtime=rt)
+    _prewarm_mark(planned, "slow_split#0", count=2, delay_s=0.0, memory_mib=1024)
+    result = rt.run(wf.dag, planned)
+    assert result.outputs == 0 + 1 + 4
+
+    def by_class(memory_mib: int) -> list[str]:
+        assert rt.backend is not None
+        return [h.worker_id for h in rt.backend.alive() if h.memory_mib == memory_mib]
+
+    wait_until(lambda: not by_class(1024), 30, message="the unused pre-warmed workers gone")
+
+    def charged() -> Any:
+        record = rt.run_record(result.run_id)
+        return record if record is not None and record.prewarm_wasted == 2 else None
+
+    record = wait_until(charged, message="the unused pre-warmed workers charged to the run")
+    assert record.prewarm_started == 2 and record.workers_prewarmed == 0
+    assert record.prewarm_wasted_gb_s > 0
+    # The workers that served stay warm (idle timeout 120 s), waiting for the next run.
+    idle_key = PoolKeys(rt.pool).idle(512)
+    warm = wait_until(
+        lambda: len(by_class(512)) == rt.call(rt.redis.scard(idle_key)) and by_class(512),
+        message="the workers that served idle",
+    )
+    assert len(warm) >= 1
 
 
 def test_prewarm_is_not_started_for_demand_idle_workers_will_take(make_runtime):

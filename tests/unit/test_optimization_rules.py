@@ -32,6 +32,8 @@ from dagkube.planning.optimizations import (
 )
 from dagkube.planning.predictions import Predictor
 from dagkube.planning.validation import validate_plan
+from dagkube.runtime.launcher import submission_prewarms
+from dagkube.runtime.scaler import prewarm_entry
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -375,6 +377,55 @@ def test_prewarm_is_due_the_predicted_start_up_at_the_sla_before_the_fan_out_is_
     for worker in prewarmed:  # queued -> taken: the pre-warmed worker was waiting, ready
         assert worker.predicted_startup_s is not None and worker.predicted_startup_s <= 0.01
         assert worker.predicted_start_s == pytest.approx(queued - startup - PREWARM_MARGIN_S)
+
+
+def test_prewarm_due_before_its_trigger_starts_is_sent_by_the_driver_at_submission():
+    """A cold start-up longer than prepare: the fan-out's workers must be spawned before
+    prepare's own worker is up, so the request on prepare gets a negative delay; the driver
+    sends it at submission, due at prepare's predicted start plus that delay (never before
+    the run's start), and the pre-warmed workers are still predicted ready just in time."""
+    history = _long_then_wide_cold([4.0, 4.2, 4.4])
+    warmed = plan(
+        long_then_wide.build().dag,
+        "wukong",
+        options(optimizations=["prewarm"], history=history, max_workers=10),
+    )
+    startup = Predictor(history, "avg").startup_s(1024, True)
+    prepare = warmed.tasks["prepare#0"]
+    (entry,) = prepare.optimizations
+    assert prepare.predicted_start_s is not None and prepare.predicted_end_s is not None
+    due_s = prepare.predicted_end_s - startup - PREWARM_MARGIN_S
+    assert 0 < due_s < prepare.predicted_start_s
+    assert entry.params.delay_s == pytest.approx(due_s - prepare.predicted_start_s, abs=1e-5)
+    for worker in (w for w in warmed.workers if w.prewarmed):
+        assert worker.predicted_startup_s is not None and worker.predicted_startup_s <= 0.01
+    sent = submission_prewarms(warmed, "run-1", now=1000.0)
+    member = prewarm_entry("run-1", 1024, long_then_wide.WIDTH - 1, "prepare#0")
+    assert sent == {member: pytest.approx(1000.0 + due_s, abs=1e-5)}
+    assert json.loads(member) == {
+        "run": "run-1",
+        "mem": 1024,
+        "count": long_then_wide.WIDTH - 1,
+        "trigger": "prepare#0",
+    }
+
+
+def test_prewarm_due_after_its_trigger_starts_is_left_to_the_trigger():
+    """A start-up shorter than prepare: the request is due while prepare runs, so prepare's
+    worker sends it (a positive delay) and the driver sends nothing at submission; a delay
+    that would fall before the run's start is due at submission, not earlier."""
+    warmed = plan(
+        long_then_wide.build().dag,
+        "wukong",
+        options(
+            optimizations=["prewarm"], history=_long_then_wide_cold([1.8, 2.0]), max_workers=10
+        ),
+    )
+    (entry,) = warmed.tasks["prepare#0"].optimizations
+    assert entry.params.delay_s > 0
+    assert submission_prewarms(warmed, "run-1", now=1000.0) == {}
+    entry.params.delay_s = -100.0
+    assert list(submission_prewarms(warmed, "run-1", now=1000.0).values()) == [1000.0]
 
 
 def test_prewarm_is_anchored_on_the_chain_that_queues_its_targets():
