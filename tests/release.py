@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import pickle
 import subprocess
 import uuid
@@ -94,6 +95,19 @@ class Release:
     def seen_pods(self, run_id: str) -> list[dict[str, Any]]:
         """Every worker Pod the run had, as last seen (also those removed since)."""
         return self.recorder.with_label(LABEL_RUN, local_part(run_id))
+
+    def serving_pods(self, run_id: str) -> list[dict[str, Any]]:
+        """The worker Pods holding work of the run now (in its tasks or bound to it), whatever
+        run they were created for: a pool's Pods serve every run of the pool."""
+        pods = self.kube.list("pods", self.namespace, "dagkube.io/component=worker")
+        return [
+            pod
+            for pod in pods
+            if any(
+                json.loads(held).get("run") == run_id
+                for held in self.store.lrange(self.worker_proc_of(pod), 0, -1)
+            )
+        ]
 
     def build_pods(self) -> list[dict[str, Any]]:
         """The build Pods in the API now."""

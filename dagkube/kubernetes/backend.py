@@ -207,7 +207,8 @@ class KubernetesBackend:
         body = build_worker_pod(
             name=name,
             namespace=self.namespace,
-            run_id=self.run_id,
+            # A pool serving many runs labels each Pod with the run it was created for.
+            run_id=self.run_id or prewarm_for or demand_for,
             pool=self.pool,
             memory_mib=memory_mib,
             image=self.image,

@@ -166,15 +166,20 @@ def _guaranteed(cpu: str, memory: str, storage: str) -> dict[str, Any]:
 
 
 def _owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
-    """The Workflow a Pod belongs to: garbage-collected with it."""
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
+    """The object a Pod belongs to (garbage-collected with it): a Workflow unless ``owner``
+    names another ``apiVersion`` and ``kind`` (a shared pool's ConfigMap). Only a Workflow's
+    deletion waits for its Pods (``blockOwnerDeletion``)."""
+    kind = owner.get("kind", KIND)
+    reference = {
+        "apiVersion": owner.get("apiVersion", API_VERSION),
+        "kind": kind,
         "name": owner["name"],
         "uid": owner["uid"],
         "controller": True,
-        "blockOwnerDeletion": True,
     }
+    if kind == KIND:
+        reference["blockOwnerDeletion"] = True
+    return reference
 
 
 def _metadata(
@@ -216,7 +221,8 @@ def build_worker_pod(
     ``spawned_at`` (epoch seconds) is when the scaler asked for the Pod: the worker measures
     its cold start from it. ``prewarm_for`` / ``demand_for``: the run the Pod is created for
     (a pre-warm request, a queued invocation), charged if the worker never serves. ``owner``
-    is the Workflow the Pod belongs to (garbage-collected with it); ``labels`` are extra
+    is the Workflow or pool object the Pod belongs to (garbage-collected with it); ``run_id``
+    the run its ``dagkube.io/run`` label names (None: ``shared``); ``labels`` are extra
     labels, which cannot override the fixed vocabulary. ``ephemeral_storage_mib`` bounds the
     Pod's disk (past it the kubelet evicts the Pod); ``active_deadline_s``: the kubelet stops
     the Pod this long after it started (None: no deadline). ``redis_ca_secret``: (Secret
@@ -329,6 +335,29 @@ def build_worker_redis_secret(
             },
         },
         "stringData": data,
+    }
+
+
+def build_pool_object(
+    *, name: str, namespace: str, pool: str, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The ConfigMap standing for a shared worker pool: its Pods are owned by it (deleting it,
+    or its namespace, garbage-collects them) and named from its uid; ``settings`` (what shapes
+    the pool's Pods) are kept in it for the reader."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/name": "dagkube",
+                "app.kubernetes.io/component": "worker-pool",
+                "app.kubernetes.io/managed-by": "dagkube-operator",
+                LABEL_POOL: pool_label(pool),
+            },
+        },
+        "data": {"pool": pool, "settings.json": json.dumps(settings, sort_keys=True)},
     }
 
 

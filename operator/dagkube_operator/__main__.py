@@ -148,6 +148,7 @@ async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None) ->
     await server.start()
     log.info("serving /metrics and /healthz on port %d", config.metrics_port)
     api = None
+    operator: Operator | None = None
     try:
         redis = holder["redis"] = await _redis_when_ready(config)
         # The run history of every Workflow (and local runs sharing this Redis) on /metrics,
@@ -200,6 +201,8 @@ async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None) ->
         )
     finally:
         peering.detach()
+        if operator is not None:  # the pools' scalers; their Pods stay for the next operator
+            await operator.pools.close()
         await server.stop()
         if api is not None:
             await api.close()

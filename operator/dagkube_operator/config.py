@@ -32,7 +32,8 @@ Every variable, its meaning and its default:
   names or glob patterns; another ends the Workflow Failed (ModuleNotAllowed) (any module)
 - DAGKUBE_WORKER_EPHEMERAL_STORAGE: ephemeral storage (request = limit, and the size limit
   of its /tmp emptyDir) of each worker Pod, a quantity like 512Mi or 2Gi (1Gi)
-- DAGKUBE_IDLE_TIMEOUT: seconds an idle worker Pod waits for work before it exits (30)
+- DAGKUBE_IDLE_TIMEOUT: seconds an idle worker Pod waits for work before it exits; until
+  then it serves the next Workflows of its shared pool as warm starts (30)
 - DAGKUBE_STARTUP_DELAY: extra seconds each worker waits before serving, for experiments (0)
 - DAGKUBE_BUILD_TIMEOUT: seconds a module or inline source may take to build its DAG in its
   build Pod, the Pod's start included (120)
@@ -50,8 +51,8 @@ Every variable, its meaning and its default:
   scheduler's or the kubelet's (unschedulable, image pull failure, missing Secret) before its
   run fails with that reason (300); the reason is reported in .status within seconds
 - DAGKUBE_DEFAULT_TIMEOUT: seconds a run may take when its Workflow sets no
-  spec.timeoutSeconds; past it the run is cancelled and ends Failed; 0: no limit (3600).
-  Worker Pods get an activeDeadlineSeconds of the run's timeout plus a margin
+  spec.timeoutSeconds; past it the run is cancelled and ends Failed, and the worker Pods
+  still in its tasks are deleted; 0: no limit (3600)
 - DAGKUBE_PEERING: the name of the kopf peering object (a KopfPeering in the watched
   namespace, a ClusterKopfPeering when watching every namespace) the operator's replicas
   share; only one replica acts at a time, the oldest; empty: no peering, this operator acts

@@ -2,7 +2,8 @@
 
 :class:`Operator` holds the settings, the Redis and Kubernetes clients and the metrics, and
 does the small writes the steps share: a status patch, an Event, a long message kept in Redis,
-a Workflow deleted, a namespace's worker credentials made, a run's pool of worker Pods. The
+a Workflow deleted, a namespace's worker credentials made; its worker pools are in
+:mod:`dagkube_operator.pools`. The
 steps themselves (launching, following, ending) live in their own modules and take the
 Operator as their first argument.
 """
@@ -20,7 +21,6 @@ from typing import Any
 import kopf
 from kubernetes_asyncio import client
 
-from dagkube.kubernetes.backend import KubernetesBackend, KubernetesBackendError
 from dagkube.kubernetes.pods import (
     REDIS_CA_FILE,
     WORKER_REDIS_CA_KEY,
@@ -29,12 +29,13 @@ from dagkube.kubernetes.pods import (
     build_worker_redis_secret,
 )
 from dagkube.kubernetes.workflow_cr import GROUP, PLURAL, VERSION, WorkflowSpec
-from dagkube.runtime.scaler import WorkerHandle
+from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB
 from dagkube.store import acl
 from dagkube.store.connection import with_ca_file
 from dagkube.store.keys import NAMESPACES
 from dagkube_operator.config import OperatorConfig
 from dagkube_operator.metrics import OperatorMetrics
+from dagkube_operator.pools import SharedPools
 from dagkube_operator.reasons import (
     EVENT_MESSAGE_LIMIT_BYTES,
     MESSAGE_LIMIT_BYTES,
@@ -43,7 +44,7 @@ from dagkube_operator.reasons import (
     bounded_status,
     during,
 )
-from dagkube_operator.runs import message_key, pool_for, worker_deadline_s
+from dagkube_operator.runs import PoolSettings, message_key
 from dagkube_operator.transient import StatusNotWritten
 
 # A namespace's worker user is looked for in Redis this often while its runs go on, and made
@@ -52,25 +53,6 @@ from dagkube_operator.transient import StatusNotWritten
 CREDENTIALS_CHECK_S = 5.0
 
 log = logging.getLogger("dagkube.operator")
-
-
-class CountingBackend(KubernetesBackend):
-    """The Kubernetes backend, counting the Pods it creates into the operator's metrics."""
-
-    metrics: OperatorMetrics
-
-    async def start_worker(
-        self, memory_mib: int, prewarm_for: str | None = None, demand_for: str | None = None
-    ) -> WorkerHandle:
-        try:
-            handle = await super().start_worker(memory_mib, prewarm_for, demand_for)
-        except KubernetesBackendError:
-            self.metrics.api_errors.labels("create_pod").inc()
-            raise
-        self.metrics.pods_created.labels(f"{memory_mib}Mi").inc()
-        if prewarm_for:
-            self.metrics.pods_prewarmed.inc()
-        return handle
 
 
 @dataclass
@@ -83,12 +65,14 @@ class Operator:
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     ready: bool = False
     builds: asyncio.Semaphore = field(init=False)  # builds running at once
+    pools: SharedPools = field(init=False)  # the worker pools whose scalers run
     # Namespace -> when its worker user was last seen in Redis (see worker_credentials).
     _credentials: dict[str, float] = field(init=False, default_factory=dict)
     _credentials_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.builds = asyncio.Semaphore(self.config.max_concurrent_builds)
+        self.pools = SharedPools(self.api, self.redis, self.metrics, self.worker_ca_secret)
 
     # ------------------------------------------------------------------ worker credentials
     async def worker_credentials(self, namespace: str) -> tuple[str, str]:
@@ -231,38 +215,14 @@ class Operator:
                 raise
             log.debug("Workflow %s/%s was already deleted", namespace, name)
 
-    def backend(
-        self,
-        spec: WorkflowSpec | None,
-        *,
-        namespace: str,
-        name: str,
-        uid: str,
-        run_id: str,
-        redis_url_secret: tuple[str, str] | None = None,
-    ) -> CountingBackend:
-        """The run's pool of worker Pods; ``redis_url_secret``: where they read their Redis
-        URL (the namespace's worker user, :meth:`worker_credentials`), needed only by a backend
-        that creates Pods."""
-        backend = CountingBackend(
-            self.api,
-            namespace=namespace,
-            pool=pool_for(namespace, uid),
+    def pool_settings(self, spec: WorkflowSpec | None) -> PoolSettings:
+        """What shapes the worker Pods of a Workflow of ``spec`` (None: the defaults): the
+        Workflows of a namespace with equal settings share a pool (:mod:`.pools`)."""
+        return PoolSettings(
             image=(spec.image if spec else None) or self.config.worker_image,
-            redis_url_secret=redis_url_secret or (WORKER_REDIS_SECRET, WORKER_REDIS_SECRET_KEY),
-            redis_ca_secret=self.worker_ca_secret,
-            max_workers=(spec.max_workers if spec else None) or self.config.max_workers,
-            run_id=run_id,
-            owner={"name": name, "uid": uid},
+            memory_per_cpu_mib=spec.memory_per_cpu_mib if spec else DEFAULT_MEMORY_PER_CPU_MIB,
+            max_cpu=spec.max_cpu if spec else DEFAULT_MAX_CPU,
             idle_timeout_s=self.config.idle_timeout_s,
-            memory_per_cpu_mib=spec.memory_per_cpu_mib if spec else 1792,
-            max_cpu=spec.max_cpu if spec else 6.0,
             startup_delay_s=self.config.startup_delay_s,
             ephemeral_storage_mib=self.config.worker_ephemeral_storage_mib,
-            active_deadline_s=worker_deadline_s(
-                spec_timeout_s=spec.timeout_s if spec else None,
-                default_timeout_s=self.config.default_timeout_s,
-            ),
         )
-        backend.metrics = self.metrics
-        return backend

@@ -1,14 +1,14 @@
 """Following a Running Workflow's run until it ends: its pool scaled, its progress mirrored
 into ``.status``, worker Pods that cannot start reported, its deadline enforced, and its end
-written (final status and Event, idle Pods released).
+written (final status and Event; Pods still in its tasks deleted, idle ones left to the pool).
 
 Nothing here is kept between calls but what ``.status`` and Redis hold: a restarted daemon
-calls :func:`follow` again, adopts the pool's Pods and enforces the same deadline.
+calls :func:`follow` again, its pool's scaler adopts the pool's Pods, and it enforces the same
+deadline.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -18,15 +18,17 @@ import kopf
 
 from dagkube.errors import RunTimeout
 from dagkube.kubernetes.backend import KubernetesBackend, StuckPod, stuck_pods
+from dagkube.kubernetes.pods import LABEL_CLASS, LABEL_RUN
 from dagkube.kubernetes.workflow_cr import Phase, WorkflowSpec
+from dagkube.resources import parse_memory
 from dagkube.runtime import launcher
-from dagkube.runtime.scaler import Scaler
-from dagkube.store.keys import RunKeys, hist_run
+from dagkube.store.keys import RunKeys, hist_run, local_part
 from dagkube_operator import status as st
 from dagkube_operator.core import Operator
+from dagkube_operator.pools import remove_pods, stop_busy_workers
 from dagkube_operator.reasons import Reason, WorkflowFailed, bounded_status, during, reason_of
 from dagkube_operator.runs import Deadline, pool_for, run_deadline
-from dagkube_operator.teardown import release_pool
+from dagkube_operator.teardown import run_pool
 from dagkube_operator.transient import StatusNotWritten
 
 log = logging.getLogger("dagkube.operator")
@@ -44,15 +46,20 @@ async def follow(
     """Scale the run's pool and mirror its progress until it ends or the daemon stops; the
     status then (the final one when the run ended)."""
     meta = body["metadata"]
-    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    namespace = meta["namespace"]
     with during(f"making the Redis credentials of namespace {namespace}"):
         secret = await operator.worker_credentials(namespace)
-    backend = operator.backend(
-        spec, namespace=namespace, name=name, uid=uid, run_id=run_id, redis_url_secret=secret
-    )
-    scaler = Scaler(operator.redis, pool_for(namespace, uid), backend)
-    scaling = asyncio.create_task(scaler.run(), name=f"scaler {namespace}/{name}")
-    operator.metrics.live_pools[pool_for(namespace, uid)] = backend  # its live state on /metrics
+    settings = operator.pool_settings(spec)
+    pool = await run_pool(operator.redis, run_id) or pool_for(namespace, settings)
+    with during(f"starting the scaler of pool {pool}"):
+        backend = await operator.pools.acquire(
+            namespace=namespace,
+            pool=pool,
+            settings=settings,
+            run_id=run_id,
+            max_workers=spec.max_workers or operator.config.max_workers,
+            redis_url_secret=secret,
+        )
     # The deadline counts from the start written in .status, the cancellation's grace from
     # the moment written in Redis: a restarted daemon enforces the same times.
     started = st.parse_timestamp(status.get("startTime")) or time.time()
@@ -61,16 +68,22 @@ async def follow(
         spec_timeout_s=spec.timeout_s,
         default_timeout_s=operator.config.default_timeout_s,
     )
+    ended: str | None = None
     try:
         ended, failure_reason = await _wait_for_end(
             operator, body, backend, run_id, status, deadline, stopped, logger
         )
+        if ended is not None:  # Pods still in its tasks go before the status is written,
+            await stop_busy_workers(operator.redis, backend, run_id)
+            # and so do those created for it that never started (they may never place).
+            await remove_pods(backend, metrics=operator.metrics, phases={"Pending"}, run_id=run_id)
     finally:
-        operator.metrics.live_pools.pop(pool_for(namespace, uid), None)
-        await _stop_scaler(operator, scaler, scaling, run_id, logger)
+        # An ended run's idle Pods stay in the pool for the next run; when the daemon stops
+        # (shutdown, Workflow deleted) the pool's scaler stops with its last run.
+        await operator.pools.release(pool, run_id, linger=ended is not None or not stopped)
     if ended is None:  # the daemon stops (operator shutdown, Workflow deleted)
         return status
-    return await _write_end(operator, body, backend, run_id, status, failure_reason)
+    return await _write_end(operator, body, run_id, status, failure_reason)
 
 
 async def _wait_for_end(
@@ -93,7 +106,13 @@ async def _wait_for_end(
     while not stopped:
         if deadline is not None and time.time() >= deadline.at:
             return await _time_out(operator, run_id, deadline.message, logger), None
-        stuck = await _watch_pending(operator, body, backend, status, reported)
+        stuck = await _watch_pending(operator, body, backend, run_id, status, reported)
+        if stuck is not None and stuck.reason == "Unschedulable":  # idle Pods may hold room
+            pod = backend.last_pods.get(stuck.name) or {}
+            memory = (pod.get("metadata") or {}).get("labels", {}).get(LABEL_CLASS)
+            if memory:
+                beside = (backend.pool, parse_memory(memory))
+                await operator.pools.make_room(backend.namespace, beside=beside)
         if stuck is not None and time.time() - stuck.created_at > config.pending_timeout_s:
             message = (
                 f"worker Pod {stuck.name} stayed Pending for more than "
@@ -140,40 +159,16 @@ async def _mirror_progress(
     return progress
 
 
-async def _stop_scaler(
-    operator: Operator,
-    scaler: Scaler,
-    scaling: asyncio.Task[None],
-    run_id: str,
-    logger: logging.Logger,
-) -> None:
-    """Stop the run's scaler (its Pods stay: releasing them is the run's end's work)."""
-    scaler.stop()
-    scaling.cancel()
-    try:
-        with contextlib.suppress(asyncio.CancelledError):  # cancelled just above
-            await scaling
-    # Scaler.run retries its own errors, so one here is a bug of the scaler: said, and not
-    # raised from the caller's finally, where it would hide how the run ended.
-    except Exception as exc:
-        operator.metrics.reconcile_errors.inc()
-        logger.error("run %s: the scaler failed: %s", run_id, exc, exc_info=exc)
-
-
 async def _write_end(
     operator: Operator,
     body: kopf.Body,
-    backend: KubernetesBackend,
     run_id: str,
     status: dict[str, Any],
     failure_reason: Reason | None,
 ) -> dict[str, Any]:
-    """The run ended: its Pods released, its final status written, an Event posted; the new
-    status."""
+    """The run ended: its final status written, an Event posted; the new status."""
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
-    # The ended run's Pods go first: freeing them must not wait on a status write.
-    await release_pool(operator, backend, keep_failed=True)
     await _check_run_state(operator, run_id)
     with during(f"reading the record of the ended run {run_id}"):
         record = await launcher.fetch_run_record(operator.redis, run_id)
@@ -214,17 +209,22 @@ async def _watch_pending(
     operator: Operator,
     body: kopf.Body,
     backend: KubernetesBackend,
+    run_id: str,
     status: dict[str, Any],
     reported: set[tuple[str, str]],
 ) -> StuckPod | None:
-    """Report worker Pods the scheduler cannot place or the kubelet cannot start (from
-    the scaler's last list of the pool): the ``WorkersPending`` condition and one Warning
+    """Report the run's worker Pods the scheduler cannot place or the kubelet cannot start
+    (from the scaler's last list of the pool): the ``WorkersPending`` condition and one Warning
     Event per Pod and reason. Returns the oldest such Pod, None when there is none."""
     now = time.time()
+    # The pool's Pods created for this run: another run's may be of a class this one never uses.
+    ours = {
+        name: pod
+        for name, pod in backend.last_pods.items()
+        if pod["metadata"]["labels"].get(LABEL_RUN) == local_part(run_id)
+    }
     stuck = [
-        s
-        for s in stuck_pods(backend.last_pods)
-        if now - s.created_at >= operator.config.pending_report_after_s
+        s for s in stuck_pods(ours) if now - s.created_at >= operator.config.pending_report_after_s
     ]
     was_pending = any(
         c.get("type") == "WorkersPending" and c.get("status") == "True"

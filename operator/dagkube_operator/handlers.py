@@ -6,18 +6,20 @@ and in Redis:
 * no ``status.runId``: plan and launch (phase Pending -> Planning -> Running). The run id is
   derived from the Workflow's name and uid, so a launch that happened before a crash is
   found in Redis and adopted instead of repeated;
-* ``Running``: run the scaler for the Workflow's worker pool (Pods named from the Workflow's
-  uid; existing ones adopted), mirror progress into ``.status`` and wait for the run's end
-  on its result list; enforce ``timeoutSeconds`` (else the operator's default timeout);
-* ended: final status, Events, idle Pods removed; after ``ttlSecondsAfterFinished`` the
-  Workflow is deleted (like a Job), which runs the delete handler.
+* ``Running``: join the run to its worker pool, shared by the namespace's Workflows whose
+  Pods would be the same (one scaler per pool; Pods named from the pool's ConfigMap, existing
+  ones adopted), mirror progress into ``.status`` and wait for the run's end on its result
+  list; enforce ``timeoutSeconds`` (else the operator's default timeout);
+* ended: final status, Events, Pods still in its tasks deleted (idle ones stay in the pool
+  for the next runs until the idle timeout); after ``ttlSecondsAfterFinished`` the Workflow
+  is deleted (like a Job), which runs the delete handler.
 
 Operator restart: kopf starts the daemon again for every Workflow; a Running one resumes
 following its run, its Pods are adopted, no work is duplicated. No error escapes the daemon
 (no crash loop, no retry storm): an error that passes (the API server or Redis busy or away)
 is retried with a doubling, capped delay; any other ends the Workflow ``Failed`` with a
 condition and an Event (``InternalError`` for an error nobody foresaw), its run cancelled and
-its Pods released. Messages are bounded; a long one is kept whole in Redis.
+its busy Pods released. Messages are bounded; a long one is kept whole in Redis.
 
 Where the steps live: this module registers the kopf handlers and drives the phases
 (:func:`supervise`, launching); :mod:`dagkube_operator.follow` follows a Running run;
@@ -52,6 +54,7 @@ from dagkube.store.keys import RunKeys, hist_run
 from dagkube_operator import status as st
 from dagkube_operator.core import Operator
 from dagkube_operator.follow import follow
+from dagkube_operator.pools import idle_workers
 from dagkube_operator.reasons import Reason, WorkflowFailed, during, internal_error
 from dagkube_operator.runs import pool_for, run_id_for
 from dagkube_operator.source import BuildSettings, build_dag, load_stored_dag
@@ -171,14 +174,15 @@ async def _start(
     else:
         with during(f"loading the DAG from spec.source.{spec.source.kind}"):
             dag = await _load_dag(operator, spec, namespace=namespace, name=name, uid=uid)
+        pool = pool_for(namespace, operator.pool_settings(spec))
         with during("planning"):
-            plan = await _plan(operator, dag, spec, namespace)
+            plan = await _plan(operator, dag, spec, namespace, pool)
         with during(f"launching run {run_id}"):
             await launcher.launch(
                 redis,
                 dag,
                 plan,
-                pool_for(namespace, uid),
+                pool,
                 run_id=run_id,
                 ttl_s=operator.config.run_ttl_s,
                 startup_delay_s=operator.config.startup_delay_s,
@@ -216,6 +220,7 @@ async def _load_dag(
                 image=spec.image or config.worker_image,
                 redis_url_secret=secret,
                 redis_ca_secret=operator.worker_ca_secret,
+                make_room=lambda: operator.pools.make_room(namespace),
                 settings=BuildSettings(
                     timeout_s=config.build_timeout_s,
                     memory_mib=config.build_memory_mib,
@@ -228,10 +233,14 @@ async def _load_dag(
     return dag
 
 
-async def _plan(operator: Operator, dag: DagSpec, spec: WorkflowSpec, namespace: str) -> Plan:
+async def _plan(
+    operator: Operator, dag: DagSpec, spec: WorkflowSpec, namespace: str, pool: str
+) -> Plan:
     """Plan the run from the history of the Workflow's namespace (its runs' workers write it
-    there); a plan the planner rejects is a SpecError (PlanRejected)."""
+    there) and the idle workers of its pool now (warm starts); a plan the planner rejects is
+    a SpecError (PlanRejected)."""
     history = await load_snapshot(operator.redis, dag.structure_hash, namespace=namespace)
+    warm_pool = await idle_workers(operator.redis, pool)
     options = planning.PlanningOptions.for_run(
         spec.classes_mib,
         sla=spec.sla,
@@ -240,6 +249,7 @@ async def _plan(operator: Operator, dag: DagSpec, spec: WorkflowSpec, namespace:
         max_cpu=spec.max_cpu,
         max_workers=spec.max_workers or operator.config.max_workers,
         idle_timeout_s=operator.config.idle_timeout_s,
+        warm_pool=warm_pool,
         startup_delay_s=operator.config.startup_delay_s,
         # Unlike local workers, a worker Pod's CPU limit is enforced: say so even though it
         # is the default, since the local runtime and `dagkube plan` decide it per machine.

@@ -2,21 +2,20 @@
 message is kept, and its deadline.
 
 Everything here is derived from the Workflow (namespace, name, uid, ``.status.startTime`` and
-``spec.timeoutSeconds``), never stored apart, so an operator that restarts finds the same run,
-the same Pods and the same deadline.
+its spec), never stored apart, so an operator that restarts finds the same run, the same pool
+and the same deadline.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 
-from dagkube.store.keys import RunKeys, namespaced
+from dagkube.store.keys import RunKeys, local_part, namespaced
 
-# Worker Pods outlive their run's deadline by this much at most: the operator cancels the run
-# at the deadline and deletes its Pods after a grace; the kubelet's activeDeadlineSeconds only
-# stops the ones it could not (an operator that is down, a Pod it failed to delete).
-WORKER_DEADLINE_MARGIN_S = 120
+POOL_PREFIX = "wp-"  # the local part of a shared pool's id: wp-<hash of its PoolSettings>
+POOL_HASH_CHARS = 10
 
 
 def run_id_for(namespace: str, name: str, uid: str) -> str:
@@ -27,9 +26,40 @@ def run_id_for(namespace: str, name: str, uid: str) -> str:
     return namespaced(namespace, f"{stem}-{uid.replace('-', '')[:8]}")
 
 
-def pool_for(namespace: str, uid: str) -> str:
-    """Each Workflow has its own worker pool (its Pods serve only its run), in its namespace."""
-    return namespaced(namespace, f"wf-{uid}")
+@dataclass(frozen=True)
+class PoolSettings:
+    """Everything that shapes a worker Pod. Workflows of a namespace with equal settings share
+    one pool: a worker Pod that one of them left idle serves the next as a warm start. Per-run
+    settings (timeouts, classes, maxWorkers, planner) are not here: they do not change a Pod."""
+
+    image: str
+    memory_per_cpu_mib: int
+    max_cpu: float
+    idle_timeout_s: float
+    startup_delay_s: float
+    ephemeral_storage_mib: int
+
+    @property
+    def digest(self) -> str:
+        """A short, stable hash of the settings (the same settings, the same hash: numbers
+        are compared as numbers, 6 and 6.0 alike)."""
+        values = {
+            name: float(value) if isinstance(value, int | float) else value
+            for name, value in asdict(self).items()
+        }
+        canonical = json.dumps(values, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:POOL_HASH_CHARS]
+
+
+def pool_for(namespace: str, settings: PoolSettings) -> str:
+    """The worker pool of a Workflow: ``<namespace>.wp-<hash of its Pod settings>``, shared by
+    every Workflow of the namespace whose worker Pods would be the same."""
+    return namespaced(namespace, f"{POOL_PREFIX}{settings.digest}")
+
+
+def pool_object_name(pool: str) -> str:
+    """The ConfigMap that owns a shared pool's Pods (deleting it garbage-collects them)."""
+    return f"dagkube-worker-pool-{local_part(pool)}"
 
 
 def message_key(run_id: str) -> str:
@@ -61,11 +91,3 @@ def run_deadline(
             "set spec.timeoutSeconds to change it)",
         )
     return None
-
-
-def worker_deadline_s(*, spec_timeout_s: int | None, default_timeout_s: float) -> int | None:
-    """``activeDeadlineSeconds`` of a run's worker Pods: the run's timeout (the same rule as
-    :func:`run_deadline`) plus a margin; None when the run has no time limit. A Pod's deadline
-    counts from its own start, so it is never earlier than the run's."""
-    timeout = run_deadline(0.0, spec_timeout_s=spec_timeout_s, default_timeout_s=default_timeout_s)
-    return None if timeout is None else math.ceil(timeout.at) + WORKER_DEADLINE_MARGIN_S

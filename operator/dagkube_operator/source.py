@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,11 +80,13 @@ async def build_dag(
     redis_url_secret: tuple[str, str],
     settings: BuildSettings,
     redis_ca_secret: tuple[str, str] | None = None,
+    make_room: Callable[[], Awaitable[Any]] | None = None,
 ) -> DagSpec:
     """Build a module or inline source in a build Pod and read what it stored; a SpecError
     carries the build's reason and message (unknown module, no workflow defined, timeout...).
     The Pod is deleted when the build ends, fails, times out or is cancelled.
-    ``redis_ca_secret``: where the Pod finds a TLS Redis' CA (see build_build_pod)."""
+    ``redis_ca_secret``: where the Pod finds a TLS Redis' CA (see build_build_pod).
+    ``make_room``: called while no node has room for the Pod (idle worker Pods may hold it)."""
     core: Any = client.CoreV1Api(api)
     key = build_key(namespace, uid)
     pod_name = build_pod_name(uid)
@@ -105,7 +108,9 @@ async def build_dag(
     )
     try:
         await _create(core, manifest)
-        outcome = await _wait(core, redis, source, pod_name, namespace, key, settings.timeout_s)
+        outcome = await _wait(
+            core, redis, source, pod_name, namespace, key, settings.timeout_s, make_room
+        )
         return await _read(redis, source, key, outcome)
     finally:  # also when cancelled (the Workflow deleted, the operator stopping)
         await asyncio.shield(_delete(core, pod_name, namespace))
@@ -156,6 +161,7 @@ async def _wait(
     namespace: str,
     key: str,
     timeout_s: float,
+    make_room: Callable[[], Awaitable[Any]] | None = None,
 ) -> bytes:
     """The build's outcome (JSON bytes) once it wrote one; a SpecError when its Pod ended
     without one, cannot start, or the time is up."""
@@ -193,6 +199,8 @@ async def _wait(
                     return bytes(found)
                 raise await _ended_without_outcome(core, source, pod_name, namespace, state)
             waiting = (state.get("waiting") or {}).get("reason") or ""
+            if make_room is not None and phase == "Pending" and _unschedulable(pod):
+                await make_room()
             if waiting in HOPELESS_WAITING:
                 message = (state.get("waiting") or {}).get("message") or ""
                 raise SpecError(
@@ -233,6 +241,15 @@ async def _read_pod(core: Any, name: str, namespace: str) -> Any:
         if exc.status == 404:
             return None
         raise
+
+
+def _unschedulable(pod: Any) -> bool:
+    """Whether the scheduler found no node for the Pod (yet)."""
+    conditions = (pod.status.conditions if pod.status else None) or []
+    return any(
+        c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable"
+        for c in conditions
+    )
 
 
 def _container_state(pod: Any) -> tuple[str, dict[str, Any]]:

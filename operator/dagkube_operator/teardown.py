@@ -1,6 +1,7 @@
 """The end of a Workflow's life: failing it, deleting it when its ``ttlSecondsAfterFinished``
-has passed, and cleaning up when it goes (its run cancelled, its Pods and keys removed; the
-history stays, it is what the planner learns from).
+has passed, and cleaning up when it goes (its run cancelled, the Pods still in its tasks and
+its keys removed; its pool's idle Pods stay for other runs, and the history stays: it is what
+the planner learns from).
 
 Every step here is safe to repeat: it runs again after an error that passes, and after an
 operator restart.
@@ -8,23 +9,24 @@ operator restart.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
 
 import kopf
 
-from dagkube.kubernetes.backend import KubernetesBackend, KubernetesBackendError
+from dagkube.kubernetes.backend import KubernetesBackendError
 from dagkube.kubernetes.workflow_cr import Phase
 from dagkube.runtime import launcher
-from dagkube.store.cleanup import delete_pool_keys, delete_run_keys
+from dagkube.store.cleanup import delete_run_keys
 from dagkube.store.keys import RunKeys, hist_run
 from dagkube.store.records import is_live
 from dagkube_operator import status as st
 from dagkube_operator.core import Operator
+from dagkube_operator.pools import remove_pods, stop_busy_workers
 from dagkube_operator.reasons import WorkflowFailed, bounded
-from dagkube_operator.runs import message_key, run_id_for
+from dagkube_operator.runs import message_key, pool_for, run_id_for
+from dagkube_operator.spec import SpecError, parse_spec
 from dagkube_operator.transient import backoff_delay_s, is_transient
 
 TTL_DELETE_ATTEMPTS = 10  # a finished Workflow's deletion, retried with backoff this often
@@ -55,8 +57,7 @@ async def fail(
         await launcher.cancel_and_end(
             redis, run_id, message, grace_s=operator.config.cancel_grace_s
         )
-    backend = operator.backend(None, namespace=namespace, name=name, uid=uid, run_id=run_id)
-    await release_pool(operator, backend, keep_failed=True)
+    await release_run(operator, body, run_id, keep_failed=True)
     failed = st.failed_status(error.reason, message, status.get("conditions"), time.time())
     await operator.patch_status(namespace, name, failed)
     operator.metrics.set_phase(uid, Phase.FAILED)
@@ -132,8 +133,8 @@ async def cleanup(
 
 
 async def _cleanup(operator: Operator, body: kopf.Body, logger: logging.Logger) -> None:
-    """The Workflow is going: cancel its run, remove its Pods and its run's Redis keys
-    (the history stays: it is what the planner learns from)."""
+    """The Workflow is going: cancel its run, remove the Pods in its tasks, its Failed Pods
+    and its run's Redis keys (the history stays: it is what the planner learns from)."""
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     run_id = (body.get("status") or {}).get("runId") or run_id_for(namespace, name, uid)
@@ -141,30 +142,56 @@ async def _cleanup(operator: Operator, body: kopf.Body, logger: logging.Logger) 
     running = await redis.hget(RunKeys(run_id).meta, "status")
     if is_live(running):
         await launcher.cancel(redis, run_id, "the Workflow was deleted")
-    backend = operator.backend(None, namespace=namespace, name=name, uid=uid, run_id=run_id)
-    await release_pool(operator, backend, keep_failed=False)
+    await release_run(operator, body, run_id, keep_failed=False)
     if is_live(running):
         await launcher.force_end(redis, run_id)  # records it as cancelled in the history
     await delete_run_keys(redis, run_id, message_key(run_id))
     operator.metrics.forget(uid)
-    logger.info("Workflow deleted: run %s cancelled, Pods and keys removed", run_id)
+    logger.info("Workflow deleted: run %s cancelled, its busy Pods and keys removed", run_id)
 
 
-async def release_pool(
-    operator: Operator, backend: KubernetesBackend, *, keep_failed: bool
-) -> None:
-    """Remove the pool's Pods (except Failed ones kept for ``kubectl logs`` until the
-    Workflow goes) and its Redis keys; the run's own keys expire with their TTL."""
-    pool = backend.pool
+async def run_pool(redis: Any, run_id: str) -> str | None:
+    """The pool a run was launched into (its meta, live or in the history); None when Redis
+    knows no such run (not launched yet, or its keys are gone)."""
+    for meta in (RunKeys(run_id).meta, hist_run(run_id, "meta")):
+        pool = await redis.hget(meta, "pool")
+        if pool:
+            return pool.decode() if isinstance(pool, bytes) else str(pool)
+    return None
+
+
+def _pool_of_spec(operator: Operator, body: kopf.Body) -> str | None:
+    """The pool the Workflow's spec leads to (its run's own record is gone from Redis); None
+    for a spec that does not parse."""
     try:
-        pods = await backend.pods()
-        doomed = [
-            pod_name
-            for pod_name, pod in pods.items()
-            if not (keep_failed and (pod.get("status") or {}).get("phase") == "Failed")
-        ]
-        await asyncio.gather(*(backend.discard(pod_name) for pod_name in doomed))
+        spec = parse_spec(body.get("spec"), default_image=operator.config.worker_image)
+    except SpecError:
+        return None
+    return pool_for(body["metadata"]["namespace"], operator.pool_settings(spec))
+
+
+async def release_run(
+    operator: Operator, body: kopf.Body, run_id: str, *, keep_failed: bool
+) -> None:
+    """Free what a run holds in its shared pool: Pods still in its tasks are deleted and,
+    unless ``keep_failed``, the Failed (kept for ``kubectl logs`` until its Workflow goes) and
+    Pending Pods created for it. Idle Pods stay: they serve the pool's next runs."""
+    namespace = body["metadata"]["namespace"]
+    pool = await run_pool(operator.redis, run_id) or _pool_of_spec(operator, body)
+    if pool is None:
+        return
+    backend = operator.pools.live_backend(pool) or operator.pools.backend(
+        namespace=namespace,
+        pool=pool,
+        settings=operator.pool_settings(None),  # lists and deletes only: no Pod is made
+        owner=None,
+        redis_url_secret=operator.config.redis_url_secret,
+    )
+    try:
+        await stop_busy_workers(operator.redis, backend, run_id)
+        if not keep_failed:
+            gone = {"Failed", "Pending"}
+            await remove_pods(backend, metrics=operator.metrics, phases=gone, run_id=run_id)
     except KubernetesBackendError as exc:
         operator.metrics.api_errors.labels("delete_pods").inc()
-        log.warning("cannot remove the worker Pods of pool %s: %s", pool, exc)
-    await delete_pool_keys(operator.redis, pool)
+        log.warning("cannot remove the worker Pods of run %s: %s", run_id, exc)

@@ -17,7 +17,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config
 
 from dagkube.kubernetes.backend import KubernetesBackend, KubernetesBackendError
-from dagkube.kubernetes.pods import build_worker_pod, worker_pod_name
+from dagkube.kubernetes.pods import build_pool_object, build_worker_pod, worker_pod_name
 from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.scaler import Scaler, WorkerExit
 from dagkube.store.keys import PoolKeys
@@ -336,3 +336,33 @@ async def test_scaler_creates_one_pod_per_queued_invocation_and_waits_while_it_s
     finally:
         await store.delete(keys.classes, keys.queue(BIG))
         await store.aclose()
+
+
+async def test_a_shared_pools_pods_go_with_its_configmap(
+    make_backend: Any, local_cluster: Kube, namespace: str
+) -> None:
+    """The operator's shared pools: Pods owned by the pool's ConfigMap, named from its uid,
+    labeled with the run they were created for, garbage-collected when it is deleted."""
+    pool = f"{namespace}.wp-0123456789"
+    name = "dagkube-worker-pool-wp-0123456789"
+    local_cluster.apply(
+        build_pool_object(name=name, namespace=namespace, pool=pool, settings={}), namespace
+    )
+    stored_object = local_cluster.get("configmap", name, namespace)
+    assert stored_object is not None
+    uid = stored_object["metadata"]["uid"]
+    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": name, "uid": uid}
+    backend = await make_backend(pool=pool, owner=owner, run_id=None)
+    handle = await backend.start_worker(BIG, demand_for=f"{namespace}.first-run")
+    assert handle.worker_id == worker_pod_name(uid, BIG, 0)
+    stored = local_cluster.get("pod", handle.worker_id, namespace)
+    assert stored is not None
+    [reference] = stored["metadata"]["ownerReferences"]
+    assert (reference["kind"], reference["uid"]) == ("ConfigMap", uid)
+    assert stored["metadata"]["labels"]["dagkube.io/run"] == "first-run"
+    local_cluster.kubectl("delete", "configmap", name, "-n", namespace)
+    wait_for(
+        lambda: handle.worker_id not in pods(local_cluster, namespace),
+        60,
+        "the garbage collector to delete the pool's Pod with its ConfigMap",
+    )

@@ -125,7 +125,7 @@ def release(local_cluster: Kube) -> Iterator[Release]:
 
 def check_pod(pod: dict[str, Any], max_cpu: float = 6.0) -> int:
     """A worker Pod as the API server stored it: resources follow its class, it runs locked
-    down, its owner is the Workflow; returns its class."""
+    down, its owner is its shared pool's ConfigMap; returns its class."""
     memory = parse_memory(pod["metadata"]["labels"][LABEL_CLASS])
     [container] = pod["spec"]["containers"]
     millicores = cpu_millicores(memory, 1792, max_cpu)
@@ -138,9 +138,23 @@ def check_pod(pod: dict[str, Any], max_cpu: float = 6.0) -> int:
     assert pod["spec"]["restartPolicy"] == "Never"
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert pod["metadata"]["ownerReferences"][0]["kind"] == "Workflow"
+    [owner] = pod["metadata"]["ownerReferences"]
+    assert owner["kind"] == "ConfigMap" and owner["name"].startswith("dagkube-worker-pool-wp-")
     assert pod["status"]["qosClass"] == "Guaranteed"
     return memory
+
+
+def served_pods(release: Release, run_id: str) -> list[dict[str, Any]]:
+    """Every worker Pod that served the run (its worker records name them), as last seen."""
+    raw = release.store.hvals(hist_run(run_id, "workers"))
+    names = {WorkerRecord.model_validate_json(value).worker_id for value in raw}
+    return [pod for name, pod in release.recorder.pods.items() if name in names]
+
+
+def no_live_worker_pods(release: Release) -> bool:
+    """No worker Pod of the namespace is alive (Failed ones stay for their logs)."""
+    pods = release.kube.list("pods", release.namespace, "dagkube.io/component=worker")
+    return all(p["status"].get("phase") == "Failed" for p in pods)
 
 
 def test_the_chart_runs_the_operator_under_its_service_account(release: Release) -> None:
@@ -173,7 +187,9 @@ def test_module_inline_and_non_uniform_workflows_succeed(release: Release) -> No
         "unequal-branches",
         {"module": {"name": "examples.unequal_branches:build"}},
         planner={"name": "non-uniform", "sla": "p90"},
-        resources={"classes": ["512Mi", "1Gi", "2Gi"]},
+        # A pool of its own (maxCpu shapes its Pods; no class here reaches 5 cores): the idle
+        # Pods of the tree's pool would otherwise run it warm on one class, as they should.
+        resources={"classes": ["512Mi", "1Gi", "2Gi"], "maxCpu": 5.0},
     )
     for body in (tree, inline, branches):
         release.apply(body)
@@ -203,9 +219,10 @@ def test_module_inline_and_non_uniform_workflows_succeed(release: Release) -> No
     )
 
     for name, status in statuses.items():
-        pods = release.seen_pods(status["runId"])
+        pods = served_pods(release, status["runId"])  # the pool's Pods serve any of its runs
         assert pods, f"no worker Pods seen for {name}"
-        classes = {check_pod(p, max_cpu=0.5 if name == "sum-of-squares" else 6.0) for p in pods}
+        max_cpu = {"sum-of-squares": 0.5, "unequal-branches": 5.0}.get(name, 6.0)
+        classes = {check_pod(p, max_cpu=max_cpu) for p in pods}
         if name == "sum-of-squares":
             assert classes == {2048}
             assert {p["spec"]["containers"][0]["resources"]["limits"]["cpu"] for p in pods} == {
@@ -271,6 +288,8 @@ def test_prewarm_creates_a_pod_before_its_invocation_is_queued(release: Release)
     source = {"inline": LONG_THEN_WIDE}
     release.apply(release.workflow("long-then-wide-learn", source, planner={"name": "wukong"}))
     assert release.wait_phase("long-then-wide-learn")["phase"] == "Succeeded"
+    # Idle Pods of the pool would serve the next run warm, and pre-warm then has nothing to do.
+    wait_for(lambda: no_live_worker_pods(release), 90, "the pool's idle Pods to exit")
     body = release.workflow(
         "long-then-wide", source, planner={"name": "wukong", "optimizations": ["prewarm"]}
     )
@@ -323,10 +342,8 @@ def test_a_killed_worker_still_gives_the_right_result(release: Release) -> None:
     run_id = release.wait_phase("survives-a-kill", ("Running",), 60)["runId"]
 
     def busy() -> dict[str, Any] | None:  # a worker holding an invocation (in its task)
-        for pod in release.run_pods(run_id):
-            if release.store.llen(release.worker_proc_of(pod)):
-                return pod
-        return None
+        serving = release.serving_pods(run_id)
+        return serving[0] if serving else None
 
     victim = wait_for(busy, 60, "a worker Pod busy with a task")
     kill_worker_process(release.kube, victim)
@@ -367,10 +384,11 @@ def test_deleting_a_running_workflow_collects_its_pods_and_keys(release: Release
     run_id = release.wait_phase("deleted-midway", ("Running",), 60)["runId"]
     wait_for(
         lambda: (
-            len([p for p in release.run_pods(run_id) if p["status"].get("phase") == "Running"]) >= 2
+            len([p for p in release.serving_pods(run_id) if p["status"].get("phase") == "Running"])
+            >= 2
         ),
         60,
-        "both worker Pods to run",
+        "both worker Pods to run its tasks",
     )
     release.kube.kubectl(
         "delete", "workflow", "deleted-midway", "-n", release.namespace, "--wait=false"
@@ -396,7 +414,7 @@ def test_an_operator_restart_mid_run_completes_without_extra_pods(release: Relea
     )
     release.apply(body)
     run_id = release.wait_phase("outlives-the-operator", ("Running",), 60)["runId"]
-    wait_for(lambda: release.run_pods(run_id), 60, "the run's first Pods")
+    wait_for(lambda: release.serving_pods(run_id), 60, "the run's first Pods")
     first = release.operator_pod()
     assert first is not None
     release.kube.kubectl(
@@ -671,7 +689,7 @@ def test_unexpected_errors_end_the_workflow_failed_once(release: Release) -> Non
     release.apply(release.workflow("ref-to-a-hash", {"ref": {"dag": "0123456789abcdef"}}))
     release.apply(release.workflow("state-lost", {"inline": sleepy("state-lost", 60.0, 1)}))
     run_id = release.wait_phase("state-lost", ("Running",), 60)["runId"]
-    wait_for(lambda: release.run_pods(run_id), 60, "the run's first Pod")
+    wait_for(lambda: release.serving_pods(run_id), 60, "the run's first Pod")
     store.delete(*store.scan_iter(f"{RunKeys(run_id).prefix}:*"), hist_run(run_id, "meta"))
 
     exited = release.wait_phase("exits-in-build", timeout_s=60)

@@ -119,7 +119,7 @@ def test_a_killed_acting_replica_is_replaced_within_its_peering_lifetime(
     acting, standby = wait_for(lambda: roles(release), 120, "one replica acting, one standing by")
     release.apply(release.workflow("outlives-its-operator", {"inline": sleepy("outlives", 4.0, 3)}))
     run_id = release.wait_phase("outlives-its-operator", ("Running",), 60)["runId"]
-    wait_for(lambda: release.run_pods(run_id), 60, "the run's first Pods")
+    wait_for(lambda: release.serving_pods(run_id), 60, "the run's first Pods")
     for pid in pod_pids(acting):  # no goodbye: its peering record stays until it expires
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -329,10 +329,7 @@ def test_redis_killed_mid_run_ends_it_within_a_minute(release: Release) -> None:
     release.apply(release.workflow("through-the-crash", {"inline": sleepy("through", 6.0, 2)}))
     run_id = release.wait_phase("through-the-crash", ("Running",), 60)["runId"]
     wait_for(
-        lambda: (
-            release.store.hlen(RunKeys(run_id).outputs) == 0
-            and any(release.store.llen(release.worker_proc_of(p)) for p in release.run_pods(run_id))
-        ),
+        lambda: release.store.hlen(RunKeys(run_id).outputs) == 0 and release.serving_pods(run_id),
         60,
         "a worker in its task",
     )

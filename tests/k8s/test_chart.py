@@ -319,6 +319,7 @@ def test_operator_permissions_are_least_privilege(rendered: dict[str, list[dict]
         "/pods": {"create", "get", "list", "delete"},
         "/pods/log": {"get"},  # a failed build Pod's last words
         "/events": {"create"},
+        "/configmaps": {"create", "get"},  # the shared worker pools' owners
         "/secrets": {"create", "get"},
         "kopf.dev/kopfpeerings": {"list", "watch", "patch"},
     }

@@ -20,7 +20,6 @@ from dagkube_operator.reasons import (
     internal_error,
     reason_of,
 )
-from dagkube_operator.runs import WORKER_DEADLINE_MARGIN_S, worker_deadline_s
 from dagkube_operator.spec import SpecError, parse_spec
 from dagkube_operator.transient import StatusNotWritten, backoff_delay_s, is_transient
 
@@ -196,22 +195,4 @@ def test_an_image_outside_the_allowlist_fails_naming_it_and_the_patterns(image: 
         f"spec.image={image!r} is not allowed by this operator; allowed images: "
         "registry.example.org/team/*, ghcr.io/acme/worker (or leave spec.image unset for the "
         "default worker image)"
-    )
-
-
-@pytest.mark.parametrize(
-    ("spec_timeout_s", "default_timeout_s", "deadline_s"),
-    [
-        (600, 3600.0, 600 + WORKER_DEADLINE_MARGIN_S),  # the Workflow's timeoutSeconds
-        (None, 3600.0, 3600 + WORKER_DEADLINE_MARGIN_S),  # else the operator's default
-        (None, 90.5, 91 + WORKER_DEADLINE_MARGIN_S),
-        (None, 0.0, None),  # no timeout: no deadline
-    ],
-)
-def test_worker_pods_deadline_follows_the_runs_timeout(
-    spec_timeout_s: int | None, default_timeout_s: float, deadline_s: int | None
-):
-    assert (
-        worker_deadline_s(spec_timeout_s=spec_timeout_s, default_timeout_s=default_timeout_s)
-        == deadline_s
     )

@@ -83,7 +83,13 @@ def test_the_worker_secret_and_pods_carry_the_ca_with_tls(
         assert worker_url.startswith("redis://") and "ssl_ca_certs" not in worker_url
         assert set(data) == {WORKER_REDIS_SECRET_KEY}
         assert operator.worker_ca_secret is None
-    backend = operator.backend(None, namespace="team-a", name="wf", uid="1a2b3c4d", run_id="r")
+    backend = operator.pools.backend(
+        namespace="team-a",
+        pool="team-a.wp-1",
+        settings=operator.pool_settings(None),
+        owner=None,
+        redis_url_secret=secret,
+    )
     assert backend.redis_ca_secret == operator.worker_ca_secret
     pod = build_worker_pod(
         name="dk-1a2b3c4d-512-0",

@@ -11,7 +11,7 @@ from dagkube.store.records import RunRecord
 from dagkube_operator import spec as operator_spec
 from dagkube_operator import status as st
 from dagkube_operator.config import ConfigError, OperatorConfig, with_password
-from dagkube_operator.runs import Deadline, pool_for, run_deadline, run_id_for
+from dagkube_operator.runs import Deadline, PoolSettings, pool_for, run_deadline, run_id_for
 from dagkube_operator.spec import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,14 +176,14 @@ def test_run_id_and_pool_are_in_their_namespace_and_label_values():
     uid = "0f1e2d3c-aaaa-bbbb-cccc-000000000001"
     assert run_id_for("team-a", "tree-reduction", uid) == "team-a.tree-reduction-0f1e2d3c"
     assert run_id_for("ns", "a" * 60, uid) == "ns." + "a" * 40 + "-0f1e2d3c"
-    assert pool_for("ns", uid) == f"ns.wf-{uid}"
     # A '.' in a Workflow's name must not read as a namespace (nor leave its prefix).
     dotted = run_id_for("team-a", "etl.daily", uid)
     assert dotted == "team-a.etl-daily-0f1e2d3c"
     assert namespace_of(dotted) == "team-a"
     assert RunKeys(dotted).prefix.startswith("dk:ns:team-a:")
-    for scoped in (dotted, pool_for("team-a", uid)):
-        label = pool_label(scoped) if scoped.startswith("team-a.wf") else local_part(scoped)
+    settings = PoolSettings("registry.example.org/a/very/long/image:tag", 1792, 6.0, 30, 0, 1024)
+    for scoped in (dotted, pool_for("team-a", settings)):
+        label = pool_label(scoped) if scoped.startswith("team-a.wp") else local_part(scoped)
         assert len(label) <= 63 and "." not in label
 
 

@@ -153,7 +153,8 @@ dagkube-operator
 {{- define "dagkube.operatorRules" -}}
 {{- /* Exactly what the operator calls (tests/k8s/test_operator.py compares): kopf watches and
        patches Workflows (finalizer, annotations), the operator patches their status and deletes
-       them after ttlSecondsAfterFinished, manages worker Pods and posts Events.
+       them after ttlSecondsAfterFinished, manages worker Pods and their pools' ConfigMaps and
+       posts Events.
        workflows/finalizers update: admission (OwnerReferencesPermissionEnforcement) requires it
        to set blockOwnerDeletion on the Pods a Workflow owns. */ -}}
 - apiGroups: [dagkube.io]
@@ -175,6 +176,11 @@ dagkube-operator
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- /* The ConfigMap standing for each shared worker pool (dagkube-worker-pool-<hash>), made on
+       demand and read back for its uid: it owns the pool's Pods. */}}
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create, get]
 {{- if .Values.redis.workerUsers }}
 {{- /* Each namespace's worker Redis user: its URL in a Secret the operator makes there once
        and reads back (only that name; create cannot be limited to a name). */}}
