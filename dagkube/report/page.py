@@ -27,7 +27,7 @@ SECTIONS = {
     "run": "One run in detail",
 }
 EXPERIMENT_HINT = (
-    "dagkube experiment FILE.py --planners wukong,uniform,uniform-opt,non-uniform,"
+    "dagkube experiment FILE.py --planners auto,wukong,uniform,uniform-opt,non-uniform,"
     "non-uniform-opt --slas avg,p90,p95,p99 --repeat 5"
 )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -24,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -176,6 +178,40 @@ def _enable_aof(url: str, data_dir: Path, deadline: float) -> None:
             time.sleep(0.05)
     finally:
         client.close()
+
+
+# The default object store of the embedded server wants this much free space in /dev/shm
+# (containers often mount a 64 MiB one), else it lies in the temporary directory.
+SHM_MIN_FREE_BYTES = 1024**3
+
+
+def default_object_dir(home: Path, *, in_memory: bool = True) -> Path:
+    """Where the embedded server's object store keeps large outputs: ``in_memory``, in
+    /dev/shm when it has room, as Redis would have held them, but never written to its
+    append-only file; else in the temporary directory. Not in memory for workers under memory
+    limits: a file in /dev/shm counts against the limit of the worker that wrote it until it is
+    deleted, where the page cache of a file on disk can be reclaimed. One directory per home
+    (per embedded server: the orphan sweep asks that server)."""
+    shm, temporary = _object_dirs(home)
+    if in_memory and shm.parent.is_dir() and os.access(shm.parent, os.W_OK | os.X_OK):
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(shm.parent).free >= SHM_MIN_FREE_BYTES:
+                return shm / "objects"
+    return temporary / "objects"
+
+
+def _object_dirs(home: Path) -> tuple[Path, Path]:
+    """The two places of a home's object store: in /dev/shm, in the temporary directory."""
+    digest = hashlib.sha256(str(home.expanduser().resolve()).encode()).hexdigest()[:12]
+    name = f"dagkube-{os.getuid()}-{digest}"
+    return Path("/dev/shm") / name, Path(tempfile.gettempdir()) / name
+
+
+def remove_object_dirs(home: Path) -> None:
+    """The embedded server stopped: no run of it can go on, and its outputs go too."""
+    for directory in _object_dirs(home):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(directory)
 
 
 class EmbeddedRedis:
@@ -334,6 +370,7 @@ class EmbeddedRedis:
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(FileNotFoundError):
             (self.home / SERVER_FILE).unlink()
+        remove_object_dirs(self.home)
 
 
 if __name__ == "__main__":  # the guard: python -m dagkube.runtime.embedded --guard HOME

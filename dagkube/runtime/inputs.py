@@ -18,8 +18,10 @@ from redis import exceptions as redis_exceptions
 
 from dagkube.dag import TaskSpec, resolve
 from dagkube.runtime.workercore.run import RunView
+from dagkube.store.calls import StoreCall
 from dagkube.store.connection import BulkReader
 from dagkube.store.keys import RunKeys
+from dagkube.store.scripts import Scripts
 
 log = logging.getLogger("dagkube.worker")
 
@@ -53,8 +55,8 @@ def serialize(value: Any) -> bytes:
 
 def deserialize(blob: bytes) -> Any:
     """A value from :func:`serialize`'s bytes (or any plain pickle). Each out-of-band buffer
-    is copied into a bytearray of its own, so arrays come back writeable, as in-band ones
-    do: tasks may change a NumPy input in place."""
+    is copied into a bytearray of its own (or, in a bytearray given, used where it lies), so
+    arrays come back writeable, as in-band ones do: tasks may change a NumPy input in place."""
     if not blob.startswith(OOB_MAGIC):
         return pickle.loads(blob)
     view = memoryview(blob)
@@ -67,9 +69,13 @@ def deserialize(blob: bytes) -> Any:
             f"out-of-band value of {len(blob)} bytes is shorter than its {count} buffer "
             f"lengths ({sum(lengths)} bytes) say"
         )
-    buffers = []
+    # A bytearray (read from the object store) is writeable and the caller's alone: its
+    # buffers are used in place, not copied.
+    owned = isinstance(blob, bytearray)
+    buffers: list[Any] = []
     for length in lengths:
-        buffers.append(bytearray(view[buffers_at : buffers_at + length]))
+        part = view[buffers_at : buffers_at + length]
+        buffers.append(part if owned else bytearray(part))
         buffers_at += length
     return pickle.loads(view[head_at : len(blob) - sum(lengths)], buffers=buffers)
 
@@ -105,7 +111,11 @@ class Inputs:
 
 
 async def gather(
-    state: RunState, spec: TaskSpec, reader: BulkReader, redis: Any, executor: ThreadPoolExecutor
+    state: RunState,
+    spec: TaskSpec,
+    reader: BulkReader,
+    scripts: Scripts,
+    executor: ThreadPoolExecutor,
 ) -> Inputs:
     """Fetch the inputs not held locally; re-run upstreams whose outputs were lost."""
     keys = RunKeys(state.run_id)
@@ -139,7 +149,7 @@ async def gather(
                 raw["const:" + key] = blob
                 nbytes += len(blob)
     lost = [d for d in missing if d not in raw]
-    recomputed = await recompute(state, lost, reader, redis, executor) if lost else []
+    recomputed = await recompute(state, lost, reader, scripts, executor) if lost else []
     return Inputs(raw, recomputed, download_s, nbytes)
 
 
@@ -147,7 +157,7 @@ async def recompute(
     state: RunState,
     lost: list[str],
     reader: BulkReader,
-    redis: Any,
+    scripts: Scripts,
     executor: ThreadPoolExecutor,
 ) -> list[str]:
     """Re-run upstream tasks whose outputs are gone (their worker died before a consumer
@@ -194,7 +204,7 @@ async def recompute(
 
     await loop.run_in_executor(executor, rerun)
     # Stored now: should this worker be lost too, the next one does not re-run them again.
-    await redis.hset(keys.outputs, mapping=outputs)
+    await scripts.store(StoreCall(state.run_id, outputs, state.ttl_s))
     return order
 
 

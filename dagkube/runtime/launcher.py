@@ -1,4 +1,5 @@
-"""Launching a run (DAG + plan into Redis, first invocations queued) and waiting for its end.
+"""Launching a run (DAG + plan into Redis, first invocations and early pre-warm requests
+queued) and waiting for its end.
 
 Used by the local runtime and by the operator. Waiters block on the run's ``result`` list
 (a rotating BLMOVE, so several waiters can see the same result); nobody polls the run state
@@ -19,13 +20,16 @@ from typing import Any
 
 from dagkube.dag import DagSpec, resolve
 from dagkube.errors import InvalidOption, RunTimeout, TaskFailed
-from dagkube.planning.model import Plan
+from dagkube.planning.model import OptimizationIndex, Plan
 from dagkube.runtime.inputs import deserialize
 from dagkube.runtime.invocation import Invocation
+from dagkube.runtime.scaler import prewarm_entry
 from dagkube.store import scripts
 from dagkube.store.calls import CancelCall, ForceEndCall, RenewCall
+from dagkube.store.cleanup import drop_run_data
 from dagkube.store.connection import MAX_BLOCK_S, BulkReader
 from dagkube.store.keys import PoolKeys, RunKeys, hist_run
+from dagkube.store.objects import ObjectStore
 from dagkube.store.records import RunRecord, RunStatus, is_live
 
 DEFAULT_RUN_TTL_S = 3600
@@ -62,6 +66,23 @@ def initial_invocations(dag: DagSpec, plan: Plan, run_id: str, now: float) -> li
     return invocations
 
 
+def submission_prewarms(plan: Plan, run_id: str, now: float) -> dict[str, float]:
+    """prewarm: the requests due before their trigger task can start (a negative ``delay_s``),
+    which the driver sends at submission instead: request -> when it is due, the trigger's
+    predicted start plus the delay from ``now`` (at once if that is already past). The
+    trigger's worker sends the same request again when the trigger starts; the scaler serves
+    it once, at the earlier of the two."""
+    index = OptimizationIndex.of({t: p.optimizations for t, p in plan.tasks.items()})
+    due: dict[str, float] = {}
+    for trigger, requests in index.prewarm.items():
+        trigger_start_s = plan.tasks[trigger].predicted_start_s or 0.0
+        for params in requests:
+            if params.delay_s < 0:
+                entry = prewarm_entry(run_id, params.memory_mib, params.count, trigger)
+                due[entry] = now + max(0.0, trigger_start_s + params.delay_s)
+    return due
+
+
 async def launch(
     redis: Any,
     dag: DagSpec,
@@ -76,7 +97,8 @@ async def launch(
     startup_delay_s: float = 0.0,
     enforced: bool = False,
 ) -> str:
-    """Store the DAG and plan, queue the first invocations; returns the run id. ``enforced``:
+    """Store the DAG and plan, queue the first invocations and the pre-warm requests due
+    before their trigger can start (:func:`submission_prewarms`); returns the run id. ``enforced``:
     the workers run under their class's memory and CPU limits (recorded with the run).
     ``history_*``: the history's limits applied when the run ends (runs kept per structure,
     structures kept, seconds an unused structure is kept)."""
@@ -91,6 +113,7 @@ async def launch(
         "workflow": dag.name,
         "structure_hash": dag.structure_hash,
         "planner": plan.planner,
+        "candidate": plan.chosen_planner() or "",
         "sla": plan.sla,
         "pool": pool,
         "status": RunStatus.RUNNING,
@@ -128,6 +151,9 @@ async def launch(
                 pipe.sadd(keys.keyset, keys.claim(invocation.worker))
             pipe.sadd(pool_keys.classes, invocation.mem)
             pipe.rpush(pool_keys.queue(invocation.mem), invocation.to_json())
+        prewarms = submission_prewarms(plan, run_id, now)
+        if prewarms:
+            pipe.zadd(pool_keys.prewarm, prewarms)
         pipe.lpush(pool_keys.wake, "1")
         pipe.ltrim(pool_keys.wake, 0, 0)
         await pipe.execute()
@@ -244,11 +270,10 @@ async def fetch_outputs(reader: BulkReader, dag: DagSpec, run_id: str) -> Any:
     return resolve(dag.output_template, values, {})
 
 
-async def drop_data(redis: Any, run_id: str) -> None:
-    """Free a finished run's intermediate data (outputs, constants) once its only consumer has
-    its outputs; the history is kept. UNLINK frees memory off Redis' main thread."""
-    keys = RunKeys(run_id)
-    await redis.unlink(keys.outputs, keys.constants, keys.dag)
+async def drop_data(redis: Any, run_id: str, objects: ObjectStore | None = None) -> None:
+    """Free a finished run's intermediate data (outputs, constants, its objects in
+    ``objects``) once its only consumer has its outputs; the history is kept."""
+    await drop_run_data(redis, run_id, objects)
 
 
 async def fetch_run_record(redis: Any, run_id: str) -> RunRecord:

@@ -25,13 +25,27 @@ from dagkube.planning.model import Plan
 from dagkube.planning.options import DEFAULT_CLUSTER_SIZE
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB
 from dagkube.runtime import launcher
-from dagkube.runtime.embedded import EmbeddedRedis, dagkube_home, make_private_dir
+from dagkube.runtime.embedded import (
+    EmbeddedRedis,
+    dagkube_home,
+    default_object_dir,
+    make_private_dir,
+)
 from dagkube.runtime.local_backend import LocalBackend
 from dagkube.runtime.scaler import Scaler
 from dagkube.store import scripts
 from dagkube.store.cleanup import delete_pool_keys
 from dagkube.store.connection import BulkReader, ServerReplaced, ServerWatch, redact
 from dagkube.store.keys import PoolKeys
+from dagkube.store.objects import (
+    STORE_URL_ENV,
+    THRESHOLD_ENV,
+    ObjectStore,
+    ObjectStoreError,
+    open_store,
+    parse_threshold,
+    sweep_orphans,
+)
 from dagkube.store.records import RunRecord, RunStatus
 
 log = logging.getLogger("dagkube.runtime")
@@ -61,6 +75,10 @@ class LocalRuntime:
     worker). None (default): where this machine allows it (root, or a delegated cgroup v2
     subtree), else not, with a notice (``enforcement_note``); True: required; False: never.
     Plans follow: with enforcement, a class's CPU share speeds its tasks up or slows them down.
+    ``object_store``: where outputs of at least ``object_threshold_bytes`` (default 1 MiB) go
+    instead of Redis (``file:///dir``, ``s3://bucket/prefix?endpoint_url=…&region=…``, ``off``);
+    default ``$DAGKUBE_OBJECT_STORE_URL``, else a directory of the embedded server's, else none
+    (docs/architecture.md, "Large outputs and the object store").
     """
 
     def __init__(
@@ -79,6 +97,8 @@ class LocalRuntime:
         max_cpu: float = DEFAULT_MAX_CPU,
         cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
         enforce: bool | None = None,
+        object_store: str | None = None,
+        object_threshold_bytes: int | None = None,
     ) -> None:
         if max_workers is not None and max_workers < 1:
             raise DagkubeError(f"max_workers={max_workers} must be >= 1")
@@ -109,6 +129,11 @@ class LocalRuntime:
         self.max_cpu = max_cpu
         self.cancel_grace_s = cancel_grace_s
         self.enforce = enforce
+        self.object_store_url = object_store or os.environ.get(STORE_URL_ENV) or None
+        if object_threshold_bytes is None:
+            object_threshold_bytes = parse_threshold(os.environ.get(THRESHOLD_ENV) or "")
+        self.object_threshold_bytes = object_threshold_bytes
+        self.objects: ObjectStore | None = None  # where large outputs go, once started
         self.pool = f"local-{os.getpid()}-{secrets.token_hex(3)}"
         self.url: str | None = None  # the server in use, once started
         self._redis_lost = False  # it stopped answering: clean-up skips its Redis steps
@@ -156,7 +181,6 @@ class LocalRuntime:
             self.close()
             raise
         self.url = url
-        self.reader = BulkReader(url, watch=self.watch)
         self.backend = LocalBackend(
             url,
             self.pool,
@@ -170,6 +194,12 @@ class LocalRuntime:
         )
         if self.backend.note:
             log.info("%s", self.backend.note)
+        try:
+            self.objects = self.backend.object_store = self._open_objects()
+        except BaseException:
+            self.close()
+            raise
+        self.reader = BulkReader(url, watch=self.watch, objects=self.objects)
         self.scaler = Scaler(self.redis, self.pool, self.backend)
         self._scaler_task = asyncio.run_coroutine_threadsafe(self.scaler.run(), self._loop)
         atexit.register(self.close)
@@ -195,6 +225,7 @@ class LocalRuntime:
                     reachable = reachable and self._cleanup(
                         launcher.force_end(self.redis, run_id), f"end run {run_id}"
                     )
+                    self._drop_objects(run_id)
                 if reachable:
                     self._cleanup(self._forget_pool(), f"remove pool {self.pool}")
                 if self.redis is not None:
@@ -242,6 +273,33 @@ class LocalRuntime:
                 self._active_runs.discard(run_id)
         self._cleanup(self._forget_pool(redis), f"remove pool {self.pool}")
         self._cleanup(redis.aclose(), "close the connection")
+
+    def _open_objects(self) -> ObjectStore | None:
+        """The object store for large outputs: the one configured (``off``: none), else, with
+        the embedded server, a directory of its own (:func:`default_object_dir`); none with
+        another Redis. Objects of runs whose keys are gone are swept here."""
+        url = self.object_store_url
+        if url is None and self._embedded is not None:  # measured faster than its AOF
+            assert self.backend is not None
+            directory = default_object_dir(self.home, in_memory=not self.backend.enforced)
+            make_private_dir(directory.parent)
+            url = directory.as_uri()
+        if not url or url == "off":
+            return None
+        objects = open_store(url, self.object_threshold_bytes)
+        swept = self.call(sweep_orphans(self.redis, objects))
+        if swept:
+            log.info("removed the objects of %d ended runs from %s", len(swept), url)
+        return objects
+
+    def _drop_objects(self, run_id: str) -> None:
+        """A run ended by this runtime, its workers stopped: nothing will read its objects."""
+        if self.objects is None:
+            return
+        try:
+            self.objects.delete_run(run_id)
+        except ObjectStoreError as exc:  # the sweep of a later runtime takes them
+            log.warning("run %s: its objects were not deleted: %s", run_id, exc)
 
     async def _forget_pool(self, redis: Any = None) -> None:
         spawned = self.backend.spawned_ids if self.backend is not None else ()
@@ -352,7 +410,7 @@ class LocalRuntime:
             assert self.reader is not None
             outputs = self.call(launcher.fetch_outputs(self.reader, dag, run_id))
         # This caller is the run's only consumer: its data need not wait for the TTL.
-        self.call(launcher.drop_data(self.redis, run_id))
+        self.call(launcher.drop_data(self.redis, run_id, self.objects))
         return launcher.RunResult(run_id=run_id, status=status, record=record, outputs=outputs)
 
     def plan(

@@ -31,6 +31,7 @@ from dagkube.resources import (
 from dagkube.runtime import cgroups
 from dagkube.runtime.embedded import make_private_dir, pid_alive
 from dagkube.runtime.scaler import WorkerExit, WorkerHandle
+from dagkube.store.objects import STORE_URL_ENV, THRESHOLD_ENV, ObjectStore
 
 log = logging.getLogger("dagkube.local")
 
@@ -123,8 +124,10 @@ class LocalBackend:
         max_cpu: float = DEFAULT_MAX_CPU,
         startup_delay_s: float = 0.0,
         enforce: bool | None = None,
+        object_store: ObjectStore | None = None,
     ) -> None:
         self.redis_url = redis_url
+        self.object_store = object_store  # the workers' (their environment names it)
         self.pool = pool
         self.log_dir = log_dir
         self.max_workers = max_workers or default_max_workers()
@@ -219,6 +222,10 @@ class LocalBackend:
         )
         for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(variable, threads)
+        env.pop(STORE_URL_ENV, None)  # the runtime's choice, not an inherited one
+        if self.object_store is not None:
+            env[STORE_URL_ENV] = self.object_store.url
+            env[THRESHOLD_ENV] = str(self.object_store.threshold_bytes)
         if self.startup_delay_s > 0:
             env["DAGKUBE_STARTUP_DELAY_S"] = str(self.startup_delay_s)
         if prewarm_for:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from dagkube.runtime.execution import run_in_thread
 from dagkube.runtime.inputs import Preloader, RunState, gather
 from dagkube.runtime.invocation import Invocation
+from dagkube.runtime.scaler import prewarm_entry
 from dagkube.runtime.workercore.machine import InvocationMachine
 from dagkube.runtime.workercore.messages import (
     CheckDuplicated,
@@ -45,7 +46,7 @@ from dagkube.runtime.workercore.messages import (
     WaitInbox,
     WorkerIdle,
 )
-from dagkube.store.calls import CompleteCall, FailCall
+from dagkube.store.calls import CompleteCall, FailCall, StoreCall
 from dagkube.store.connection import MAX_BLOCK_S
 from dagkube.store.keys import RunKeys
 from dagkube.store.records import OomAttempt, TaskRecord
@@ -140,8 +141,9 @@ class Serving:
             case Complete():
                 return await self._complete(instruction)
             case StoreOutput(task_id=task_id):
-                assert self.outcome is not None
-                await self.redis.hset(keys.outputs, task_id, self.outcome.output)
+                assert self.outcome is not None and self.outcome.output is not None
+                outputs = {task_id: self.outcome.output}
+                await worker.scripts.store(StoreCall(state.run_id, outputs, state.ttl_s))
             case CheckDuplicated(task_id=task_id):
                 await self._stop_waiting()
                 return DuplicatedChecked(task_id=task_id, done=await self._started(task_id))
@@ -234,14 +236,11 @@ class Serving:
         pool = self.worker.pool
         async with self.redis.pipeline(transaction=False) as pipe:
             for wanted in request.requests:
-                due = now + wanted.delay_s
-                entry = {
-                    "run": self.state.run_id,
-                    "mem": wanted.memory_mib,
-                    "count": wanted.count,
-                    "trigger": request.trigger,
-                }
-                pipe.zadd(pool.prewarm, {json.dumps(entry, sort_keys=True): due})
+                due = now + wanted.delay_s  # < now: the driver sent it at submission
+                entry = prewarm_entry(
+                    self.state.run_id, wanted.memory_mib, wanted.count, request.trigger
+                )
+                pipe.zadd(pool.prewarm, {entry: due})
             pipe.lpush(pool.wake, "1")
             pipe.ltrim(pool.wake, 0, 0)
             await pipe.execute()
@@ -260,7 +259,7 @@ class Serving:
         # REQUEUE script reads it; COMPLETE clears it).
         claim = {"run": state.run_id, "task": task_id, "function": spec.function}
         await self.redis.set(worker.task_key, json.dumps(claim), ex=state.ttl_s)
-        inputs = await gather(state, spec, worker.reader, self.redis, worker.executor)
+        inputs = await gather(state, spec, worker.reader, worker.scripts, worker.executor)
         preloaded = [d for d in spec.deps if d in state.preloaded]
         loop = asyncio.get_running_loop()
         running = loop.run_in_executor(
@@ -341,6 +340,7 @@ class Serving:
                 logical_worker=self.me,
                 memory_mib=worker.config.memory_mib,
                 now=record.ended_at,
+                run_ttl_s=state.ttl_s,
                 downstream=state.downstream(record.task_id),
                 amended_records=tuple(self.amendments),
                 pending_roots=instruction.pending,

@@ -9,6 +9,7 @@ complete the task in one Lua step that counts dependencies and routes ready down
 tasks). This module is the process around it: connection, registration, heartbeat, taking
 and finishing invocations (charged as :func:`dagkube.planning.rules.start_charge` says),
 stopping. An idle worker exits after ``idle_timeout_s``: the next start of its class is cold.
+A pre-warmed worker that has served nothing exits as soon as its run no longer needs it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from dagkube.sources import register_sources
 from dagkube.store.calls import AddToRunCall, FinishCall
 from dagkube.store.connection import MAX_BLOCK_S, BulkReader, ServerReplaced, ServerWatch
 from dagkube.store.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc, worker_task
-from dagkube.store.records import WorkerRecord
+from dagkube.store.objects import store_from_env
+from dagkube.store.records import RunStatus, WorkerRecord
 from dagkube.store.scripts import Scripts
 
 log = logging.getLogger("dagkube.worker")
@@ -51,6 +53,7 @@ RUN_CACHE_SIZE = 4
 TASK_TIMEOUT_EXIT = 124  # the exit code of a worker stopped by its task's timeout (as timeout(1))
 EXIT_REDIS = 3  # its Redis restarted or stayed away past the grace (as the CLI's exit code)
 STOP_DEADLINE_S = 15  # after SIGTERM a worker is gone within this, whatever its task does
+PREWARM_CHECK_S = 0.25  # an unused pre-warmed worker asks this often whether it is still needed
 
 
 @dataclass
@@ -108,7 +111,8 @@ class Worker:
                 await asyncio.sleep(startup_delay_s)
             self.redis = await self.watch.connect()
             self.beats = await self.watch.connect()
-            self.reader = BulkReader(self.config.redis_url, watch=self.watch)
+            objects = await asyncio.to_thread(store_from_env)  # DAGKUBE_OBJECT_STORE_URL
+            self.reader = BulkReader(self.config.redis_url, watch=self.watch, objects=objects)
             self.scripts = Scripts(self.redis, bulk=self.reader)
             # A heartbeat first: the scaler takes a registered worker without one for lost.
             await self._beat()
@@ -196,28 +200,34 @@ class Worker:
                 log.warning("worker %s: heartbeat failed: %r", self.config.worker_id, exc)
 
     async def _take(self) -> Invocation | None:
-        """Wait idle for an invocation of this class; None after the idle timeout."""
+        """Wait idle for an invocation of this class; None after the idle timeout, or as soon
+        as a pre-warmed worker that served nothing is no longer needed by its run."""
         idle = self.pool.idle(self.config.memory_mib)
         await self.redis.sadd(idle, self.config.worker_id)
         idle_until = time.monotonic() + self.config.idle_timeout_s
+        unneeded = False
         try:
             raw = None
             # In slices of at most MAX_BLOCK_S: a stopped Redis is noticed by the read timeout.
-            while raw is None and (left := idle_until - time.monotonic()) > 0:
+            while raw is None and not unneeded and (left := idle_until - time.monotonic()) > 0:
+                slice_s = PREWARM_CHECK_S if self._unused_prewarm() else MAX_BLOCK_S
                 raw = await self.redis.blmove(
                     self.pool.queue(self.config.memory_mib),
                     self.proc_key,
-                    min(left, MAX_BLOCK_S),
+                    min(left, slice_s),
                     "LEFT",
                     "RIGHT",
                 )
+                unneeded = raw is None and await self._prewarm_unneeded()
         finally:
             await self.redis.srem(idle, self.config.worker_id)
         if raw is None:
             log.info(
-                "worker %s: idle for %.1fs, exiting",
+                "worker %s: %s, exiting",
                 self.config.worker_id,
-                self.config.idle_timeout_s,
+                f"pre-warmed for run {self.config.prewarm_run} and no longer needed by it"
+                if unneeded
+                else f"idle for {self.config.idle_timeout_s:.1f}s",
             )
             self.stopping = True
             return None
@@ -227,6 +237,44 @@ class Worker:
             self.stopping = True
             return None
         return invocation
+
+    def _unused_prewarm(self) -> bool:
+        """Created by a pre-warm request and has served nothing yet."""
+        return self.config.prewarm_run is not None and not self.served_any
+
+    async def _prewarm_unneeded(self) -> bool:
+        """An unused pre-warmed worker is no longer needed once its run ended, or once every
+        target of the run's pre-warm requests for its class is ready (all its inputs done)
+        while nothing waits in its class's queue: other workers took that demand. It then
+        exits (its life charged to the run as wasted) instead of idling the full timeout;
+        a worker that served something stays in the warm pool as any other."""
+        run = self.config.prewarm_run
+        if run is None or self.served_any:
+            return False
+        status = await self.redis.hget(RunKeys(run).meta, "status")
+        if status != RunStatus.RUNNING.encode():
+            return True
+        state = await self._load_run(run)
+        if state is None:
+            return True
+        inputs = sorted(
+            {
+                dep
+                for requests in state.opts.prewarm.values()
+                for params in requests
+                if params.memory_mib == self.config.memory_mib
+                for target in params.targets
+                if target in state.dag.tasks
+                for dep in state.dag.tasks[target].deps
+            }
+        )
+        # Read together (MULTI): a completion that readies a target queues it in the same step.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.llen(self.pool.queue(self.config.memory_mib))
+            if inputs:
+                pipe.smismember(RunKeys(run).done, inputs)
+            queued, *done = await pipe.execute()
+        return not queued and all(done[0] if done else ())
 
     # ----------------------------------------------------------------- runs
     async def _load_run(self, run_id: str) -> RunState | None:

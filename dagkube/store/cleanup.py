@@ -8,10 +8,12 @@ deleted with its run's keys.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
 from dagkube.store.keys import PoolKeys, RunKeys, worker_proc
+from dagkube.store.objects import ObjectStore
 
 
 async def delete_pool_keys(redis: Any, pool: str, worker_ids: Iterable[str] = ()) -> None:
@@ -33,3 +35,15 @@ async def delete_run_keys(redis: Any, run_id: str, *also: str) -> None:
     keys = RunKeys(run_id)
     dynamic = [k.decode() for k in await redis.smembers(keys.keyset)]
     await redis.unlink(*keys.fixed, *also, *dynamic)
+
+
+async def drop_run_data(redis: Any, run_id: str, objects: ObjectStore | None = None) -> None:
+    """A finished run's data once its driver has the outputs: its output hash, the large
+    outputs' own keys (listed in its key set), constants and DAG, and its objects in
+    ``objects``; its history stays. UNLINK frees the memory off Redis's main thread."""
+    keys = RunKeys(run_id)
+    large = keys.output("").encode()  # how every large output's key begins
+    apart = [k.decode() for k in await redis.smembers(keys.keyset) if k.startswith(large)]
+    await redis.unlink(keys.outputs, keys.constants, keys.dag, *apart)
+    if objects is not None:
+        await asyncio.to_thread(objects.delete_run, run_id)

@@ -1,9 +1,9 @@
 """Redis key names. Everything of a run lives under ``<root>run:<run-id>``; history under
 ``<root>hist``.
 
-Per-run keys are few and fixed (outputs and dependency counts are hash fields, not keys), so a
-finished run expires all of them without scanning; the only dynamic ones (per logical worker
-inbox/claim) are registered in the run's ``keys`` set when created.
+Per-run keys are few and fixed (small outputs and dependency counts are hash fields, not keys),
+so a finished run expires all of them without scanning; the dynamic ones (per logical worker
+inbox/claim, a large output's own key) are registered in the run's ``keys`` set when created.
 
 **Namespaces** (docs/architecture.md, "Key space and Redis users"): a run id or pool name of
 the form ``<namespace>.<rest>`` belongs to that Kubernetes namespace, and every key derived
@@ -124,6 +124,15 @@ RUN_PARTS = (
 )
 
 
+def own_key(hash_key: str, field: str) -> str:
+    """Where the value of a hash's field lives when it is too large for the hash: a string key
+    of its own, the hash's name and the field (a run's large outputs, :meth:`RunKeys.output`).
+    Redis keeps a received string as it is, where a hash field is copied in (milliseconds for
+    a 16 MiB value, holding up every client). Readers look here for a field the hash lacks
+    (:class:`dagkube.store.connection.BulkReader`, lua/lengths.lua)."""
+    return f"{hash_key}:{field}"
+
+
 @dataclass(frozen=True)
 class RunKeys:
     run_id: str
@@ -150,8 +159,11 @@ class RunKeys:
         return f"{self.prefix}:plan"
 
     @property
-    def outputs(self) -> str:  # hash task id -> serialized output
+    def outputs(self) -> str:  # hash task id -> serialized output (small ones)
         return f"{self.prefix}:out"
+
+    def output(self, task_id: str) -> str:  # string: a large output (see own_key)
+        return own_key(self.outputs, task_id)
 
     @property
     def constants(self) -> str:  # hash content key -> serialized constant

@@ -17,6 +17,7 @@ called through typed calls (:mod:`dagkube.store.calls`) on a :class:`Scripts`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,8 +43,11 @@ from dagkube.store.calls import (
     RenewReply,
     RequeueCall,
     RequeueReply,
+    StoreCall,
+    StoreReply,
 )
 from dagkube.store.keys import RUN_PARTS, RunKeys
+from dagkube.store.objects import delete_names, spill
 
 if TYPE_CHECKING:
     from dagkube.store.connection import BulkReader
@@ -78,6 +82,7 @@ local EXPIRY_GRACE_S, EVICT_BATCH = {HISTORY_EXPIRY_GRACE_S}, {HISTORY_EVICT_BAT
 # The files each script is made of, in order, after the prelude.
 _PARTS = {
     "complete": ("complete",),
+    "store": ("store",),
     "fail": ("fail",),
     "renew": ("renew",),
     "cancel": ("cancel",),
@@ -102,16 +107,17 @@ def _source(name: str) -> str:
 
 # Every script's whole text, by name (the ACL users read the commands they send from these).
 SOURCES = {name: _source(name) for name in _PARTS}
-# The scripts a worker calls (COMPLETE, FAIL, FINISH; ADD_TO_RUN when it was created for a
-# run it never served; LENGTHS before reading several inputs); the rest are called by the
-# operator and the local driver (launcher, scaler, history pruning).
-WORKER_SCRIPTS = ("complete", "fail", "finish", "add_to_run", "lengths")
+# The scripts a worker calls (COMPLETE, FAIL, FINISH; STORE for outputs stored outside a
+# completion; ADD_TO_RUN when it was created for a run it never served; LENGTHS before reading
+# several inputs); the rest are called by the operator and the local driver (launcher,
+# scaler, history pruning).
+WORKER_SCRIPTS = ("complete", "store", "fail", "finish", "add_to_run", "lengths")
 
 
 class Scripts:
     """The scripts, registered on one client as they are first called (redis-py's ``Script``:
     EVALSHA, loaded again when a restarted Redis lost its script cache). ``bulk``: the
-    synchronous connection that sends large outputs with their COMPLETE (workers)."""
+    synchronous connection that sends large outputs with their COMPLETE or STORE (workers)."""
 
     def __init__(self, redis: Any, bulk: BulkReader | None = None) -> None:
         self.redis = redis
@@ -127,26 +133,49 @@ class Scripts:
         return call.decode(await script(keys=call.keys(), args=call.encode()))
 
     async def complete(self, call: CompleteCall) -> CompleteReply:
-        """COMPLETE. A large output (:attr:`CompleteCall.output_apart`) is written by an
-        HSETNX sent on ``bulk`` just before the script, in the same round trip: the first
-        completion of a task wins (tasks are deterministic: a duplicate's output is the
-        same), and the script takes the field back should the run be over (complete.lua)."""
-        if call.output is None or not call.output_apart:
+        """COMPLETE. A large output (:attr:`CompleteCall.output_apart`) is written apart, just
+        before the script (:meth:`_after_apart`)."""
+        apart = {call.task_id: call.output} if call.output and call.output_apart else {}
+        return await self._after_apart(call, call.run_id, apart, call.run_ttl_s)
+
+    async def store(self, call: StoreCall) -> StoreReply:
+        """STORE, its large outputs written apart just before the script (:meth:`_after_apart`)."""
+        apart = {task_id: call.outputs[task_id] for task_id in call.apart}
+        return await self._after_apart(call, call.run_id, apart, call.run_ttl_s)
+
+    async def _after_apart(
+        self, call: Call[ReplyT], run_id: str, apart: Mapping[str, bytes], ttl_s: int
+    ) -> ReplyT:
+        """``call``, after a ``SET NX`` of each output of ``apart`` (task id -> output) under
+        its own key (:meth:`RunKeys.output`, with a TTL of ``ttl_s`` should no script take it
+        up) sent on ``bulk`` in the same round trip: the first write of a task's output wins
+        (tasks are deterministic: a duplicate's output is the same), and the script makes the
+        key one of the run's, or removes it if the run is gone (lua/prelude.lua). With an
+        object store (``bulk.objects``) an output of at least its threshold is put there first
+        and the key holds a reference; the object is deleted again if the run is gone."""
+        if not apart:
             return await self.call(call)
         if self.bulk is None:
+            task_id, output = next(iter(apart.items()))
             raise ValueError(
-                f"task {call.task_id}: an output of {len(call.output)} bytes is written apart "
-                "from COMPLETE, which needs Scripts(redis, bulk=BulkReader(...))"
+                f"task {task_id}: an output of {len(output)} bytes is written apart from its "
+                "script, which needs Scripts(redis, bulk=BulkReader(...))"
             )
-        raw = await self.bulk.hsetnx_then_script(
-            RunKeys(call.run_id).outputs,
-            call.task_id,
-            call.output,
+        keys = RunKeys(run_id)
+        objects, names = self.bulk.objects, list[str]()
+        if objects is not None:  # the largest go to the object store, a reference to Redis
+            apart, names = await self.bulk.in_io(spill, objects, run_id, apart)
+        raw = await self.bulk.set_then_script(
+            [(keys.output(task_id), output) for task_id, output in apart.items()],
+            ttl_s,
             SOURCES[call.script],
             call.keys(),
             call.encode(),
         )
-        return call.decode(raw)
+        reply = call.decode(raw)
+        if names and getattr(reply, "status", "") == "missing":  # nothing will ever read them
+            await self.bulk.in_io(delete_names, objects, names)
+        return reply
 
     async def fail(self, call: FailCall) -> FailReply:
         return await self.call(call)

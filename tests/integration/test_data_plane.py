@@ -1,6 +1,7 @@
-"""The data plane on a real Redis: large outputs written apart from the COMPLETE script (and
-never left behind by a run that is over), and NumPy outputs serialized with out-of-band
-buffers that come back writeable, through whole runs on worker processes."""
+"""The data plane on a real Redis: large outputs written under keys of their own apart from the
+COMPLETE and STORE scripts (and never left behind by a run that is over), read back from
+wherever they lie, and NumPy outputs serialized with out-of-band buffers that come back
+writeable, through whole runs on worker processes."""
 
 from __future__ import annotations
 
@@ -13,8 +14,14 @@ import redis.asyncio as aioredis
 
 import dagkube
 from dagkube.runtime.inputs import OOB_MAGIC, deserialize, serialize
-from dagkube.store.calls import OUTPUT_INLINE_MAX_BYTES, CompleteCall, Downstream
-from dagkube.store.cleanup import delete_run_keys
+from dagkube.store.calls import (
+    OUTPUT_INLINE_MAX_BYTES,
+    CompleteCall,
+    Downstream,
+    RenewCall,
+    StoreCall,
+)
+from dagkube.store.cleanup import delete_run_keys, drop_run_data
 from dagkube.store.connection import READ_BATCH_BYTES, BulkReader
 from dagkube.store.keys import RunKeys, hist_run, namespaced
 from dagkube.store.records import TaskRecord
@@ -26,6 +33,7 @@ DB = 7  # a database of its own: the tests look at every key in it
 NAMESPACE = "team-b"
 POOL = namespaced(NAMESPACE, "wf-1")
 LARGE = b"x" * (OUTPUT_INLINE_MAX_BYTES + 1)
+RUN_TTL_S = 900
 
 
 @pytest.fixture
@@ -66,6 +74,7 @@ def complete(run: str, task_id: str, output: bytes | None) -> CompleteCall:
         logical_worker=None,
         memory_mib=512,
         now=5.0,
+        run_ttl_s=RUN_TTL_S,
         downstream=(Downstream("sum", dependencies=2, memory_mib=512, preload_host="h"),),
     )
 
@@ -74,7 +83,9 @@ async def run_keys(redis: aioredis.Redis, run: str) -> list[bytes]:
     return sorted(await redis.keys(f"{RunKeys(run).prefix}*"))
 
 
-async def test_a_large_output_is_written_apart_and_a_small_one_rides_on_the_call(redis, scripts):
+async def test_a_large_output_gets_a_key_of_its_own_and_a_small_one_rides_on_the_call(
+    redis, scripts
+):
     run = await start_run(redis, "apart")
     keys = RunKeys(run)
     large, small = complete(run, "a", LARGE), complete(run, "b", b"small")
@@ -82,10 +93,27 @@ async def test_a_large_output_is_written_apart_and_a_small_one_rides_on_the_call
     assert LARGE not in large.encode() and b"small" in small.encode()
     assert (await scripts.complete(large)).running
     assert (await scripts.complete(small)).running
-    assert await redis.hmget(keys.outputs, ["a", "b"]) == [LARGE, b"small"]
+    assert await redis.hgetall(keys.outputs) == {b"b": b"small"}
+    # The large one is a key of the run's (listed for its end), living as long as the run.
+    assert await redis.get(keys.output("a")) == LARGE
+    assert await redis.smembers(keys.keyset) >= {keys.output("a").encode()}
+    assert await redis.ttl(keys.output("a")) == -1
     # Both count as stored: the fan-in's host pre-loads both, and its input count is done.
     assert await redis.lrange(keys.preload("h"), 0, -1) == [b"a", b"b"]
     assert await redis.hget(keys.dep_counts, "sum") == b"2"
+
+
+async def test_a_large_output_follows_the_lease_of_a_live_run(redis, scripts):
+    """A live run's keys expire one run TTL after its last renewal: a large output's key is
+    given the run's lease when taken up, and renewed with the run's other keys."""
+    run = await start_run(redis, "leased")
+    keys = RunKeys(run)
+    await redis.hset(keys.meta, "ttl_s", 300)
+    await redis.expire(keys.meta, 60)
+    await scripts.complete(complete(run, "a", LARGE))
+    assert 0 < await redis.ttl(keys.output("a")) <= 60
+    assert (await scripts.renew(RenewCall(run, shortest_lease_s=1.0))).renewed
+    assert 60 < await redis.ttl(keys.output("a")) <= 300
 
 
 async def test_the_first_completion_of_a_task_keeps_its_output(redis, scripts):
@@ -93,24 +121,35 @@ async def test_the_first_completion_of_a_task_keeps_its_output(redis, scripts):
     await scripts.complete(complete(run, "a", LARGE))
     again = await scripts.complete(complete(run, "a", LARGE.replace(b"x", b"y")))
     assert again.duplicate
-    assert await redis.hget(RunKeys(run).outputs, "a") == LARGE
+    assert await redis.get(RunKeys(run).output("a")) == LARGE
 
 
 async def test_no_output_outlives_a_run_whose_keys_were_deleted(redis, scripts):
-    """A worker completing a task after its run's keys were deleted (one UNLINK of every
-    key) must not leave the output hash its HSETNX made anew: no TTL would ever end it."""
+    """A worker completing (or storing) after its run's keys were deleted (one UNLINK of
+    every key) must not leave a large output's key behind, nor a hash STORE made anew."""
     run = await start_run(redis, "deleted")
     await scripts.complete(complete(run, "a", LARGE))
     await delete_run_keys(redis, run)
     assert await run_keys(redis, run) == []
     reply = await scripts.complete(complete(run, "b", LARGE))
     assert reply.status == "missing"
+    stored = await scripts.store(StoreCall(run, {"c": LARGE, "d": b"small"}, RUN_TTL_S))
+    assert stored.status == "missing"
     assert await run_keys(redis, run) == []
 
 
-async def test_a_late_output_of_an_ended_run_expires_with_it_or_is_taken_back(redis, scripts):
+async def test_an_output_written_apart_but_never_taken_up_expires(redis, scripts):
+    """Should the script never run after the SET (the connection lost between the two), the
+    output's own key still ends: it is written with the run's TTL."""
+    run = await start_run(redis, "orphan")
+    key = RunKeys(run).output("a")
+    await scripts.bulk.set_then_script([(key, LARGE)], RUN_TTL_S, "return 1", [], [])
+    assert 0 < await redis.ttl(key) <= RUN_TTL_S
+
+
+async def test_a_late_output_of_an_ended_run_expires_with_it(redis, scripts):
     """An ended run's outputs have a TTL and may be what its driver is fetching: a lost
-    worker's late completion leaves them. Once they were dropped, nothing is left behind."""
+    worker's late completion leaves them, and what it writes anew expires with the run."""
     run = await start_run(redis, "ended")
     keys = RunKeys(run)
     await scripts.complete(complete(run, "a", LARGE))
@@ -119,11 +158,26 @@ async def test_a_late_output_of_an_ended_run_expires_with_it_or_is_taken_back(re
         await redis.expire(key, 600)
     late = await scripts.complete(complete(run, "a", LARGE))
     assert late.status == "succeeded"
-    assert await redis.hget(keys.outputs, "a") == LARGE
-    await redis.unlink(keys.outputs)  # the driver dropped the run's data
+    assert await redis.get(keys.output("a")) == LARGE
+    await drop_run_data(redis, run)  # the driver dropped the run's data
+    assert not await redis.exists(keys.output("a"))
     await scripts.complete(complete(run, "a", LARGE))
-    assert not await redis.exists(keys.outputs)
-    assert all([await redis.ttl(key) > 0 for key in await run_keys(redis, run)])
+    await scripts.store(StoreCall(run, {"b": LARGE, "c": b"small"}, RUN_TTL_S))
+    assert await redis.hgetall(keys.outputs) == {b"c": b"small"}
+    assert {keys.output("a").encode(), keys.output("b").encode()} <= set(await run_keys(redis, run))
+    assert all([0 < await redis.ttl(key) <= 600 for key in await run_keys(redis, run)])
+
+
+async def test_store_keeps_small_outputs_in_the_hash_and_large_ones_apart(redis, scripts):
+    run = await start_run(redis, "store")
+    keys = RunKeys(run)
+    call = StoreCall(run, {"a": LARGE, "b": b"small", "c": LARGE + b"c"}, RUN_TTL_S)
+    assert LARGE not in call.encode() and b"small" in call.encode()
+    assert (await scripts.store(call)).status == "running"
+    assert await redis.hgetall(keys.outputs) == {b"b": b"small"}
+    assert await redis.mget([keys.output("a"), keys.output("c")]) == [LARGE, LARGE + b"c"]
+    assert [await redis.ttl(keys.output(t)) for t in "ac"] == [-1, -1]
+    assert await redis.smembers(keys.keyset) == {keys.output(t).encode() for t in "ac"}
 
 
 async def test_a_large_output_survives_a_flushed_script_cache(redis, scripts):
@@ -131,7 +185,7 @@ async def test_a_large_output_survives_a_flushed_script_cache(redis, scripts):
     await scripts.complete(complete(run, "a", b"small"))  # registered and loaded
     await redis.script_flush()
     assert (await scripts.complete(complete(run, "b", LARGE))).running
-    assert await redis.hget(RunKeys(run).outputs, "b") == LARGE
+    assert await redis.get(RunKeys(run).output("b")) == LARGE
     assert await redis.scard(RunKeys(run).done) == 2
 
 
@@ -139,7 +193,22 @@ async def test_a_large_output_needs_the_synchronous_connection(redis):
     run = await start_run(redis, "no-bulk")
     with pytest.raises(ValueError, match=f"an output of {len(LARGE)} bytes is written apart"):
         await Scripts(redis).complete(complete(run, "a", LARGE))
-    assert not await redis.exists(RunKeys(run).outputs)
+    assert await run_keys(redis, run) == [RunKeys(run).meta.encode()]
+
+
+async def test_outputs_are_read_from_their_hash_or_their_own_keys(redis, scripts, redis_server):
+    """A reader finds each output where it lies, one alone or several at once."""
+    run = await start_run(redis, "read")
+    keys = RunKeys(run)
+    for task_id, output in (("a", LARGE), ("b", b"small"), ("c", LARGE + b"c")):
+        await scripts.complete(complete(run, task_id, output))
+    bulk = scripts.bulk
+    assert await bulk.hmget_many([(keys.outputs, ["a"])]) == [[LARGE]]
+    assert await bulk.hmget_many([(keys.outputs, ["b"])]) == [[b"small"]]
+    assert await bulk.hmget_many([(keys.outputs, ["gone"])]) == [[None]]
+    assert await bulk.hmget_many([(keys.outputs, [])]) == [[]]
+    many = await bulk.hmget_many([(keys.outputs, ["c", "gone", "b", "a"])])
+    assert many == [[LARGE + b"c", None, b"small", LARGE]]
 
 
 async def test_many_values_are_read_in_batches_in_the_order_asked(redis, redis_server):
@@ -217,3 +286,6 @@ def test_a_fan_in_of_large_arrays_runs_and_returns_a_writeable_array(runtime, re
     # were uploaded, apart from the COMPLETE call, and timed.
     assert "add_in_place" in {r.function for r in stored} <= {"block", "add_in_place"}
     assert all(r.output_bytes > OUTPUT_INLINE_MAX_BYTES and r.upload_s > 0 for r in stored)
+    # Each under its own key, dropped with the run's data once the driver had the result.
+    keys = RunKeys(wf.last_run.run_id)
+    assert not redis_client.keys(keys.output("*")) and not redis_client.exists(keys.outputs)

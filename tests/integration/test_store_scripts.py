@@ -141,6 +141,7 @@ async def test_complete_routes_a_ready_consumer_as_the_rule_says(
         logical_worker=producer,
         memory_mib=512,
         now=5.0,
+        run_ttl_s=600,
         downstream=(*first, Downstream("down", 1, 1024, worker=consumer, clustered=clustered)),
     )
     reply = await Scripts(redis).complete(call)
@@ -179,6 +180,7 @@ async def test_complete_counts_inputs_routes_ready_consumers_and_guards_duplicat
         logical_worker=None,
         memory_mib=512,
         now=5.0,
+        run_ttl_s=600,
         downstream=(
             Downstream("b", dependencies=1, memory_mib=512),
             Downstream("c", dependencies=1, memory_mib=1024, worker="w2", preload_host="h"),
@@ -353,19 +355,24 @@ async def test_prune_structure_and_indexes_drop_runs_with_their_index_entries(re
     assert await redis.lrange(hist_all_runs(NAMESPACE), 0, -1) == [new.encode()]
 
 
-async def test_lengths_gives_each_fields_length_in_the_order_asked(redis):
+async def test_lengths_gives_each_values_length_and_place_in_the_order_asked(redis):
     run = await start_run(redis, "lengths")
     keys = RunKeys(run)
     await redis.hset(keys.outputs, mapping={"a": b"x" * 70_000, "b": b"yy"})
+    await redis.set(keys.output("big"), b"q" * 100_000)  # a large output, under its own key
     await redis.hset(keys.constants, "c", b"zzz")
     asked = [
         (keys.outputs, "b"),
         (keys.constants, "c"),
         (keys.outputs, "gone"),
+        (keys.outputs, "big"),
         (keys.outputs, "a"),
     ]
-    reply = await Scripts(redis).call(LengthsCall(asked))
-    assert reply.lengths == (2, 3, 0, 70_000)
+    call = LengthsCall(asked)
+    assert call.keys()[6:8] == [keys.outputs, keys.output("big")]
+    reply = await Scripts(redis).call(call)
+    assert reply.lengths == (2, 3, 0, 100_000, 70_000)
+    assert reply.apart == (False, False, False, True, False)
 
 
 async def test_cleanup_removes_every_key_of_a_pool_and_of_a_run(redis):
@@ -387,6 +394,7 @@ async def test_cleanup_removes_every_key_of_a_pool_and_of_a_run(redis):
             logical_worker=None,
             memory_mib=512,
             now=5.0,
+            run_ttl_s=600,
             downstream=(
                 Downstream("b", 1, 512),
                 Downstream("c", 1, 1024),

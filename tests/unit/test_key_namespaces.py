@@ -52,6 +52,7 @@ def namespace_keys(namespace: str) -> list[str]:
         run.meta,
         run.inbox("w1"),
         run.duplicate("t#0"),
+        run.output("t#0"),
         pool.queue(512),
         pool.prewarm,
         worker_proc("dk-1234-512-0", pool.pool),
@@ -233,3 +234,6 @@ def test_the_fixed_keys_of_a_run_are_its_keys_but_the_dynamic_ones():
         keys.result,
     }
     assert set(keys.fixed) == named and len(keys.fixed) == len(named)
+    # A large output's own key is a dynamic one, next to the output hash.
+    assert keys.output("t#0") == f"{keys.outputs}:t#0"
+    assert keys.output("t#0") not in keys.fixed

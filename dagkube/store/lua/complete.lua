@@ -2,8 +2,9 @@
 -- ready. A flexible worker's proc list is rewritten to hold what it still has to run
 -- (continuation, clustered children, pending roots), so a lost worker's remaining work is
 -- re-queued.
--- The output: 'none' (not stored), 'inline' in ARGV[9] (small: stored here), or 'apart'
--- (large: written by the caller's HSETNX just before this call, never copied through Lua).
+-- The output: 'none' (not stored), 'inline' in ARGV[9] (small: a field of the run's output
+-- hash, stored here), or 'apart' (large: written under its own key by the caller just before
+-- this call, never copied through Lua, and taken up here: adopt_output).
 local run, pool, tid = ARGV[5], ARGV[6], ARGV[7]
 local output_mode, output, record, record_field = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 local stored = output_mode ~= 'none'
@@ -25,18 +26,9 @@ end
 hist_hset(run, 'tasks', record_field, record)
 -- the worker runs no task now (its task key is what a lost worker is charged with)
 redis.call('DEL', task_key)
+if output_mode == 'apart' then adopt_output(run, own_key(runkey(run, 'out'), tid)) end
 local status = redis.call('HGET', meta, 'status') or 'missing'
-if status ~= 'running' then
-  -- An output written apart for a run that is over, into an output hash without a TTL (the
-  -- run's keys were deleted, or its outputs dropped, and the HSETNX made the hash anew), is
-  -- taken back: nothing else would ever remove it. One with a TTL expires with the run, and
-  -- may be what its driver is fetching (a lost worker's late completion).
-  local out = runkey(run, 'out')
-  if output_mode == 'apart' and redis.call('PTTL', out) == -1 then
-    redis.call('HDEL', out, tid)
-  end
-  return {status, '', 0}
-end
+if status ~= 'running' then return {status, '', 0} end
 if redis.call('SADD', runkey(run, 'done'), tid) == 0 then return {status, '', 1} end
 if record_field ~= tid then redis.call('HINCRBY', meta, 'duplicates_won', 1) end
 if output_mode == 'inline' then redis.call('HSET', runkey(run, 'out'), tid, output) end

@@ -17,6 +17,23 @@ local function hist_hset(run, part, field, value)
   redis.call('HSET', histkey(run, part), field, value)
   if ttl > 0 then redis.call('PEXPIRE', histkey(run, part), ttl) end
 end
+-- keys.own_key: a large value's own key, next to the hash it would otherwise be a field of.
+local function own_key(hash, field) return hash .. ':' .. field end
+-- A large output the caller wrote under its own key just before this script (SET NX with the
+-- run's TTL, should no script ever take it up): while the run has keys, it becomes one of
+-- them, listed in the run's key set (renewed, expiring or deleted with the others) with the
+-- TTL its meta has now (a live run's lease, an ended run's expiry; none if the meta has
+-- none); for a run whose keys are gone it is unlinked at once, as nothing else would remove
+-- it before its TTL.
+local function adopt_output(run, key)
+  local ttl = redis.call('PTTL', runkey(run, 'meta'))
+  if ttl == -2 then
+    redis.call('UNLINK', key)
+    return
+  end
+  redis.call('SADD', runkey(run, 'keys'), key)
+  if ttl == -1 then redis.call('PERSIST', key) else redis.call('PEXPIRE', key, ttl) end
+end
 local function wake(pool)
   redis.call('LPUSH', pool .. ':wake', '1')
   redis.call('LTRIM', pool .. ':wake', 0, 0)
