@@ -118,12 +118,16 @@ def _delayed_io(given: RuleInput, marks: Marks) -> None:
         if given.worker_of[task_id] is not None or len(spec.deps) < 2:
             continue
         best: tuple[float, str, float] | None = None
+        # The latest completion among a dep's siblings: the latest of all, or for the dep that
+        # completes last, the runner-up (linear in the fan-in's width, not quadratic).
+        ranked = sorted(spec.deps, key=lambda d: timing.tasks[d].complete_s, reverse=True)
+        latest, runner_up = (timing.tasks[d].complete_s for d in ranked[:2])
         for dep in spec.deps:
             if given.worker_of[dep] is not None or dag.tasks[dep].downstream != [task_id]:
                 continue
             if dep in dag.output_ids:
                 continue
-            others = max(timing.tasks[d].complete_s for d in spec.deps if d != dep)
+            others = runner_up if dep == ranked[0] else latest
             wait = max(0.0, others - timing.tasks[dep].end_s)
             saved = p.upload_s(sizes.out_bytes[dep]) + p.download_s(sizes.out_bytes[dep]) - wait
             if saved >= MIN_SAVING_S and (best is None or saved > best[0]):
