@@ -34,6 +34,12 @@ MODELLED: Final = tuple(name for name in OPTIMIZATIONS if name != "taskdup")
 # never fewer than AUTO_MIN.
 AUTO_SIMULATED_TASKS: Final = 30_000
 AUTO_MIN_SIMULATIONS: Final = 2
+# Planning time is part of the user's wait (``wf.run`` plans, then runs): past the two plain
+# plans, auto spends at most this share of the best predicted makespan on further candidates,
+# at about SIMULATED_TASK_S per simulated task (measured on a 2-core VM: 40 us; a constant,
+# not a clock, so a plan does not depend on how busy the machine is).
+AUTO_PLANNING_SHARE: Final = 0.1
+SIMULATED_TASK_S: Final = 40e-6
 
 
 @dataclass
@@ -65,6 +71,7 @@ class _Search:
     goal: Goal
     budget: int | None = None
     starved: bool = False  # a candidate was not tried for want of budget
+    short_run_s: float | None = None  # the budget was cut to fit a run predicted this short
     evaluated: list[Candidate] = field(default_factory=list)
     placed: dict[str, Choice | None] = field(default_factory=dict)  # planner -> for preload
 
@@ -222,6 +229,7 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
     assert uniform is not None
     bases = [choose_wukong(search.shared, options), uniform]
     search.spend(2)
+    _fit_budget_to_run(search, min(base.timing.makespan_s for base in bases), tasks)
     if search.affordable():
         non_uniform = choose_non_uniform(
             search.shared, options, uniform, max_simulations=search.budget
@@ -250,7 +258,12 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
         ):
             chosen = candidate
     notes = notes_of[chosen.choice.planner]
-    if search.starved:
+    if search.starved and search.short_run_s is not None:
+        search_notes.append(
+            f"auto: the best plain plan is predicted to take {search.short_run_s:.3f}s: "
+            f"candidates limited to about {AUTO_PLANNING_SHARE:.0%} of that in planning time"
+        )
+    elif search.starved:
         search_notes.append(
             f"auto: {len(dag.tasks):,} tasks: candidates limited to about "
             f"{AUTO_SIMULATED_TASKS:,} simulated tasks to keep planning fast"
@@ -262,6 +275,15 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
     return _finish(
         search, chosen, [summary, *chosen.choice.notes, *notes, *search_notes], chosen.applied
     )
+
+
+def _fit_budget_to_run(search: _Search, best_s: float, tasks: int) -> None:
+    """Cut the simulations left to what AUTO_PLANNING_SHARE of a ``best_s`` run pays for:
+    searching longer than a short run could gain makes the user wait longer, not less."""
+    worth = int(AUTO_PLANNING_SHARE * best_s / (tasks * SIMULATED_TASK_S))
+    if search.budget is not None and worth < search.budget:
+        search.budget = worth
+        search.short_run_s = best_s
 
 
 def _shared(dag: DagSpec, options: PlanningOptions) -> SharedEstimates:

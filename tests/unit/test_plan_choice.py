@@ -200,6 +200,51 @@ def test_auto_caps_its_candidates_on_large_dags_and_says_so(monkeypatch):
     assert any("not tried on wukong (planning budget spent)" in n for n in result.notes)
 
 
+PLAIN = ("wukong", "uniform")
+
+
+def _fanout_history(seconds: float, width: int) -> HistorySnapshot:
+    return history(
+        [("src#0", "src", 8, seconds), ("sink#0", "sink", 8, seconds)]
+        + [(f"step#{i}", "step", 8, seconds) for i in range(width)],
+        cold_s=0.01,
+    )
+
+
+def _fanout(width: int) -> dagkube.Workflow:
+    root = dagkube.task(name="src")(lambda: 1)()
+    step = dagkube.task(name="step")(lambda v, i: v + i)
+    sink = dagkube.task(name="sink")(lambda values: sum(values))
+    return dagkube.Workflow(sink([step(root, i) for i in range(width)]), "fanout")
+
+
+def test_auto_spends_on_candidates_what_a_short_run_can_pay_for():
+    """Planning is part of the wait: past the two plain plans, auto simulates no more than
+    AUTO_PLANNING_SHARE of the best plain plan's predicted makespan pays for (at
+    SIMULATED_TASK_S per task); a longer run of the same shape gets the whole search."""
+    dag = _fanout(300).dag
+
+    def options(seconds: float) -> PlanningOptions:
+        return PlanningOptions.for_run(
+            CLASSES, history=_fanout_history(seconds, 300), max_workers=2
+        )
+
+    short = plan(dag, "auto", options(1e-4))
+    plain_s = min(a.model_makespan_s for a in short.alternatives if a.label in PLAIN)
+    share = choice.AUTO_PLANNING_SHARE * plain_s
+    allowed = int(share / (len(dag.tasks) * choice.SIMULATED_TASK_S))
+    assert allowed < 3, "the fan-out should be short enough to cut the search"
+    # Each simulation adds at most one candidate; non-uniform's downgrade trials none.
+    assert len(short.alternatives) <= 2 + allowed
+    assert any(
+        f"predicted to take {plain_s:.3f}s: candidates limited to about 10%" in n
+        for n in short.notes
+    ), short.notes
+    long = plan(dag, "auto", options(0.5))
+    assert len(long.alternatives) > len(short.alternatives)
+    assert not any("candidates limited" in n for n in long.notes), long.notes
+
+
 def test_the_candidates_round_trip_and_older_plans_parse_without_them():
     result = planned("large-fanin", "auto", objective="balanced", max_gb_s=100.0)
     assert len(result.alternatives) > 2
