@@ -168,7 +168,7 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
             # prewarm must predict, slower than a start alone when the others of its request
             # start with it.
             ready_s = worker.registered_at - worker.spawned_at
-            found.startups.append(StartupSample(worker.memory_mib, True, ready_s))
+            found.startups.append(StartupSample(worker.memory_mib, True, ready_s, prewarmed=True))
             continue
         began = worker.spawned_at if worker.cold else worker.ready_at
         if began is not None:

@@ -35,11 +35,14 @@ class TaskSample:
 @dataclass(frozen=True, slots=True)
 class StartupSample:
     """One worker start, queueing excluded: spawn -> first task (cold) or taking the
-    invocation -> first task (warm). Waiting for a free worker is the timing model's part."""
+    invocation -> first task (warm). Waiting for a free worker is the timing model's part.
+    ``prewarmed``: spawn -> ready of a pre-warmed worker, which starts with the others of its
+    request (locally they share the cores: slower than a start alone)."""
 
     memory_mib: int
     cold: bool
     startup_s: float
+    prewarmed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

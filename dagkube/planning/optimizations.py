@@ -194,8 +194,9 @@ def mark_prewarm(given: RuleInput, marks: Marks) -> int:
     """Every invocation predicted to wait for a worker to start (queued after the run began,
     not taken by an idle or finishing worker within a warm start) is a target: a worker
     spawned at ``queued - cold start-up - PREWARM_MARGIN_S`` is ready just before it is needed
-    (the start-up is the Predictor's at the plan's SLA, so the margin stays small: a worker
-    ready early is charged while it waits). A request due before its trigger is predicted to
+    (the start-up is the Predictor's at the plan's SLA, learnt from earlier pre-warmed
+    workers, which start in groups, so the margin stays small: a worker ready early is
+    charged while it waits). A request due before its trigger is predicted to
     start gets a negative ``delay_s`` (never before the run's start): the driver sends it at
     submission. Returns how many workers are requested."""
     timing, p = given.timing, given.predictor
@@ -207,7 +208,7 @@ def mark_prewarm(given: RuleInput, marks: Marks) -> int:
         waited = activity.ready_s - activity.queued_s
         if waited <= p.startup_s(activity.memory_mib, False) + PREWARM_MIN_WAIT_S:
             continue
-        cold = p.startup_s(activity.memory_mib, True)
+        cold = p.startup_s(activity.memory_mib, True, prewarmed=True)
         fire_at = activity.queued_s - cold - PREWARM_MARGIN_S
         trigger = _prewarm_trigger(timing, starts, activity.tasks[0], fire_at)
         if trigger in activity.tasks:

@@ -54,6 +54,7 @@ from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, cpu_f
 __all__ = ["Defaults", "Estimates", "Predictor", "estimate", "statistic"]
 
 TASK_SAMPLES = 3
+MIN_PREWARM_SAMPLES = 3  # pre-warmed start-ups of a class before prewarm times by them alone
 # A class must exceed a task's predicted peak by this share: the limit also counts the page
 # cache and allocator slack that the resident-set peak does not show.
 MEMORY_HEADROOM = 0.25
@@ -115,7 +116,7 @@ class Predictor:
         self._models = {name: self._fit(found) for name, found in points.items()}
         self._exec_cache: dict[tuple[str, str, int, int], float] = {}
         self._output_cache: dict[tuple[str, str, int], int] = {}
-        self._startup_cache: dict[tuple[int, bool], float] = {}
+        self._startup_cache: dict[tuple[int, bool, bool], float] = {}
         self._floor_cache: dict[tuple[str, int], int] = {}
         # Memory evidence (peaks measured, OOM kills) by task id and by function.
         self._memory_tasks: dict[str, list[TaskSample]] = defaultdict(list)
@@ -298,18 +299,28 @@ class Predictor:
         """Seconds of a task's completion call that stores its ``nbytes`` output."""
         return self.uploads.seconds(nbytes)
 
-    def startup_s(self, memory_mib: int, cold: bool) -> float:
-        key = (memory_mib, cold)
+    def startup_s(self, memory_mib: int, cold: bool, prewarmed: bool = False) -> float:
+        """Seconds from spawn (cold) or from taking an invocation (warm) to the first task, at
+        the SLA. ``prewarmed``: a pre-warmed worker's spawn to ready, from the starts of
+        earlier pre-warmed workers once MIN_PREWARM_SAMPLES of the nearest class exist (they
+        start in groups: locally slower than one start alone), else as any cold start."""
+        key = (memory_mib, cold, prewarmed)
         cached = self._startup_cache.get(key)
         if cached is not None:
             return cached
         by_class: dict[int, list[float]] = defaultdict(list)
+        grouped: dict[int, list[float]] = defaultdict(list)
         for sample in self.history.startups:
             if sample.cold == cold:
                 by_class[sample.memory_mib].append(sample.startup_s)
+                if sample.prewarmed:
+                    grouped[sample.memory_mib].append(sample.startup_s)
         if by_class:
             source = min(by_class, key=lambda m: (abs(math.log(m / memory_mib)), -m))
-            value = statistic(by_class[source], self.percentile)
+            samples = by_class[source]
+            if prewarmed and len(grouped.get(source, ())) >= MIN_PREWARM_SAMPLES:
+                samples = grouped[source]
+            value = statistic(samples, self.percentile)
             if cold and self.cpu_enforced and source != memory_mib:
                 value *= self._cpu(source) / self._cpu(memory_mib)
         else:

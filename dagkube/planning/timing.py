@@ -185,7 +185,8 @@ class _Simulation:
         worker = SimWorker(next(self.numbers), memory_mib, spawned_s=time_s, prewarmed=prewarm)
         self.alive += 1
         self.starting.setdefault(memory_mib, []).append(worker)
-        self.push(time_s + self.p.startup_s(memory_mib, True), self._on_ready, worker)
+        startup_s = self.p.startup_s(memory_mib, True, prewarmed=prewarm)
+        self.push(time_s + startup_s, self._on_ready, worker)
 
     def _on_ready(self, time_s: float, worker: SimWorker) -> None:
         self.starting[worker.memory_mib].remove(worker)

@@ -230,3 +230,23 @@ def test_a_large_constant_is_downloaded_with_the_inputs():
     predictor = Predictor(HistorySnapshot("h", 3, tasks, STARTUPS))
     timing = simulate(dag, {"measure#0": 1024}, {"measure#0": None}, predictor)
     assert timing.tasks["measure#0"].download_s == pytest.approx(0.05, rel=0.01)
+
+
+def test_prewarm_times_its_workers_by_earlier_pre_warmed_starts_once_it_has_some():
+    """Pre-warmed workers start in groups (locally sharing the cores): their spawn -> ready is
+    learnt apart from lone cold starts, and used for pre-warmed workers only."""
+    lone = [StartupSample(1024, True, 3.3)] * 6 + [StartupSample(1024, False, 0.01)] * 3
+    two = [StartupSample(1024, True, 4.0, prewarmed=True)] * 2
+    three = [StartupSample(1024, True, 4.0, prewarmed=True)] * 3
+    few = Predictor(HistorySnapshot("h", 3, [], lone + two), "avg")
+    # Too few pre-warmed starts: they count as cold starts like any other.
+    assert few.startup_s(1024, True, prewarmed=True) == pytest.approx((6 * 3.3 + 2 * 4.0) / 8)
+    enough = Predictor(HistorySnapshot("h", 3, [], lone + three), "avg")
+    assert enough.startup_s(1024, True, prewarmed=True) == pytest.approx(4.0)
+    # A worker spawned on demand still starts like any cold start; warm starts are untouched.
+    assert enough.startup_s(1024, True) == pytest.approx((6 * 3.3 + 3 * 4.0) / 9)
+    assert enough.startup_s(1024, False) == pytest.approx(0.01)
+    # The nearest class's pre-warmed starts serve a class without samples of its own (scaled
+    # by CPU share as cold starts are).
+    scale = enough.startup_s(2048, True) / enough.startup_s(1024, True)
+    assert enough.startup_s(2048, True, prewarmed=True) == pytest.approx(4.0 * scale)
