@@ -54,7 +54,7 @@ from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, cpu_f
 __all__ = ["Defaults", "Estimates", "Predictor", "estimate", "statistic"]
 
 TASK_SAMPLES = 3
-MIN_PREWARM_SAMPLES = 3  # pre-warmed start-ups of a class before prewarm times by them alone
+MIN_PREWARM_SAMPLES = 3  # start-ups of one kind (pre-warmed or not) before it is predicted apart
 # A class must exceed a task's predicted peak by this share: the limit also counts the page
 # cache and allocator slack that the resident-set peak does not show.
 MEMORY_HEADROOM = 0.25
@@ -301,25 +301,26 @@ class Predictor:
 
     def startup_s(self, memory_mib: int, cold: bool, prewarmed: bool = False) -> float:
         """Seconds from spawn (cold) or from taking an invocation (warm) to the first task, at
-        the SLA. ``prewarmed``: a pre-warmed worker's spawn to ready, from the starts of
-        earlier pre-warmed workers once MIN_PREWARM_SAMPLES of the nearest class exist (they
-        start in groups: locally slower than one start alone), else as any cold start."""
+        the SLA. Pre-warmed workers start in groups (locally sharing the cores: slower than a
+        start on demand), so ``prewarmed`` (spawn to ready of a pre-warmed worker) and cold
+        starts on demand are each predicted from their own kind once MIN_PREWARM_SAMPLES of
+        it exist for the nearest class, else from every cold start."""
         key = (memory_mib, cold, prewarmed)
         cached = self._startup_cache.get(key)
         if cached is not None:
             return cached
         by_class: dict[int, list[float]] = defaultdict(list)
-        grouped: dict[int, list[float]] = defaultdict(list)
+        alike: dict[int, list[float]] = defaultdict(list)  # started as this one will be
         for sample in self.history.startups:
             if sample.cold == cold:
                 by_class[sample.memory_mib].append(sample.startup_s)
-                if sample.prewarmed:
-                    grouped[sample.memory_mib].append(sample.startup_s)
+                if sample.prewarmed == prewarmed:
+                    alike[sample.memory_mib].append(sample.startup_s)
         if by_class:
             source = min(by_class, key=lambda m: (abs(math.log(m / memory_mib)), -m))
             samples = by_class[source]
-            if prewarmed and len(grouped.get(source, ())) >= MIN_PREWARM_SAMPLES:
-                samples = grouped[source]
+            if len(alike.get(source, ())) >= MIN_PREWARM_SAMPLES:
+                samples = alike[source]
             value = statistic(samples, self.percentile)
             if cold and self.cpu_enforced and source != memory_mib:
                 value *= self._cpu(source) / self._cpu(memory_mib)

@@ -449,13 +449,22 @@ class LocalRuntime:
         return planning.plan(dag, planner, options)
 
     async def _idle_workers(self) -> dict[int, int]:
+        """Idle workers per class, for the planner's warm starts: only those whose process is
+        alive. A stopped worker can leave its idle entry for a moment (seen right after
+        :meth:`cool_down`, until the scaler reaps it), and a plan must not start warm on it."""
+        assert self.backend is not None
         keys = PoolKeys(self.pool)
+        alive = {handle.worker_id for handle in self.backend.alive()}
         classes = sorted(int(c) for c in await self.redis.smembers(keys.classes))
         async with self.redis.pipeline(transaction=False) as pipe:
             for memory in classes:
-                pipe.scard(keys.idle(memory))
-            counts = await pipe.execute()
-        return {m: n for m, n in zip(classes, counts, strict=True) if n}
+                pipe.smembers(keys.idle(memory))
+            members = await pipe.execute()
+        counts = {
+            memory: len({m.decode() for m in ids} & alive)
+            for memory, ids in zip(classes, members, strict=True)
+        }
+        return {memory: count for memory, count in counts.items() if count}
 
     @property
     def enforced(self) -> bool:

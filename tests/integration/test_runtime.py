@@ -153,6 +153,21 @@ def test_sigterm_stops_workers_cleanly_leaving_no_registration(make_runtime, red
     assert not any(redis_client.exists(worker_heartbeat(i)) for i in ids)
 
 
+def test_plans_start_warm_only_on_idle_workers_that_are_alive(make_runtime, redis_client):
+    """An idle entry whose worker process is gone (left for a moment by a stopped worker,
+    until the scaler reaps it) is no warm worker: the next plan starts cold."""
+    rt = make_runtime(max_workers=2)
+    wf = dagkube.Workflow(add(1, 2), name="it-stale-idle")
+    assert wf.run(runtime=rt) == 3
+    memory = wf.last_plan.workers[0].memory_mib
+    warm = rt.plan(wf.dag, "wukong")
+    assert warm.workers[0].predicted_startup_s < 0.1  # the worker of the run is idle
+    rt.cool_down()
+    redis_client.sadd(PoolKeys(rt.pool).idle(memory), "gone-worker")
+    cold = rt.plan(wf.dag, "wukong")
+    assert cold.workers[0].predicted_startup_s > 0.1, cold.workers
+
+
 def test_failing_task_raises_task_failed_with_remote_traceback(runtime):
     wf = dagkube.Workflow(total([boom(add(1, 2)), add(5, 5)]), name="it-fail")
     with pytest.raises(dagkube.TaskFailed) as info:

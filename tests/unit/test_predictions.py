@@ -243,9 +243,12 @@ def test_prewarm_times_its_workers_by_earlier_pre_warmed_starts_once_it_has_some
     assert few.startup_s(1024, True, prewarmed=True) == pytest.approx((6 * 3.3 + 2 * 4.0) / 8)
     enough = Predictor(HistorySnapshot("h", 3, [], lone + three), "avg")
     assert enough.startup_s(1024, True, prewarmed=True) == pytest.approx(4.0)
-    # A worker spawned on demand still starts like any cold start; warm starts are untouched.
-    assert enough.startup_s(1024, True) == pytest.approx((6 * 3.3 + 3 * 4.0) / 9)
+    # A worker spawned on demand is predicted from the starts on demand; warm ones untouched.
+    assert enough.startup_s(1024, True) == pytest.approx(3.3)
     assert enough.startup_s(1024, False) == pytest.approx(0.01)
+    # Fewer than three starts on demand: every cold start.
+    mostly = Predictor(HistorySnapshot("h", 3, [], lone[:2] + lone[6:] + three), "avg")
+    assert mostly.startup_s(1024, True) == pytest.approx((2 * 3.3 + 3 * 4.0) / 5)
     # The nearest class's pre-warmed starts serve a class without samples of its own (scaled
     # by CPU share as cold starts are).
     scale = enough.startup_s(2048, True) / enough.startup_s(1024, True)
