@@ -115,8 +115,7 @@ def _prewarm_row(histories: list[Any]) -> dict:
         return seconds * memory_mib / 1024
 
     rows: dict[str, list[float]] = {
-        k: []
-        for k in ("makespan", "first", "gb_s", "unused", "total", "startup", "wait", "started")
+        k: [] for k in ("makespan", "first", "gb_s", "unused", "total", "startup", "wait", "net")
     }
     for history in histories:
         run = history.run
@@ -136,7 +135,8 @@ def _prewarm_row(histories: list[Any]) -> dict:
                 started += gb_s(registered - spawned, worker.memory_mib)
         rows["startup"].append(startup)
         rows["wait"].append(wait)
-        rows["started"].append(startup + started)
+        # The run's GB-s but its start-ups (pre-warmed and on demand), per run.
+        rows["net"].append(run.gb_s + unused - startup - started)
     medians = {f"{k}_s" if k in ("makespan", "first") else k: _median(v) for k, v in rows.items()}
     records = [h.run for h in histories]
     return {
@@ -165,7 +165,7 @@ def prewarm_summary(rows: dict) -> dict[str, float]:
         "gb_s_over_warm": warmed["total"] / warm["total"] - 1,
         # The warm run's workers were started (and charged) by the run before it: the same
         # comparison with the prewarm run's start-ups (pre-warmed and on demand) left out.
-        "gb_s_over_warm_after_startups": (warmed["total"] - warmed["started"]) / warm["total"] - 1,
+        "gb_s_over_warm_after_startups": warmed["net"] / warm["total"] - 1,
         "gb_s_over_cold": warmed["total"] / cold["total"] - 1,
     }
 
