@@ -209,7 +209,15 @@ class Worker:
         try:
             raw = None
             # In slices of at most MAX_BLOCK_S: a stopped Redis is noticed by the read timeout.
-            while raw is None and not unneeded and (left := idle_until - time.monotonic()) > 0:
+            # ``stopping`` too: SIGTERM cancels this wait, but a cancellation that lands as
+            # the read's own timeout fires can be lost (the call returns or is retried), and
+            # the worker must still stop rather than idle on until it is killed.
+            while (
+                raw is None
+                and not unneeded
+                and not self.stopping
+                and (left := idle_until - time.monotonic()) > 0
+            ):
                 slice_s = PREWARM_CHECK_S if self._unused_prewarm() else MAX_BLOCK_S
                 raw = await self.redis.blmove(
                     self.pool.queue(self.config.memory_mib),
@@ -222,6 +230,8 @@ class Worker:
         finally:
             await self.redis.srem(idle, self.config.worker_id)
         if raw is None:
+            if self.stopping:
+                return None
             log.info(
                 "worker %s: %s, exiting",
                 self.config.worker_id,
