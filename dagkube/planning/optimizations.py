@@ -10,6 +10,7 @@ read the marks (docs/architecture.md, "Optimizations").
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -120,8 +121,8 @@ def _delayed_io(given: RuleInput, marks: Marks) -> None:
         best: tuple[float, str, float] | None = None
         # The latest completion among a dep's siblings: the latest of all, or for the dep that
         # completes last, the runner-up (linear in the fan-in's width, not quadratic).
-        ranked = sorted(spec.deps, key=lambda d: timing.tasks[d].complete_s, reverse=True)
-        latest, runner_up = (timing.tasks[d].complete_s for d in ranked[:2])
+        ranked = heapq.nlargest(2, spec.deps, key=lambda d: timing.tasks[d].complete_s)
+        latest, runner_up = (timing.tasks[d].complete_s for d in ranked)
         for dep in spec.deps:
             if given.worker_of[dep] is not None or dag.tasks[dep].downstream != [task_id]:
                 continue

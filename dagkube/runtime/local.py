@@ -36,7 +36,6 @@ from dagkube.runtime.scaler import Scaler
 from dagkube.store import scripts
 from dagkube.store.cleanup import delete_pool_keys
 from dagkube.store.connection import BulkReader, ServerReplaced, ServerWatch, redact
-from dagkube.store.keys import PoolKeys
 from dagkube.store.objects import (
     STORE_URL_ENV,
     THRESHOLD_ENV,
@@ -452,18 +451,10 @@ class LocalRuntime:
         """Idle workers per class, for the planner's warm starts: only those whose process is
         alive. A stopped worker can leave its idle entry for a moment (seen right after
         :meth:`cool_down`, until the scaler reaps it), and a plan must not start warm on it."""
-        assert self.backend is not None
-        keys = PoolKeys(self.pool)
+        assert self.backend is not None and self.scaler is not None
         alive = {handle.worker_id for handle in self.backend.alive()}
-        classes = sorted(int(c) for c in await self.redis.smembers(keys.classes))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for memory in classes:
-                pipe.smembers(keys.idle(memory))
-            members = await pipe.execute()
-        counts = {
-            memory: len({m.decode() for m in ids} & alive)
-            for memory, ids in zip(classes, members, strict=True)
-        }
+        idle = await self.scaler.idle_ids()
+        counts = {memory: len(ids & alive) for memory, ids in idle.items()}
         return {memory: count for memory, count in counts.items() if count}
 
     @property

@@ -248,7 +248,7 @@ class Scaler:
         running = RunStatus.RUNNING.encode()
         return {run for run, status in zip(ordered, statuses, strict=True) if status == running}
 
-    async def _idle_ids(self) -> dict[int, set[str]]:
+    async def idle_ids(self) -> dict[int, set[str]]:
         """The idle workers of each class, by id."""
         classes = sorted(int(c) for c in await self.redis.smembers(self.keys.classes))
         if not classes:
@@ -269,7 +269,7 @@ class Scaler:
     async def _spare(self) -> dict[int, int]:
         """Per class: idle and starting workers beyond what is queued (negative: fewer), not
         counting pre-warmed ones still reserved for their run."""
-        idle = await self._idle_ids()
+        idle = await self.idle_ids()
         async with self.redis.pipeline(transaction=False) as pipe:
             for memory in idle:
                 pipe.llen(self.keys.queue(memory))
