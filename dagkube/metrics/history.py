@@ -137,6 +137,7 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
             calibration_key(record.planner, record.candidate or None),
             record.sla,
             record.makespan_s - record.model_makespan_s,
+            record.model_makespan_s,
         )
     for raw in tasks:
         task = TaskRecord.model_validate_json(raw)

@@ -4,10 +4,11 @@ earlier runs, the candidates evaluated, and the notes saying what backed the pre
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dagkube.dag import DagSpec
 from dagkube.planning.estimates import SharedEstimates
+from dagkube.planning.fitting import upper_bound
 from dagkube.planning.history import calibration_key
 from dagkube.planning.model import Alternative, Optimization, Plan, TaskPlan, WorkerPlan
 from dagkube.planning.options import PlanningOptions
@@ -15,6 +16,7 @@ from dagkube.planning.predictions import Estimates, Predictor, statistic
 from dagkube.planning.timing import Timing, simulate
 
 CALIBRATION_RUNS = 3  # earlier runs of a planner needed before its makespan is calibrated
+AVG = "avg"
 
 
 @dataclass
@@ -73,12 +75,19 @@ def build_plan(
     memory, worker_of = choice.memory, choice.worker_of
     notes = list(notes)
     critical = set(timing.critical_path)
-    calibration = _calibration(calibration_key(planner, choice.planner), options, predictor)
-    if calibration:
-        notes.append(
-            f"makespan calibrated by {calibration:+.3f}s from this planner's earlier runs "
-            f"(SLA {options.sla} of actual minus model)"
-        )
+    key = calibration_key(planner, choice.planner)
+    from_avg = _from_avg_runs(dag, options, choice, marks, key, predictor)
+    if from_avg is not None:
+        predicted_s, note = from_avg
+        notes.append(note)
+    else:
+        calibration = _calibration(key, options, predictor)
+        predicted_s = timing.makespan_s + calibration
+        if calibration:
+            notes.append(
+                f"makespan calibrated by {calibration:+.3f}s from this planner's earlier runs "
+                f"(SLA {options.sla} of actual minus model)"
+            )
     if options.history.empty:
         notes.append("no history for this workflow: predictions use documented defaults")
     elif predictor.used_defaults:
@@ -107,7 +116,7 @@ def build_plan(
             )
             for a in timing.activities
         ],
-        predicted_makespan_s=round(max(timing.makespan_s + calibration, 0.0), 6),
+        predicted_makespan_s=round(max(predicted_s, 0.0), 6),
         model_makespan_s=round(timing.makespan_s, 6),
         predicted_gb_s=round(timing.gb_s, 6),
         history_runs=options.history.runs,
@@ -141,6 +150,43 @@ def _task_plan(
         critical_path=critical,
         optimizations=marks.get(task_id, []),
     )
+
+
+def _from_avg_runs(
+    dag: DagSpec,
+    options: PlanningOptions,
+    choice: Choice,
+    marks: dict[str, list[Optimization]],
+    planner: str,
+    predictor: Predictor,
+) -> tuple[float, str] | None:
+    """A pNN plan's makespan read off the runs planned at SLA avg, while fewer than
+    ``CALIBRATION_RUNS`` were planned at its own SLA: this plan's schedule timed with every
+    task at its mean, times a pNN bound of those runs' actual / modelled makespans (a ratio:
+    when input sizes vary, runs of different lengths miss by different seconds;
+    :func:`upper_bound`). A run's makespan then lies under the prediction at least as often
+    as NN % (if runs are alike); adding
+    a residual percentile to a schedule of per-task pNN times instead counts the spread
+    twice, and the sum of every task at its pNN is already far above the pNN of a sum.
+    None (calibrate as :func:`_calibration` says) at SLA avg, or with too few such runs for
+    a bound at NN % (n runs bound the next at most n / (n + 1) of the time)."""
+    if predictor.percentile is None:
+        return None
+    mine = [r for r in options.history.residuals if r.planner == planner]
+    if sum(r.sla == options.sla for r in mine) >= CALIBRATION_RUNS:
+        return None
+    at_avg = [r.ratio for r in mine if r.sla == AVG and r.ratio is not None]
+    if len(at_avg) / (len(at_avg) + 1) < predictor.percentile / 100:
+        return None  # even the largest ratio bounds the next run too rarely: p90 needs 9
+    shared = SharedEstimates(dag, replace(options, sla=AVG).predictor(), max(options.classes_mib))
+    mean_s = simulate_plan(shared, choice.memory, choice.worker_of, options, marks).makespan_s
+    spread = upper_bound(at_avg, predictor.percentile)
+    note = (
+        f"makespan at {options.sla}: {mean_s:.3f}s (this plan with every task at its mean) "
+        f"x {spread:.3f} (a {options.sla} bound of {len(at_avg)} earlier avg runs' actual / "
+        "modelled makespan)"
+    )
+    return mean_s * spread, note
 
 
 def _calibration(planner: str, options: PlanningOptions, predictor: Predictor) -> float:

@@ -49,6 +49,18 @@ def statistic(values: Sequence[float], percentile: float | None) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def upper_bound(values: Sequence[float], percentile: float) -> float:
+    """A bound the next value stays under with probability >= ``percentile`` % if it is drawn
+    like ``values`` were (exchangeable): their ceil(p (n + 1))-th smallest, capped at the
+    largest (a split-conformal quantile; the plain percentile of a few values is too low as
+    often as not)."""
+    if not values:
+        raise ValueError("upper bound of no values")
+    ordered = sorted(values)
+    rank = math.ceil(percentile / 100 * (len(ordered) + 1))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
 def slope(points: Sequence[tuple[float, float]]) -> float:
     """Least-squares slope of y on x (one pass over the points)."""
     n = sum_x = sum_y = sum_xx = sum_xy = 0.0

@@ -52,6 +52,12 @@ class Residual:
     planner: str  # see calibration_key
     sla: str  # the SLA the run was planned at: a pNN model already holds the spread
     seconds: float
+    model_s: float | None = None  # the timing model's makespan it is measured against
+
+    @property
+    def ratio(self) -> float | None:
+        """Actual over modelled makespan (None without a model makespan)."""
+        return (self.model_s + self.seconds) / self.model_s if self.model_s else None
 
 
 def calibration_key(planner: str, chosen: str | None) -> str:

@@ -308,6 +308,42 @@ def test_makespan_is_calibrated_by_this_planners_residuals():
     assert any("calibrated" in note for note in avg.notes)
 
 
+def test_a_p90_makespan_is_read_off_enough_avg_runs_as_a_bound_on_their_miss_ratio():
+    wf = fan(2)
+    snapshot = history({"prep": 0.1, "work": 1.0, "join": 0.1})
+    mean_model = plan(wf.dag, "wukong", PlanningOptions([2048], history=snapshot))
+    ratios = [0.9, 1.0, 1.05, 1.1, 1.2, 0.95, 1.0, 1.02, 1.3, 0.98, 1.01]
+    snapshot.residuals = [Residual("wukong", "avg", r - 1.0, 1.0) for r in ratios[:8]]
+    few = plan(wf.dag, "wukong", PlanningOptions([2048], sla="p90", history=snapshot))
+    # eight avg runs bound a ninth at most 8/9 < 90% of the time: too few, the p90 of their
+    # residuals is added to the p90 model instead (on the safe side)
+    assert few.predicted_makespan_s == pytest.approx(
+        few.model_makespan_s + statistic([r - 1.0 for r in ratios[:8]], 90)
+    )
+    snapshot.residuals = [Residual("wukong", "avg", r - 1.0, 1.0) for r in ratios]
+    p90 = plan(wf.dag, "wukong", PlanningOptions([2048], sla="p90", history=snapshot))
+    # eleven runs: the 11th smallest of 11 (ceil(0.9 * 12) = 11) bounds the next at >= 90%
+    assert p90.predicted_makespan_s == pytest.approx(mean_model.model_makespan_s * 1.3, rel=1e-5)
+    assert any("bound of 11 earlier avg runs" in note for note in p90.notes)
+    # three runs at p90 itself: their residuals calibrate the p90 model as before
+    snapshot.residuals += [Residual("wukong", "p90", r, 2.0) for r in (-0.2, -0.1, 0.0)]
+    own = plan(wf.dag, "wukong", PlanningOptions([2048], sla="p90", history=snapshot))
+    assert own.predicted_makespan_s == pytest.approx(
+        own.model_makespan_s + statistic([-0.2, -0.1, 0.0], 90)
+    )
+
+
+def test_upper_bound_is_a_conformal_rank_not_an_interpolated_percentile():
+    from dagkube.planning.fitting import upper_bound
+
+    values = [float(v) for v in range(1, 21)]  # 1 .. 20
+    assert upper_bound(values, 90) == 19.0  # ceil(0.9 * 21) = 19
+    assert statistic(values, 90) == pytest.approx(18.1)
+    assert upper_bound(values[:5], 90) == 5.0  # few values: the largest
+    with pytest.raises(ValueError, match="no values"):
+        upper_bound([], 90)
+
+
 def test_plan_picture_groups_workers_colors_classes_and_marks_the_critical_path():
     from dagkube.planning.dot import plan_to_dot
 
