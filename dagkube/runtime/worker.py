@@ -293,11 +293,19 @@ class Worker:
             self.runs.move_to_end(run_id)
             return state
         keys = RunKeys(run_id)
+        held = list(self.runs)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(keys.dag)
             pipe.get(keys.plan)
             pipe.hmget(keys.meta, "ttl_s", "history_cap", "submitted_at")
-            dag_blob, plan_json, (ttl_s, cap, submitted) = await pipe.execute()
+            for other in held:
+                pipe.hget(RunKeys(other).meta, "status")
+            dag_blob, plan_json, (ttl_s, cap, submitted), *statuses = await pipe.execute()
+        # A warm worker held every value of its last runs (outputs, fetched inputs): ended
+        # runs' values are dropped here, or a few runs of large outputs outgrow the class.
+        for other, status in zip(held, statuses, strict=True):
+            if status != b"running":
+                del self.runs[other]
         if dag_blob is None or plan_json is None:
             log.warning("run %s: DAG or plan missing (expired?), dropping its invocation", run_id)
             return None

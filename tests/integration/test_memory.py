@@ -154,6 +154,33 @@ def test_each_task_gets_its_own_peak_on_a_warm_worker(make_runtime):
     assert worker.peak_memory_bytes == max(peaks.values())
 
 
+@dagkube.task
+def blob(mib: int, run: int) -> bytes:
+    return bytes([run % 256]) * (mib * MIB)
+
+
+@dagkube.task
+def blob_size(data: bytes) -> int:
+    return len(data) // MIB
+
+
+def test_a_warm_worker_does_not_keep_the_values_of_runs_that_ended(make_runtime):
+    # One warm worker, five runs, each with a 120 MiB value: were ended runs' values kept
+    # (as they were, for the last four runs), the fifth run's tasks would start 480 MiB up.
+    rt = _runtime(make_runtime, max_workers=1)
+    peaks = []
+    for run in range(5):
+        wf = dagkube.Workflow(blob_size(blob(120, run)), name="it-held-values")
+        result = rt.run(wf.dag, rt.plan(wf.dag, "wukong", classes="1Gi"), timeout_s=60)
+        assert result.status == "succeeded" and result.outputs == 120
+        history = rt.call(read_run(rt.redis, result.run_id))
+        assert history is not None
+        assert len({w.worker_id for w in history.workers}) == 1
+        peaks.append({t.task_id: t.peak_memory_bytes or 0 for t in history.tasks})
+    assert all(p["blob#0"] > 120 * MIB for p in peaks)
+    assert peaks[-1]["blob#0"] < peaks[0]["blob#0"] + 100 * MIB, [p["blob#0"] for p in peaks]
+
+
 def test_the_cpu_quota_of_a_class_slows_a_cpu_bound_task(make_runtime):
     # 256 MiB at 1024 MiB per CPU: a quarter of a core.
     rt = _runtime(make_runtime, memory_per_cpu_mib=1024)
