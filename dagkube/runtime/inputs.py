@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import pickle
 import struct
 import time
@@ -55,11 +56,12 @@ def serialize(value: Any) -> bytes:
 
 def deserialize(blob: bytes) -> Any:
     """A value from :func:`serialize`'s bytes (or any plain pickle). Each out-of-band buffer
-    is copied into a bytearray of its own (or, in a bytearray given, used where it lies), so
-    arrays come back writeable, as in-band ones do: tasks may change a NumPy input in place."""
-    if not blob.startswith(OOB_MAGIC):
-        return pickle.loads(blob)
+    is copied into a bytearray of its own (or, in a bytearray or a copy-on-write mapping
+    given, used where it lies), so arrays come back writeable, as in-band ones do: tasks may
+    change a NumPy input in place."""
     view = memoryview(blob)
+    if view[: len(OOB_MAGIC)] != OOB_MAGIC:
+        return pickle.loads(view)
     (count,) = _COUNT.unpack_from(blob, len(OOB_MAGIC))
     head_at = len(OOB_MAGIC) + _COUNT.size + 8 * count
     lengths = struct.unpack_from(f"<{count}Q", blob, len(OOB_MAGIC) + _COUNT.size)
@@ -69,9 +71,9 @@ def deserialize(blob: bytes) -> Any:
             f"out-of-band value of {len(blob)} bytes is shorter than its {count} buffer "
             f"lengths ({sum(lengths)} bytes) say"
         )
-    # A bytearray (read from the object store) is writeable and the caller's alone: its
-    # buffers are used in place, not copied.
-    owned = isinstance(blob, bytearray)
+    # A bytearray or a private mapping (the object store's) is writeable and the caller's
+    # alone: its buffers are used in place, not copied.
+    owned = isinstance(blob, bytearray | mmap.mmap)
     buffers: list[Any] = []
     for length in lengths:
         part = view[buffers_at : buffers_at + length]
