@@ -12,6 +12,7 @@ from dagkube.dag import TaskSpec, resolve
 from dagkube.runtime.inputs import RunState, deserialize, serialize
 from dagkube.runtime.memory import PeakMeter
 from dagkube.sources import format_exception
+from dagkube.store.frames import Serialized
 from dagkube.store.records import TaskError
 
 RETRY_BACKOFF_S = 0.1  # first pause between attempts of a raising task; doubles each time
@@ -22,7 +23,7 @@ RETRY_BACKOFF_MAX_S = 10.0
 class Execution:
     """What the task thread hands back to the event loop."""
 
-    output: bytes | None  # serialized output, when it must be uploaded
+    output: Serialized | None  # serialized output, when it must be uploaded
     output_bytes: int
     input_bytes: int
     inputs_ready_at: float
@@ -96,7 +97,7 @@ def run_in_thread(
             time.sleep(retry_delay_s(attempts))
     ended_at = time.time()
     cpu_s = time.thread_time() - cpu_start
-    serialized: bytes | None = None
+    serialized: Serialized | None = None
     if error is None:
         state.values[spec.id] = value
         try:

@@ -48,6 +48,7 @@ from dagkube.runtime.workercore.messages import (
 )
 from dagkube.store.calls import CompleteCall, FailCall, StoreCall
 from dagkube.store.connection import MAX_BLOCK_S
+from dagkube.store.frames import Serialized
 from dagkube.store.keys import RunKeys
 from dagkube.store.records import OomAttempt, TaskRecord
 
@@ -65,7 +66,7 @@ class Outcome:
 
     ok: bool
     record: TaskRecord
-    output: bytes | None = None
+    output: Serialized | None = None
 
 
 class Serving:

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
+from dagkube.store.frames import Serialized, joined
 from dagkube.store.keys import (
     KeySpace,
     PoolKeys,
@@ -39,7 +40,7 @@ ReplyT = TypeVar("ReplyT")
 OUTPUT_INLINE_MAX_BYTES = 64 * 1024
 
 
-def is_large(output: bytes) -> bool:
+def is_large(output: Serialized) -> bool:
     """The output is written under its own key, apart from the script that stores it."""
     return len(output) > OUTPUT_INLINE_MAX_BYTES
 
@@ -134,7 +135,7 @@ class CompleteCall(Call[CompleteReply]):
     task_id: str
     record_json: str
     record_field: str
-    output: bytes | None
+    output: Serialized | None
     logical_worker: str | None  # the bound worker this runs on (None: flexible)
     memory_mib: int  # the worker's class
     now: float
@@ -158,7 +159,7 @@ class CompleteCall(Call[CompleteReply]):
         elif self.output_apart:
             mode, inline = "apart", b""
         else:
-            mode, inline = "inline", self.output
+            mode, inline = "inline", joined(self.output)
         return [
             self.run_id,
             PoolKeys(self.pool).prefix,
@@ -206,7 +207,7 @@ class StoreCall(Call[StoreReply]):
     script: ClassVar[str] = "store"
 
     run_id: str
-    outputs: Mapping[str, bytes]
+    outputs: Mapping[str, Serialized]
     run_ttl_s: int  # as CompleteCall's
 
     @property

@@ -24,6 +24,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from dagkube.errors import RedisUnavailable
 from dagkube.store.calls import LengthsCall
+from dagkube.store.frames import Serialized, joined
 from dagkube.store.keys import own_key
 from dagkube.store.objects import ObjectStore, resolve
 from dagkube.store.scripts import SOURCES
@@ -409,7 +410,7 @@ class BulkReader:
 
     async def set_then_script(
         self,
-        values: list[tuple[str, bytes]],
+        values: list[tuple[str, Serialized]],
         ttl_s: int,
         source: str,
         keys: list[str],
@@ -421,7 +422,7 @@ class BulkReader:
 
     def _set_then_script(
         self,
-        values: list[tuple[str, bytes]],
+        values: list[tuple[str, Serialized]],
         ttl_s: int,
         source: str,
         keys: list[str],
@@ -430,7 +431,7 @@ class BulkReader:
         script = self._script(source)
         with self._client.pipeline(transaction=False) as pipe:
             for key, value in values:
-                pipe.set(key, value, nx=True, ex=ttl_s)
+                pipe.set(key, joined(value), nx=True, ex=ttl_s)
             pipe.evalsha(script.sha, len(keys), *keys, *args)
             try:
                 return pipe.execute()[-1]

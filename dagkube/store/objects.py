@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from dagkube.errors import DagkubeError
+from dagkube.store.frames import Frames, Serialized, joined
 from dagkube.store.keys import RunKeys, namespace_of
 
 log = logging.getLogger("dagkube.runtime")
@@ -282,7 +283,7 @@ def parse_threshold(text: str) -> int:
 
 # ------------------------------------------------------------------ the data plane's use
 def spill(
-    store: ObjectStore, run_id: str, outputs: Mapping[str, bytes]
+    store: ObjectStore, run_id: str, outputs: Mapping[str, Serialized]
 ) -> tuple[dict[str, bytes], list[str]]:
     """``outputs`` (task id -> serialized output) with each one of at least the threshold put
     in ``store`` and replaced by its reference; and the names put."""
@@ -290,10 +291,10 @@ def spill(
     names: list[str] = []
     for task_id, output in outputs.items():
         if len(output) < store.threshold_bytes:
-            kept[task_id] = output
+            kept[task_id] = joined(output)
             continue
         name = object_name(run_id, task_id)
-        store.put(name, output)
+        store.put(name, output.parts if isinstance(output, Frames) else output)
         names.append(name)
         kept[task_id] = reference(name)
     return kept, names

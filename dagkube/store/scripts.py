@@ -46,6 +46,7 @@ from dagkube.store.calls import (
     StoreCall,
     StoreReply,
 )
+from dagkube.store.frames import Serialized
 from dagkube.store.keys import RUN_PARTS, RunKeys
 from dagkube.store.objects import delete_names, spill
 
@@ -144,7 +145,7 @@ class Scripts:
         return await self._after_apart(call, call.run_id, apart, call.run_ttl_s)
 
     async def _after_apart(
-        self, call: Call[ReplyT], run_id: str, apart: Mapping[str, bytes], ttl_s: int
+        self, call: Call[ReplyT], run_id: str, apart: Mapping[str, Serialized], ttl_s: int
     ) -> ReplyT:
         """``call``, after a ``SET NX`` of each output of ``apart`` (task id -> output) under
         its own key (:meth:`RunKeys.output`, with a TTL of ``ttl_s`` should no script take it

@@ -289,3 +289,18 @@ def test_a_fan_in_of_large_arrays_runs_and_returns_a_writeable_array(runtime, re
     # Each under its own key, dropped with the run's data once the driver had the result.
     keys = RunKeys(wf.last_run.run_id)
     assert not redis_client.keys(keys.output("*")) and not redis_client.exists(keys.outputs)
+
+
+def test_arrays_of_megabytes_are_handed_on_in_parts_and_joined_for_redis(runtime):
+    from dagkube.store.frames import Frames
+
+    elements = 2 * 1024 * 1024 // 8  # 2 MiB each: serialized in parts (Frames)
+    frames = serialize(np.full(elements, 1.0))
+    assert isinstance(frames, Frames) and frames.startswith(OOB_MAGIC)
+    assert float(deserialize(frames).sum()) == elements
+    assert runtime.objects is None  # another Redis: no object store, so joined for a SET
+    wf = dagkube.Workflow(
+        add_in_place([block(i, elements) for i in range(1, 4)]), name="it-data-plane-mib"
+    )
+    result = wf.run(runtime=runtime)
+    assert isinstance(result, np.ndarray) and bool((result == 6.0).all())

@@ -7,6 +7,7 @@ import pickle
 import pytest
 
 from dagkube.runtime.inputs import serialize
+from dagkube.store.frames import Frames
 from dagkube.store.objects import (
     DEFAULT_THRESHOLD_BYTES,
     OBJECT_REF,
@@ -104,7 +105,11 @@ def test_a_directory_store_maps_an_object_copy_on_write(tmp_path):
     from dagkube.runtime.inputs import deserialize
 
     store = open_store((tmp_path / "o").as_uri(), threshold_bytes=10)
-    written = serialize(np.arange(1 << 20, dtype=np.float64))  # 8 MiB
+    frames = serialize(np.arange(1 << 20, dtype=np.float64))  # 8 MiB: in parts, not joined
+    assert isinstance(frames, Frames) and len(frames) > 8 << 20
+    kept, names = spill(store, "r", {"t": frames})  # written part by part
+    assert kept["t"] == reference(names[0])
+    written = bytes(frames)
     store.put("r/t", written)
     mapped = store.get("r/t")
     assert isinstance(mapped, mmap.mmap)
@@ -113,6 +118,7 @@ def test_a_directory_store_maps_an_object_copy_on_write(tmp_path):
     assert array.flags.writeable
     array[:] = -1.0  # the task's change stays its own: the file is as written
     assert (tmp_path / "o" / "r" / "t").read_bytes() == written
+    assert bytes(store.get(names[0]) or b"") == written
     store.delete("r/t")  # a value in use outlives its object
     assert float(array.sum()) == -float(1 << 20)
     assert float(deserialize(store.get("x") or serialize(0))) == 0  # absent: None
