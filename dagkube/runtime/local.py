@@ -367,6 +367,7 @@ class LocalRuntime:
                 history_retention_s=self.history_retention_s,
                 startup_delay_s=self.startup_delay_s,
                 enforced=self.enforced,
+                objects=self.objects,
             )
         )
         self._active_runs.add(run_id)

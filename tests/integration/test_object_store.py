@@ -148,6 +148,34 @@ def test_a_fan_in_through_a_directory(make_runtime, tmp_path):
     assert [p for p in (tmp_path / "objects").rglob("*") if p.is_file()] == []
 
 
+@dagkube.task
+def scaled(array: np.ndarray, factor: float, store_url: str) -> tuple[float, int, bool]:
+    """The scaled sum, the objects the store holds while this runs, and whether the input
+    came back writeable (as a bytes-read one does)."""
+    from dagkube.store.objects import open_store as opened
+
+    store = opened(store_url)
+    held = sum(1 for _, prefix in store.run_prefixes() for _ in _objects(store, prefix))
+    return float((array * factor).sum()), held, array.flags.writeable
+
+
+def test_large_constants_are_objects_read_in_place_and_gone_with_the_run(
+    make_runtime, tmp_path, redis_client
+):
+    url = (tmp_path / "objects").as_uri()
+    runtime = make_runtime(object_store=url, object_threshold_bytes=MIB, max_workers=1)
+    data = np.ones(ELEMENTS)  # 4 MiB: a constant of the DAG, over the threshold
+    wf = dagkube.Workflow([scaled(data, 2.0, url), scaled(data, 3.0, url)], name="it-consts")
+    assert len(wf.dag.constants) == 1
+    (first, second) = wf.run(runtime=runtime, planner="wukong")
+    assert (first[0], second[0]) == (2.0 * ELEMENTS, 3.0 * ELEMENTS)
+    # the constant was an object while the run ran, and came back writeable
+    assert first[1] >= 1 and second[1] >= 1 and first[2] and second[2]
+    stored = redis_client.hvals(RunKeys(wf.last_run.run_id).constants)
+    assert stored == []  # dropped with the run's data, and its object with it
+    assert [p for p in (tmp_path / "objects").rglob("*") if p.is_file()] == []
+
+
 def test_the_embedded_server_keeps_large_outputs_in_a_directory_of_its_own(tmp_path):
     home = tmp_path / "home"
     with dagkube.LocalRuntime(home=home, max_workers=2) as runtime:
