@@ -164,12 +164,12 @@ def _from_avg_runs(
     ``CALIBRATION_RUNS`` were planned at its own SLA: this plan's schedule timed with every
     task at its mean, times a pNN bound of those runs' actual / modelled makespans (a ratio:
     when input sizes vary, runs of different lengths miss by different seconds;
-    :func:`upper_bound`). A run's makespan then lies under the prediction at least as often
-    as NN % (if runs are alike); adding
-    a residual percentile to a schedule of per-task pNN times instead counts the spread
-    twice, and the sum of every task at its pNN is already far above the pNN of a sum.
-    None (calibrate as :func:`_calibration` says) at SLA avg, or with too few such runs for
-    a bound at NN % (n runs bound the next at most n / (n + 1) of the time)."""
+    :func:`upper_bound`). A run's makespan then lies under the prediction at least NN % of
+    the time (if runs are alike). Adding a residual percentile to a schedule of per-task pNN
+    times instead counts the spread twice, and the sum of every task at its pNN is already
+    far above the pNN of a sum. None (calibrate as :func:`_calibration` says) at SLA avg, or
+    with too few such runs for a bound at NN % (n runs bound the next at most n / (n + 1) of
+    the time)."""
     if predictor.percentile is None:
         return None
     mine = [r for r in options.history.residuals if r.planner == planner]
