@@ -140,8 +140,31 @@ async def launch(
     constants, names = dag.constants, list[str]()
     if objects is not None and constants:
         constants, names = await asyncio.to_thread(_spill_constants, objects, run_id, constants)
+    keys, pool_keys = RunKeys(run_id), PoolKeys(pool)
+    plan_json = plan.model_dump_json()
     try:
-        await _store_and_queue(redis, dag, plan, constants, meta, invocations, pool, run_id, now)
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.dag, dag.to_bytes())
+            pipe.set(keys.plan, plan_json)
+            pipe.set(hist_run(run_id, "plan"), plan_json)
+            # The graph's edges, for reports (the DAG itself expires with the run's data).
+            edges = {task.id: list(task.deps) for task in dag.tasks.values()}
+            pipe.set(hist_run(run_id, "edges"), json.dumps(edges))
+            if constants:
+                pipe.hset(keys.constants, mapping=constants)
+            pipe.hset(keys.meta, mapping=meta)
+            for invocation in invocations:
+                if invocation.worker is not None:
+                    pipe.set(keys.claim(invocation.worker), "1")
+                    pipe.sadd(keys.keyset, keys.claim(invocation.worker))
+                pipe.sadd(pool_keys.classes, invocation.mem)
+                pipe.rpush(pool_keys.queue(invocation.mem), invocation.to_json())
+            prewarms = submission_prewarms(plan, run_id, now)
+            if prewarms:
+                pipe.zadd(pool_keys.prewarm, prewarms)
+            pipe.lpush(pool_keys.wake, "1")
+            pipe.ltrim(pool_keys.wake, 0, 0)
+            await pipe.execute()
     except BaseException:
         if objects is not None and names:  # no run will read them (nor wait for the sweep)
             await asyncio.to_thread(delete_names, objects, names)
@@ -160,45 +183,6 @@ def _spill_constants(
     ``const:`` + its key) and replaced by its reference."""
     kept, names = spill(objects, run_id, {CONSTANT_OBJECT + k: v for k, v in constants.items()})
     return {k[len(CONSTANT_OBJECT) :]: v for k, v in kept.items()}, names
-
-
-async def _store_and_queue(
-    redis: Any,
-    dag: DagSpec,
-    plan: Plan,
-    constants: dict[str, bytes],
-    meta: dict[str, Any],
-    invocations: list[Invocation],
-    pool: str,
-    run_id: str,
-    now: float,
-) -> None:
-    """One transaction: the run's DAG, plan, constants and record, its first invocations
-    queued and the pre-warms due before their trigger can start."""
-    keys, pool_keys = RunKeys(run_id), PoolKeys(pool)
-    plan_json = plan.model_dump_json()
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(keys.dag, dag.to_bytes())
-        pipe.set(keys.plan, plan_json)
-        pipe.set(hist_run(run_id, "plan"), plan_json)
-        # The graph's edges, for reports (the DAG itself expires with the run's data).
-        edges = {task.id: list(task.deps) for task in dag.tasks.values()}
-        pipe.set(hist_run(run_id, "edges"), json.dumps(edges))
-        if constants:
-            pipe.hset(keys.constants, mapping=constants)
-        pipe.hset(keys.meta, mapping=meta)
-        for invocation in invocations:
-            if invocation.worker is not None:
-                pipe.set(keys.claim(invocation.worker), "1")
-                pipe.sadd(keys.keyset, keys.claim(invocation.worker))
-            pipe.sadd(pool_keys.classes, invocation.mem)
-            pipe.rpush(pool_keys.queue(invocation.mem), invocation.to_json())
-        prewarms = submission_prewarms(plan, run_id, now)
-        if prewarms:
-            pipe.zadd(pool_keys.prewarm, prewarms)
-        pipe.lpush(pool_keys.wake, "1")
-        pipe.ltrim(pool_keys.wake, 0, 0)
-        await pipe.execute()
 
 
 async def renew(redis: Any, run_id: str) -> bool:

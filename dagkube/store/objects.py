@@ -26,7 +26,9 @@ import os
 import re
 import resource
 import shutil
+import threading
 import uuid
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,16 +87,37 @@ def referenced(value: Any) -> str | None:
     return None
 
 
-def _descriptors_to_spare() -> bool:
-    """Whether this process may hold one more mapping: each keeps a duplicate of its file's
-    descriptor until the value is freed, so mappings stop at half the descriptor limit (a
-    fan-in of thousands of large inputs must not leave no descriptor for a socket)."""
-    try:
-        held = len(os.listdir("/proc/self/fd"))
-    except OSError:  # no /proc: nothing to count by
-        return True
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return soft == resource.RLIM_INFINITY or held < soft // 2
+class _Mappings:
+    """This process's live object mappings, counted as they are made and freed (no listing of
+    its descriptors on every read): each keeps a duplicate of its file's descriptor until
+    its value is freed, so mappings stop at half the descriptor limit (a fan-in of thousands
+    of large inputs must not leave no descriptor for a socket)."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self._lock = threading.Lock()
+
+    def map(self, fd: int, size: int) -> mmap.mmap | None:
+        """``fd`` mapped copy-on-write, None if this process has no descriptor to spare."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with self._lock:
+            if soft != resource.RLIM_INFINITY and self.live >= soft // 2:
+                return None
+            self.live += 1
+        try:
+            mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        except BaseException:
+            self._freed()
+            raise
+        weakref.finalize(mapped, self._freed)
+        return mapped
+
+    def _freed(self) -> None:
+        with self._lock:
+            self.live -= 1
+
+
+_MAPPINGS = _Mappings()
 
 
 def _parts(data: Buffers) -> list[memoryview]:
@@ -188,9 +211,11 @@ class DirectoryStore(ObjectStore):
             return None
         try:
             size = os.fstat(fd).st_size
-            if size and _descriptors_to_spare():
+            if size:
                 with contextlib.suppress(OSError):  # no descriptor or address space left
-                    return mmap.mmap(fd, size, access=mmap.ACCESS_COPY)  # type: ignore[return-value]
+                    mapped = _MAPPINGS.map(fd, size)
+                    if mapped is not None:
+                        return mapped  # type: ignore[return-value]
             value = bytearray(size)  # one allocation, filled in place
             view, done = memoryview(value), 0
             while done < size:
