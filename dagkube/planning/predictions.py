@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dagkube.dag import DagSpec
@@ -48,7 +49,7 @@ from dagkube.planning.cores import alone_times, cpu_fraction
 from dagkube.planning.fitting import SizeModel, fit_size_model, slope, statistic
 from dagkube.planning.history import HistorySnapshot, TaskSample
 from dagkube.planning.sla import sla_percentile
-from dagkube.planning.transfers import TransferModel, fit_transfers
+from dagkube.planning.transfers import TransferModel, fit_transfers, upload_sharing
 from dagkube.resources import DEFAULT_MAX_CPU, DEFAULT_MEMORY_PER_CPU_MIB, cpu_for_memory
 
 __all__ = ["Defaults", "Estimates", "Predictor", "estimate", "statistic"]
@@ -172,16 +173,23 @@ class Predictor:
         """A model per direction; a direction without samples borrows the joint one (never
         a direction with samples: a few downloads at the uploads' rate were priced 4x too
         slow). The joint model (for callers that do not say which way) is fitted once asked."""
-        downloads = [(s.download_bytes, s.download_s) for s in self.history.tasks]
-        uploads = [(s.upload_bytes, s.upload_s) for s in self.history.tasks]
+        tasks = self.history.tasks
+        downloads = [(s.download_bytes, s.download_s) for s in tasks]
+        uploads = [(s.upload_bytes, s.upload_s) for s in tasks]
         self._transfer_samples = [(b, t) for b, t in downloads + uploads if b > 0 and t > 0]
         self._transfers: TransferModel | None = None
         downloads = [(b, t) for b, t in downloads if b > 0 and t > 0]
-        uploads = [(b, t) for b, t in uploads if b > 0 and t > 0]
+        shared = [
+            (s.upload_bytes, s.upload_s, k)
+            for s, k in zip(tasks, upload_sharing(tasks), strict=True)
+            if s.upload_bytes > 0 and s.upload_s > 0
+        ]
         self.downloads = self._fit_transfer(downloads) if downloads else self.transfers
-        self.uploads = self._fit_transfer(uploads) if uploads else self.transfers
+        self.uploads = self._fit_transfer(shared) if shared else self.transfers
 
-    def _fit_transfer(self, samples: list[tuple[int, float]]) -> TransferModel:
+    def _fit_transfer(
+        self, samples: Sequence[tuple[int, float] | tuple[int, float, int]]
+    ) -> TransferModel:
         return fit_transfers(
             samples,
             self.percentile,
@@ -295,9 +303,10 @@ class Predictor:
         pre-loaded; 0: nothing fetched)."""
         return self.downloads.seconds(nbytes)
 
-    def upload_s(self, nbytes: int) -> float:
-        """Seconds of a task's completion call that stores its ``nbytes`` output."""
-        return self.uploads.seconds(nbytes)
+    def upload_s(self, nbytes: int, sharing: int = 1) -> float:
+        """Seconds of a task's completion call that stores its ``nbytes`` output while
+        ``sharing`` - 1 other uploads are in flight (:func:`transfers.upload_sharing`)."""
+        return self.uploads.seconds(nbytes, sharing)
 
     def startup_s(self, memory_mib: int, cold: bool, prewarmed: bool = False) -> float:
         """Seconds from spawn (cold) or from taking an invocation (warm) to the first task, at

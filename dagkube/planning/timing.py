@@ -99,6 +99,8 @@ class _Simulation:
         self.done = 0
         self.last_finish = 0.0
         self.cores = None if predictor.cores is None else SharedCores(predictor.cores)
+        self.clock = 0.0  # the time of the event being handled
+        self.uploads: list[tuple[float, float]] = []  # (end, begin) of uploads, a heap by end
         self.computing_on: dict[str, SimWorker] = {}
         self._optimizations(optimizations or {})
         for memory_mib, count in (warm_pool or {}).items():
@@ -138,6 +140,7 @@ class _Simulation:
         events, pop = self.events, heapq.heappop
         while events:
             time_s, _, handler, payload = pop(events)
+            self.clock = time_s
             handler(time_s, *payload)
         if self.done < len(self.dag.tasks):
             stuck = [
@@ -348,8 +351,22 @@ class _Simulation:
         stored = output_must_be_stored(
             self.dag, task_id, self.worker_of.__getitem__, task_id in self.clustered
         )
-        timing.upload_s = self.p.upload_s(self.out_bytes[task_id]) if stored else 0.0
+        timing.upload_s = self._upload_s(task_id, timing.end_s) if stored else 0.0
         self._complete_at(timing.end_s + timing.upload_s, worker, task_id)
+
+    def _upload_s(self, task_id: str, begin_s: float) -> float:
+        """The task's upload from ``begin_s``, sharing the path with the uploads in flight
+        then (:func:`dagkube.planning.transfers.upload_sharing`, counted the same way)."""
+        nbytes = self.out_bytes[task_id]
+        if nbytes <= 0:
+            return 0.0
+        flights = self.uploads
+        while flights and flights[0][0] <= self.clock:  # no upload timed from now meets them
+            heapq.heappop(flights)
+        sharing = 1 + sum(1 for end, begin in flights if begin <= begin_s < end)
+        seconds = self.p.upload_s(nbytes, sharing)
+        heapq.heappush(flights, (begin_s + seconds, begin_s))
+        return seconds
 
     def _complete_at(self, time_s: float, worker: SimWorker, task_id: str) -> None:
         self.timing[task_id].complete_s = time_s
@@ -380,7 +397,7 @@ class _Simulation:
     ) -> None:
         if self.delay_waiting.get(fan_in) == (worker, task_id):
             del self.delay_waiting[fan_in]
-            upload_s = self.p.upload_s(self.out_bytes[task_id])
+            upload_s = self._upload_s(task_id, time_s)
             self.timing[task_id].upload_s = upload_s
             self._complete_at(time_s + upload_s, worker, task_id)
 

@@ -114,6 +114,7 @@ class Worker:
             objects = await asyncio.to_thread(store_from_env)  # DAGKUBE_OBJECT_STORE_URL
             self.reader = BulkReader(self.config.redis_url, watch=self.watch, objects=objects)
             self.scripts = Scripts(self.redis, bulk=self.reader)
+            await self.reader.open()
             # A heartbeat first: the scaler takes a registered worker without one for lost.
             await self._beat()
             heartbeat = asyncio.create_task(self._heartbeat())

@@ -1,14 +1,17 @@
 """Transfer predictions describe what the worker measures: a download per task (one fetch of
 the values it lacks) and an upload per stored output, each learnt from its own direction's
-samples, robust to the stalls of a loaded machine."""
+samples, robust to the stalls of a loaded machine, with uploads in flight together timed as
+sharing the path."""
 
 from __future__ import annotations
 
 import pytest
 
+import dagkube
 from dagkube.planning.history import HistorySnapshot, TaskSample
 from dagkube.planning.predictions import Predictor
-from dagkube.planning.transfers import MIN_BUCKET_SAMPLES, fit_transfers
+from dagkube.planning.timing import simulate
+from dagkube.planning.transfers import MIN_BUCKET_SAMPLES, fit_transfers, upload_sharing
 
 MB = 10**6
 
@@ -80,3 +83,72 @@ def test_a_sparse_size_bucket_pools_with_its_neighbours():
     assert model.seconds(10**7) == pytest.approx(0.02)
     # 1 GB: a round trip (2 ms) + 100 x the 10 MB bucket's 18 ms of bytes
     assert model.seconds(10**9) == pytest.approx(0.002 + 100 * 0.018)
+
+
+def upload(
+    run: str, begin: float, seconds: float, nbytes: int = 16 * MB, function: str = "f"
+) -> TaskSample:
+    """A task whose execution (50 ms) ended at ``begin`` and whose upload then took
+    ``seconds``."""
+    return TaskSample(
+        function,
+        1024,
+        100,
+        nbytes,
+        0.05,
+        upload_bytes=nbytes,
+        upload_s=seconds,
+        run_id=run,
+        started_at=begin - 0.05,
+    )
+
+
+def test_uploads_in_flight_together_are_learnt_as_sharing_the_path():
+    """A 16 MB upload takes 11 ms alone. One run stored four of them one after another; in
+    another four producers ended at once and their uploads shared the path (11, 22, 33 and 44
+    ms, as each began while the others were in flight), twice. The model learns the upload
+    alone and times it by the uploads in flight: a history that did not say which uploads
+    overlapped priced the lone upload at the mean of both kinds."""
+    one_by_one = [upload("a", 10.0 + 0.1 * i, 0.011) for i in range(4)]
+    at_once = [upload(run, 20.0, 0.011 * (i + 1)) for run in "bc" for i in range(4)]
+    tasks = one_by_one + at_once
+    assert upload_sharing(tasks) == [1, 1, 1, 1] + [1, 2, 3, 4] * 2
+    predictor = Predictor(HistorySnapshot("h", 3, tasks))
+    assert predictor.upload_s(16 * MB) == pytest.approx(0.011, rel=0.05)
+    assert predictor.upload_s(16 * MB, 3) == pytest.approx(0.033, rel=0.05)
+    # Samples without their run and start (recorded before runs kept them): each counts alone.
+    anonymous = [upload("", s.started_at + s.exec_s, s.upload_s) for s in tasks]
+    assert upload_sharing(anonymous) == [1] * 12
+    assert Predictor(HistorySnapshot("h", 3, anonymous)).upload_s(16 * MB) > 0.015
+    # An upload that ended before the next began is not in flight with it.
+    assert upload_sharing([upload("c", 1.0, 0.010), upload("c", 1.010, 0.010)]) == [1, 1]
+
+
+@dagkube.task
+def produce(i):
+    return i
+
+
+@dagkube.task
+def gather(values):
+    return values
+
+
+def test_the_timing_model_times_uploads_in_flight_together_as_sharing():
+    """Three producers start on three workers at once and end together: their three uploads
+    are timed 1x, 2x and 3x the bytes' time alone (counted as the fit counts them), the
+    consumer's download of the three values is not shared."""
+    wf = dagkube.Workflow(gather([produce(i) for i in range(3)]), name="shared-uploads")
+    tasks = [upload("a", 10.0 + i, 0.010, 4 * MB, "produce") for i in range(5)]
+    predictor = Predictor(HistorySnapshot("h", 5, tasks))
+    alone = predictor.upload_s(4 * MB)
+    latency = predictor.uploads.latency_s
+    timing = simulate(
+        wf.dag, dict.fromkeys(wf.dag.tasks, 1024), dict.fromkeys(wf.dag.tasks), predictor
+    )
+    uploads = sorted(timing.tasks[f"produce#{i}"].upload_s for i in range(3))
+    factor = alone / predictor.uploads.line_s(4 * MB)
+    bytes_alone = alone / factor - latency
+    for sharing, seconds in enumerate(uploads, start=1):
+        assert seconds == pytest.approx((latency + sharing * bytes_alone) * factor, rel=1e-6)
+    assert uploads[0] == pytest.approx(alone)
