@@ -44,6 +44,7 @@ from dagkube.planning.timing_state import (
     WorkerActivity,
     summarize,
 )
+from dagkube.planning.transfers import SMALL_BYTES
 
 TASK_OVERHEAD_S = 0.0005  # per task: one Redis round trip and bookkeeping (measured ~0.5 ms)
 
@@ -358,8 +359,8 @@ class _Simulation:
         """The task's upload from ``begin_s``, sharing the path with the uploads in flight
         then (:func:`dagkube.planning.transfers.upload_sharing`, counted the same way)."""
         nbytes = self.out_bytes[task_id]
-        if nbytes <= 0:
-            return 0.0
+        if nbytes < SMALL_BYTES:  # its call's latency: not shared, nor counted as sharing
+            return self.p.upload_s(nbytes)
         flights = self.uploads
         while flights and flights[0][0] <= self.clock:  # no upload timed from now meets them
             heapq.heappop(flights)

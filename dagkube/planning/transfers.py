@@ -92,12 +92,14 @@ class TransferModel:
 
 def upload_sharing(samples: Sequence[TaskSample]) -> list[int]:
     """Per sample, 1 + the uploads of its run in flight when its upload began (it begins as
-    its execution ends; an earlier start wins a tie); 1 for a sample that stored nothing or
-    was recorded without its run and start."""
+    its execution ends; an earlier start wins a tie). Only uploads of at least SMALL_BYTES
+    share (a small one is its call's latency: counting them would cost a plan of thousands
+    of small outputs a scan per upload and change nothing); 1 for any other sample and for
+    one recorded without its run and start."""
     sharing = [1] * len(samples)
     by_run: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
     for index, s in enumerate(samples):
-        if s.upload_bytes > 0 and s.upload_s > 0 and s.run_id and s.started_at > 0:
+        if s.upload_bytes >= SMALL_BYTES and s.upload_s > 0 and s.run_id and s.started_at > 0:
             begin = s.started_at + s.exec_s
             by_run[s.run_id].append((begin, begin + s.upload_s, index))
     for uploads in by_run.values():

@@ -120,8 +120,10 @@ def test_uploads_in_flight_together_are_learnt_as_sharing_the_path():
     anonymous = [upload("", s.started_at + s.exec_s, s.upload_s) for s in tasks]
     assert upload_sharing(anonymous) == [1] * 12
     assert Predictor(HistorySnapshot("h", 3, anonymous)).upload_s(16 * MB) > 0.015
-    # An upload that ended before the next began is not in flight with it.
+    # An upload that ended before the next began is not in flight with it; small ones (a
+    # call's latency) do not share.
     assert upload_sharing([upload("c", 1.0, 0.010), upload("c", 1.010, 0.010)]) == [1, 1]
+    assert upload_sharing([upload("d", 1.0, 0.002, nbytes=1000)] * 3) == [1, 1, 1]
 
 
 @dagkube.task
