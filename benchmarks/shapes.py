@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,9 +100,14 @@ def build_dask(replay: Replay, durations: list[float], fn: Callable) -> list[Any
     step = dask.delayed(fn, pure=False)
     nodes: list[Any] = []
     sizes = replay.output_sizes
+    # Keys unique to this run: with the same keys as the run before, the scheduler can still
+    # hold that run's results when this graph arrives (its futures are released
+    # asynchronously) and hand them back without running anything: srasearch-100 once
+    # measured Dask at 0.01x of the lower bound.
+    run = uuid.uuid4().hex[:8]
     for index, task in enumerate(replay.shape.tasks):
         parents = [nodes[p] for p in task.parents]
-        key = f"{task.kind}-{index}"
+        key = f"{task.kind}-{index}-{run}"
         nodes.append(step(durations[index], sizes[index], parents, dask_key_name=key))
     return [nodes[i] for i in replay.shape.sinks]
 
