@@ -32,10 +32,10 @@ upload's *sharing* is one plus the uploads of its run already in flight when it 
 (:func:`upload_sharing`); its bytes part is timed ``sharing`` times slower, the latency not.
 The fit takes the sharing out of each sample and the timing model puts it back for the run
 it predicts, counted the same way (an upload is not re-timed when a later one starts, so
-three uploads at once are timed 1x, 2x and 3x: their sum is what was measured, 12 + 37 + 37
-ms against 12 + 24 + 36). Without it, one history holding both kinds priced every upload of a
-plan whose uploads run one at a time (a worker's chain of producers) at the mean of both: a
-uniform plan's 11 ms uploads at 15-45 ms.
+three uploads at once are timed 1x, 2x and 3x: their sum comes near what was measured, 12 +
+24 + 36 ms against 12 + 37 + 37). Without it, one history holding both kinds priced every
+upload of a plan whose uploads run one at a time (a worker's chain of producers) at the mean
+of both: a uniform plan's 11 ms uploads at 15-45 ms.
 """
 
 from __future__ import annotations
