@@ -100,7 +100,6 @@ class _Simulation:
         self.done = 0
         self.last_finish = 0.0
         self.cores = None if predictor.cores is None else SharedCores(predictor.cores)
-        self.clock = 0.0  # the time of the event being handled
         self.uploads: list[tuple[float, float]] = []  # (end, begin) of uploads, a heap by end
         self.computing_on: dict[str, SimWorker] = {}
         self._optimizations(optimizations or {})
@@ -141,7 +140,6 @@ class _Simulation:
         events, pop = self.events, heapq.heappop
         while events:
             time_s, _, handler, payload = pop(events)
-            self.clock = time_s
             handler(time_s, *payload)
         if self.done < len(self.dag.tasks):
             stuck = [
@@ -297,7 +295,7 @@ class _Simulation:
                 self.push(timing.exec_start_s, self._on_compute, worker, task_id, demand)
                 return
         timing.end_s = timing.exec_start_s + self.exec_s[task_id]
-        self._executed(worker, task_id)
+        self._executed(worker, task_id, time_s)
 
     def _fetch(self, worker: SimWorker, spec: TaskSpec) -> tuple[float, float]:
         """The task's inputs and constants the worker does not hold, now held: the seconds
@@ -335,16 +333,16 @@ class _Simulation:
         if moved is None:
             return  # re-timed since this event was pushed
         self.timing[task_id].end_s = time_s
-        self._executed(self.computing_on.pop(task_id), task_id)
+        self._executed(self.computing_on.pop(task_id), task_id, time_s)
         self._retime(moved)
 
     def _retime(self, ends: list[End]) -> None:
         for time_s, task_id, version in ends:
             self.push(time_s, self._on_computed, task_id, version)
 
-    def _executed(self, worker: SimWorker, task_id: str) -> None:
+    def _executed(self, worker: SimWorker, task_id: str, now_s: float) -> None:
         """The task's execution ends at its ``end_s``: store its output if it must be stored
-        (delayed-io decides later), then complete it."""
+        (delayed-io decides later), then complete it (``now_s``: the event being handled)."""
         timing = self.timing[task_id]
         if task_id in self.delayed:
             self.push(timing.end_s, self._on_ended, worker, task_id)
@@ -352,17 +350,18 @@ class _Simulation:
         stored = output_must_be_stored(
             self.dag, task_id, self.worker_of.__getitem__, task_id in self.clustered
         )
-        timing.upload_s = self._upload_s(task_id, timing.end_s) if stored else 0.0
+        timing.upload_s = self._upload_s(task_id, timing.end_s, now_s) if stored else 0.0
         self._complete_at(timing.end_s + timing.upload_s, worker, task_id)
 
-    def _upload_s(self, task_id: str, begin_s: float) -> float:
+    def _upload_s(self, task_id: str, begin_s: float, now_s: float) -> float:
         """The task's upload from ``begin_s``, sharing the path with the uploads in flight
-        then (:func:`dagkube.planning.transfers.upload_sharing`, counted the same way)."""
+        then (:func:`dagkube.planning.transfers.upload_sharing`, counted the same way);
+        ``now_s``: the time of the event being handled (no upload begins before it)."""
         nbytes = self.out_bytes[task_id]
         if nbytes < SMALL_BYTES:  # its call's latency: not shared, nor counted as sharing
             return self.p.upload_s(nbytes)
         flights = self.uploads
-        while flights and flights[0][0] <= self.clock:  # no upload timed from now meets them
+        while flights and flights[0][0] <= now_s:  # no upload timed from now meets them
             heapq.heappop(flights)
         sharing = 1 + sum(1 for end, begin in flights if begin <= begin_s < end)
         seconds = self.p.upload_s(nbytes, sharing)
@@ -398,7 +397,7 @@ class _Simulation:
     ) -> None:
         if self.delay_waiting.get(fan_in) == (worker, task_id):
             del self.delay_waiting[fan_in]
-            upload_s = self._upload_s(task_id, time_s)
+            upload_s = self._upload_s(task_id, time_s, time_s)
             self.timing[task_id].upload_s = upload_s
             self._complete_at(time_s + upload_s, worker, task_id)
 
