@@ -4,13 +4,18 @@ and pruning it."""
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from dagkube.errors import InvalidOption
 from dagkube.planning.assembly import CALIBRATION_RUNS
 from dagkube.planning.history import (
     HistorySnapshot,
+    OverheadSample,
     Residual,
     StartupSample,
     TaskSample,
@@ -109,6 +114,64 @@ async def read_run(redis: Any, run_id: str) -> RunHistory | None:
     )
 
 
+WAITED_S = 0.002  # a bound worker that waited longer for its next task: not a sample
+
+
+def overhead_samples(
+    tasks: Sequence[TaskRecord], workers: Sequence[WorkerRecord]
+) -> list[OverheadSample]:
+    """What one run's workers spent on tasks besides the modelled parts
+    (:class:`dagkube.planning.history.OverheadSample`): every task's "pre", and from each
+    two consecutive tasks of a worker process, the first's upload end to the second's being
+    ready, when the second was there to run: in the same invocation ("post") unless the
+    worker waited for it (a bound worker's inbox was empty), or in the invocation it took
+    next ("handover") if that was queued before the first one finished (otherwise the gap
+    holds idle time)."""
+    found = [
+        OverheadSample(t.memory_mib, "pre", t.started_at - t.ready_at - t.download_s)
+        for t in tasks
+        if t.started_at >= t.ready_at + t.download_s
+    ]
+    served: dict[str, list[WorkerRecord]] = defaultdict(list)
+    for worker in workers:
+        if worker.outcome == "finished" and worker.ready_at is not None:
+            served[worker.worker_id].append(worker)
+    ran: dict[str, list[TaskRecord]] = defaultdict(list)
+    for task in tasks:
+        ran[task.worker_id].append(task)
+    for worker_id, done in ran.items():
+        invocations = sorted(served.get(worker_id, ()), key=lambda w: w.ready_at or 0.0)
+        done.sort(key=lambda t: t.started_at)
+        for first, second in pairwise(done):
+            gap = second.ready_at - first.ended_at - first.upload_s
+            before, after = _serving(invocations, first), _serving(invocations, second)
+            if gap < 0 or before < 0 or after < 0:
+                continue
+            if before == after:
+                if second.blocked_s > WAITED_S:
+                    continue
+                kind = "post"
+            elif (
+                after == before + 1
+                and (invocations[after].queued_at or float("inf"))
+                <= invocations[before].finished_at
+            ):
+                kind = "handover"
+            else:
+                continue
+            found.append(OverheadSample(second.memory_mib, kind, gap))
+    return found
+
+
+def _serving(invocations: list[WorkerRecord], task: TaskRecord) -> int:
+    """The index of the invocation (of one worker, by the time taken) the task ran in; -1:
+    none recorded."""
+    index = bisect_right(invocations, task.started_at, key=lambda w: w.ready_at or 0.0) - 1
+    if index >= 0 and task.started_at <= invocations[index].finished_at:
+        return index
+    return -1
+
+
 SNAPSHOT_RUNS = 20
 SNAPSHOT_MAX_TASK_SAMPLES = 10_000  # bigger workflows learn from fewer (but >= 3) runs
 MIN_SNAPSHOT_RUNS = 3
@@ -122,6 +185,7 @@ class _RunSamples:
     tasks: list[TaskSample] = field(default_factory=list)
     startups: list[StartupSample] = field(default_factory=list)
     residual: Residual | None = None
+    overheads: list[OverheadSample] = field(default_factory=list)
 
 
 def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes]) -> _RunSamples:
@@ -139,8 +203,8 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
             record.makespan_s - record.model_makespan_s,
             record.model_makespan_s,
         )
-    for raw in tasks:
-        task = TaskRecord.model_validate_json(raw)
+    records = [TaskRecord.model_validate_json(raw) for raw in tasks]
+    for task in records:
         found.tasks.append(
             TaskSample(
                 task_id=task.task_id,
@@ -160,8 +224,9 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
                 started_at=task.started_at,
             )
         )
-    for raw in workers:
-        worker = WorkerRecord.model_validate_json(raw)
+    workers_served = [WorkerRecord.model_validate_json(raw) for raw in workers]
+    found.overheads = overhead_samples(records, workers_served)
+    for worker in workers_served:
         if worker.outcome != "finished" or worker.resumed or worker.first_task_at is None:
             continue
         if worker.prewarmed and worker.spawned_at and worker.registered_at:
@@ -222,6 +287,7 @@ async def load_snapshot(
         snapshot.runs += 1
         snapshot.tasks += found.tasks
         snapshot.startups += found.startups
+        snapshot.overheads += found.overheads
         if found.residual:
             snapshot.residuals.append(found.residual)
     return snapshot

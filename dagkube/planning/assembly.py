@@ -33,6 +33,7 @@ class Choice:
     sizes: Estimates | None = None  # the predicted sizes and times at ``memory``
     floors: dict[str, int] | None = None  # per task, the least class it may have
     simulations: int = 1  # schedules the timing model simulated to make this choice
+    variant: str = ""  # how it differs from the planner's usual choice (e.g. "1024Mi")
 
 
 def simulate_plan(

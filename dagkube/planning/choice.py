@@ -54,7 +54,9 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return "+".join([self.choice.planner, *self.applied])
+        """e.g. ``uniform+preload``, ``uniform@1024Mi`` (uniform on a warm smaller class)."""
+        name = self.choice.planner + (f"@{self.choice.variant}" if self.choice.variant else "")
+        return "+".join([name, *self.applied])
 
     @property
     def prediction(self) -> Prediction:
@@ -242,14 +244,23 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
     else:
         search.starved = True
         search_notes.append("non-uniform: not tried: the planning budget is spent")
-    finals: list[tuple[Candidate, list[str]]] = []
+    if search.affordable():
+        warm = _on_warm_class(search, uniform)
+        if warm is not None:
+            search.spend(1)
+            bases.append(warm)
+    notes_of: dict[int, list[str]] = {}  # id of every candidate -> its base's notes
+    finals: list[Candidate] = []
     for base in bases:
-        rechoose = (
-            None if base.planner == "wukong" else _placed_for_preload(search, base.planner, uniform)
-        )
-        finals.append(_optimize(search, base, names, rechoose))
-    notes_of = {final.choice.planner: notes for final, notes in finals}
-    chosen = finals[0][0]
+        rechoose = None
+        if base.planner != "wukong" and not base.variant:
+            rechoose = _placed_for_preload(search, base.planner, uniform)
+        first = len(search.evaluated)
+        final, notes = _optimize(search, base, names, rechoose)
+        finals.append(final)
+        for candidate in search.evaluated[first:]:
+            notes_of[id(candidate)] = notes
+    chosen = finals[0]
     # Every candidate not rejected on the way, the simpler first: one replaces the best so
     # far only when strictly better, so predictions that tie keep the simpler plan.
     for candidate in sorted(search.evaluated, key=_simplicity):
@@ -257,7 +268,7 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
             candidate.prediction, chosen.prediction
         ):
             chosen = candidate
-    notes = notes_of[chosen.choice.planner]
+    notes = notes_of[id(chosen)]
     if search.starved and search.short_run_s is not None:
         search_notes.append(
             f"auto: the best plain plan is predicted to take {search.short_run_s:.3f}s: "
@@ -275,6 +286,21 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
     return _finish(
         search, chosen, [summary, *chosen.choice.notes, *notes, *search_notes], chosen.applied
     )
+
+
+def _on_warm_class(search: _Search, uniform: Choice) -> Choice | None:
+    """uniform's plan on the smaller class with the most idle workers now (they start warm,
+    where uniform's largest class may start cold), if every task fits it; None otherwise."""
+    options = search.options
+    largest = max(options.classes_mib)
+    warm = [m for m, n in options.warm_pool.items() if n > 0 and m < largest]
+    if not warm:
+        return None
+    memory_mib = max(warm, key=lambda m: (options.warm_pool[m], m))
+    floors = uniform.floors if uniform.floors is not None else search.shared.floors()
+    if memory_mib not in options.classes_mib or any(f > memory_mib for f in floors.values()):
+        return None
+    return choose_uniform(search.shared, options, memory_mib=memory_mib)
 
 
 def _fit_budget_to_run(search: _Search, best_s: float, tasks: int) -> None:

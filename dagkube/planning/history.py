@@ -46,6 +46,21 @@ class StartupSample:
 
 
 @dataclass(frozen=True, slots=True)
+class OverheadSample:
+    """Time a worker of ``memory_mib`` spent on a task besides what the timing model times
+    as execution, download and upload. ``kind``: "pre", a task's ready to execution start
+    less its download (claiming it, gathering its inputs, the hop to the task thread);
+    "post", from one task's completion call returning to the next task of the same
+    invocation being ready (the hop back from the task thread, its record, the worker
+    core); "handover", the same across an invocation's end and the next invocation the
+    worker took from its queue (``FINISH``, which hands it over, and taking it)."""
+
+    memory_mib: int
+    kind: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Residual:
     """One earlier run's actual makespan minus the timing model's prediction for it."""
 
@@ -77,6 +92,7 @@ class HistorySnapshot:
     tasks: list[TaskSample] = field(default_factory=list)
     startups: list[StartupSample] = field(default_factory=list)
     residuals: list[Residual] = field(default_factory=list)
+    overheads: list[OverheadSample] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:

@@ -252,11 +252,12 @@ class Plan(BaseModel):
     alternatives: list[Alternative] = Field(default_factory=list)  # the candidates evaluated
 
     def chosen_planner(self) -> str | None:
-        """The planner of the candidate chosen ("wukong" for ``wukong+prewarm``); None for a
-        plan without candidates (stored before they were)."""
+        """The planner of the candidate chosen ("wukong" for ``wukong+prewarm``, "uniform"
+        for ``uniform@1024Mi``); None for a plan without candidates (stored before they
+        were)."""
         for alternative in self.alternatives:
             if alternative.chosen:
-                return alternative.label.split("+")[0] or None
+                return alternative.label.split("+")[0].split("@")[0] or None
         return None
 
     def worker_tasks(self) -> dict[str, list[str]]:

@@ -7,6 +7,7 @@ model predicts to help, and :mod:`~dagkube.planning.assembly` turns the result i
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import statistics
 from collections.abc import Callable
@@ -18,6 +19,16 @@ from dagkube.planning.estimates import SharedEstimates
 from dagkube.planning.objective import MAKESPAN_TOLERANCE, Prediction
 from dagkube.planning.options import PlanningOptions
 from dagkube.planning.timing import Timing
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where :func:`assign_workers` packs tiny tasks: ``workers`` run at once at most (the
+    cap), and a task predicted to run in ``tiny_s`` or less costs less than an invocation."""
+
+    workers: int
+    tiny_s: float
+
 
 MIN_GB_S_SAVING = 0.01  # non-uniform: a downgrade must save at least this share of the GB-s
 
@@ -82,6 +93,7 @@ def assign_workers(
     cluster_size: int,
     transfer_s: Callable[[int], float],
     preload: bool = False,
+    packing: Packing | None = None,
 ) -> dict[str, str | None]:
     """Logical worker per task from predicted times and sizes (DESIGN "uniform").
 
@@ -96,6 +108,11 @@ def assign_workers(
     waiting, and no other worker idles allocated until then), unless another worker holds
     inputs whose transfer would cost more than max(10 ms, 10% of the fan-in's time) extra —
     except with ``preload``, which fetches those inputs while the critical upstream still runs.
+
+    With ``packing`` (a worker cap), tiny children — each predicted to run shorter than an
+    invocation of its own costs — are packed into as many workers as the cap lets run at once
+    (the first on the upstream's worker), balanced by predicted time: more workers could not
+    run them sooner, and each further invocation adds its cost to the fan-out.
     """
     counter = itertools.count()
     worker_of: dict[str, str | None] = {}
@@ -110,6 +127,14 @@ def assign_workers(
         bottom[task_id] = exec_s[task_id] + max(after, default=0.0)
 
     def place_group(children: list[str], parent_worker: str | None) -> None:
+        if packing is not None and len(children) > 2 * packing.workers:
+            tiny = [c for c in children if is_tiny(c, packing.tiny_s)]
+            if len(tiny) > 2 * packing.workers:
+                rest = [c for c in children if not is_tiny(c, packing.tiny_s)]
+                pack(tiny, None if rest else parent_worker, packing.workers)
+                if not rest:
+                    return
+                children = rest
         leader = max(children, key=lambda c: bottom[c])
         worker_of[leader] = parent_worker or new_worker()
         others = [c for c in children if c != leader]
@@ -125,6 +150,23 @@ def assign_workers(
         for child in others:
             if exec_s[child] > median:
                 worker_of[child] = new_worker()
+
+    def is_tiny(task_id: str, tiny_s: float) -> bool:
+        """Short, and nothing stays on its worker after it (its downstream are fan-ins)."""
+        spec = dag.tasks[task_id]
+        return exec_s[task_id] <= tiny_s and all(
+            len(dag.tasks[d].deps) > 1 for d in spec.downstream
+        )
+
+    def pack(tiny: list[str], parent_worker: str | None, workers: int) -> None:
+        """Tiny children into ``workers`` groups, longest first to the least loaded; the
+        upstream's worker (when given) takes the first group."""
+        groups = [parent_worker or new_worker()] + [new_worker() for _ in range(workers - 1)]
+        loads = [(0.0, index) for index in range(workers)]
+        for child in sorted(tiny, key=lambda c: -exec_s[c]):
+            load, index = heapq.heappop(loads)
+            worker_of[child] = groups[index]
+            heapq.heappush(loads, (load + exec_s[child], index))
 
     place_group(dag.sources, None)
     for task_id, spec in dag.tasks.items():
@@ -152,21 +194,31 @@ def choose_uniform(
     *,
     preload: bool = False,
     differs_from: Choice | None = None,
+    memory_mib: int | None = None,
 ) -> Choice | None:
-    """One class (the largest given), logical workers assigned from predictions; with
-    ``preload``, fan-ins placed for pre-loading (see :func:`assign_workers`). None when the
-    workers are those of ``differs_from``, another uniform choice (nothing to predict again)."""
+    """One class (the largest given, else ``memory_mib``, which every task's floor must
+    fit), logical workers assigned from predictions; with ``preload``, fan-ins placed for
+    pre-loading (see :func:`assign_workers`). None when the workers are those of
+    ``differs_from``, another uniform choice (nothing to predict again)."""
     dag = shared.dag
-    memory_mib = max(options.classes_mib)  # no floor can raise the largest class
+    largest = max(options.classes_mib)  # no floor can raise the largest class
+    memory_mib = memory_mib or largest
     memory = dict.fromkeys(dag.tasks, memory_mib)
     sizes = shared.at_class(memory_mib)
+    predictor = shared.predictor
+    packing = None
+    if options.max_workers is not None:
+        # A task of its own invocation costs a start on a warm worker and a handover more.
+        tiny_s = predictor.startup_s(memory_mib, False) + predictor.handover_s(memory_mib)
+        packing = Packing(options.max_workers, tiny_s)
     worker_of = assign_workers(
         dag,
         sizes.exec_s,
         sizes.out_bytes,
         options.cluster_size,
-        shared.predictor.download_s,
+        predictor.download_s,
         preload,
+        packing,
     )
     if differs_from is not None and worker_of == differs_from.worker_of:
         return None
@@ -175,7 +227,10 @@ def choose_uniform(
     timing = simulate_plan(shared, memory, worker_of, options)
     workers = len(set(worker_of.values()))
     notes = [f"uniform: {workers} logical workers of class {memory_mib} MiB", *fit_notes]
-    return Choice("uniform", memory, worker_of, timing, notes, sizes=sizes, floors=floors)
+    variant = "" if memory_mib == largest else f"{memory_mib}Mi"
+    return Choice(
+        "uniform", memory, worker_of, timing, notes, sizes=sizes, floors=floors, variant=variant
+    )
 
 
 # ---------------------------------------------------------------------- non-uniform

@@ -56,6 +56,7 @@ __all__ = ["Defaults", "Estimates", "Predictor", "estimate", "statistic"]
 
 TASK_SAMPLES = 3
 MIN_PREWARM_SAMPLES = 3  # start-ups of one kind (pre-warmed or not) before it is predicted apart
+MIN_OVERHEAD_SAMPLES = 5  # of one kind, for a class, before the per-task overhead is learnt
 # A class must exceed a task's predicted peak by this share: the limit also counts the page
 # cache and allocator slack that the resident-set peak does not show.
 MEMORY_HEADROOM = 0.25
@@ -72,6 +73,7 @@ class Defaults:
     bandwidth_bytes_s: float = 300e6
     cold_start_s: float = 0.5
     warm_start_s: float = 0.005
+    task_overhead_s: float = 0.0005  # one Redis round trip and the bookkeeping around it
 
 
 @dataclass
@@ -118,6 +120,10 @@ class Predictor:
         self._exec_cache: dict[tuple[str, str, int, int], float] = {}
         self._output_cache: dict[tuple[str, str, int], int] = {}
         self._startup_cache: dict[tuple[int, bool, bool], float] = {}
+        self._overheads: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for gap in self.history.overheads:
+            self._overheads[gap.memory_mib][gap.kind].append(gap.seconds)
+        self._overhead_cache: dict[int, tuple[float, float]] = {}
         self._floor_cache: dict[tuple[str, int], int] = {}
         # Memory evidence (peaks measured, OOM kills) by task id and by function.
         self._memory_tasks: dict[str, list[TaskSample]] = defaultdict(list)
@@ -342,6 +348,45 @@ class Predictor:
             )
         self._startup_cache[key] = value
         return value
+
+    def task_overhead_s(self, memory_mib: int) -> float:
+        """Seconds a worker of the class spends on a task besides executing it and moving its
+        data, from the previous task's completion (within an invocation) to this one's
+        execution: its "pre" and "post" (:class:`dagkube.planning.history.OverheadSample`)."""
+        return self._overhead(memory_mib)[0]
+
+    def handover_s(self, memory_mib: int) -> float:
+        """Seconds a worker of the class spends ending an invocation and taking the next one
+        queued (``FINISH``, which hands it over), beyond a task's "post"."""
+        return self._overhead(memory_mib)[1]
+
+    def _overhead(self, memory_mib: int) -> tuple[float, float]:
+        """(task overhead, handover), learnt from the nearest class with samples, scaled by
+        CPU where CPU is enforced (the work is the worker's Python). "pre" is paid by every
+        task, hundreds of times a run: its mean, whose sum is the run's, at every SLA. "post"
+        and "handover" by their median: a plan may have few of one kind (wukong continues on
+        a worker only now and then), and those few are the unusual ones (a fan-in's). Kinds
+        with fewer than MIN_OVERHEAD_SAMPLES samples count as 0; without any, the default."""
+        cached = self._overhead_cache.get(memory_mib)
+        if cached is not None:
+            return cached
+        task_s, handover_s = self.defaults.task_overhead_s, 0.0
+        if self._overheads:
+            source = min(self._overheads, key=lambda m: (abs(math.log(m / memory_mib)), -m))
+            kinds = self._overheads[source]
+            scale = 1.0
+            if self.cpu_enforced and source != memory_mib:
+                scale = self._cpu(source) / self._cpu(memory_mib)
+
+            def learnt(kind: str, percentile: float | None) -> float:
+                found = kinds.get(kind, ())
+                return statistic(found, percentile) if len(found) >= MIN_OVERHEAD_SAMPLES else 0.0
+
+            post = learnt("post", 50)
+            task_s = (learnt("pre", None) + post) * scale
+            handover_s = max(0.0, learnt("handover", 50) - post) * scale
+        self._overhead_cache[memory_mib] = (task_s, handover_s)
+        return task_s, handover_s
 
     @property
     def sample_count(self) -> int:

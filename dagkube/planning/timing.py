@@ -46,8 +46,6 @@ from dagkube.planning.timing_state import (
 )
 from dagkube.planning.transfers import SMALL_BYTES
 
-TASK_OVERHEAD_S = 0.0005  # per task: one Redis round trip and bookkeeping (measured ~0.5 ms)
-
 
 class DeadlockError(InvalidOption):
     """The plan cannot finish (e.g. bound workers waiting hold every worker slot)."""
@@ -278,7 +276,7 @@ class _Simulation:
         timing.start_s = time_s
         timing.trigger = trigger
         timing.download_s, preloaded_s = self._fetch(worker, spec)
-        exec_start_s = time_s + TASK_OVERHEAD_S + timing.download_s
+        exec_start_s = time_s + self.p.task_overhead_s(worker.memory_mib) + timing.download_s
         timing.exec_start_s = exec_start_s if exec_start_s >= preloaded_s else preloaded_s
         worker.running = True
         assert worker.activity is not None
@@ -463,7 +461,7 @@ class _Simulation:
         worker.logical = None
         worker.activity = None
         if self.queues.get(worker.memory_mib):  # FINISH takes the next queued one at once
-            self._take(worker, time_s, time_s)
+            self._take(worker, time_s, time_s + self.p.handover_s(worker.memory_mib))
             return
         self._idle(worker, time_s)
         self._dispatch_all(time_s)  # its slot may serve another class

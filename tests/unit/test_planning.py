@@ -12,11 +12,12 @@ from dagkube.planning import PlanningOptions, plan
 from dagkube.planning.history import HistorySnapshot, Residual, StartupSample, TaskSample
 from dagkube.planning.model import Plan
 from dagkube.planning.planners import assign_workers
-from dagkube.planning.predictions import Predictor, statistic
-from dagkube.planning.timing import TASK_OVERHEAD_S, simulate
+from dagkube.planning.predictions import Defaults, Predictor, statistic
+from dagkube.planning.timing import simulate
 from dagkube.planning.validation import validate_plan
 
 COLD, WARM = 0.3, 0.01
+TASK_OVERHEAD_S = Defaults().task_overhead_s  # no overhead samples in these histories
 
 
 def history(

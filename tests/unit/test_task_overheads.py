@@ -1,0 +1,183 @@
+"""The per-task overhead learnt from what workers measured, the timing model charging it, and
+tiny tasks packed where an invocation of their own costs more than they do."""
+
+from __future__ import annotations
+
+import pytest
+
+import dagkube
+from dagkube.metrics.history import overhead_samples
+from dagkube.planning import PlanningOptions, plan
+from dagkube.planning.history import HistorySnapshot, OverheadSample, StartupSample, TaskSample
+from dagkube.planning.planners import Packing, assign_workers
+from dagkube.planning.predictions import Defaults, Predictor
+from dagkube.planning.timing import simulate
+from dagkube.store.records import TaskRecord, WorkerRecord
+
+
+def record(task_id: str, worker: str, ready: float, pre: float, exec_s: float, **extra):
+    """A task that became ready at ``ready``, started ``pre`` later (plus its download)."""
+    download = extra.pop("download_s", 0.0)
+    started = ready + download + pre
+    return TaskRecord(
+        run_id="r",
+        task_id=task_id,
+        function="f",
+        worker_id=worker,
+        memory_mib=1024,
+        ready_at=ready,
+        inputs_ready_at=ready + download,
+        started_at=started,
+        ended_at=started + exec_s,
+        download_s=download,
+        **extra,
+    )
+
+
+def invocation(worker: str, ready: float, finished: float, queued: float) -> WorkerRecord:
+    return WorkerRecord(
+        run_id="r",
+        worker_id=worker,
+        memory_mib=1024,
+        cold=False,
+        queued_at=queued,
+        ready_at=ready,
+        finished_at=finished,
+    )
+
+
+def test_gaps_between_a_workers_tasks_are_sampled_by_kind():
+    # One worker: two tasks in its first invocation, a third in the one it took next (queued
+    # before the first finished), a fourth in an invocation queued after it had gone idle.
+    a = record("a", "w", 10.000, 0.001, 0.100, upload_s=0.002)  # ends 10.101, uploaded 10.103
+    b = record("b", "w", 10.104, 0.001, 0.100, download_s=0.005)  # post: 1 ms
+    c = record("c", "w", 10.213, 0.001, 0.100)  # b ends 10.210: handover 3 ms
+    d = record("d", "w", 12.000, 0.001, 0.100)  # idle before: no sample
+    e = record("e", "w", 12.110, 0.001, 0.100, blocked_s=0.5)  # waited for its input: none
+    workers = [
+        invocation("w", 10.000, 10.211, queued=9.9),
+        invocation("w", 10.212, 10.320, queued=10.0),
+        invocation("w", 12.000, 12.300, queued=11.5),
+    ]
+    found = overhead_samples([a, b, c, d, e], workers)
+    by_kind: dict[str, list[float]] = {}
+    for sample in found:
+        by_kind.setdefault(sample.kind, []).append(sample.seconds)
+    assert by_kind["pre"] == pytest.approx([0.001] * 5)
+    assert by_kind["post"] == pytest.approx([0.001])
+    assert by_kind["handover"] == pytest.approx([0.003])
+
+
+def snapshot(pre: list[float], post: list[float], handover: list[float], memory: int = 1024):
+    samples = [OverheadSample(memory, "pre", s) for s in pre]
+    samples += [OverheadSample(memory, "post", s) for s in post]
+    samples += [OverheadSample(memory, "handover", s) for s in handover]
+    tasks = [TaskSample("f", memory, 10, 10, 0.01)] * 5
+    startups = [StartupSample(memory, True, 0.3)] * 3 + [StartupSample(memory, False, 0.002)] * 3
+    return HistorySnapshot("h", 5, tasks, startups, overheads=samples)
+
+
+def test_the_predictor_learns_the_task_overhead_and_the_handover():
+    # pre: its mean (paid by every task); post and handover: their medians (robust to the
+    # few unusual ones, e.g. a fan-in's).
+    predictor = Predictor(
+        snapshot([0.001] * 9 + [0.011], [0.002] * 4 + [0.050], [0.005] * 4 + [0.9]),
+        cpu_enforced=True,
+    )
+    assert predictor.task_overhead_s(1024) == pytest.approx(0.002 + 0.002)
+    assert predictor.handover_s(1024) == pytest.approx(0.005 - 0.002)
+    # Borrowed by a class with half the CPU (enforced): twice as long.
+    assert predictor.task_overhead_s(512) == pytest.approx(2 * 0.004)
+    # Too few samples of a kind count as none; no samples at all: the default.
+    few = Predictor(snapshot([0.001] * 5, [0.002] * 4, []), cpu_enforced=True)
+    assert few.task_overhead_s(1024) == pytest.approx(0.001)
+    assert few.handover_s(1024) == 0.0
+    none = Predictor(HistorySnapshot(), cpu_enforced=True)
+    assert none.task_overhead_s(1024) == Defaults().task_overhead_s
+
+
+@dagkube.task
+def source():
+    return 1
+
+
+@dagkube.task
+def tiny(x, i):
+    return x + i
+
+
+@dagkube.task
+def heavy(x):
+    return x
+
+
+@dagkube.task
+def total(values):
+    return sum(values)
+
+
+def test_the_timing_model_charges_the_learnt_overheads():
+    root = source()
+    wf = dagkube.Workflow(total([tiny(root, i) for i in range(20)]), "fan")
+    memory = dict.fromkeys(wf.dag.tasks, 1024)
+    flexible = dict.fromkeys(wf.dag.tasks)
+
+    def makespan(overheads: HistorySnapshot) -> float:
+        predictor = Predictor(overheads, cpu_enforced=True)
+        return simulate(wf.dag, memory, flexible, predictor, max_workers=1).makespan_s
+
+    cheap = makespan(snapshot([0.0] * 5, [0.0] * 5, [0.0] * 5))
+    # One worker runs all 22 tasks: each pays the task overhead; 19 children are queued and
+    # taken after a handover (the first continues on the source's worker, the sink on the
+    # last child's).
+    dear = makespan(snapshot([0.001] * 5, [0.002] * 5, [0.012] * 5))
+    assert dear - cheap == pytest.approx(22 * 0.003 + 19 * 0.010)
+
+
+def test_tiny_children_are_packed_into_as_many_workers_as_the_cap_runs():
+    root = source()
+    wf = dagkube.Workflow(total([tiny(root, i) for i in range(12)] + [heavy(root)]), "mixed")
+    exec_s = dict.fromkeys(wf.dag.tasks, 0.001)
+    exec_s["heavy#0"] = 1.0
+    out = dict.fromkeys(wf.dag.tasks, 10)
+    packing = Packing(workers=3, tiny_s=0.01)
+    worker_of = assign_workers(wf.dag, exec_s, out, 2, lambda n: n / 1e8, False, packing)
+    home = worker_of["source#0"]
+    assert worker_of["heavy#0"] == home  # the long child continues on the upstream's worker
+    groups = [worker_of[f"tiny#{i}"] for i in range(12)]
+    assert home not in groups
+    assert sorted(groups.count(w) for w in set(groups)) == [4, 4, 4]
+    # Without a cap, or above the tiny limit, they are grouped cluster_size to a worker.
+    for unpacked in (
+        assign_workers(wf.dag, exec_s, out, 2, lambda n: n / 1e8),
+        assign_workers(wf.dag, exec_s, out, 2, lambda n: n / 1e8, False, Packing(3, 0.0005)),
+    ):
+        assert len({unpacked[f"tiny#{i}"] for i in range(12)}) == 6
+
+
+def test_auto_tries_uniform_on_the_class_whose_workers_are_warm():
+    root = source()
+    wf = dagkube.Workflow(total([tiny(root, i) for i in range(40)]), "fan")
+    tasks = [
+        TaskSample(function, m, 10, 10, 0.0005, task_id=t)
+        for t, function in [(t, t.split("#")[0]) for t in wf.dag.tasks]
+        for m in (512, 1024, 2048)
+    ] * 3
+    startups = [StartupSample(m, True, 2.0) for m in (512, 1024, 2048)] * 3
+    startups += [StartupSample(m, False, 0.002) for m in (512, 1024, 2048)] * 3
+    overheads = [OverheadSample(1024, "pre", 0.0005)] * 5 + [
+        OverheadSample(1024, "handover", 0.002)
+    ] * 5
+    options = PlanningOptions.for_run(
+        ["512Mi", "1Gi", "2Gi"],
+        history=HistorySnapshot("h", 3, tasks, startups, overheads=overheads),
+        max_workers=2,
+        warm_pool={1024: 2},
+    )
+    result = plan(wf.dag, "auto", options)
+    labels = [a.label for a in result.alternatives]
+    assert "uniform@1024Mi" in labels, labels
+    # The largest class would start cold (2 s): the warm class's packed plan wins.
+    assert result.chosen_planner() == "uniform"
+    assert {t.memory_mib for t in result.tasks.values()} == {1024}
+    assert len({t.worker_id for t in result.tasks.values()}) == 2
