@@ -83,6 +83,33 @@ class Shape:
         """No schedule on ``workers`` finishes sooner: max(critical path, work / workers)."""
         return max(self.critical_path_s(durations), sum(durations) / workers)
 
+    def window_bound_s(self, durations: Sequence[float], workers: int) -> float:
+        """A lower bound at least :meth:`lower_bound_s`, which it tightens where work waits
+        behind a long chain (e.g. bwa: one index task, then a hundred alignments, then one
+        merge). A task starts only after its longest chain of ancestors (its ``head``) and
+        leaves room for its longest chain of descendants (its ``tail``), so for any set S of
+        tasks, all of S's work is done between S's smallest head and the makespan less S's
+        smallest tail: makespan >= min head + work(S) / workers + min tail. Maximized over
+        the sets whose heads and tails reach a pair of thresholds (every pair: O(n^2)).
+        """
+        n = len(self.tasks)
+        head = [0.0] * n  # longest chain ending just before the task starts
+        for index, task in enumerate(self.tasks):
+            head[index] = max((head[p] + durations[p] for p in task.parents), default=0.0)
+        tail = [0.0] * n  # longest chain starting just after the task ends
+        for index in range(n - 1, -1, -1):
+            for parent in self.tasks[index].parents:
+                tail[parent] = max(tail[parent], durations[index] + tail[index])
+        by_tail = sorted(range(n), key=lambda i: -tail[i])
+        best = self.lower_bound_s(durations, workers)
+        for threshold in sorted(set(head)):
+            work = 0.0
+            for index in by_tail:  # the tasks of the set, tails falling
+                if head[index] >= threshold:
+                    work += durations[index]
+                    best = max(best, threshold + work / workers + tail[index])
+        return best
+
 
 @dataclass(frozen=True)
 class Replay:

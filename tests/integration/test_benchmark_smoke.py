@@ -92,5 +92,5 @@ def test_shapes_quick(tmp_path):
     table = page.read_text()
     assert "## Real workflow shapes (WfCommons)" in table
     header = next(line for line in table.splitlines() if line.startswith("| shape |"))
-    assert [cell.strip() for cell in header.strip(" |").split("|")][6:] == [*planners, "Dask"]
+    assert [cell.strip() for cell in header.strip(" |").split("|")][7:] == [*planners, "Dask"]
     assert "| seismology-100 |" in table
