@@ -362,11 +362,12 @@ class Predictor:
 
     def _overhead(self, memory_mib: int) -> tuple[float, float]:
         """(task overhead, handover), learnt from the nearest class with samples, scaled by
-        CPU where CPU is enforced (the work is the worker's Python). "pre" is paid by every
-        task, hundreds of times a run: its mean, whose sum is the run's, at every SLA. "post"
-        and "handover" by their median: a plan may have few of one kind (wukong continues on
-        a worker only now and then), and those few are the unusual ones (a fan-in's). Kinds
-        with fewer than MIN_OVERHEAD_SAMPLES samples count as 0; without any, the default."""
+        CPU where CPU is enforced (the work is the worker's Python). Each kind by its median,
+        at every SLA: one run that went badly (hundreds of workers on two cores) must not
+        raise every task's overhead for the next twenty runs, as it raised the mean of "pre"
+        from 2.6 to 22 ms on cycles-1000; and a plan may have few of one kind (wukong
+        continues on a worker only now and then), the unusual ones (a fan-in's). Kinds with
+        fewer than MIN_OVERHEAD_SAMPLES samples count as 0; without any, the default."""
         cached = self._overhead_cache.get(memory_mib)
         if cached is not None:
             return cached
@@ -383,7 +384,7 @@ class Predictor:
                 return statistic(found, percentile) if len(found) >= MIN_OVERHEAD_SAMPLES else 0.0
 
             post = learnt("post", 50)
-            task_s = (learnt("pre", None) + post) * scale
+            task_s = (learnt("pre", 50) + post) * scale
             handover_s = max(0.0, learnt("handover", 50) - post) * scale
         self._overhead_cache[memory_mib] = (task_s, handover_s)
         return task_s, handover_s
