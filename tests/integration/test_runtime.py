@@ -53,7 +53,11 @@ def flaky(counter_file: str, fail_times: int):
 
 @dagkube.task
 def slow_step(x: int, marker_dir: str, seconds: float = 0.4):
-    Path(marker_dir, f"step-{x}.pid").write_text(str(os.getpid()))
+    # Written whole, then renamed: a test that sees the marker can read the pid in it.
+    marker = Path(marker_dir, f"step-{x}.pid")
+    partial = marker.with_suffix(".partial")
+    partial.write_text(str(os.getpid()))
+    partial.replace(marker)
     time.sleep(seconds)
     return x + 1
 
@@ -89,12 +93,13 @@ def tree(values):
 
 def test_tree_reduction_result_and_record(runtime):
     wf = dagkube.Workflow(tree(range(64)), name="it-tree")
-    assert wf.run(runtime=runtime) == sum(range(64))
+    # wukong: auto may pack the tiny sources onto a few workers once the tree has history.
+    assert wf.run(runtime=runtime, planner="wukong") == sum(range(64))
     record = wf.last_run.record
     assert record.status == "succeeded"
     assert record.tasks_total == record.tasks_done == 63
     assert record.makespan_s > 0 and record.gb_s > 0 and record.cpu_s_allocated > 0
-    assert record.workers_cold + record.workers_warm >= 32  # wukong: one per source
+    assert record.workers_cold + record.workers_warm >= 32  # one invocation per source
 
 
 def test_outputs_keep_their_shape_and_nested_arguments_flow(runtime):
