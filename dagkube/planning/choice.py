@@ -245,7 +245,7 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
         search.starved = True
         search_notes.append("non-uniform: not tried: the planning budget is spent")
     if search.affordable():
-        warm = _on_warm_class(search, uniform)
+        warm = _on_warm_class(search)
         if warm is not None:
             search.spend(1)
             bases.append(warm)
@@ -288,7 +288,7 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
     )
 
 
-def _on_warm_class(search: _Search, uniform: Choice) -> Choice | None:
+def _on_warm_class(search: _Search) -> Choice | None:
     """uniform's plan on the smaller class with the most idle workers now (they start warm,
     where uniform's largest class may start cold), if every task fits it; None otherwise."""
     options = search.options
@@ -297,7 +297,7 @@ def _on_warm_class(search: _Search, uniform: Choice) -> Choice | None:
     if not warm:
         return None
     memory_mib = max(warm, key=lambda m: (options.warm_pool[m], m))
-    floors = uniform.floors if uniform.floors is not None else search.shared.floors()
+    floors = search.shared.floors()  # cached: the ones uniform checked
     if memory_mib not in options.classes_mib or any(f > memory_mib for f in floors.values()):
         return None
     return choose_uniform(search.shared, options, memory_mib=memory_mib)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dagkube.dag import DagSpec
@@ -332,7 +332,7 @@ class Predictor:
                 if sample.prewarmed == prewarmed:
                     alike[sample.memory_mib].append(sample.startup_s)
         if by_class:
-            source = min(by_class, key=lambda m: (abs(math.log(m / memory_mib)), -m))
+            source = _nearest_class(by_class, memory_mib)
             samples = by_class[source]
             if len(alike.get(source, ())) >= MIN_PREWARM_SAMPLES:
                 samples = alike[source]
@@ -373,7 +373,7 @@ class Predictor:
             return cached
         task_s, handover_s = self.defaults.task_overhead_s, 0.0
         if self._overheads:
-            source = min(self._overheads, key=lambda m: (abs(math.log(m / memory_mib)), -m))
+            source = _nearest_class(self._overheads, memory_mib)
             kinds = self._overheads[source]
             scale = 1.0
             if self.cpu_enforced and source != memory_mib:
@@ -392,6 +392,11 @@ class Predictor:
     @property
     def sample_count(self) -> int:
         return len(self.history.tasks) + len(self.history.startups)
+
+
+def _nearest_class(classes: Iterable[int], memory_mib: int) -> int:
+    """The sampled class nearest ``memory_mib`` in ratio (ties: the larger)."""
+    return min(classes, key=lambda m: (abs(math.log(m / memory_mib)), -m))
 
 
 def _bucket(nbytes: int) -> int:
