@@ -36,6 +36,8 @@ OOB_MAGIC = b"DKB5"
 _COUNT = struct.Struct("<I")
 # Values with at least this much in out-of-band buffers are handed on unjoined (Frames).
 FRAMES_MIN_BYTES = 1024 * 1024
+# Upstreams re-run from their lineage are stored at least this often (recompute).
+RECOMPUTE_STORE_EVERY_S = 0.25
 
 
 def serialize(value: Any) -> Serialized:
@@ -208,21 +210,32 @@ async def recompute(
         ", ".join(order[:5]),
     )
     loop = asyncio.get_running_loop()
-    outputs: dict[str, Serialized] = {}
 
-    def rerun() -> None:
+    def load_fetched() -> None:
         for dep, blob in fetched.items():
             state.values[dep] = deserialize(blob)
-        for task_id in order:
-            spec = state.dag.tasks[task_id]
-            args, kwargs = resolve(pickle.loads(spec.args_blob), state.values, state.constants)
-            state.values[task_id] = state.function(spec.fn_key)(*args, **kwargs)
-            outputs[task_id] = serialize(state.values[task_id])
-            state.sizes[task_id] = len(outputs[task_id])
 
-    await loop.run_in_executor(executor, rerun)
-    # Stored now: should this worker be lost too, the next one does not re-run them again.
-    await scripts.store(StoreCall(state.run_id, outputs, state.ttl_s))
+    def rerun(task_id: str) -> Serialized:
+        spec = state.dag.tasks[task_id]
+        args, kwargs = resolve(pickle.loads(spec.args_blob), state.values, state.constants)
+        state.values[task_id] = state.function(spec.fn_key)(*args, **kwargs)
+        output = serialize(state.values[task_id])
+        state.sizes[task_id] = len(output)
+        return output
+
+    await loop.run_in_executor(executor, load_fetched)
+    # Stored as they are made, at least every RECOMPUTE_STORE_EVERY_S: should this worker be
+    # lost too, the next one re-runs only what came after (a long lineage re-run whole each
+    # time could be lost again and again, and the REQUEUE script counts what is stored as the
+    # run's progress, so these losses are not taken for a crash loop).
+    pending: dict[str, Serialized] = {}
+    stored_at = time.monotonic()
+    for position, task_id in enumerate(order):
+        pending[task_id] = await loop.run_in_executor(executor, rerun, task_id)
+        last = position == len(order) - 1
+        if last or time.monotonic() - stored_at >= RECOMPUTE_STORE_EVERY_S:
+            await scripts.store(StoreCall(state.run_id, pending, state.ttl_s))
+            pending, stored_at = {}, time.monotonic()
     return order
 
 

@@ -137,6 +137,33 @@ def test_ten_runs_of_two_workflows_leave_complete_records(make_runtime, redis_se
             assert any(t.recomputed for t in history.tasks)
 
 
+def test_a_worker_lost_while_re_running_lost_outputs_leaves_what_it_re_ran(
+    make_runtime, redis_server, tmp_path
+):
+    """A chain's worker is killed at step 6 (steps 0-5 lived only in its memory); the worker
+    that resumes it re-runs them from their lineage and is killed at step 3 of that: what it
+    had re-run (steps 0-2) was stored as it went, so the third worker re-runs steps 3-5 only."""
+    rt = make_runtime(max_workers=2, idle_timeout_s=20)
+    node = 0
+    for _ in range(8):
+        node = slow_step(node, str(tmp_path), 0.3)
+    wf = dagkube.Workflow(node, name="hist-rerun")
+    thread, box = _run_in_thread(rt, wf)
+    marker = tmp_path / "step-6.pid"
+    wait_until(marker.exists, 30, "step 6 to start")
+    first = int(marker.read_text())
+    os.kill(first, signal.SIGKILL)
+    marker = tmp_path / "step-3.pid"
+    wait_until(lambda: int(marker.read_text()) != first, 30, "step 3 to be re-run")
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    thread.join(60)
+    assert box.get("value") == 8, box
+    [history] = read_histories(redis_server.url, [wf.last_run.run_id])
+    assert history.run.workers_lost == 2 and history.run.status == "succeeded"
+    [recomputed] = [t.recomputed for t in history.tasks if t.recomputed]
+    assert [t.split("#")[1] for t in recomputed] == ["3", "4", "5"], recomputed
+
+
 def test_history_is_capped_per_structure(make_runtime, redis_server, redis_client):
     rt = make_runtime(max_workers=2, history_cap=3)
     run_ids = []

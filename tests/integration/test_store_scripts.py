@@ -293,6 +293,55 @@ async def test_requeue_puts_a_lost_workers_work_back_and_records_the_loss(redis)
     assert (lost["lost_task"], lost["exit_code"]) == ("a", 137)
 
 
+async def test_requeue_fails_a_crash_loop_but_not_losses_between_stored_outputs(redis):
+    """The same task losing its worker more than max_requeues times with nothing done in
+    between fails the run; outputs stored in between (upstreams re-run from their lineage,
+    STORE) are progress, so such losses go on being re-queued."""
+    pool = PoolKeys(POOL)
+
+    async def lose(run: str, item: bytes | str, now: float) -> int:
+        await redis.rpush(worker_proc("w1", POOL), item)
+        await redis.set(
+            worker_task("w1", POOL), json.dumps({"run": run, "task": "b", "function": "f"})
+        )
+        call = RequeueCall(
+            pool=POOL,
+            worker_id="w1",
+            memory_mib=512,
+            spawned_at=2.0,
+            now=now,
+            oom_killed=False,
+            peak_memory_bytes=None,
+            exit_code=-9,
+            max_requeues=3,
+        )
+        return (await Scripts(redis).requeue(call)).requeued
+
+    for name, stores in (("looping", False), ("recomputing", True)):
+        run = await start_run(redis, name)
+        item: bytes | str = invocation(run, ["a"])
+        for loss in range(1, 6):
+            if stores:  # what the next worker re-ran before it was lost too
+                reply = await Scripts(redis).store(
+                    calls.StoreCall(run, {f"a{loss}": b"x" * 10}, 600)
+                )
+                assert reply.status == "running"
+            requeued = await lose(run, item, 4.0 + loss)
+            if not stores and loss == 4:
+                assert requeued == 0
+                break
+            assert requeued == 1, (name, loss)
+            item = await redis.lpop(pool.queue(512))
+        meta = await redis.hgetall(RunKeys(run).meta)
+        if stores:
+            assert meta[b"status"] == b"running" and meta[b"outputs_stored"] == b"5"
+        else:
+            assert meta[b"status"] == b"failed"
+            error = json.loads(meta[b"error"])
+            assert (error["exc_type"], error["task_id"]) == ("WorkerLost", "b")
+            assert "died 4 times" in error["message"]
+
+
 async def test_force_end_drops_queued_work_and_ends_the_run_once(redis):
     run = await start_run(redis, "force")
     keys, pool = RunKeys(run), PoolKeys(POOL)

@@ -70,9 +70,14 @@ for _, item in ipairs(items) do
     end
   else
     -- counted per task (a long-lived bound invocation may lose workers on several tasks),
-    -- since the run last made progress: losses between which tasks completed are no crash loop
+    -- since the run last made progress: losses between which tasks completed, or lost
+    -- outputs were re-run and stored (STORE), are no crash loop
     local counts = type(inv.requeues) == 'table' and inv.requeues or {}
-    local done = exists and tonumber(redis.call('HGET', meta, 'tasks_done') or '0') or 0
+    local done = 0
+    if exists then
+      local fields = redis.call('HMGET', meta, 'tasks_done', 'outputs_stored')
+      done = (tonumber(fields[1]) or 0) + (tonumber(fields[2]) or 0)
+    end
     if done > (tonumber(inv.done_at_loss) or done) then counts = {} end
     inv.done_at_loss = done
     local key = task ~= '' and task or '-'
