@@ -111,8 +111,9 @@ def assign_workers(
 
     With ``packing`` (a worker cap), tiny children — each predicted to run shorter than an
     invocation of its own costs — are packed into as many workers as the cap lets run at once
-    (the first on the upstream's worker), balanced by predicted time: more workers could not
-    run them sooner, and each further invocation adds its cost to the fan-out.
+    (the first on the upstream's worker, unless it goes on with a longer child: then one
+    fewer), balanced by predicted time: more workers could not run them sooner, and each
+    further invocation adds its cost to the fan-out.
     """
     counter = itertools.count()
     worker_of: dict[str, str | None] = {}
@@ -131,7 +132,10 @@ def assign_workers(
             tiny = [c for c in children if is_tiny(c, packing.tiny_s)]
             if len(tiny) > 2 * packing.workers:
                 rest = [c for c in children if not is_tiny(c, packing.tiny_s)]
-                pack(tiny, None if rest else parent_worker, packing.workers)
+                if rest:  # the upstream's worker goes on with rest's leader, not with these
+                    pack(tiny, None, max(1, packing.workers - 1))
+                else:
+                    pack(tiny, parent_worker, packing.workers)
                 if not rest:
                     return
                 children = rest

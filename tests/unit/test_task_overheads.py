@@ -145,13 +145,21 @@ def test_tiny_children_are_packed_into_as_many_workers_as_the_cap_runs():
     assert worker_of["heavy#0"] == home  # the long child continues on the upstream's worker
     groups = [worker_of[f"tiny#{i}"] for i in range(12)]
     assert home not in groups
-    assert sorted(groups.count(w) for w in set(groups)) == [4, 4, 4]
+    # The upstream's worker goes on with the heavy child: the tiny ones fill the cap's other
+    # two (three groups of them would make one wait for a worker, as it did on a fan-out).
+    assert sorted(groups.count(w) for w in set(groups)) == [6, 6]
     # Without a cap, or above the tiny limit, they are grouped cluster_size to a worker.
     for unpacked in (
         assign_workers(wf.dag, exec_s, out, 2, lambda n: n / 1e8),
         assign_workers(wf.dag, exec_s, out, 2, lambda n: n / 1e8, False, Packing(3, 0.0005)),
     ):
         assert len({unpacked[f"tiny#{i}"] for i in range(12)}) == 6
+    # With every child tiny, the upstream's worker takes the first group.
+    exec_s["heavy#0"] = 0.001
+    worker_of = assign_workers(wf.dag, exec_s, out, 2, lambda n: n / 1e8, False, packing)
+    groups = [worker_of[t] for t in wf.dag.tasks if t.startswith(("tiny", "heavy"))]
+    assert sorted(groups.count(w) for w in set(groups)) == [4, 4, 5]
+    assert worker_of["source#0"] in groups
 
 
 def test_auto_tries_uniform_on_the_class_whose_workers_are_warm():
