@@ -9,7 +9,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dagkube.runtime.execution import run_in_thread
 from dagkube.runtime.inputs import Preloader, RunState, gather
@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("dagkube.worker")
 
 DELAY_POLL_S = 0.005  # delayed-io: how often the other inputs of the fan-in are checked
+# A bound worker takes up to this many ready tasks from its inbox in one read (a packed
+# fan-out routes hundreds there at once; one read each was a round trip more per task).
+INBOX_READ_MAX = 1024
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Serving:
         self.waiting = False
         self.outcome: Outcome | None = None  # of the task executed last
         self.prewarm: RequestPrewarm | None = None  # sent when its trigger starts
+        self.claimed: str | None = None  # the next task, claimed by the last COMPLETE
 
     async def run(self) -> Finish:
         try:
@@ -170,8 +174,8 @@ class Serving:
         assert self.me is not None
         waited_from = time.time()
         inbox = self.keys.inbox(self.me)
-        item = await self.redis.lpop(inbox)
-        if item is None:
+        items = await self.redis.lpop(inbox, INBOX_READ_MAX)
+        if not items:
             if not self.waiting:
                 self.waiting = True
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -182,11 +186,11 @@ class Serving:
             popped = await self.redis.blpop(inbox, timeout=timeout_s)
             if popped is None:
                 return WorkerIdle(waited_from=waited_from)
-            item = popped[1]
-        task_id = item.decode()
-        if not task_id:  # stop token: the run failed or was cancelled
+            items = [popped[1]]
+        task_ids = tuple(item.decode() for item in items)
+        if "" in task_ids:  # stop token: the run failed or was cancelled
             return Stop()
-        return TaskReady(task_id=task_id, waited_from=waited_from)
+        return TaskReady(task_ids=task_ids, waited_from=waited_from)
 
     async def _stop_waiting(self) -> None:
         if self.waiting:
@@ -258,8 +262,10 @@ class Serving:
         prewarm_at = await self._request_prewarm(prewarm) if prewarm is not None else None
         # What the worker runs now: a worker killed for memory is charged to this task (the
         # REQUEUE script reads it; COMPLETE clears it).
-        claim = {"run": state.run_id, "task": task_id, "function": spec.function}
-        await self.redis.set(worker.task_key, json.dumps(claim), ex=state.ttl_s)
+        claim = self._claim_of(task_id)
+        claimed, self.claimed = self.claimed, None
+        if claimed != task_id:  # else the last task's COMPLETE wrote it
+            await self.redis.set(worker.task_key, json.dumps(claim), ex=state.ttl_s)
         inputs = await gather(state, spec, worker.reader, worker.scripts, worker.executor)
         preloaded = [d for d in spec.deps if d in state.preloaded]
         loop = asyncio.get_running_loop()
@@ -306,6 +312,10 @@ class Serving:
         self.outcome = Outcome(ok=done.error is None, record=record, output=done.output)
         return Executed(task_id=task_id, ok=self.outcome.ok, started_at=record.started_at)
 
+    def _claim_of(self, task_id: str) -> dict[str, Any]:
+        spec = self.state.dag.tasks[task_id]
+        return {"run": self.state.run_id, "task": task_id, "function": spec.function}
+
     async def _delay_upload(self, instruction: DelayUpload) -> UploadDelayed:
         """delayed-io: wait (up to the planned time) for the fan-in's other inputs; when they
         are all done, this worker runs the fan-in next, so the output need not be uploaded."""
@@ -328,6 +338,11 @@ class Serving:
         record = self.outcome.record
         store = self.outcome.output is not None and record.output_stored
         field_name = record.task_id + ("@dup" if record.duplicate else "")
+        next_claim = ""
+        following = instruction.next_task
+        if following is not None and state.dag.tasks[following].timeout_s is None:
+            # (a task with a timeout writes its claim with its deadline when it starts)
+            next_claim = json.dumps(self._claim_of(following))
         started = time.perf_counter()
         reply = await worker.scripts.complete(
             CompleteCall(
@@ -345,9 +360,12 @@ class Serving:
                 downstream=state.downstream(record.task_id),
                 amended_records=tuple(self.amendments),
                 pending_roots=instruction.pending,
+                next_claim=next_claim,
             )
         )
         self.amendments.clear()
+        if next_claim and reply.running and not reply.duplicate:
+            self.claimed = following
         if store:
             # The upload rode on this call (a large output: in the same round trip, just
             # before it): amend the record in the next call with its time.

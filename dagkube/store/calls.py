@@ -125,7 +125,8 @@ class CompleteCall(Call[CompleteReply]):
     ``record_field`` is the task id, or ``<id>@dup`` for a duplicate's record.
     ``amended_records`` (record field, record JSON) replace records sent earlier;
     ``pending_roots`` are a flexible worker's tasks still to run, kept in its proc list with
-    what this completion adds."""
+    what this completion adds. ``next_claim``: the claim (JSON) of the task the worker runs
+    next, written to its task key instead of clearing it, if the run goes on."""
 
     script: ClassVar[str] = "complete"
 
@@ -143,6 +144,7 @@ class CompleteCall(Call[CompleteReply]):
     downstream: Sequence[Downstream] = ()
     amended_records: Sequence[tuple[str, str]] = ()
     pending_roots: Sequence[str] = ()
+    next_claim: str = ""
 
     @property
     def output_apart(self) -> bool:
@@ -173,6 +175,8 @@ class CompleteCall(Call[CompleteReply]):
             self.logical_worker or "",
             self.memory_mib,
             self.now,
+            self.next_claim,
+            self.run_ttl_s,
             len(self.amended_records),
             *(part for amended in self.amended_records for part in amended),
             len(self.pending_roots),

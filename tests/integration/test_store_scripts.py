@@ -209,6 +209,38 @@ async def test_complete_counts_inputs_routes_ready_consumers_and_guards_duplicat
     assert await redis.hget(keys.meta, "tasks_done") == b"1"
 
 
+async def test_complete_writes_the_next_tasks_claim_only_while_the_run_goes_on(redis):
+    run = await start_run(redis, "claim", tasks_total=3)
+    task = worker_task("w1", POOL)
+    claim = json.dumps({"run": run, "task": "b", "function": "f"})
+
+    def completing(task_id: str) -> CompleteCall:
+        return CompleteCall(
+            run_id=run,
+            pool=POOL,
+            worker_id="w1",
+            task_id=task_id,
+            record_json=json.dumps({"task_id": task_id}),
+            record_field=task_id,
+            output=None,
+            logical_worker="w1",
+            memory_mib=512,
+            now=5.0,
+            run_ttl_s=600,
+            next_claim=claim,
+        )
+
+    await redis.set(task, "{}")
+    assert (await Scripts(redis).complete(completing("a"))).running
+    assert await redis.get(task) == claim.encode()
+    assert 0 < await redis.ttl(task) <= 600
+    again = await Scripts(redis).complete(completing("a"))  # a duplicate completion
+    assert again.duplicate and not await redis.exists(task)
+    await redis.hset(RunKeys(run).meta, "status", "cancelling")
+    assert not (await Scripts(redis).complete(completing("c"))).running
+    assert not await redis.exists(task)
+
+
 async def test_fail_fails_the_run_once_and_stops_its_bound_workers(redis):
     run = await start_run(redis, "fail")
     keys = RunKeys(run)

@@ -258,7 +258,7 @@ def test_a_bound_worker_waits_for_its_inbox_and_counts_the_blocked_time():
     # nothing yet: the run still runs, so wait again, blocked since the first wait
     assert core.handle(WorkerIdle(waited_from=2.0)) == [ReadStatus()]
     assert core.handle(StatusRead(running=True)) == [WaitInbox(timeout_s=BLOCK_S)]
-    assert core.handle(TaskReady(task_id="c", waited_from=7.0)) == [
+    assert core.handle(TaskReady(task_ids=("c",), waited_from=7.0)) == [
         Execute(task_id="c", store=True, blocked_since=2.0)
     ]
     core.handle(Executed(task_id="c", ok=True, started_at=8.0))
@@ -284,6 +284,42 @@ def test_a_resumed_bound_worker_runs_what_is_left_whose_inputs_are_done():
     core = bound(run, "w1", resume=True)
     assert core.start() == [ReadDone(task_id=None)]
     assert core.handle(DoneRead(done=frozenset({"a", "b"}))) == [Execute(task_id="c", store=True)]
+
+
+def test_a_bound_worker_names_its_next_ready_task_in_each_completion():
+    """What the inbox gave at once runs in order; each COMPLETE names the next task (its
+    claim rides on the step), except a task a duplicate may have completed, and the last."""
+    run = run_of(
+        {"s": [], "b1": ["s"], "b2": ["s"], "b3": ["s"], "x": [], "t": ["x"]},
+        workers={"s": "w0", "b1": "w1", "b2": "w1", "b3": "w1", "x": "w2", "t": "w1"},
+        optimizations={
+            "t": [
+                Taskdup(
+                    params=TaskdupParams(
+                        upstream="b3", exec_s=0.05, original_end_s=0.2, original_exec_s=0.1
+                    )
+                )
+            ]
+        },
+    )
+    core = bound(run, "w1")
+    assert core.start() == [WaitInbox(timeout_s=hooks.DUP_POLL_S)]
+    assert core.handle(TaskReady(task_ids=("b1", "b2", "b3"), waited_from=1.0)) == [
+        Execute.match(task_id="b1")
+    ]
+    assert core.handle(Executed(task_id="b1", ok=True, started_at=2.0)) == [
+        Complete(task_id="b1", next_task="b2")
+    ]
+    assert core.handle(running("b1")) == [Execute.match(task_id="b2")]
+    # b3 may be completed by a consumer's duplicate: it is checked before it runs
+    assert core.handle(Executed(task_id="b2", ok=True, started_at=3.0)) == [
+        Complete(task_id="b2", next_task=None)
+    ]
+    assert core.handle(running("b2")) == [CheckDuplicated(task_id="b3")]
+    assert core.handle(DuplicatedChecked(task_id="b3", done=False)) == [Execute.match(task_id="b3")]
+    assert core.handle(Executed(task_id="b3", ok=True, started_at=4.0)) == [
+        Complete(task_id="b3", next_task=None)
+    ]
 
 
 def test_a_bound_worker_hosting_preloads_starts_them_first():

@@ -113,7 +113,7 @@ class InvocationMachine:
                 return self._on_done_read(event)
             case TaskReady():
                 self.blocked_since = self.blocked_since or event.waited_from
-                self.queue.append(event.task_id)
+                self.queue.extend(event.task_ids)
                 return self._next_bound()
             case Stop():
                 return [self._finish()]
@@ -258,8 +258,19 @@ class InvocationMachine:
         return [delay] if delay is not None else [self._complete(event.task_id)]
 
     def _complete(self, task_id: str) -> Complete:
-        pending = tuple(self.queue) if self.me is None else ()
-        return Complete(task_id=task_id, pending=pending)
+        if self.me is None:
+            return Complete(task_id=task_id, pending=tuple(self.queue))
+        return Complete(task_id=task_id, next_task=self._next_ready())
+
+    def _next_ready(self) -> str | None:
+        """The task a bound worker will execute next without asking anything first (not a
+        duplicate's follow-up, nor a task a duplicate may have completed), if it is ready."""
+        if self.duplicate:
+            return None
+        for task_id in self.queue:
+            if task_id in self.remaining:
+                return None if task_id in self.run.opts.dup_targets else task_id
+        return None
 
     def _on_completed(self, event: Completed) -> list[Instruction]:
         running = event.status == "running"

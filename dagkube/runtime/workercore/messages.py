@@ -48,10 +48,11 @@ class DoneRead(Event):
 
 @dataclass(frozen=True)
 class TaskReady(Event):
-    """A bound worker's inbox gave a task whose inputs are all complete; the worker had
-    waited for it since ``waited_from``."""
+    """A bound worker's inbox gave tasks whose inputs are all complete, in the order they
+    became ready (one read takes every one there); the worker had waited since
+    ``waited_from``."""
 
-    task_id: str
+    task_ids: tuple[str, ...]
     waited_from: float
 
 
@@ -209,10 +210,13 @@ class DelayUpload(Instruction):
 class Complete(Instruction):
     """Complete the executed task in one step: store its output if it is to be stored,
     count its consumers' inputs and queue or route the ready ones; ``pending`` are a
-    flexible worker's tasks still to run (they travel with the step). -> Completed"""
+    flexible worker's tasks still to run (they travel with the step); ``next_task``: the
+    task a bound worker runs next, already ready: the step also names it as what the worker
+    runs now (its claim), a round trip less before it. -> Completed"""
 
     task_id: str
     pending: tuple[str, ...] = ()
+    next_task: str | None = None
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,17 @@
 -- The output: 'none' (not stored), 'inline' in ARGV[9] (small: a field of the run's output
 -- hash, stored here), or 'apart' (large: written under its own key by the caller just before
 -- this call, never copied through Lua, and taken up here: adopt_output).
+-- ARGV[17]: the claim of the worker's next task ('' none), written to its task key if the
+-- run goes on, with a TTL of ARGV[18].
 local run, pool, tid = ARGV[5], ARGV[6], ARGV[7]
 local output_mode, output, record, record_field = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 local stored = output_mode ~= 'none'
 local proc, task_key = ARGV[12], ARGV[13]
 local me, my_mem, now = ARGV[14], tonumber(ARGV[15]), tonumber(ARGV[16])
+local next_claim, claim_ttl = ARGV[17], tonumber(ARGV[18])
 local meta = runkey(run, 'meta')
-local i = 18
-for _ = 1, tonumber(ARGV[17]) do
+local i = 20
+for _ = 1, tonumber(ARGV[19]) do
   hist_hset(run, 'tasks', ARGV[i], ARGV[i + 1])
   i = i + 2
 end
@@ -30,6 +33,8 @@ if output_mode == 'apart' then adopt_output(run, own_key(runkey(run, 'out'), tid
 local status = redis.call('HGET', meta, 'status') or 'missing'
 if status ~= 'running' then return {status, '', 0} end
 if redis.call('SADD', runkey(run, 'done'), tid) == 0 then return {status, '', 1} end
+-- a bound worker's next task, ready now: what it runs from here (its claim)
+if next_claim ~= '' then redis.call('SET', task_key, next_claim, 'EX', claim_ttl) end
 if record_field ~= tid then redis.call('HINCRBY', meta, 'duplicates_won', 1) end
 if output_mode == 'inline' then redis.call('HSET', runkey(run, 'out'), tid, output) end
 local done_n = redis.call('HINCRBY', meta, 'tasks_done', 1)
