@@ -111,9 +111,9 @@ def assign_workers(
 
     With ``packing`` (a worker cap), tiny children — each predicted to run shorter than an
     invocation of its own costs — are packed into as many workers as the cap lets run at once
-    (the first on the upstream's worker, unless it goes on with a longer child: then one
-    fewer), balanced by predicted time: more workers could not run them sooner, and each
-    further invocation adds its cost to the fan-out.
+    (the first on the upstream's worker, counting the longer child it goes on with),
+    balanced by predicted time: more workers could not run them sooner, and each further
+    invocation adds its cost to the fan-out.
     """
     counter = itertools.count()
     worker_of: dict[str, str | None] = {}
@@ -128,19 +128,21 @@ def assign_workers(
         bottom[task_id] = exec_s[task_id] + max(after, default=0.0)
 
     def place_group(children: list[str], parent_worker: str | None) -> None:
+        tiny: list[str] = []
         if packing is not None and len(children) > 2 * packing.workers:
             tiny = [c for c in children if is_tiny(c, packing.tiny_s)]
-            if len(tiny) > 2 * packing.workers:
-                rest = [c for c in children if not is_tiny(c, packing.tiny_s)]
-                if rest:  # the upstream's worker goes on with rest's leader, not with these
-                    pack(tiny, None, max(1, packing.workers - 1))
-                else:
-                    pack(tiny, parent_worker, packing.workers)
-                if not rest:
-                    return
-                children = rest
+            if len(tiny) <= 2 * packing.workers:
+                tiny = []
+            elif len(tiny) == len(children):
+                pack(tiny, parent_worker, packing.workers, 0.0)
+                return
+            packed = set(tiny)
+            children = [c for c in children if c not in packed]
         leader = max(children, key=lambda c: bottom[c])
         worker_of[leader] = parent_worker or new_worker()
+        if tiny:  # the leader's worker takes tiny ones too, as far as its load leaves room
+            assert packing is not None
+            pack(tiny, worker_of[leader], packing.workers, exec_s[leader])
         others = [c for c in children if c != leader]
         if not others:
             return
@@ -162,11 +164,12 @@ def assign_workers(
             len(dag.tasks[d].deps) > 1 for d in spec.downstream
         )
 
-    def pack(tiny: list[str], parent_worker: str | None, workers: int) -> None:
+    def pack(tiny: list[str], first: str | None, workers: int, first_load: float) -> None:
         """Tiny children into ``workers`` groups, longest first to the least loaded; the
-        upstream's worker (when given) takes the first group."""
-        groups = [parent_worker or new_worker()] + [new_worker() for _ in range(workers - 1)]
-        loads = [(0.0, index) for index in range(workers)]
+        first group is ``first`` (when given), already loaded with ``first_load``."""
+        groups = [first or new_worker()] + [new_worker() for _ in range(workers - 1)]
+        loads = [(first_load, 0)] + [(0.0, index) for index in range(1, workers)]
+        heapq.heapify(loads)
         for child in sorted(tiny, key=lambda c: -exec_s[c]):
             load, index = heapq.heappop(loads)
             worker_of[child] = groups[index]

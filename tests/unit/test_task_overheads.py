@@ -148,6 +148,14 @@ def test_tiny_children_are_packed_into_as_many_workers_as_the_cap_runs():
     # The upstream's worker goes on with the heavy child: the tiny ones fill the cap's other
     # two (three groups of them would make one wait for a worker, as it did on a fan-out).
     assert sorted(groups.count(w) for w in set(groups)) == [6, 6]
+    # A child just above the tiny limit leaves room on its worker: the tiny ones share it.
+    exec_s["heavy#0"] = 0.003
+    worker_of = assign_workers(wf.dag, exec_s, out, 2, lambda n: n / 1e8, False, packing)
+    groups = [worker_of[f"tiny#{i}"] for i in range(12)]
+    assert worker_of["heavy#0"] == worker_of["source#0"]
+    assert len(set(groups)) == 3 and groups.count(worker_of["heavy#0"]) == 2  # 3 + 2 ms
+    assert sorted(groups.count(w) for w in set(groups)) == [2, 5, 5]
+    exec_s["heavy#0"] = 1.0
     # Without a cap, or above the tiny limit, they are grouped cluster_size to a worker.
     for unpacked in (
         assign_workers(wf.dag, exec_s, out, 2, lambda n: n / 1e8),
