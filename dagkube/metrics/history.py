@@ -128,7 +128,12 @@ def overhead_samples(
     next ("handover") if that was queued before the first one finished (otherwise the gap
     holds idle time)."""
     found = [
-        OverheadSample(t.memory_mib, "pre", t.started_at - t.ready_at - t.download_s)
+        OverheadSample(
+            t.memory_mib,
+            "pre",
+            t.started_at - t.ready_at - t.download_s,
+            t.logical_worker is not None,
+        )
         for t in tasks
         if t.started_at >= t.ready_at + t.download_s
     ]
@@ -159,7 +164,9 @@ def overhead_samples(
                 kind = "handover"
             else:
                 continue
-            found.append(OverheadSample(second.memory_mib, kind, gap))
+            found.append(
+                OverheadSample(second.memory_mib, kind, gap, second.logical_worker is not None)
+            )
     return found
 
 

@@ -53,11 +53,14 @@ class OverheadSample:
     "post", from one task's completion call returning to the next task of the same
     invocation being ready (the hop back from the task thread, its record, the worker
     core); "handover", the same across an invocation's end and the next invocation the
-    worker took from its queue (``FINISH``, which hands it over, and taking it)."""
+    worker took from its queue (``FINISH``, which hands it over, and taking it). ``bound``:
+    the task ran on a bound (planned logical) worker, which differs: its next task's claim
+    rides on the completion, and its inbox hands over many tasks at once."""
 
     memory_mib: int
     kind: str
     seconds: float
+    bound: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,13 @@ from dagkube.planning.timing import Timing
 @dataclass(frozen=True)
 class Packing:
     """Where :func:`assign_workers` packs tiny tasks: ``workers`` run at once at most (the
-    cap), and a task predicted to run in ``tiny_s`` or less costs less than an invocation."""
+    cap), a task predicted to run in ``tiny_s`` or less costs less than an invocation, and
+    each packed task costs ``task_s`` on its worker besides its execution (the balancing
+    counts it: with no-ops, it is most of a worker's load)."""
 
     workers: int
     tiny_s: float
+    task_s: float = 0.0  # what a packed task costs besides its execution (its overhead)
 
 
 MIN_GB_S_SAVING = 0.01  # non-uniform: a downgrade must save at least this share of the GB-s
@@ -142,7 +145,7 @@ def assign_workers(
         worker_of[leader] = parent_worker or new_worker()
         if tiny:  # the leader's worker takes tiny ones too, as far as its load leaves room
             assert packing is not None
-            pack(tiny, worker_of[leader], packing.workers, exec_s[leader])
+            pack(tiny, worker_of[leader], packing.workers, exec_s[leader] + packing.task_s)
         others = [c for c in children if c != leader]
         if not others:
             return
@@ -170,10 +173,11 @@ def assign_workers(
         groups = [first or new_worker()] + [new_worker() for _ in range(workers - 1)]
         loads = [(first_load, 0)] + [(0.0, index) for index in range(1, workers)]
         heapq.heapify(loads)
+        cost = packing.task_s if packing is not None else 0.0
         for child in sorted(tiny, key=lambda c: -exec_s[c]):
             load, index = heapq.heappop(loads)
             worker_of[child] = groups[index]
-            heapq.heappush(loads, (load + exec_s[child], index))
+            heapq.heappush(loads, (load + exec_s[child] + cost, index))
 
     place_group(dag.sources, None)
     for task_id, spec in dag.tasks.items():
@@ -217,7 +221,8 @@ def choose_uniform(
     if options.max_workers is not None:
         # A task of its own invocation costs a start on a warm worker and a handover more.
         tiny_s = predictor.startup_s(memory_mib, False) + predictor.handover_s(memory_mib)
-        packing = Packing(options.max_workers, tiny_s)
+        task_s = predictor.task_overhead_s(memory_mib, bound=True)
+        packing = Packing(options.max_workers, tiny_s, task_s)
     worker_of = assign_workers(
         dag,
         sizes.exec_s,

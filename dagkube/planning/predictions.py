@@ -120,10 +120,13 @@ class Predictor:
         self._exec_cache: dict[tuple[str, str, int, int], float] = {}
         self._output_cache: dict[tuple[str, str, int], int] = {}
         self._startup_cache: dict[tuple[int, bool, bool], float] = {}
+        # class -> kind -> seconds; the kind alone (pooled) and "<kind>:bound" / ":flexible"
         self._overheads: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for gap in self.history.overheads:
-            self._overheads[gap.memory_mib][gap.kind].append(gap.seconds)
-        self._overhead_cache: dict[int, tuple[float, float]] = {}
+            kinds = self._overheads[gap.memory_mib]
+            kinds[gap.kind].append(gap.seconds)
+            kinds[f"{gap.kind}:{'bound' if gap.bound else 'flexible'}"].append(gap.seconds)
+        self._overhead_cache: dict[tuple[int, bool], tuple[float, float]] = {}
         self._floor_cache: dict[tuple[str, int], int] = {}
         # Memory evidence (peaks measured, OOM kills) by task id and by function.
         self._memory_tasks: dict[str, list[TaskSample]] = defaultdict(list)
@@ -349,26 +352,31 @@ class Predictor:
         self._startup_cache[key] = value
         return value
 
-    def task_overhead_s(self, memory_mib: int) -> float:
+    def task_overhead_s(self, memory_mib: int, bound: bool = False) -> float:
         """Seconds a worker of the class spends on a task besides executing it and moving its
         data, from the previous task's completion (within an invocation) to this one's
-        execution: its "pre" and "post" (:class:`dagkube.planning.history.OverheadSample`)."""
-        return self._overhead(memory_mib)[0]
+        execution: its "pre" and "post" (:class:`dagkube.planning.history.OverheadSample`),
+        on a bound worker or a flexible one."""
+        return self._overhead(memory_mib, bound)[0]
 
-    def handover_s(self, memory_mib: int) -> float:
+    def handover_s(self, memory_mib: int, bound: bool = False) -> float:
         """Seconds a worker of the class spends ending an invocation and taking the next one
         queued (``FINISH``, which hands it over), beyond a task's "post"."""
-        return self._overhead(memory_mib)[1]
+        return self._overhead(memory_mib, bound)[1]
 
-    def _overhead(self, memory_mib: int) -> tuple[float, float]:
+    def _overhead(self, memory_mib: int, bound: bool) -> tuple[float, float]:
         """(task overhead, handover), learnt from the nearest class with samples, scaled by
         CPU where CPU is enforced (the work is the worker's Python). Each kind by its median,
         at every SLA: one run that went badly (hundreds of workers on two cores) must not
         raise every task's overhead for the next twenty runs, as it raised the mean of "pre"
         from 2.6 to 22 ms on cycles-1000; and a plan may have few of one kind (wukong
-        continues on a worker only now and then), the unusual ones (a fan-in's). Kinds with
-        fewer than MIN_OVERHEAD_SAMPLES samples count as 0; without any, the default."""
-        cached = self._overhead_cache.get(memory_mib)
+        continues on a worker only now and then), the unusual ones (a fan-in's). Each kind
+        from the samples of the same worker mode (bound or flexible) when there are enough:
+        a bound worker's task costs a fifth of a flexible one's "pre" (0.1 against 0.7 ms on
+        a no-op fan-out), and pooled they made uniform's plan look slower than wukong's.
+        Kinds with fewer than MIN_OVERHEAD_SAMPLES samples count as 0; without any, the
+        default."""
+        cached = self._overhead_cache.get((memory_mib, bound))
         if cached is not None:
             return cached
         task_s, handover_s = self.defaults.task_overhead_s, 0.0
@@ -378,15 +386,18 @@ class Predictor:
             scale = 1.0
             if self.cpu_enforced and source != memory_mib:
                 scale = self._cpu(source) / self._cpu(memory_mib)
+            mode = "bound" if bound else "flexible"
 
-            def learnt(kind: str, percentile: float | None) -> float:
-                found = kinds.get(kind, ())
-                return statistic(found, percentile) if len(found) >= MIN_OVERHEAD_SAMPLES else 0.0
+            def learnt(kind: str) -> float:
+                found = kinds.get(f"{kind}:{mode}", ())
+                if len(found) < MIN_OVERHEAD_SAMPLES:
+                    found = kinds.get(kind, ())
+                return statistic(found, 50) if len(found) >= MIN_OVERHEAD_SAMPLES else 0.0
 
-            post = learnt("post", 50)
-            task_s = (learnt("pre", 50) + post) * scale
-            handover_s = max(0.0, learnt("handover", 50) - post) * scale
-        self._overhead_cache[memory_mib] = (task_s, handover_s)
+            post = learnt("post")
+            task_s = (learnt("pre") + post) * scale
+            handover_s = max(0.0, learnt("handover") - post) * scale
+        self._overhead_cache[(memory_mib, bound)] = (task_s, handover_s)
         return task_s, handover_s
 
     @property

@@ -276,7 +276,8 @@ class _Simulation:
         timing.start_s = time_s
         timing.trigger = trigger
         timing.download_s, preloaded_s = self._fetch(worker, spec)
-        exec_start_s = time_s + self.p.task_overhead_s(worker.memory_mib) + timing.download_s
+        overhead_s = self.p.task_overhead_s(worker.memory_mib, worker.logical is not None)
+        exec_start_s = time_s + overhead_s + timing.download_s
         timing.exec_start_s = exec_start_s if exec_start_s >= preloaded_s else preloaded_s
         worker.running = True
         assert worker.activity is not None

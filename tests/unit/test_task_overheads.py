@@ -66,6 +66,10 @@ def test_gaps_between_a_workers_tasks_are_sampled_by_kind():
     assert by_kind["pre"] == pytest.approx([0.001] * 5)
     assert by_kind["post"] == pytest.approx([0.001])
     assert by_kind["handover"] == pytest.approx([0.003])
+    assert not any(sample.bound for sample in found)
+    # The same on a bound worker: every sample says so.
+    bound = [t.model_copy(update={"logical_worker": "w1"}) for t in (a, b, c, d, e)]
+    assert all(sample.bound for sample in overhead_samples(bound, workers))
 
 
 def snapshot(pre: list[float], post: list[float], handover: list[float], memory: int = 1024):
@@ -93,6 +97,22 @@ def test_the_predictor_learns_the_task_overhead_and_the_handover():
     assert few.handover_s(1024) == 0.0
     none = Predictor(HistorySnapshot(), cpu_enforced=True)
     assert none.task_overhead_s(1024) == Defaults().task_overhead_s
+
+
+def test_bound_and_flexible_workers_overheads_are_learnt_apart():
+    # A flexible worker claims each task itself; a bound one's claim rides on the last
+    # completion: pooled, the plans of one mode were charged the other's overhead.
+    pooled = snapshot([0.001] * 5, [0.002] * 5, [0.004] * 5)
+    bound = [OverheadSample(1024, "pre", 0.0001, bound=True)] * 6
+    bound += [OverheadSample(1024, "post", 0.0005, bound=True)] * 6
+    predictor = Predictor(
+        HistorySnapshot("h", 5, pooled.tasks, pooled.startups, overheads=pooled.overheads + bound),
+        cpu_enforced=True,
+    )
+    assert predictor.task_overhead_s(1024, bound=True) == pytest.approx(0.0001 + 0.0005)
+    assert predictor.task_overhead_s(1024) == pytest.approx(0.001 + 0.002)
+    # A mode without enough samples of a kind learns it from every sample of the kind.
+    assert predictor.handover_s(1024, bound=True) == pytest.approx(0.004 - 0.0005)
 
 
 @dagkube.task
@@ -155,6 +175,16 @@ def test_tiny_children_are_packed_into_as_many_workers_as_the_cap_runs():
     assert worker_of["heavy#0"] == worker_of["source#0"]
     assert len(set(groups)) == 3 and groups.count(worker_of["heavy#0"]) == 2  # 3 + 2 ms
     assert sorted(groups.count(w) for w in set(groups)) == [2, 5, 5]
+    exec_s["heavy#0"] = 1.0
+    # Each packed task's overhead counts in the balance: a child 3 ms long next to no-ops
+    # costing 1 ms each besides their execution takes about three fewer of them.
+    exec_s["heavy#0"] = 0.003
+    worker_of = assign_workers(
+        wf.dag, exec_s, out, 2, lambda n: n / 1e8, False, Packing(3, 0.01, task_s=0.001)
+    )
+    groups = [worker_of[f"tiny#{i}"] for i in range(12)]
+    assert sorted(groups.count(w) for w in set(groups)) == [3, 4, 5]
+    assert groups.count(worker_of["heavy#0"]) == 3
     exec_s["heavy#0"] = 1.0
     # Without a cap, or above the tiny limit, they are grouped cluster_size to a worker.
     for unpacked in (
