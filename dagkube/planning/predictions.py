@@ -120,12 +120,12 @@ class Predictor:
         self._exec_cache: dict[tuple[str, str, int, int], float] = {}
         self._output_cache: dict[tuple[str, str, int], int] = {}
         self._startup_cache: dict[tuple[int, bool, bool], float] = {}
-        # class -> kind -> seconds; the kind alone (pooled) and "<kind>:bound" / ":flexible"
-        self._overheads: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        # class -> (kind, on a bound worker) -> seconds
+        self._overheads: dict[int, dict[tuple[str, bool], list[float]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
         for gap in self.history.overheads:
-            kinds = self._overheads[gap.memory_mib]
-            kinds[gap.kind].append(gap.seconds)
-            kinds[f"{gap.kind}:{'bound' if gap.bound else 'flexible'}"].append(gap.seconds)
+            self._overheads[gap.memory_mib][(gap.kind, gap.bound)].append(gap.seconds)
         self._overhead_cache: dict[tuple[int, bool], tuple[float, float]] = {}
         self._floor_cache: dict[tuple[str, int], int] = {}
         # Memory evidence (peaks measured, OOM kills) by task id and by function.
@@ -386,12 +386,11 @@ class Predictor:
             scale = 1.0
             if self.cpu_enforced and source != memory_mib:
                 scale = self._cpu(source) / self._cpu(memory_mib)
-            mode = "bound" if bound else "flexible"
 
             def learnt(kind: str) -> float:
-                found = kinds.get(f"{kind}:{mode}", ())
-                if len(found) < MIN_OVERHEAD_SAMPLES:
-                    found = kinds.get(kind, ())
+                found = kinds.get((kind, bound), [])
+                if len(found) < MIN_OVERHEAD_SAMPLES:  # both modes' together
+                    found = found + kinds.get((kind, not bound), [])
                 return statistic(found, 50) if len(found) >= MIN_OVERHEAD_SAMPLES else 0.0
 
             post = learnt("post")

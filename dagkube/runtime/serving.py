@@ -338,11 +338,8 @@ class Serving:
         record = self.outcome.record
         store = self.outcome.output is not None and record.output_stored
         field_name = record.task_id + ("@dup" if record.duplicate else "")
-        next_claim = ""
         following = instruction.next_task
-        if following is not None and state.dag.tasks[following].timeout_s is None:
-            # (a task with a timeout writes its claim with its deadline when it starts)
-            next_claim = json.dumps(self._claim_of(following))
+        next_claim = json.dumps(self._claim_of(following)) if following is not None else ""
         started = time.perf_counter()
         reply = await worker.scripts.complete(
             CompleteCall(

@@ -264,12 +264,16 @@ class InvocationMachine:
 
     def _next_ready(self) -> str | None:
         """The task a bound worker will execute next without asking anything first (not a
-        duplicate's follow-up, nor a task a duplicate may have completed), if it is ready."""
+        duplicate's follow-up, nor a task a duplicate may have completed), if it is ready
+        and its claim needs nothing more (a task with a timeout writes its own, with its
+        deadline, when it starts)."""
         if self.duplicate:
             return None
         for task_id in self.queue:
             if task_id in self.remaining:
-                return None if task_id in self.run.opts.dup_targets else task_id
+                if task_id in self.run.opts.dup_targets:
+                    return None
+                return task_id if self.run.dag.tasks[task_id].timeout_s is None else None
         return None
 
     def _on_completed(self, event: Completed) -> list[Instruction]:

@@ -73,13 +73,13 @@ for _, item in ipairs(items) do
     -- since the run last made progress: losses between which tasks completed, or lost
     -- outputs were re-run and stored (STORE), are no crash loop
     local counts = type(inv.requeues) == 'table' and inv.requeues or {}
-    local done = 0
+    local progress = 0
     if exists then
       local fields = redis.call('HMGET', meta, 'tasks_done', 'outputs_stored')
-      done = (tonumber(fields[1]) or 0) + (tonumber(fields[2]) or 0)
+      progress = (tonumber(fields[1]) or 0) + (tonumber(fields[2]) or 0)
     end
-    if done > (tonumber(inv.done_at_loss) or done) then counts = {} end
-    inv.done_at_loss = done
+    if progress > (tonumber(inv.done_at_loss) or progress) then counts = {} end
+    inv.done_at_loss = progress
     local key = task ~= '' and task or '-'
     counts[key] = (counts[key] or 0) + 1
     inv.requeues = counts
