@@ -96,6 +96,25 @@ class Release:
         """Every worker Pod the run had, as last seen (also those removed since)."""
         return self.recorder.with_label(LABEL_RUN, local_part(run_id))
 
+    def describe_pods(self, pods: list[dict[str, Any]]) -> str:
+        """One line per worker Pod, for a failing assertion: when it was created, why (the run
+        whose demand or pre-warm it was made for), its phase."""
+        lines = []
+        for pod in sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"]):
+            [container] = pod["spec"]["containers"]
+            env = {v["name"]: v.get("value") for v in container.get("env") or []}
+            why = (
+                f"pre-warm for {env['DAGKUBE_PREWARM_RUN']}"
+                if "DAGKUBE_PREWARM_RUN" in env
+                else f"demand of {env.get('DAGKUBE_DEMAND_RUN')}"
+            )
+            phase = (pod.get("status") or {}).get("phase")
+            lines.append(
+                f"{pod['metadata']['name']} created {pod['metadata']['creationTimestamp']} "
+                f"(spawned {env.get('DAGKUBE_SPAWNED_AT')}), {why}, {phase}"
+            )
+        return "\n".join(lines)
+
     def serving_pods(self, run_id: str) -> list[dict[str, Any]]:
         """The worker Pods holding work of the run now (in its tasks or bound to it), whatever
         run they were created for: a pool's Pods serve every run of the pool."""

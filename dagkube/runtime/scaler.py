@@ -269,12 +269,13 @@ class Scaler:
     async def _spare(self) -> dict[int, int]:
         """Per class: idle and starting workers beyond what is queued (negative: fewer), not
         counting pre-warmed ones still reserved for their run."""
+        # Registrations first, as in _scale: a worker registering meanwhile counts as starting.
+        registered = await self.redis.hkeys(self.keys.workers)
         idle = await self.idle_ids()
         async with self.redis.pipeline(transaction=False) as pipe:
             for memory in idle:
                 pipe.llen(self.keys.queue(memory))
-            pipe.hkeys(self.keys.workers)
-            *queued, registered = await pipe.execute()
+            queued = await pipe.execute()
         known = {w.decode() for w in registered} | set(self._prewarmed)
         starting: dict[int, int] = {}
         for handle in self.backend.alive():
@@ -364,13 +365,16 @@ class Scaler:
         classes = sorted(int(c) for c in await self.redis.smembers(self.keys.classes))
         if not classes:
             return
+        # Registrations before queues and idle sets: a worker that registers and takes an
+        # invocation between the two reads is then counted twice (starting, and by the shorter
+        # queue) rather than not at all, which would start a worker too many.
+        alive = self.backend.alive()
+        registered = {w.decode() for w in await self.redis.hkeys(self.keys.workers)}
         async with self.redis.pipeline(transaction=False) as pipe:
             for memory in classes:
                 pipe.llen(self.keys.queue(memory))
                 pipe.scard(self.keys.idle(memory))
             counts = await pipe.execute()
-        alive = self.backend.alive()
-        registered = {w.decode() for w in await self.redis.hkeys(self.keys.workers)}
         # Bound workers blocked on their inbox use no CPU: they do not count against the cap.
         total = await self._active()
         for index, memory in enumerate(classes):

@@ -417,6 +417,7 @@ def test_an_operator_restart_mid_run_completes_without_extra_pods(release: Relea
     wait_for(lambda: release.serving_pods(run_id), 60, "the run's first Pods")
     first = release.operator_pod()
     assert first is not None
+    killed_at = time.time()
     release.kube.kubectl(
         "delete",
         "pod",
@@ -441,7 +442,11 @@ def test_an_operator_restart_mid_run_completes_without_extra_pods(release: Relea
 
     plan = Plan.model_validate_json(release.store.get(hist_run(run_id, "plan")))
     logical = {t.worker_id for t in plan.tasks.values()}
-    assert len(release.seen_pods(run_id)) <= len(logical)
+    seen = release.seen_pods(run_id)
+    assert len(seen) <= len(logical), (
+        f"killed operator Pod {first['metadata']['name']} at {killed_at:.3f}; "
+        f"the run's worker Pods:\n{release.describe_pods(seen)}"
+    )
     started = [r for _, r, _ in release.events("outlives-the-operator") if r == "Started"]
     assert len(started) == 1
 
