@@ -111,6 +111,9 @@ def assign_workers(
     waiting, and no other worker idles allocated until then), unless another worker holds
     inputs whose transfer would cost more than max(10 ms, 10% of the fan-in's time) extra —
     except with ``preload``, which fetches those inputs while the critical upstream still runs.
+    Several fan-ins that would follow the same critical upstream (a stage whose every task
+    reads one shared input and others) are placed as that upstream's fan-out, by the rules
+    above, rather than queued one after another on its worker.
 
     With ``packing`` (a worker cap), tiny children — each predicted to run shorter than an
     invocation of its own costs — are packed into as many workers as the cap lets run at once
@@ -179,19 +182,48 @@ def assign_workers(
             worker_of[child] = groups[index]
             heapq.heappush(loads, (load + exec_s[child] + cost, index))
 
+    def critical_upstream(task_id: str) -> str:
+        return max(dag.tasks[task_id].deps, key=lambda d: finish[d])
+
+    def fan_in_worker(task_id: str) -> tuple[str | None, bool]:
+        """Where a fan-in goes, and whether that is its critical upstream's worker."""
+        placed: dict[str | None, int] = {}
+        for dep in dag.tasks[task_id].deps:
+            owner = worker_of[dep]
+            placed[owner] = placed.get(owner, 0) + out_bytes[dep]
+        total = sum(placed.values())
+        best = max(placed, key=lambda w: placed[w])
+        on_path = worker_of[critical_upstream(task_id)]
+        extra = transfer_s(total - placed[on_path]) - transfer_s(total - placed[best])
+        keep_path = preload or extra <= max(0.01, 0.1 * exec_s[task_id])
+        return (on_path, True) if keep_path else (best, False)
+
+    def follows(task_id: str, anchor: str) -> bool:
+        """A fan-in whose inputs are all placed and that would follow ``anchor``'s worker."""
+        deps = dag.tasks[task_id].deps
+        return (
+            task_id not in worker_of
+            and len(deps) > 1
+            and all(d in finish for d in deps)
+            and critical_upstream(task_id) == anchor
+            and fan_in_worker(task_id)[1]
+        )
+
     place_group(dag.sources, None)
     for task_id, spec in dag.tasks.items():
         if task_id not in worker_of:  # a fan-in: placed when all its inputs are placed
-            placed: dict[str | None, int] = {}
-            for dep in spec.deps:
-                owner = worker_of[dep]
-                placed[owner] = placed.get(owner, 0) + out_bytes[dep]
-            total = sum(placed.values())
-            best = max(placed, key=lambda w: placed[w])
-            on_path = worker_of[max(spec.deps, key=lambda d: finish[d])]
-            extra = transfer_s(total - placed[on_path]) - transfer_s(total - placed[best])
-            keep_path = preload or extra <= max(0.01, 0.1 * exec_s[task_id])
-            worker_of[task_id] = on_path if keep_path else best
+            target, on_path = fan_in_worker(task_id)
+            anchor = critical_upstream(task_id)
+            siblings = (
+                [c for c in dag.tasks[anchor].downstream if follows(c, anchor)] if on_path else []
+            )
+            if len(siblings) > 1:
+                # Fan-ins of the same critical upstream (e.g. every task of a stage reading a
+                # shared index and its own chunk) are that upstream's fan-out, placed as one:
+                # queued all on its worker, they would run one after another.
+                place_group(siblings, target)
+            else:
+                worker_of[task_id] = target
         finish[task_id] = max((finish[d] for d in spec.deps), default=0.0) + exec_s[task_id]
         single_input = [d for d in spec.downstream if len(dag.tasks[d].deps) == 1]
         if single_input:

@@ -199,6 +199,45 @@ def test_fan_in_goes_to_the_worker_holding_most_input_bytes():
     assert worker_of["join#0"] == worker_of["work#0"] != worker_of["long_work#0"]
 
 
+@dagkube.task
+def align(index, reads, i):
+    return i
+
+
+def aligned(width: int):
+    """A stage whose every task reads one shared input and another (BWA: an index built once,
+    the reads), then a merge."""
+    index, reads = long_work(prep()), step(prep())
+    return dagkube.Workflow(join([align(index, reads, i) for i in range(width)]), name="bwa")
+
+
+def test_fan_ins_of_one_critical_upstream_are_spread_like_its_fan_out():
+    wf = aligned(12)
+    exec_s = dict.fromkeys(wf.dag.tasks, 0.1)
+    exec_s["long_work#0"] = 2.0
+    exec_s.update({f"align#{i}": 0.5 + 0.1 * i for i in range(12)})
+    out = dict.fromkeys(wf.dag.tasks, 10)
+    worker_of = assign_workers(wf.dag, exec_s, out, 4, lambda n: n / 1e8)
+    home = worker_of["long_work#0"]
+    stage = [worker_of[f"align#{i}"] for i in range(12)]
+    # The longest follows the index's worker; the others are grouped (short ones, 4 to a
+    # worker) or alone (long ones) as any fan-out's children are: not 12 in a row on `home`.
+    assert worker_of["align#11"] == home
+    assert stage.count(home) == 1
+    assert sorted(stage.count(w) for w in set(stage) - {home}) == [1, 1, 1, 1, 1, 2, 4]
+    assert worker_of["join#0"] == home  # the merge follows its critical upstream
+    predictor = Predictor(history({"prep": 0.1, "long_work": 2.0, "step": 0.1, "join": 0.1}))
+    memory = dict.fromkeys(wf.dag.tasks, 2048)
+    spread = simulate(wf.dag, memory, worker_of, predictor, max_workers=4).makespan_s
+    queued = {t: (home if t.startswith("align") else w) for t, w in worker_of.items()}
+    assert spread < simulate(wf.dag, memory, queued, predictor, max_workers=4).makespan_s
+    # A single fan-in of that upstream still just follows it.
+    one = aligned(1)
+    exec_one = {t: exec_s.get(t, 0.5) for t in one.dag.tasks}
+    placed = assign_workers(one.dag, exec_one, dict.fromkeys(one.dag.tasks, 10), 4, lambda n: 0.0)
+    assert placed["align#0"] == placed["long_work#0"]
+
+
 def unequal_branches():
     source = prep()
     critical = long_work(long_work(source))
