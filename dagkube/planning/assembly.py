@@ -34,6 +34,7 @@ class Choice:
     floors: dict[str, int] | None = None  # per task, the least class it may have
     simulations: int = 1  # schedules the timing model simulated to make this choice
     variant: str = ""  # how it differs from the planner's usual choice (e.g. "1024Mi")
+    spread: bool = False  # uniform: fan-ins of one upstream spread (planners.assign_workers)
 
 
 def simulate_plan(

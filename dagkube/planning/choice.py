@@ -230,7 +230,7 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
     uniform = choose_uniform(search.shared, options)
     assert uniform is not None
     bases = [choose_wukong(search.shared, options), uniform]
-    search.spend(2)
+    search.spend(1 + uniform.simulations)
     _fit_budget_to_run(search, min(base.timing.makespan_s for base in bases), tasks)
     if search.affordable():
         non_uniform = choose_non_uniform(
@@ -247,7 +247,7 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
     if search.affordable():
         warm = _on_warm_class(search)
         if warm is not None:
-            search.spend(1)
+            search.spend(warm.simulations)
             bases.append(warm)
     notes_of: dict[int, list[str]] = {}  # id of every candidate -> its base's notes
     finals: list[Candidate] = []
@@ -331,7 +331,7 @@ def _placed_for_preload(search: _Search, planner: str, uniform: Choice) -> Recho
         if planner == "uniform":
             found = choose_uniform(shared, options, preload=True, differs_from=uniform)
             if found is not None:
-                search.spend(1)
+                search.spend(found.simulations)
             return found
         start = rechoose_for("uniform")
         if start is None:

@@ -97,6 +97,7 @@ def assign_workers(
     transfer_s: Callable[[int], float],
     preload: bool = False,
     packing: Packing | None = None,
+    spread: bool = True,
 ) -> dict[str, str | None]:
     """Logical worker per task from predicted times and sizes (DESIGN "uniform").
 
@@ -111,9 +112,12 @@ def assign_workers(
     waiting, and no other worker idles allocated until then), unless another worker holds
     inputs whose transfer would cost more than max(10 ms, 10% of the fan-in's time) extra —
     except with ``preload``, which fetches those inputs while the critical upstream still runs.
-    Several fan-ins that would follow the same critical upstream (a stage whose every task
-    reads one shared input and others) are placed as that upstream's fan-out, by the rules
-    above, rather than queued one after another on its worker.
+    With ``spread``, several fan-ins that would follow the same critical upstream (a stage
+    whose every task reads one shared input and others) are spread rather than queued one
+    after another on its worker: with ``packing``, balanced into as many workers as the cap
+    runs at once (the first is the upstream's), else placed as that upstream's fan-out.
+    Whether that pays depends on what more workers cost (:func:`choose_uniform` asks the
+    timing model).
 
     With ``packing`` (a worker cap), tiny children — each predicted to run shorter than an
     invocation of its own costs — are packed into as many workers as the cap lets run at once
@@ -199,29 +203,39 @@ def assign_workers(
         return (on_path, True) if keep_path else (best, False)
 
     def follows(task_id: str, anchor: str) -> bool:
-        """A fan-in whose inputs are all placed and that would follow ``anchor``'s worker."""
-        deps = dag.tasks[task_id].deps
+        """A fan-in whose inputs are all placed, that would follow ``anchor``'s worker and
+        after which nothing stays on its worker (its downstream are fan-ins too): spread,
+        it adds no chain of tasks to another worker."""
+        spec = dag.tasks[task_id]
         return (
             task_id not in worker_of
-            and len(deps) > 1
-            and all(d in finish for d in deps)
+            and len(spec.deps) > 1
+            and all(len(dag.tasks[d].deps) > 1 for d in spec.downstream)
+            and all(d in finish for d in spec.deps)
             and critical_upstream(task_id) == anchor
             and fan_in_worker(task_id)[1]
         )
 
+    scanned: set[str] = set()  # upstreams whose fan-ins were looked over (once each)
     place_group(dag.sources, None)
     for task_id, spec in dag.tasks.items():
         if task_id not in worker_of:  # a fan-in: placed when all its inputs are placed
             target, on_path = fan_in_worker(task_id)
             anchor = critical_upstream(task_id)
-            siblings = (
-                [c for c in dag.tasks[anchor].downstream if follows(c, anchor)] if on_path else []
-            )
+            siblings: list[str] = []
+            if spread and on_path and anchor not in scanned:
+                scanned.add(anchor)
+                siblings = [c for c in dag.tasks[anchor].downstream if follows(c, anchor)]
             if len(siblings) > 1:
                 # Fan-ins of the same critical upstream (e.g. every task of a stage reading a
                 # shared index and its own chunk) are that upstream's fan-out, placed as one:
-                # queued all on its worker, they would run one after another.
-                place_group(siblings, target)
+                # queued all on its worker, they would run one after another. Under a cap,
+                # into as many workers as it runs at once, balanced (a worker each would
+                # cost hundreds of starts on a large stage of short tasks).
+                if packing is not None:
+                    pack(siblings, target, min(packing.workers, len(siblings)), 0.0)
+                else:
+                    place_group(siblings, target)
             else:
                 worker_of[task_id] = target
         finish[task_id] = max((finish[d] for d in spec.deps), default=0.0) + exec_s[task_id]
@@ -255,25 +269,60 @@ def choose_uniform(
         tiny_s = predictor.startup_s(memory_mib, False) + predictor.handover_s(memory_mib)
         task_s = predictor.task_overhead_s(memory_mib, bound=True)
         packing = Packing(options.max_workers, tiny_s, task_s)
-    worker_of = assign_workers(
-        dag,
-        sizes.exec_s,
-        sizes.out_bytes,
-        options.cluster_size,
-        predictor.download_s,
-        preload,
-        packing,
+    plain, spread_out = (
+        assign_workers(
+            dag,
+            sizes.exec_s,
+            sizes.out_bytes,
+            options.cluster_size,
+            predictor.download_s,
+            preload,
+            packing,
+            spread=spread,
+        )
+        for spread in (False, True)
     )
-    if differs_from is not None and worker_of == differs_from.worker_of:
-        return None
+    candidates = [plain] if spread_out == plain else [plain, spread_out]
+    if differs_from is not None:  # the same kind of placement as that choice's, or nothing
+        candidates = [spread_out if differs_from.spread else plain]
+        if candidates[0] == differs_from.worker_of:
+            return None
     floors = shared.floors()
     _, fit_notes = _fit_floors(dag, options.classes_mib, memory_mib, floors)
+    worker_of = candidates[0]
     timing = simulate_plan(shared, memory, worker_of, options)
+    spread_note = []
+    if len(candidates) > 1:
+        # Fan-ins of one upstream spread over more workers (see assign_workers): kept only
+        # when the timing model predicts it better, since each further worker costs a start.
+        trial = simulate_plan(shared, memory, spread_out, options)
+        goal = options.goal()
+        after = Prediction(trial.makespan_s, trial.gb_s)
+        before = Prediction(timing.makespan_s, timing.gb_s)
+        kept = goal.better(after, before)
+        verdict = "kept" if kept else "not kept"
+        spread_note = [f"fan-ins of one upstream spread: {goal.versus(after, before)}: {verdict}"]
+        if kept:
+            worker_of, timing = spread_out, trial
+    spread = worker_of is spread_out and spread_out != plain
     workers = len(set(worker_of.values()))
-    notes = [f"uniform: {workers} logical workers of class {memory_mib} MiB", *fit_notes]
+    notes = [
+        f"uniform: {workers} logical workers of class {memory_mib} MiB",
+        *spread_note,
+        *fit_notes,
+    ]
     variant = "" if memory_mib == largest else f"{memory_mib}Mi"
     return Choice(
-        "uniform", memory, worker_of, timing, notes, sizes=sizes, floors=floors, variant=variant
+        "uniform",
+        memory,
+        worker_of,
+        timing,
+        notes,
+        sizes=sizes,
+        floors=floors,
+        simulations=len(candidates),
+        variant=variant,
+        spread=spread,
     )
 
 

@@ -238,6 +238,28 @@ def test_fan_ins_of_one_critical_upstream_are_spread_like_its_fan_out():
     assert placed["align#0"] == placed["long_work#0"]
 
 
+def test_uniform_spreads_fan_ins_of_one_upstream_only_where_predicted_faster():
+    wf = aligned(12)
+    durations = {"prep": 0.01, "long_work": 2.0, "step": 0.01, "join": 0.01}
+
+    def uniform_plan(align_s: float) -> Plan:
+        snapshot = history({**durations, "align": align_s})
+        return plan(wf.dag, "uniform", PlanningOptions([2048], history=snapshot, max_workers=4))
+
+    # Half a second each: spread over the 4 workers the cap runs (3 of them new), not in a row.
+    slow = uniform_plan(0.5)
+    stage = {slow.tasks[f"align#{i}"].worker_id for i in range(12)}
+    assert len(stage) == 4
+    assert slow.tasks["long_work#0"].worker_id in stage
+    assert any("spread" in n and n.endswith(": kept") for n in slow.notes), slow.notes
+    # A millisecond each: three more workers would cost more in starts than they save.
+    quick = uniform_plan(0.001)
+    assert {quick.tasks[f"align#{i}"].worker_id for i in range(12)} == {
+        quick.tasks["long_work#0"].worker_id
+    }
+    assert any("spread" in n and n.endswith("not kept") for n in quick.notes), quick.notes
+
+
 def unequal_branches():
     source = prep()
     critical = long_work(long_work(source))
