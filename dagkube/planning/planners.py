@@ -115,9 +115,9 @@ def assign_workers(
     With ``spread``, several fan-ins that would follow the same critical upstream (a stage
     whose every task reads one shared input and others) are spread rather than queued one
     after another on its worker: with ``packing``, balanced into as many workers as the cap
-    runs at once (the first is the upstream's), else placed as that upstream's fan-out.
-    Whether that pays depends on what more workers cost (:func:`choose_uniform` asks the
-    timing model).
+    runs at once (the first is the upstream's, loaded with the critical one and the path after
+    it, which follows it there), else placed as that upstream's fan-out. Whether that pays
+    depends on what more workers cost (:func:`choose_uniform` asks the timing model).
 
     With ``packing`` (a worker cap), tiny children — each predicted to run shorter than an
     invocation of its own costs — are packed into as many workers as the cap lets run at once
@@ -233,7 +233,13 @@ def assign_workers(
                 # into as many workers as it runs at once, balanced (a worker each would
                 # cost hundreds of starts on a large stage of short tasks).
                 if packing is not None:
-                    pack(siblings, target, min(packing.workers, len(siblings)), 0.0)
+                    # The critical one stays on the upstream's worker, which the fan-in they
+                    # feed will follow: that worker starts loaded with both.
+                    leader = max(siblings, key=lambda c: bottom[c])
+                    worker_of[leader] = target
+                    rest = [c for c in siblings if c != leader]
+                    load = bottom[leader] + packing.task_s
+                    pack(rest, target, min(packing.workers, len(siblings)), load)
                 else:
                     place_group(siblings, target)
             else:
