@@ -169,10 +169,7 @@ def assign_workers(
 
     def is_tiny(task_id: str, tiny_s: float) -> bool:
         """Short, and nothing stays on its worker after it (its downstream are fan-ins)."""
-        spec = dag.tasks[task_id]
-        return exec_s[task_id] <= tiny_s and all(
-            len(dag.tasks[d].deps) > 1 for d in spec.downstream
-        )
+        return exec_s[task_id] <= tiny_s and _feeds_only_fan_ins(dag, task_id)
 
     def pack(tiny: list[str], first: str | None, workers: int, first_load: float) -> None:
         """Tiny children into ``workers`` groups, longest first to the least loaded; the
@@ -206,12 +203,12 @@ def assign_workers(
         """A fan-in whose inputs are all placed, that would follow ``anchor``'s worker and
         after which nothing stays on its worker (its downstream are fan-ins too): spread,
         it adds no chain of tasks to another worker."""
-        spec = dag.tasks[task_id]
+        deps = dag.tasks[task_id].deps
         return (
             task_id not in worker_of
-            and len(spec.deps) > 1
-            and all(len(dag.tasks[d].deps) > 1 for d in spec.downstream)
-            and all(d in finish for d in spec.deps)
+            and len(deps) > 1
+            and _feeds_only_fan_ins(dag, task_id)
+            and all(d in finish for d in deps)
             and critical_upstream(task_id) == anchor
             and fan_in_worker(task_id)[1]
         )
@@ -251,16 +248,19 @@ def assign_workers(
     return worker_of
 
 
+def _feeds_only_fan_ins(dag: DagSpec, task_id: str) -> bool:
+    """Nothing stays on the task's worker after it: its downstream tasks are all fan-ins."""
+    return all(len(dag.tasks[d].deps) > 1 for d in dag.tasks[task_id].downstream)
+
+
 def _shares_fan_ins(dag: DagSpec) -> bool:
     """Has a task two or more fan-ins downstream after which only fan-ins follow (what
     :func:`assign_workers` may spread)? Checked first: most DAGs have none, and a second
     assignment costs a tenth of a second at 10,000 tasks."""
-    tasks = dag.tasks
-    for spec in tasks.values():
+    for spec in dag.tasks.values():
         found = 0
         for child in spec.downstream:
-            below = tasks[child]
-            if len(below.deps) > 1 and all(len(tasks[d].deps) > 1 for d in below.downstream):
+            if len(dag.tasks[child].deps) > 1 and _feeds_only_fan_ins(dag, child):
                 found += 1
                 if found > 1:
                     return True
