@@ -55,6 +55,18 @@ def flexible_next(
     return ([continuation] if continuation else []) + list(local) + list(pending)
 
 
+# A bound worker overlaps a task's COMPLETE step (and upload) with its next ready task only for
+# an output of at most this share of the task's memory (its serialized copy is held meanwhile).
+OVERLAP_OUTPUT_SHARE = 16
+
+
+def overlaps_step(output_bytes: int, memory_mib: int) -> bool:
+    """Whether a bound worker with its next task ready starts it while the COMPLETE step of
+    the task it executed (an output of ``output_bytes``, uploaded if stored) is under way,
+    rather than after the step's reply."""
+    return output_bytes * OVERLAP_OUTPUT_SHARE <= memory_mib * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class StartCharge:
     """How a worker's start on an invocation is counted."""

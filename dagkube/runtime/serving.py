@@ -104,6 +104,7 @@ class Serving:
         self.outcome: Outcome | None = None  # of the task executed last
         self.prewarm: RequestPrewarm | None = None  # sent when its trigger starts
         self.claimed: str | None = None  # the next task, claimed by the last COMPLETE
+        self.completing: asyncio.Task[Completed] | None = None  # an overlapped COMPLETE
 
     async def run(self) -> Finish:
         try:
@@ -113,10 +114,18 @@ class Serving:
                 if isinstance(instruction, Finish):
                     return instruction
                 event = await self._carry_out(instruction)
+                if isinstance(event, Executed) and self.completing is not None:
+                    # the step overlapped with this task's execution comes first
+                    completing, self.completing = self.completing, None
+                    instructions.extend(self.machine.handle(await completing))
                 if event is not None:
                     instructions.extend(self.machine.handle(event))
             raise AssertionError("the worker core ran out of instructions before a Finish")
         finally:
+            if self.completing is not None:  # the task after it raised: the step still lands
+                await asyncio.wait([self.completing])
+                if not self.completing.cancelled() and self.completing.exception() is not None:
+                    log.error("run %s: an overlapped COMPLETE failed", self.state.run_id)
             await self._stop_waiting()
             for preloader in self.preloaders:
                 await preloader.stop()
@@ -143,8 +152,13 @@ class Serving:
                 return Failed(task_id=task_id)
             case DelayUpload():
                 return await self._delay_upload(instruction)
+            case Complete(overlapped=True):
+                assert self.outcome is not None and instruction.next_task is not None
+                self.claimed = instruction.next_task  # the step writes its claim
+                self.completing = asyncio.create_task(self._complete(instruction, self.outcome))
             case Complete():
-                return await self._complete(instruction)
+                assert self.outcome is not None
+                return await self._complete(instruction, self.outcome)
             case StoreOutput(task_id=task_id):
                 assert self.outcome is not None and self.outcome.output is not None
                 outputs = {task_id: self.outcome.output}
@@ -310,7 +324,12 @@ class Serving:
             oom_attempts=[] if instruction.duplicate else self.escalations.get(task_id, []),
         )
         self.outcome = Outcome(ok=done.error is None, record=record, output=done.output)
-        return Executed(task_id=task_id, ok=self.outcome.ok, started_at=record.started_at)
+        return Executed(
+            task_id=task_id,
+            ok=self.outcome.ok,
+            started_at=record.started_at,
+            output_bytes=len(done.output) if done.output is not None else 0,
+        )
 
     def _claim_of(self, task_id: str) -> dict[str, Any]:
         spec = self.state.dag.tasks[task_id]
@@ -332,11 +351,10 @@ class Serving:
                 return UploadDelayed(task_id=record.task_id, kept=False)
             await asyncio.sleep(DELAY_POLL_S)
 
-    async def _complete(self, instruction: Complete) -> Completed:
-        assert self.outcome is not None
+    async def _complete(self, instruction: Complete, outcome: Outcome) -> Completed:
         worker, state = self.worker, self.state
-        record = self.outcome.record
-        store = self.outcome.output is not None and record.output_stored
+        record = outcome.record
+        store = outcome.output is not None and record.output_stored
         field_name = record.task_id + ("@dup" if record.duplicate else "")
         following = instruction.next_task
         next_claim = json.dumps(self._claim_of(following)) if following is not None else ""
@@ -349,7 +367,7 @@ class Serving:
                 task_id=record.task_id,
                 record_json=record.model_dump_json(),
                 record_field=field_name,
-                output=self.outcome.output if store else None,
+                output=outcome.output if store else None,
                 logical_worker=self.me,
                 memory_mib=worker.config.memory_mib,
                 now=record.ended_at,
@@ -361,7 +379,12 @@ class Serving:
             )
         )
         self.amendments.clear()
-        if next_claim and reply.running and not reply.duplicate:
+        if instruction.overlapped:
+            if reply.running and reply.duplicate:
+                # a duplicate completed the task first: the step wrote no claim for the task
+                # executing now; write it (a worker lost meanwhile is charged with that task)
+                await self.redis.set(worker.task_key, next_claim, ex=state.ttl_s)
+        elif next_claim and reply.running and not reply.duplicate:
             self.claimed = following
         if store:
             # The upload rode on this call (a large output: in the same round trip, just

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import AsyncIterator, Iterator
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -304,3 +305,33 @@ def test_arrays_of_megabytes_are_handed_on_in_parts_and_joined_for_redis(runtime
     )
     result = wf.run(runtime=runtime)
     assert isinstance(result, np.ndarray) and bool((result == 6.0).all())
+
+
+def test_a_bound_worker_runs_its_next_task_while_the_last_output_uploads(
+    make_runtime, redis_client
+):
+    """The COMPLETE step (and upload) of a task on a bound worker overlaps the next ready
+    task's execution: that task starts before the upload before it has ended. Before the
+    overlap, the next task started only after the step's reply."""
+    rt = make_runtime(max_workers=2)
+    elements = 16 * 1024 * 1024 // 8  # 16 MiB each: an upload of milliseconds
+    wf = None
+    for _ in range(2):  # the second run plans from the first one's history
+        wf = dagkube.Workflow(
+            add_in_place([block(i, elements) for i in range(1, 9)]), name="it-data-plane-overlap"
+        )
+        result = wf.run("uniform", "avg", "1Gi", runtime=rt)
+        assert bool((result == 36.0).all())
+    assert wf is not None
+    raw = redis_client.hvals(hist_run(wf.last_run.run_id, "tasks"))
+    records = sorted((TaskRecord.model_validate_json(r) for r in raw), key=lambda r: r.started_at)
+    pairs = []  # (a task whose output was uploaded, the next task of its worker)
+    by_worker: dict[str, list[TaskRecord]] = {}
+    for record in records:
+        by_worker.setdefault(record.worker_id, []).append(record)
+    for runs in by_worker.values():
+        pairs += [(a, b) for a, b in pairwise(runs) if a.output_stored]
+    assert pairs, f"no worker ran a task after one it uploaded: {[r.task_id for r in records]}"
+    assert all(a.upload_s > 0 for a, _ in pairs)
+    overlapped = [b for a, b in pairs if b.started_at < a.ended_at + a.upload_s]
+    assert overlapped, [(a.task_id, a.ended_at, a.upload_s, b.started_at) for a, b in pairs]

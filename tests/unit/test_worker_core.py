@@ -307,10 +307,12 @@ def test_a_bound_worker_names_its_next_ready_task_in_each_completion():
     assert core.handle(TaskReady(task_ids=("b1", "b2", "b3"), waited_from=1.0)) == [
         Execute.match(task_id="b1")
     ]
+    # b2 is ready: b1's step is overlapped with b2's execution
     assert core.handle(Executed(task_id="b1", ok=True, started_at=2.0)) == [
-        Complete(task_id="b1", next_task="b2")
+        Complete(task_id="b1", next_task="b2", overlapped=True),
+        Execute.match(task_id="b2"),
     ]
-    assert core.handle(running("b1")) == [Execute.match(task_id="b2")]
+    assert core.handle(running("b1")) == []
     # b3 may be completed by a consumer's duplicate: it is checked before it runs
     assert core.handle(Executed(task_id="b2", ok=True, started_at=3.0)) == [
         Complete(task_id="b2", next_task=None)
@@ -319,6 +321,83 @@ def test_a_bound_worker_names_its_next_ready_task_in_each_completion():
     assert core.handle(DuplicatedChecked(task_id="b3", done=False)) == [Execute.match(task_id="b3")]
     assert core.handle(Executed(task_id="b3", ok=True, started_at=4.0)) == [
         Complete(task_id="b3", next_task=None)
+    ]
+
+
+MIB = 1024 * 1024
+FOUR = {"a": [], "b": [], "c": [], "d": ["a", "b", "c"]}
+
+
+def test_the_step_of_a_task_overlaps_the_next_ready_tasks_execution():
+    """The COMPLETE of a task (and its upload) runs while the next ready task executes; its
+    reply comes before that task's end and adds what it routed here to the queue."""
+    run = run_of(FOUR, workers={"a": "w1", "b": "w1", "c": "w1", "d": "w1"})
+    core = bound(run, "w1")
+    assert core.start() == [WaitInbox(timeout_s=BLOCK_S)]
+    assert core.handle(TaskReady(task_ids=("a", "b"), waited_from=1.0)) == [
+        Execute(task_id="a", store=False, blocked_since=1.0)
+    ]
+    assert core.handle(Executed(task_id="a", ok=True, started_at=2.0, output_bytes=0)) == [
+        Complete(task_id="a", next_task="b", overlapped=True),
+        Execute(task_id="b", store=False),
+    ]
+    assert core.handle(Completed(task_id="a", status="running", continuation=None)) == []
+    # b's step is not overlapped: nothing is ready after it (c came with no step yet)
+    assert core.handle(Executed(task_id="b", ok=True, started_at=3.0)) == [
+        Complete(task_id="b", next_task=None)
+    ]
+    assert core.handle(running("b")) == [WaitInbox(timeout_s=BLOCK_S)]
+    core.handle(TaskReady(task_ids=("c",), waited_from=4.0))
+    core.handle(Executed(task_id="c", ok=True, started_at=5.0))
+    assert core.handle(running("c", None, "d")) == [Execute(task_id="d", store=True)]
+
+
+def test_a_ready_consumer_the_overlapped_step_routed_here_runs_after_the_executing_task():
+    run = run_of(
+        {"a": [], "b": [], "c": ["a"], "d": ["b", "c"]},
+        workers={"a": "w1", "b": "w1", "c": "w1", "d": "w1"},
+    )
+    core = bound(run, "w1", "a", "b")
+    core.start()
+    assert core.handle(Executed(task_id="a", ok=True, started_at=1.0)) == [
+        Complete(task_id="a", next_task="b", overlapped=True),
+        Execute.match(task_id="b"),
+    ]
+    assert core.handle(running("a", None, "c")) == []
+    # the queue now holds c: b's step overlaps c's execution
+    assert core.handle(Executed(task_id="b", ok=True, started_at=2.0)) == [
+        Complete(task_id="b", next_task="c", overlapped=True),
+        Execute.match(task_id="c"),
+    ]
+
+
+def test_a_run_that_ended_during_an_overlapped_step_ends_after_the_executing_task():
+    run = run_of(FOUR, workers={"a": "w1", "b": "w1", "c": "w1", "d": "w1"})
+    core = bound(run, "w1", "a", "b", "c")
+    core.start()
+    core.handle(Executed(task_id="a", ok=True, started_at=1.0))
+    cancelled = Completed(task_id="a", status="cancelled", continuation=None)
+    assert core.handle(cancelled) == []
+    # b's result is not completed, c does not start
+    assert core.handle(Executed(task_id="b", ok=True, started_at=2.0)) == [
+        Finish(served=2, first_task_at=1.0)
+    ]
+
+
+def test_a_large_output_is_not_uploaded_while_the_next_task_runs():
+    """Its serialized copy would be held beside the next task's memory: above 1/16 of the
+    task's memory (512 MiB here) the step is waited for, as before."""
+    run = run_of(FOUR, workers={"a": "w1", "b": "w1", "c": "w1", "d": "w1"})
+    core = bound(run, "w1", "a", "b")
+    core.start()
+    assert core.handle(Executed(task_id="a", ok=True, started_at=1.0, output_bytes=33 * MIB)) == [
+        Complete(task_id="a", next_task="b")
+    ]
+    core = bound(run, "w1", "a", "b")
+    core.start()
+    assert core.handle(Executed(task_id="a", ok=True, started_at=1.0, output_bytes=32 * MIB)) == [
+        Complete(task_id="a", next_task="b", overlapped=True),
+        Execute.match(task_id="b"),
     ]
 
 

@@ -23,21 +23,34 @@ UpstreamsRead     bound, idle                 ClaimDuplicate (a late upstream) o
 DuplicateClaimed  bound, idle                 Execute(duplicate) if won, else the next claim
 DuplicatedChecked bound                       Execute, or skip the task
 StatusRead        bound, idle                 Finish (run ended) or WaitInbox / next task
-Executed          any                         Fail, DelayUpload (delayed-io) or Complete
+Executed          any                         Fail, DelayUpload (delayed-io) or Complete;
+                                              bound, next task ready: Complete(overlapped)
+                                              and that task's Execute at once
+                  an overlapped step said     Finish (the run ended while it executed)
+                  the run ended
 UploadDelayed     flexible                    Complete
 Completed         any                         StoreOutput (kept for another fan-in), then
                                               the next task, ReadStatus or Finish
+                  of an overlapped step       nothing: the next task is executing already
 Failed            any                         Finish (a duplicate's: ReadStatus)
 ================  ==========================  ============================================
+
+A bound worker whose next task is ready overlaps the COMPLETE step (and upload) of the task
+it executed with the next task's execution: the step's round trip, and a large output's
+upload, no longer stand between two tasks. The step names the next task as the worker's
+claim, so a worker lost meanwhile is charged with the task it was executing. Only an
+output of at most 1/16 of the task's memory is overlapped (:func:`overlaps_step`, which the
+timing model follows too): its serialized copy is held while the next task runs.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import replace
 
 from dagkube.planning.model import TaskdupParams
-from dagkube.planning.rules import flexible_next
+from dagkube.planning.rules import flexible_next, overlaps_step
 from dagkube.runtime.workercore import hooks
 from dagkube.runtime.workercore.messages import (
     CheckDuplicated,
@@ -95,6 +108,8 @@ class InvocationMachine:
         self.duplicate = False  # the current task is a duplicate of a late upstream
         self.kept_for: str | None = None  # delayed-io kept the current output for this fan-in
         self.claims: deque[tuple[str, TaskdupParams]] = deque()
+        self.completing: str | None = None  # its COMPLETE is under way (overlapped)
+        self.ended = False  # an overlapped COMPLETE said the run no longer runs
         self.served = 0
         self.first_task_at: float | None = None
 
@@ -252,10 +267,21 @@ class InvocationMachine:
         if not self.duplicate:
             self.first_task_at = self.first_task_at or event.started_at
             self.remaining.discard(event.task_id)
+        if self.ended:  # failed or cancelled while this task ran: nothing to complete
+            return [self._finish()]
         if not event.ok:
             return [Fail(task_id=event.task_id)]
         delay = hooks.delayed_io(self.run, event.task_id, self.me)
-        return [delay] if delay is not None else [self._complete(event.task_id)]
+        if delay is not None:
+            return [delay]
+        complete = self._complete(event.task_id)
+        memory_mib = self.run.plan.tasks[event.task_id].memory_mib
+        if complete.next_task is None or not overlaps_step(event.output_bytes, memory_mib):
+            return [complete]
+        self.completing = event.task_id
+        following = self._next_bound()  # the next task's Execute (it is ready, see _next_ready)
+        assert following and isinstance(following[-1], Execute), following
+        return [replace(complete, overlapped=True), *following]
 
     def _complete(self, task_id: str) -> Complete:
         if self.me is None:
@@ -278,6 +304,13 @@ class InvocationMachine:
 
     def _on_completed(self, event: Completed) -> list[Instruction]:
         running = event.status == "running"
+        if event.task_id == self.completing:  # overlapped: the next task is executing
+            self.completing = None
+            if running:
+                self.queue.extend(event.local_ready)
+            else:
+                self.ended = True
+            return []
         kept_for, self.kept_for = self.kept_for, None
         instructions: list[Instruction] = []
         if kept_for is not None and running and event.continuation != kept_for:

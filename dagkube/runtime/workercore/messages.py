@@ -101,6 +101,7 @@ class Executed(Event):
     task_id: str
     ok: bool
     started_at: float
+    output_bytes: int = 0  # of the output it uploads (0: none)
 
 
 @dataclass(frozen=True)
@@ -212,11 +213,15 @@ class Complete(Instruction):
     count its consumers' inputs and queue or route the ready ones; ``pending`` are a
     flexible worker's tasks still to run (they travel with the step); ``next_task``: the
     task a bound worker runs next, already ready: the step also names it as what the worker
-    runs now (its claim), a round trip less before it. -> Completed"""
+    runs now (its claim), a round trip less before it. ``overlapped``: the shell starts the
+    step and carries on with the instructions that follow (that next task's ``Execute``)
+    while it is under way; its ``Completed`` comes just before that task's ``Executed``.
+    -> Completed"""
 
     task_id: str
     pending: tuple[str, ...] = ()
     next_task: str | None = None
+    overlapped: bool = False
 
 
 @dataclass(frozen=True)
