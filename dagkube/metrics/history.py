@@ -122,8 +122,9 @@ def overhead_samples(
 ) -> list[OverheadSample]:
     """What one run's workers spent on tasks besides the modelled parts
     (:class:`dagkube.planning.history.OverheadSample`): every task's "pre", and from each
-    two consecutive tasks of a worker process, the first's upload end to the second's being
-    ready, when the second was there to run: in the same invocation ("post") unless the
+    two consecutive tasks of a worker process, the first's upload end (its end, when the
+    upload overlapped the second: a bound worker) to the second's being ready, when the
+    second was there to run: in the same invocation ("post") unless the
     worker waited for it (a bound worker's inbox was empty), or in the invocation it took
     next ("handover") if that was queued before the first one finished (otherwise the gap
     holds idle time)."""
@@ -149,6 +150,10 @@ def overhead_samples(
         done.sort(key=lambda t: t.started_at)
         for first, second in pairwise(done):
             gap = second.ready_at - first.ended_at - first.upload_s
+            if gap < 0 and second.logical_worker is not None:
+                # ready before the first's upload ended: its COMPLETE step overlapped the
+                # second task (machine.py), so the step's time is not part of the gap
+                gap = second.ready_at - first.ended_at
             before, after = _serving(invocations, first), _serving(invocations, second)
             if gap < 0 or before < 0 or after < 0:
                 continue

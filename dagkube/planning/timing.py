@@ -36,7 +36,7 @@ from dagkube.errors import InvalidOption
 from dagkube.planning.cores import End, SharedCores
 from dagkube.planning.model import Optimization, OptimizationIndex, output_must_be_stored
 from dagkube.planning.predictions import Estimates, Predictor, estimate
-from dagkube.planning.rules import Route, flexible_next, route, start_charge
+from dagkube.planning.rules import Route, flexible_next, overlaps_step, route, start_charge
 from dagkube.planning.timing_state import (
     SimWorker,
     TaskTiming,
@@ -117,6 +117,7 @@ class _Simulation:
         self.prewarm = marks.prewarm
         self.starting: dict[int, list[SimWorker]] = {}  # spawned, not ready yet
         self.delay_waiting: dict[str, tuple[SimWorker, str]] = {}  # fan-in -> delayed input
+        self.overlapping: set[str] = set()  # uploading while their worker runs its next task
 
     # ------------------------------------------------------------------ events
     def push(self, time_s: float, handler: Callable[..., None], *payload: object) -> None:
@@ -351,6 +352,20 @@ class _Simulation:
         )
         timing.upload_s = self._upload_s(task_id, timing.end_s, now_s) if stored else 0.0
         self._complete_at(timing.end_s + timing.upload_s, worker, task_id)
+        if (
+            timing.upload_s > 0
+            and worker.logical is not None
+            and overlaps_step(self.out_bytes[task_id], worker.memory_mib)
+        ):
+            self.push(timing.end_s, self._on_upload_begun, worker, task_id)
+
+    def _on_upload_begun(self, time_s: float, worker: SimWorker, task_id: str) -> None:
+        """A bound worker with its next task ready runs it during the upload (the runtime
+        overlaps the COMPLETE step with it: :func:`dagkube.planning.rules.overlaps_step`)."""
+        if worker.ready:
+            self.overlapping.add(task_id)
+            worker.running = False
+            self._next_bound(worker, time_s, task_id)
 
     def _upload_s(self, task_id: str, begin_s: float, now_s: float) -> float:
         """The task's upload from ``begin_s``, sharing the path with the uploads in flight
@@ -402,7 +417,10 @@ class _Simulation:
 
     def _on_complete(self, time_s: float, worker: SimWorker, task_id: str) -> None:
         self.done += 1
-        worker.running = False
+        if task_id in self.overlapping:  # its worker may be running the next task already
+            self.overlapping.discard(task_id)
+        else:
+            worker.running = False
         worker.remaining.discard(task_id)
         continuation = None
         clustered: list[str] = []
@@ -431,7 +449,8 @@ class _Simulation:
                 assert logical is not None
                 self._to_inbox(logical, down, time_s, task_id)
         if worker.logical is not None:
-            self._next_bound(worker, time_s, task_id)
+            if not worker.running:
+                self._next_bound(worker, time_s, task_id)
             return
         if continuation is not None or clustered:
             worker.ready = deque(flexible_next(continuation, clustered, worker.ready))

@@ -126,6 +126,22 @@ def test_chain_on_a_flexible_worker():
     assert timing.gb_s == pytest.approx(timing.makespan_s * 2, rel=1e-6)
 
 
+@pytest.mark.parametrize(("output", "overlapped"), [(4_000_000, True), (200_000_000, False)])
+def test_a_bound_worker_runs_its_next_task_during_an_upload_it_may_overlap(output, overlapped):
+    """As the runtime does (rules.overlaps_step): the next ready task starts when the last
+    one's execution ends, not after its upload, unless the output is over 1/16 of the
+    worker's memory (2 GiB here); the upload still decides when its consumer is ready."""
+    wf = fan(3)
+    predictor = Predictor(history({"prep": 0.1, "work": 0.5, "join": 0.1}, output=output))
+    worker_of = {t: ("w2" if t.startswith("join") else "w1") for t in wf.dag.tasks}
+    timing = simulate(wf.dag, dict.fromkeys(wf.dag.tasks, 2048), worker_of, predictor)
+    first, second, last = (timing.tasks[f"work#{i}"] for i in range(3))
+    assert first.upload_s > 0.01 and second.upload_s > 0.01  # each stored: join is elsewhere
+    assert second.start_s == pytest.approx(first.end_s if overlapped else first.complete_s)
+    assert last.start_s == pytest.approx(second.end_s if overlapped else second.complete_s)
+    assert timing.tasks["join#0"].start_s >= last.complete_s
+
+
 def test_worker_cap_queues_invocations_and_later_starts_are_warm():
     wf = fan(4)
     predictor = Predictor(history({"prep": 0.1, "work": 1.0, "join": 0.1}))

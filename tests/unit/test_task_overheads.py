@@ -72,6 +72,21 @@ def test_gaps_between_a_workers_tasks_are_sampled_by_kind():
     assert all(sample.bound for sample in overhead_samples(bound, workers))
 
 
+def test_a_bound_workers_gap_after_an_overlapped_upload_is_sampled_from_the_execution_end():
+    """A bound worker starts its next task while the last one's COMPLETE (and upload) is under
+    way: the "post" then runs from the end of execution; the upload is not in it."""
+    a = record("a", "w", 10.000, 0.001, 0.100, upload_s=0.015, logical_worker="w1")  # ends 10.101
+    b = record("b", "w", 10.102, 0.001, 0.100, logical_worker="w1")  # ready during a's upload
+    c = record("c", "w", 10.204, 0.001, 0.100, logical_worker="w1")  # b ends 10.203
+    workers = [invocation("w", 10.000, 10.400, queued=9.9)]
+    posts = [s.seconds for s in overhead_samples([a, b, c], workers) if s.kind == "post"]
+    assert posts == pytest.approx([0.001, 0.001])
+    # a flexible worker does not overlap: a gap below the upload is not a sample
+    flexible = [t.model_copy(update={"logical_worker": None}) for t in (a, b, c)]
+    posts = [s.seconds for s in overhead_samples(flexible, workers) if s.kind == "post"]
+    assert posts == pytest.approx([0.001])
+
+
 def snapshot(pre: list[float], post: list[float], handover: list[float], memory: int = 1024):
     samples = [OverheadSample(memory, "pre", s) for s in pre]
     samples += [OverheadSample(memory, "post", s) for s in post]
