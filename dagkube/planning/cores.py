@@ -41,11 +41,14 @@ class SharedCores:
             raise ValueError(f"cores={cores} is invalid: use a whole number >= 1")
         self.cores = cores
         self._computing: dict[str, _Computing] = {}
+        self._demand = 0.0  # of the tasks computing, kept as they start and end
+        self._last_share = 1.0  # the share every entry's speed was set at
 
     def start(self, time_s: float, task_id: str, work_s: float, demand: float) -> list[End]:
         """The task begins computing ``work_s`` seconds of work (alone); the ends that moved."""
-        self._computing[task_id] = _Computing(work_s, min(max(demand, 0.0), 1.0), time_s)
-        return self._share(time_s)
+        entry = self._computing[task_id] = _Computing(work_s, min(max(demand, 0.0), 1.0), time_s)
+        self._demand += entry.demand
+        return self._share(time_s, entry, task_id)
 
     def finish(self, time_s: float, task_id: str, version: int) -> list[End] | None:
         """The task's end event fired: None if it is stale, else the ends that moved."""
@@ -53,11 +56,23 @@ class SharedCores:
         if entry is None or entry.version != version:
             return None
         del self._computing[task_id]
+        self._demand = self._demand - entry.demand if self._computing else 0.0
         return self._share(time_s)
 
-    def _share(self, time_s: float) -> list[End]:
-        total = sum(entry.demand for entry in self._computing.values())
+    def _share(
+        self, time_s: float, started: _Computing | None = None, task_id: str = ""
+    ) -> list[End]:
+        if self._demand < self.cores - 1e-9 and self._last_share == 1.0:
+            # The cores are not oversubscribed, before or now: no other task's speed moves
+            # (a speed depends only on its demand and the share), only the new one is timed.
+            if started is None:
+                return []
+            started.speed = 1.0 / ((1.0 - started.demand) + started.demand)
+            started.version += 1
+            return [(time_s + started.left_s / started.speed, task_id, started.version)]
+        total = self._demand = sum(entry.demand for entry in self._computing.values())
         share = min(1.0, self.cores / total) if total else 1.0
+        self._last_share = share
         moved = []
         for task_id, entry in self._computing.items():
             entry.left_s = max(0.0, entry.left_s - (time_s - entry.since_s) * entry.speed)

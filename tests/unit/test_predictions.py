@@ -168,6 +168,62 @@ def test_shared_cores_retime_remaining_work_when_a_task_ends():
     assert cores.finish(2.0, "a", 2) == [(4.0, "b", 2)]  # 2 s of b's work left, alone
 
 
+def test_shared_cores_time_every_end_as_a_full_retiming_would():
+    """Below the cores only the starting task is timed (no other speed moves); the ends must be
+    those of re-timing every task at every start and end (processor sharing, by hand here)."""
+
+    def by_hand(events: list[tuple[str, float, str, float, float]]) -> dict[str, float]:
+        # (kind, time, task, work, demand) -> each task's end, simulated in small steps
+        left: dict[str, tuple[float, float]] = {}
+        ends: dict[str, float] = {}
+        time_s, step = 0.0, 1e-4
+        queue = sorted(events, key=lambda e: e[1])
+        while queue or left:
+            while queue and queue[0][1] <= time_s + 1e-12:
+                _, _, task, work, demand = queue.pop(0)
+                left[task] = (work, demand)
+            total = sum(d for _, d in left.values())
+            share = min(1.0, 2 / total) if total else 1.0
+            for task, (work, demand) in list(left.items()):
+                work -= step / ((1 - demand) + demand / share)
+                if work <= 1e-12:
+                    ends[task] = time_s + step
+                    del left[task]
+                else:
+                    left[task] = (work, demand)
+            time_s += step
+        return ends
+
+    rng = random.Random(3)
+    starts = [
+        ("start", round(rng.uniform(0, 1), 3), f"t{i}", rng.uniform(0.05, 0.5), demand)
+        for i, demand in enumerate([0.0, 0.1, 0.3, 1.0, 0.9, 0.05, 1.0, 0.6, 0.8, 1.0, 0.2])
+    ]
+    cores = SharedCores(2)
+    pending: list[tuple[float, str, int]] = []
+    ends: dict[str, float] = {}
+    for _, time_s, task, work, demand in sorted(starts, key=lambda e: e[1]):
+        while pending and min(pending)[0] <= time_s:
+            end = min(pending)
+            pending.remove(end)
+            moved = cores.finish(end[0], end[1], end[2])
+            if moved is not None:
+                ends[end[1]] = end[0]
+                pending += moved
+        pending += cores.start(time_s, task, work, demand)
+    while pending:
+        end = min(pending)
+        pending.remove(end)
+        moved = cores.finish(end[0], end[1], end[2])
+        if moved is not None:
+            ends[end[1]] = end[0]
+            pending += moved
+    expected = by_hand(starts)
+    assert ends.keys() == expected.keys()
+    for task, end in ends.items():
+        assert end == pytest.approx(expected[task], abs=2e-3), task
+
+
 def test_transfers_are_predicted_per_size_bucket():
     """A machine where small values cost 2 ms (serialization, round trips) and 10 MB values
     move at 500 MB/s: one latency and one bandwidth cannot fit both ends."""
