@@ -202,22 +202,20 @@ def test_shared_cores_time_every_end_as_a_full_retiming_would():
     cores = SharedCores(2)
     pending: list[tuple[float, str, int]] = []
     ends: dict[str, float] = {}
-    for _, time_s, task, work, demand in sorted(starts, key=lambda e: e[1]):
+
+    def fire_ends_until(time_s: float) -> None:
         while pending and min(pending)[0] <= time_s:
             end = min(pending)
             pending.remove(end)
-            moved = cores.finish(end[0], end[1], end[2])
-            if moved is not None:
+            moved = cores.finish(*end)
+            if moved is not None:  # else stale: the task was re-timed since
                 ends[end[1]] = end[0]
-                pending += moved
-        pending += cores.start(time_s, task, work, demand)
-    while pending:
-        end = min(pending)
-        pending.remove(end)
-        moved = cores.finish(end[0], end[1], end[2])
-        if moved is not None:
-            ends[end[1]] = end[0]
-            pending += moved
+                pending.extend(moved)
+
+    for _, time_s, task, work, demand in sorted(starts, key=lambda e: e[1]):
+        fire_ends_until(time_s)
+        pending.extend(cores.start(time_s, task, work, demand))
+    fire_ends_until(float("inf"))
     expected = by_hand(starts)
     assert ends.keys() == expected.keys()
     for task, end in ends.items():
