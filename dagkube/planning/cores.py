@@ -67,7 +67,7 @@ class SharedCores:
             # (a speed depends only on its demand and the share), only the new one is timed.
             if started is None:
                 return []
-            started.speed = 1.0 / ((1.0 - started.demand) + started.demand)
+            started.speed = _speed(started.demand, 1.0)
             started.version += 1
             return [(time_s + started.left_s / started.speed, task_id, started.version)]
         total = self._demand = sum(entry.demand for entry in self._computing.values())
@@ -77,12 +77,18 @@ class SharedCores:
         for task_id, entry in self._computing.items():
             entry.left_s = max(0.0, entry.left_s - (time_s - entry.since_s) * entry.speed)
             entry.since_s = time_s
-            speed = 1.0 / ((1.0 - entry.demand) + entry.demand / share)
+            speed = _speed(entry.demand, share)
             if speed != entry.speed:
                 entry.speed = speed
                 entry.version += 1
                 moved.append((time_s + entry.left_s / speed, task_id, entry.version))
         return moved
+
+
+def _speed(demand: float, share: float) -> float:
+    """How fast a task of CPU fraction ``demand`` progresses when its CPU part gets ``share``
+    of a core (its waiting part runs at full speed)."""
+    return 1.0 / ((1.0 - demand) + demand / share)
 
 
 def cpu_fraction(samples: Sequence[TaskSample]) -> float:
