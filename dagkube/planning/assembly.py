@@ -35,6 +35,7 @@ class Choice:
     simulations: int = 1  # schedules the timing model simulated to make this choice
     variant: str = ""  # how it differs from the planner's usual choice (e.g. "1024Mi")
     spread: bool = False  # uniform: fan-ins of one upstream spread (planners.assign_workers)
+    packed: bool = False  # uniform: tasks whose upload a bound worker hides packed too
 
 
 def simulate_plan(

@@ -10,14 +10,15 @@ from __future__ import annotations
 import heapq
 import itertools
 import statistics
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 from dagkube.dag import DagSpec
 from dagkube.planning.assembly import Choice, simulate_plan
 from dagkube.planning.estimates import SharedEstimates
 from dagkube.planning.objective import MAKESPAN_TOLERANCE, Prediction
 from dagkube.planning.options import PlanningOptions
+from dagkube.planning.rules import overlaps_step
 from dagkube.planning.timing import Timing
 
 
@@ -31,6 +32,10 @@ class Packing:
     workers: int
     tiny_s: float
     task_s: float = 0.0  # what a packed task costs besides its execution (its overhead)
+    # Per task, the upload of its output that a bound worker overlaps with its next task
+    # (rules.overlaps_step) and an invocation of its own pays before its worker is free:
+    # with these, a task is tiny up to tiny_s plus its upload.
+    hidden_s: Mapping[str, float] | None = None
 
 
 MIN_GB_S_SAVING = 0.01  # non-uniform: a downgrade must save at least this share of the GB-s
@@ -169,7 +174,8 @@ def assign_workers(
 
     def is_tiny(task_id: str, tiny_s: float) -> bool:
         """Short, and nothing stays on its worker after it (its downstream are fan-ins)."""
-        return exec_s[task_id] <= tiny_s and _feeds_only_fan_ins(dag, task_id)
+        hidden = packing.hidden_s.get(task_id, 0.0) if packing and packing.hidden_s else 0.0
+        return exec_s[task_id] <= tiny_s + hidden and _feeds_only_fan_ins(dag, task_id)
 
     def pack(tiny: list[str], first: str | None, workers: int, first_load: float) -> None:
         """Tiny children into ``workers`` groups, longest first to the least loaded; the
@@ -286,13 +292,23 @@ def choose_uniform(
     sizes = shared.at_class(memory_mib)
     predictor = shared.predictor
     packing = None
+    hidden: dict[str, float] = {}
     if options.max_workers is not None:
         # A task of its own invocation costs a start on a warm worker and a handover more.
         tiny_s = predictor.startup_s(memory_mib, False) + predictor.handover_s(memory_mib)
         task_s = predictor.task_overhead_s(memory_mib, bound=True)
         packing = Packing(options.max_workers, tiny_s, task_s)
+        # Only the tasks the uploads make tiny: with none, the packed placement is the plain.
+        hidden = {
+            task_id: upload_s
+            for task_id, nbytes in sizes.out_bytes.items()
+            if nbytes
+            and sizes.exec_s[task_id] > tiny_s
+            and overlaps_step(nbytes, memory_mib)
+            and sizes.exec_s[task_id] <= tiny_s + (upload_s := predictor.upload_s(nbytes))
+        }
 
-    def assigned(spread: bool) -> dict[str, str | None]:
+    def assigned(spread: bool, packed: bool = False) -> dict[str, str | None]:
         return assign_workers(
             dag,
             sizes.exec_s,
@@ -300,7 +316,7 @@ def choose_uniform(
             options.cluster_size,
             predictor.download_s,
             preload,
-            packing,
+            replace(packing, hidden_s=hidden) if packing and packed else packing,
             spread=spread,
         )
 
@@ -308,7 +324,7 @@ def choose_uniform(
     spread_out = assigned(True) if _shares_fan_ins(dag) else plain
     candidates = [plain] if spread_out == plain else [plain, spread_out]
     if differs_from is not None:  # the same kind of placement as that choice's, or nothing
-        candidates = [spread_out if differs_from.spread else plain]
+        candidates = [assigned(differs_from.spread, differs_from.packed)]
         if candidates[0] == differs_from.worker_of:
             return None
     floors = shared.floors()
@@ -329,10 +345,32 @@ def choose_uniform(
         if kept:
             worker_of, timing = spread_out, trial
     spread = worker_of is spread_out and spread_out != plain
+    simulations = len(candidates)
+    packed, packed_note = False, []
+    if hidden and differs_from is None:
+        # Tasks whose upload a bound worker would hide behind the next task (and an
+        # invocation of their own would wait for) packed too: kept only when predicted
+        # better, since fewer, longer workers balance less well when times vary.
+        trial_of = assigned(spread, packed=True)
+        if trial_of != worker_of:
+            trial = simulate_plan(shared, memory, trial_of, options)
+            simulations += 1
+            goal = options.goal()
+            after = Prediction(trial.makespan_s, trial.gb_s)
+            before = Prediction(timing.makespan_s, timing.gb_s)
+            packed = goal.better(after, before)
+            verdict = "kept" if packed else "not kept"
+            packed_note = [
+                f"tasks whose uploads overlap the next task packed: "
+                f"{goal.versus(after, before)}: {verdict}"
+            ]
+            if packed:
+                worker_of, timing = trial_of, trial
     workers = len(set(worker_of.values()))
     notes = [
         f"uniform: {workers} logical workers of class {memory_mib} MiB",
         *spread_note,
+        *packed_note,
         *fit_notes,
     ]
     variant = "" if memory_mib == largest else f"{memory_mib}Mi"
@@ -344,9 +382,10 @@ def choose_uniform(
         notes,
         sizes=sizes,
         floors=floors,
-        simulations=len(candidates),
+        simulations=simulations,
         variant=variant,
         spread=spread,
+        packed=packed,
     )
 
 

@@ -8,6 +8,8 @@ import pytest
 import dagkube
 from dagkube.metrics.history import overhead_samples
 from dagkube.planning import PlanningOptions, plan
+from dagkube.planning.assembly import simulate_plan
+from dagkube.planning.estimates import SharedEstimates
 from dagkube.planning.history import HistorySnapshot, OverheadSample, StartupSample, TaskSample
 from dagkube.planning.planners import Packing, assign_workers
 from dagkube.planning.predictions import Defaults, Predictor
@@ -213,6 +215,67 @@ def test_tiny_children_are_packed_into_as_many_workers_as_the_cap_runs():
     groups = [worker_of[t] for t in wf.dag.tasks if t.startswith(("tiny", "heavy"))]
     assert sorted(groups.count(w) for w in set(groups)) == [4, 4, 5]
     assert worker_of["source#0"] in groups
+
+
+@dagkube.task
+def produce(i):
+    return i
+
+
+def test_children_whose_upload_a_bound_worker_hides_are_packed_too():
+    # 12 producers of 6 ms feeding one sum: longer than an invocation (3 ms), so grouped
+    # cluster_size to a worker, but each uploads for 8 ms, which a bound worker overlaps with
+    # the next producer and a worker of its own waits for: counted, they are tiny.
+    wf = dagkube.Workflow(total([produce(i) for i in range(12)]), "fanin")
+    exec_s = dict.fromkeys(wf.dag.tasks, 0.006)
+    out = dict.fromkeys(wf.dag.tasks, 16 * 2**20)
+    producers = [t for t in wf.dag.tasks if t.startswith("produce")]
+    plain = assign_workers(wf.dag, exec_s, out, 4, lambda n: n / 2e9, False, Packing(2, 0.003))
+    assert len({plain[t] for t in producers}) == 4  # a leader, then 11 by cluster_size
+    hidden = Packing(2, 0.003, hidden_s=dict.fromkeys(producers, 0.008))
+    packed = assign_workers(wf.dag, exec_s, out, 4, lambda n: n / 2e9, False, hidden)
+    groups = [packed[t] for t in producers]
+    assert sorted(groups.count(w) for w in set(groups)) == [6, 6]
+    # An upload that is not hidden (none given for the task) leaves it as it was.
+    partial = Packing(2, 0.003, hidden_s={producers[0]: 0.008})
+    assert assign_workers(wf.dag, exec_s, out, 4, lambda n: n / 2e9, False, partial) == plain
+
+
+def test_uniform_packs_uploading_producers_when_the_timing_model_says_so():
+    wf = dagkube.Workflow(total([produce(i) for i in range(12)]), "fanin")
+    mib16 = 16 * 2**20
+    tasks = [
+        TaskSample("produce", 1024, 0, mib16, 0.006, task_id=t, upload_bytes=mib16, upload_s=0.008)
+        for t in wf.dag.tasks
+        if t.startswith("produce")
+    ] * 3
+    tasks += [TaskSample("total", 1024, 12 * mib16, mib16, 0.05, task_id="total#0")] * 3
+    startups = [StartupSample(1024, True, 1.0)] * 3 + [StartupSample(1024, False, 0.002)] * 3
+    overheads = [OverheadSample(1024, "pre", 0.0005)] * 5 + [
+        OverheadSample(1024, "handover", 0.001)
+    ] * 5
+    history = HistorySnapshot("h", 3, tasks, startups, overheads=overheads)
+    options = PlanningOptions.for_run(["1Gi"], history=history, max_workers=2, warm_pool={1024: 2})
+    result = plan(wf.dag, "uniform", options)
+    note = next(n for n in result.notes if "uploads overlap the next task packed" in n)
+    assert note.endswith(": kept"), note
+    assert len({t.worker_id for t in result.tasks.values()}) == 2
+    # Without the uploads counted, the producers take more workers, predicted slower.
+    shared = SharedEstimates(wf.dag, options.predictor(), 1024)
+    sizes = shared.at_class(1024)
+    predictor = shared.predictor
+    packing = Packing(
+        2,
+        predictor.startup_s(1024, False) + predictor.handover_s(1024),
+        predictor.task_overhead_s(1024, bound=True),
+    )
+    plain = assign_workers(
+        wf.dag, sizes.exec_s, sizes.out_bytes, 4, predictor.download_s, False, packing, False
+    )
+    assert len(set(plain.values())) > 2
+    memory = dict.fromkeys(wf.dag.tasks, 1024)
+    slower = simulate_plan(shared, memory, plain, options).makespan_s
+    assert result.model_makespan_s is not None and result.model_makespan_s < slower
 
 
 def test_auto_tries_uniform_on_the_class_whose_workers_are_warm():
