@@ -9,9 +9,9 @@ A prediction at size ``x`` is ``curve(x) * bias(group) * factor``:
   plus work per byte, which a power law bends). Quality is the mean squared log-ratio of
   samples to the curve divided by its degrees of freedom (n - parameters), so a shape with
   more parameters must earn its keep; ties keep the simpler one.
-* ``bias`` is a group's (a task id's) mean ratio to the curve, for groups with at least
+* ``bias`` is a group's (a task id's) median ratio to the curve, for groups with at least
   ``min_group`` samples: tasks of one function can differ by their arguments at the same
-  size, which only their own samples show.
+  size, which only their own samples show (the median: a one-off outlier is not a trait).
 * ``factor`` is the SLA statistic of the residual ratios (sample / (curve * bias)): 1 on
   average, and for pNN the pNN of how far samples fall above the fit *at their own size*.
   Raw samples of other sizes would mix size with noise and pad the percentile.
@@ -23,6 +23,7 @@ as noisy in relative terms, which is what the measurements of CPU-bound tasks sh
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -148,9 +149,11 @@ def _best_curve(xs: list[float], ys: list[float]) -> SizeModel:
 def _biases(
     model: SizeModel, xs: list[float], ys: list[float], members: dict[str, list[int]]
 ) -> dict[str, float]:
-    """Each group's mean ratio to the curve."""
+    """Each group's median ratio to the curve: a one-off outlier of a task (its first call in
+    a fresh process importing a library, a pause) is noise, left to the residuals that every
+    task's SLA factor is taken from, not a lasting trait of that task."""
     return {
-        group: sum(ys[i] / model.curve(xs[i]) for i in found) / len(found)
+        group: statistics.median(ys[i] / model.curve(xs[i]) for i in found)
         for group, found in members.items()
     }
 
