@@ -11,7 +11,7 @@ from dagkube.errors import InvalidOption
 from dagkube.planning import PlanningOptions, plan
 from dagkube.planning.history import HistorySnapshot, Residual, StartupSample, TaskSample
 from dagkube.planning.model import Plan
-from dagkube.planning.planners import assign_workers
+from dagkube.planning.planners import Packing, assign_workers
 from dagkube.planning.predictions import Defaults, Predictor, statistic
 from dagkube.planning.timing import simulate
 from dagkube.planning.validation import validate_plan
@@ -274,6 +274,22 @@ def test_uniform_spreads_fan_ins_of_one_upstream_only_where_predicted_faster():
         quick.tasks["long_work#0"].worker_id
     }
     assert any("spread" in n and n.endswith("not kept") for n in quick.notes), quick.notes
+
+
+def test_a_spread_stage_balances_without_the_merge_that_waits_for_all_of_it():
+    # 12 aligns of 0.1 s under a cap of 4, then a 1 s merge of all of them: the merge runs
+    # after the whole stage wherever it ran, so the index's worker (which the merge follows)
+    # takes as many aligns as the others; loaded with the merge it took one (BWA's shape,
+    # where that worker ran its share of the stage 0.7 s after the others were done).
+    wf = aligned(12)
+    exec_s = dict.fromkeys(wf.dag.tasks, 0.1)
+    exec_s.update({"long_work#0": 2.0, "join#0": 1.0})
+    out = dict.fromkeys(wf.dag.tasks, 10)
+    worker_of = assign_workers(wf.dag, exec_s, out, 4, lambda n: 0.0, False, Packing(4, 0.0))
+    home = worker_of["long_work#0"]
+    stage = [worker_of[f"align#{i}"] for i in range(12)]
+    assert sorted(stage.count(w) for w in set(stage)) == [3, 3, 3, 3]
+    assert stage.count(home) == 3 and worker_of["join#0"] == home
 
 
 def unequal_branches():
