@@ -241,12 +241,12 @@ def assign_workers(
                     leader = max(siblings, key=lambda c: bottom[c])
                     worker_of[leader] = target
                     rest = [c for c in siblings if c != leader]
-                    # The path after the leader loads its worker, unless it waits for the
-                    # rest anyway (a fan-in of them, as a stage's gather is): it then runs
-                    # after all of them, and counting it would leave that worker idle.
+                    # The path after the leader loads its worker, unless it waits for all
+                    # the rest anyway (a fan-in of the whole stage, as a gather is): it then
+                    # runs after all of them, and counting it would leave that worker idle.
                     others = set(rest)
                     waits = all(
-                        any(d in others for d in dag.tasks[after].deps)
+                        others.issubset(dag.tasks[after].deps)
                         for after in dag.tasks[leader].downstream
                     )
                     load = (exec_s[leader] if waits else bottom[leader]) + packing.task_s

@@ -290,6 +290,18 @@ def test_a_spread_stage_balances_without_the_merge_that_waits_for_all_of_it():
     stage = [worker_of[f"align#{i}"] for i in range(12)]
     assert sorted(stage.count(w) for w in set(stage)) == [3, 3, 3, 3]
     assert stage.count(home) == 3 and worker_of["join#0"] == home
+    # Merged in pairs, the leader's merge waits for one other align only: what follows the
+    # leader still loads its worker, which then takes no more aligns.
+    index, reads = long_work(prep()), step(prep())
+    aligns = [align(index, reads, i) for i in range(12)]
+    pairs = dagkube.Workflow(join([join(aligns[i : i + 2]) for i in range(0, 12, 2)]), "pairs")
+    exec_s = dict.fromkeys(pairs.dag.tasks, 0.1)
+    exec_s.update({t: 1.0 for t in pairs.dag.tasks if t.startswith("join")})
+    exec_s["long_work#0"] = 2.0
+    out = dict.fromkeys(pairs.dag.tasks, 10)
+    worker_of = assign_workers(pairs.dag, exec_s, out, 4, lambda n: 0.0, False, Packing(4, 0.0))
+    stage = [worker_of[f"align#{i}"] for i in range(12)]
+    assert stage.count(worker_of["long_work#0"]) == 1  # the leader alone: loaded with 2.1 s
 
 
 def unequal_branches():
