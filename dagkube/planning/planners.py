@@ -332,55 +332,48 @@ def choose_uniform(
     spread_out = assigned(True) if _shares_fan_ins(dag) else plain
     candidates = [plain] if spread_out == plain else [plain, spread_out]
     if differs_from is not None:  # the same kind of placement as that choice's, or nothing
-        candidates = [assigned(differs_from.spread, differs_from.packed)]
+        if differs_from.packed:
+            candidates = [assigned(differs_from.spread, packed=True)]
+        else:
+            candidates = [spread_out if differs_from.spread else plain]
         if candidates[0] == differs_from.worker_of:
             return None
     floors = shared.floors()
     _, fit_notes = _fit_floors(dag, options.classes_mib, memory_mib, floors)
     worker_of = candidates[0]
     timing = simulate_plan(shared, memory, worker_of, options)
-    spread_note = []
-    if len(candidates) > 1:
-        # Fan-ins of one upstream spread over more workers (see assign_workers): kept only
-        # when the timing model predicts it better, since each further worker costs a start.
-        trial = simulate_plan(shared, memory, spread_out, options)
+    simulations = 1
+    notes = []
+
+    def tried(what: str, trial_of: dict[str, str | None]) -> bool:
+        """Simulate another placement; keep it (and say so) only if predicted better."""
+        nonlocal worker_of, timing, simulations
+        trial = simulate_plan(shared, memory, trial_of, options)
+        simulations += 1
         goal = options.goal()
         after = Prediction(trial.makespan_s, trial.gb_s)
         before = Prediction(timing.makespan_s, timing.gb_s)
         kept = goal.better(after, before)
-        verdict = "kept" if kept else "not kept"
-        spread_note = [f"fan-ins of one upstream spread: {goal.versus(after, before)}: {verdict}"]
+        notes.append(f"{what}: {goal.versus(after, before)}: {'kept' if kept else 'not kept'}")
         if kept:
-            worker_of, timing = spread_out, trial
+            worker_of, timing = trial_of, trial
+        return kept
+
+    # Fan-ins of one upstream spread over more workers (see assign_workers): kept only when
+    # the timing model predicts it better, since each further worker costs a start.
+    if len(candidates) > 1:
+        tried("fan-ins of one upstream spread", spread_out)
     spread = worker_of is spread_out and spread_out != plain
-    simulations = len(candidates)
-    packed, packed_note = False, []
+    packed = False
     if hidden and differs_from is None:
         # Tasks whose upload a bound worker would hide behind the next task (and an
         # invocation of their own would wait for) packed too: kept only when predicted
         # better, since fewer, longer workers balance less well when times vary.
         trial_of = assigned(spread, packed=True)
         if trial_of != worker_of:
-            trial = simulate_plan(shared, memory, trial_of, options)
-            simulations += 1
-            goal = options.goal()
-            after = Prediction(trial.makespan_s, trial.gb_s)
-            before = Prediction(timing.makespan_s, timing.gb_s)
-            packed = goal.better(after, before)
-            verdict = "kept" if packed else "not kept"
-            packed_note = [
-                f"tasks whose uploads overlap the next task packed: "
-                f"{goal.versus(after, before)}: {verdict}"
-            ]
-            if packed:
-                worker_of, timing = trial_of, trial
+            packed = tried("tasks whose uploads overlap the next task packed", trial_of)
     workers = len(set(worker_of.values()))
-    notes = [
-        f"uniform: {workers} logical workers of class {memory_mib} MiB",
-        *spread_note,
-        *packed_note,
-        *fit_notes,
-    ]
+    notes = [f"uniform: {workers} logical workers of class {memory_mib} MiB", *notes, *fit_notes]
     variant = "" if memory_mib == largest else f"{memory_mib}Mi"
     return Choice(
         "uniform",
