@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -135,9 +136,42 @@ def runtime(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory)
         yield rt
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+_CALL_FAILED = pytest.StashKey[bool]()
+LOG_TAIL_LINES = 40
+
+
+def _print_worker_logs(rt) -> None:
+    """The tail of each worker's log, alive workers first with their stacks (a worker dumps
+    its threads' on SIGUSR1, its asyncio tasks' on SIGUSR2): a failed runtime test's only
+    trace of what its workers did (printed in the test's teardown output)."""
+    alive = rt.worker_pids()
+    for pid in alive.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)  # threads
+            os.kill(pid, signal.SIGUSR2)  # asyncio tasks
+    if alive:
+        time.sleep(0.5)  # for the dumps to be written
+    logs = sorted((rt.home / "logs").glob("*.log"), key=lambda p: (p.stem not in alive, p.name))
+    print(f"workers still alive: {sorted(alive) or 'none'}")
+    for path in logs:
+        lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        state = "alive" if path.stem in alive else "exited"
+        print(f"---- {path.name} ({state}, last {len(lines)} lines)")
+        print("\n".join(lines))
+
+
 @pytest.fixture
-def make_runtime(redis_server: RedisServer, tmp_path: Path):
-    """Build a dedicated LocalRuntime for a test (closed at the test's end)."""
+def make_runtime(request: pytest.FixtureRequest, redis_server: RedisServer, tmp_path: Path):
+    """Build a dedicated LocalRuntime for a test (closed at the test's end; when the test
+    failed, the workers' logs are printed first)."""
     from dagkube import LocalRuntime
 
     opened: list[LocalRuntime] = []
@@ -151,6 +185,8 @@ def make_runtime(redis_server: RedisServer, tmp_path: Path):
 
     yield make
     for rt in opened:
+        if request.node.stash.get(_CALL_FAILED, False):
+            _print_worker_logs(rt)
         rt.close()
 
 

@@ -28,7 +28,7 @@ from dagkube.runtime.scaler import prewarm_entry
 from dagkube.store import scripts
 from dagkube.store.calls import CancelCall, ForceEndCall, RenewCall
 from dagkube.store.cleanup import drop_run_data
-from dagkube.store.connection import MAX_BLOCK_S, BulkReader
+from dagkube.store.connection import MAX_BLOCK_S, BulkReader, block_timeout
 from dagkube.store.keys import PoolKeys, RunKeys, hist_run
 from dagkube.store.objects import ObjectStore, delete_names, spill
 from dagkube.store.records import RunRecord, RunStatus, is_live
@@ -217,7 +217,7 @@ async def wait_for_end(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RunTimeout(f"Run {run_id} did not finish within {timeout_s:g}s")
-            block = min(block_s, remaining)
+            block = block_timeout(min(block_s, remaining))
         else:
             block = block_s
         status = await redis.blmove(keys.result, keys.result, block, "LEFT", "RIGHT")

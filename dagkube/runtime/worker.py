@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -41,7 +42,13 @@ from dagkube.runtime.serving import Serving
 from dagkube.runtime.workercore.messages import Finish
 from dagkube.sources import register_sources
 from dagkube.store.calls import AddToRunCall, FinishCall
-from dagkube.store.connection import MAX_BLOCK_S, BulkReader, ServerReplaced, ServerWatch
+from dagkube.store.connection import (
+    MAX_BLOCK_S,
+    BulkReader,
+    ServerReplaced,
+    ServerWatch,
+    block_timeout,
+)
 from dagkube.store.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc, worker_task
 from dagkube.store.objects import store_from_env
 from dagkube.store.records import RunStatus, WorkerRecord
@@ -102,9 +109,9 @@ class Worker:
         cool-down, our parent exiting): then clean up — report being unused if this worker
         was created for a run it never served, and remove the registration and heartbeat, so
         nothing is left for the scaler to take for a lost worker."""
-        asyncio.get_running_loop().add_signal_handler(
-            signal.SIGTERM, self._terminate, asyncio.current_task()
-        )
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._terminate, asyncio.current_task())
+        loop.add_signal_handler(signal.SIGUSR2, _dump_tasks)
         heartbeat: asyncio.Task | None = None
         try:
             if startup_delay_s > 0:  # emulate a Pod's start-up: local cold starts cost as much
@@ -223,7 +230,7 @@ class Worker:
                 raw = await self.redis.blmove(
                     self.pool.queue(self.config.memory_mib),
                     self.proc_key,
-                    min(left, slice_s),
+                    block_timeout(min(left, slice_s)),
                     "LEFT",
                     "RIGHT",
                 )
@@ -489,12 +496,27 @@ def parse_args(argv: Iterable[str] | None = None) -> WorkerConfig:
     )
 
 
+def _dump_tasks() -> None:
+    """Every asyncio task's chain of awaiting coroutines, to stderr (the worker's log)."""
+    for task in asyncio.all_tasks():
+        print(f"asyncio task {task.get_name()}:", file=sys.stderr)
+        coro: Any = task.get_coro()
+        while coro is not None and (frame := getattr(coro, "cr_frame", None)) is not None:
+            code = frame.f_code
+            print(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}", file=sys.stderr)
+            coro = getattr(coro, "cr_await", None)
+    sys.stderr.flush()
+
+
 def main(argv: Iterable[str] | None = None) -> NoReturn:
     config = parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("DAGKUBE_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s %(levelname)s worker {config.worker_id}: %(message)s",
     )
+    # `kill -USR1 <pid>` writes every thread's stack to the log (`kill -USR2` every asyncio
+    # task's): a worker that hangs can be looked into without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     parent = os.environ.get("DAGKUBE_PARENT_PID")
     if parent:
         _die_with_parent(int(parent))

@@ -37,6 +37,10 @@ T = TypeVar("T")
 # within SOCKET_TIMEOUT_S (then RedisUnavailable), and `--timeout` and Ctrl-C keep working.
 MAX_BLOCK_S = 5.0
 SOCKET_TIMEOUT_S = MAX_BLOCK_S + 5.0
+# Redis before 7.0 truncates a blocking command's timeout to whole milliseconds (after a
+# decimal-to-binary conversion, so "0.001" can become 0), and 0 means "wait forever": a
+# deadline's last remainder is sent as at least 10 ms.
+MIN_BLOCK_S = 0.01
 CONNECT_TIMEOUT_S = 5.0
 HEALTH_CHECK_S = 30
 # A server that stops answering or refuses connections is retried (with backoff) this long
@@ -44,6 +48,12 @@ HEALTH_CHECK_S = 30
 # supervisor restarting the same server goes unnoticed, and a server gone for good is given
 # up on within SOCKET_TIMEOUT_S + RECONNECT_GRACE_S + SOCKET_TIMEOUT_S (35 s) at worst.
 RECONNECT_GRACE_S = 15.0
+
+
+def block_timeout(seconds: float) -> float:
+    """The timeout to send with BLPOP/BLMOVE for a wait of ``seconds`` (> 0): at most
+    MAX_BLOCK_S, at least MIN_BLOCK_S, so a short remainder never becomes "forever"."""
+    return min(MAX_BLOCK_S, max(MIN_BLOCK_S, seconds))
 
 
 def _default_user(url: str) -> bool:

