@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -256,24 +256,49 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
     return found
 
 
+class SnapshotCache:
+    """Parsed runs a long-lived caller keeps between plans, so each run is read only once:
+    per workflow structure, only the runs its last snapshot looked at (older ones left the
+    window for good), for the CACHED_STRUCTURES structures planned most recently."""
+
+    CACHED_STRUCTURES = 16
+
+    def __init__(self) -> None:
+        self._by_structure: OrderedDict[str, dict[str, _RunSamples]] = OrderedDict()
+
+    def runs(self, structure_hash: str, ids: Sequence[str]) -> dict[str, _RunSamples]:
+        """The structure's cached runs, pruned to ``ids``; marks it the most recent."""
+        cached = self._by_structure.pop(structure_hash, {})
+        kept = {run_id: cached[run_id] for run_id in ids if run_id in cached}
+        self._by_structure[structure_hash] = kept
+        while len(self._by_structure) > self.CACHED_STRUCTURES:
+            self._by_structure.popitem(last=False)
+        return kept
+
+    def __len__(self) -> int:
+        """Runs held, over every structure."""
+        return sum(len(runs) for runs in self._by_structure.values())
+
+
 async def load_snapshot(
     redis: Any,
     structure_hash: str,
     *,
     runs: int = SNAPSHOT_RUNS,
-    cache: dict[str, _RunSamples] | None = None,
+    cache: SnapshotCache | None = None,
     namespace: str | None = None,
 ) -> HistorySnapshot:
     """The samples planners learn from: task and worker records of the last ``runs``
     successful runs of this structure (failed runs' timings would mislead predictions), at
     most about SNAPSHOT_MAX_TASK_SAMPLES task samples (but at least 3 runs).
 
-    ``cache`` (run id -> parsed samples) lets a long-lived caller read each run only once.
+    ``cache`` lets a long-lived caller read each run only once.
     ``namespace``: learn from that namespace's history (see :func:`run_ids`).
     """
-    cache = {} if cache is None else cache
     ids = await run_ids(redis, structure_hash=structure_hash, limit=runs * 2, namespace=namespace)
-    unseen = [run_id for run_id in ids if run_id not in cache]
+    cache = cache if cache is not None else SnapshotCache()
+    parsed = cache.runs(f"{namespace or ''}/{structure_hash}", ids)
+    unseen = [run_id for run_id in ids if run_id not in parsed]
     if unseen:
         async with redis.pipeline(transaction=False) as pipe:
             for run_id in unseen:
@@ -284,10 +309,10 @@ async def load_snapshot(
         for index, run_id in enumerate(unseen):
             meta, tasks, workers = replies[3 * index : 3 * index + 3]
             if meta:
-                cache[run_id] = _samples(meta, tasks, workers)
+                parsed[run_id] = _samples(meta, tasks, workers)
     snapshot = HistorySnapshot(structure_hash=structure_hash)
     for run_id in ids:
-        found = cache.get(run_id)
+        found = parsed.get(run_id)
         if found is None or not found.succeeded:
             continue
         full = snapshot.runs >= runs or (

@@ -117,7 +117,9 @@ def alone_times(
             sample = samples[index]
             demand = fractions[sample.function]
             steps += [(sample.started_at, demand), (sample.started_at + sample.exec_s, -demand)]
-        area = _area(steps)
+        area, peak = _area(steps)
+        if peak <= cores:  # never more demand than cores: no sample of this run was slowed
+            continue
         for index in indices:
             sample = samples[index]
             mean = (
@@ -129,17 +131,20 @@ def alone_times(
     return alone
 
 
-def _area(steps: list[tuple[float, float]]) -> Callable[[float], float]:
-    """The integral from the first step to ``t`` of the demand that steps up and down."""
+def _area(steps: list[tuple[float, float]]) -> tuple[Callable[[float], float], float]:
+    """The integral from the first step to ``t`` of the demand that steps up and down, and
+    the highest the demand got."""
     steps.sort()
     times: list[float] = []
     areas: list[float] = []
     levels: list[float] = []
-    area = level = 0.0
+    area = level = peak = 0.0
     for time_s, change in steps:
         if times:
             area += level * (time_s - times[-1])
         level += change
+        if level > peak:
+            peak = level
         times.append(time_s)
         areas.append(area)
         levels.append(level)
@@ -148,4 +153,4 @@ def _area(steps: list[tuple[float, float]]) -> Callable[[float], float]:
         k = bisect.bisect_right(times, time_s) - 1
         return 0.0 if k < 0 else areas[k] + levels[k] * (time_s - times[k])
 
-    return at
+    return at, peak

@@ -23,7 +23,6 @@ as noisy in relative terms, which is what the measurements of CPU-bound tasks sh
 from __future__ import annotations
 
 import math
-import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -95,6 +94,15 @@ class SizeModel:
             return self.a + self.b * x
         return self.a
 
+    def curves(self, sizes: Sequence[float]) -> list[float]:
+        """``curve`` at each of ``sizes`` (each already >= 1), in one pass."""
+        a, b = self.a, self.b
+        if self.shape == "power":
+            return [a * x**b for x in sizes]
+        if self.shape == "linear":
+            return [a + b * x for x in sizes]
+        return [a] * len(sizes)
+
     def predict(self, size: float, group: str = "") -> float:
         """The SLA's prediction at ``size`` for a member of ``group`` ("" or unknown: none)."""
         return self.curve(size) * self.bias.get(group, 1.0) * self.factor
@@ -146,16 +154,17 @@ def _best_curve(xs: list[float], ys: list[float]) -> SizeModel:
     return best
 
 
-def _biases(
-    model: SizeModel, xs: list[float], ys: list[float], members: dict[str, list[int]]
-) -> dict[str, float]:
+def _biases(ratios: list[float], members: dict[str, list[int]]) -> dict[str, float]:
     """Each group's median ratio to the curve: a one-off outlier of a task (its first call in
     a fresh process importing a library, a pause) is noise, left to the residuals that every
     task's SLA factor is taken from, not a lasting trait of that task."""
-    return {
-        group: statistics.median(ys[i] / model.curve(xs[i]) for i in found)
-        for group, found in members.items()
-    }
+    return {group: _median([ratios[i] for i in found]) for group, found in members.items()}
+
+
+def _median(values: list[float]) -> float:
+    values.sort()
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def fit_size_model(
@@ -182,14 +191,14 @@ def fit_size_model(
     # and planning stays fast on large histories; biases and ratios use every sample.
     stride = max(1, len(xs) // FIT_POINTS)
     model = _best_curve(xs[::stride], ys[::stride])
-    bias = _biases(model, xs, ys, members)
+    ratios = [y / c for y, c in zip(ys, model.curves(xs), strict=True)]
+    bias = _biases(ratios, members)
     if bias:  # refit the curve on the values with each task's bias taken out
         level = [y / bias.get(g, 1.0) for y, g in zip(ys, groups, strict=True)]
         model = _best_curve(xs[::stride], level[::stride])
-        bias = _biases(model, xs, ys, members)
-    ratios = [
-        y / (model.curve(x) * bias.get(g, 1.0)) for x, y, g in zip(xs, ys, groups, strict=True)
-    ]
+        ratios = [y / c for y, c in zip(ys, model.curves(xs), strict=True)]
+        bias = _biases(ratios, members)
+        ratios = [r / bias.get(g, 1.0) for r, g in zip(ratios, groups, strict=True)]
     return SizeModel(
         model.shape,
         model.a,

@@ -19,7 +19,7 @@ from redis import exceptions as redis_errors
 from dagkube import planning
 from dagkube.dag import DagSpec
 from dagkube.errors import DagkubeError, RedisRestarted, RedisUnavailable, RunTimeout
-from dagkube.metrics.history import load_snapshot, read_record
+from dagkube.metrics.history import SnapshotCache, load_snapshot, read_record
 from dagkube.planning import PlanningOptions
 from dagkube.planning.model import Plan
 from dagkube.planning.options import DEFAULT_CLUSTER_SIZE
@@ -146,7 +146,7 @@ class LocalRuntime:
         self.backend: LocalBackend | None = None
         self.scaler: Scaler | None = None
         self._active_runs: set[str] = set()
-        self._history_cache: dict = {}  # run id -> parsed history samples (immutable)
+        self._history_cache = SnapshotCache()  # parsed runs of the history (immutable)
 
     # ----------------------------------------------------------------- lifecycle
     def __enter__(self) -> LocalRuntime:

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.integration
 STRUCTURE = "calibration-structure"
 
 
-def _run(run_id: str, planner: str, makespan_s: float, candidate: str = ""):
+def _run(
+    run_id: str, planner: str, makespan_s: float, candidate: str = "", structure: str = STRUCTURE
+):
     history = plain_run()
     run = history.run.model_copy(
         update={
@@ -25,7 +27,7 @@ def _run(run_id: str, planner: str, makespan_s: float, candidate: str = ""):
             "planner": planner,
             "candidate": candidate,
             "sla": "avg",
-            "structure_hash": STRUCTURE,
+            "structure_hash": structure,
             "workflow": "calibration",
             "plan_history_runs": 3,
             "model_makespan_s": 1.0,
@@ -54,3 +56,31 @@ def test_residuals_are_kept_under_the_planner_auto_chose(redis_server, redis_cli
 
     found = {(r.planner, round(r.seconds, 3)) for r in asyncio.run(snapshot()).residuals}
     assert found == {("wukong", 0.2), ("uniform", 0.3), ("auto", 0.5)}
+
+
+def test_a_long_lived_cache_reads_each_run_once_and_keeps_only_the_window(
+    redis_server, redis_client
+):
+    """A LocalRuntime plans many runs of one workflow: each run is parsed once, and runs that
+    left the snapshot's window are let go (the cache once grew with every run)."""
+    from dagkube.metrics.history import SnapshotCache
+
+    ids = [f"cache-run-{n}" for n in range(5)]
+    for run_id in ids:
+        store(redis_client, _run(run_id, "uniform", 1.1, structure="cache-structure"))
+    cache = SnapshotCache()
+
+    async def snapshot(runs: int):
+        client = await connect(redis_server.url)
+        try:
+            return await load_snapshot(client, "cache-structure", runs=runs, cache=cache)
+        finally:
+            await client.aclose()
+
+    first = asyncio.run(snapshot(runs=5))
+    assert first.runs == 5 and len(cache) == 5
+    # Parsed once: a record changed in Redis afterwards is not read again.
+    redis_client.delete(*(key.decode() for key in redis_client.keys("*cache-run-0*tasks*")))
+    assert len(asyncio.run(snapshot(runs=5)).tasks) == len(first.tasks)
+    # A narrower window (at most runs * 2 ids are looked at) lets the oldest runs go.
+    assert asyncio.run(snapshot(runs=1)).runs == 1 and len(cache) == 2

@@ -568,3 +568,30 @@ def test_non_uniform_keeps_no_downgrade_that_saves_no_gb_s():
         [512, 1024], history=history(durations, memory=1024), cpu_enforced=False
     )
     assert min(plan(wf.dag, "non-uniform", loose).classes_used()) == 512
+
+
+def test_planning_runs_without_the_cyclic_collector_and_leaves_it_as_it_found_it(monkeypatch):
+    """The collector traversed the whole process dozens of times per 1,000-task plan: it is
+    paused while planning (planners and the plan's validation) and restored after."""
+    import gc
+
+    import dagkube.planning as planning
+
+    seen: list[bool] = []
+    for name in ("plan_auto", "validate_plan"):
+        original = getattr(planning, name)
+
+        def watched(*args, _original=original, **kwargs):
+            seen.append(gc.isenabled())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(planning, name, watched)
+    wf = fan(8)
+    try:
+        plan(wf.dag, "auto", PlanningOptions([512, 2048]))
+        assert seen == [False, False] and gc.isenabled()
+        gc.disable()  # the caller's choice is kept
+        plan(wf.dag, "auto", PlanningOptions([512, 2048]))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
