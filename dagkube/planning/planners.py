@@ -39,6 +39,11 @@ class Packing:
 
 
 MIN_GB_S_SAVING = 0.01  # non-uniform: a downgrade must save at least this share of the GB-s
+# non-uniform: a downgraded worker's tasks must keep at least this share of the predicted
+# makespan as slack. Tasks vary run to run (CV 0.2-0.3 is common): a downgrade that the model
+# puts a few tens of milliseconds off the critical path (a cold start of the smaller class,
+# its slower CPU) lands on it in many runs, and the saving in GB-s costs makespan.
+DOWNGRADE_SLACK_SHARE = 0.1
 
 
 def default_class(classes_mib: list[int]) -> int:
@@ -404,8 +409,9 @@ def choose_non_uniform(
 
     Candidates are chosen from the slack of their tasks (latest minus earliest finish in the
     predicted schedule), largest GB-seconds first, so one full simulation checks a whole
-    round of downgrades; a round that grows the makespan is halved until it does not. The
-    downgrades are kept only if the objective asked for prefers the result to ``uniform``.
+    round of downgrades; a round that grows the makespan is halved until it does not, and
+    workers it would leave with too little slack (DOWNGRADE_SLACK_SHARE) are taken out of it.
+    The downgrades are kept only if the objective asked for prefers the result to ``uniform``.
     """
     classes = sorted(options.classes_mib)
     assert uniform.sizes is not None and uniform.floors is not None
@@ -514,6 +520,7 @@ class _Downgrades:
                 for task_id in self.tasks_of[logical]:
                     trial[task_id] = target
             trial_timing = simulate_plan(self.shared, trial, self.worker_of, self.options)
+            tight = self._tight(candidates, trial_timing)
             # Kept only if it is no slower and cheaper: where limits are enforced, a smaller
             # class starts slower and runs CPU-bound work slower, which can cost GB-seconds.
             if trial_timing.makespan_s > limit:
@@ -525,6 +532,13 @@ class _Downgrades:
                     f"predicted GB-s {trial_timing.gb_s:.3f} vs {self.timing.gb_s:.3f}: less "
                     f"than {MIN_GB_S_SAVING:.0%} saved"
                 ]
+            elif tight:
+                self.rejected = [
+                    f"{len(tight)} downgraded worker(s) left with less than "
+                    f"{DOWNGRADE_SLACK_SHARE:.0%} of the makespan as slack"
+                ]
+                candidates = [c for c in candidates if c[1] not in tight]
+                continue
             else:
                 self.memory, self.timing = trial, trial_timing
                 self.downgraded += len(candidates)
@@ -532,6 +546,17 @@ class _Downgrades:
                 return True
             candidates = candidates[: len(candidates) // 2]
         return False
+
+    def _tight(self, candidates: list[tuple[float, str, int]], timing: Timing) -> set[str]:
+        """The downgraded logical workers whose tasks end within DOWNGRADE_SLACK_SHARE of the
+        makespan of delaying the run in the trial schedule ``timing``."""
+        slack = _slack(self.shared.dag, timing)
+        margin = DOWNGRADE_SLACK_SHARE * timing.makespan_s
+        return {
+            logical
+            for _, logical, _ in candidates
+            if min(slack[t] for t in self.tasks_of[logical]) < margin
+        }
 
     def notes(self) -> list[str]:
         """Why nothing was downgraded, and how many tasks their predicted peak held up."""

@@ -329,6 +329,24 @@ def test_non_uniform_downgrades_off_the_critical_path_without_growing_makespan()
     assert non_uniform.predicted_gb_s < uniform.predicted_gb_s
 
 
+@pytest.mark.parametrize(("step_s", "kept"), [(2.7, 1024), (2.8, 2048)])
+def test_non_uniform_keeps_no_downgrade_that_leaves_too_little_slack(step_s, kept):
+    """The short branches fit in the critical branch's 6.4 s at 1,024 MiB either way (their
+    time doubles), but at 2.8 s only 0.57 s would be left, under 10% of the makespan: run to
+    run variation would put them on the critical path, so they stay on the largest class."""
+    wf = unequal_branches()
+    options = PlanningOptions(
+        [512, 1024, 2048],
+        history=history({"prep": 0.1, "long_work": 3.0, "step": step_s, "join": 0.1}),
+        cluster_size=1,
+    )
+    planned = plan(wf.dag, "non-uniform", options)
+    steps = {t.memory_mib for task_id, t in planned.tasks.items() if task_id.startswith("step")}
+    assert steps == {kept}
+    if kept == 2048:
+        assert any("less than 10% of the makespan as slack" in n for n in planned.notes)
+
+
 def test_plans_carry_predictions_and_provenance():
     wf = fan(3)
     options = PlanningOptions(
