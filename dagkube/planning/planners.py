@@ -548,8 +548,8 @@ class _Downgrades:
         return False
 
     def _tight(self, candidates: list[tuple[float, str, int]], timing: Timing) -> set[str]:
-        """The downgraded logical workers whose tasks end within DOWNGRADE_SLACK_SHARE of the
-        makespan of delaying the run in the trial schedule ``timing``."""
+        """The downgraded logical workers with a task that, in the trial schedule ``timing``,
+        ends less than DOWNGRADE_SLACK_SHARE of the makespan before it would delay the run."""
         slack = _slack(self.shared.dag, timing)
         margin = DOWNGRADE_SLACK_SHARE * timing.makespan_s
         return {

@@ -517,6 +517,7 @@ def main(argv: Iterable[str] | None = None) -> NoReturn:
     # `kill -USR1 <pid>` writes every thread's stack to the log (`kill -USR2` every asyncio
     # task's): a worker that hangs can be looked into without stopping it.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # until Worker.main can answer it
     parent = os.environ.get("DAGKUBE_PARENT_PID")
     if parent:
         _die_with_parent(int(parent))

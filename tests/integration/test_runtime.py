@@ -476,3 +476,25 @@ def test_a_requeued_invocation_is_counted_once_when_its_first_worker_finishes_to
         *(f"{keys.prefix}:{part}" for part in ("meta", "result", "keys")),
         queue,
     )
+
+
+def test_a_worker_writes_its_stacks_to_its_log_on_sigusr1_and_sigusr2_and_carries_on(
+    make_runtime,
+):
+    """How to look into a worker that seems stuck without stopping it (README)."""
+    import os
+    import signal
+
+    rt = make_runtime(max_workers=1, idle_timeout_s=30)
+    assert dagkube.Workflow(nap(0), name="it-stacks").run("wukong", runtime=rt) is not None
+    (worker_id, pid), *_ = rt.worker_pids().items()
+    log = rt.home / "logs" / f"{worker_id}.log"
+    os.kill(pid, signal.SIGUSR1)
+    os.kill(pid, signal.SIGUSR2)
+    wait_until(
+        lambda: "in _take" in log.read_text() and "Current thread" in log.read_text(),
+        10,
+        "both stack dumps in the worker's log",
+    )
+    assert dagkube.Workflow(nap(0), name="it-stacks").run("wukong", runtime=rt) is not None
+    assert rt.worker_pids() == {worker_id: pid}  # the same worker served it
