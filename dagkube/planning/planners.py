@@ -10,12 +10,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from dagkube.dag import DagSpec
 from dagkube.planning.assembly import Choice, simulate_plan
 from dagkube.planning.estimates import SharedEstimates
+from dagkube.planning.fitting import statistic
+from dagkube.planning.history import Residual
 from dagkube.planning.objective import MAKESPAN_TOLERANCE, Prediction
 from dagkube.planning.options import PlanningOptions
 from dagkube.planning.rules import overlaps_step
@@ -39,11 +41,25 @@ class Packing:
 
 
 MIN_GB_S_SAVING = 0.01  # non-uniform: a downgrade must save at least this share of the GB-s
-# non-uniform: a downgraded worker's tasks must keep at least this share of the predicted
-# makespan as slack. Tasks vary run to run (CV 0.2-0.3 is common): a downgrade that the model
-# puts a few tens of milliseconds off the critical path (a cold start of the smaller class,
-# its slower CPU) lands on it in many runs, and the saving in GB-s costs makespan.
-DOWNGRADE_SLACK_SHARE = 0.1
+# non-uniform: a downgraded worker's tasks must keep as slack the share of the predicted
+# makespan by which this workflow's runs came out later than predicted: the p90 of its
+# earlier runs' actual / predicted makespans over their median, minus 1 (at least
+# MIN_LATENESS_RUNS runs; at most MAX_DOWNGRADE_LATENESS). Tasks vary run to run: a downgrade
+# the model put a few tens of milliseconds off the critical path (a cold start of the smaller
+# class, its slower CPU) landed on it in most runs of a noisy workflow, and the saving in
+# GB-s cost makespan.
+MIN_LATENESS_RUNS = 3
+MAX_DOWNGRADE_LATENESS = 0.25
+
+
+def lateness(residuals: Sequence[Residual]) -> float:
+    """How much later than predicted a run of this workflow may come out (a share of its
+    predicted makespan, see MAX_DOWNGRADE_LATENESS); 0 without enough runs to tell."""
+    ratios = [r.ratio for r in residuals if r.ratio is not None]
+    if len(ratios) < MIN_LATENESS_RUNS:
+        return 0.0
+    spread = statistic(ratios, 90) / statistic(ratios, 50) - 1.0
+    return min(max(spread, 0.0), MAX_DOWNGRADE_LATENESS)
 
 
 def default_class(classes_mib: list[int]) -> int:
@@ -410,7 +426,8 @@ def choose_non_uniform(
     Candidates are chosen from the slack of their tasks (latest minus earliest finish in the
     predicted schedule), largest GB-seconds first, so one full simulation checks a whole
     round of downgrades; a round that grows the makespan is halved until it does not, and
-    workers it would leave with too little slack (DOWNGRADE_SLACK_SHARE) are taken out of it.
+    workers it would leave with less slack than runs came out late by (:func:`lateness`) are
+    taken out of it.
     The downgrades are kept only if the objective asked for prefers the result to ``uniform``.
     """
     classes = sorted(options.classes_mib)
@@ -428,6 +445,7 @@ def choose_non_uniform(
         memory=dict(uniform.memory),
         timing=uniform.timing,
         max_simulations=max_simulations,
+        lateness=lateness(options.history.residuals),
     )
     baseline = uniform.timing.makespan_s
     search.run(limit=baseline * (1 + MAKESPAN_TOLERANCE))
@@ -471,6 +489,7 @@ class _Downgrades:
     memory: dict[str, int]
     timing: Timing
     max_simulations: int | None = None
+    lateness: float = 0.0  # the slack a downgraded worker keeps, a share of the makespan
     simulations: int = 0
     downgraded: int = 0
     considered: int = 0
@@ -534,8 +553,8 @@ class _Downgrades:
                 ]
             elif tight:
                 self.rejected = [
-                    f"{len(tight)} downgraded worker(s) left with less than "
-                    f"{DOWNGRADE_SLACK_SHARE:.0%} of the makespan as slack"
+                    f"{len(tight)} downgraded worker(s) left with less slack than the "
+                    f"{self.lateness:.0%} of the makespan that runs came out late by"
                 ]
                 candidates = [c for c in candidates if c[1] not in tight]
                 continue
@@ -549,9 +568,11 @@ class _Downgrades:
 
     def _tight(self, candidates: list[tuple[float, str, int]], timing: Timing) -> set[str]:
         """The downgraded logical workers with a task that, in the trial schedule ``timing``,
-        ends less than DOWNGRADE_SLACK_SHARE of the makespan before it would delay the run."""
+        ends less than ``lateness`` of the makespan before it would delay the run."""
+        if self.lateness <= 0:
+            return set()
         slack = _slack(self.shared.dag, timing)
-        margin = DOWNGRADE_SLACK_SHARE * timing.makespan_s
+        margin = self.lateness * timing.makespan_s
         return {
             logical
             for _, logical, _ in candidates
