@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from dagkube.dag import DagSpec
-from dagkube.planning.assembly import Choice, simulate_plan
+from dagkube.planning.assembly import CALIBRATION_RUNS, Choice, simulate_plan
 from dagkube.planning.estimates import SharedEstimates
 from dagkube.planning.fitting import statistic
 from dagkube.planning.history import Residual
@@ -41,7 +41,7 @@ class Packing:
 
 
 MIN_GB_S_SAVING = 0.01  # non-uniform: a downgrade must save at least this share of the GB-s
-# non-uniform: once a workflow has MIN_LATENESS_RUNS runs behind it, a downgraded worker's
+# non-uniform: once a workflow has CALIBRATION_RUNS runs behind it, a downgraded worker's
 # tasks must keep as slack the share of the predicted makespan by which its runs came out
 # later than predicted: the p90 of their actual / predicted makespans over the median,
 # minus 1, at least MIN_DOWNGRADE_LATENESS, at most MAX_DOWNGRADE_LATENESS. Tasks vary run
@@ -49,7 +49,6 @@ MIN_GB_S_SAVING = 0.01  # non-uniform: a downgrade must save at least this share
 # start of the smaller class, its slower CPU) landed on it in most runs of a noisy workflow,
 # and the saving in GB-s cost makespan. The floor: the measured spread alone (a few % on the
 # shapes benchmark, whose task times vary with CV 0.3) let a downgrade cost 15% on SoyKB.
-MIN_LATENESS_RUNS = 3
 MIN_DOWNGRADE_LATENESS = 0.1
 MAX_DOWNGRADE_LATENESS = 0.25
 
@@ -58,7 +57,7 @@ def lateness(residuals: Sequence[Residual]) -> float:
     """How much later than predicted a run of this workflow may come out, a share of its
     predicted makespan (see MIN_DOWNGRADE_LATENESS); 0 without enough runs to tell."""
     ratios = [r.ratio for r in residuals if r.ratio is not None]
-    if len(ratios) < MIN_LATENESS_RUNS:
+    if len(ratios) < CALIBRATION_RUNS:
         return 0.0
     spread = statistic(ratios, 90) / statistic(ratios, 50) - 1.0
     return min(max(spread, MIN_DOWNGRADE_LATENESS), MAX_DOWNGRADE_LATENESS)
@@ -541,7 +540,6 @@ class _Downgrades:
                 for task_id in self.tasks_of[logical]:
                     trial[task_id] = target
             trial_timing = simulate_plan(self.shared, trial, self.worker_of, self.options)
-            tight = self._tight(candidates, trial_timing)
             # Kept only if it is no slower and cheaper: where limits are enforced, a smaller
             # class starts slower and runs CPU-bound work slower, which can cost GB-seconds.
             if trial_timing.makespan_s > limit:
@@ -553,7 +551,7 @@ class _Downgrades:
                     f"predicted GB-s {trial_timing.gb_s:.3f} vs {self.timing.gb_s:.3f}: less "
                     f"than {MIN_GB_S_SAVING:.0%} saved"
                 ]
-            elif tight:
+            elif tight := self._tight(candidates, trial_timing):
                 self.rejected = [
                     f"{len(tight)} downgraded worker(s) left with less slack than the "
                     f"{self.lateness:.0%} of the makespan that runs came out late by"

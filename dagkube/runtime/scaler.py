@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from dagkube.runtime.invocation import Invocation
 from dagkube.store.calls import AddToRunCall, RequeueCall
-from dagkube.store.connection import ServerReplaced
+from dagkube.store.connection import MIN_BLOCK_S, ServerReplaced
 from dagkube.store.keys import PoolKeys, RunKeys, worker_heartbeat, worker_proc, worker_task
 from dagkube.store.records import RunStatus
 from dagkube.store.scripts import Scripts
@@ -171,7 +171,7 @@ class Scaler:
         head = await self.redis.zrange(self.keys.prewarm, 0, 0, withscores=True)
         if not head:
             return self.tick_s
-        return min(self.tick_s, max(0.01, head[0][1] - time.time()))
+        return min(self.tick_s, max(MIN_BLOCK_S, head[0][1] - time.time()))
 
     async def _prewarm(self) -> None:
         """Pre-scale ahead of the demand that due pre-warm requests anticipate (within the
