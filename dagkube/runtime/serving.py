@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dagkube.runtime.execution import run_in_thread
+from dagkube.runtime.groupcommit import GroupCommit
 from dagkube.runtime.inputs import Preloader, RunState, gather
 from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.scaler import prewarm_entry
@@ -46,7 +47,7 @@ from dagkube.runtime.workercore.messages import (
     WaitInbox,
     WorkerIdle,
 )
-from dagkube.store.calls import CompleteCall, FailCall, StoreCall
+from dagkube.store.calls import CompleteCall, Completion, FailCall, StoreCall
 from dagkube.store.connection import MAX_BLOCK_S
 from dagkube.store.frames import Serialized
 from dagkube.store.keys import RunKeys
@@ -61,6 +62,11 @@ DELAY_POLL_S = 0.005  # delayed-io: how often the other inputs of the fan-in are
 # A bound worker takes up to this many ready tasks from its inbox in one read (a packed
 # fan-out routes hundreds there at once; one read each was a round trip more per task).
 INBOX_READ_MAX = 1024
+# Group commit (groupcommit.py): overlapped steps that wait for the one under way go in one
+# COMPLETE, up to this many tasks and, together, the output size one overlapped step may
+# hold (1/16 of the worker's memory, planning.rules.overlaps_step); past either the worker
+# waits for them.
+GROUP_MAX_TASKS = 64
 
 
 @dataclass
@@ -104,7 +110,13 @@ class Serving:
         self.outcome: Outcome | None = None  # of the task executed last
         self.prewarm: RequestPrewarm | None = None  # sent when its trigger starts
         self.claimed: str | None = None  # the next task, claimed by the last COMPLETE
-        self.completing: asyncio.Task[Completed] | None = None  # an overlapped COMPLETE
+        # Overlapped steps, sent in groups while the worker executes (group commit).
+        self.group: GroupCommit[tuple[Complete, Outcome], Completed] = GroupCommit(
+            self._complete,
+            max_steps=GROUP_MAX_TASKS,
+            max_bytes=worker.config.memory_mib * 2**20 // 16,
+            size=lambda step: len(step[1].output or b""),
+        )
 
     async def run(self) -> Finish:
         try:
@@ -112,20 +124,20 @@ class Serving:
             while instructions:
                 instruction = instructions.popleft()
                 if isinstance(instruction, Finish):
+                    await self._flush(instructions)
                     return instruction
+                if not isinstance(instruction, Execute | Complete | RequestPrewarm):
+                    await self._flush(instructions)  # what follows sees every step landed
                 event = await self._carry_out(instruction)
-                if isinstance(event, Executed) and self.completing is not None:
-                    # the step overlapped with this task's execution comes first
-                    completing, self.completing = self.completing, None
-                    instructions.extend(self.machine.handle(await completing))
+                if isinstance(event, Executed):  # the overlapped steps that landed come first
+                    instructions.extend(self._take_landed())
                 if event is not None:
                     instructions.extend(self.machine.handle(event))
             raise AssertionError("the worker core ran out of instructions before a Finish")
         finally:
-            if self.completing is not None:  # the task after it raised: the step still lands
-                await asyncio.wait([self.completing])
-                if not self.completing.cancelled() and self.completing.exception() is not None:
-                    log.error("run %s: an overlapped COMPLETE failed", self.state.run_id)
+            # the task after them raised: the steps under way still land
+            if await self.group.close() is not None:
+                log.error("run %s: an overlapped COMPLETE failed", self.state.run_id)
             await self._stop_waiting()
             for preloader in self.preloaders:
                 await preloader.stop()
@@ -155,10 +167,10 @@ class Serving:
             case Complete(overlapped=True):
                 assert self.outcome is not None and instruction.next_task is not None
                 self.claimed = instruction.next_task  # the step writes its claim
-                self.completing = asyncio.create_task(self._complete(instruction, self.outcome))
+                await self.group.add((instruction, self.outcome))
             case Complete():
                 assert self.outcome is not None
-                return await self._complete(instruction, self.outcome)
+                return await self._complete_after_group(instruction, self.outcome)
             case StoreOutput(task_id=task_id):
                 assert self.outcome is not None and self.outcome.output is not None
                 outputs = {task_id: self.outcome.output}
@@ -351,11 +363,52 @@ class Serving:
                 return UploadDelayed(task_id=record.task_id, kept=False)
             await asyncio.sleep(DELAY_POLL_S)
 
-    async def _complete(self, instruction: Complete, outcome: Outcome) -> Completed:
+    # ----------------------------------------------------------------- COMPLETE
+    def _take_landed(self) -> list[Instruction]:
+        """The core's instructions for the overlapped steps that landed (none: they only
+        add to its queue or end the run)."""
+        return [i for event in self.group.take() for i in self.machine.handle(event)]
+
+    async def _flush(self, instructions: deque[Instruction]) -> None:
+        """Wait until every overlapped step has landed and hand the core their events."""
+        await self.group.drain()
+        instructions.extendleft(reversed(self._take_landed()))
+
+    async def _complete_after_group(self, instruction: Complete, outcome: Outcome) -> Completed:
+        """A step that is not overlapped: the overlapped ones waiting go with it (after the
+        one under way has landed), and their events reach the core first."""
+        await self.group.drain()
+        steps = [*self.group.take_waiting(), (instruction, outcome)]
+        stray = self._take_landed()
+        *earlier, last = await self._complete(steps)
+        stray += [i for event in earlier for i in self.machine.handle(event)]
+        assert not stray, f"an overlapped step gave the core instructions: {stray!r}"
+        return last
+
+    async def _complete(self, group: list[tuple[Complete, Outcome]]) -> list[Completed]:
+        """One COMPLETE for ``group``'s tasks, in the order they executed; the last one's
+        instruction says what the worker runs next (its claim) and what stays pending."""
         worker, state = self.worker, self.state
-        record = outcome.record
-        store = outcome.output is not None and record.output_stored
-        field_name = record.task_id + ("@dup" if record.duplicate else "")
+        instruction = group[-1][0]
+        completions: list[Completion] = []
+        stored: list[tuple[TaskRecord, str, int]] = []  # record, field, output bytes
+        for _, outcome in group:
+            record = outcome.record
+            store = outcome.output is not None and record.output_stored
+            field_name = record.task_id + ("@dup" if record.duplicate else "")
+            completions.append(
+                Completion(
+                    task_id=record.task_id,
+                    record_json=record.model_dump_json(),
+                    record_field=field_name,
+                    output=outcome.output if store else None,
+                    now=record.ended_at,
+                    downstream=state.downstream(record.task_id),
+                )
+            )
+            if store and outcome.output is not None:
+                stored.append((record, field_name, len(outcome.output)))
+        last = completions.pop()
         following = instruction.next_task
         next_claim = json.dumps(self._claim_of(following)) if following is not None else ""
         started = time.perf_counter()
@@ -364,39 +417,44 @@ class Serving:
                 run_id=state.run_id,
                 pool=worker.config.pool,
                 worker_id=worker.config.worker_id,
-                task_id=record.task_id,
-                record_json=record.model_dump_json(),
-                record_field=field_name,
-                output=outcome.output if store else None,
+                task_id=last.task_id,
+                record_json=last.record_json,
+                record_field=last.record_field,
+                output=last.output,
                 logical_worker=self.me,
                 memory_mib=worker.config.memory_mib,
-                now=record.ended_at,
+                now=last.now,
                 run_ttl_s=state.ttl_s,
-                downstream=state.downstream(record.task_id),
+                downstream=last.downstream,
                 amended_records=tuple(self.amendments),
                 pending_roots=instruction.pending,
                 next_claim=next_claim,
+                earlier=completions,
             )
         )
+        call_s = time.perf_counter() - started
         self.amendments.clear()
-        if instruction.overlapped:
-            if reply.running and reply.duplicate:
-                # a duplicate completed the task first: the step wrote no claim for the task
-                # executing now; write it (a worker lost meanwhile is charged with that task)
-                await self.redis.set(worker.task_key, next_claim, ex=state.ttl_s)
-        elif next_claim and reply.running and not reply.duplicate:
-            self.claimed = following
-        if store:
-            # The upload rode on this call (a large output: in the same round trip, just
-            # before it): amend the record in the next call with its time.
-            record.upload_s = time.perf_counter() - started
+        if not instruction.overlapped and next_claim and reply.running:
+            self.claimed = following  # the step wrote its claim
+        # The uploads rode on this call (a large output: in the same round trip, just before
+        # it): amend the records in the next call with their share of its time.
+        total = sum(size for _, _, size in stored) or 1
+        for record, field_name, size in stored:
+            record.upload_s = call_s * size / total
             self.amendments.append((field_name, record.model_dump_json()))
-        return Completed(
-            task_id=record.task_id,
-            status=reply.status,
-            continuation=reply.continuation,
-            local_ready=reply.local_ready,
+        events = [
+            Completed(task_id=c.task_id, status=reply.status, continuation=None)
+            for c in completions
+        ]
+        events.append(
+            Completed(
+                task_id=last.task_id,
+                status=reply.status,
+                continuation=reply.continuation,
+                local_ready=reply.local_ready,
+            )
         )
+        return events
 
     async def _fail(self) -> None:
         assert self.outcome is not None

@@ -118,11 +118,50 @@ class CompleteReply:
 
 
 @dataclass(frozen=True, slots=True)
+class Completion:
+    """One task of a COMPLETE: its record, its output (None: not stored), its consumers."""
+
+    task_id: str
+    record_json: str
+    record_field: str
+    output: Serialized | None
+    now: float
+    downstream: Sequence[Downstream] = ()
+
+    @property
+    def output_apart(self) -> bool:
+        """The output is too large to ride on the call: the caller writes it just before
+        (:meth:`dagkube.store.scripts.Scripts.complete`), and the call only says so."""
+        return self.output is not None and is_large(self.output)
+
+    def encode(self) -> list[Any]:
+        if self.output is None:
+            mode, inline = "none", b""
+        elif self.output_apart:
+            mode, inline = "apart", b""
+        else:
+            mode, inline = "inline", joined(self.output)
+        return [
+            self.task_id,
+            mode,
+            inline,
+            self.record_json,
+            self.record_field,
+            self.now,
+            len(self.downstream),
+            *(part for consumer in self.downstream for part in consumer.encode()),
+        ]
+
+
+@dataclass(frozen=True, slots=True)
 class CompleteCall(Call[CompleteReply]):
     """A task completed: its record, its output (None: not stored; a large one is written
-    apart, :attr:`output_apart`, with a TTL of ``run_ttl_s`` until the script takes it up),
+    apart, :meth:`apart`, with a TTL of ``run_ttl_s`` until the script takes it up),
     its consumers' inputs counted and the ready ones routed.
     ``record_field`` is the task id, or ``<id>@dup`` for a duplicate's record.
+    ``earlier``: tasks the worker executed before this one whose completions go in the same
+    call, first and in order (a bound worker's group commit: the tasks that ended while its
+    last COMPLETE was under way); the reply's ``duplicate`` is this task's.
     ``amended_records`` (record field, record JSON) replace records sent earlier;
     ``pending_roots`` are a flexible worker's tasks still to run, kept in its proc list with
     what this completion adds. ``next_claim``: the claim (JSON) of the task the worker runs
@@ -145,43 +184,45 @@ class CompleteCall(Call[CompleteReply]):
     amended_records: Sequence[tuple[str, str]] = ()
     pending_roots: Sequence[str] = ()
     next_claim: str = ""
+    earlier: Sequence[Completion] = ()
 
-    @property
-    def output_apart(self) -> bool:
-        """The output is too large to ride on the call: the caller writes it just before
-        (:meth:`dagkube.store.scripts.Scripts.complete`), and the call only says so."""
-        return self.output is not None and is_large(self.output)
+    def completions(self) -> list[Completion]:
+        """Every task of the call, in the order the script completes them."""
+        last = Completion(
+            self.task_id,
+            self.record_json,
+            self.record_field,
+            self.output,
+            self.now,
+            self.downstream,
+        )
+        return [*self.earlier, last]
+
+    def apart(self) -> dict[str, Serialized]:
+        """The outputs too large to ride on the call (task id -> output): the caller writes
+        them just before (:meth:`dagkube.store.scripts.Scripts.complete`)."""
+        return {c.task_id: c.output for c in self.completions() if c.output_apart and c.output}
 
     def space(self) -> KeySpace:
         return KeySpace.of(self.run_id)
 
     def arguments(self) -> list[Any]:
-        if self.output is None:
-            mode, inline = "none", b""
-        elif self.output_apart:
-            mode, inline = "apart", b""
-        else:
-            mode, inline = "inline", joined(self.output)
+        completions = self.completions()
         return [
             self.run_id,
             PoolKeys(self.pool).prefix,
-            self.task_id,
-            mode,
-            inline,
-            self.record_json,
-            self.record_field,
             worker_proc(self.worker_id, self.pool),
             worker_task(self.worker_id, self.pool),
             self.logical_worker or "",
             self.memory_mib,
-            self.now,
             self.next_claim,
             self.run_ttl_s,
             len(self.amended_records),
             *(part for amended in self.amended_records for part in amended),
             len(self.pending_roots),
             *self.pending_roots,
-            *(part for consumer in self.downstream for part in consumer.encode()),
+            len(completions),
+            *(part for completion in completions for part in completion.encode()),
         ]
 
     def decode(self, raw: Any) -> CompleteReply:

@@ -134,10 +134,9 @@ class Scripts:
         return call.decode(await script(keys=call.keys(), args=call.encode()))
 
     async def complete(self, call: CompleteCall) -> CompleteReply:
-        """COMPLETE. A large output (:attr:`CompleteCall.output_apart`) is written apart, just
+        """COMPLETE. A large output (:meth:`CompleteCall.apart`) is written apart, just
         before the script (:meth:`_after_apart`)."""
-        apart = {call.task_id: call.output} if call.output and call.output_apart else {}
-        return await self._after_apart(call, call.run_id, apart, call.run_ttl_s)
+        return await self._after_apart(call, call.run_id, call.apart(), call.run_ttl_s)
 
     async def store(self, call: StoreCall) -> StoreReply:
         """STORE, its large outputs written apart just before the script (:meth:`_after_apart`)."""

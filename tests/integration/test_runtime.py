@@ -407,6 +407,60 @@ def test_workers_created_for_a_run_but_never_used_are_charged_to_it(make_runtime
     assert charged_gb_s(found) >= record.gb_s + later.workers_unused_gb_s
 
 
+@dagkube.task
+def tick(index: int, marker: str, redis_url: str) -> int:
+    """The first to run holds Redis's writes for 0.5 s (its COMPLETE waits for them)."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return index
+    os.write(fd, str(index).encode())
+    os.close(fd)
+    import redis
+
+    with redis.Redis.from_url(redis_url) as client:
+        client.client_pause(500, all=False)
+    return index
+
+
+def test_a_bound_worker_goes_on_while_a_complete_waits_and_sends_those_that_ended_together(
+    make_runtime, tmp_path
+):
+    """Group commit: 40 ready tasks on one bound worker (the plan packs them there once a
+    run showed how short they are); while the first one's COMPLETE is held (writes paused),
+    the worker executes the others instead of one at most, and their steps land together;
+    every output counts once."""
+    from dagkube.metrics.history import read_run
+    from dagkube.store.connection import connect
+
+    rt = make_runtime(max_workers=1)
+    for attempt in ("first", "second"):
+        marker = str(tmp_path / attempt)
+        wf = dagkube.Workflow(
+            total([tick(i, marker, rt.redis_url) for i in range(40)]), name="it-group"
+        )
+        assert wf.run("uniform", runtime=rt) == sum(range(40))
+
+    async def history():
+        redis = await connect(rt.redis_url)
+        try:
+            return await read_run(redis, wf.last_run.record.run_id)
+        finally:
+            await redis.aclose()
+
+    found = rt.call(history())
+    assert found is not None
+    ticks = [t for t in found.tasks if t.function.endswith("tick")]
+    assert len({t.task_id for t in ticks}) == 40
+    assert {t.logical_worker for t in ticks} == {ticks[0].logical_worker} != {None}
+    # the worker runs them one after another: the first one held the writes
+    first = min(ticks, key=lambda t: t.started_at)
+    assert first.task_id == f"tick#{Path(marker).read_text()}"
+    # while they were held (0.5 s from its end), the other ticks ran, not one of them at most
+    during = [t for t in ticks if first.ended_at <= t.started_at < first.ended_at + 0.4]
+    assert len(during) >= 10, sorted(round(t.started_at - first.ended_at, 3) for t in ticks)
+
+
 def test_a_requeued_invocation_is_counted_once_when_its_first_worker_finishes_too(redis_client):
     """A worker the scaler took for lost (heartbeat expired) may still finish: its invocation
     was re-queued meanwhile, so only the copy may end it; the run must not end early."""

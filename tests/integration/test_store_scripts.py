@@ -18,6 +18,7 @@ from dagkube.store.calls import (
     AddToRunCall,
     CancelCall,
     CompleteCall,
+    Completion,
     Downstream,
     FailCall,
     FinishCall,
@@ -209,7 +210,7 @@ async def test_complete_counts_inputs_routes_ready_consumers_and_guards_duplicat
     assert await redis.hget(keys.meta, "tasks_done") == b"1"
 
 
-async def test_complete_writes_the_next_tasks_claim_only_while_the_run_goes_on(redis):
+async def test_complete_writes_the_next_tasks_claim_while_the_run_goes_on(redis):
     run = await start_run(redis, "claim", tasks_total=3)
     task = worker_task("w1", POOL)
     claim = json.dumps({"run": run, "task": "b", "function": "f"})
@@ -234,11 +235,76 @@ async def test_complete_writes_the_next_tasks_claim_only_while_the_run_goes_on(r
     assert (await Scripts(redis).complete(completing("a"))).running
     assert await redis.get(task) == claim.encode()
     assert 0 < await redis.ttl(task) <= 600
+    await redis.delete(task)
     again = await Scripts(redis).complete(completing("a"))  # a duplicate completion
-    assert again.duplicate and not await redis.exists(task)
+    # the worker runs its next task all the same: the claim says so
+    assert again.duplicate and await redis.get(task) == claim.encode()
     await redis.hset(RunKeys(run).meta, "status", "cancelling")
     assert not (await Scripts(redis).complete(completing("c"))).running
     assert not await redis.exists(task)
+
+
+async def test_complete_of_several_tasks_completes_each_in_order_and_routes_their_consumers(
+    redis,
+):
+    """A bound worker's group commit: the tasks that ended while its last COMPLETE was under
+    way go in one call; each is counted once, its consumers' inputs counted and routed, and
+    the call's tasks done before (a duplicate's) are skipped as a single call would."""
+    run = await start_run(redis, "group", tasks_total=5)
+    keys, task = RunKeys(run), worker_task("w1", POOL)
+    claim = json.dumps({"run": run, "task": "e", "function": "f"})
+    await redis.sadd(keys.done, "b")  # a duplicate completed b first
+
+    def completion(task_id: str, *downstream: Downstream) -> Completion:
+        record = json.dumps({"task_id": task_id})
+        return Completion(task_id, record, task_id, task_id.encode(), 5.0, downstream)
+
+    merge = Downstream("m", dependencies=3, memory_mib=512, worker="w1")
+    call = CompleteCall(
+        run_id=run,
+        pool=POOL,
+        worker_id="w1",
+        task_id="c",
+        record_json=json.dumps({"task_id": "c"}),
+        record_field="c",
+        output=b"c",
+        logical_worker="w1",
+        memory_mib=512,
+        now=6.0,
+        run_ttl_s=600,
+        downstream=(merge,),
+        next_claim=claim,
+        earlier=(completion("a", merge), completion("b", merge)),
+    )
+    reply = await Scripts(redis).complete(call)
+    assert reply.running and not reply.duplicate
+    assert reply.local_ready == ()  # b's input was not counted again: m waits for a third
+    assert await redis.hget(keys.meta, "tasks_done") == b"2"
+    assert await redis.hget(keys.dep_counts, "m") == b"2"
+    assert await redis.hmget(keys.outputs, ["a", "b", "c"]) == [b"a", None, b"c"]
+    assert sorted(await redis.hkeys(hist_run(run, "tasks"))) == [b"a", b"b", b"c"]
+    assert await redis.get(task) == claim.encode()
+
+    last = Completion("d", "{}", "d", b"d", 7.0, (merge,))
+    reply = await Scripts(redis).complete(
+        CompleteCall(
+            run_id=run,
+            pool=POOL,
+            worker_id="w1",
+            task_id="c",
+            record_json="{}",
+            record_field="c",
+            output=b"c",
+            logical_worker="w1",
+            memory_mib=512,
+            now=7.0,
+            run_ttl_s=600,
+            downstream=(merge,),
+            earlier=(last,),
+        )
+    )  # d, then c again (a duplicate completion, last)
+    assert reply.running and reply.duplicate and reply.local_ready == ("m",)
+    assert await redis.hget(keys.meta, "tasks_done") == b"3"
 
 
 async def test_fail_fails_the_run_once_and_stops_its_bound_workers(redis):

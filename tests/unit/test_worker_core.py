@@ -371,6 +371,30 @@ def test_a_ready_consumer_the_overlapped_step_routed_here_runs_after_the_executi
     ]
 
 
+def test_overlapped_steps_may_land_after_later_tasks_and_before_a_step_that_is_not():
+    """Group commit: tasks shorter than a step's round trip leave several overlapped steps
+    under way; their replies come later, together, and what they routed here is queued."""
+    run = run_of(FOUR, workers={"a": "w1", "b": "w1", "c": "w1", "d": "w1"})
+    core = bound(run, "w1", "a", "b", "c")
+    core.start()
+    assert core.handle(Executed(task_id="a", ok=True, started_at=1.0)) == [
+        Complete(task_id="a", next_task="b", overlapped=True),
+        Execute.match(task_id="b"),
+    ]
+    assert core.handle(Executed(task_id="b", ok=True, started_at=2.0)) == [
+        Complete(task_id="b", next_task="c", overlapped=True),
+        Execute.match(task_id="c"),
+    ]
+    # c ends with nothing queued: its step is not overlapped
+    assert core.handle(Executed(task_id="c", ok=True, started_at=3.0)) == [
+        Complete(task_id="c", next_task=None)
+    ]
+    assert core.handle(running("a")) == []
+    assert core.handle(running("b")) == []
+    assert core.completing == set()
+    assert core.handle(running("c", None, "d")) == [Execute(task_id="d", store=True)]
+
+
 def test_a_run_that_ended_during_an_overlapped_step_ends_after_the_executing_task():
     run = run_of(FOUR, workers={"a": "w1", "b": "w1", "c": "w1", "d": "w1"})
     core = bound(run, "w1", "a", "b", "c")

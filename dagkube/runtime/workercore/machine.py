@@ -41,6 +41,10 @@ upload, no longer stand between two tasks. The step names the next task as the w
 claim, so a worker lost meanwhile is charged with the task it was executing. Only an
 output of at most 1/16 of the task's memory is overlapped (:func:`overlaps_step`, which the
 timing model follows too): its serialized copy is held while the next task runs.
+Tasks that end faster than a step's round trip leave several overlapped steps under way;
+the shell sends them together (its group commit), so their ``Completed`` may come after
+later ``Executed`` events, and always before the ``Completed`` of a later step that is not
+overlapped.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ class InvocationMachine:
         self.duplicate = False  # the current task is a duplicate of a late upstream
         self.kept_for: str | None = None  # delayed-io kept the current output for this fan-in
         self.claims: deque[tuple[str, TaskdupParams]] = deque()
-        self.completing: str | None = None  # its COMPLETE is under way (overlapped)
+        self.completing: set[str] = set()  # their COMPLETE is under way (overlapped)
         self.ended = False  # an overlapped COMPLETE said the run no longer runs
         self.served = 0
         self.first_task_at: float | None = None
@@ -278,7 +282,7 @@ class InvocationMachine:
         memory_mib = self.run.plan.tasks[event.task_id].memory_mib
         if complete.next_task is None or not overlaps_step(event.output_bytes, memory_mib):
             return [complete]
-        self.completing = event.task_id
+        self.completing.add(event.task_id)
         following = self._next_bound()  # the next task's Execute (it is ready, see _next_ready)
         assert following and isinstance(following[-1], Execute), following
         return [replace(complete, overlapped=True), *following]
@@ -304,8 +308,8 @@ class InvocationMachine:
 
     def _on_completed(self, event: Completed) -> list[Instruction]:
         running = event.status == "running"
-        if event.task_id == self.completing:  # overlapped: the next task is executing
-            self.completing = None
+        if event.task_id in self.completing:  # overlapped: a later task is executing
+            self.completing.discard(event.task_id)
             if running:
                 self.queue.extend(event.local_ready)
             else:

@@ -215,7 +215,8 @@ class Complete(Instruction):
     task a bound worker runs next, already ready: the step also names it as what the worker
     runs now (its claim), a round trip less before it. ``overlapped``: the shell starts the
     step and carries on with the instructions that follow (that next task's ``Execute``)
-    while it is under way; its ``Completed`` comes just before that task's ``Executed``.
+    while it is under way; its ``Completed`` comes before that of any later step that is
+    not overlapped (overlapped steps under way together are sent in one call).
     -> Completed"""
 
     task_id: str
