@@ -408,7 +408,6 @@ class Serving:
             )
             if store and outcome.output is not None:
                 stored.append((record, field_name, len(outcome.output)))
-        last = completions.pop()
         following = instruction.next_task
         next_claim = json.dumps(self._claim_of(following)) if following is not None else ""
         started = time.perf_counter()
@@ -417,19 +416,13 @@ class Serving:
                 run_id=state.run_id,
                 pool=worker.config.pool,
                 worker_id=worker.config.worker_id,
-                task_id=last.task_id,
-                record_json=last.record_json,
-                record_field=last.record_field,
-                output=last.output,
                 logical_worker=self.me,
                 memory_mib=worker.config.memory_mib,
-                now=last.now,
                 run_ttl_s=state.ttl_s,
-                downstream=last.downstream,
+                completions=completions,
                 amended_records=tuple(self.amendments),
                 pending_roots=instruction.pending,
                 next_claim=next_claim,
-                earlier=completions,
             )
         )
         call_s = time.perf_counter() - started
@@ -442,9 +435,9 @@ class Serving:
         for record, field_name, size in stored:
             record.upload_s = call_s * size / total
             self.amendments.append((field_name, record.model_dump_json()))
+        *earlier, last = completions
         events = [
-            Completed(task_id=c.task_id, status=reply.status, continuation=None)
-            for c in completions
+            Completed(task_id=c.task_id, status=reply.status, continuation=None) for c in earlier
         ]
         events.append(
             Completed(

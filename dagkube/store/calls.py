@@ -155,13 +155,12 @@ class Completion:
 
 @dataclass(frozen=True, slots=True)
 class CompleteCall(Call[CompleteReply]):
-    """A task completed: its record, its output (None: not stored; a large one is written
-    apart, :meth:`apart`, with a TTL of ``run_ttl_s`` until the script takes it up),
-    its consumers' inputs counted and the ready ones routed.
-    ``record_field`` is the task id, or ``<id>@dup`` for a duplicate's record.
-    ``earlier``: tasks the worker executed before this one whose completions go in the same
-    call, first and in order (a bound worker's group commit: the tasks that ended while its
-    last COMPLETE was under way); the reply's ``duplicate`` is this task's.
+    """Tasks completed (:class:`Completion`, one or more, in the order the worker ran them:
+    a bound worker sends the tasks that ended while its last COMPLETE was under way together,
+    its group commit): each one's record, its output (None: not stored; a large one is
+    written apart, :meth:`apart`, with a TTL of ``run_ttl_s`` until the script takes it up),
+    its consumers' inputs counted and the ready ones routed. The reply's ``duplicate`` is the
+    last task's. A record field is the task id, or ``<id>@dup`` for a duplicate's record.
     ``amended_records`` (record field, record JSON) replace records sent earlier;
     ``pending_roots`` are a flexible worker's tasks still to run, kept in its proc list with
     what this completion adds. ``next_claim``: the claim (JSON) of the task the worker runs
@@ -172,42 +171,24 @@ class CompleteCall(Call[CompleteReply]):
     run_id: str
     pool: str
     worker_id: str
-    task_id: str
-    record_json: str
-    record_field: str
-    output: Serialized | None
     logical_worker: str | None  # the bound worker this runs on (None: flexible)
     memory_mib: int  # the worker's class
-    now: float
     run_ttl_s: int  # the run's TTL: a large output's key ends then should no script take it up
-    downstream: Sequence[Downstream] = ()
+    completions: Sequence[Completion]
     amended_records: Sequence[tuple[str, str]] = ()
     pending_roots: Sequence[str] = ()
     next_claim: str = ""
-    earlier: Sequence[Completion] = ()
-
-    def completions(self) -> list[Completion]:
-        """Every task of the call, in the order the script completes them."""
-        last = Completion(
-            self.task_id,
-            self.record_json,
-            self.record_field,
-            self.output,
-            self.now,
-            self.downstream,
-        )
-        return [*self.earlier, last]
 
     def apart(self) -> dict[str, Serialized]:
         """The outputs too large to ride on the call (task id -> output): the caller writes
         them just before (:meth:`dagkube.store.scripts.Scripts.complete`)."""
-        return {c.task_id: c.output for c in self.completions() if c.output_apart and c.output}
+        return {c.task_id: c.output for c in self.completions if c.output_apart and c.output}
 
     def space(self) -> KeySpace:
         return KeySpace.of(self.run_id)
 
     def arguments(self) -> list[Any]:
-        completions = self.completions()
+        completions = self.completions
         return [
             self.run_id,
             PoolKeys(self.pool).prefix,

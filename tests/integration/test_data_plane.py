@@ -18,6 +18,7 @@ from dagkube.runtime.inputs import OOB_MAGIC, deserialize, serialize
 from dagkube.store.calls import (
     OUTPUT_INLINE_MAX_BYTES,
     CompleteCall,
+    Completion,
     Downstream,
     RenewCall,
     StoreCall,
@@ -68,15 +69,19 @@ def complete(run: str, task_id: str, output: bytes | None) -> CompleteCall:
         run_id=run,
         pool=POOL,
         worker_id="w1",
-        task_id=task_id,
-        record_json="{}",
-        record_field=task_id,
-        output=output,
         logical_worker=None,
         memory_mib=512,
-        now=5.0,
         run_ttl_s=RUN_TTL_S,
-        downstream=(Downstream("sum", dependencies=2, memory_mib=512, preload_host="h"),),
+        completions=(
+            Completion(
+                task_id,
+                "{}",
+                task_id,
+                output,
+                5.0,
+                (Downstream("sum", dependencies=2, memory_mib=512, preload_host="h"),),
+            ),
+        ),
     )
 
 

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 import dagkube
 from dagkube.runtime.embedded import _free_port, default_object_dir
-from dagkube.store.calls import CompleteCall, StoreCall
+from dagkube.store.calls import CompleteCall, Completion, StoreCall
 from dagkube.store.cleanup import delete_run_keys
 from dagkube.store.connection import BulkReader
 from dagkube.store.keys import RunKeys, namespaced
@@ -229,14 +229,10 @@ def complete(run: str, task_id: str, output: bytes) -> CompleteCall:
         run_id=run,
         pool=namespaced("team-c", "wf"),
         worker_id="w1",
-        task_id=task_id,
-        record_json="{}",
-        record_field=task_id,
-        output=output,
         logical_worker=None,
         memory_mib=512,
-        now=5.0,
         run_ttl_s=900,
+        completions=(Completion(task_id, "{}", task_id, output, 5.0),),
     )
 
 

@@ -135,15 +135,19 @@ async def test_complete_routes_a_ready_consumer_as_the_rule_says(
         run_id=run,
         pool=POOL,
         worker_id="pod-1",
-        task_id="a",
-        record_json="{}",
-        record_field="a",
-        output=b"out",
         logical_worker=producer,
         memory_mib=512,
-        now=5.0,
         run_ttl_s=600,
-        downstream=(*first, Downstream("down", 1, 1024, worker=consumer, clustered=clustered)),
+        completions=(
+            Completion(
+                "a",
+                "{}",
+                "a",
+                b"out",
+                5.0,
+                (*first, Downstream("down", 1, 1024, worker=consumer, clustered=clustered)),
+            ),
+        ),
     )
     reply = await Scripts(redis).complete(call)
     queued = [json.loads(raw)["roots"] for raw in await redis.lrange(pool.queue(1024), 0, -1)]
@@ -174,20 +178,24 @@ async def test_complete_counts_inputs_routes_ready_consumers_and_guards_duplicat
         run_id=run,
         pool=POOL,
         worker_id="w1",
-        task_id="a",
-        record_json=json.dumps({"task_id": "a"}),
-        record_field="a",
-        output=b"out-a",
         logical_worker=None,
         memory_mib=512,
-        now=5.0,
         run_ttl_s=600,
-        downstream=(
-            Downstream("b", dependencies=1, memory_mib=512),
-            Downstream("c", dependencies=1, memory_mib=1024, worker="w2", preload_host="h"),
-            Downstream("d", dependencies=2, memory_mib=512, clustered=True),
-        ),
         pending_roots=("p",),
+        completions=(
+            Completion(
+                "a",
+                json.dumps({"task_id": "a"}),
+                "a",
+                b"out-a",
+                5.0,
+                (
+                    Downstream("b", dependencies=1, memory_mib=512),
+                    Downstream("c", dependencies=1, memory_mib=1024, worker="w2", preload_host="h"),
+                    Downstream("d", dependencies=2, memory_mib=512, clustered=True),
+                ),
+            ),
+        ),
     )
     reply = await Scripts(redis).complete(call)
     assert reply.running and reply.continuation == "b" and not reply.duplicate
@@ -220,15 +228,13 @@ async def test_complete_writes_the_next_tasks_claim_while_the_run_goes_on(redis)
             run_id=run,
             pool=POOL,
             worker_id="w1",
-            task_id=task_id,
-            record_json=json.dumps({"task_id": task_id}),
-            record_field=task_id,
-            output=None,
             logical_worker="w1",
             memory_mib=512,
-            now=5.0,
             run_ttl_s=600,
             next_claim=claim,
+            completions=(
+                Completion(task_id, json.dumps({"task_id": task_id}), task_id, None, 5.0),
+            ),
         )
 
     await redis.set(task, "{}")
@@ -264,17 +270,14 @@ async def test_complete_of_several_tasks_completes_each_in_order_and_routes_thei
         run_id=run,
         pool=POOL,
         worker_id="w1",
-        task_id="c",
-        record_json=json.dumps({"task_id": "c"}),
-        record_field="c",
-        output=b"c",
         logical_worker="w1",
         memory_mib=512,
-        now=6.0,
         run_ttl_s=600,
-        downstream=(merge,),
         next_claim=claim,
-        earlier=(completion("a", merge), completion("b", merge)),
+        completions=(
+            *(completion("a", merge), completion("b", merge)),
+            Completion("c", json.dumps({"task_id": "c"}), "c", b"c", 6.0, (merge,)),
+        ),
     )
     reply = await Scripts(redis).complete(call)
     assert reply.running and not reply.duplicate
@@ -291,16 +294,10 @@ async def test_complete_of_several_tasks_completes_each_in_order_and_routes_thei
             run_id=run,
             pool=POOL,
             worker_id="w1",
-            task_id="c",
-            record_json="{}",
-            record_field="c",
-            output=b"c",
             logical_worker="w1",
             memory_mib=512,
-            now=7.0,
             run_ttl_s=600,
-            downstream=(merge,),
-            earlier=(last,),
+            completions=(*(last,), Completion("c", "{}", "c", b"c", 7.0, (merge,))),
         )
     )  # d, then c again (a duplicate completion, last)
     assert reply.running and reply.duplicate and reply.local_ready == ("m",)
@@ -534,18 +531,22 @@ async def test_cleanup_removes_every_key_of_a_pool_and_of_a_run(redis):
             run_id=run,
             pool=POOL,
             worker_id="pod-1",
-            task_id="a",
-            record_json="{}",
-            record_field="a",
-            output=b"out",
             logical_worker=None,
             memory_mib=512,
-            now=5.0,
             run_ttl_s=600,
-            downstream=(
-                Downstream("b", 1, 512),
-                Downstream("c", 1, 1024),
-                Downstream("d", 1, 512, worker="w2", preload_host="h"),
+            completions=(
+                Completion(
+                    "a",
+                    "{}",
+                    "a",
+                    b"out",
+                    5.0,
+                    (
+                        Downstream("b", 1, 512),
+                        Downstream("c", 1, 1024),
+                        Downstream("d", 1, 512, worker="w2", preload_host="h"),
+                    ),
+                ),
             ),
         )
     )
