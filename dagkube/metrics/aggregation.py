@@ -130,6 +130,7 @@ class Totals:
             ("dagkube_workers_unused_gigabyte_seconds", run.workers_unused_gb_s),
             ("dagkube_tasks_duplicated", run.tasks_duplicated),
             ("dagkube_duplicates_won", run.duplicates_won),
+            ("dagkube_tasks_stolen", run.tasks_stolen),
             ("dagkube_workers_oom_killed", run.oom_kills),
             ("dagkube_oom_escalations", run.escalations),
         ):

@@ -283,6 +283,12 @@ HISTORY_SPECS: tuple[Spec, ...] = (
     ),
     Spec("dagkube_duplicates_won", "counter", "Duplicates that finished before the original", RUN),
     Spec(
+        "dagkube_tasks_stolen",
+        "counter",
+        "Ready tasks a bound worker with nothing left took from a busier one (work stealing)",
+        RUN,
+    ),
+    Spec(
         "dagkube_taskdup_saved_seconds",
         "counter",
         "Original's end minus its duplicate's end, where both finished and the duplicate was "

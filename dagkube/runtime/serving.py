@@ -19,6 +19,7 @@ from dagkube.runtime.scaler import prewarm_entry
 from dagkube.runtime.workercore.machine import InvocationMachine
 from dagkube.runtime.workercore.messages import (
     CheckDuplicated,
+    CheckTaken,
     ClaimDuplicate,
     Complete,
     Completed,
@@ -39,15 +40,19 @@ from dagkube.runtime.workercore.messages import (
     RequestPrewarm,
     StartPreload,
     StatusRead,
+    Steal,
+    Stole,
     Stop,
     StoreOutput,
+    TakenChecked,
     TaskReady,
     UploadDelayed,
     UpstreamsRead,
     WaitInbox,
     WorkerIdle,
 )
-from dagkube.store.calls import CompleteCall, Completion, FailCall, StoreCall
+from dagkube.runtime.workercore.run import steal_keep
+from dagkube.store.calls import CompleteCall, Completion, FailCall, StealCall, StoreCall
 from dagkube.store.connection import MAX_BLOCK_S
 from dagkube.store.frames import Serialized
 from dagkube.store.keys import RunKeys
@@ -184,6 +189,18 @@ class Serving:
                 return await self._read_upstreams(list(upstreams))
             case ClaimDuplicate(upstream=upstream):
                 return DuplicateClaimed(upstream=upstream, won=await self._claim(upstream))
+            case CheckTaken(task_ids=task_ids):
+                flags = await self.redis.smismember(keys.done, list(task_ids))
+                return TakenChecked(
+                    done=frozenset(t for t, flag in zip(task_ids, flags, strict=True) if flag)
+                )
+            case Steal(victims=victims, most=most):
+                stolen = await worker.scripts.steal(
+                    StealCall(
+                        run_id=state.run_id, victims=victims, most=most, keep=steal_keep(most)
+                    )
+                )
+                return Stole(task_ids=stolen.taken)
             case ReadStatus():
                 status = await self.redis.hget(keys.meta, "status")
                 return StatusRead(running=status == b"running")
@@ -404,6 +421,7 @@ class Serving:
                     output=outcome.output if store else None,
                     now=record.ended_at,
                     downstream=state.downstream(record.task_id),
+                    offered=self._offered(record),
                 )
             )
             if store and outcome.output is not None:
@@ -445,9 +463,17 @@ class Serving:
                 status=reply.status,
                 continuation=reply.continuation,
                 local_ready=reply.local_ready,
+                taken=reply.taken,
             )
         )
         return events
+
+    def _offered(self, record: TaskRecord) -> bool:
+        """The task was in this worker's offers list (work stealing): it ran on its planned
+        worker, and its COMPLETE withdraws it."""
+        task_id = record.task_id
+        planned = self.state.plan.tasks[task_id].worker_id
+        return planned is not None and planned == self.me and self.state.stealable(task_id)
 
     async def _fail(self) -> None:
         assert self.outcome is not None

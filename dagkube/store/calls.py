@@ -89,6 +89,7 @@ class Downstream:
     worker: str | None = None  # the logical worker planned for it (None: flexible)
     clustered: bool = False  # runs on the producer's worker (clustering)
     preload_host: str | None = None  # a host pre-loading this input (preload)
+    offer: bool = False  # once ready, other bound workers may take it (work stealing)
 
     def encode(self) -> list[Any]:
         return [
@@ -98,6 +99,7 @@ class Downstream:
             self.memory_mib,
             self.preload_host or "",
             int(self.clustered),
+            int(self.offer),
         ]
 
 
@@ -105,12 +107,14 @@ class Downstream:
 class CompleteReply:
     """The run's status; the continuation COMPLETE chose for a flexible worker (None: none);
     whether this was a duplicate completion (the task was done already); the ready consumers
-    routed to this worker."""
+    routed to this worker; the tasks of this (bound) worker that others took since its last
+    COMPLETE (work stealing)."""
 
     status: str
     continuation: str | None
     duplicate: bool
     local_ready: tuple[str, ...]
+    taken: tuple[str, ...] = ()
 
     @property
     def running(self) -> bool:
@@ -127,6 +131,7 @@ class Completion:
     output: Serialized | None
     now: float
     downstream: Sequence[Downstream] = ()
+    offered: bool = False  # run by its planned worker, which offered it to others: withdraw it
 
     @property
     def output_apart(self) -> bool:
@@ -148,6 +153,7 @@ class Completion:
             self.record_json,
             self.record_field,
             self.now,
+            int(self.offered),
             len(self.downstream),
             *(part for consumer in self.downstream for part in consumer.encode()),
         ]
@@ -207,13 +213,45 @@ class CompleteCall(Call[CompleteReply]):
         ]
 
     def decode(self, raw: Any) -> CompleteReply:
-        status, continuation, duplicate, *ready = raw
+        status, continuation, duplicate, *rest = raw
+        n_ready = int(rest[0]) if rest else 0
         return CompleteReply(
             status=_text(status),
             continuation=_text(continuation) or None,
             duplicate=int(duplicate) == 1,
-            local_ready=tuple(_text(task_id) for task_id in ready),
+            local_ready=tuple(_text(task_id) for task_id in rest[1 : 1 + n_ready]),
+            taken=tuple(_text(task_id) for task_id in rest[1 + n_ready :]),
         )
+
+
+# --------------------------------------------------------------------------------- STEAL
+@dataclass(frozen=True, slots=True)
+class StealReply:
+    taken: tuple[str, ...]  # in the order the thief is to run them (none: nothing to take)
+
+
+@dataclass(frozen=True, slots=True)
+class StealCall(Call[StealReply]):
+    """Work stealing: a bound worker with nothing left takes up to ``most`` of the ready tasks
+    the ``victims`` (bound workers of the run) offered and have not started, from the end of
+    each one's order, half of what lies beyond the ``keep`` a victim may be running already
+    (at least one), the longest lists first; nothing if the run no longer runs."""
+
+    script: ClassVar[str] = "steal"
+
+    run_id: str
+    victims: Sequence[str]
+    most: int
+    keep: int
+
+    def space(self) -> KeySpace:
+        return KeySpace.of(self.run_id)
+
+    def arguments(self) -> list[Any]:
+        return [self.run_id, self.most, self.keep, *self.victims]
+
+    def decode(self, raw: Any) -> StealReply:
+        return StealReply(taken=tuple(_text(task_id) for task_id in raw))
 
 
 # --------------------------------------------------------------------------------- STORE

@@ -194,6 +194,12 @@ class RunKeys:
     def preload(self, host: str) -> str:  # list: inputs stored for a pre-loading host
         return f"{self.prefix}:preload:{host}"
 
+    def offers(self, worker_id: str) -> str:  # list: ready tasks others may take (stealing)
+        return f"{self.prefix}:offers:{worker_id}"
+
+    def taken(self, worker_id: str) -> str:  # set: of those, taken, until the worker is told
+        return f"{self.prefix}:taken:{worker_id}"
+
     def duplicate(self, task_id: str) -> str:  # taskdup claim: one duplicate per task
         return f"{self.prefix}:dup:{task_id}"
 

@@ -196,6 +196,7 @@ class RunRecord(BaseModel):
     workers_unused_gb_s: float = 0.0  # their lifetime, charged here (not in gb_s)
     tasks_duplicated: int = 0  # duplicates started (taskdup)
     duplicates_won: int = 0  # duplicates that completed before the original
+    tasks_stolen: int = 0  # ready tasks a bound worker took from a busier one (work stealing)
     enforced: bool = False  # workers ran under their class's memory and CPU limits
     oom_kills: int = 0  # workers killed for exceeding their class's memory
     escalations: int = 0  # of those, work re-queued one class up

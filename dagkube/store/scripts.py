@@ -43,6 +43,8 @@ from dagkube.store.calls import (
     RenewReply,
     RequeueCall,
     RequeueReply,
+    StealCall,
+    StealReply,
     StoreCall,
     StoreReply,
 )
@@ -94,6 +96,7 @@ _PARTS = {
     "prune_structure": ("history", "prune_structure"),
     "prune_indexes": ("history", "prune_indexes"),
     "lengths": ("lengths",),
+    "steal": ("steal",),
 }
 
 
@@ -110,9 +113,9 @@ def _source(name: str) -> str:
 SOURCES = {name: _source(name) for name in _PARTS}
 # The scripts a worker calls (COMPLETE, FAIL, FINISH; STORE for outputs stored outside a
 # completion; ADD_TO_RUN when it was created for a run it never served; LENGTHS before reading
-# several inputs); the rest are called by the operator and the local driver (launcher,
-# scaler, history pruning).
-WORKER_SCRIPTS = ("complete", "store", "fail", "finish", "add_to_run", "lengths")
+# several inputs; STEAL when a bound worker has nothing left); the rest are called by the
+# operator and the local driver (launcher, scaler, history pruning).
+WORKER_SCRIPTS = ("complete", "store", "fail", "finish", "add_to_run", "lengths", "steal")
 
 
 class Scripts:
@@ -176,6 +179,9 @@ class Scripts:
         if names and getattr(reply, "status", "") == "missing":  # nothing will ever read them
             await self.bulk.in_io(delete_names, objects, names)
         return reply
+
+    async def steal(self, call: StealCall) -> StealReply:
+        return await self.call(call)
 
     async def fail(self, call: FailCall) -> FailReply:
         return await self.call(call)

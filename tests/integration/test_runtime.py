@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import dagkube
+from dagkube.planning.model import Plan
 from dagkube.store.calls import FinishCall, FinishReply, RequeueCall
 from dagkube.store.keys import PoolKeys, RunKeys, hist_run, worker_heartbeat, worker_proc
 from dagkube.store.scripts import call_sync
@@ -552,3 +553,63 @@ def test_a_worker_writes_its_stacks_to_its_log_on_sigusr1_and_sigusr2_and_carrie
     )
     assert dagkube.Workflow(nap(0), name="it-stacks").run("wukong", runtime=rt) is not None
     assert rt.worker_pids() == {worker_id: pid}  # the same worker served it
+
+
+@dagkube.task
+def whose() -> int:
+    return os.getpid()
+
+
+@dagkube.task
+def slow_on(pid: int, index: int) -> int:
+    """Slow (30 ms) on the worker that ran ``whose``, instant elsewhere."""
+    if os.getpid() == pid:
+        time.sleep(0.03)
+    return index
+
+
+def test_a_bound_worker_with_nothing_left_takes_ready_tasks_of_a_slower_one(make_runtime):
+    """Work stealing: a fan-out of 40 short tasks split between two warm bound workers, slow
+    only on the worker that ran the source. The other one, with nothing ready, takes ready
+    tasks of the slow one (from the end of its order) and runs them; each task counts once,
+    and the slow worker runs at most half of those planned for it."""
+    from dagkube.metrics.history import read_run
+    from dagkube.store.connection import connect
+
+    rt = make_runtime(max_workers=2)
+    source = whose()
+    wf = dagkube.Workflow(total([slow_on(source, i) for i in range(40)]), name="it-steal")
+    dag = wf.dag
+    plan = rt.plan(dag, "uniform")
+    # two bound workers: the source, the sum and the first 20 on w0, the other 20 on w1
+    for index, task_id in enumerate(t for t in dag.tasks if "slow_on" in t):
+        plan.tasks[task_id].worker_id = "w0" if index < 20 else "w1"
+    for task_id in dag.tasks:
+        if "slow_on" not in task_id:
+            plan.tasks[task_id].worker_id = "w0"
+    for _ in range(2):  # the first starts both workers: the second finds them warm
+        result = rt.run(dag, plan)
+        assert result.outputs == sum(range(40))
+
+    async def history():
+        redis = await connect(rt.redis_url)
+        try:
+            return await read_run(redis, result.run_id)
+        finally:
+            await redis.aclose()
+
+    found = rt.call(history())
+    assert found is not None and found.plan_json is not None
+    plan = Plan.model_validate_json(found.plan_json)
+    planned = {t: p.worker_id for t, p in plan.tasks.items() if "slow_on" in t}
+    assert len(set(planned.values())) == 2, plan.notes  # split between two bound workers
+    steps = [t for t in found.tasks if t.function.endswith("slow_on")]
+    assert len({t.task_id for t in steps}) == 40
+    (first,) = [t for t in found.tasks if t.function.endswith("whose")]
+    slow = first.logical_worker
+    planned_slow = [t for t, w in planned.items() if w == slow]
+    ran_slow = [t for t in steps if t.logical_worker == slow]
+    taken = [t for t in steps if t.logical_worker != planned[t.task_id]]
+    assert taken, "no task ran elsewhere than planned"
+    assert len(ran_slow) <= len(planned_slow) // 2, (len(ran_slow), len(planned_slow))
+    assert result.record.tasks_stolen >= len(taken)

@@ -28,6 +28,7 @@ from dagkube.store.calls import (
     PruneStructureCall,
     RenewCall,
     RequeueCall,
+    StealCall,
 )
 from dagkube.store.cleanup import delete_pool_keys, delete_run_keys
 from dagkube.store.keys import (
@@ -302,6 +303,52 @@ async def test_complete_of_several_tasks_completes_each_in_order_and_routes_thei
     )  # d, then c again (a duplicate completion, last)
     assert reply.running and reply.duplicate and reply.local_ready == ("m",)
     assert await redis.hget(keys.meta, "tasks_done") == b"3"
+
+
+async def test_steal_takes_offered_ready_tasks_from_the_end_and_their_worker_learns_of_it(
+    redis,
+):
+    """Work stealing: COMPLETE offers the ready consumers that may run elsewhere (in their
+    worker's order) and withdraws a task its worker completes; STEAL takes from the end of the
+    longest list, half beyond what the victim keeps, skipping done ones; the victim's next
+    COMPLETE lists what was taken, once."""
+    run = await start_run(redis, "steal", tasks_total=12)
+    offers = RunKeys(run).offers("w1")
+    scripts = Scripts(redis)
+
+    def complete(task_id: str, *downstream: Downstream, offered: bool = False) -> CompleteCall:
+        done = Completion(task_id, "{}", task_id, b"x", 5.0, downstream, offered=offered)
+        return CompleteCall(
+            run_id=run,
+            pool=POOL,
+            worker_id="p1",
+            logical_worker="w1",
+            memory_mib=512,
+            run_ttl_s=600,
+            completions=(done,),
+        )
+
+    fan = [Downstream(f"b{i}", 1, 512, worker="w1", offer=True) for i in range(10)]
+    reply = await scripts.complete(complete("s", *fan, Downstream("x", 1, 512, worker="w1")))
+    assert reply.local_ready == (*(f"b{i}" for i in range(10)), "x") and reply.taken == ()
+    assert await redis.lrange(offers, 0, -1) == [f"b{i}".encode() for i in range(10)]
+    assert offers.encode() in await redis.smembers(RunKeys(run).keyset)
+    await scripts.complete(complete("b0", offered=True))  # withdrawn by its worker
+    await redis.sadd(RunKeys(run).done, "b9")  # done already (a duplicate's): skipped
+    steal = StealCall(run_id=run, victims=["w1", "w3"], most=8, keep=2)
+    # 9 offered beyond the 2 kept: half of 7 = 3, from the end, b9 skipped
+    assert (await scripts.steal(steal)).taken == ("b8", "b7", "b6")
+    assert await redis.hget(RunKeys(run).meta, "tasks_stolen") == b"3"
+    reply = await scripts.complete(complete("b1", offered=True))
+    assert sorted(reply.taken) == ["b6", "b7", "b8"]
+    assert (await scripts.complete(complete("b2", offered=True))).taken == ()  # told once
+    assert await redis.lrange(offers, 0, -1) == [b"b3", b"b4", b"b5"]
+    # at least one beyond the kept ones, none past them, none once the run ended
+    assert (await scripts.steal(steal)).taken == ("b5",)
+    assert (await scripts.steal(steal)).taken == ()
+    await redis.hset(RunKeys(run).meta, "status", "cancelled")
+    await redis.rpush(offers, "b10", "b11", "b12")
+    assert (await scripts.steal(steal)).taken == ()
 
 
 async def test_fail_fails_the_run_once_and_stops_its_bound_workers(redis):

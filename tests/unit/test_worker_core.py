@@ -26,9 +26,10 @@ from dagkube.planning.predictions import Predictor
 from dagkube.planning.rules import Route, flexible_next, route, start_charge
 from dagkube.planning.timing import simulate
 from dagkube.runtime.workercore import hooks
-from dagkube.runtime.workercore.machine import InvocationMachine
+from dagkube.runtime.workercore.machine import TAKEN_POLL_S, TAKEN_POLLS, InvocationMachine
 from dagkube.runtime.workercore.messages import (
     CheckDuplicated,
+    CheckTaken,
     ClaimDuplicate,
     Complete,
     Completed,
@@ -48,8 +49,11 @@ from dagkube.runtime.workercore.messages import (
     RequestPrewarm,
     StartPreload,
     StatusRead,
+    Steal,
+    Stole,
     Stop,
     StoreOutput,
+    TakenChecked,
     TaskReady,
     UploadDelayed,
     UpstreamsRead,
@@ -623,3 +627,88 @@ def test_the_timing_model_predicts_the_order_a_flexible_worker_runs_its_tasks_in
     )
     (activity,) = timing.activities
     assert ran == activity.tasks == ["a", "b", "e", "c", "f", "d"]
+
+
+# ------------------------------------------------------------------ work stealing
+FAN = {"s": [], "b1": ["s"], "b2": ["s"], "b3": ["s"], "b4": ["s"], "c": ["b1", "b2", "b3", "b4"]}
+
+
+def stealing_run() -> RunView:
+    """s, b1, b2 and c on w1, b3 and b4 on w2; every task predicted at 10 ms."""
+    run = run_of(
+        FAN, workers={"s": "w1", "b1": "w1", "b2": "w1", "c": "w1", "b3": "w2", "b4": "w2"}
+    )
+    for planned in run.plan.tasks.values():
+        planned.predicted_exec_s = 0.01
+    return run
+
+
+def test_which_tasks_may_be_stolen_and_by_whom():
+    run = stealing_run()
+    # the b's read only s, stored (it has consumers on both workers); c reads outputs kept on
+    # w1, and s has no inputs
+    assert {t for t in FAN if run.stealable(t)} == {"b1", "b2", "b3", "b4"}
+    assert run.victims("w2") == ("w1",) and run.victims("w1") == ("w2",)
+    assert run.steal_most("w2") == int(0.05 / 0.0105)
+    run = stealing_run()
+    run.plan.tasks["b3"].predicted_exec_s = 0.5  # too long to run twice
+    assert not run.stealable("b3") and run.stealable("b4")
+    run = stealing_run()
+    run.plan.tasks["b1"].memory_mib = 1024  # a larger class than w2's
+    assert run.victims("w2") == () and run.victims("w1") == ("w2",)
+
+
+def test_a_bound_worker_with_nothing_ready_takes_tasks_and_stores_their_outputs():
+    run = stealing_run()
+    core = bound(run, "w2")
+    most = run.steal_most("w2")
+    # nothing ready yet: try to take before waiting, once until something arrives
+    assert core.start() == [Steal(victims=("w1",), most=most)]
+    assert core.handle(Stole(task_ids=())) == [WaitInbox(timeout_s=BLOCK_S)]
+    assert core.handle(TaskReady(task_ids=("b3", "b4"), waited_from=1.0)) == [
+        Execute.match(task_id="b3", store=True)
+    ]
+    core.handle(Executed(task_id="b3", ok=True, started_at=2.0))
+    core.handle(running("b3"))
+    core.handle(Executed(task_id="b4", ok=True, started_at=3.0))
+    # its own done: take more; a taken task's output is stored (its consumer is elsewhere)
+    assert core.handle(running("b4")) == [Steal(victims=("w1",), most=most)]
+    assert core.handle(Stole(task_ids=("b2",))) == [Execute.match(task_id="b2", store=True)]
+    core.handle(Executed(task_id="b2", ok=True, started_at=4.0))
+    assert core.handle(running("b2")) == [Steal(victims=("w1",), most=most)]
+    assert core.handle(Stole(task_ids=())) == [Finish(served=3, first_task_at=2.0)]
+
+
+def test_a_worker_skips_its_tasks_others_took_and_runs_those_not_done_in_time():
+    run = stealing_run()
+    core = bound(run, "w1", "s")
+    assert core.start() == [Execute.match(task_id="s")]
+    core.handle(Executed(task_id="s", ok=True, started_at=1.0))
+    ready = Completed(
+        task_id="s", status="running", continuation=None, local_ready=("b1", "b2"), taken=("b2",)
+    )
+    assert core.handle(ready) == [Execute.match(task_id="b1")]  # b2 was taken: not run here
+    core.handle(Executed(task_id="b1", ok=True, started_at=2.0))
+    # nothing else ready: is the taken one done?
+    assert core.handle(running("b1")) == [CheckTaken(task_ids=("b2",))]
+    assert core.handle(TakenChecked(done=frozenset())) == [Steal.match(victims=("w2",))]
+    assert core.handle(Stole(task_ids=())) == [WaitInbox(timeout_s=TAKEN_POLL_S)]
+    # polled until done: then only c is left, which waits for the inbox as usual
+    assert core.handle(WorkerIdle(waited_from=3.0)) == [CheckTaken(task_ids=("b2",))]
+    assert core.handle(TakenChecked(done=frozenset({"b2"}))) == [Steal.match(victims=("w2",))]
+    assert core.handle(Stole(task_ids=())) == [WaitInbox(timeout_s=BLOCK_S)]
+    assert "b2" not in core.remaining
+    # a taken task still not done after TAKEN_POLLS checks runs here (its thief may be lost)
+    core = bound(run, "w1", "s")
+    core.start()
+    core.handle(Executed(task_id="s", ok=True, started_at=1.0))
+    core.handle(ready)
+    core.handle(Executed(task_id="b1", ok=True, started_at=2.0))
+    found = core.handle(running("b1"))
+    for _ in range(TAKEN_POLLS):
+        assert found == [CheckTaken(task_ids=("b2",))]
+        found = core.handle(TakenChecked(done=frozenset()))
+        while found and not isinstance(found[0], CheckTaken | Execute):
+            event = Stole(task_ids=()) if isinstance(found[0], Steal) else WorkerIdle(waited_from=3)
+            found = core.handle(event)
+    assert found == [Execute.match(task_id="b2", store=False)]

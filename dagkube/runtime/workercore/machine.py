@@ -58,6 +58,7 @@ from dagkube.planning.rules import flexible_next, overlaps_step
 from dagkube.runtime.workercore import hooks
 from dagkube.runtime.workercore.messages import (
     CheckDuplicated,
+    CheckTaken,
     ClaimDuplicate,
     Complete,
     Completed,
@@ -75,8 +76,11 @@ from dagkube.runtime.workercore.messages import (
     ReadStatus,
     ReadUpstreams,
     StatusRead,
+    Steal,
+    Stole,
     Stop,
     StoreOutput,
+    TakenChecked,
     TaskReady,
     UploadDelayed,
     UpstreamsRead,
@@ -84,6 +88,11 @@ from dagkube.runtime.workercore.messages import (
     WorkerIdle,
 )
 from dagkube.runtime.workercore.run import RunView
+
+# A bound worker whose tasks others took, with nothing else to run, checks this often whether
+# they are done, and runs those still not done after TAKEN_POLLS checks (about 2 s) itself.
+TAKEN_POLL_S = 0.02
+TAKEN_POLLS = 100
 
 
 class InvocationMachine:
@@ -116,6 +125,15 @@ class InvocationMachine:
         self.ended = False  # an overlapped COMPLETE said the run no longer runs
         self.served = 0
         self.first_task_at: float | None = None
+        # Work stealing: tasks this bound worker took from others (their outputs are stored:
+        # their consumers were planned elsewhere), and tasks of its own others took (checked
+        # when it gets to them: skipped if done, run here if not).
+        self.stolen: set[str] = set()
+        self.taken: set[str] = set()
+        self.victims: tuple[str, ...] = ()
+        self.steal_tried = False  # nothing to take when last asked, and nothing came since
+        self.taken_checks = 0  # checks of taken tasks not all done yet
+        self.taken_read = False  # checked since the last wait
 
     # ------------------------------------------------------------------ entry points
     def start(self) -> list[Instruction]:
@@ -131,14 +149,21 @@ class InvocationMachine:
             case DoneRead():
                 return self._on_done_read(event)
             case TaskReady():
+                self.steal_tried = self.taken_read = False
                 self.blocked_since = self.blocked_since or event.waited_from
                 self.queue.extend(event.task_ids)
                 return self._next_bound()
             case Stop():
                 return [self._finish()]
             case WorkerIdle():
+                self.steal_tried = False
                 self.blocked_since = self.blocked_since or event.waited_from
+                if self.taken:
+                    self.taken_read = False
+                    return self._next_bound()
                 return self._on_idle()
+            case TakenChecked(done=done):
+                return self._on_taken_checked(done)
             case UpstreamsRead():
                 return self._on_upstreams(event)
             case DuplicateClaimed():
@@ -148,6 +173,12 @@ class InvocationMachine:
                     self.remaining.discard(event.task_id)
                     return self._next_bound()
                 return self._execute_bound(event.task_id)
+            case Stole(task_ids=task_ids):
+                self.steal_tried = not task_ids
+                self.stolen.update(task_ids)
+                self.remaining.update(task_ids)
+                self.queue.extend(task_ids)
+                return self._next_bound()
             case StatusRead():
                 return self._next_bound() if event.running else [self._finish()]
             case Executed():
@@ -189,22 +220,52 @@ class InvocationMachine:
                 t for t in assigned if t in self.remaining and all(d in done for d in deps[t].deps)
             )
         self.may_duplicate = bool(self.remaining.intersection(self.run.opts.dups))
+        self.victims = self.run.victims(self.me)
         return [*hooks.preload(self.run, self.me), *self._next_bound()]
 
     def _next_bound(self) -> list[Instruction]:
         while self.remaining:
             if not self.queue:
-                return [
-                    WaitInbox(timeout_s=hooks.DUP_POLL_S if self.may_duplicate else self.block_s)
-                ]
+                if self.taken and not self.taken_read:  # taken by others: done yet?
+                    self.taken_read = True
+                    return [CheckTaken(task_ids=tuple(sorted(self.taken)))]
+                if self.taken:  # not all: poll until they are
+                    timeout_s = TAKEN_POLL_S
+                elif self.may_duplicate:
+                    timeout_s = hooks.DUP_POLL_S
+                else:
+                    timeout_s = self.block_s
+                return self._steal() or [WaitInbox(timeout_s=timeout_s)]
             task_id = self.queue.popleft()
-            if task_id not in self.remaining:
+            if task_id not in self.remaining or task_id in self.taken:
                 continue
             self.current, self.duplicate = task_id, False
             if task_id in self.run.opts.dup_targets:
                 return [CheckDuplicated(task_id=task_id)]
             return self._execute_bound(task_id)
-        return [self._finish()]
+        return self._steal() or [self._finish()]
+
+    def _steal(self) -> list[Instruction]:
+        """Nothing ready here: take some of the others' ready tasks (work stealing), once
+        until something arrives, a wait times out or a take gave tasks."""
+        if not self.victims or self.steal_tried:
+            return []
+        assert self.me is not None
+        self.steal_tried = True
+        return [Steal(victims=self.victims, most=self.run.steal_most(self.me))]
+
+    def _on_taken_checked(self, done: frozenset[str]) -> list[Instruction]:
+        """Forget the taken tasks that are done; past TAKEN_POLLS checks, run the others
+        here (their thief may have been lost)."""
+        self.remaining.difference_update(done)
+        self.taken.difference_update(done)
+        self.taken_checks += 1
+        if self.taken and self.taken_checks >= TAKEN_POLLS:
+            self.queue.extend(sorted(self.taken))
+            self.taken.clear()
+        if not self.taken:
+            self.taken_checks = 0
+        return self._next_bound()
 
     def _execute_bound(self, task_id: str) -> list[Instruction]:
         blocked_since, self.blocked_since = self.blocked_since, None
@@ -253,7 +314,7 @@ class InvocationMachine:
 
     # ------------------------------------------------------------------ any task
     def _execute(self, task_id: str, blocked_since: float | None = None) -> Execute:
-        store = self.run.must_store(task_id) or self.resume
+        store = self.run.must_store(task_id) or self.resume or task_id in self.stolen
         return Execute(
             task_id=task_id, store=store, duplicate=self.duplicate, blocked_since=blocked_since
         )
@@ -300,7 +361,7 @@ class InvocationMachine:
         if self.duplicate:
             return None
         for task_id in self.queue:
-            if task_id in self.remaining:
+            if task_id in self.remaining and task_id not in self.taken:
                 if task_id in self.run.opts.dup_targets:
                     return None
                 return task_id if self.run.dag.tasks[task_id].timeout_s is None else None
@@ -308,6 +369,7 @@ class InvocationMachine:
 
     def _on_completed(self, event: Completed) -> list[Instruction]:
         running = event.status == "running"
+        self.taken.update(t for t in event.taken if t in self.remaining)
         if event.task_id in self.completing:  # overlapped: a later task is executing
             self.completing.discard(event.task_id)
             if running:

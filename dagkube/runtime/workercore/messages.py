@@ -115,12 +115,15 @@ class UploadDelayed(Event):
 @dataclass(frozen=True)
 class Completed(Event):
     """COMPLETE's reply: the run's status, the continuation it chose for a flexible worker
-    and the ready consumers routed to this worker (``dagkube.planning.rules.route``)."""
+    and the ready consumers routed to this worker (``dagkube.planning.rules.route``);
+    ``taken``: tasks of this bound worker that an idle worker took since its last step (work
+    stealing: they run there, unless this worker finds one not done when it gets to it)."""
 
     task_id: str
     status: str
     continuation: str | None
     local_ready: tuple[str, ...] = ()
+    taken: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,21 @@ class Failed(Event):
     """FAIL recorded the task's error and failed the run."""
 
     task_id: str
+
+
+@dataclass(frozen=True)
+class Stole(Event):
+    """The tasks a bound worker with nothing left took from the others' ready ones (none:
+    nothing to take)."""
+
+    task_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TakenChecked(Event):
+    """Which of the tasks others took from this bound worker are done."""
+
+    done: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -263,6 +281,24 @@ class ClaimDuplicate(Instruction):
 
     upstream: str
     consumer: str
+
+
+@dataclass(frozen=True)
+class Steal(Instruction):
+    """Work stealing: take up to ``most`` of the ready tasks other bound workers of
+    ``victims`` have not started, from the end of their order (the ones they would run
+    last). -> Stole"""
+
+    victims: tuple[str, ...]
+    most: int
+
+
+@dataclass(frozen=True)
+class CheckTaken(Instruction):
+    """Read which of ``task_ids`` (this bound worker's, taken by others) are done.
+    -> TakenChecked"""
+
+    task_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@
 -- this call, never copied through Lua, and taken up here: adopt_output).
 -- ARGV[11]: the claim of the worker's next task ('' none), written to its task key if the
 -- run goes on, with a TTL of ARGV[12].
+-- Work stealing (steal.lua): a ready consumer that may run on another bound worker is also
+-- appended to its worker's offers list; a task its planned worker offered is withdrawn when
+-- that worker completes it; a bound worker's reply lists the tasks others took from it.
 local run, pool, proc, task_key = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local me, my_mem = ARGV[9], tonumber(ARGV[10])
 local next_claim, claim_ttl = ARGV[11], tonumber(ARGV[12])
@@ -26,15 +29,15 @@ for _ = 1, n_pending do
   i = i + 1
 end
 -- the tasks, each {tid, mode, inline output, record field, now, index of its first consumer,
--- consumers}; ARGV[i + 1..] of each: tid, mode, output, record, record field, now, consumers,
--- then six values a consumer
+-- consumers, offered}; ARGV[i + 1..] of each: tid, mode, output, record, record field, now,
+-- offered, consumers, then seven values a consumer
 local tasks = {}
 for _ = 1, tonumber(ARGV[i]) do
-  local n_down = tonumber(ARGV[i + 7])
+  local n_down = tonumber(ARGV[i + 8])
   table.insert(tasks, {ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 5], tonumber(ARGV[i + 6]),
-                       i + 8, n_down})
+                       i + 9, n_down, ARGV[i + 7] == '1'})
   hist_hset(run, 'tasks', ARGV[i + 5], ARGV[i + 4])
-  i = i + 7 + 6 * n_down
+  i = i + 8 + 7 * n_down
 end
 -- the worker runs no task now (its task key is what a lost worker is charged with)
 redis.call('DEL', task_key)
@@ -48,6 +51,15 @@ if next_claim ~= '' then redis.call('SET', task_key, next_claim, 'EX', claim_ttl
 local total = tonumber(redis.call('HGET', meta, 'tasks_total'))
 local continuation = ''
 local local_ready = {}
+local offered = {}  -- offers lists appended to (listed in the run's key set once)
+local function offer(worker, tid)
+  local offers = runkey(run, 'offers:' .. worker)
+  redis.call('RPUSH', offers, tid)
+  if not offered[offers] then
+    offered[offers] = true
+    redis.call('SADD', runkey(run, 'keys'), offers)
+  end
+end
 local queued = 0
 local duplicate = 0
 local now = 0
@@ -55,6 +67,7 @@ for _, task in ipairs(tasks) do
   local tid, output_mode, output, record_field = task[1], task[2], task[3], task[4]
   now = task[5]
   duplicate = 1 - redis.call('SADD', runkey(run, 'done'), tid)
+  if task[8] then redis.call('LREM', runkey(run, 'offers:' .. me), 1, tid) end
   if duplicate == 0 then
     if record_field ~= tid then redis.call('HINCRBY', meta, 'duplicates_won', 1) end
     if output_mode == 'inline' then redis.call('HSET', runkey(run, 'out'), tid, output) end
@@ -69,8 +82,8 @@ for _, task in ipairs(tasks) do
     for _ = 1, task[7] do
       local down, ndeps = ARGV[d], tonumber(ARGV[d + 1])
       local worker, mem, host = ARGV[d + 2], tonumber(ARGV[d + 3]), ARGV[d + 4]
-      local clustered = ARGV[d + 5] == '1'
-      d = d + 6
+      local clustered, offers = ARGV[d + 5] == '1', ARGV[d + 6] == '1'
+      d = d + 7
       if stored and host ~= '' and host ~= me then
         local preload = runkey(run, 'preload:' .. host)
         redis.call('RPUSH', preload, tid)
@@ -95,7 +108,9 @@ for _, task in ipairs(tasks) do
           end
         elseif worker == me then
           table.insert(local_ready, down)
+          if offers then offer(worker, down) end
         else
+          if offers then offer(worker, down) end
           local inbox = runkey(run, 'inbox:' .. worker)
           redis.call('RPUSH', inbox, down)
           redis.call('SADD', runkey(run, 'keys'), inbox)
@@ -129,7 +144,16 @@ if me == '' then
   end
 end
 -- the reply: the run's status, the continuation, whether the last task was done already
--- (a duplicate's completion), then the ready consumers routed to this worker
-local reply = {status, continuation, duplicate}
+-- (a duplicate's completion), how many ready consumers were routed to this worker, those,
+-- then the tasks of this bound worker others took since its last COMPLETE
+local reply = {status, continuation, duplicate, #local_ready}
 for _, id in ipairs(local_ready) do table.insert(reply, id) end
+if me ~= '' then
+  local set = runkey(run, 'taken:' .. me)
+  local taken = redis.call('SMEMBERS', set)
+  if #taken > 0 then
+    redis.call('DEL', set)
+    for _, id in ipairs(taken) do table.insert(reply, id) end
+  end
+end
 return reply
