@@ -197,7 +197,11 @@ class Serving:
             case Steal(victims=victims, most=most):
                 stolen = await worker.scripts.steal(
                     StealCall(
-                        run_id=state.run_id, victims=victims, most=most, keep=steal_keep(most)
+                        run_id=state.run_id,
+                        thief=self.me or "",
+                        victims=victims,
+                        most=most,
+                        keep=steal_keep(most),
                     )
                 )
                 return Stole(task_ids=stolen.taken)

@@ -232,14 +232,16 @@ class StealReply:
 
 @dataclass(frozen=True, slots=True)
 class StealCall(Call[StealReply]):
-    """Work stealing: a bound worker with nothing left takes up to ``most`` of the ready tasks
-    the ``victims`` (bound workers of the run) offered and have not started, from the end of
-    each one's order, half of what lies beyond the ``keep`` a victim may be running already
-    (at least one), the longest lists first; nothing if the run no longer runs."""
+    """Work stealing: a bound worker (``thief``) with nothing ready takes up to ``most`` of
+    the ready tasks the ``victims`` (bound workers of the run) offered and have not started,
+    from the end of each one's order, half of what lies beyond the ``keep`` a victim may be
+    running already (at least one), the longest lists first; nothing if the run no longer
+    runs or the thief's own inbox holds tasks."""
 
     script: ClassVar[str] = "steal"
 
     run_id: str
+    thief: str
     victims: Sequence[str]
     most: int
     keep: int
@@ -248,7 +250,7 @@ class StealCall(Call[StealReply]):
         return KeySpace.of(self.run_id)
 
     def arguments(self) -> list[Any]:
-        return [self.run_id, self.most, self.keep, *self.victims]
+        return [self.run_id, self.thief, self.most, self.keep, *self.victims]
 
     def decode(self, raw: Any) -> StealReply:
         return StealReply(taken=tuple(_text(task_id) for task_id in raw))

@@ -335,7 +335,10 @@ async def test_steal_takes_offered_ready_tasks_from_the_end_and_their_worker_lea
     assert offers.encode() in await redis.smembers(RunKeys(run).keyset)
     await scripts.complete(complete("b0", offered=True))  # withdrawn by its worker
     await redis.sadd(RunKeys(run).done, "b9")  # done already (a duplicate's): skipped
-    steal = StealCall(run_id=run, victims=["w1", "w3"], most=8, keep=2)
+    steal = StealCall(run_id=run, thief="w2", victims=["w1", "w3"], most=8, keep=2)
+    await redis.rpush(RunKeys(run).inbox("w2"), "y")  # the thief's own come first
+    assert (await scripts.steal(steal)).taken == ()
+    await redis.delete(RunKeys(run).inbox("w2"))
     # 9 offered beyond the 2 kept: half of 7 = 3, from the end, b9 skipped
     assert (await scripts.steal(steal)).taken == ("b8", "b7", "b6")
     assert await redis.hget(RunKeys(run).meta, "tasks_stolen") == b"3"

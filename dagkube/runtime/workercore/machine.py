@@ -23,6 +23,12 @@ UpstreamsRead     bound, idle                 ClaimDuplicate (a late upstream) o
 DuplicateClaimed  bound, idle                 Execute(duplicate) if won, else the next claim
 DuplicatedChecked bound                       Execute, or skip the task
 StatusRead        bound, idle                 Finish (run ended) or WaitInbox / next task
+(nothing ready)   bound                       CheckTaken (some of its tasks were taken),
+                                              Steal (once until something arrives or a
+                                              wait ends), then WaitInbox or Finish
+Stole             bound                       the tasks taken, run here (outputs stored)
+TakenChecked      bound                       forget those done; after TAKEN_POLLS checks
+                                              run the others here
 Executed          any                         Fail, DelayUpload (delayed-io) or Complete;
                                               bound, next task ready: Complete(overlapped)
                                               and that task's Execute at once
@@ -45,6 +51,12 @@ Tasks that end faster than a step's round trip leave several overlapped steps un
 the shell sends them together (its group commit), so their ``Completed`` may come after
 later ``Executed`` events, and always before the ``Completed`` of a later step that is not
 overlapped.
+
+Work stealing (docs/architecture.md): a bound worker with nothing ready takes some of the
+ready tasks other bound workers offered (:meth:`RunView.stealable`), from the end of their
+order; a worker learns in its ``Completed`` which of its tasks were taken, skips them, and
+once nothing else is ready checks whether they are done, running itself those still not
+done after TAKEN_POLLS checks (their thief may have been lost).
 """
 
 from __future__ import annotations

@@ -6,11 +6,13 @@
 -- beyond the `keep` its worker may be running already (at least one), up to `max` in all.
 -- Each task taken joins its worker's taken set, which its next COMPLETE reads: that worker
 -- then skips the task if done, and runs it itself if not (the thief may have been lost).
-local run, max, keep = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+-- Nothing is taken while the thief's own inbox holds tasks (they came before it asked).
+local run, thief, max, keep = ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 if redis.call('HGET', runkey(run, 'meta'), 'status') ~= 'running' then return {} end
+if redis.call('LLEN', runkey(run, 'inbox:' .. thief)) > 0 then return {} end
 local done = runkey(run, 'done')
 local lists = {}
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   local offers = runkey(run, 'offers:' .. ARGV[i])
   local n = redis.call('LLEN', offers)
   if n > keep then table.insert(lists, {ARGV[i], offers, n}) end
