@@ -138,8 +138,8 @@ class InvocationMachine:
         self.served = 0
         self.first_task_at: float | None = None
         # Work stealing: tasks this bound worker took from others (their outputs are stored:
-        # their consumers were planned elsewhere), and tasks of its own others took (checked
-        # when it gets to them: skipped if done, run here if not).
+        # their consumers were planned elsewhere), and tasks of its own others took (not run
+        # here; polled once nothing else is ready, and run here if not done in time).
         self.stolen: set[str] = set()
         self.taken: set[str] = set()
         self.victims: tuple[str, ...] = ()
