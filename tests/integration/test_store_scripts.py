@@ -219,24 +219,28 @@ async def test_complete_counts_inputs_routes_ready_consumers_and_guards_duplicat
     assert await redis.hget(keys.meta, "tasks_done") == b"1"
 
 
+def on_w1(run: str, *completions: Completion, next_claim: str = "") -> CompleteCall:
+    """COMPLETE of ``completions`` by bound worker w1 (worker process w1, class 512 MiB)."""
+    return CompleteCall(
+        run_id=run,
+        pool=POOL,
+        worker_id="w1",
+        logical_worker="w1",
+        memory_mib=512,
+        run_ttl_s=600,
+        completions=completions,
+        next_claim=next_claim,
+    )
+
+
 async def test_complete_writes_the_next_tasks_claim_while_the_run_goes_on(redis):
     run = await start_run(redis, "claim", tasks_total=3)
     task = worker_task("w1", POOL)
     claim = json.dumps({"run": run, "task": "b", "function": "f"})
 
     def completing(task_id: str) -> CompleteCall:
-        return CompleteCall(
-            run_id=run,
-            pool=POOL,
-            worker_id="w1",
-            logical_worker="w1",
-            memory_mib=512,
-            run_ttl_s=600,
-            next_claim=claim,
-            completions=(
-                Completion(task_id, json.dumps({"task_id": task_id}), task_id, None, 5.0),
-            ),
-        )
+        record = json.dumps({"task_id": task_id})
+        return on_w1(run, Completion(task_id, record, task_id, None, 5.0), next_claim=claim)
 
     await redis.set(task, "{}")
     assert (await Scripts(redis).complete(completing("a"))).running
@@ -267,18 +271,12 @@ async def test_complete_of_several_tasks_completes_each_in_order_and_routes_thei
         return Completion(task_id, record, task_id, task_id.encode(), 5.0, downstream)
 
     merge = Downstream("m", dependencies=3, memory_mib=512, worker="w1")
-    call = CompleteCall(
-        run_id=run,
-        pool=POOL,
-        worker_id="w1",
-        logical_worker="w1",
-        memory_mib=512,
-        run_ttl_s=600,
+    call = on_w1(
+        run,
+        completion("a", merge),
+        completion("b", merge),
+        Completion("c", json.dumps({"task_id": "c"}), "c", b"c", 6.0, (merge,)),
         next_claim=claim,
-        completions=(
-            *(completion("a", merge), completion("b", merge)),
-            Completion("c", json.dumps({"task_id": "c"}), "c", b"c", 6.0, (merge,)),
-        ),
     )
     reply = await Scripts(redis).complete(call)
     assert reply.running and not reply.duplicate
@@ -291,15 +289,7 @@ async def test_complete_of_several_tasks_completes_each_in_order_and_routes_thei
 
     last = Completion("d", "{}", "d", b"d", 7.0, (merge,))
     reply = await Scripts(redis).complete(
-        CompleteCall(
-            run_id=run,
-            pool=POOL,
-            worker_id="w1",
-            logical_worker="w1",
-            memory_mib=512,
-            run_ttl_s=600,
-            completions=(*(last,), Completion("c", "{}", "c", b"c", 7.0, (merge,))),
-        )
+        on_w1(run, last, Completion("c", "{}", "c", b"c", 7.0, (merge,)))
     )  # d, then c again (a duplicate completion, last)
     assert reply.running and reply.duplicate and reply.local_ready == ("m",)
     assert await redis.hget(keys.meta, "tasks_done") == b"3"
@@ -317,15 +307,8 @@ async def test_steal_takes_offered_ready_tasks_from_the_end_and_their_worker_lea
     scripts = Scripts(redis)
 
     def complete(task_id: str, *downstream: Downstream, offered: bool = False) -> CompleteCall:
-        done = Completion(task_id, "{}", task_id, b"x", 5.0, downstream, offered=offered)
-        return CompleteCall(
-            run_id=run,
-            pool=POOL,
-            worker_id="p1",
-            logical_worker="w1",
-            memory_mib=512,
-            run_ttl_s=600,
-            completions=(done,),
+        return on_w1(
+            run, Completion(task_id, "{}", task_id, b"x", 5.0, downstream, offered=offered)
         )
 
     fan = [Downstream(f"b{i}", 1, 512, worker="w1", offer=True) for i in range(10)]

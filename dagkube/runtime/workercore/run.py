@@ -122,17 +122,17 @@ class RunView:
         or CPU than planned)."""
         found = self._victims.get(logical_worker)
         if found is None:
-            classes: dict[str, int] = {}
+            classes: dict[str, int] = {}  # bound worker -> its class
+            offering: set[str] = set()  # bound workers with a task that may be stolen
             for task_id, planned in self.plan.tasks.items():
-                if planned.worker_id is not None and self.stealable(task_id):
-                    worker = planned.worker_id
+                worker = planned.worker_id
+                if worker is not None:
                     classes[worker] = max(classes.get(worker, 0), planned.memory_mib)
-            mine = max(
-                (p.memory_mib for p in self.plan.tasks.values() if p.worker_id == logical_worker),
-                default=0,
-            )
+                    if self.stealable(task_id):
+                        offering.add(worker)
+            mine = classes.get(logical_worker, 0)
             found = self._victims[logical_worker] = tuple(
-                sorted(w for w, m in classes.items() if w != logical_worker and m <= mine)
+                sorted(w for w in offering if w != logical_worker and classes[w] <= mine)
             )
         return found
 
