@@ -185,7 +185,11 @@ def _serving(invocations: list[WorkerRecord], task: TaskRecord) -> int:
 
 
 SNAPSHOT_RUNS = 20
-SNAPSHOT_MAX_TASK_SAMPLES = 10_000  # bigger workflows learn from fewer (but >= 3) runs
+# Task samples (and their overheads) a snapshot holds, about: a bigger workflow's task times
+# come from fewer (but >= 3) runs, pooled over its tasks; fitting them is most of a plan's
+# time on a short run. Each run's residual and start-ups (one per run, a few per run) come
+# from all of its SNAPSHOT_RUNS: calibrating a p90 plan needs 9 residuals.
+SNAPSHOT_MAX_TASK_SAMPLES = 5_000
 MIN_SNAPSHOT_RUNS = 3
 
 
@@ -234,6 +238,7 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
                 cpu_s=task.cpu_s,
                 run_id=task.run_id,
                 started_at=task.started_at,
+                worker_id=task.worker_id,
             )
         )
     workers_served = [WorkerRecord.model_validate_json(raw) for raw in workers]
@@ -289,8 +294,9 @@ async def load_snapshot(
     namespace: str | None = None,
 ) -> HistorySnapshot:
     """The samples planners learn from: task and worker records of the last ``runs``
-    successful runs of this structure (failed runs' timings would mislead predictions), at
-    most about SNAPSHOT_MAX_TASK_SAMPLES task samples (but at least 3 runs).
+    successful runs of this structure (failed runs' timings would mislead predictions); task
+    samples and overheads only from the newest of them that hold at most about
+    SNAPSHOT_MAX_TASK_SAMPLES task samples (but at least 3 runs).
 
     ``cache`` lets a long-lived caller read each run only once.
     ``namespace``: learn from that namespace's history (see :func:`run_ids`).
@@ -311,20 +317,24 @@ async def load_snapshot(
             if meta:
                 parsed[run_id] = _samples(meta, tasks, workers)
     snapshot = HistorySnapshot(structure_hash=structure_hash)
+    sampling = True  # task samples still taken (newest runs first)
     for run_id in ids:
         found = parsed.get(run_id)
         if found is None or not found.succeeded:
             continue
-        full = snapshot.runs >= runs or (
-            snapshot.runs >= MIN_SNAPSHOT_RUNS
-            and len(snapshot.tasks) + len(found.tasks) > SNAPSHOT_MAX_TASK_SAMPLES
-        )
-        if full:
+        if snapshot.runs >= runs:
             break
+        if (
+            sampling
+            and snapshot.runs >= MIN_SNAPSHOT_RUNS
+            and len(snapshot.tasks) + len(found.tasks) > SNAPSHOT_MAX_TASK_SAMPLES
+        ):
+            sampling = False
         snapshot.runs += 1
-        snapshot.tasks += found.tasks
+        if sampling:
+            snapshot.tasks += found.tasks
+            snapshot.overheads += found.overheads
         snapshot.startups += found.startups
-        snapshot.overheads += found.overheads
         if found.residual:
             snapshot.residuals.append(found.residual)
     return snapshot

@@ -10,7 +10,7 @@ import pytest
 
 from dagkube.metrics.history import load_snapshot
 from dagkube.store.connection import connect
-from tests.history_records import plain_run, store
+from tests.history_records import T0, plain_run, store
 
 pytestmark = pytest.mark.integration
 
@@ -84,3 +84,37 @@ def test_a_long_lived_cache_reads_each_run_once_and_keeps_only_the_window(
     assert len(asyncio.run(snapshot(runs=5)).tasks) == len(first.tasks)
     # A narrower window (at most runs * 2 ids are looked at) lets the oldest runs go.
     assert asyncio.run(snapshot(runs=1)).runs == 1 and len(cache) == 2
+
+
+def test_a_large_workflow_learns_task_times_from_fewer_runs_and_residuals_from_all(
+    redis_server, redis_client, monkeypatch
+):
+    """Task samples stop at about SNAPSHOT_MAX_TASK_SAMPLES (fitting them is most of a plan's
+    time), but at least 3 runs; every run's residual and start-ups still count, so that a p90
+    plan of a large workflow can be calibrated (it needs 9 residuals)."""
+    from dagkube.metrics import history
+
+    per_run = len(_run("x", "uniform", 1.1).tasks)
+    monkeypatch.setattr(history, "SNAPSHOT_MAX_TASK_SAMPLES", 4 * per_run)
+    for n in range(6):
+        run = _run(f"large-{n}", "uniform", 1.1, structure="large-structure")
+        started = run.workers[0].model_copy(  # a cold start: spawned, then its first task
+            update={"run_id": run.run.run_id, "spawned_at": T0 - 60, "first_task_at": T0 - 59.5}
+        )
+        store(redis_client, dataclasses.replace(run, workers=[started]))
+
+    async def snapshot():
+        client = await connect(redis_server.url)
+        try:
+            return await load_snapshot(client, "large-structure")
+        finally:
+            await client.aclose()
+
+    found = asyncio.run(snapshot())
+    assert found.runs == 6 and len(found.residuals) == 6
+    assert len(found.tasks) == 4 * per_run
+    assert {t.run_id for t in found.tasks} == {f"large-{n}" for n in (2, 3, 4, 5)}  # newest
+    assert len(found.startups) == 6
+
+    monkeypatch.setattr(history, "SNAPSHOT_MAX_TASK_SAMPLES", 1)  # never fewer than 3 runs
+    assert len(asyncio.run(snapshot()).tasks) == 3 * per_run
