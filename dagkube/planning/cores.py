@@ -112,6 +112,9 @@ def alone_times(
         if sample.run_id and sample.exec_s > 0 and fractions.get(sample.function, 0.0) > 0:
             by_run[sample.run_id].append(index)
     for indices in by_run.values():
+        workers = {samples[index].worker_id for index in indices}
+        if "" not in workers and len(workers) <= cores:
+            continue  # a worker computes one task at a time: never more demand than cores
         steps: list[tuple[float, float]] = []
         for index in indices:
             sample = samples[index]

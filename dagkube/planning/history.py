@@ -30,6 +30,7 @@ class TaskSample:
     cpu_s: float = 0.0  # CPU time of the thread that ran it (0: not measured)
     run_id: str = ""  # with started_at: which tasks of a run computed at the same time
     started_at: float = 0.0  # execution start, Unix seconds
+    worker_id: str = ""  # the process that ran it (one task at a time)
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,7 +97,10 @@ class _Simulation:
         self.inbox: dict[str, list[str]] = {}
         self.done = 0
         self.last_finish = 0.0
-        self.cores = None if predictor.cores is None else SharedCores(predictor.cores)
+        self.cores: SharedCores | None = None
+        most = _computing_at_most(worker_of, self.logical_tasks, max_workers, warm_pool)
+        if predictor.cores is not None and (most is None or most > predictor.cores):
+            self.cores = SharedCores(predictor.cores)
         self.uploads: list[tuple[float, float]] = []  # (end, begin) of uploads, a heap by end
         self.computing_on: dict[str, SimWorker] = {}
         self._optimizations(optimizations or {})
@@ -512,6 +515,24 @@ class _Simulation:
             self.memory_per_cpu_mib,
             self.max_cpu,
         )
+
+
+def _computing_at_most(
+    worker_of: dict[str, str | None],
+    logical_tasks: dict[str, set[str]],
+    max_workers: int | None,
+    warm_pool: dict[int, int] | None,
+) -> int | None:
+    """How many tasks can compute at once at most (None: no bound): a worker runs one task
+    at a time; a logical worker is one worker at a time; every other worker was alive at the
+    start (the warm pool) or spawned under the cap, which waiting bound workers escape. When
+    it is at most the cores, they are never shared and the model leaves them out."""
+    flexible = len(worker_of) > sum(len(tasks) for tasks in logical_tasks.values())
+    if not flexible:
+        return len(logical_tasks)
+    if max_workers is None:
+        return None
+    return max(max_workers, sum((warm_pool or {}).values())) + len(logical_tasks)
 
 
 def simulate(

@@ -132,6 +132,34 @@ def test_cpu_bound_tasks_share_the_cores_and_sleeping_ones_do_not():
     assert Predictor(history(1.0, 1.0)).cores is None
 
 
+def test_cores_are_shared_only_where_more_tasks_can_compute_at_once_than_cores():
+    """A worker runs one task at a time, a logical worker is one worker: a plan whose tasks
+    are all bound to at most as many logical workers as cores never shares them (the model
+    leaves them out, with the same schedule); more logical workers, or flexible tasks
+    without a worker cap, do share them."""
+    dag = fan(4).dag
+    memory = dict.fromkeys(dag.tasks, 1024)
+    cpu = Predictor(history(1.0, 1.0), cpu_enforced=False, cores=2)
+
+    def crunched(worker_of, predictor, **caps):
+        timing = simulate(dag, memory, worker_of, predictor, **caps)
+        return [
+            timing.tasks[t].end_s - timing.tasks[t].exec_start_s for t in dag.tasks if "cr" in t
+        ]
+
+    two = {t: ("w0" if t.endswith(("#0", "#2")) else "w1") for t in dag.tasks}
+    alone = Predictor(history(1.0, 1.0), cpu_enforced=False, cores=None)
+    assert crunched(two, cpu) == crunched(two, alone) == pytest.approx([1.0] * 4, rel=0.01)
+    four = {t: f"w{t.split('#')[1]}" for t in dag.tasks}
+    assert min(crunched(four, cpu, warm_pool={1024: 4})) > 1.9
+    flexible = dict.fromkeys(dag.tasks)
+    assert min(crunched(flexible, cpu, warm_pool={1024: 4})) > 1.9
+    # Flexible under a cap of 2 workers (2 warm): at most 2 compute at once.
+    assert max(crunched(flexible, cpu, max_workers=2, warm_pool={1024: 2})) == pytest.approx(
+        1.0, rel=0.01
+    )
+
+
 def test_samples_learn_the_time_alone_from_runs_that_shared_the_cores():
     """Four runs of one task alone (1 s, 0.97 s on a CPU), and one run of four at once on 2
     cores, each stretched to 0.03 + 0.97 * 3.88 / 2 s as processor sharing says: learnt as
@@ -220,6 +248,34 @@ def test_shared_cores_time_every_end_as_a_full_retiming_would():
     assert ends.keys() == expected.keys()
     for task, end in ends.items():
         assert end == pytest.approx(expected[task], abs=2e-3), task
+
+
+def test_a_run_on_no_more_workers_than_cores_is_learnt_as_measured():
+    """Four CPU-bound samples of one run: on four workers at once on 2 cores they shared the
+    cores and are corrected; on two workers, two after two (a worker runs one task at a
+    time), they never did and are kept as measured."""
+    at_once = [
+        TaskSample("crunch", 1024, 100, 10, 1.9, cpu_s=1.84, run_id="r", worker_id=f"w{i}")
+        for i in range(4)
+    ]
+    predictor = Predictor(HistorySnapshot("h", 1, at_once), cpu_enforced=False, cores=2)
+    assert predictor.exec_s("crunch", 100, 1024) < 1.5
+    two_by_two = [
+        TaskSample(
+            "crunch",
+            1024,
+            100,
+            10,
+            1.9,
+            cpu_s=1.84,
+            run_id="r",
+            started_at=1.9 * (i // 2),
+            worker_id=f"w{i % 2}",
+        )
+        for i in range(4)
+    ]
+    predictor = Predictor(HistorySnapshot("h", 1, two_by_two), cpu_enforced=False, cores=2)
+    assert predictor.exec_s("crunch", 100, 1024) == pytest.approx(1.9)
 
 
 def test_transfers_are_predicted_per_size_bucket():
