@@ -103,6 +103,14 @@ class Downstream:
         ]
 
 
+def encode_consumers(consumers: Sequence[Downstream]) -> str:
+    """A completion's consumers as one argument, a JSON array of their seven values each:
+    the client packs each argument of a call in Python, and a 1,000-task fan-out's source
+    as 7,000 arguments took 7-10 ms to send (as one, about 1 ms to encode)."""
+    values = [consumer.encode() for consumer in consumers]
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+
+
 @dataclass(frozen=True, slots=True)
 class CompleteReply:
     """The run's status; the continuation COMPLETE chose for a flexible worker (None: none);
@@ -154,8 +162,7 @@ class Completion:
             self.record_field,
             self.now,
             int(self.offered),
-            len(self.downstream),
-            *(part for consumer in self.downstream for part in consumer.encode()),
+            encode_consumers(self.downstream),
         ]
 
 

@@ -295,6 +295,26 @@ async def test_complete_of_several_tasks_completes_each_in_order_and_routes_thei
     assert await redis.hget(keys.meta, "tasks_done") == b"3"
 
 
+async def test_complete_routes_a_wide_fan_out_sent_as_one_argument(redis):
+    """A source's 1,000 consumers ride on the call as one JSON argument: each is counted and
+    routed (its own half back to w1, the other half to w2's inbox), ids of any script kept."""
+    run = await start_run(redis, "wide", tasks_total=1002)
+    keys = RunKeys(run)
+    ids = [f"nöop-{n}#{n}" if n % 2 else f"调用#{n}" for n in range(1000)]
+    consumers = tuple(
+        Downstream(task_id, 1, 512, worker="w1" if n < 500 else "w2", offer=True)
+        for n, task_id in enumerate(ids)
+    )
+    reply = await Scripts(redis).complete(
+        on_w1(run, Completion("source#0", "{}", "source#0", b"s", 5.0, consumers))
+    )
+    assert reply.local_ready == tuple(ids[:500])
+    inbox = await redis.lrange(keys.inbox("w2"), 0, -1)
+    assert [task_id.decode() for task_id in inbox] == ids[500:]
+    assert await redis.scard(keys.edges) == 1000
+    assert await redis.llen(keys.offers("w1")) == await redis.llen(keys.offers("w2")) == 500
+
+
 async def test_steal_takes_offered_ready_tasks_from_the_end_and_their_worker_learns_of_it(
     redis,
 ):

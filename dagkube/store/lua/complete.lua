@@ -28,16 +28,15 @@ for _ = 1, n_pending do
   table.insert(pending, ARGV[i])
   i = i + 1
 end
--- the tasks, each {tid, mode, inline output, record field, now, index of its first consumer,
--- consumers, offered}; ARGV[i + 1..] of each: tid, mode, output, record, record field, now,
--- offered, consumers, then seven values a consumer
+-- the tasks, each {tid, mode, inline output, record field, now, consumers (JSON), offered};
+-- ARGV[i + 1..] of each: tid, mode, output, record, record field, now, offered, consumers: a
+-- JSON array of seven values a consumer (calls.encode_consumers)
 local tasks = {}
 for _ = 1, tonumber(ARGV[i]) do
-  local n_down = tonumber(ARGV[i + 8])
   table.insert(tasks, {ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 5], tonumber(ARGV[i + 6]),
-                       i + 9, n_down, ARGV[i + 7] == '1'})
+                       ARGV[i + 8], ARGV[i + 7] == '1'})
   hist_hset(run, 'tasks', ARGV[i + 5], ARGV[i + 4])
-  i = i + 8 + 7 * n_down
+  i = i + 8
 end
 -- the worker runs no task now (its task key is what a lost worker is charged with)
 redis.call('DEL', task_key)
@@ -67,7 +66,7 @@ for _, task in ipairs(tasks) do
   local tid, output_mode, output, record_field = task[1], task[2], task[3], task[4]
   now = task[5]
   duplicate = 1 - redis.call('SADD', runkey(run, 'done'), tid)
-  if task[8] then redis.call('LREM', runkey(run, 'offers:' .. me), 1, tid) end
+  if task[7] then redis.call('LREM', runkey(run, 'offers:' .. me), 1, tid) end
   if duplicate == 0 then
     if record_field ~= tid then redis.call('HINCRBY', meta, 'duplicates_won', 1) end
     if output_mode == 'inline' then redis.call('HSET', runkey(run, 'out'), tid, output) end
@@ -78,12 +77,9 @@ for _, task in ipairs(tasks) do
       redis.call('HSET', meta, 'completed_at', tonumber(clock[1]) + tonumber(clock[2]) / 1e6)
     end
     local stored = output_mode ~= 'none'
-    local d = task[6]
-    for _ = 1, task[7] do
-      local down, ndeps = ARGV[d], tonumber(ARGV[d + 1])
-      local worker, mem, host = ARGV[d + 2], tonumber(ARGV[d + 3]), ARGV[d + 4]
-      local clustered, offers = ARGV[d + 5] == '1', ARGV[d + 6] == '1'
-      d = d + 7
+    for _, consumer in ipairs(cjson.decode(task[6])) do
+      local down, ndeps, worker, mem, host = unpack(consumer, 1, 5)
+      local clustered, offers = consumer[6] == 1, consumer[7] == 1
       if stored and host ~= '' and host ~= me then
         local preload = runkey(run, 'preload:' .. host)
         redis.call('RPUSH', preload, tid)
