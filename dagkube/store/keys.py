@@ -116,7 +116,6 @@ RUN_PARTS = (
     "out",
     "const",
     "done",
-    "edges",
     "depcount",
     "started",
     "keys",
@@ -172,10 +171,6 @@ class RunKeys:
     @property
     def done(self) -> str:  # set of completed task ids
         return f"{self.prefix}:done"
-
-    @property
-    def edges(self) -> str:  # set of "upstream>downstream" edges already counted
-        return f"{self.prefix}:edges"
 
     @property
     def dep_counts(self) -> str:  # hash task id -> satisfied dependencies

@@ -227,7 +227,6 @@ def test_the_fixed_keys_of_a_run_are_its_keys_but_the_dynamic_ones():
         keys.outputs,
         keys.constants,
         keys.done,
-        keys.edges,
         keys.dep_counts,
         keys.started,
         keys.keyset,

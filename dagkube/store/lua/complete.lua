@@ -59,6 +59,7 @@ local function offer(worker, tid)
     redis.call('SADD', runkey(run, 'keys'), offers)
   end
 end
+local pushed = {}  -- bound workers whose inbox this call pushed to
 local queued = 0
 local duplicate = 0
 local now = 0
@@ -85,13 +86,8 @@ for _, task in ipairs(tasks) do
         redis.call('RPUSH', preload, tid)
         redis.call('SADD', runkey(run, 'keys'), preload)
       end
-      local ready = false
-      if ndeps == 1 then
-        ready = redis.call('SADD', runkey(run, 'edges'), tid .. '>' .. down) == 1
-      elseif redis.call('SADD', runkey(run, 'edges'), tid .. '>' .. down) == 1 then
-        ready = redis.call('HINCRBY', runkey(run, 'depcount'), down, 1) == ndeps
-      end
-      if ready then
+      -- counted once: only a task's first completion (done above) reaches its consumers
+      if ndeps == 1 or redis.call('HINCRBY', runkey(run, 'depcount'), down, 1) == ndeps then
         -- dagkube.planning.rules.route, case for case (me: the producer's worker, '' flexible)
         if worker == '' then
           if me == '' and continuation == '' then
@@ -109,13 +105,16 @@ for _, task in ipairs(tasks) do
           if offers then offer(worker, down) end
           local inbox = runkey(run, 'inbox:' .. worker)
           redis.call('RPUSH', inbox, down)
-          redis.call('SADD', runkey(run, 'keys'), inbox)
-          local claim = runkey(run, 'claim:' .. worker)
-          if redis.call('SET', claim, '1', 'NX') then
-            redis.call('SADD', runkey(run, 'keys'), claim)
-            queue_invocation(pool, {run = run, mem = mem, worker = worker, roots = {},
-                                    queued_at = now})
-            queued = queued + 1
+          if not pushed[worker] then  -- listed, and its invocation queued, once a call
+            pushed[worker] = true
+            redis.call('SADD', runkey(run, 'keys'), inbox)
+            local claim = runkey(run, 'claim:' .. worker)
+            if redis.call('SET', claim, '1', 'NX') then
+              redis.call('SADD', runkey(run, 'keys'), claim)
+              queue_invocation(pool, {run = run, mem = mem, worker = worker, roots = {},
+                                      queued_at = now})
+              queued = queued + 1
+            end
           end
         end
       end
