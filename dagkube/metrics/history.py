@@ -185,11 +185,13 @@ def _serving(invocations: list[WorkerRecord], task: TaskRecord) -> int:
 
 
 SNAPSHOT_RUNS = 20
-# Task samples (and their overheads) a snapshot holds, about: a bigger workflow's task times
-# come from fewer (but >= 3) runs, pooled over its tasks; fitting them is most of a plan's
-# time on a short run. Each run's residual and start-ups (one per run, a few per run) come
-# from all of its SNAPSHOT_RUNS: calibrating a p90 plan needs 9 residuals.
+# Task samples a snapshot holds, about: a bigger workflow's task times come from fewer (but
+# >= 3) runs, pooled over its tasks; fitting them is most of a plan's time on a short run.
+# Each run's residual, start-ups and overheads (thinned) come from all of its SNAPSHOT_RUNS:
+# calibrating a p90 plan needs 9 residuals, and a planner chosen now and then (wukong's
+# invocation handovers) must stay priced by its overheads between its runs.
 SNAPSHOT_MAX_TASK_SAMPLES = 5_000
+OVERHEAD_SAMPLES_PER_RUN = 100  # of each class, kind and worker mode
 MIN_SNAPSHOT_RUNS = 3
 
 
@@ -242,7 +244,7 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
             )
         )
     workers_served = [WorkerRecord.model_validate_json(raw) for raw in workers]
-    found.overheads = overhead_samples(records, workers_served)
+    found.overheads = _thinned(overhead_samples(records, workers_served))
     for worker in workers_served:
         if worker.outcome != "finished" or worker.resumed or worker.first_task_at is None:
             continue
@@ -259,6 +261,21 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
                 StartupSample(worker.memory_mib, worker.cold, worker.first_task_at - began)
             )
     return found
+
+
+def _thinned(samples: list[OverheadSample]) -> list[OverheadSample]:
+    """At most OVERHEAD_SAMPLES_PER_RUN of each class, kind and worker mode, evenly spread
+    over the run: the predictor takes their median, and a snapshot holds every run's."""
+    groups: dict[tuple[int, str, bool], list[OverheadSample]] = defaultdict(list)
+    for sample in samples:
+        groups[(sample.memory_mib, sample.kind, sample.bound)].append(sample)
+    kept: list[OverheadSample] = []
+    for group in groups.values():
+        step = len(group) / OVERHEAD_SAMPLES_PER_RUN
+        kept += (
+            group if step <= 1 else [group[int(k * step)] for k in range(OVERHEAD_SAMPLES_PER_RUN)]
+        )
+    return kept
 
 
 class SnapshotCache:
@@ -295,8 +312,8 @@ async def load_snapshot(
 ) -> HistorySnapshot:
     """The samples planners learn from: task and worker records of the last ``runs``
     successful runs of this structure (failed runs' timings would mislead predictions); task
-    samples and overheads only from the newest of them that hold at most about
-    SNAPSHOT_MAX_TASK_SAMPLES task samples (but at least 3 runs).
+    samples only from the newest of them that hold at most about SNAPSHOT_MAX_TASK_SAMPLES
+    (but at least 3 runs).
 
     ``cache`` lets a long-lived caller read each run only once.
     ``namespace``: learn from that namespace's history (see :func:`run_ids`).
@@ -333,7 +350,7 @@ async def load_snapshot(
         snapshot.runs += 1
         if sampling:
             snapshot.tasks += found.tasks
-            snapshot.overheads += found.overheads
+        snapshot.overheads += found.overheads
         snapshot.startups += found.startups
         if found.residual:
             snapshot.residuals.append(found.residual)

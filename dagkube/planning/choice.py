@@ -231,7 +231,13 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
     assert uniform is not None
     bases = [choose_wukong(search.shared, options), uniform]
     search.spend(1 + uniform.simulations)
-    _fit_budget_to_run(search, min(base.timing.makespan_s for base in bases), tasks)
+    # uniform on the workers alive now, when they are of a smaller class: a plain plan too,
+    # always evaluated (left out by the budget, the run went to wukong at 3x its time)
+    warm = _on_warm_class(search)
+    if warm is not None:
+        search.spend(warm.simulations)
+    plain = [*bases, warm] if warm is not None else bases
+    _fit_budget_to_run(search, min(base.timing.makespan_s for base in plain), tasks)
     if search.affordable():
         non_uniform = choose_non_uniform(
             search.shared, options, uniform, max_simulations=search.budget
@@ -244,11 +250,8 @@ def plan_auto(dag: DagSpec, options: PlanningOptions) -> Plan:
     else:
         search.starved = True
         search_notes.append("non-uniform: not tried: the planning budget is spent")
-    if search.affordable():
-        warm = _on_warm_class(search)
-        if warm is not None:
-            search.spend(warm.simulations)
-            bases.append(warm)
+    if warm is not None:
+        bases.append(warm)
     notes_of: dict[int, list[str]] = {}  # id of every candidate -> its base's notes
     finals: list[Candidate] = []
     for base in bases:

@@ -90,8 +90,9 @@ def test_a_large_workflow_learns_task_times_from_fewer_runs_and_residuals_from_a
     redis_server, redis_client, monkeypatch
 ):
     """Task samples stop at about SNAPSHOT_MAX_TASK_SAMPLES (fitting them is most of a plan's
-    time), but at least 3 runs; every run's residual and start-ups still count, so that a p90
-    plan of a large workflow can be calibrated (it needs 9 residuals)."""
+    time), but at least 3 runs; every run's residual, start-ups and overheads still count, so
+    that a p90 plan of a large workflow can be calibrated (it needs 9 residuals), and a
+    planner chosen now and then keeps the overheads its runs showed."""
     from dagkube.metrics import history
 
     per_run = len(_run("x", "uniform", 1.1).tasks)
@@ -115,6 +116,7 @@ def test_a_large_workflow_learns_task_times_from_fewer_runs_and_residuals_from_a
     assert len(found.tasks) == 4 * per_run
     assert {t.run_id for t in found.tasks} == {f"large-{n}" for n in (2, 3, 4, 5)}  # newest
     assert len(found.startups) == 6
+    assert len(found.overheads) == 6  # each run's one task: its "pre"
 
     monkeypatch.setattr(history, "SNAPSHOT_MAX_TASK_SAMPLES", 1)  # never fewer than 3 runs
     assert len(asyncio.run(snapshot()).tasks) == 3 * per_run

@@ -304,3 +304,44 @@ def test_auto_tries_uniform_on_the_class_whose_workers_are_warm():
     assert result.chosen_planner() == "uniform"
     assert {t.memory_mib for t in result.tasks.values()} == {1024}
     assert len({t.worker_id for t in result.tasks.values()}) == 2
+
+
+def test_the_warm_class_plan_is_evaluated_when_the_budget_allows_nothing_else():
+    """A 1,000-task fan-out of tiny tasks predicted to run in well under a second: auto's
+    planning budget (a share of that) allows no candidate past the two plain plans, but the
+    plan on the workers alive is a plain plan too (left out, the run went to wukong)."""
+    root = source()
+    wf = dagkube.Workflow(total([tiny(root, i) for i in range(1000)]), "fan")
+    tasks = [
+        TaskSample(t.split("#")[0], m, 10, 10, 0.0001, task_id=t, upload_bytes=10, upload_s=5e-5)
+        for t in wf.dag.tasks
+        for m in (1024, 2048)
+    ] * 3
+    startups = [StartupSample(m, True, 2.0) for m in (1024, 2048)] * 3
+    startups += [StartupSample(m, False, 0.0002) for m in (1024, 2048)] * 3
+    overheads = [OverheadSample(1024, "pre", 0.0001)] * 5
+    overheads += [OverheadSample(1024, "handover", 0.0002)] * 5
+    options = PlanningOptions.for_run(
+        ["1Gi", "2Gi"],
+        history=HistorySnapshot("h", 3, tasks, startups, overheads=overheads),
+        max_workers=2,
+        warm_pool={1024: 2},
+    )
+    result = plan(wf.dag, "auto", options)
+    assert any("planning time" in note for note in result.notes), result.notes
+    assert "uniform@1024Mi" in [a.label for a in result.alternatives]
+    assert result.chosen_planner() == "uniform"
+    assert {t.memory_mib for t in result.tasks.values()} == {1024}
+
+
+def test_a_runs_overheads_are_thinned_evenly_per_class_kind_and_mode():
+    from dagkube.metrics.history import OVERHEAD_SAMPLES_PER_RUN, _thinned
+
+    many = [OverheadSample(1024, "pre", k / 1000, bound=True) for k in range(1000)]
+    few = [OverheadSample(1024, "post", 0.001, bound=True)] * 7
+    kept = _thinned(many + few + [OverheadSample(512, "pre", 0.003)])
+    pre = [o.seconds for o in kept if o.kind == "pre" and o.memory_mib == 1024]
+    assert len(pre) == OVERHEAD_SAMPLES_PER_RUN == 100
+    assert pre[0] == 0.0 and pre[-1] == 0.99  # spread over the run, not its first ones
+    assert sum(1 for o in kept if o.kind == "post") == 7
+    assert [o.seconds for o in kept if o.memory_mib == 512] == [0.003]
