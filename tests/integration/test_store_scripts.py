@@ -297,7 +297,8 @@ async def test_complete_of_several_tasks_completes_each_in_order_and_routes_thei
 
 async def test_complete_routes_a_wide_fan_out_sent_as_one_argument(redis):
     """A source's 1,000 consumers ride on the call as one JSON argument: each is counted and
-    routed (its own half back to w1, the other half to w2's inbox), ids of any script kept."""
+    routed (its own half back to w1, the other half to w2's inbox), ids of any script kept;
+    the tasks' fields ride as one argument too, binary outputs and records byte for byte."""
     run = await start_run(redis, "wide", tasks_total=1002)
     keys = RunKeys(run)
     ids = [f"nöop-{n}#{n}" if n % 2 else f"调用#{n}" for n in range(1000)]
@@ -305,9 +306,12 @@ async def test_complete_routes_a_wide_fan_out_sent_as_one_argument(redis):
         Downstream(task_id, 1, 512, worker="w1" if n < 500 else "w2", offer=True)
         for n, task_id in enumerate(ids)
     )
+    output, record = b"\x00:12:\xff\n" * 3, json.dumps({"note": "é:1:"}, ensure_ascii=False)
     reply = await Scripts(redis).complete(
-        on_w1(run, Completion("source#0", "{}", "source#0", b"s", 5.0, consumers))
+        on_w1(run, Completion("source#0", record, "source#0", output, 5.0, consumers))
     )
+    assert await redis.hget(keys.outputs, "source#0") == output
+    assert await redis.hget(hist_run(run, "tasks"), "source#0") == record.encode()
     assert reply.local_ready == tuple(ids[:500])
     inbox = await redis.lrange(keys.inbox("w2"), 0, -1)
     assert [task_id.decode() for task_id in inbox] == ids[500:]

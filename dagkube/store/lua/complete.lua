@@ -16,26 +16,28 @@ local run, pool, proc, task_key = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local me, my_mem = ARGV[9], tonumber(ARGV[10])
 local next_claim, claim_ttl = ARGV[11], tonumber(ARGV[12])
 local meta = runkey(run, 'meta')
-local i = 14
-for _ = 1, tonumber(ARGV[13]) do
-  hist_hset(run, 'tasks', ARGV[i], ARGV[i + 1])
+-- ARGV[13]: the rest, as fields (calls.netstrings): amended records, pending roots, tasks
+local body = fields(ARGV[13])
+local i = 2
+for _ = 1, tonumber(body[1]) do
+  hist_hset(run, 'tasks', body[i], body[i + 1])
   i = i + 2
 end
 local pending = {}
-local n_pending = tonumber(ARGV[i])
+local n_pending = tonumber(body[i])
 i = i + 1
 for _ = 1, n_pending do
-  table.insert(pending, ARGV[i])
+  table.insert(pending, body[i])
   i = i + 1
 end
 -- the tasks, each {tid, mode, inline output, record field, now, consumers (JSON), offered};
--- ARGV[i + 1..] of each: tid, mode, output, record, record field, now, offered, consumers: a
+-- body[i + 1..] of each: tid, mode, output, record, record field, now, offered, consumers: a
 -- JSON array of seven values a consumer (calls.encode_consumers)
 local tasks = {}
-for _ = 1, tonumber(ARGV[i]) do
-  table.insert(tasks, {ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 5], tonumber(ARGV[i + 6]),
-                       ARGV[i + 8], ARGV[i + 7] == '1'})
-  hist_hset(run, 'tasks', ARGV[i + 5], ARGV[i + 4])
+for _ = 1, tonumber(body[i]) do
+  table.insert(tasks, {body[i + 1], body[i + 2], body[i + 3], body[i + 5], tonumber(body[i + 6]),
+                       body[i + 8], body[i + 7] == '1'})
+  hist_hset(run, 'tasks', body[i + 5], body[i + 4])
   i = i + 8
 end
 -- the worker runs no task now (its task key is what a lost worker is charged with)

@@ -17,6 +17,17 @@ local function hist_hset(run, part, field, value)
   redis.call('HSET', histkey(run, part), field, value)
   if ttl > 0 then redis.call('PEXPIRE', histkey(run, part), ttl) end
 end
+-- calls.netstrings: fields in one argument, each its length in bytes, ':' and its bytes
+local function fields(blob)
+  local found, at = {}, 1
+  while at <= #blob do
+    local colon = string.find(blob, ':', at, true)
+    local size = tonumber(string.sub(blob, at, colon - 1))
+    found[#found + 1] = string.sub(blob, colon + 1, colon + size)
+    at = colon + size + 1
+  end
+  return found
+end
 -- keys.own_key: a large value's own key, next to the hash it would otherwise be a field of.
 local function own_key(hash, field) return hash .. ':' .. field end
 -- A large output the caller wrote under its own key just before this script (SET NX with the
