@@ -75,10 +75,13 @@ class Goal:
       products within BALANCED_TOLERANCE tie and the smaller makespan breaks the tie.
     * ``max_gb_s``: a plan within the budget beats one over it; of two over it, the cheaper
       wins (so the cheapest is chosen when none fits).
+    * ``tolerance``: a wider tie band for both measures (auto's optimizations tried unasked
+      must win by more than the model's error).
     """
 
     objective: str = "makespan"
     max_gb_s: float | None = None
+    tolerance: float | None = None  # both measures' tie band instead of the defaults
 
     def fits(self, p: Prediction) -> bool:
         return self.max_gb_s is None or p.gb_s <= self.max_gb_s
@@ -88,14 +91,17 @@ class Goal:
         if self.fits(a) != self.fits(b):
             return -1 if self.fits(a) else 1
         objective = self.objective if self.fits(a) else "cost"
+        makespan_band = MAKESPAN_TOLERANCE if self.tolerance is None else self.tolerance
+        gb_s_band = GB_S_TOLERANCE if self.tolerance is None else self.tolerance
         if objective == "makespan":
-            first = _order(a.makespan_s, b.makespan_s, MAKESPAN_TOLERANCE)
-            return first or _order(a.gb_s, b.gb_s, GB_S_TOLERANCE)
+            first = _order(a.makespan_s, b.makespan_s, makespan_band)
+            return first or _order(a.gb_s, b.gb_s, gb_s_band)
         if objective == "cost":
-            first = _order(a.gb_s, b.gb_s, GB_S_TOLERANCE)
+            first = _order(a.gb_s, b.gb_s, gb_s_band)
         else:
-            first = _order(a.makespan_s * a.gb_s, b.makespan_s * b.gb_s, BALANCED_TOLERANCE)
-        return first or _order(a.makespan_s, b.makespan_s, MAKESPAN_TOLERANCE)
+            product_a, product_b = a.makespan_s * a.gb_s, b.makespan_s * b.gb_s
+            first = _order(product_a, product_b, makespan_band + gb_s_band)
+        return first or _order(a.makespan_s, b.makespan_s, makespan_band)
 
     def better(self, a: Prediction, b: Prediction) -> bool:
         """``a`` is strictly better than ``b``: only then does it replace the simpler ``b``."""
