@@ -264,8 +264,9 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
 
 
 def _thinned(samples: list[OverheadSample]) -> list[OverheadSample]:
-    """At most OVERHEAD_SAMPLES_PER_RUN of each class, kind and worker mode, evenly spread
-    over the run: the predictor takes their median, and a snapshot holds every run's."""
+    """At most OVERHEAD_SAMPLES_PER_RUN of each class, kind and worker mode, taken evenly
+    from the run's (in the order its records came): the predictor takes their median, and a
+    snapshot holds every run's."""
     groups: dict[tuple[int, str, bool], list[OverheadSample]] = defaultdict(list)
     for sample in samples:
         groups[(sample.memory_mib, sample.kind, sample.bound)].append(sample)
