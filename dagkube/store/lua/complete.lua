@@ -53,13 +53,18 @@ local total = tonumber(redis.call('HGET', meta, 'tasks_total'))
 local continuation = ''
 local local_ready = {}
 -- Appends to inboxes and offers lists, made once per list for each task's consumers (a
--- fan-out's source readies 1,000 of them: one RPUSH each cost a millisecond a 500)
-local appends, appended = {}, {}
+-- fan-out's source readies 1,000 of them: one RPUSH each cost a millisecond a 500); each
+-- list is named in the run's key set once a call
+local appends, listed = {}, {}
 local function append(list, tid)
   local values = appends[list]
   if values == nil then
     values = {}
     appends[list] = values
+    if not listed[list] then
+      listed[list] = true
+      redis.call('SADD', runkey(run, 'keys'), list)
+    end
   end
   table.insert(values, tid)
 end
@@ -71,15 +76,8 @@ local function flush_appends()
   end
   appends = {}
 end
-local function offer(worker, tid)
-  local offers = runkey(run, 'offers:' .. worker)
-  append(offers, tid)
-  if not appended[offers] then  -- listed in the run's key set once
-    appended[offers] = true
-    redis.call('SADD', runkey(run, 'keys'), offers)
-  end
-end
-local pushed = {}  -- bound workers whose inbox this call pushed to
+local function offer(worker, tid) append(runkey(run, 'offers:' .. worker), tid) end
+local claimed = {}  -- bound workers whose claim this call tried (SET NX: one invocation a run)
 local queued = 0
 local duplicate = 0
 local now = 0
@@ -123,11 +121,9 @@ for _, task in ipairs(tasks) do
           if offers then offer(worker, down) end
         else
           if offers then offer(worker, down) end
-          local inbox = runkey(run, 'inbox:' .. worker)
-          append(inbox, down)
-          if not pushed[worker] then  -- listed, and its invocation queued, once a call
-            pushed[worker] = true
-            redis.call('SADD', runkey(run, 'keys'), inbox)
+          append(runkey(run, 'inbox:' .. worker), down)
+          if not claimed[worker] then
+            claimed[worker] = true
             local claim = runkey(run, 'claim:' .. worker)
             if redis.call('SET', claim, '1', 'NX') then
               redis.call('SADD', runkey(run, 'keys'), claim)
