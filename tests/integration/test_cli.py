@@ -329,9 +329,11 @@ def test_plan_with_an_objective_shows_the_candidates_it_chose_from(redis_server)
     plan = json.loads(run_cli("plan", example, "--objective", "cost", "--json", env=env).stdout)
     assert plan["objective"] == "cost" and plan["max_gb_s"] is None
     [chosen] = [a for a in plan["alternatives"] if a["chosen"]]
-    assert chosen["predicted_gb_s"] <= 1.005 * min(
-        a["predicted_gb_s"] for a in plan["alternatives"]
-    )
+    # the cheapest, but for optimizations auto tried unasked and found within its 3% band
+    within = [a for a in plan["alternatives"] if "auto asks" in (a["rejected"] or "")]
+    others = [a for a in plan["alternatives"] if a not in within]
+    assert chosen["predicted_gb_s"] <= 1.005 * min(a["predicted_gb_s"] for a in others)
+    assert all(chosen["predicted_gb_s"] <= 1.005 * 1.03 * a["predicted_gb_s"] for a in within)
     assert plan["predicted_gb_s"] == pytest.approx(chosen["predicted_gb_s"], abs=1e-6)
     assert all(a["rejected"] for a in plan["alternatives"] if not a["chosen"])
     tight = json.loads(run_cli("plan", example, "--max-gb-s", "0.001", "--json", env=env).stdout)
