@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
-from dagkube.planning.choice import plan_auto, plan_named
-from dagkube.planning.history import HistorySnapshot
 from dagkube.planning.model import (
     AUTO,
     OPT_VARIANTS,
@@ -31,12 +30,25 @@ from dagkube.planning.model import (
     TaskdupParams,
     TaskPlan,
 )
-from dagkube.planning.objective import OBJECTIVES, check_max_gb_s, check_objective
-from dagkube.planning.optimizations import check_optimizations, split_planner
-from dagkube.planning.options import PlanningOptions
-from dagkube.planning.sla import parse_sla
-from dagkube.planning.validation import validate_plan
-from dagkube.resources import parse_classes
+
+if TYPE_CHECKING:
+    from dagkube.dag import DagSpec
+    from dagkube.planning.history import HistorySnapshot
+    from dagkube.planning.objective import OBJECTIVES, check_max_gb_s, check_objective
+    from dagkube.planning.optimizations import check_optimizations, split_planner
+    from dagkube.planning.options import PlanningOptions
+
+# The planners load on first use: a worker reads plans (:mod:`.model`) and nothing else of
+# planning, and every module it imports is CPU its cold start pays (at its class's share).
+_ON_FIRST_USE = {
+    "HistorySnapshot": "dagkube.planning.history",
+    "OBJECTIVES": "dagkube.planning.objective",
+    "check_max_gb_s": "dagkube.planning.objective",
+    "check_objective": "dagkube.planning.objective",
+    "check_optimizations": "dagkube.planning.optimizations",
+    "split_planner": "dagkube.planning.optimizations",
+    "PlanningOptions": "dagkube.planning.options",
+}
 
 DEFAULT_PLANNER = AUTO
 PLANNERS = (*SIMPLICITY, AUTO)
@@ -69,6 +81,7 @@ __all__ = [
     "check_optimizations",
     "check_planner",
     "plan",
+    "split_planner",
 ]
 
 
@@ -95,7 +108,24 @@ def plan(
         return _plan(dag, planner, options)
 
 
+def __getattr__(name: str) -> Any:
+    module = _ON_FIRST_USE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 def _plan(dag: DagSpec, planner: str, options: PlanningOptions | None) -> Plan:
+    from dagkube.planning.choice import plan_auto, plan_named
+    from dagkube.planning.objective import check_max_gb_s, check_objective
+    from dagkube.planning.optimizations import check_optimizations, split_planner
+    from dagkube.planning.options import PlanningOptions
+    from dagkube.planning.sla import parse_sla
+    from dagkube.planning.validation import validate_plan
+    from dagkube.resources import parse_classes
+
     label = check_planner(planner)
     planner, implied = split_planner(label)
     options = options or PlanningOptions.for_run()

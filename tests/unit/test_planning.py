@@ -607,17 +607,18 @@ def test_planning_runs_without_the_cyclic_collector_and_leaves_it_as_it_found_it
     paused while planning (planners and the plan's validation) and restored after."""
     import gc
 
-    import dagkube.planning as planning
+    import dagkube.planning.choice as choice
+    import dagkube.planning.validation as validation
 
     seen: list[bool] = []
-    for name in ("plan_auto", "validate_plan"):
-        original = getattr(planning, name)
+    for module, name in ((choice, "plan_auto"), (validation, "validate_plan")):
+        original = getattr(module, name)
 
         def watched(*args, _original=original, **kwargs):
             seen.append(gc.isenabled())
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(planning, name, watched)
+        monkeypatch.setattr(module, name, watched)
     wf = fan(8)
     try:
         plan(wf.dag, "auto", PlanningOptions([512, 2048]))
