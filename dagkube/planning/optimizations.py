@@ -35,7 +35,6 @@ from dagkube.planning.model import (
 from dagkube.planning.predictions import Estimates, Predictor
 from dagkube.planning.timing import Timing
 
-PREWARM_MARGIN_S = 0.1  # a pre-warmed worker should be ready this long before it is needed
 PREWARM_MIN_WAIT_S = 0.1  # only invocations predicted to wait longer for a worker are targets
 DELAY_MARGIN_S = 0.05  # delayed-io waits this much beyond the predicted arrival of the others
 MIN_SAVING_S = 0.002  # preload / delayed-io only where they save at least this much transfer
@@ -194,12 +193,13 @@ def _stored(given: RuleInput, marks: Marks, task_id: str) -> bool:
 def mark_prewarm(given: RuleInput, marks: Marks) -> int:
     """Every invocation predicted to wait for a worker to start (queued after the run began,
     not taken by an idle or finishing worker within a warm start) is a target: a worker
-    spawned at ``queued - cold start-up - PREWARM_MARGIN_S`` is ready just before it is needed
-    (the start-up is the Predictor's at the plan's SLA, learnt from earlier pre-warmed
-    workers, which start in groups, so the margin stays small: a worker ready early is
-    charged while it waits). A request due before its trigger is predicted to
-    start gets a negative ``delay_s`` (never before the run's start): the driver sends it at
-    submission. Returns how many workers are requested."""
+    spawned at ``queued - cold start-up`` is ready when it is needed. The start-up is the
+    Predictor's at the plan's SLA, learnt from earlier pre-warmed workers (which start in
+    groups), with nothing added: a worker ready early is charged while it waits, so a margin
+    would be paid by every pre-warmed worker of every run; at SLA avg early and late balance
+    around the mean start-up, and at pNN the percentile is the margin. A request due before
+    its trigger is predicted to start gets a negative ``delay_s`` (never before the run's
+    start): the driver sends it at submission. Returns how many workers are requested."""
     timing, p = given.timing, given.predictor
     starts = sorted(given.dag.tasks, key=lambda t: timing.tasks[t].start_s)
     requests: dict[tuple[str, int], list[tuple[float, str]]] = {}
@@ -210,7 +210,7 @@ def mark_prewarm(given: RuleInput, marks: Marks) -> int:
         if waited <= p.startup_s(activity.memory_mib, False) + PREWARM_MIN_WAIT_S:
             continue
         cold = p.startup_s(activity.memory_mib, True, prewarmed=True)
-        fire_at = activity.queued_s - cold - PREWARM_MARGIN_S
+        fire_at = activity.queued_s - cold
         trigger = _prewarm_trigger(timing, starts, activity.tasks[0], fire_at)
         if trigger in activity.tasks:
             continue

@@ -26,7 +26,6 @@ from dagkube.planning.model import (
     TaskdupParams,
 )
 from dagkube.planning.optimizations import (
-    PREWARM_MARGIN_S,
     check_optimizations,
     split_planner,
 )
@@ -369,14 +368,14 @@ def test_prewarm_is_due_the_predicted_start_up_at_the_sla_before_the_fan_out_is_
     prepare = warmed.tasks["prepare#0"]
     assert prepare.predicted_start_s is not None and prepare.predicted_end_s is not None
     queued = prepare.predicted_end_s  # its completion queues the other parts
-    expected = queued - startup - PREWARM_MARGIN_S - prepare.predicted_start_s
+    expected = queued - startup - prepare.predicted_start_s
     assert entry.params.delay_s == pytest.approx(expected, abs=1e-5)
     assert entry.params.count == long_then_wide.WIDTH - 1  # prepare's worker continues itself
     prewarmed = [w for w in warmed.workers if w.prewarmed]
     assert len(prewarmed) == entry.params.count
     for worker in prewarmed:  # queued -> taken: the pre-warmed worker was waiting, ready
         assert worker.predicted_startup_s is not None and worker.predicted_startup_s <= 0.01
-        assert worker.predicted_start_s == pytest.approx(queued - startup - PREWARM_MARGIN_S)
+        assert worker.predicted_start_s == pytest.approx(queued - startup)
 
 
 def test_prewarm_due_before_its_trigger_starts_is_sent_by_the_driver_at_submission():
@@ -394,7 +393,7 @@ def test_prewarm_due_before_its_trigger_starts_is_sent_by_the_driver_at_submissi
     prepare = warmed.tasks["prepare#0"]
     (entry,) = prepare.optimizations
     assert prepare.predicted_start_s is not None and prepare.predicted_end_s is not None
-    due_s = prepare.predicted_end_s - startup - PREWARM_MARGIN_S
+    due_s = prepare.predicted_end_s - startup
     assert 0 < due_s < prepare.predicted_start_s
     assert entry.params.delay_s == pytest.approx(due_s - prepare.predicted_start_s, abs=1e-5)
     for worker in (w for w in warmed.workers if w.prewarmed):
