@@ -10,6 +10,8 @@ wf = dagkube.Workflow(add(add(1, 2), 3), name="sum")
 assert wf.run() == 6
 """
 
+from typing import TYPE_CHECKING, Any
+
 from dagkube.errors import (
     DagkubeError,
     InvalidOption,
@@ -20,7 +22,10 @@ from dagkube.errors import (
     TaskFailed,
 )
 from dagkube.sdk import TaskNode, reduce_tree, task
-from dagkube.workflow import Workflow
+
+if TYPE_CHECKING:
+    from dagkube.runtime.local import LocalRuntime
+    from dagkube.workflow import Workflow
 
 __version__ = "0.1.0"
 
@@ -40,10 +45,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # The runtime (redis, subprocesses) loads only when asked for.
+def __getattr__(name: str) -> Any:
+    # Loaded when first asked for: the runtime (redis, subprocesses), and Workflow (records,
+    # pydantic), which a worker needs only after its emulated start-up (dagkube.worker).
     if name == "LocalRuntime":
         from dagkube.runtime.local import LocalRuntime
 
         return LocalRuntime
+    if name == "Workflow":
+        from dagkube.workflow import Workflow
+
+        return Workflow
     raise AttributeError(f"module 'dagkube' has no attribute {name!r}")

@@ -64,7 +64,8 @@ class LocalRuntime:
     ``redis_url``: a Redis to use; default ``$DAGKUBE_REDIS_URL``, else the embedded server
     under ``$DAGKUBE_HOME``. ``max_workers``: cap on concurrent worker processes.
     ``idle_timeout_s``: an idle worker exits after this long (its next start is cold).
-    ``startup_delay_s``: extra start-up per worker, to make local cold starts behave like Pods.
+    ``startup_delay_s``: extra start-up per worker, to make local cold starts behave like Pods
+    (it passes before the worker's imports, as a Pod's scheduling and container start do).
     ``cancel_grace_s``: after a run's timeout, how long its workers get to stop at a task
     boundary before the run is ended without them.
     ``history_cap``, ``history_structures``, ``history_retention_s``: the run history keeps

@@ -98,6 +98,7 @@ class Worker:
         self.reader: Any = None
         self.beats: Any = None  # the heartbeat's own client
         self.stopping = False
+        self.stopped_at: float | None = None  # when SIGTERM came (charged until then if unused)
         self.scripts: Scripts  # on self.redis, once connected
         self.task_key = worker_task(config.worker_id, config.pool)
         self.heartbeat_key = worker_heartbeat(config.worker_id, config.pool)
@@ -116,6 +117,8 @@ class Worker:
         try:
             if startup_delay_s > 0:  # emulate a Pod's start-up: local cold starts cost as much
                 await asyncio.sleep(startup_delay_s)
+            if self.stopping:  # stopped during the emulated start-up (dagkube.worker)
+                return
             self.redis = await self.watch.connect()
             self.beats = await self.watch.connect()
             objects = await asyncio.to_thread(store_from_env)  # DAGKUBE_OBJECT_STORE_URL
@@ -165,6 +168,7 @@ class Worker:
 
     def _terminate(self, main: asyncio.Task | None) -> None:
         self.stopping = True
+        self.stopped_at = self.stopped_at or time.time()
         # SIGALRM's default action ends the process in the kernel: a task that never returns
         # cannot keep a stopped worker alive past the deadline (its clean-up has that long).
         signal.alarm(STOP_DEADLINE_S)
@@ -178,7 +182,8 @@ class Worker:
         run = self.config.prewarm_run or self.config.demand_run
         if not run or self.served_any or self.config.spawned_at is None:
             return
-        gb_s = (time.time() - self.config.spawned_at) * self.config.memory_mib / 1024
+        ended = self.stopped_at or time.time()
+        gb_s = (ended - self.config.spawned_at) * self.config.memory_mib / 1024
         kind = "prewarm_wasted" if self.config.prewarm_run else "workers_unused"
         # Stopped while starting up, it has no connection yet: open one to report.
         redis = self.redis if self.redis is not None else await self.watch.connect()
@@ -508,7 +513,13 @@ def _dump_tasks() -> None:
     sys.stderr.flush()
 
 
-def main(argv: Iterable[str] | None = None) -> NoReturn:
+def main(
+    argv: Iterable[str] | None = None, *, delayed: bool = False, stopped_at: float | None = None
+) -> NoReturn:
+    """Run a worker until it stops, then exit the process. ``delayed``: the emulated start-up
+    (``DAGKUBE_STARTUP_DELAY_S``) has passed already, before the imports (``python -m
+    dagkube.worker`` waits it out first); ``stopped_at``: a SIGTERM came during it then, so the
+    worker only reports being unused (if it was created for a run) and exits."""
     config = parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("DAGKUBE_LOG_LEVEL", "INFO"),
@@ -522,13 +533,15 @@ def main(argv: Iterable[str] | None = None) -> NoReturn:
     if parent:
         _die_with_parent(int(parent))
     worker = Worker(config)
+    worker.stopped_at = stopped_at
+    worker.stopping = stopped_at is not None
 
     def stop(*_: object) -> None:  # until Worker.main installs its own: nothing to clean up
         worker.stopping = True
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    delay_s = float(os.environ.get("DAGKUBE_STARTUP_DELAY_S") or 0)
+    delay_s = 0.0 if delayed else float(os.environ.get("DAGKUBE_STARTUP_DELAY_S") or 0)
     try:
         asyncio.run(worker.main(startup_delay_s=delay_s))
         code = 0

@@ -362,6 +362,36 @@ def test_startup_delay_makes_local_cold_starts_cost_what_pods_do(make_runtime, r
     assert wf.last_run.record.workers_warm == 1 and wf.last_run.record.makespan_s < 1.0
 
 
+def test_the_startup_delay_passes_before_the_imports_and_a_stop_during_it_is_charged(
+    make_runtime, redis_client
+):
+    """The emulated start-up is a Pod's before its interpreter runs: the worker's imports
+    (``dagkube.runtime`` and below) come after it. A worker created for a run and stopped
+    during the delay stops at once and charges its life until the stop to that run as unused
+    (not the imports it needs afterwards to report it)."""
+    rt = make_runtime(max_workers=2, startup_delay_s=3.0)
+    wf = dagkube.Workflow(add(1, 2), name="it-delay-stop")
+    assert wf.run(runtime=rt) == 3
+    run_id = wf.last_run.run_id
+    assert rt.backend is not None
+    rt.call(rt.backend.stop_all())
+    handle = rt.call(rt.backend.start_worker(1024, prewarm_for=run_id))
+    (pid,) = rt.backend.pids().values()
+    time.sleep(1.0)  # the interpreter is up and waiting; the runtime not imported yet
+    with open(f"/proc/{pid}/maps") as maps:  # every imported extension module is mapped
+        mapped = maps.read()
+    assert "hiredis" not in mapped and "pydantic_core" not in mapped
+    stopped, asked = time.monotonic(), time.time()
+    rt.call(rt.backend.stop_all())
+    assert time.monotonic() - stopped < 1.5  # not after the rest of the 3 s
+    meta = {
+        k.decode(): v.decode() for k, v in redis_client.hgetall(hist_run(run_id, "meta")).items()
+    }
+    assert int(float(meta["prewarm_wasted"])) == 1
+    lived = float(meta["prewarm_wasted_gb_s"])  # 1 GiB from its spawn to the stop
+    assert 1.0 <= lived <= asked - handle.spawned_at + 0.2, lived
+
+
 @dagkube.task
 def nap(x: int, seconds: float = 0.1) -> int:
     time.sleep(seconds)
