@@ -22,6 +22,9 @@ def emulated_startup(delay_s: float) -> float | None:
     (``time.time()``) is returned."""
     if delay_s <= 0:
         return None
+    if not hasattr(signal, "sigtimedwait"):  # macOS: a SIGTERM ends the process unreported
+        time.sleep(delay_s)
+        return None
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         if signal.sigtimedwait({signal.SIGTERM}, delay_s) is None:
