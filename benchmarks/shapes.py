@@ -143,6 +143,7 @@ class ShapeResult:
     # Most tasks running at once in each dagkube run (workers blocked waiting for inputs do
     # not count against LocalRuntime's max_workers: more than --workers tasks can run).
     most_at_once: dict[str, list[int]] = field(default_factory=dict)
+    changes: dict[str, list[int]] = field(default_factory=dict)  # plan_changes, per run
     failed: dict[str, list[str]] = field(default_factory=dict)  # what ended failed runs
     load_1min: float = 0.0
 
@@ -183,6 +184,7 @@ class Outcome:
     predicted_s: float | None = None
     most_at_once: int | None = None
     error: str = ""
+    changes: int | None = None  # plan_changes: what the plan changed from its plain start
 
 
 def run_once(
@@ -214,7 +216,37 @@ def run_once(
     history = engines.runtime.call(read_run(engines.runtime.redis, workflow.last_run.run_id))
     spans = [(t.started_at, t.ended_at) for t in history.tasks] if history else []
     plan = workflow.last_plan
-    return Outcome(seconds, plan.predicted_makespan_s if plan else None, most_at_once(spans))
+    predicted = plan.predicted_makespan_s if plan else None
+    changes = plan_changes(plan, engine) if plan else None
+    return Outcome(seconds, predicted, most_at_once(spans), changes=changes)
+
+
+def plain_of(planner: str) -> str | None:
+    """The plain plan a planner starts from, which it may change (None: it is one): uniform
+    for non-uniform (whose downgrades start from it), X for X-opt (whose marks are added to
+    it)."""
+    if planner.endswith("-opt"):
+        return planner.removesuffix("-opt")
+    return "uniform" if planner == "non-uniform" else None
+
+
+def plan_changes(plan: Any, planner: str) -> int | None:
+    """What a non-uniform or -opt plan changed from the plain plan it started from: logical
+    workers below the plan's largest class (non-uniform's downgrades; a non-uniform plan
+    downgrading every worker would count as none), plus optimization marks on tasks (-opt).
+    Zero: the plan is its plain plan, so a gap between the two is run-to-run noise."""
+    if plain_of(planner) is None:
+        return None
+    changes = 0
+    if planner.startswith("non-uniform") and plan.workers:
+        top = max(w.memory_mib for w in plan.workers)
+        changes += sum(1 for w in plan.workers if w.memory_mib < top)
+    if planner.endswith("-opt"):
+        switched = set(plan.optimizations)
+        changes += sum(
+            1 for t in plan.tasks.values() for o in t.optimizations if o.name in switched
+        )
+    return changes
 
 
 def most_at_once(spans: list[tuple[float, float]]) -> int:
@@ -268,6 +300,8 @@ def measure_shape(engines: Engines, name: str, size: int, args: argparse.Namespa
                 result.predicted_s[engine].append(outcome.predicted_s)
             if outcome.most_at_once is not None:
                 result.most_at_once[engine].append(outcome.most_at_once)
+            if outcome.changes is not None:
+                result.changes.setdefault(engine, []).append(outcome.changes)
     cells = ", ".join(f"{e} {result.median_ratio(e):.2f}x" for e in args.engines)
     print(
         f"{result.label} ({result.tasks} tasks, lower bound "
@@ -335,10 +369,28 @@ def findings(results: list[ShapeResult], planners: Sequence[str]) -> list[str]:
             window = "; against the window bound: " + ", ".join(
                 f"{engine_title(e)} {r.median_window_ratio(e):.2f}x" for e in engines
             )
+        plain = against_plain(r, planners)
         lines.append(
-            f"- {r.label}: best planner {best} {medians[best]:.2f}x{against}{lost}{window}"
+            f"- {r.label}: best planner {best} {medians[best]:.2f}x{against}{lost}{window}{plain}"
         )
     return lines
+
+
+def against_plain(r: ShapeResult, planners: Sequence[str]) -> str:
+    """Each non-uniform or -opt planner against the plain planner it starts from (median
+    ratios), with how many of its runs changed the plain plan at all (``plan_changes``)."""
+    cells = []
+    for planner in planners:
+        plain = plain_of(planner)
+        if plain is None or plain not in planners:
+            continue
+        gap = r.median_ratio(planner) / r.median_ratio(plain) - 1
+        runs = r.changes.get(planner, [])
+        changed = sum(1 for c in runs if c > 0)
+        cells.append(
+            f"{planner} {gap:+.0%} over {plain} (plan changed in {changed} of {len(runs)} runs)"
+        )
+    return "; against the plain plan: " + ", ".join(cells) if cells else ""
 
 
 def markdown_report(results: list[ShapeResult], args: argparse.Namespace) -> str:

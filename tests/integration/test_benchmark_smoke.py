@@ -89,7 +89,11 @@ def test_shapes_quick(tmp_path):
         at_once = max([workers, *row["most_at_once"].get(engine, [])])
         assert 0.99 * workers / at_once <= ratio < 50, f"{engine}: {ratio:.2f}x the bound"
     assert not any(row["failed"].values()), row["failed"]
+    # What each non-uniform and -opt plan changed from its plain plan: one count per run.
+    assert set(row["changes"]) == {p for p in planners if p == "non-uniform" or p.endswith("-opt")}
+    assert all(len(c) == len(row["seconds"]["uniform"]) for c in row["changes"].values())
     table = page.read_text()
+    assert "against the plain plan: non-uniform" in table and "uniform-opt" in table
     assert "## Real workflow shapes (WfCommons)" in table
     header = next(line for line in table.splitlines() if line.startswith("| shape |"))
     assert [cell.strip() for cell in header.strip(" |").split("|")][7:] == [*planners, "Dask"]
