@@ -5,8 +5,8 @@ makes a local cold start cost what a Pod's does) passes here, before the runtime
 as a Pod's scheduling and container start pass before its interpreter runs: the imports'
 CPU comes after the wait, not before it, so workers that start together contend for the
 cores where their Pods would, not while the run's first worker is still starting. A SIGTERM
-during the wait ends it, and the runtime then only reports the worker unused (charged until
-the signal) and exits.
+during the wait ends it (during the imports, it waits for them), and the runtime then only
+reports the worker unused (charged until the signal) and exits.
 """
 
 import os
@@ -17,26 +17,30 @@ import time
 STARTUP_DELAY_ENV = "DAGKUBE_STARTUP_DELAY_S"  # also dagkube.runtime.worker.main's, not delayed
 
 
-def emulated_startup(delay_s: float) -> float | None:
-    """Wait ``delay_s`` seconds; if a SIGTERM comes meanwhile, the wait ends and its time
-    (``time.time()``) is returned."""
-    if delay_s <= 0:
+def sigterm_held(wait_s: float) -> float | None:
+    """With SIGTERM blocked: wait up to ``wait_s`` seconds (0: only look) for one; when it
+    came (``time.time()``), else None."""
+    if signal.sigtimedwait({signal.SIGTERM}, wait_s) is None:
         return None
-    if not hasattr(signal, "sigtimedwait"):  # macOS: a SIGTERM ends the process unreported
-        time.sleep(delay_s)
-        return None
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        if signal.sigtimedwait({signal.SIGTERM}, delay_s) is None:
-            return None
-        return time.time()
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    return time.time()
 
 
 if __name__ == "__main__":
-    stopped_at = emulated_startup(float(os.environ.get(STARTUP_DELAY_ENV) or 0))
+    delay_s = float(os.environ.get(STARTUP_DELAY_ENV) or 0)
+    stopped_at: float | None = None
+    # SIGTERM is held from here until the runtime can answer it, so a stop during the delay
+    # or the imports is reported (without sigtimedwait, macOS, it ends the process at once).
+    holding = hasattr(signal, "sigtimedwait")
+    if holding:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        if delay_s > 0:
+            stopped_at = sigterm_held(delay_s)
+    elif delay_s > 0:
+        time.sleep(delay_s)
 
     from dagkube.runtime.worker import main
 
+    if holding:
+        stopped_at = stopped_at or sigterm_held(0)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     sys.exit(main(delayed=True, stopped_at=stopped_at))

@@ -392,6 +392,37 @@ def test_the_startup_delay_passes_before_the_imports_and_a_stop_during_it_is_cha
     assert 1.0 <= lived <= asked - handle.spawned_at + 0.2, lived
 
 
+def test_a_worker_stopped_during_its_imports_reports_being_unused(make_runtime, redis_client):
+    """SIGTERM is held from the entry point's first lines until the runtime can answer it: a
+    worker created for a run and stopped while it imports still charges that run."""
+    rt = make_runtime(max_workers=2)
+    wf = dagkube.Workflow(add(1, 2), name="it-import-stop")
+    assert wf.run(runtime=rt) == 3
+    run_id = wf.last_run.run_id
+    assert rt.backend is not None
+    rt.call(rt.backend.stop_all())
+    rt.call(rt.backend.start_worker(512, prewarm_for=run_id))
+    (pid,) = rt.backend.pids().values()
+
+    def holding() -> bool:  # SIGTERM (15) in the blocked mask: the entry point runs
+        with open(f"/proc/{pid}/status") as status:
+            line = next(x for x in status if x.startswith("SigBlk:"))
+        return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+    deadline = time.monotonic() + 10
+    while not holding():  # polled tightly: the imports take a few hundred ms from here
+        assert time.monotonic() < deadline, "the worker never held SIGTERM"
+        time.sleep(0.001)
+    with open(f"/proc/{pid}/maps") as maps:
+        assert "pydantic_core" not in maps.read()  # still importing the runtime
+    os.kill(pid, signal.SIGTERM)
+    rt.call(rt.backend.stop_all())  # waits for its exit
+    meta = {
+        k.decode(): v.decode() for k, v in redis_client.hgetall(hist_run(run_id, "meta")).items()
+    }
+    assert int(float(meta["prewarm_wasted"])) == 1
+
+
 @dagkube.task
 def nap(x: int, seconds: float = 0.1) -> int:
     time.sleep(seconds)
