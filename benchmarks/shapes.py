@@ -288,20 +288,31 @@ def measure_shape(engines: Engines, name: str, size: int, args: argparse.Namespa
     result.window_bounds_s = [shape.window_bound_s(d, args.bound_workers) for d in draws]
     turn = len(args.tasks) * args.recipes.index(name) + args.tasks.index(size)
     order = args.engines[turn % len(args.engines) :] + args.engines[: turn % len(args.engines)]
-    for engine in order:
-        # One untimed run first: the engine's own workers (of its classes) are warm.
-        run_once(engines, engine, replay, draws[-1], args)
-        for durations in draws:
-            outcome = run_once(engines, engine, replay, durations, args)
-            result.seconds[engine].append(outcome.seconds)
-            if outcome.error:
-                result.failed[engine].append(outcome.error)
-            if outcome.predicted_s is not None:
-                result.predicted_s[engine].append(outcome.predicted_s)
-            if outcome.most_at_once is not None:
-                result.most_at_once[engine].append(outcome.most_at_once)
-            if outcome.changes is not None:
-                result.changes.setdefault(engine, []).append(outcome.changes)
+
+    def timed(engine: str, durations: list[float]) -> None:
+        outcome = run_once(engines, engine, replay, durations, args)
+        result.seconds[engine].append(outcome.seconds)
+        if outcome.error:
+            result.failed[engine].append(outcome.error)
+        if outcome.predicted_s is not None:
+            result.predicted_s[engine].append(outcome.predicted_s)
+        if outcome.most_at_once is not None:
+            result.most_at_once[engine].append(outcome.most_at_once)
+        if outcome.changes is not None:
+            result.changes.setdefault(engine, []).append(outcome.changes)
+
+    if args.interleave:  # every draw: each engine in turn, untimed then timed
+        for index, durations in enumerate(draws):
+            warm = replay.durations(f"{args.seed}:{result.label}:warm {index}", args.cv)
+            for engine in order[index % len(order) :] + order[: index % len(order)]:
+                run_once(engines, engine, replay, warm, args)
+                timed(engine, durations)
+    else:
+        for engine in order:
+            # One untimed run first: the engine's own workers (of its classes) are warm.
+            run_once(engines, engine, replay, draws[-1], args)
+            for durations in draws:
+                timed(engine, durations)
     cells = ", ".join(f"{e} {result.median_ratio(e):.2f}x" for e in args.engines)
     print(
         f"{result.label} ({result.tasks} tasks, lower bound "
@@ -415,9 +426,17 @@ def markdown_report(results: list[ShapeResult], args: argparse.Namespace) -> str
         + "), which its children receive. The time scale makes the lower bound of the recorded "
         f"runtimes {args.target_s:g} s x sqrt(size / 100). dagkube plans at SLA avg with "
         f"classes {args.classes}, after {args.warmup} untimed round(s) of every planner (the "
-        "planners' history). Then each engine in turn: one untimed run (its workers warm), "
-        f"then {args.runs} timed runs, the same {args.runs} draws of durations for every "
-        "engine. Each cell: the median over those runs of (driver-side time from submission "
+        "planners' history). "
+        + (
+            f"Then {args.runs} rounds; in each, every engine in turn (the order rotating "
+            "round by round) makes one untimed run of another draw (its workers warm) and "
+            "one timed run of the round's draw"
+            if args.interleave
+            else "Then each engine in turn: one untimed run (its workers warm), "
+            f"then {args.runs} timed runs"
+        )
+        + f", the same {args.runs} draws of durations for every engine. Each cell: the "
+        "median over those runs of (driver-side time from submission "
         "to outputs) / (the run's lower bound = max(critical path, work / workers) of the "
         "durations drawn): no schedule on that many workers reaches 1.00x. *window bound*: a "
         "tighter lower bound (`Shape.window_bound_s`: each task of a set starts only after its "
@@ -456,6 +475,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--byte-scale", type=float, default=None, help="default: time scale")
     parser.add_argument("--classes", default="512Mi,1Gi,2Gi")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="engines take turns run by run (each timed run after an untimed one of the same "
+        "engine, so its classes are warm), instead of five runs in a block per engine: "
+        "slow drift of the machine falls on every engine alike; about twice the time",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 100 tasks, 1 round each, 0.5 s"
     )

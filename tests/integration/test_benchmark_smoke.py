@@ -54,9 +54,11 @@ def test_persistence_quick():
     assert len(rows) == 3 and any("AOF everysec" in row for row in rows), result.stdout
 
 
-def test_shapes_quick(tmp_path):
+@pytest.mark.parametrize("order", [[], ["--interleave"]], ids=["blocks", "interleaved"])
+def test_shapes_quick(tmp_path, order):
     """benchmarks/shapes.py: a WfCommons shape replayed on every planner and Dask; no engine
-    beats the lower bound (a true bound: every task sleeps at least its drawn duration)."""
+    beats the lower bound (a true bound: every task sleeps at least its drawn duration).
+    Engines run in blocks, or take turns run by run (``--interleave``)."""
     out, page = tmp_path / "shapes.json", tmp_path / "benchmarks.md"
     result = subprocess.run(
         [
@@ -65,6 +67,7 @@ def test_shapes_quick(tmp_path):
             "--quick",
             "--recipes",
             "seismology",
+            *order,
             "--json",
             str(out),
             "--markdown",
@@ -95,6 +98,7 @@ def test_shapes_quick(tmp_path):
     table = page.read_text()
     assert "against the plain plan: non-uniform" in table and "uniform-opt" in table
     assert "## Real workflow shapes (WfCommons)" in table
+    assert ("every engine in turn (the order rotating" in table) == bool(order)
     header = next(line for line in table.splitlines() if line.startswith("| shape |"))
     assert [cell.strip() for cell in header.strip(" |").split("|")][7:] == [*planners, "Dask"]
     assert "| seismology-100 |" in table
