@@ -249,6 +249,12 @@ def plan_changes(plan: Any, planner: str) -> int | None:
     return changes
 
 
+def rotated(items: Sequence[str], by: int) -> list[str]:
+    """``items`` starting at position ``by`` (modulo its length), the rest after."""
+    k = by % len(items)
+    return [*items[k:], *items[:k]]
+
+
 def most_at_once(spans: list[tuple[float, float]]) -> int:
     """The most intervals that overlap at one time."""
     events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
@@ -287,7 +293,7 @@ def measure_shape(engines: Engines, name: str, size: int, args: argparse.Namespa
     result.lower_bounds_s = [shape.lower_bound_s(d, args.bound_workers) for d in draws]
     result.window_bounds_s = [shape.window_bound_s(d, args.bound_workers) for d in draws]
     turn = len(args.tasks) * args.recipes.index(name) + args.tasks.index(size)
-    order = args.engines[turn % len(args.engines) :] + args.engines[: turn % len(args.engines)]
+    order = rotated(args.engines, turn)
 
     def timed(engine: str, durations: list[float]) -> None:
         outcome = run_once(engines, engine, replay, durations, args)
@@ -304,7 +310,7 @@ def measure_shape(engines: Engines, name: str, size: int, args: argparse.Namespa
     if args.interleave:  # every draw: each engine in turn, untimed then timed
         for index, durations in enumerate(draws):
             warm = replay.durations(f"{args.seed}:{result.label}:warm {index}", args.cv)
-            for engine in order[index % len(order) :] + order[: index % len(order)]:
+            for engine in rotated(order, index):
                 run_once(engines, engine, replay, warm, args)
                 timed(engine, durations)
     else:

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-STARTUP_DELAY_ENV = "DAGKUBE_STARTUP_DELAY_S"  # also dagkube.runtime.worker.main's, not delayed
+STARTUP_DELAY_ENV = "DAGKUBE_STARTUP_DELAY_S"
 
 
 def sigterm_held(wait_s: float) -> float | None:
@@ -43,4 +43,4 @@ if __name__ == "__main__":
     if holding:
         stopped_at = stopped_at or sigterm_held(0)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    sys.exit(main(delayed=True, stopped_at=stopped_at))
+    sys.exit(main(stopped_at=stopped_at))

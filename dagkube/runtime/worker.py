@@ -105,7 +105,7 @@ class Worker:
         self.meter = PeakMeter()
 
     # ----------------------------------------------------------------- lifecycle
-    async def main(self, startup_delay_s: float = 0.0) -> None:
+    async def main(self) -> None:
         """Serve until idle past the timeout, retired, or SIGTERM (scale-down, Pod deletion,
         cool-down, our parent exiting): then clean up — report being unused if this worker
         was created for a run it never served, and remove the registration and heartbeat, so
@@ -115,9 +115,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGUSR2, _dump_tasks)
         heartbeat: asyncio.Task | None = None
         try:
-            if startup_delay_s > 0:  # emulate a Pod's start-up: local cold starts cost as much
-                await asyncio.sleep(startup_delay_s)
-            if self.stopping:  # stopped during the emulated start-up (dagkube.worker)
+            if self.stopping:  # stopped while starting up (dagkube.worker held the SIGTERM)
                 return
             self.redis = await self.watch.connect()
             self.beats = await self.watch.connect()
@@ -513,13 +511,11 @@ def _dump_tasks() -> None:
     sys.stderr.flush()
 
 
-def main(
-    argv: Iterable[str] | None = None, *, delayed: bool = False, stopped_at: float | None = None
-) -> NoReturn:
-    """Run a worker until it stops, then exit the process. ``delayed``: the emulated start-up
-    (``DAGKUBE_STARTUP_DELAY_S``) has passed already, before the imports (``python -m
-    dagkube.worker`` waits it out first); ``stopped_at``: a SIGTERM came during it then, so the
-    worker only reports being unused (if it was created for a run) and exits."""
+def main(argv: Iterable[str] | None = None, *, stopped_at: float | None = None) -> NoReturn:
+    """Run a worker until it stops, then exit the process (called by ``python -m
+    dagkube.worker``, which waits out the emulated start-up delay first). ``stopped_at``: a
+    SIGTERM came before this (during the delay or the imports), so the worker only reports
+    being unused (if it was created for a run) and exits."""
     config = parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("DAGKUBE_LOG_LEVEL", "INFO"),
@@ -541,9 +537,8 @@ def main(
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    delay_s = 0.0 if delayed else float(os.environ.get("DAGKUBE_STARTUP_DELAY_S") or 0)
     try:
-        asyncio.run(worker.main(startup_delay_s=delay_s))
+        asyncio.run(worker.main())
         code = 0
     except KeyboardInterrupt:
         code = 130
