@@ -14,6 +14,7 @@ from typing import Any
 from dagkube.errors import InvalidOption
 from dagkube.planning.assembly import CALIBRATION_RUNS
 from dagkube.planning.history import (
+    DuplicateSample,
     HistorySnapshot,
     OverheadSample,
     Residual,
@@ -204,6 +205,7 @@ class _RunSamples:
     startups: list[StartupSample] = field(default_factory=list)
     residual: Residual | None = None
     overheads: list[OverheadSample] = field(default_factory=list)
+    duplicates: list[DuplicateSample] = field(default_factory=list)
 
 
 def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes]) -> _RunSamples:
@@ -222,6 +224,7 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
             record.model_makespan_s,
         )
     records = [TaskRecord.model_validate_json(raw) for raw in tasks]
+    found.duplicates = _duplicates(records)
     for task in records:
         found.tasks.append(
             TaskSample(
@@ -260,6 +263,20 @@ def _samples(meta: dict[bytes, bytes], tasks: list[bytes], workers: list[bytes])
             found.startups.append(
                 StartupSample(worker.memory_mib, worker.cold, worker.first_task_at - began)
             )
+    return found
+
+
+def _duplicates(records: list[TaskRecord]) -> list[DuplicateSample]:
+    """What each of a run's taskdup duplicates gained against its original (both recorded:
+    the original finishes even when the duplicate completed the task first)."""
+    originals = {t.task_id: t for t in records if not t.duplicate}
+    found: list[DuplicateSample] = []
+    for task in records:
+        original = originals.get(task.task_id) if task.duplicate else None
+        if original is None or original.error is not None or task.error is not None:
+            continue
+        saved_s = original.ended_at - task.ended_at
+        found.append(DuplicateSample(task.function, task.task_id, round(saved_s, 6)))
     return found
 
 
@@ -353,6 +370,7 @@ async def load_snapshot(
             snapshot.tasks += found.tasks
         snapshot.overheads += found.overheads
         snapshot.startups += found.startups
+        snapshot.duplicates += found.duplicates
         if found.residual:
             snapshot.residuals.append(found.residual)
     return snapshot

@@ -20,7 +20,7 @@ from dagkube.planning.assembly import Choice, build_plan, simulate_plan
 from dagkube.planning.estimates import SharedEstimates
 from dagkube.planning.model import OPTIMIZATIONS, SIMPLICITY, Alternative, Plan
 from dagkube.planning.objective import Goal, Prediction
-from dagkube.planning.optimizations import Marks, RuleInput, mark, mark_prewarm
+from dagkube.planning.optimizations import Marks, RuleInput, duplicates_lost, mark, mark_prewarm
 from dagkube.planning.options import PlanningOptions
 from dagkube.planning.planners import choose_non_uniform, choose_uniform, choose_wukong
 from dagkube.planning.predictions import Predictor
@@ -190,10 +190,20 @@ def _trial(
 
 
 def _taskdup(search: _Search, current: Candidate, notes: list[str]) -> Candidate:
-    """taskdup, asked for, is applied where it can be: the model predicts nothing for it."""
+    """taskdup, asked for, is applied where it can be, except on upstreams whose function's
+    earlier duplicates gained nothing: the model predicts nothing for it."""
     if search.options.history.empty:
         notes.append("taskdup: off until the workflow has history to predict lateness from")
         return current
+    lost = duplicates_lost(search.options.history)
+    if lost:
+        notes.append(
+            "taskdup: not on upstreams of "
+            + ", ".join(
+                f"{f} ({n} earlier duplicate(s) gained {s:+.3f}s in all)"
+                for f, (n, s) in sorted(lost.items())
+            )
+        )
     choice = current.choice
     marks = mark([*current.applied, "taskdup"], search.rules(choice, choice.timing))
     if not any(e.name == "taskdup" for entries in marks.values() for e in entries):

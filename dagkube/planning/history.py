@@ -65,6 +65,17 @@ class OverheadSample:
 
 
 @dataclass(frozen=True, slots=True)
+class DuplicateSample:
+    """One taskdup duplicate as it turned out: what the consumer that ran it gained, the
+    original's end less the duplicate's (negative: the original ended first, and the
+    consumer was busy with the duplicate that long after its input existed)."""
+
+    function: str  # the duplicated upstream's
+    task_id: str
+    saved_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Residual:
     """One earlier run's actual makespan minus the timing model's prediction for it."""
 
@@ -97,6 +108,7 @@ class HistorySnapshot:
     startups: list[StartupSample] = field(default_factory=list)
     residuals: list[Residual] = field(default_factory=list)
     overheads: list[OverheadSample] = field(default_factory=list)
+    duplicates: list[DuplicateSample] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:

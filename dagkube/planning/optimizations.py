@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from dagkube.dag import DagSpec
 from dagkube.errors import InvalidOption
+from dagkube.planning.history import HistorySnapshot
 from dagkube.planning.model import (
     OPT_VARIANTS,
     OPTIMIZATIONS,
@@ -38,6 +39,11 @@ from dagkube.planning.timing import Timing
 PREWARM_MIN_WAIT_S = 0.1  # only invocations predicted to wait longer for a worker are targets
 DELAY_MARGIN_S = 0.05  # delayed-io waits this much beyond the predicted arrival of the others
 MIN_SAVING_S = 0.002  # preload / delayed-io only where they save at least this much transfer
+# taskdup is not modelled: what earlier duplicates gained is its only evidence. A function
+# whose duplicates of the snapshot's runs (at least this many) gained nothing in all, their
+# originals ending no later than they did, is not duplicated again (the task itself is slow,
+# not the worker that ran it); its marks come back once those runs leave the snapshot.
+TASKDUP_MIN_EVIDENCE = 2
 
 Marks = dict[str, list[Optimization]]
 
@@ -159,10 +165,22 @@ def _preload(given: RuleInput, marks: Marks) -> None:
             _add(marks, task_id, Preload(params=PreloadParams(host=host, inputs=inputs)))
 
 
+def duplicates_lost(history: HistorySnapshot) -> dict[str, tuple[int, float]]:
+    """Functions whose earlier duplicates gained nothing: function -> (duplicates, seconds
+    gained in all, <= 0), from the snapshot's :class:`~.history.DuplicateSample`."""
+    tally: dict[str, tuple[int, float]] = {}
+    for sample in history.duplicates:
+        count, saved = tally.get(sample.function, (0, 0.0))
+        tally[sample.function] = (count + 1, saved + sample.saved_s)
+    return {f: (n, s) for f, (n, s) in tally.items() if n >= TASKDUP_MIN_EVIDENCE and s <= 0}
+
+
 def _taskdup(given: RuleInput, marks: Marks) -> None:
     """A bound consumer may re-run an upstream of another worker whose inputs are stored in
-    Redis; the parameters are what the worker decides from when the upstream is late."""
+    Redis, unless that upstream's function's earlier duplicates gained nothing; the
+    parameters are what the worker decides from when the upstream is late."""
     dag, p, sizes, timing = given.dag, given.predictor, given.sizes, given.timing
+    lost = duplicates_lost(p.history)
     for task_id, spec in dag.tasks.items():
         me = given.worker_of[task_id]
         if me is None:
@@ -172,6 +190,8 @@ def _taskdup(given: RuleInput, marks: Marks) -> None:
             if owner is None or owner == me:
                 continue
             upstream = dag.tasks[dep]
+            if upstream.function in lost:
+                continue
             if not all(_stored(given, marks, d) for d in upstream.deps):
                 continue
             fetched = sum(sizes.out_bytes[d] for d in upstream.deps if given.worker_of[d] != me)

@@ -339,6 +339,12 @@ def test_taskdup_reruns_a_stalled_upstream_and_keeps_the_result(make_runtime, tm
     assert found.run.makespan_s is not None
     assert found.run.makespan_s < original_end_s - 1.0, (found.run.makespan_s, original_end_s)
     assert time.monotonic() - started >= 4.0  # the run finalizes when the original ends
+    # What the duplicate gained is the planner's evidence for taskdup on slow_once next time.
+    snapshot = rt.call(load_snapshot(rt.redis, wf.structure_hash))
+    (sample,) = snapshot.duplicates
+    assert (sample.task_id, sample.function) == ("slow_once#0", original.function)
+    assert sample.saved_s == pytest.approx(original.ended_at - duplicate.ended_at, abs=1e-5)
+    assert sample.saved_s > 1.0
 
 
 def test_clustering_and_delayed_io_keep_outputs_local(make_runtime):

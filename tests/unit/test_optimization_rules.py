@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 from pydantic import ValidationError
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 import dagkube
 from dagkube.errors import InvalidOption
 from dagkube.planning import PlanningOptions, plan
-from dagkube.planning.history import HistorySnapshot, StartupSample, TaskSample
+from dagkube.planning.history import DuplicateSample, HistorySnapshot, StartupSample, TaskSample
 from dagkube.planning.model import (
     Clustering,
     ClusteringParams,
@@ -115,6 +116,48 @@ def test_opt_planner_records_its_name_and_optimizations():
     assert entry.params.host == result.tasks["produce#3"].worker_id
     without_history = plan(large_fanin.build().dag, "uniform-opt", options())
     assert any("taskdup: off until the workflow has history" in n for n in without_history.notes)
+
+
+def test_taskdup_leaves_out_upstreams_whose_earlier_duplicates_gained_nothing():
+    """taskdup is not modelled: earlier duplicates are its evidence. Duplicates of produce
+    that ended after their originals (a net loss) take taskdup off produce's consumers; one
+    loss is not enough, and a net gain keeps it."""
+    dag = large_fanin.build().dag
+
+    def upstreams(*saved_s: float) -> tuple[set[str], list[str]]:
+        found = replace(
+            LARGE_FANIN,
+            duplicates=[
+                DuplicateSample("produce", f"produce#{i}", s) for i, s in enumerate(saved_s)
+            ],
+        )
+        result = plan(dag, "uniform-opt", options(history=found))
+        dups = result.task_optimizations("merge#0", "taskdup")
+        return {d.params.upstream for d in dups}, result.notes
+
+    every = {"produce#0", "produce#1", "produce#2"}
+    assert upstreams()[0] == every
+    assert upstreams(-0.4)[0] == every  # one duplicate is not evidence enough
+    assert upstreams(-0.4, 0.6)[0] == every  # gained in all
+    kept, notes = upstreams(-0.4, 0.1, -0.2)
+    assert kept == set()
+    assert (
+        "taskdup: not on upstreams of produce (3 earlier duplicate(s) gained -0.500s in all)"
+        in notes
+    )
+    assert "taskdup: no task where it applies on uniform" in notes
+    # Named by the user rather than by the -opt variant, the evidence holds just the same.
+    named = plan(
+        dag,
+        "uniform",
+        options(
+            history=replace(
+                LARGE_FANIN, duplicates=[DuplicateSample("produce", "produce#0", -0.3)] * 2
+            ),
+            optimizations=["taskdup"],
+        ),
+    )
+    assert named.task_optimizations("merge#0", "taskdup") == []
 
 
 def test_prewarm_targets_the_fan_out_and_shortens_the_predicted_run():
