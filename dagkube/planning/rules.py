@@ -1,5 +1,6 @@
 """Runtime rules written once: where a ready downstream task runs, what a worker runs next,
-and from when a worker's time is charged to a run.
+in which order a run's first invocations are queued, and from when a worker's time is
+charged to a run.
 
 The worker's core (``dagkube.runtime.workercore``) and the timing model
 (:mod:`dagkube.planning.timing`) both call these functions, so the prediction simulates the
@@ -10,9 +11,13 @@ worker is charged from the later of its spawn and its invocation's queueing).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dagkube.dag import DagSpec
 
 
 class Route(StrEnum):
@@ -105,3 +110,16 @@ def charged_from(*, cold: bool, prewarmed: bool, spawned_s: float | None, taken_
     if spawned_s is not None and (cold or prewarmed):
         return spawned_s
     return taken_s
+
+
+def source_order(dag: DagSpec, exec_s: Mapping[str, float]) -> list[str]:
+    """The order a run's first invocations are queued in (and a bound worker runs its
+    sources): the longest predicted path to the workflow's end first, the source's own
+    execution included, ties in the DAG's order. With more sources than workers, the long
+    chains (in a bag of tasks, the long tasks) do not start last: list scheduling by the
+    critical path. The launcher orders by the plan's predicted execution times."""
+    below: dict[str, float] = {}
+    for task_id in reversed(dag.tasks):
+        spec = dag.tasks[task_id]
+        below[task_id] = exec_s[task_id] + max((below[d] for d in spec.downstream), default=0.0)
+    return sorted(dag.sources, key=lambda t: -below[t])

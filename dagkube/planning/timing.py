@@ -36,7 +36,14 @@ from dagkube.errors import InvalidOption
 from dagkube.planning.cores import End, SharedCores
 from dagkube.planning.model import Optimization, OptimizationIndex, output_must_be_stored
 from dagkube.planning.predictions import Estimates, Predictor, estimate
-from dagkube.planning.rules import Route, flexible_next, overlaps_step, route, start_charge
+from dagkube.planning.rules import (
+    Route,
+    flexible_next,
+    overlaps_step,
+    route,
+    source_order,
+    start_charge,
+)
 from dagkube.planning.timing_state import (
     SimWorker,
     TaskTiming,
@@ -129,16 +136,16 @@ class _Simulation:
 
     def run(self) -> None:
         claimed: dict[str, list[str]] = {}
-        for task_id in self.dag.sources:
+        for task_id in source_order(self.dag, self.exec_s):
             logical = self.worker_of[task_id]
             if logical is None:
                 self.push(0.0, self._on_queue, self.memory[task_id], None, [task_id], None)
-            else:
-                claimed.setdefault(logical, []).append(task_id)
-        for logical, roots in claimed.items():
-            self.logical_worker[logical] = None
-            self.inbox[logical] = list(roots)
-            self.push(0.0, self._on_queue, self.memory[roots[0]], logical, [], None)
+            elif logical in claimed:
+                claimed[logical].append(task_id)
+            else:  # queued where its first (longest) root comes
+                claimed[logical] = self.inbox[logical] = [task_id]
+                self.logical_worker[logical] = None
+                self.push(0.0, self._on_queue, self.memory[task_id], logical, [], None)
         events, pop = self.events, heapq.heappop
         while events:
             time_s, _, handler, payload = pop(events)

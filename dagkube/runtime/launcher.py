@@ -22,6 +22,7 @@ from typing import Any
 from dagkube.dag import DagSpec, resolve
 from dagkube.errors import InvalidOption, RunTimeout, TaskFailed
 from dagkube.planning.model import OptimizationIndex, Plan
+from dagkube.planning.rules import source_order
 from dagkube.runtime.inputs import deserialize
 from dagkube.runtime.invocation import Invocation
 from dagkube.runtime.scaler import prewarm_entry
@@ -47,10 +48,16 @@ def new_run_id(name: str) -> str:
 
 
 def initial_invocations(dag: DagSpec, plan: Plan, run_id: str, now: float) -> list[Invocation]:
-    """One invocation per flexible source task, and one per logical worker holding sources."""
+    """One invocation per flexible source task, and one per logical worker holding sources,
+    queued as the timing model queues them (:func:`~dagkube.planning.rules.source_order` on
+    the plan's predicted execution times; without them, the DAG's order)."""
     invocations: list[Invocation] = []
     bound: dict[str, Invocation] = {}
-    for task_id in dag.sources:
+    exec_s = {
+        t: p.predicted_exec_s for t, p in plan.tasks.items() if p.predicted_exec_s is not None
+    }
+    order = source_order(dag, exec_s) if len(exec_s) == len(dag.tasks) else list(dag.sources)
+    for task_id in order:
         task_plan = plan.tasks[task_id]
         if task_plan.worker_id is None:
             invocations.append(

@@ -15,6 +15,7 @@ from dagkube.planning.planners import Packing, assign_workers
 from dagkube.planning.predictions import Defaults, Predictor, statistic
 from dagkube.planning.timing import simulate
 from dagkube.planning.validation import validate_plan
+from dagkube.runtime.launcher import initial_invocations
 
 COLD, WARM = 0.3, 0.01
 TASK_OVERHEAD_S = Defaults().task_overhead_s  # no overhead samples in these histories
@@ -158,6 +159,25 @@ def test_worker_cap_queues_invocations_and_later_starts_are_warm():
     assert sum(a.cold for a in warm.activities) == 0
     # Both cold starts were on the critical path (the first worker's, then the second's).
     assert warm.makespan_s == pytest.approx(capped.makespan_s - 2 * (COLD - WARM), abs=0.01)
+
+
+@pytest.mark.parametrize("planner", ["wukong", "uniform"])
+def test_sources_start_the_longest_path_first_and_are_queued_in_that_order(planner):
+    """More sources than workers: the long task, last in the DAG's order, starts first (list
+    scheduling by the path ahead), and the runtime queues the first invocations in the order
+    of the predicted starts, so it does what the model predicts."""
+    wf = dagkube.Workflow(join([step(i) for i in range(4)] + [long_work(9)]), name="bag")
+    durations = {"step": 0.5, "long_work": 2.0, "join": 0.1}
+    options = PlanningOptions(classes_mib=[2048], history=history(durations), max_workers=2)
+    planned = plan(wf.dag, planner, options)
+    starts = {t: planned.tasks[t].predicted_start_s for t in wf.dag.sources}
+    assert starts["long_work#0"] == min(starts.values())
+    # 2.0 s alongside four 0.5 s steps on the other worker, not after two rounds of them.
+    assert planned.model_makespan_s < 2.0 + 0.1 + COLD + 0.3
+    invocations = initial_invocations(wf.dag, planned, "r", 0.0)
+    queued = [root for invocation in invocations for root in invocation.roots]
+    assert queued == ["long_work#0", *(f"step#{i}" for i in range(4))]
+    assert [starts[t] for t in queued] == sorted(starts[t] for t in queued)
 
 
 def test_idle_timeout_makes_the_next_start_cold():
