@@ -183,7 +183,9 @@ class Serving:
             case CheckDuplicated(task_id=task_id):
                 await self._stop_waiting()
                 return DuplicatedChecked(task_id=task_id, done=await self._started(task_id))
-            case WaitInbox(timeout_s=timeout_s):
+            case WaitInbox(timeout_s=timeout_s, until=until):
+                if until is not None:
+                    timeout_s = min(timeout_s, until - time.time())
                 return await self._wait_inbox(timeout_s)
             case ReadUpstreams(upstreams=upstreams):
                 return await self._read_upstreams(list(upstreams))
@@ -214,9 +216,10 @@ class Serving:
 
     # ----------------------------------------------------------------- bound workers
     async def _wait_inbox(self, timeout_s: float) -> Event:
-        """Block on a bound worker's inbox. While blocked it uses no CPU, so it is listed as
-        waiting: the scaler does not count it against the worker cap (else bound workers
-        waiting for each other's inputs could hold every slot). It stays listed across
+        """Block on a bound worker's inbox for up to ``timeout_s`` (not at all if <= 0). While
+        blocked it uses no CPU, so it is listed as waiting: the scaler does not count it
+        against the worker cap (else bound workers waiting for each other's inputs could hold
+        every slot). It stays listed across
         timeouts until it takes a task (:meth:`_stop_waiting`)."""
         assert self.me is not None
         waited_from = time.time()
@@ -230,7 +233,8 @@ class Serving:
                     pipe.lpush(self.worker.pool.wake, "1")
                     pipe.ltrim(self.worker.pool.wake, 0, 0)
                     await pipe.execute()
-            popped = await self.redis.blpop(inbox, timeout=timeout_s)
+            # (a timeout of 0 would block for good: past ``until``, no wait at all)
+            popped = await self.redis.blpop(inbox, timeout=timeout_s) if timeout_s > 0 else None
             if popped is None:
                 return WorkerIdle(waited_from=waited_from)
             items = [popped[1]]

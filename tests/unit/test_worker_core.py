@@ -3,6 +3,8 @@ worker state machine), the optimization hooks' order, and the rules the timing m
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from dagkube.dag import DagSpec, TaskSpec
@@ -489,6 +491,21 @@ def test_a_lost_claim_or_an_upstream_on_time_means_no_duplicate():
     core = idle_dup_worker(dup_run(exec_s=20.0, original_end_s=10.0, original_exec_s=10.0))
     on_time = UpstreamsRead(done=frozenset(), started={"b": SUBMITTED}, at=SUBMITTED + 1.0)
     assert core.handle(on_time) == [ReadStatus()]
+    # No polling meanwhile: the next check is when b could be late (1.5 x 10 s after its
+    # start, plus the grace), the inbox waited on until then.
+    (wait,) = core.handle(StatusRead(running=True))
+    assert wait == WaitInbox(timeout_s=core.block_s, until=pytest.approx(SUBMITTED + 15.05))
+    assert core.handle(WorkerIdle(waited_from=SUBMITTED + 1.0)) == [ReadUpstreams(upstreams=("b",))]
+    # Not started yet: late once past its predicted end (10 s) and the grace, checked no
+    # sooner than the poll after this check.
+    not_started = UpstreamsRead(done=frozenset(), started={}, at=SUBMITTED + 5.0)
+    assert core.handle(not_started) == [ReadStatus()]
+    (wait,) = core.handle(StatusRead(running=True))
+    assert wait.until == pytest.approx(SUBMITTED + 10.05)
+    core.handle(WorkerIdle(waited_from=SUBMITTED + 5.0))
+    assert core.handle(replace(not_started, at=SUBMITTED + 10.03)) == [ReadStatus()]
+    (wait,) = core.handle(StatusRead(running=True))
+    assert wait.until == pytest.approx(SUBMITTED + 10.03 + hooks.DUP_POLL_S)
     core = idle_dup_worker(dup_run())
     done = UpstreamsRead(done=frozenset({"b"}), started={}, at=SUBMITTED + 9.0)
     assert core.handle(done) == [ReadStatus()]

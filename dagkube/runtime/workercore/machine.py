@@ -61,6 +61,7 @@ done after TAKEN_POLLS checks (their thief may have been lost).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import replace
@@ -133,6 +134,7 @@ class InvocationMachine:
         self.duplicate = False  # the current task is a duplicate of a late upstream
         self.kept_for: str | None = None  # delayed-io kept the current output for this fan-in
         self.claims: deque[tuple[str, TaskdupParams]] = deque()
+        self.dup_check_at: float | None = None  # the next taskdup check (Unix s; None: soon)
         self.completing: set[str] = set()  # their COMPLETE is under way (overlapped)
         self.ended = False  # an overlapped COMPLETE said the run no longer runs
         self.served = 0
@@ -241,13 +243,15 @@ class InvocationMachine:
                 if self.taken and not self.taken_read:  # taken by others: done yet?
                     self.taken_read = True
                     return [CheckTaken(task_ids=tuple(sorted(self.taken)))]
+                until = None
                 if self.taken:  # not all: poll until they are
                     timeout_s = TAKEN_POLL_S
-                elif self.may_duplicate:
+                elif self.may_duplicate and self.dup_check_at is None:
                     timeout_s = hooks.DUP_POLL_S
                 else:
                     timeout_s = self.block_s
-                return self._steal() or [WaitInbox(timeout_s=timeout_s)]
+                    until = self.dup_check_at if self.may_duplicate else None
+                return self._steal() or [WaitInbox(timeout_s=timeout_s, until=until)]
             task_id = self.queue.popleft()
             if task_id not in self.remaining or task_id in self.taken:
                 continue
@@ -300,12 +304,17 @@ class InvocationMachine:
         """Keep, in order, the candidates whose upstream is late; claim the first."""
         submitted = self.run.submitted_at
         now_s = event.at - submitted
-        late = [
-            (consumer, params)
-            for consumer, params in self.claims
-            if params.upstream not in event.done
-            and hooks.late(params, _relative(event.started.get(params.upstream), submitted), now_s)
-        ]
+        late: list[tuple[str, TaskdupParams]] = []
+        check_at = math.inf
+        for consumer, params in self.claims:
+            if params.upstream in event.done:
+                continue
+            started_s = _relative(event.started.get(params.upstream), submitted)
+            if hooks.late(params, started_s, now_s):
+                late.append((consumer, params))
+            else:
+                check_at = min(check_at, hooks.next_late_s(params, started_s))
+        self.dup_check_at = event.at + max(hooks.DUP_POLL_S, check_at - now_s)
         self.claims = deque(late)
         return self._claim_next()
 

@@ -261,10 +261,12 @@ class CheckDuplicated(Instruction):
 
 @dataclass(frozen=True)
 class WaitInbox(Instruction):
-    """Wait up to ``timeout_s`` for a task in the bound worker's inbox (listed as waiting
-    meanwhile). -> TaskReady, Stop or WorkerIdle"""
+    """Wait up to ``timeout_s``, and not past ``until`` (Unix seconds) when given, for a task
+    in the bound worker's inbox (listed as waiting meanwhile). -> TaskReady, Stop or
+    WorkerIdle"""
 
     timeout_s: float
+    until: float | None = None
 
 
 @dataclass(frozen=True)
