@@ -5,7 +5,8 @@ will do rather than an idealized schedule (the routing and charging rules are th
 functions the worker follows, :mod:`dagkube.planning.rules`):
 
 * an invocation is queued per class; an idle worker of the class takes it (warm start-up),
-  or a new worker is spawned (cold start-up) while under the worker cap, else it waits;
+  or a new worker is spawned (cold start-up) while under the worker cap, else it waits; the
+  first ones are queued in the launcher's order (:func:`~.rules.source_order`);
 * a flexible worker continues with the first ready downstream task and queues the others;
   a bound (logical) worker runs the ready tasks assigned to it in arrival order, waits for
   the rest (still allocated, but not counted against the worker cap: it uses no CPU), and

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 import dagkube
-from dagkube.planning.model import Plan, TaskPlan
+from dagkube.planning.model import Plan, Preload, PreloadParams, TaskPlan
 from dagkube.report import SECTIONS, script_json
 from dagkube.report.numbers import prediction_errors, task_predictions
 from dagkube.report.run_detail import prediction_figure
@@ -79,12 +79,28 @@ def db_url(redis_server, tmp_path_factory):
             ("uniform-opt", "avg"),
             ("uniform-opt", "p90"),
         ]:
-            large_fanin.verify(large_fanin.build().run(planner, sla, runtime=rt))
+            fan_in = large_fanin.build()
+            planned = fan_in.plan(planner, sla, runtime=rt)
+            if planner == "uniform-opt":
+                _preloaded(fan_in.dag, planned)
+            large_fanin.verify(rt.run(fan_in.dag, planned).outputs)
             wf = straggler.build(stall=False)
             straggler.verify(wf.run(planner, sla, runtime=rt))
     yield url
     client.flushdb()
     client.close()
+
+
+def _preloaded(dag, planned: Plan) -> None:
+    """The pre-load section needs runs that pre-loaded: the planner keeps preload on this
+    fan-in only where the timing model predicts a gain (a few ms here, near its threshold on
+    some machines' timings), so the mark is set as the rule sets it where it was left out."""
+    if planned.task_optimizations("merge#0", "preload"):
+        return
+    merge = planned.tasks["merge#0"]
+    assert merge.worker_id is not None
+    inputs = [d for d in dag.tasks["merge#0"].deps if planned.tasks[d].worker_id != merge.worker_id]
+    merge.optimizations.append(Preload(params=PreloadParams(host=merge.worker_id, inputs=inputs)))
 
 
 def test_report_renders_offline_with_every_section(db_url, tmp_path: Path) -> None:
