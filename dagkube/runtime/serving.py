@@ -219,8 +219,8 @@ class Serving:
         """Block on a bound worker's inbox for up to ``timeout_s`` (not at all if <= 0). While
         blocked it uses no CPU, so it is listed as waiting: the scaler does not count it
         against the worker cap (else bound workers waiting for each other's inputs could hold
-        every slot). It stays listed across
-        timeouts until it takes a task (:meth:`_stop_waiting`)."""
+        every slot). It stays listed across timeouts until it takes a task
+        (:meth:`_stop_waiting`)."""
         assert self.me is not None
         waited_from = time.time()
         inbox = self.keys.inbox(self.me)
