@@ -44,8 +44,11 @@ def simulate_plan(
     worker_of: dict[str, str | None],
     options: PlanningOptions,
     marks: dict[str, list[Optimization]] | None = None,
+    *,
+    longest_first: bool = False,
 ) -> Timing:
-    """The timing model's schedule of a class and worker per task under these options."""
+    """The timing model's schedule of a class and worker per task under these options
+    (``longest_first``: the sources queued the longest path first)."""
     return simulate(
         shared.dag,
         memory,
@@ -56,6 +59,7 @@ def simulate_plan(
         warm_pool=options.warm_pool,
         optimizations=marks,
         sizes=shared.at(memory),
+        longest_first=longest_first,
     )
 
 
@@ -79,7 +83,7 @@ def build_plan(
     notes = list(notes)
     critical = set(timing.critical_path)
     key = calibration_key(planner, choice.planner)
-    from_avg = _from_avg_runs(dag, options, choice, marks, key, predictor)
+    from_avg = _from_avg_runs(dag, options, choice, marks, key, predictor, timing.longest_first)
     if from_avg is not None:
         predicted_s, note = from_avg
         notes.append(note)
@@ -129,6 +133,7 @@ def build_plan(
         objective=options.objective,
         max_gb_s=options.max_gb_s,
         alternatives=alternatives,
+        longest_first=timing.longest_first,
     )
 
 
@@ -162,6 +167,7 @@ def _from_avg_runs(
     marks: dict[str, list[Optimization]],
     planner: str,
     predictor: Predictor,
+    longest_first: bool,
 ) -> tuple[float, str] | None:
     """A pNN plan's makespan read off the runs planned at SLA avg, while fewer than
     ``CALIBRATION_RUNS`` were planned at its own SLA: this plan's schedule timed with every
@@ -182,7 +188,9 @@ def _from_avg_runs(
     if len(at_avg) / (len(at_avg) + 1) < predictor.percentile / 100:
         return None  # even the largest ratio bounds the next run too rarely: p90 needs 9
     shared = SharedEstimates(dag, replace(options, sla=AVG).predictor(), max(options.classes_mib))
-    mean_s = simulate_plan(shared, choice.memory, choice.worker_of, options, marks).makespan_s
+    mean_s = simulate_plan(
+        shared, choice.memory, choice.worker_of, options, marks, longest_first=longest_first
+    ).makespan_s
     spread = upper_bound(at_avg, predictor.percentile)
     note = (
         f"makespan at {options.sla}: {mean_s:.3f}s (this plan with every task at its mean) "

@@ -250,6 +250,9 @@ class Plan(BaseModel):
     objective: str = "makespan"  # what the choices between candidates were made for
     max_gb_s: float | None = None  # the GB-s budget asked for, if any
     alternatives: list[Alternative] = Field(default_factory=list)  # the candidates evaluated
+    # The first invocations queued the longest path first (planning.rules.source_order on the
+    # tasks' predicted execution times) rather than in the DAG's order.
+    longest_first: bool = False
 
     def chosen_planner(self) -> str | None:
         """The planner of the candidate chosen ("wukong" for ``wukong+prewarm``, "uniform"

@@ -6,7 +6,8 @@ functions the worker follows, :mod:`dagkube.planning.rules`):
 
 * an invocation is queued per class; an idle worker of the class takes it (warm start-up),
   or a new worker is spawned (cold start-up) while under the worker cap, else it waits; the
-  first ones are queued in the launcher's order (:func:`~.rules.source_order`);
+  first ones are queued in the DAG's order, or the longest path first when the plan says so
+  (:func:`~.rules.source_order`), as the launcher queues them;
 * a flexible worker continues with the first ready downstream task and queues the others;
   a bound (logical) worker runs the ready tasks assigned to it in arrival order, waits for
   the rest (still allocated, but not counted against the worker cap: it uses no CPU), and
@@ -74,8 +75,10 @@ class _Simulation:
         max_cpu: float,
         optimizations: dict[str, list[Optimization]] | None = None,
         sizes: Estimates | None = None,
+        longest_first: bool = False,
     ) -> None:
         self.dag = dag
+        self.longest_first = longest_first
         self.memory = memory
         self.worker_of = worker_of
         self.p = predictor
@@ -137,7 +140,8 @@ class _Simulation:
 
     def run(self) -> None:
         claimed: dict[str, list[str]] = {}
-        for task_id in source_order(self.dag, self.exec_s):
+        order = source_order(self.dag, self.exec_s) if self.longest_first else self.dag.sources
+        for task_id in order:
             logical = self.worker_of[task_id]
             if logical is None:
                 self.push(0.0, self._on_queue, self.memory[task_id], None, [task_id], None)
@@ -554,9 +558,11 @@ def simulate(
     warm_pool: dict[int, int] | None = None,
     optimizations: dict[str, list[Optimization]] | None = None,
     sizes: Estimates | None = None,
+    longest_first: bool = False,
 ) -> Timing:
     """Predict the run of ``dag`` with this class, worker and optimizations per task;
-    ``sizes``: its tasks' estimates at these classes, when already made."""
+    ``sizes``: its tasks' estimates at these classes, when already made; ``longest_first``:
+    the sources queued the longest path first (else in the DAG's order)."""
     simulation = _Simulation(
         dag,
         memory,
@@ -569,6 +575,9 @@ def simulate(
         max_cpu=predictor.max_cpu,
         optimizations=optimizations,
         sizes=sizes,
+        longest_first=longest_first,
     )
     simulation.run()
-    return simulation.result()
+    timing = simulation.result()
+    timing.longest_first = longest_first
+    return timing

@@ -47,6 +47,7 @@ class Timing:
     gb_s: float
     cpu_s: float
     critical_path: list[str]
+    longest_first: bool = False  # the sources were queued the longest path first
 
 
 @dataclass(slots=True, eq=False)

@@ -49,14 +49,17 @@ def new_run_id(name: str) -> str:
 
 def initial_invocations(dag: DagSpec, plan: Plan, run_id: str, now: float) -> list[Invocation]:
     """One invocation per flexible source task, and one per logical worker holding sources,
-    queued as the timing model queues them (:func:`~dagkube.planning.rules.source_order` on
-    the plan's predicted execution times; without them, the DAG's order)."""
+    queued as the timing model queued them: in the DAG's order, or the longest path first
+    where the plan says so (:func:`~dagkube.planning.rules.source_order` on its predicted
+    execution times)."""
     invocations: list[Invocation] = []
     bound: dict[str, Invocation] = {}
     exec_s = {
         t: p.predicted_exec_s for t, p in plan.tasks.items() if p.predicted_exec_s is not None
     }
-    order = source_order(dag, exec_s) if len(exec_s) == len(dag.tasks) else list(dag.sources)
+    order = list(dag.sources)
+    if plan.longest_first and len(exec_s) == len(dag.tasks):
+        order = source_order(dag, exec_s)
     for task_id in order:
         task_plan = plan.tasks[task_id]
         if task_plan.worker_id is None:

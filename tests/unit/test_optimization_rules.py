@@ -343,8 +343,15 @@ def test_a_stored_plan_parses_into_typed_parameters_and_keeps_its_json_shape():
     preload, dup = parsed.tasks["total#0"].optimizations
     assert isinstance(preload.params, PreloadParams) and preload.params.host == "w1"
     assert isinstance(dup.params, TaskdupParams) and dup.params.original_end_s == 1.5
-    # a plan stored before objectives and output-size predictions gets their defaults
-    expected = {**STORED_PLAN, "objective": "makespan", "max_gb_s": None, "alternatives": []}
+    # a plan stored before objectives, output-size predictions and the source order gets
+    # their defaults (its sources queued in the DAG's order, as they were)
+    expected = {
+        **STORED_PLAN,
+        "objective": "makespan",
+        "max_gb_s": None,
+        "alternatives": [],
+        "longest_first": False,
+    }
     expected["tasks"] = {
         task_id: {**task, "predicted_output_bytes": None}
         for task_id, task in STORED_PLAN["tasks"].items()

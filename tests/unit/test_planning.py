@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -161,15 +162,18 @@ def test_worker_cap_queues_invocations_and_later_starts_are_warm():
     assert warm.makespan_s == pytest.approx(capped.makespan_s - 2 * (COLD - WARM), abs=0.01)
 
 
-@pytest.mark.parametrize("planner", ["wukong", "uniform"])
-def test_sources_start_the_longest_path_first_and_are_queued_in_that_order(planner):
+def test_sources_start_the_longest_path_first_where_predicted_faster():
     """More sources than workers: the long task, last in the DAG's order, starts first (list
-    scheduling by the path ahead), and the runtime queues the first invocations in the order
-    of the predicted starts, so it does what the model predicts."""
+    scheduling by the path ahead) as the model predicts that faster, and the runtime queues
+    the first invocations in the order of the predicted starts, as the model did. (uniform
+    packs these sources on two workers, where the order cannot matter.)"""
+    planner = "wukong"
     wf = dagkube.Workflow(join([step(i) for i in range(4)] + [long_work(9)]), name="bag")
     durations = {"step": 0.5, "long_work": 2.0, "join": 0.1}
     options = PlanningOptions(classes_mib=[2048], history=history(durations), max_workers=2)
     planned = plan(wf.dag, planner, options)
+    assert planned.longest_first
+    assert any(n.startswith("sources: the longest path first: ") for n in planned.notes)
     starts = {t: planned.tasks[t].predicted_start_s for t in wf.dag.sources}
     assert starts["long_work#0"] == min(starts.values())
     # 2.0 s alongside four 0.5 s steps on the other worker, not after two rounds of them.
@@ -178,6 +182,26 @@ def test_sources_start_the_longest_path_first_and_are_queued_in_that_order(plann
     queued = [root for invocation in invocations for root in invocation.roots]
     assert queued == ["long_work#0", *(f"step#{i}" for i in range(4))]
     assert [starts[t] for t in queued] == sorted(starts[t] for t in queued)
+    # Without a worker cap every source starts at once: the DAG's order, not tried.
+    uncapped = plan(wf.dag, planner, replace(options, max_workers=None))
+    assert not uncapped.longest_first
+    invocations = initial_invocations(wf.dag, uncapped, "r", 0.0)
+    assert [root for invocation in invocations for root in invocation.roots] == wf.dag.sources
+
+
+def test_sources_stay_in_the_dags_order_where_the_longest_first_is_not_faster():
+    """Like sources of one length but one predicted a little longer: the DAG's order is kept
+    when the model predicts no gain from queueing it first."""
+    wf = dagkube.Workflow(join([step(i) for i in range(3)] + [long_work(9)]), name="even")
+    durations = {"step": 0.5, "long_work": 0.5 + 1e-4, "join": 0.1}
+    options = PlanningOptions(classes_mib=[2048], history=history(durations), max_workers=2)
+    planned = plan(wf.dag, "wukong", options)
+    assert not planned.longest_first
+    assert any(
+        n.startswith("sources: in the DAG's order (the longest path first: ") for n in planned.notes
+    )
+    queued = [i.roots[0] for i in initial_invocations(wf.dag, planned, "r", 0.0)]
+    assert queued == wf.dag.sources
 
 
 def test_idle_timeout_makes_the_next_start_cold():
