@@ -1,5 +1,5 @@
 """Runtime rules written once: where a ready downstream task runs, what a worker runs next,
-in which order a run's first invocations are queued, and from when a worker's time is
+the order a run's first invocations may be queued in, and from when a worker's time is
 charged to a run.
 
 The worker's core (``dagkube.runtime.workercore``) and the timing model
@@ -113,11 +113,11 @@ def charged_from(*, cold: bool, prewarmed: bool, spawned_s: float | None, taken_
 
 
 def source_order(dag: DagSpec, exec_s: Mapping[str, float]) -> list[str]:
-    """The order a run's first invocations are queued in (and a bound worker runs its
-    sources): the longest predicted path to the workflow's end first, the source's own
-    execution included, ties in the DAG's order. With more sources than workers, the long
-    chains (in a bag of tasks, the long tasks) do not start last: list scheduling by the
-    critical path. The launcher orders by the plan's predicted execution times."""
+    """The sources, the longest predicted path to the workflow's end first (the source's
+    own execution included; ties in the DAG's order): list scheduling by the critical path.
+    A plan with ``longest_first`` queues its first invocations so, and a bound worker runs
+    its sources so (the launcher reads the plan's predicted execution times); otherwise they
+    go in the DAG's order."""
     below: dict[str, float] = {}
     for task_id in reversed(dag.tasks):
         spec = dag.tasks[task_id]
