@@ -414,12 +414,13 @@ def _order_sources(search: _Search, chosen: Candidate, notes: list[str]) -> None
     the timing model predicts it better than the DAG's order, which it was made with. It is
     not always: on Seismology-100 (100 like tasks into one fan-in) the DAG's order ran 8%
     faster, as the model predicted (which source holds the fan-in's worker, and when it
-    starts, moves with the order). Not tried with pre-warm marks (timed on the first
-    schedule)."""
+    starts, moves with the order). Not tried on a plan with optimization marks: their
+    parameters (a pre-warm's delay, a duplicate's predicted end, a delayed upload's wait) were
+    timed on the DAG's order."""
     options, dag = search.options, search.dag
     if options.max_workers is None or len(dag.sources) <= options.max_workers:
         return
-    if any(e.name == "prewarm" for entries in chosen.marks.values() for e in entries):
+    if any(chosen.marks.values()):
         return
     choice = chosen.choice
     if choice.sizes is None:
