@@ -23,7 +23,7 @@ from dagkube.planning.objective import Goal, Prediction
 from dagkube.planning.optimizations import Marks, RuleInput, duplicates_lost, mark, mark_prewarm
 from dagkube.planning.options import PlanningOptions
 from dagkube.planning.planners import choose_non_uniform, choose_uniform, choose_wukong
-from dagkube.planning.predictions import Predictor
+from dagkube.planning.predictions import Estimates, Predictor
 from dagkube.planning.rules import source_order
 from dagkube.planning.timing import Timing
 
@@ -104,12 +104,16 @@ class _Search:
     def predictor(self) -> Predictor:
         return self.shared.predictor
 
-    def rules(self, choice: Choice, timing: Timing) -> RuleInput:
-        """What the optimization rules read of ``choice``; its sizes predicted once."""
+    def sizes(self, choice: Choice) -> Estimates:
+        """``choice``'s task estimates, predicted once."""
         if choice.sizes is None:
             choice.sizes = self.shared.at(choice.memory)
+        return choice.sizes
+
+    def rules(self, choice: Choice, timing: Timing) -> RuleInput:
+        """What the optimization rules read of ``choice``."""
         return RuleInput(
-            self.dag, choice.memory, choice.worker_of, self.predictor, choice.sizes, timing
+            self.dag, choice.memory, choice.worker_of, self.predictor, self.sizes(choice), timing
         )
 
     def simulate(self, choice: Choice, marks: Marks) -> Timing:
@@ -423,9 +427,7 @@ def _order_sources(search: _Search, chosen: Candidate, notes: list[str]) -> None
     if any(chosen.marks.values()):
         return
     choice = chosen.choice
-    if choice.sizes is None:
-        choice.sizes = search.shared.at(choice.memory)
-    if source_order(dag, choice.sizes.exec_s) == dag.sources:
+    if source_order(dag, search.sizes(choice).exec_s) == dag.sources:
         return
     timing = simulate_plan(
         search.shared, choice.memory, choice.worker_of, options, chosen.marks, longest_first=True

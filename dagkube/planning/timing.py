@@ -139,16 +139,15 @@ class _Simulation:
         heapq.heappush(self.events, (time_s, next(self.seq), handler, payload))
 
     def run(self) -> None:
-        claimed: dict[str, list[str]] = {}
         order = source_order(self.dag, self.exec_s) if self.longest_first else self.dag.sources
         for task_id in order:
             logical = self.worker_of[task_id]
             if logical is None:
                 self.push(0.0, self._on_queue, self.memory[task_id], None, [task_id], None)
-            elif logical in claimed:
-                claimed[logical].append(task_id)
-            else:  # queued where its first (longest) root comes
-                claimed[logical] = self.inbox[logical] = [task_id]
+            elif logical in self.inbox:
+                self.inbox[logical].append(task_id)
+            else:  # queued where its first root comes
+                self.inbox[logical] = [task_id]
                 self.logical_worker[logical] = None
                 self.push(0.0, self._on_queue, self.memory[task_id], logical, [], None)
         events, pop = self.events, heapq.heappop

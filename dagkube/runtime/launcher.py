@@ -54,12 +54,13 @@ def initial_invocations(dag: DagSpec, plan: Plan, run_id: str, now: float) -> li
     execution times)."""
     invocations: list[Invocation] = []
     bound: dict[str, Invocation] = {}
-    exec_s = {
-        t: p.predicted_exec_s for t, p in plan.tasks.items() if p.predicted_exec_s is not None
-    }
     order = list(dag.sources)
-    if plan.longest_first and len(exec_s) == len(dag.tasks):
-        order = source_order(dag, exec_s)
+    if plan.longest_first:
+        exec_s = {
+            t: p.predicted_exec_s for t, p in plan.tasks.items() if p.predicted_exec_s is not None
+        }
+        if len(exec_s) == len(dag.tasks):
+            order = source_order(dag, exec_s)
     for task_id in order:
         task_plan = plan.tasks[task_id]
         if task_plan.worker_id is None:
