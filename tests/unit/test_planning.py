@@ -373,6 +373,44 @@ def test_non_uniform_downgrades_off_the_critical_path_without_growing_makespan()
     assert non_uniform.predicted_gb_s < uniform.predicted_gb_s
 
 
+@pytest.mark.parametrize(("base_s", "per_worker_s", "trials"), [(1.0, 0.0, 3), (0.0, 0.5, 5)])
+def test_non_uniform_stops_halving_a_round_that_comes_no_closer(
+    monkeypatch, base_s, per_worker_s, trials
+):
+    """A smaller class whose every downgrade costs the same (a cold start of its own: one
+    downgraded worker as late as all of them) ends the round after two halvings that took no
+    tenth off the time over the limit; a cost that shrinks with fewer downgrades is halved on
+    (16 workers off the critical path: 16, 8, 4, 2, 1)."""
+    import dagkube.planning.planners as planners
+
+    original = planners.simulate_plan
+    trial_makespans: list[float] = []
+
+    def slowed(shared, memory, worker_of, options, *args, **kwargs):
+        timing = original(shared, memory, worker_of, options, *args, **kwargs)
+        downgraded = {worker_of[t] for t, m in memory.items() if m < 2048}
+        if not downgraded:
+            return timing
+        makespan = timing.makespan_s + base_s + per_worker_s * len(downgraded)
+        trial_makespans.append(makespan)
+        return replace(timing, makespan_s=makespan)
+
+    monkeypatch.setattr(planners, "simulate_plan", slowed)
+    source = prep()
+    shorts = [step(source) for _ in range(16)]
+    wf = dagkube.Workflow(join([long_work(long_work(source)), *shorts]), name="wide")
+    options = PlanningOptions(
+        [1024, 2048],
+        history=history({"prep": 0.1, "long_work": 3.0, "step": 0.2, "join": 0.1}),
+        cluster_size=1,
+    )
+    planned = plan(wf.dag, "non-uniform", options)
+    assert planned.classes_used() == [2048]
+    assert len(trial_makespans) == trials
+    stopped = any("halvings of the round in a row took less than 10%" in n for n in planned.notes)
+    assert stopped == (base_s > 0)
+
+
 LATE_20 = [0.0] * 6 + [0.2] * 4  # runs 0-20% later than predicted: p90 / median = 1.2
 
 
