@@ -36,6 +36,7 @@ class Choice:
     variant: str = ""  # how it differs from the planner's usual choice (e.g. "1024Mi")
     spread: bool = False  # uniform: fan-ins of one upstream spread (planners.assign_workers)
     packed: bool = False  # uniform: tasks whose upload a bound worker hides packed too
+    short: bool = False  # uniform: short tasks packed too (planners.SHORT_PACK_SHARE)
 
 
 def simulate_plan(

@@ -345,3 +345,27 @@ def test_a_runs_overheads_are_thinned_evenly_per_class_kind_and_mode():
     assert pre[0] == 0.0 and pre[-1] == 0.99  # spread over the run, not its first ones
     assert sum(1 for o in kept if o.kind == "post") == 7
     assert [o.seconds for o in kept if o.memory_mib == 512] == [0.003]
+
+
+@pytest.mark.parametrize(("exec_s", "packed"), [(0.03, True), (0.1, False)])
+def test_uniform_packs_short_independent_tasks_where_their_invocations_cost_a_tenth(exec_s, packed):
+    """40 independent tasks (RNA-seq's shape) on a cap of 2: an invocation of its own costs
+    a warm start and a handover, 3 ms, a tenth of a 30 ms task: tried packed into the cap's
+    two workers, and kept, as predicted faster. A 100 ms task's invocation costs 3% of it:
+    the placement is the plain one, nothing is tried."""
+    wf = dagkube.Workflow([produce(i) for i in range(40)], "bag")
+    tasks = [TaskSample("produce", 1024, 0, 10, exec_s, task_id=t) for t in wf.dag.tasks] * 3
+    startups = [StartupSample(1024, True, 1.0)] * 3 + [StartupSample(1024, False, 0.002)] * 3
+    overheads = [OverheadSample(1024, "pre", 0.0005)] * 5
+    overheads += [OverheadSample(1024, "handover", 0.001)] * 5
+    history = HistorySnapshot("h", 3, tasks, startups, overheads=overheads)
+    options = PlanningOptions.for_run(["1Gi"], history=history, max_workers=2, warm_pool={1024: 2})
+    result = plan(wf.dag, "uniform", options)
+    notes = [n for n in result.notes if n.startswith("short tasks packed")]
+    workers = {t.worker_id for t in result.tasks.values()}
+    if packed:
+        assert len(notes) == 1 and notes[0].endswith(": kept"), result.notes
+        assert len(workers) == 2
+    else:
+        assert not notes, result.notes
+        assert len(workers) > 2
